@@ -1,0 +1,28 @@
+"""Shared fixtures and helpers for the test suite.
+
+Interop tests use real outside tools (curl, swaks, openssl, dnsmasq, dig). Outside CI a
+missing tool skips its test with the Debian package to install; with MAIL_REQUIRE_TOOLS=1
+(set by .ci/run) a missing tool fails the test instead.
+"""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def require_tool(name, package=None):
+    """Return the path of NAME; skip (fail under MAIL_REQUIRE_TOOLS=1) when it is missing."""
+    path = shutil.which(name) or next(
+        (p for p in ("/usr/sbin/" + name, "/sbin/" + name) if os.access(p, os.X_OK)), None)
+    if path:
+        return path
+    message = "%s not installed (apt-get install %s)" % (name, package or name)
+    if os.environ.get("MAIL_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
