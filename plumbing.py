@@ -1,0 +1,643 @@
+"""plumbing.py - shared server plumbing for the mail roles.
+
+Written once and imported by every daemon (smtp_in, pop3d, mta, smtp_out, run_all):
+
+- ThreadedServer / ConnectionHandler: a threaded socketserver with connection caps in
+  total and per client address, idle and session timeouts, IPv4 and IPv6 listeners,
+  implicit TLS, STARTTLS and a graceful shutdown;
+- LineReader: a bounded line reader that reads in blocks and reports how each line ended
+  (CRLF, bare LF or bare CR), which SMTP needs against smuggling;
+- TLS contexts, strict SASL PLAIN and LOGIN decoding (RFC 4616, RFC 4954);
+- configuration (defaults, then an INI file, then flags), logging in the shape of
+  DESIGN.md, queue ids, and dropping root privileges.
+
+This module knows no mail protocol: a role subclasses the server and the handler.
+"""
+
+import argparse
+import base64
+import binascii
+import configparser
+import logging
+import logging.handlers
+import os
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = [
+    "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError", "ServerStopping",
+    "ThreadedServer", "add_options", "auth_failure_delay", "decode_base64", "decode_plain",
+    "drop_privileges", "load_config", "new_queue_id", "parse_hostport", "serve_until_signalled",
+    "server_tls_context", "setup_logging",
+]
+
+READ_BLOCK = 65536                 # bytes asked of the kernel per recv
+WAIT_SLICE = 0.5                   # seconds between checks for a server shutdown while idle
+MAX_SASL_RESPONSE = 12288          # octets of base64; RFC 4954 4 lets a server bound it
+BUSY_SEND_TIMEOUT = 2.0            # seconds to hand a busy reply to a refused client
+DEFAULT_GRACE = 5.0                # seconds open sessions get on shutdown
+
+CRLF, LF, CR = b"\r\n", b"\n", b"\r"
+
+log = logging.getLogger("plumbing")
+
+
+# --- Errors and data types ---
+
+class ReadTimeout(Exception):
+    """The client was idle too long, or its whole session ran past its deadline."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason           # "idle" or "session"
+
+
+class ServerStopping(Exception):
+    """The server is shutting down while the session waited for its next line."""
+
+
+class SASLError(ValueError):
+    """A SASL response that is not valid base64 or not a valid PLAIN/LOGIN message."""
+
+
+@dataclass
+class Line:
+    """One line read from a client: its bytes without the ending, and the ending seen.
+
+    ending is CRLF, LF or CR, or b"" when the connection closed after a partial line.
+    too_long is True when the line passed the reader's limit: data is then empty, and
+    the rest of the line was read and thrown away.
+    """
+    data: bytes
+    ending: bytes
+    too_long: bool = False
+
+
+# --- Bounded line reader ---
+
+class LineReader:
+    """Reads lines from a socket in blocks, bounded in length and in time.
+
+    before_wait is called each time the reader must wait for the network; a protocol uses
+    it to flush pipelined replies only when the client has nothing more buffered.
+    """
+
+    def __init__(self, sock, idle_timeout=300.0, deadline=None, stop_event=None,
+                 before_wait=None):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline               # time.monotonic() value, or None
+        self.stop_event = stop_event
+        self.before_wait = before_wait
+        self.interruptible = True              # False while a transaction is in flight
+        self.eof = False
+
+    def discard_buffer(self):
+        """Forget what is buffered (RFC 3207 5: nothing sent before TLS may be used after)."""
+        self.buffer.clear()
+
+    def readline(self, limit):
+        """Return the next Line (at most limit bytes before its ending), or None at EOF."""
+        scanned = 0
+        discarding = False
+        while True:
+            end, width = self._find_ending(scanned)
+            if end >= 0:
+                ending = bytes(self.buffer[end:end + width])
+                data = b"" if discarding else bytes(self.buffer[:end])
+                del self.buffer[:end + width]
+                if not discarding and end > limit:
+                    discarding = True
+                return Line(b"" if discarding else data, ending, discarding)
+            if len(self.buffer) > limit:
+                # Keep a trailing CR: it may be the first half of a CRLF.
+                keep = 1 if self.buffer.endswith(CR) else 0
+                del self.buffer[:len(self.buffer) - keep]
+                discarding = True
+            scanned = max(0, len(self.buffer) - 1)
+            if self.eof or not self._fill():
+                self.eof = True
+                if discarding:
+                    self.buffer.clear()
+                    return Line(b"", b"", True)
+                if not self.buffer:
+                    return None
+                data = bytes(self.buffer)
+                self.buffer.clear()
+                if data.endswith(CR):
+                    return Line(data[:-1], CR)
+                return Line(data, b"")
+
+    def _find_ending(self, start):
+        """Index and width of the first line ending at or after start, or (-1, 0).
+
+        A CR at the very end of the buffer is undecided (CRLF or bare CR) until more data
+        comes, unless the connection has closed.
+        """
+        buf = self.buffer
+        lf = buf.find(LF, start)
+        cr = buf.find(CR, start, lf if lf >= 0 else len(buf))
+        if cr < 0:
+            return (lf, 1) if lf >= 0 else (-1, 0)
+        if cr + 1 < len(buf):
+            return (cr, 2) if buf[cr + 1] == 10 else (cr, 1)
+        return (cr, 1) if self.eof else (-1, 0)
+
+    def read_block(self):
+        """Return whatever is buffered or the next block from the socket; b"" at EOF."""
+        if not self.buffer and (self.eof or not self._fill()):
+            self.eof = True
+            return b""
+        block = bytes(self.buffer)
+        self.buffer.clear()
+        return block
+
+    def _fill(self):
+        """Read one block into the buffer; False at EOF. Raises ReadTimeout, ServerStopping."""
+        if self.before_wait is not None:
+            self.before_wait()
+        idle_until = time.monotonic() + self.idle_timeout
+        while True:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                raise ReadTimeout("session")
+            if self._readable_now():
+                break
+            if now >= idle_until:
+                raise ReadTimeout("idle")
+            if self.interruptible and self.stop_event is not None and self.stop_event.is_set():
+                raise ServerStopping()
+            wait = min(WAIT_SLICE, idle_until - now)
+            if self.deadline is not None:
+                wait = min(wait, self.deadline - now)
+            try:
+                ready, _, _ = select.select([self.sock], [], [], max(wait, 0))
+            except ValueError:         # the socket was closed under us by a forced shutdown
+                return False
+            if ready:
+                break
+        self.sock.settimeout(self.idle_timeout)
+        try:
+            block = self.sock.recv(READ_BLOCK)
+        except ssl.SSLWantReadError:   # a TLS record not yet complete; go round again
+            return True
+        except socket.timeout:
+            raise ReadTimeout("idle") from None
+        if not block:
+            return False
+        self.buffer += block
+        return True
+
+    def _readable_now(self):
+        """True when a TLS socket already holds decrypted bytes select() cannot see."""
+        pending = getattr(self.sock, "pending", None)
+        return bool(pending and pending())
+
+
+# --- Threaded server and connection handler ---
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """Base of a protocol session: buffered replies, a LineReader, TLS, error boundary.
+
+    A role overrides session() and may override the replies sent on timeout, shutdown
+    and internal error (timeout_reply, stopping_reply, crash_reply, as text lines).
+    """
+
+    timeout_reply = ""
+    stopping_reply = ""
+    crash_reply = ""
+    log = log
+
+    def setup(self):
+        self.sock = self.request
+        self.client_ip = self.client_address[0]
+        self.client_port = self.client_address[1]
+        self.output = bytearray()
+        self.tls = False
+        server = self.server
+        deadline = None
+        if server.session_timeout:
+            deadline = time.monotonic() + server.session_timeout
+        self.reader = LineReader(self.sock, server.idle_timeout, deadline,
+                                 server.stopping, self.flush)
+
+    @property
+    def is_loopback(self):
+        return self.client_ip.startswith("127.") or self.client_ip in ("::1", "::ffff:127.0.0.1")
+
+    def handle(self):
+        try:
+            if self.server.implicit_tls:
+                self.wrap_tls()
+            self.session()
+            self.flush()
+        except ReadTimeout as exc:
+            self.log.info("timeout after %s from [%s]", exc.reason, self.client_ip)
+            self.send_final(self.timeout_reply)
+        except ServerStopping:
+            self.send_final(self.stopping_reply)
+        except (ConnectionError, ssl.SSLError, socket.timeout) as exc:
+            self.log.info("lost connection from [%s] (%s)", self.client_ip, exc)
+        except Exception:
+            self.log.exception("internal error in session with [%s]", self.client_ip)
+            self.send_final(self.crash_reply)
+
+    def session(self):
+        raise NotImplementedError
+
+    def write(self, line):
+        """Queue one reply line (str or bytes, without CRLF); sent at the next flush."""
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.output += line + CRLF
+
+    def flush(self):
+        if self.output:
+            data = bytes(self.output)
+            self.output.clear()
+            self.sock.sendall(data)
+
+    def send_final(self, line):
+        """Best effort: send a last line and stop; the client may already be gone."""
+        try:
+            if line:
+                self.write(line)
+            self.sock.settimeout(BUSY_SEND_TIMEOUT)
+            self.flush()
+        except (OSError, ValueError):
+            pass
+
+    def wrap_tls(self):
+        """Handshake as TLS server on this connection; the reader then reads through TLS."""
+        self.reader.discard_buffer()
+        self.output.clear()
+        self.sock.settimeout(self.server.idle_timeout)
+        self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+        self.server.replace_socket(self.request, self.sock)
+        self.reader.sock = self.sock
+        self.tls = True
+
+    def start_tls(self, ready_line):
+        """STARTTLS/STLS: send ready_line, drop buffered plaintext, then handshake.
+
+        Discarding what the client pipelined behind the command closes the STARTTLS
+        command-injection hole (CVE-2011-0411).
+        """
+        self.write(ready_line)
+        self.flush()
+        self.wrap_tls()
+
+
+class _Slot:
+    """One open connection: the client's address and the socket its session uses now."""
+
+    def __init__(self, ip, sock):
+        self.ip = ip
+        self.sock = sock
+
+
+class ThreadedServer(socketserver.ThreadingTCPServer):
+    """A thread per connection, with caps in total and per client address.
+
+    busy_reply is the protocol's own "too busy" line, sent to a client refused by a cap.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    busy_reply = ""
+
+    def __init__(self, address, handler_class, *, max_connections=200, max_per_address=50,
+                 idle_timeout=300.0, session_timeout=None, tls_context=None,
+                 implicit_tls=False, bind_and_activate=True):
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.idle_timeout = idle_timeout
+        self.session_timeout = session_timeout
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.stopping = threading.Event()
+        self.serving = False
+        self.connections_lock = threading.Lock()
+        self.connections = {}          # accepted socket -> _Slot, guarded by connections_lock
+        self.per_address = {}          # client address -> open connections, same lock
+        super().__init__(address, handler_class, bind_and_activate)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def active_connections(self):
+        with self.connections_lock:
+            return len(self.connections)
+
+    def serve_forever(self, poll_interval=0.5):
+        self.serving = True
+        super().serve_forever(poll_interval)
+
+    def process_request(self, request, client_address):
+        ip = client_address[0]
+        with self.connections_lock:
+            refused = (len(self.connections) >= self.max_connections
+                       or self.per_address.get(ip, 0) >= self.max_per_address
+                       or self.stopping.is_set())
+            if not refused:
+                self.connections[request] = _Slot(ip, request)
+                self.per_address[ip] = self.per_address.get(ip, 0) + 1
+        if refused:
+            log.warning("connection from [%s] refused: too many connections", ip)
+            self.refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def refuse(self, request):
+        try:
+            request.settimeout(BUSY_SEND_TIMEOUT)
+            if self.busy_reply and not self.implicit_tls:
+                request.sendall(self.busy_reply.encode("ascii") + CRLF)
+        except OSError:
+            pass
+        super().shutdown_request(request)
+
+    def replace_socket(self, request, sock):
+        """Record that the session on request now talks through sock (after TLS)."""
+        with self.connections_lock:
+            slot = self.connections.get(request)
+            if slot is not None:
+                slot.sock = sock
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            slot = self.connections.pop(request, None)
+            if slot is not None:
+                left = self.per_address[slot.ip] - 1
+                if left:
+                    self.per_address[slot.ip] = left
+                else:
+                    del self.per_address[slot.ip]
+        if slot is not None and slot.sock is not request:
+            slot.sock.close()
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        log.exception("unhandled error with [%s]", client_address[0])
+
+    def stop(self, grace=DEFAULT_GRACE):
+        """Stop accepting, let sessions end within grace seconds, then cut the rest.
+
+        Sessions waiting for their next command are told the server is stopping at once;
+        a transaction in flight (a message being received) may finish within the grace.
+        """
+        self.stopping.set()
+        if self.serving:
+            self.shutdown()
+        self.server_close()
+        until = time.monotonic() + grace
+        while self.active_connections() and time.monotonic() < until:
+            time.sleep(0.05)
+        with self.connections_lock:
+            left = [slot.sock for slot in self.connections.values()]
+        for sock in left:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE):
+    """Serve every server on its own thread until SIGTERM or SIGINT, then stop them all."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    if on_stop is not None:
+        on_stop()
+    for server in servers:
+        server.stop(grace)
+    return 0
+
+
+# --- TLS ---
+
+def server_tls_context(cert_file, key_file):
+    """A server context: TLS 1.2 or newer, no compression, the server's cipher order."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+# --- SASL (RFC 4616 PLAIN, and the LOGIN mechanism's base64 steps) ---
+
+def decode_base64(text, limit=MAX_SASL_RESPONSE):
+    """Strictly decode one base64 SASL response; "=" is the empty response (RFC 4954 4)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    text = text.strip()
+    if len(text) > limit:
+        raise SASLError("response too long")
+    if text == "=":
+        return b""
+    if not text or len(text) % 4:
+        raise SASLError("invalid base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLError("invalid base64") from None
+
+
+def decode_plain(text):
+    """Decode a PLAIN response into (authzid, authcid, password), RFC 4616 2."""
+    message = decode_base64(text)
+    parts = message.split(b"\0")
+    if len(parts) != 3:
+        raise SASLError("PLAIN needs exactly two NUL separators")
+    try:
+        authzid, authcid, password = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        raise SASLError("PLAIN fields must be UTF-8") from None
+    if not authcid or not password:
+        raise SASLError("PLAIN needs a user name and a password")
+    return authzid, authcid, password
+
+
+def auth_failure_delay(failures):
+    """Seconds to wait before answering a failed login: each failure slower than the last."""
+    return min(0.5 * 2 ** (failures - 1), 8.0) if failures > 0 else 0.0
+
+
+# --- Configuration: defaults, then the INI file, then flags ---
+
+def parse_hostport(text, default_port):
+    """Split "host", "host:port", "[v6]" or "[v6]:port" into (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError("no host in %r" % text)
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("bad port in %r" % text)
+    return host, int(port)
+
+
+# The options several roles share, defined once: key -> help text. A role lists the keys
+# it takes in its DEFAULTS; a list default makes a repeatable flag.
+SHARED_HELP = {
+    "spool": "spool directory shared by all roles",
+    "domain": "a local mail domain (repeatable)",
+    "hostname": "this host's name, used in greetings and headers",
+    "listen": "HOST:PORT to listen on",
+    "tls_cert": "PEM certificate chain for TLS",
+    "tls_key": "PEM private key for TLS",
+    "dns": "DNS server HOST[:PORT], instead of /etc/resolv.conf",
+    "relay_host": "send all outbound mail through this smarthost HOST[:PORT]",
+    "remote_port": "port outbound delivery connects to (default 25)",
+    "relay_network": "a CIDR network allowed to relay without AUTH (repeatable)",
+    "idle_timeout": "seconds to wait for the client's next command",
+    "max_size": "largest message accepted, in bytes",
+    "max_connections": "concurrent connections in total",
+    "max_per_address": "concurrent connections per client address",
+    "user": "user to run as after binding the ports (when started as root)",
+    "syslog": "also log to syslog (/dev/log)",
+    "verbose": "log debugging detail",
+}
+
+
+def add_options(parser, defaults):
+    """Add --config and one flag per key of defaults; unset flags stay None."""
+    parser.add_argument("--config", metavar="FILE", help="INI file ([DEFAULT] and one section per role)")
+    for key, default in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        help_text = SHARED_HELP.get(key, key.replace("_", " "))
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None,
+                                help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(),
+                                help="%s (default: %s)" % (help_text, default))
+    return parser
+
+
+def _convert(key, text, default):
+    if isinstance(default, bool):
+        value = str(text).strip().lower()
+        if value in ("1", "yes", "true", "on"):
+            return True
+        if value in ("0", "no", "false", "off", ""):
+            return False
+        raise ValueError("%s: not a yes/no value: %r" % (key, text))
+    if isinstance(default, list):
+        if isinstance(text, list):
+            return [item for value in text for item in _convert(key, value, default)]
+        return [item for item in str(text).replace(",", " ").split() if item]
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError("%s: not a number: %r" % (key, text)) from None
+    return text
+
+
+def load_config(section, defaults, args=None):
+    """Return the role's settings: its defaults, then the INI file's, then the flags given.
+
+    The INI file (args.config) has a [DEFAULT] section for shared settings and one section
+    per role named after its file; keys the role does not know are ignored. Raises
+    ValueError with a readable message for a bad value or an unreadable file.
+    """
+    config = dict(defaults)
+    path = getattr(args, "config", None) if args is not None else None
+    if path:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except (OSError, configparser.Error) as exc:
+            raise ValueError("cannot read config %s: %s" % (path, exc)) from None
+        values = parser[section] if parser.has_section(section) else parser.defaults()
+        for key, text in values.items():
+            if key in defaults:
+                config[key] = _convert(key, text, defaults[key])
+    for key, default in defaults.items():
+        value = getattr(args, key, None) if args is not None else None
+        if value is not None:
+            config[key] = _convert(key, value, default)
+    return config
+
+
+# --- Logging and queue ids ---
+
+def setup_logging(role, syslog=False, verbose=False):
+    """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
+
+    A process runs one role, so every line carries that role's name, the plumbing's too.
+    """
+    formatter = logging.Formatter(role + "[%(process)d]: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(formatter)
+    root.addHandler(stderr)
+    if syslog:
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        handler = logging.handlers.SysLogHandler(address, logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return logging.getLogger(role)
+
+
+_queue_id_lock = threading.Lock()
+_last_queue_time = [0]
+
+
+def new_queue_id():
+    """A queue id unique on this host and sortable by time: 13 hex digits of microseconds
+    since the epoch (strictly rising within a process), then 5 random (18 characters)."""
+    with _queue_id_lock:
+        now = max(time.time_ns() // 1000, _last_queue_time[0] + 1)
+        _last_queue_time[0] = now
+    return "%013X%05X" % (now, secrets.randbits(20))
+
+
+# --- Privileges ---
+
+def drop_privileges(user):
+    """When running as root and user is given, become that user (after binding ports)."""
+    if not user or os.getuid() != 0:
+        return
+    import pwd
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)

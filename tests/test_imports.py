@@ -1,0 +1,51 @@
+"""The role files import only the standard library and each other (DESIGN.md)."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROLE_FILES = sorted(ROOT.glob("*.py"))
+
+
+def imported_roots(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module.split(".")[0]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names needs 3.10")
+def test_role_files_import_only_the_standard_library_and_each_other():
+    local = {path.stem for path in ROLE_FILES}
+    allowed = set(sys.stdlib_module_names) | local | {"__future__"}
+    strays = ["%s:%d imports %s" % (path.name, line, name)
+              for path in ROLE_FILES for line, name in imported_roots(path)
+              if name not in allowed]
+    assert not strays
+
+
+def test_no_role_imports_a_private_name_of_another():
+    local = {path.stem for path in ROLE_FILES}
+    for path in ROLE_FILES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in local:
+                assert not any(a.name.startswith("_") for a in node.names), path.name
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in local and node.value.id != path.stem):
+                assert not node.attr.startswith("_"), "%s uses %s.%s" % (
+                    path.name, node.value.id, node.attr)
+
+
+@pytest.mark.parametrize("path", ROLE_FILES, ids=lambda p: p.name)
+def test_every_role_file_imports_cleanly_on_its_own(path):
+    result = subprocess.run([sys.executable, "-c", "import " + path.stem], cwd=ROOT,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()

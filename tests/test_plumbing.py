@@ -1,0 +1,404 @@
+"""The shared server plumbing, over real sockets on 127.0.0.1 with ephemeral ports."""
+
+import configparser
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+import plumbing
+from conftest import require_tool
+
+
+class EchoHandler(plumbing.ConnectionHandler):
+    """A tiny line protocol that reports what the plumbing saw of each line."""
+
+    timeout_reply = "-ERR idle"
+    stopping_reply = "-ERR shutting down"
+    crash_reply = "-ERR internal"
+    endings = {b"\r\n": "CRLF", b"\n": "LF", b"\r": "CR", b"": "EOF"}
+
+    def session(self):
+        self.write("+OK ready")
+        while True:
+            line = self.reader.readline(self.server.line_limit)
+            if line is None:
+                return
+            if line.too_long:
+                self.write("-ERR too long")
+                continue
+            verb, _, arg = line.data.partition(b" ")
+            if verb == b"STLS":
+                self.start_tls("+OK begin TLS")
+            elif verb == b"AUTH":
+                try:
+                    _, user, _ = plumbing.decode_plain(arg)
+                    self.write("+OK " + user)
+                except plumbing.SASLError as exc:
+                    self.write("-ERR %s" % exc)
+            elif verb == b"BEGIN":
+                self.reader.interruptible = False
+                self.write("+OK in transaction")
+            elif verb == b"END":
+                self.reader.interruptible = True
+                self.write("+OK done")
+            elif verb == b"QUIT":
+                self.write("+OK bye")
+                return
+            else:
+                self.write(b"LINE " + self.endings[line.ending].encode() + b" " + line.data)
+
+
+class EchoServer(plumbing.ThreadedServer):
+    busy_reply = "-ERR [SYS/TEMP] busy"
+    line_limit = 64
+
+
+@pytest.fixture
+def start_server():
+    servers = []
+
+    def start(address=("127.0.0.1", 0), **options):
+        server = EchoServer(address, EchoHandler, **options)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0.2)
+
+
+def connect(server, source="127.0.0.1"):
+    sock = socket.create_connection(server.server_address[:2], timeout=5,
+                                    source_address=(source, 0))
+    return sock, sock.makefile("rb")
+
+
+def wait_for(predicate, seconds=5.0):
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_greeting_and_crlf_line(start_server):
+    sock, f = connect(start_server())
+    assert f.readline() == b"+OK ready\r\n"
+    sock.sendall(b"hello\r\n")
+    assert f.readline() == b"LINE CRLF hello\r\n"
+
+
+def test_reader_reports_crlf_bare_lf_and_bare_cr(start_server):
+    sock, f = connect(start_server())
+    f.readline()
+    sock.sendall(b"a\r\nb\nc\rd\r\n")
+    assert [f.readline() for _ in range(4)] == [
+        b"LINE CRLF a\r\n", b"LINE LF b\r\n", b"LINE CR c\r\n", b"LINE CRLF d\r\n"]
+
+
+def test_cr_split_across_packets_is_still_crlf(start_server):
+    sock, f = connect(start_server())
+    f.readline()
+    sock.sendall(b"abc\r")
+    time.sleep(0.1)
+    sock.sendall(b"\nxyz\r\n")
+    assert f.readline() == b"LINE CRLF abc\r\n"
+    assert f.readline() == b"LINE CRLF xyz\r\n"
+
+
+def test_overlong_line_is_refused_and_the_session_goes_on(start_server):
+    sock, f = connect(start_server())
+    f.readline()
+    sock.sendall(b"x" * 100_000 + b"\r\nafter\r\n")
+    assert f.readline() == b"-ERR too long\r\n"
+    assert f.readline() == b"LINE CRLF after\r\n"
+
+
+def test_line_at_the_limit_passes(start_server):
+    sock, f = connect(start_server())
+    f.readline()
+    sock.sendall(b"y" * 64 + b"\r\n" + b"z" * 65 + b"\r\n")
+    assert f.readline() == b"LINE CRLF " + b"y" * 64 + b"\r\n"
+    assert f.readline() == b"-ERR too long\r\n"
+
+
+def test_reader_reads_in_blocks_not_bytes():
+    left, right = socket.socketpair()
+    try:
+        left.sendall(b"one\r\ntwo\r\nthree\r\n")
+        reader = plumbing.LineReader(right, idle_timeout=2)
+        assert reader.readline(100).data == b"one"
+        assert bytes(reader.buffer) == b"two\r\nthree\r\n"
+    finally:
+        left.close()
+        right.close()
+
+
+def test_partial_line_at_eof_is_returned_without_ending():
+    left, right = socket.socketpair()
+    left.sendall(b"tail")
+    left.close()
+    reader = plumbing.LineReader(right, idle_timeout=2)
+    assert reader.readline(100) == plumbing.Line(b"tail", b"")
+    assert reader.readline(100) is None
+    right.close()
+
+
+def test_connection_cap_sends_busy_reply(start_server):
+    server = start_server(max_connections=2)
+    first, f1 = connect(server)
+    second, f2 = connect(server)
+    assert f1.readline().startswith(b"+OK")
+    assert f2.readline().startswith(b"+OK")
+    third, f3 = connect(server)
+    assert f3.readline() == b"-ERR [SYS/TEMP] busy\r\n"
+    assert f3.read() == b""
+
+
+def test_per_address_cap_counts_each_client_address(start_server):
+    server = start_server(max_connections=10, max_per_address=1)
+    first, f1 = connect(server, "127.0.0.1")
+    assert f1.readline().startswith(b"+OK")
+    second, f2 = connect(server, "127.0.0.1")
+    assert f2.readline() == b"-ERR [SYS/TEMP] busy\r\n"
+    other, f3 = connect(server, "127.0.0.2")
+    assert f3.readline().startswith(b"+OK")
+
+
+def test_idle_timeout_closes_and_frees_the_slot(start_server):
+    server = start_server(max_connections=1, idle_timeout=0.3)
+    sock, f = connect(server)
+    assert f.readline().startswith(b"+OK")
+    assert f.readline() == b"-ERR idle\r\n"
+    assert f.read() == b""
+    assert wait_for(lambda: server.active_connections() == 0)
+    again, f2 = connect(server)
+    assert f2.readline().startswith(b"+OK")
+
+
+def test_session_deadline_ends_a_busy_client(start_server):
+    server = start_server(idle_timeout=5, session_timeout=0.5)
+    sock, f = connect(server)
+    f.readline()
+    with pytest.raises(OSError):
+        for _ in range(100):
+            sock.sendall(b"x" * 10)    # never a whole line, but never idle either
+            time.sleep(0.02)
+    assert f.readline() == b"-ERR idle\r\n"
+
+
+def test_ipv6_listener(start_server):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        server = start_server(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    sock = socket.create_connection(("::1", server.port), timeout=5)
+    assert sock.makefile("rb").readline() == b"+OK ready\r\n"
+
+
+def test_parse_hostport_forms():
+    assert plumbing.parse_hostport("[::1]:2525", 25) == ("::1", 2525)
+    assert plumbing.parse_hostport("[::1]", 25) == ("::1", 25)
+    assert plumbing.parse_hostport("127.0.0.1:2525", 25) == ("127.0.0.1", 2525)
+    assert plumbing.parse_hostport("mx.example.org", 25) == ("mx.example.org", 25)
+    for bad in ("", ":25", "host:port", "host:99999"):
+        with pytest.raises(ValueError):
+            plumbing.parse_hostport(bad, 25)
+
+
+# --- TLS ---
+
+def client_context():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def openssl_starttls(openssl, port, protocol, lines):
+    """Run `openssl s_client -starttls` and type lines once the handshake is done."""
+    client = subprocess.Popen(
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", protocol,
+         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
+    stdout, _ = client.communicate(lines, timeout=20)
+    return stdout
+
+
+def test_starttls_with_openssl_s_client(start_server, tls_files):
+    openssl = require_tool("openssl")
+    server = start_server(tls_context=plumbing.server_tls_context(*tls_files))
+    stdout = openssl_starttls(openssl, server.port, "pop3", b"after tls\nQUIT\n")
+    assert b"LINE CRLF after tls" in stdout
+    assert b"+OK bye" in stdout
+
+
+def test_plaintext_pipelined_behind_starttls_is_discarded(start_server, tls_files):
+    server = start_server(tls_context=plumbing.server_tls_context(*tls_files))
+    raw, f = connect(server)
+    assert f.readline() == b"+OK ready\r\n"
+    raw.sendall(b"STLS\r\nINJECTED\r\n")
+    assert f.readline() == b"+OK begin TLS\r\n"
+    tls = client_context().wrap_socket(raw)
+    tls.sendall(b"clean\r\n")
+    tf = tls.makefile("rb")
+    assert tf.readline() == b"LINE CRLF clean\r\n"
+
+
+def test_implicit_tls_listener(start_server, tls_files):
+    server = start_server(tls_context=plumbing.server_tls_context(*tls_files), implicit_tls=True)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    tls = client_context().wrap_socket(raw)
+    f = tls.makefile("rb")
+    assert f.readline() == b"+OK ready\r\n"
+    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_tls_context_refuses_tls_1_1(tls_files):
+    context = plumbing.server_tls_context(*tls_files)
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_COMPRESSION
+
+
+# --- SASL ---
+
+def b64(data):
+    import base64
+    return base64.b64encode(data).decode()
+
+
+def test_decode_plain_accepts_a_valid_response():
+    assert plumbing.decode_plain(b64(b"\0alice@example.com\0secret")) == (
+        "", "alice@example.com", "secret")
+    assert plumbing.decode_plain(b64(b"admin\0alice\0pw")) == ("admin", "alice", "pw")
+
+
+@pytest.mark.parametrize("response", [
+    "not base64!", "YWJj=", "YW Jj", b64(b"alice\0secret"), b64(b"\0\0"),
+    b64(b"\0alice\0"), b64(b"a\0b\0c\0d"), b64(b"\0\xff\xfe\0pw"), "QQ" * 7000,
+])
+def test_decode_plain_refuses_bad_responses(response):
+    with pytest.raises(plumbing.SASLError):
+        plumbing.decode_plain(response)
+
+
+def test_bad_sasl_over_the_wire_is_an_error_reply(start_server):
+    sock, f = connect(start_server())
+    f.readline()
+    sock.sendall(b"AUTH %%%%\r\nAUTH " + b64(b"\0bob\0pw").encode() + b"\r\n")
+    assert f.readline().startswith(b"-ERR invalid base64")
+    assert f.readline() == b"+OK bob\r\n"
+
+
+def test_empty_sasl_response():
+    assert plumbing.decode_base64("=") == b""
+
+
+# --- Graceful shutdown ---
+
+def test_shutdown_tells_an_idle_session_and_closes_it(start_server):
+    server = start_server()
+    sock, f = connect(server)
+    f.readline()
+    started = time.monotonic()
+    server.stop(grace=3)
+    assert f.readline() == b"-ERR shutting down\r\n"
+    assert f.read() == b""
+    assert time.monotonic() - started < 2.5
+    with pytest.raises(OSError):
+        socket.create_connection(server.server_address, timeout=1)
+
+
+def test_shutdown_lets_a_transaction_finish_within_the_grace(start_server):
+    server = start_server()
+    sock, f = connect(server)
+    f.readline()
+    sock.sendall(b"BEGIN\r\n")
+    assert f.readline() == b"+OK in transaction\r\n"
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 3})
+    stopper.start()
+    time.sleep(0.8)
+    sock.sendall(b"END\r\n")
+    assert f.readline() == b"+OK done\r\n"
+    assert f.readline() == b"-ERR shutting down\r\n"
+    stopper.join(5)
+    assert not stopper.is_alive()
+
+
+def test_shutdown_cuts_sessions_left_after_the_grace(start_server):
+    server = start_server()
+    sock, f = connect(server)
+    f.readline()
+    sock.sendall(b"BEGIN\r\n")
+    f.readline()
+    started = time.monotonic()
+    server.stop(grace=0.5)
+    assert time.monotonic() - started < 2
+    assert f.read() == b""
+
+
+# --- Configuration, logging, queue ids ---
+
+DEFAULTS = {"spool": "./mailspool", "domain": ["localhost"], "max_size": 1024,
+            "idle_timeout": 300.0, "syslog": False}
+
+
+def parse(argv):
+    import argparse
+    parser = plumbing.add_options(argparse.ArgumentParser(), DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def test_config_defaults_then_ini_then_flags(tmp_path):
+    ini = tmp_path / "mail.ini"
+    ini.write_text("[DEFAULT]\nspool = /srv/spool\nmax_size = 2048\nunknown = 1\n"
+                   "[smtp_in]\nmax_size = 4096\ndomain = a.example, b.example\nsyslog = yes\n")
+    config = plumbing.load_config("smtp_in", DEFAULTS, parse(["--config", str(ini)]))
+    assert config == {"spool": "/srv/spool", "domain": ["a.example", "b.example"],
+                      "max_size": 4096, "idle_timeout": 300.0, "syslog": True}
+    config = plumbing.load_config("pop3d", DEFAULTS, parse(
+        ["--config", str(ini), "--max-size", "10", "--domain", "c.example", "--domain", "d.example"]))
+    assert config["max_size"] == 10 and config["spool"] == "/srv/spool"
+    assert config["domain"] == ["c.example", "d.example"]
+
+
+def test_config_bad_values_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="max_size"):
+        plumbing.load_config("smtp_in", DEFAULTS, parse(["--max-size", "big"]))
+    with pytest.raises(ValueError, match="cannot read config"):
+        plumbing.load_config("smtp_in", DEFAULTS, parse(["--config", str(tmp_path / "missing.ini")]))
+    bad = tmp_path / "bad.ini"
+    bad.write_text("no section here\n")
+    with pytest.raises(ValueError, match="cannot read config"):
+        plumbing.load_config("smtp_in", DEFAULTS, parse(["--config", str(bad)]))
+
+
+def test_queue_ids_are_unique_and_sorted_by_time():
+    ids = [plumbing.new_queue_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == 18 and i.isalnum() for i in ids)
+
+
+def test_log_lines_carry_role_and_pid(capfd):
+    import logging
+    import os
+    log = plumbing.setup_logging("smtp_in")
+    log.info("%s: client=[%s]", "4F2A9C1E", "192.0.2.1")
+    err = capfd.readouterr().err
+    assert "smtp_in[%d]: 4F2A9C1E: client=[192.0.2.1]" % os.getpid() in err
+    logging.getLogger().handlers.clear()
+
+
+def test_auth_failure_delay_grows():
+    delays = [plumbing.auth_failure_delay(n) for n in range(5)]
+    assert delays[0] == 0 and delays == sorted(delays) and len(set(delays)) == 5
