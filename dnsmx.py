@@ -11,6 +11,7 @@ Reads the nameservers and options of /etc/resolv.conf unless servers are given; 
 Run: python3 dnsmx.py [--server HOST[:PORT]] [--tcp] [--timeout S] [--short] [--explain] NAME [TYPE]
 """
 
+import itertools
 import os
 import random
 import socket
@@ -34,7 +35,8 @@ __all__ = [
     "resolve", "mx_hosts", "ptr", "txt", "resolve_mx",
     # names, wire format, configuration
     "normalize_name", "reverse_name", "type_code", "type_name",
-    "build_query", "parse_message", "PacketReader", "format_record",
+    "build_query", "parse_message", "PacketReader", "format_record", "format_rdata",
+    "TTLCache",
     "parse_server", "read_resolv_conf", "main",
 ]
 
@@ -913,13 +915,14 @@ class Resolver:
         self.edns = edns
         self.lifetime = float(lifetime or self.timeout * self.attempts * len(self.servers))
         self.cache = TTLCache(cache_size)
-        self._next_server = 0
+        self._rotation = itertools.count()      # next() on a count is atomic in CPython
 
     def __repr__(self):
         return "Resolver(servers=[%s], timeout=%g, attempts=%d)" % (
             ", ".join(str(server) for server in self.servers), self.timeout, self.attempts)
 
     def clear_cache(self):
+        """Forget every cached answer, negative answer and delivery plan."""
         self.cache.clear()
 
     # --- questions ---
@@ -1035,8 +1038,7 @@ class Resolver:
         tail = QUESTION_TAIL.pack(rtype, CLASS_IN)
         servers = self.servers
         if self.rotate and len(servers) > 1:
-            start = self._next_server % len(servers)
-            self._next_server += 1
+            start = next(self._rotation) % len(servers)
             servers = servers[start:] + servers[:start]
         last_error = None
         for _ in range(self.attempts):
@@ -1120,10 +1122,9 @@ class Resolver:
                                      % _dotted(domain), domain, TYPE_MX) from None
             plan_ttl = min(ttl, exc.ttl or 0) if failure is None else 0
             return ((MXHost(host, 0, addresses, True),),), plan_ttl
-        for cname in answer.cnames:
-            if explain:
-                explain("CNAME followed: %s -> %s (RFC 5321 5.1: use the canonical name)"
-                        % (_dotted(cname.name), _dotted(cname.data)))
+        if explain and answer.cnames:
+            explain("RFC 5321 5.1: %s is an alias; the MX records of %s are used"
+                    % (_dotted(domain), _dotted(answer.canonical_name)))
         records = answer.records
         if len(records) == 1 and records[0].data.exchange == "":
             if explain:
@@ -1227,6 +1228,8 @@ def _follow_cnames(answers, name, rtype, cnames, seen, explain):
             return [], current
         target = cname.data.lower()
         cnames.append(cname)
+        if explain:
+            explain("CNAME followed: %s -> %s" % (_dotted(current), _dotted(target)))
         if target in seen or len(cnames) > MAX_CNAME_CHAIN:
             raise CNAMELoopError("CNAME chain from %s loops or is longer than %d"
                                  % (_dotted(name), MAX_CNAME_CHAIN), name, rtype)
@@ -1273,14 +1276,14 @@ def _describe_addresses(records):
 # --- Module-level API over a default resolver ---
 
 _default_resolver = None
-_default_lock = threading.Lock()
-_bench_resolvers = {}
+_bench_resolvers = {}            # resolve_mx(): one uncached Resolver per (server, port)
+_resolvers_lock = threading.Lock()
 
 
 def default_resolver():
     """The shared Resolver configured from /etc/resolv.conf, made on first use."""
     global _default_resolver
-    with _default_lock:
+    with _resolvers_lock:
         if _default_resolver is None:
             _default_resolver = Resolver()
         return _default_resolver
@@ -1289,7 +1292,7 @@ def default_resolver():
 def set_default_resolver(resolver):
     """Make the module-level functions use RESOLVER (for example one built from --dns)."""
     global _default_resolver
-    with _default_lock:
+    with _resolvers_lock:
         _default_resolver = resolver
 
 
@@ -1321,11 +1324,12 @@ def resolve_mx(name, server=None, port=DNS_PORT):
         resolver = default_resolver()
     else:
         key = (server, int(port))
-        resolver = _bench_resolvers.get(key)
-        if resolver is None:
-            resolver = Resolver([parse_server((server, int(port)))], cache_size=0)
-            if len(_bench_resolvers) < 16:
-                _bench_resolvers[key] = resolver
+        with _resolvers_lock:
+            resolver = _bench_resolvers.get(key)
+            if resolver is None:
+                resolver = Resolver([parse_server(key)], cache_size=0)
+                if len(_bench_resolvers) < 16:
+                    _bench_resolvers[key] = resolver
     try:
         answer = resolver.resolve(name, TYPE_MX, use_cache=False)
     except (NXDomainError, NoDataError):
