@@ -82,9 +82,8 @@ MAX_NAME_LENGTH = 255            # RFC 1035 2.3.4, octets on the wire, length oc
 MAX_POINTERS = 64                # compression pointers followed in one name (RFC 1035 4.1.4)
 MAX_CNAME_CHAIN = 8              # CNAMEs followed per lookup; RFC 1034 3.6.2 wants short chains
 MAX_MX_TARGETS = 16              # MX records looked at; each may cost two lookups
-UDP_PAYLOAD = 1232               # RFC 6891 6.2.5, the size agreed on at DNS flag day 2020
+UDP_PAYLOAD = 1232               # RFC 6891 6.2.5 payload size; 1232 from DNS flag day 2020
 MAX_UDP_RECEIVE = 65535          # read whole datagrams, then judge their size
-MAX_TCP_MESSAGE = 65535          # RFC 1035 4.2.2: two-octet length prefix
 
 DEFAULT_TIMEOUT = 5.0            # resolv.conf(5): options timeout:5
 DEFAULT_ATTEMPTS = 2             # resolv.conf(5): options attempts:2
@@ -335,14 +334,14 @@ def normalize_name(name):
         return ""
     if not name.isascii():
         name = _idna_encode(name)
-    if "\\" in name:
+    if name.encode("ascii").translate(None, _PLAIN_NAME_OCTETS + b"."):
+        # Escapes, or characters dig would escape: go through the wire labels so that the
+        # text matches what the parser makes of the same name.
         return _normalize_escaped(name)
     labels = name.split(".")
     if len(name) > MAX_NAME_LENGTH - 2 or \
             not all(0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
         _check_labels(labels, name)
-    if not name.isprintable() or " " in name:
-        raise DNSNameError("unexpected character in domain name %r" % name)
     return name.lower()
 
 
@@ -544,7 +543,8 @@ class PacketReader:
                 target = ((length & 0x3F) << 8) | data[offset + 1]
                 if target >= segment_start or target < HEADER.size:
                     raise DNSFormatError("compression pointer at offset %d to %d does not "
-                                         "point backwards" % (offset, target))
+                                         "point backwards, past the header"
+                                         % (offset, target))
                 pointers += 1
                 if pointers > MAX_POINTERS:
                     raise DNSFormatError("too many compression pointers at offset %d"
@@ -621,7 +621,7 @@ def _read_record(reader):
     if reader.offset != end:
         raise DNSFormatError("%s RDATA at offset %d does not fill its %d octets"
                              % (type_name(rtype), end - rdlength, rdlength))
-    if ttl > 0x7FFFFFFF:
+    if ttl > 0x7FFFFFFF and rtype != TYPE_OPT:
         ttl = 0                  # RFC 2181 8: a TTL with the top bit set means zero
     return Record(name, rtype, rclass, ttl, data)
 
@@ -751,7 +751,7 @@ def read_resolv_conf(path=RESOLV_CONF):
         words = line.split("#")[0].split(";")[0].split()
         if len(words) >= 2 and words[0] == "nameserver":
             try:
-                server = parse_server(words[1])
+                server = parse_server((words[1], DNS_PORT))    # an address, no port
             except ValueError:
                 continue
             if len(conf.servers) < MAX_NAMESERVERS:

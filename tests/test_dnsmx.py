@@ -232,6 +232,10 @@ def test_escaped_names_round_trip():
     assert dnsmx.normalize_name("a\\.b.test") == "a\\.b.test"
     assert dnsmx.normalize_name("\\065bc.test") == "abc.test"
     assert dnsmx.build_query("a\\.b.test", "A", 1)[1][12:22] == b"\x03a.b\x04test\x00"
+    for name in ("a;b.test", "A\\059B.test", "x(y).test", "a\\.b.test"):
+        # The key of a name must be what the parser makes of the same name on the wire.
+        parsed = dnsmx.parse_message(dnsmx.build_query(name, "A", 1)[1]).questions[0][0]
+        assert dnsmx.normalize_name(name) == parsed.lower()
 
 
 def test_reverse_names_for_ipv4_and_ipv6():
@@ -348,6 +352,8 @@ def test_edns_extended_rcode_and_a_second_opt():
     opt = struct.pack("!BHHIH", 0, 41, 1232, 1 << 24, 0)      # extended RCODE 1 -> 16
     packet = struct.pack("!6H", 7, 0x8180, 0, 0, 0, 1) + opt
     assert dnsmx.parse_message(packet).rcode == 16              # BADVERS, RFC 6891 9
+    high = packet[:-6] + struct.pack("!IH", 0xFF << 24, 0)      # top TTL bit: still RCODE
+    assert dnsmx.parse_message(high).rcode == 0xFF0
     twice = struct.pack("!6H", 7, 0x8180, 0, 0, 0, 2) + opt + opt
     with pytest.raises(dnsmx.DNSFormatError, match="OPT record repeated"):
         dnsmx.parse_message(twice)
