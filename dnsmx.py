@@ -339,8 +339,8 @@ def normalize_name(name):
         # text matches what the parser makes of the same name.
         return _normalize_escaped(name)
     labels = name.split(".")
-    if len(name) > MAX_NAME_LENGTH - 2 or \
-            not all(0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
+    if len(name) > MAX_NAME_LENGTH - 2 or "" in labels or \
+            max(map(len, labels)) > MAX_LABEL_LENGTH:
         _check_labels(labels, name)
     return name.lower()
 
