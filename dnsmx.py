@@ -1205,6 +1205,10 @@ class Resolver:
             except DNSTemporaryError as exc:
                 failure = exc
                 continue
+            if answer.cnames and explain and not records:
+                explain("%s is an alias of %s: tolerated, though an MX should name the host "
+                        "itself (RFC 2181 10.3)" % (_dotted(host),
+                                                   _dotted(answer.canonical_name)))
             records.extend(answer.records)
             addresses.extend(answer.data)
             ttl = min(ttl, answer.ttl)
