@@ -83,6 +83,7 @@ MAX_POINTERS = 64                # compression pointers followed in one name (RF
 MAX_CNAME_CHAIN = 8              # CNAMEs followed per lookup; RFC 1034 3.6.2 wants short chains
 MAX_MX_TARGETS = 16              # MX records looked at; each may cost two lookups
 UDP_PAYLOAD = 1232               # RFC 6891 6.2.5 payload size; 1232 from DNS flag day 2020
+UDP_PAYLOAD_WITHOUT_EDNS = 512   # RFC 1035 2.3.4
 MAX_UDP_RECEIVE = 65535          # read whole datagrams, then judge their size
 
 DEFAULT_TIMEOUT = 5.0            # resolv.conf(5): options timeout:5
@@ -1086,7 +1087,7 @@ class Resolver:
                 data = _tcp_exchange(server, packet, qid, qname_lower, tail, try_deadline)
             else:
                 data = _udp_exchange(server, packet, qid, qname_lower, tail, try_deadline)
-                limit = UDP_PAYLOAD if edns else 512        # RFC 1035 2.3.4 without EDNS
+                limit = UDP_PAYLOAD if edns else UDP_PAYLOAD_WITHOUT_EDNS
                 if data[2] & (FLAG_TC >> 8) or len(data) > limit:
                     if explain:
                         explain("%s: UDP answer %s; asking again over TCP (RFC 7766 5)"
