@@ -48,6 +48,7 @@ MAX_LABEL_LENGTH = 63     # RFC 1035 2.3.4
 MAX_EXPANSION = 4096      # characters one macro-string may expand to; past it, permerror
 DEFAULT_TIMEOUT = 20.0    # RFC 7208 4.6.4: a time limit SHOULD allow at least 20 seconds
 MAX_HEADER_VALUE = 255    # characters of client-supplied text put into a header field
+MAX_COMMENT = 400         # characters of the Received-SPF comment, before quoting
 MAX_REPLY_TEXT = 400      # characters of explanation put into an SMTP reply line
 
 DOMAIN_MACROS = "slodipvh"           # RFC 7208 7.2: letters allowed in a domain-spec
@@ -431,14 +432,16 @@ def smtp_reply(result):
 
 
 def _clip(text, limit=MAX_HEADER_VALUE):
-    """Client-supplied text made safe for a header: no control characters, bounded."""
-    text = "".join(char for char in str(text) if char >= " " and char != "\x7f")
+    """Client-supplied text made safe for a header: printable characters only (no CR, LF,
+    other controls or line separators), bounded."""
+    text = "".join(char for char in str(text) if char.isprintable())
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _comment(text):
-    """Header comment text (RFC 5322 3.2.2): parentheses and backslashes quoted."""
-    return re.sub(r"([()\\])", r"\\\1", _clip(text, 3 * MAX_HEADER_VALUE))
+    """Header comment text (RFC 5322 3.2.2): parentheses and backslashes quoted. Bounded
+    so that even fully quoted the line stays well within 998 octets (RFC 5322 2.1.1)."""
+    return re.sub(r"([()\\])", r"\\\1", _clip(text, MAX_COMMENT))
 
 
 def _header_value(value):
@@ -483,6 +486,7 @@ def check_host(ip, domain, sender, helo, resolver=None, *, receiver="unknown",
     (ValueError otherwise); nothing a domain publishes can make this raise.
     """
     helo = (helo or "").strip()
+    receiver = receiver or "unknown"
     check = _Check(_client_address(ip), sender or "", helo,
                    DNSResolver() if resolver is None else resolver, receiver, timeout)
     domain = (domain or "").strip()
@@ -620,7 +624,6 @@ class _Check:
         verdict = self.check_host(target)
         if verdict.result == "none":                       # RFC 7208 5.2
             raise _Stop("permerror", "include:%s: %s" % (target, verdict.problem))
-        self.note("include:%s gave %s" % (target, verdict.result))
         return verdict.result == "pass"
 
     def match_a(self, directive, domain):
@@ -718,6 +721,9 @@ class _Check:
         answer = self.memo.get(key)
         if answer is None:
             answer = self.memo[key] = self.ask(kind, name)
+            self.note_answer(kind, name, answer, "")
+        else:
+            self.note_answer(kind, name, answer, " (asked before)")
         if isinstance(answer, dnsmx.DNSError):
             if not answer.permanent and not quiet:
                 raise _Stop("temperror", "%s %s: %s" % (kind.upper(), name, answer))
@@ -741,14 +747,15 @@ class _Check:
                 answer = list(getattr(self.resolver, kind)(name))
             except dnsmx.DNSError as exc:
                 answer = exc
-        if isinstance(answer, dnsmx.DNSError):
-            self.note("%s %s: %s" % (kind.upper(), name, answer))
-        else:
-            shown = [text.decode("latin-1") if isinstance(text, bytes) else str(text)
-                     for text in answer]
-            self.note("%s %s: %s" % (kind.upper(), name, ", ".join(
-                '"%s"' % text if kind == "txt" else text for text in shown) or "no data"))
         return answer
+
+    def note_answer(self, kind, name, answer, suffix):
+        if isinstance(answer, dnsmx.DNSError):
+            shown = str(answer)
+        else:
+            shown = ", ".join('"%s"' % text.decode("latin-1") if isinstance(text, bytes)
+                              else str(text) for text in answer) or "no data"
+        self.note("%s %s: %s%s" % (kind.upper(), name, shown, suffix))
 
     # --- Macros (RFC 7208 7) ---
 
@@ -910,7 +917,8 @@ def main(argv=None):
             raise ValueError("the null sender needs --helo")
         if not 0 < args.timeout <= 3600:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
-        dns = dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0)) if args.dns else None
+        dns = (dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0), lifetime=args.timeout)
+               if args.dns else None)
     except ValueError as exc:
         sys.stderr.write("spf: %s\n" % exc)
         return EXIT_USAGE
