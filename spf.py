@@ -19,6 +19,7 @@ import argparse
 import functools
 import ipaddress
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -328,8 +329,10 @@ def _is_domain(name):
 
 def _is_dns_name(name):
     """RFC 1035 2.3.4 lengths: a name with an empty or long label cannot be asked."""
-    return (0 < len(name) <= MAX_DOMAIN_LENGTH
-            and all(0 < len(label) <= MAX_LABEL_LENGTH for label in name.split(".")))
+    if not 0 < len(name) <= MAX_DOMAIN_LENGTH:
+        return False
+    labels = name.split(".")
+    return "" not in labels and max(map(len, labels)) <= MAX_LABEL_LENGTH
 
 
 def _is_subdomain(name, domain):
@@ -556,7 +559,8 @@ class _Check:
 
     def note(self, text):
         """Add a line to the trace; DNS text is shown with its control characters escaped."""
-        text = _NOT_RECORD_TEXT.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+        if not (text.isascii() and text.isprintable()):
+            text = _NOT_RECORD_TEXT.sub(lambda m: "\\x%02x" % ord(m.group()), text)
         self.trace.append("  " * len(self.active) + text)
 
     # --- check_host() proper, recursively for include and redirect ---
@@ -673,14 +677,13 @@ class _Check:
 
     def addresses(self, name, counts_void=False, quiet=False):
         """NAME's addresses of the client's family, as integers."""
+        family = socket.AF_INET if self.ipv4 else socket.AF_INET6
         found = []
         for text in self.lookup("a" if self.ipv4 else "aaaa", name, counts_void, quiet):
             try:
-                address = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if address.version == self.ip.version:
-                found.append(int(address))
+                found.append(int.from_bytes(socket.inet_pton(family, text), "big"))
+            except (OSError, TypeError, ValueError):
+                continue                    # not an address of the client's family
         return found
 
     def in_network(self, addresses, directive):
