@@ -920,8 +920,7 @@ def main(argv=None):
             raise ValueError("the null sender needs --helo")
         if not 0 < args.timeout <= 3600:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
-        dns = (dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0), lifetime=args.timeout)
-               if args.dns else None)
+        dns = dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0), lifetime=args.timeout)
     except ValueError as exc:
         sys.stderr.write("spf: %s\n" % exc)
         return EXIT_USAGE

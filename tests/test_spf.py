@@ -325,6 +325,12 @@ def test_parse_record_keeps_each_directive_and_modifier():
     assert record.redirect == ("x.example",) and record.exp is None
 
 
+def test_names_of_mechanisms_and_modifiers_are_case_insensitive():
+    record = spf.parse_record("V=SPF1 IP4:192.0.2.0/24 -ALL Exp=%{D}.example Redirect=x.example")
+    assert [d.mechanism for d in record.directives] == ["ip4", "all"]
+    assert record.exp is not None and record.redirect == ("x.example",)
+
+
 @pytest.mark.parametrize("text", [
     "v=spf1 a:example.com:8080", "v=spf1 ip4:1.2.3.4/33", "v=spf1 include", "v=spf1 mx/032",
     "v=spf1 exp=a.example exp=b.example", "v=spf1 all:x", "v=spf1 a:museum",
