@@ -4,8 +4,10 @@ helpers, and real DNS through dnsmx against a dnsmasq the test starts (library a
 import email.parser
 import email.policy
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -545,6 +547,51 @@ def test_real_dns_unreachable_server_is_temperror_quickly():
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver)
     assert result.result == "temperror"
+    assert elapsed < 2
+
+
+class ServfailServer:
+    """A scripted UDP nameserver on loopback that answers every question SERVFAIL."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            end = 12
+            while end < len(query) and query[end]:
+                end += query[end] + 1
+            question = query[12:end + 5]                 # QNAME, QTYPE, QCLASS
+            header = query[:2] + struct.pack("!5H", 0x8182, 1, 0, 0, 0)  # QR RD RA, SERVFAIL
+            self.sock.sendto(header + question, client)
+
+    def stop(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_real_dns_servfail_is_temperror():
+    server = ServfailServer()
+    try:
+        resolver = spf.DNSResolver(dnsmx.Resolver([server.address], timeout=0.5, attempts=1))
+        result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
+                                resolver)
+    finally:
+        server.stop()
+    assert result.result == "temperror" and "SERVFAIL" in result.problem
     assert elapsed < 2
 
 
