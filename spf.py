@@ -390,7 +390,7 @@ def received_spf_header(result, receiver=None):
     pairs = [("receiver", receiver), ("client-ip", result.client_ip),
              ("envelope-from", result.sender if result.identity == "mailfrom" else ""),
              ("helo", result.helo),
-             ("identity", "mfrom" if result.identity == "mailfrom" else "helo")]
+             ("identity", result.identity)]          # RFC 7208 9.1: mailfrom or helo
     if result.mechanism:
         pairs.append(("mechanism", result.mechanism))
     if result.problem:

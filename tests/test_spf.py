@@ -384,7 +384,7 @@ def test_received_spf_header_carries_the_rfc_7208_section_9_1_keys():
     assert value == (
         "pass (mybox.example.org: domain of myname@example.com designates 192.0.2.1 as "
         "permitted sender) receiver=mybox.example.org; client-ip=192.0.2.1; "
-        'envelope-from="myname@example.com"; helo=foo.example.com; identity=mfrom; '
+        'envelope-from="myname@example.com"; helo=foo.example.com; identity=mailfrom; '
         'mechanism="ip4:192.0.2.0/24";')
 
 
