@@ -224,7 +224,7 @@ def test_slow_dns_ends_in_temperror_at_the_time_limit():
     result, elapsed = timed(check, "192.0.2.1", "x@i0.example", SlowResolver(records),
                             timeout=0.2)
     assert result.result == "temperror" and "within" in result.problem
-    assert elapsed < 0.5
+    assert elapsed < 1.0            # the limit, one slow lookup, and room for a busy machine
 
 
 def test_servfail_of_a_term_is_temperror_and_of_an_explanation_is_ignored():
