@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
