@@ -22,6 +22,7 @@ Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
 
 import argparse
 import base64
+import concurrent.futures
 import fcntl
 import getpass
 import hashlib
@@ -63,6 +64,7 @@ READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
+HASH_THREADS = 2                   # scrypt takes 16 MiB (128 * r * n) per computation
 SALT_BYTES = 16
 KEY_BYTES = 32
 
@@ -642,6 +644,11 @@ class Store:
         self.tables_lock = threading.Lock()
         self._tables_cache = _Tables()
         self._dummy_hash = None
+        # Password hashes are computed on a few long-lived threads: 200 logins at once then
+        # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
+        # reused by the next hash instead of staying behind in each connection thread's
+        # malloc arena.
+        self.hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, "password-hash")
 
     # -- tables --
 
@@ -856,9 +863,9 @@ class Store:
         user = self._find_login(tables, login)
         stored = tables.users.get(user) if user else None
         if stored is None or not password or len(password) > MAX_PASSWORD:
-            verify_password(password[:MAX_PASSWORD], self._dummy())
+            self.hash_pool.submit(verify_password, password[:MAX_PASSWORD], self._dummy()).result()
             return None
-        return user if verify_password(password, stored) else None
+        return user if self.hash_pool.submit(verify_password, password, stored).result() else None
 
     def _find_login(self, tables, login):
         login = login.strip()
@@ -872,7 +879,7 @@ class Store:
 
     def _dummy(self):
         if self._dummy_hash is None:
-            self._dummy_hash = hash_password(secrets.token_hex(16))
+            self._dummy_hash = self.hash_pool.submit(hash_password, secrets.token_hex(16)).result()
         return self._dummy_hash
 
     # -- POP3 maildrop --

@@ -10,6 +10,7 @@ Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 
 import argparse
 import logging
+import socket
 import sys
 import time
 
@@ -79,6 +80,7 @@ ERR_AUTH_MALFORMED = "-ERR malformed SASL response"
 ERR_MECHANISM = "-ERR unsupported authentication mechanism"
 ERR_IN_USE = "-ERR [IN-USE] maildrop is locked by another session"
 ERR_MAILDROP = "-ERR [SYS/TEMP] cannot open maildrop, try again later"
+ERR_MAILDROP_BROKEN = "-ERR [SYS/PERM] maildrop is damaged, contact the administrator"
 ERR_MESSAGE_GONE = "-ERR [SYS/TEMP] message is unavailable, try again later"
 ERR_UPDATE_FAILED = "-ERR [SYS/TEMP] some deleted messages were not removed"
 ERR_STLS = "-ERR STLS not available"
@@ -86,6 +88,9 @@ ERR_AUTOLOGOUT = "-ERR autologout: idle for too long"
 ERR_STOPPING = "-ERR [SYS/TEMP] server shutting down"
 ERR_INTERNAL = "-ERR [SYS/TEMP] internal error"
 BUSY = "-ERR [SYS/TEMP] too many connections"
+
+# Maildrop errors that retrying will not cure (RFC 3206 4 [SYS/PERM]).
+PERMANENT_ERRORS = (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
 
 # RFC 1939 4: commands valid in one state only; CAPA, NOOP and QUIT are checked by the handler.
 AUTHORIZATION_VERBS = frozenset({"USER", "PASS", "AUTH", "STLS"})
@@ -133,6 +138,12 @@ class POP3Handler(plumbing.ConnectionHandler):
     stopping_reply = ERR_STOPPING
     crash_reply = ERR_INTERNAL
     log = log
+
+    def setup(self):
+        super().setup()
+        # Replies are gathered into whole writes already; Nagle would only hold back the
+        # tail of each one until the client's delayed ACK.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def session(self):
         self.login_name = None         # from USER, waiting for PASS
@@ -265,9 +276,10 @@ class POP3Handler(plumbing.ConnectionHandler):
             log.info("login refused: client=[%s], user=<%s>, method=%s (maildrop in use)",
                      self.client_ip, user, method)
             return ERR_IN_USE
-        except (OSError, mailbox_store.UnknownUser):
-            log.exception("cannot open maildrop of <%s>", user)
-            return ERR_MAILDROP
+        except (OSError, mailbox_store.UnknownUser) as exc:
+            log.error("user=<%s>: cannot open maildrop: %s", user, exc)
+            # RFC 3206 4: SYS/PERM when it will not go away without an administrator.
+            return ERR_MAILDROP_BROKEN if isinstance(exc, PERMANENT_ERRORS) else ERR_MAILDROP
         self.mailbox = mailbox
         count, octets = mailbox.stat()
         log.info("login: client=[%s], user=<%s>, method=%s, tls=%s, messages=%d, size=%d",
@@ -339,13 +351,9 @@ class POP3Handler(plumbing.ConnectionHandler):
             return ERR_MESSAGE_GONE
         self.write(first)
         while block:
-            if len(block) >= SEND_BUFFER:
+            self.output += block
+            if len(self.output) >= SEND_BUFFER:
                 self.flush()
-                self.sock.sendall(block)
-            else:
-                self.output += block
-                if len(self.output) >= SEND_BUFFER:
-                    self.flush()
             try:
                 block = next(blocks, b"")
             except OSError as exc:

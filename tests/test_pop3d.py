@@ -296,6 +296,13 @@ def test_second_login_to_a_mailbox_gets_in_use(start, store):
     login(server).quit()
 
 
+def test_damaged_maildrop_gets_sys_perm(start, store):
+    os.makedirs(os.path.join(store.spool_dir, "mail", "example.com"), exist_ok=True)
+    open(os.path.join(store.spool_dir, "mail", "example.com", "bob"), "w").close()
+    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [SYS/PERM]")):
+        login(start(), "bob@example.com", "bob pw")
+
+
 def test_autologout_closes_an_idle_session_without_update(start, store):
     paths = deliver_three(store)
     server = start(idle_timeout=0.3)
