@@ -261,6 +261,21 @@ def _write_atomically(path, text, mode):
     _fsync_dir(folder)
 
 
+def _make_dirs(path):
+    """Create path and missing parents (mode 0700), fsyncing each parent that gained one,
+    so that the first message of a new mailbox does not hang on a directory entry that a
+    crash could lose."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    _make_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
+
+
 def _file_signature(path):
     """What tells a changed file from the one read before: (mtime_ns, size, inode)."""
     try:
@@ -806,7 +821,7 @@ class Store:
 
     def _ensure_maildir(self, maildir):
         for sub in MAILDIR_SUBDIRS:
-            os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+            _make_dirs(os.path.join(maildir, sub))
 
     def deliver(self, user: str, message: bytes, return_path: str) -> str:
         """Deliver durably into user's Maildir; return the path of the new file.

@@ -296,6 +296,17 @@ def test_second_login_to_a_mailbox_gets_in_use(start, store):
     login(server).quit()
 
 
+def test_message_removed_behind_the_session_gets_sys_temp(start, store):
+    paths = deliver_three(store)
+    client = login(start())
+    os.unlink(paths[1])
+    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [SYS/TEMP]")):
+        client.retr(2)
+    assert client.retr(3)[1][-1] == b"body 2"
+    client.dele(2)
+    assert client.quit().startswith(b"+OK")
+
+
 def test_damaged_maildrop_gets_sys_perm(start, store):
     os.makedirs(os.path.join(store.spool_dir, "mail", "example.com"), exist_ok=True)
     open(os.path.join(store.spool_dir, "mail", "example.com", "bob"), "w").close()
