@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Optional
 
 __all__ = [
     "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
-    "UnknownUser", "canonical_address", "hash_password", "main", "verify_password",
+    "UnknownUser", "canonical_address", "crlf_size", "hash_password", "main", "verify_password",
 ]
 
 DEFAULT_SPOOL = "./mailspool"
@@ -568,17 +568,17 @@ class Mailbox:
         for info in self.messages:
             info.deleted = False
 
-    def _open(self, info):
+    def _open(self, info, buffering=-1):
         """Open the file; another Maildir client may have moved it to cur/ meanwhile."""
         try:
-            return open(info.path, "rb")
+            return open(info.path, "rb", buffering)
         except FileNotFoundError:
             unique = os.path.basename(info.path).split(":", 1)[0]
             cur = os.path.join(self.maildir, "cur")
             for name in os.listdir(cur):
                 if name.split(":", 1)[0] == unique:
                     info.path = os.path.join(cur, name)
-                    return open(info.path, "rb")
+                    return open(info.path, "rb", buffering)
             raise
 
     def read(self, number: int, body_lines: Optional[int] = None) -> Iterator[bytes]:
@@ -588,18 +588,18 @@ class Mailbox:
         Raises FileNotFoundError when the file vanished; byte-stuffing is the caller's.
         """
         info = self.messages[number - 1]
-        f = self._open(info)
-        with f:
-            if body_lines is not None:
+        if body_lines is not None:
+            with self._open(info) as f:
                 yield from _crlf_top(f, body_lines)
-                return
-            info.retrieved = True
+            return
+        info.retrieved = True
+        block_size = min(READ_BLOCK, info.file_size + 1)     # a small message in one read
+        with self._open(info, buffering=0) as f:
             if info.size == info.file_size == os.fstat(f.fileno()).st_size:
                 # Delivered with CRLF and a final newline: the file is what is sent.
-                for block in iter(lambda: f.read(READ_BLOCK), b""):
-                    yield block
+                yield from iter(lambda: f.read(block_size), b"")
             else:
-                yield from _crlf_blocks(f)
+                yield from _crlf_blocks(f, block_size)
 
     def commit(self) -> int:
         """RFC 1939 6 UPDATE: remove deleted messages, file retrieved ones as seen in cur/.
