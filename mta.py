@@ -1049,7 +1049,9 @@ class Queue:
         except OSError as exc:
             log.error("%s/%r: cannot quarantine: %s", folder, name, exc)
             return
-        log.warning("%r: status=quarantined (%s/%s: %s)", name, folder, os.path.basename(target), reason)
+        shown = name if valid_queue_id(name) else repr(name)   # a person's file name, quoted
+        log.warning("%s: status=quarantined (%s; moved from %s/ to %s/%s)", shown, reason,
+                    folder, QUARANTINE, os.path.basename(target))
 
     # -- after handling: DSNs and filing away --
 
@@ -1074,8 +1076,9 @@ class Queue:
 
     def send_dsn(self, claim: Claim, recipients: list, action: str) -> Optional[str]:
         """Build and enqueue a DSN about recipients of claim; return its queue id, or None
-        when it must not be sent. Never to a null sender (RFC 5321 4.5.5, 6.1): a failure
-        of a bounce goes to the postmaster, a failure of mail to the postmaster is dropped."""
+        when it must not be sent. A DSN has the null reverse-path (RFC 5321 3.6.3) and is
+        never sent to one (4.5.5): a failed bounce goes to the postmaster (a double bounce),
+        and a failure of mail to the postmaster is dropped with a log line."""
         envelope = claim.envelope
         subject = None
         if envelope.sender:
@@ -1121,9 +1124,10 @@ class Queue:
             if any(r.status == "failed" for r in live):
                 when = min(when, now + NOTIFY_RETRY)     # a DSN still to be queued
             os.utime(claim.fd, (when, when))
-        if target != claim.folder:
-            os.rename(claim.path, self.path(target, claim.queue_id))
-            claim.folder = target
+        if target == claim.folder:
+            return                     # e.g. smtp_out left some due groups for later
+        os.rename(claim.path, self.path(target, claim.queue_id))
+        claim.folder = target
         if target == OUTBOUND:
             wake(self.spool_dir, "smtp_out")
         elif target == INCOMING:
@@ -1230,7 +1234,7 @@ class Queue:
             time.sleep(0.05)
 
     def listing(self) -> list:
-        """[(folder, file size, QueueState or None)] for every message, without locking."""
+        """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
         entries = []
         for folder in QUEUE_FOLDERS:
             for name in self.ids(folder):
@@ -1238,6 +1242,7 @@ class Queue:
                     fd = os.open(self.path(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 except OSError:
                     continue
+                size = 0
                 try:
                     size = os.fstat(fd).st_size
                     head = os.pread(fd, min(size, MAX_ENVELOPE + 2), 0)
@@ -1295,7 +1300,7 @@ class Router:
             self.deliver(claim, recipient)
 
     def expand_recipients(self, claim: Claim):
-        """Write one route record per envelope recipient not routed yet (one write)."""
+        """Record one route record per envelope recipient not routed yet."""
         fields = header_fields(header_block(claim.message))
         hops = sum(1 for name, _ in fields if name == "received")
         delivered_to = {value.strip(" <>").lower() for name, value in fields if name == "delivered-to"}

@@ -523,8 +523,10 @@ def test_two_router_processes_never_deliver_a_message_twice(tmp_path):
     write_users(spool, ["bob@example.com", "carol@example.com"])
     routers = [start_router_process(spool, str(tmp_path / ("router%d.log" % n)), "--workers", "3")
                for n in range(2)]
+    run = os.path.join(spool, "run")
     try:
-        time.sleep(0.3)
+        # A doorbell is bound once the signal handlers are in place: both routers are up.
+        wait_for(lambda: os.path.isdir(run) and len(os.listdir(run)) == 2, timeout=30)
         for n in range(60):
             message = b"X-Test-Id: %d\r\n" % n + MESSAGE
             mta.enqueue(spool, "alice@example.com", ["bob@example.com", "carol@example.com"], message)
