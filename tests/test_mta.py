@@ -363,6 +363,43 @@ def test_remote_recipients_wait_in_outbound_grouped_by_domain_and_wake_smtp_out(
     assert maildir_files(spool, "alice@example.com") == []          # no DSN for a deferral
 
 
+def test_an_outbound_runner_gets_remote_work_as_smtp_out_would(spool, queue, router):
+    sent = []
+
+    def handle(queue_id):              # what smtp_out's handler does, minus the SMTP
+        claim = queue.claim_outbound(queue_id)
+        if claim is None:
+            return
+        with claim:
+            for domain, recipients in claim.groups.items():
+                for recipient in recipients:
+                    sent.append((claim.envelope.sender, recipient.address, claim.message))
+                    claim.delivered(recipient, "250 2.0.0 OK", remote_mta="mx." + domain)
+
+    runner = mta.QueueRunner(queue, mta.OUTBOUND, "smtp_out", handle, workers=2, scan_interval=60)
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: runner.doorbell is not None)
+        mta.enqueue(spool, "alice@example.com", ["x@remote.test", "bob@example.com"], MESSAGE)
+        wait_for(lambda: sent and queue_empty(spool), timeout=10)
+    finally:
+        runner.stop(grace=5)
+        thread.join(10)
+    assert sent == [("alice@example.com", "x@remote.test", MESSAGE)]
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+
+
+def test_claim_released_with_untried_groups_stays_in_outbound(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "y@other.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        claim.delivered(claim.groups["remote.test"][0], "250 ok", remote_mta="mx.remote.test")
+    assert queue.ids(mta.OUTBOUND) == [queue_id]
+    with queue.claim_outbound(queue_id) as claim:
+        assert list(claim.groups) == ["other.test"]
+
+
 def test_permanent_remote_failure_is_bounced_with_remote_mta(spool, queue, store):
     queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
     router = mta.Router(queue, store)
