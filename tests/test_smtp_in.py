@@ -7,7 +7,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import smtplib
 import subprocess
 import sys
@@ -960,20 +962,25 @@ def test_shutdown_tells_an_idle_client_and_lets_data_finish(start_smtp, spool):
 
 # --- Random input ---
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.fixture(scope="module")
+def random_input_server(tmp_path_factory, store_template):
+    spool = tmp_path_factory.mktemp("random") / "spool"
+    shutil.copytree(str(store_template), str(spool))
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "domain": [DOMAIN],
+                                                   "hostname": HOSTNAME, "max_errors": 1000})
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.stop(grace=0.1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=st.sampled_from(["", "EHLO ", "HELO ", "MAIL FROM:", "RCPT TO:", "MAIL FROM:<",
-                               "RCPT TO:<a@", "AUTH ", "AUTH PLAIN ", "VRFY ", "NOOP ", "DATA",
-                               "RSET", "STARTTLS", "mail from:<> "]),
+                               "RCPT TO:<a@", "AUTH ", "AUTH PLAIN ", "AUTH LOGIN ", "VRFY ",
+                               "NOOP ", "DATA", "RSET", "STARTTLS", "mail from:<> "]),
        tail=st.binary(max_size=600).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
 def test_random_command_lines_get_well_formed_replies_and_the_server_goes_on(
-        start_smtp, prefix, tail):
-    server = getattr(test_random_command_lines_get_well_formed_replies_and_the_server_goes_on,
-                     "server", None)
-    if server is None or server.stopping.is_set():
-        server = start_smtp(max_errors=1000)
-        test_random_command_lines_get_well_formed_replies_and_the_server_goes_on.server = server
-    client = greeted(server)
+        random_input_server, prefix, tail):
+    client = greeted(random_input_server)
     client.command("MAIL FROM:<a@example.org>")
     client.send(prefix.encode() + tail + b"\r\n")
     code, lines = client.reply()
@@ -1072,3 +1079,35 @@ def test_make_reverse_lookup_is_optional():
         assert lookup is None
     else:
         assert lookup("127.0.0.1") is None             # nothing answers on port 9
+
+
+def test_reverse_lookup_through_dnsmx_is_forward_confirmed(start_smtp, spool, tmp_path):
+    pytest.importorskip("dnsmx")
+    dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server_process = subprocess.Popen(
+        [dnsmasq, "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+         "--listen-address=127.0.0.1", "--port=%d" % port, "--keep-in-foreground",
+         "--pid-file=" + str(tmp_path / "dnsmasq.pid"),
+         "--ptr-record=99.0.0.127.in-addr.arpa,good.example.test",
+         "--host-record=good.example.test,127.0.0.99",
+         "--ptr-record=98.0.0.127.in-addr.arpa,liar.example.test",
+         "--host-record=liar.example.test,127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lookup = smtp_in.make_reverse_lookup("127.0.0.1:%d" % port)
+        assert wait_for(lambda: lookup("127.0.0.99") == "good.example.test")
+        assert lookup("127.0.0.98") is None            # its name does not lead back to it
+        assert lookup("127.0.0.97") is None            # no PTR record
+        server = start_smtp(server_options={"reverse_lookup": lookup})
+        client = RawClient(server, source="127.0.0.99")
+        client.reply()
+        client.command("EHLO client.example.org")
+        assert send_transaction(client)[0] == 250
+    finally:
+        server_process.terminate()
+        server_process.wait(timeout=10)
+    assert (b"Received: from client.example.org (good.example.test [127.0.0.99])"
+            in spool_messages(spool)[0][2])
