@@ -467,7 +467,9 @@ def test_command_line_past_2_kib_gets_500_and_the_session_goes_on(start_smtp):
 
 
 @pytest.mark.parametrize("line", [b"NOOP \x00x", b"MAIL FROM:<a\x01@example.org>", b"NOOP\x7f",
-                                  b"NOOP \xff\xfe", b"NO\x1bOP", b"NOOP\tx"], ids=repr)
+                                  b"NOOP \xff\xfe", b"NO\x1bOP", b"NOOP\tx",
+                                  "RCPT TO:<a\u2028b@example.com>".encode(), b"NOOP \xc2\x85"],
+                         ids=repr)
 def test_nul_and_control_characters_in_commands_are_refused(start_smtp, line):
     client = greeted(start_smtp())
     assert client.command(line) == (500, [smtp_in.R500_BAD_CHARACTERS])
