@@ -195,6 +195,7 @@ ROUTE_RE = re.compile(r"@(?:%s|%s)(?:,@(?:%s|%s))*:" % (DOMAIN, ADDRESS_LITERAL,
                                                          DOMAIN, ADDRESS_LITERAL))
 KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")           # RFC 5321 4.1.2 esmtp-keyword
 VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")  # esmtp-value (+ RFC 6531)
+SIZE_RE = re.compile(r"[0-9]{1,20}\Z")                              # RFC 1870 6: 1*20DIGIT
 XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 4
 
 
@@ -658,7 +659,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
         envelope = Envelope(sender, smtputf8="SMTPUTF8" in params)
         for keyword, value in params.items():
             if keyword == "SIZE":                       # RFC 1870 6
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not SIZE_RE.match(value):
                     return R555_BAD_PARAMETER % keyword
                 envelope.size = int(value)
             elif keyword == "BODY":                     # RFC 6152 2
