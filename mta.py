@@ -8,13 +8,13 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    reply means the message is on disk.
 2. The router (this file's daemon) claims the file with flock(), expands each recipient
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
-   fails unknown users and mail loops, and appends one state record per recipient as it
-   goes. Failures are reported in one DSN (RFC 3464) to the sender.
+   fails unknown users and mail loops, and records each result in the file before it
+   delivers the next recipient. Failures are reported in one DSN (RFC 3464) to the sender.
 3. Remote recipients wait in queue/outbound/ for smtp_out, which claims the file the same
    way, takes the due recipients grouped by domain, records each result and releases it.
 4. A message with recipients to retry waits in queue/deferred/ with its mtime set to its
    next attempt; the router's periodic scan moves it back to incoming/ once due (`flush`:
-   at once). After DELAY_WARNING in the queue the sender gets a delay notice; after
+   at once), and the router sends its remote recipients on to outbound/ again. After DELAY_WARNING in the queue the sender gets a delay notice; after
    QUEUE_LIFETIME the recipient fails with 4.4.7 and is bounced.
 5. When every recipient is delivered, or failed and reported, the file is removed.
 
@@ -43,30 +43,34 @@ line, only ever appended:
     Message-Size: 2048
 
     ...the message...
-    {"event": "route", "from": 0, "rcpt": 0, "to": [{"kind": "local", "address": "bob@example.com"},
-                                                    {"kind": "remote", "address": "x@example.org"}]}
-    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "reply": "250 2.0.0 Delivered to maildir"}
+    {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
+        {"kind": "local", "address": "bob@example.com"}, {"kind": "remote", "address": "x@example.org"}]}
+    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "reply": "250 ..."}
     {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...", "reply": "..."}
     {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "reply": "..."}
     {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
     {"event": "flush", "at": ...}
 
-A "route" record turns one envelope recipient (from) into final recipients numbered from
-rcpt on; kind is local, remote or error (an error carries its reply and is failed at once).
-A recipient is done when delivered, or failed and "notified" (its DSN is queued).
+Each record is one line (the route record above is folded to fit the page). A "route"
+record turns one envelope recipient (from) into final recipients numbered from rcpt on; kind is
+local, remote or error (an error carries its "reply" and is failed at once). A recipient
+is done when delivered, or failed and "notified" (its DSN is queued or was dropped).
 
 Durability and concurrency:
 
 - Two fsyncs per accepted message (the file, then incoming/), none per state change: a
   record is one write(), so a kill -9 cannot lose it. A power failure can lose the last
   records, which only means a recipient is delivered again, never that mail is lost. A
-  torn last record is cut off before the next append.
+  torn last record is cut off before the next append. A record is written before the
+  next side effect (the next delivery, a DSN, moving the file); a file removed when done
+  never needs its last records, so a one-pass local delivery costs no append at all.
 - A file is only handled under an exclusive flock(); after locking, the claimer checks the
   file is still at its name (the holder before may have moved it), so several threads or
   router processes on one spool never handle one message at once. The kernel drops the
   lock of a killed process: nothing is left stuck.
 - After a crash a recipient is delivered twice only when the crash fell between its
-  Maildir delivery and the write() of its "delivered" record.
+  delivery and the write() of its "delivered" record (or the removal of the file).
+- The router is also the queue manager: smtp_out needs it running for its retries.
 - Each daemon binds SPOOL/run/ROLE.PID.N.sock; wake(spool, role) sends a datagram to every
   socket of the role, removing those whose process is gone. A woken daemon lists its
   folder; every SCAN_INTERVAL seconds it lists it anyway.
@@ -124,7 +128,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from queue import SimpleQueue
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import mailbox_store
 import plumbing
@@ -194,7 +198,6 @@ DSN_EXPIRED = "4.4.7"              # RFC 3463 3.5: delivery time expired
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
-EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
@@ -292,7 +295,7 @@ class QueueState:
         if event == "route":
             self._route(record)
             return
-        recipient = self.recipients[int(record["rcpt"])]
+        recipient = self.recipients[_index(record["rcpt"], len(self.recipients))]
         if event == "notified":
             if record["action"] == "delayed":
                 recipient.warned = True
@@ -304,34 +307,42 @@ class QueueState:
         recipient.status = event
         recipient.attempts += 1
         recipient.last_attempt = float(record["at"])
-        recipient.reply = str(record.get("reply", ""))
-        recipient.dsn = str(record.get("dsn", ""))
-        recipient.remote_mta = str(record.get("mta", ""))
+        recipient.reply = clean_text(record.get("reply", ""), MAX_REPLY)
+        recipient.dsn = checked_status(record.get("dsn", ""))
+        recipient.remote_mta = clean_text(record.get("mta", ""), MAX_INFO)
         if event == "deferred":
             recipient.next_attempt = float(record["next"])
 
     def _route(self, record):
-        origin = int(record["from"])
+        origin = _index(record["from"], len(self.envelope.recipients))
         original = self.envelope.recipients[origin]
         if origin in self.routed or int(record["rcpt"]) != len(self.recipients):
             raise ValueError("route record out of order")
         routes = list(record["to"])
         for route in routes:
-            if route["kind"] not in ("local", "remote", "error") or not isinstance(route["address"], str):
-                raise ValueError("bad route %r" % (route,))
+            if route["kind"] not in ("local", "remote", "error"):
+                raise ValueError("bad route kind %r" % (route["kind"],))
+            check_address_text(route["address"])
         for route in routes:
             recipient = Recipient(len(self.recipients), route["address"], original, route["kind"])
             if route["kind"] == "error":
                 recipient.status = "failed"
                 recipient.attempts = 1
                 recipient.last_attempt = float(record.get("at", 0))
-                recipient.reply = str(route["reply"])
-                recipient.dsn = reply_status(recipient.reply)
+                recipient.reply = clean_text(route["reply"], MAX_REPLY)
+                recipient.dsn = reply_status(recipient.reply, "5.0.0")
             self.recipients.append(recipient)
         self.routed.add(origin)
 
 
 # --- Pure helpers ---
+
+def _index(value, length):
+    """A record's recipient number, checked: negative numbers would index from the end."""
+    if not isinstance(value, int) or not 0 <= value < length:
+        raise ValueError("recipient number %r out of range" % (value,))
+    return value
+
 
 def valid_queue_id(name: str) -> bool:
     return bool(QUEUE_ID_PATTERN.match(name))
@@ -364,6 +375,14 @@ def normal_status(status: str) -> str:
     return ".".join(str(int(part)) for part in found.groups())
 
 
+def checked_status(text) -> str:
+    """normal_status(text), or "" when text is not a status code (a record edited by hand)."""
+    try:
+        return normal_status(str(text))
+    except ValueError:
+        return ""
+
+
 def clean_text(text, limit: int) -> str:
     """One line of printable text: CR, LF and control characters become spaces."""
     text = "".join(c if c.isprintable() else " " for c in str(text or ""))
@@ -379,6 +398,17 @@ def check_address_text(address: str, allow_empty: bool = False) -> str:
     if len(address) > MAX_ADDRESS or not address.isprintable() or address.strip() != address:
         raise ValueError("address not allowed in the queue: %r" % address[:80])
     return address
+
+
+def dsn_text(text: str) -> str:
+    """Text for a message/delivery-status field, which is ASCII: other characters become
+    \\x{HEX} (RFC 6533 3, utf-8-addr-xtext)."""
+    return "".join(c if c.isascii() else "\\x{%X}" % ord(c) for c in text)
+
+
+def dsn_address(address: str) -> str:
+    """An address-type and address for Final-Recipient and Original-Recipient (RFC 6533 3)."""
+    return ("rfc822; " if address.isascii() else "utf-8; ") + dsn_text(address)
 
 
 def rfc5322_date(timestamp: float) -> str:
@@ -736,20 +766,21 @@ def build_dsn(envelope: Envelope, original_headers: bytes, recipients: list, *, 
     per_message = Message()
     per_message["Reporting-MTA"] = "dns; " + hostname
     if envelope.client_helo:
-        per_message["Received-From-MTA"] = "dns; %s (%s)" % (envelope.client_helo, envelope.client_address)
+        per_message["Received-From-MTA"] = dsn_text("dns; %s (%s)" % (envelope.client_helo,
+                                                                      envelope.client_address))
     per_message["Arrival-Date"] = rfc5322_date(envelope.arrival)
     blocks = [per_message]
     for recipient in recipients:
         block = Message()
         if recipient.original != recipient.address:
-            block["Original-Recipient"] = "rfc822; " + recipient.original
-        block["Final-Recipient"] = "rfc822; " + recipient.address
+            block["Original-Recipient"] = dsn_address(recipient.original)
+        block["Final-Recipient"] = dsn_address(recipient.address)
         block["Action"] = action
         block["Status"] = normal_status(recipient.dsn or ("4.0.0" if action == "delayed" else "5.0.0"))
         if recipient.remote_mta:
-            block["Remote-MTA"] = "dns; " + recipient.remote_mta
+            block["Remote-MTA"] = dsn_text("dns; " + recipient.remote_mta)
         if recipient.reply:
-            block["Diagnostic-Code"] = "smtp; " + recipient.reply
+            block["Diagnostic-Code"] = dsn_text("smtp; " + recipient.reply)
         if recipient.last_attempt:
             block["Last-Attempt-Date"] = rfc5322_date(recipient.last_attempt)
         if action == "delayed" and retry_until:
@@ -775,8 +806,14 @@ class Claim:
     """A queue file this process has locked (flock) for as long as it handles it.
 
     Record results with delivered(), deferred() and failed(); they are thread-safe, so
-    smtp_out may work on several domains of one message at once. Leave the `with` block
-    (or call release()) to queue the DSNs and move the file where its state says.
+    smtp_out may work on several domains of one message at once, and each is written to
+    the file at once. Leave the `with` block (or call release()) to queue the DSNs and
+    move the file where its state says.
+
+    With autocommit off (the router), records wait in memory until commit(): the router
+    commits before each delivery after the first, so a crash re-delivers at most the one
+    recipient whose record was not written yet, and a message done in one pass is removed
+    without a single append.
     """
 
     def __init__(self, queue, folder, queue_id, fd, state, message):
@@ -789,7 +826,9 @@ class Claim:
         self.recipients = state.recipients
         self.message = message
         self.groups = {}               # claim_outbound(): domain -> [Recipient] due now
-        self.state_lock = threading.Lock()     # guards appends and self.state
+        self.autocommit = True
+        self.staged = []               # records applied but not written yet; state_lock
+        self.state_lock = threading.Lock()     # guards self.state, self.staged, appends
 
     @property
     def path(self) -> str:
@@ -804,14 +843,26 @@ class Claim:
         else:
             self.close()               # leave the file where it is; it is looked at again
 
-    def append(self, *records: dict):
-        """Append state records in one write() and apply them."""
+    def record(self, *records: dict):
+        """Apply state records; append them to the file now, or at commit() without autocommit."""
         with self.state_lock:
-            _write_all(self.fd, record_bytes(*records))
             for record in records:
                 self.state.apply(record)
+            self.staged.extend(records)
+            if self.autocommit:
+                self._write_staged()
 
-    def _log_result(self, recipient, status, reply):
+    def commit(self):
+        """Append the records not written yet, in one write()."""
+        with self.state_lock:
+            self._write_staged()
+
+    def _write_staged(self):
+        if self.staged:
+            data, self.staged = record_bytes(*self.staged), []
+            _write_all(self.fd, data)
+
+    def log_result(self, recipient, status, reply):
         relay = recipient.remote_mta or ("local" if recipient.kind == "local" else "none")
         original = "" if recipient.original == recipient.address else ", orig_to=<%s>" % recipient.original
         log.info("%s: to=<%s>%s, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
@@ -822,10 +873,10 @@ class Claim:
     def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = ""):
         """The recipient has the message (a Maildir file, or a 2xx from remote_mta)."""
         reply = clean_text(reply, MAX_REPLY)
-        self.append({"event": "delivered", "rcpt": recipient.index, "at": self.queue.clock(),
+        self.record({"event": "delivered", "rcpt": recipient.index, "at": self.queue.clock(),
                      "dsn": reply_status(reply, "2.0.0"), "mta": clean_text(remote_mta, MAX_INFO),
                      "reply": reply})
-        self._log_result(recipient, "sent" if remote_mta else "delivered", reply)
+        self.log_result(recipient, "sent" if remote_mta else "delivered", reply)
 
     def deferred(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
                  remote_mta: str = ""):
@@ -837,19 +888,19 @@ class Claim:
             # RFC 5321 4.5.4.1: give up; RFC 3463 3.5 X.4.7 says why.
             self.failed(recipient, reply, DSN_EXPIRED, remote_mta)
             return
-        self.append({"event": "deferred", "rcpt": recipient.index, "at": now,
+        self.record({"event": "deferred", "rcpt": recipient.index, "at": now,
                      "next": now + retry_delay(recipient.attempts + 1), "dsn": dsn,
                      "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
-        self._log_result(recipient, "deferred", reply)
+        self.log_result(recipient, "deferred", reply)
 
     def failed(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
                remote_mta: str = ""):
         """A permanent failure: the sender gets a DSN when the claim is released."""
         reply = clean_text(reply, MAX_REPLY)
         dsn = normal_status(dsn) if dsn else reply_status(reply, "5.0.0")
-        self.append({"event": "failed", "rcpt": recipient.index, "at": self.queue.clock(),
+        self.record({"event": "failed", "rcpt": recipient.index, "at": self.queue.clock(),
                      "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
-        self._log_result(recipient, "bounced", reply)
+        self.log_result(recipient, "bounced", reply)
 
     def release(self):
         """Queue DSNs for new failures and delays, move or remove the file, unlock it."""
@@ -998,7 +1049,9 @@ class Queue:
         except OSError as exc:
             log.error("%s/%r: cannot quarantine: %s", folder, name, exc)
             return
-        log.warning("%r: status=quarantined (%s/%s: %s)", name, folder, os.path.basename(target), reason)
+        shown = name if valid_queue_id(name) else repr(name)   # a person's file name, quoted
+        log.warning("%s: status=quarantined (%s; moved from %s/ to %s/%s)", shown, reason,
+                    folder, QUARANTINE, os.path.basename(target))
 
     # -- after handling: DSNs and filing away --
 
@@ -1012,18 +1065,20 @@ class Queue:
         for recipients, action in ((failed, "failed"), (delayed, "delayed")):
             if not recipients:
                 continue
+            claim.commit()             # what happened so far is on disk before the DSN is
             try:
                 dsn_id = self.send_dsn(claim, recipients, action)
             except SpoolError as exc:
                 log.error("%s: cannot queue the %s notification: %s", claim.queue_id, action, exc)
                 continue
-            claim.append(*({"event": "notified", "rcpt": r.index, "action": action,
+            claim.record(*({"event": "notified", "rcpt": r.index, "action": action,
                             "dsn_id": dsn_id or ""} for r in recipients))
 
     def send_dsn(self, claim: Claim, recipients: list, action: str) -> Optional[str]:
         """Build and enqueue a DSN about recipients of claim; return its queue id, or None
-        when it must not be sent. Never to a null sender (RFC 5321 4.5.5, 6.1): a failure
-        of a bounce goes to the postmaster, a failure of mail to the postmaster is dropped."""
+        when it must not be sent. A DSN has the null reverse-path (RFC 5321 3.6.3) and is
+        never sent to one (4.5.5): a failed bounce goes to the postmaster (a double bounce),
+        and a failure of mail to the postmaster is dropped with a log line."""
         envelope = claim.envelope
         subject = None
         if envelope.sender:
@@ -1054,9 +1109,10 @@ class Queue:
         now = self.clock()
         live = [r for r in claim.recipients if not r.done]
         if not live and not claim.state.unrouted:
-            os.unlink(claim.path)
+            os.unlink(claim.path)      # records still staged go with it
             log.info("%s: removed", claim.queue_id)
             return
+        claim.commit()
         if claim.state.unrouted or any(r.kind == "local" and r.due(now) for r in live):
             target = INCOMING
         elif any(r.kind == "remote" and r.due(now) for r in live):
@@ -1068,9 +1124,10 @@ class Queue:
             if any(r.status == "failed" for r in live):
                 when = min(when, now + NOTIFY_RETRY)     # a DSN still to be queued
             os.utime(claim.fd, (when, when))
-        if target != claim.folder:
-            os.rename(claim.path, self.path(target, claim.queue_id))
-            claim.folder = target
+        if target == claim.folder:
+            return                     # e.g. smtp_out left some due groups for later
+        os.rename(claim.path, self.path(target, claim.queue_id))
+        claim.folder = target
         if target == OUTBOUND:
             wake(self.spool_dir, "smtp_out")
         elif target == INCOMING:
@@ -1082,7 +1139,10 @@ class Queue:
         """Move queue/FOLDER/NAME to TARGET under its lock, first appending record."""
         try:
             opened = self._open_locked(folder, name)
-        except (QueueBusy, QueueFileError):
+        except QueueBusy:
+            return False
+        except QueueFileError as exc:
+            self.quarantine(folder, name, str(exc))
             return False
         if opened is None:
             return False
@@ -1174,7 +1234,7 @@ class Queue:
             time.sleep(0.05)
 
     def listing(self) -> list:
-        """[(folder, file size, QueueState or None)] for every message, without locking."""
+        """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
         entries = []
         for folder in QUEUE_FOLDERS:
             for name in self.ids(folder):
@@ -1182,6 +1242,7 @@ class Queue:
                     fd = os.open(self.path(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 except OSError:
                     continue
+                size = 0
                 try:
                     size = os.fstat(fd).st_size
                     head = os.pread(fd, min(size, MAX_ENVELOPE + 2), 0)
@@ -1224,6 +1285,7 @@ class Router:
         self.queue.clean_tmp()
 
     def route(self, claim: Claim):
+        claim.autocommit = False
         envelope = claim.envelope
         if claim.state.unrouted:
             if len(claim.state.unrouted) == len(envelope.recipients):
@@ -1231,12 +1293,14 @@ class Router:
                          envelope.sender, envelope.size, len(envelope.recipients))
             self.expand_recipients(claim)
         now = self.queue.clock()
-        for recipient in claim.recipients:
-            if recipient.kind == "local" and recipient.due(now):
-                self.deliver(claim, recipient)
+        due = [r for r in claim.recipients if r.kind == "local" and r.due(now)]
+        for number, recipient in enumerate(due):
+            if number:
+                claim.commit()         # the last delivery's record lands before the next one
+            self.deliver(claim, recipient)
 
     def expand_recipients(self, claim: Claim):
-        """Write one route record per envelope recipient not routed yet (one write)."""
+        """Record one route record per envelope recipient not routed yet."""
         fields = header_fields(header_block(claim.message))
         hops = sum(1 for name, _ in fields if name == "received")
         delivered_to = {value.strip(" <>").lower() for name, value in fields if name == "delivered-to"}
@@ -1257,10 +1321,10 @@ class Router:
                             "at": self.queue.clock(), "to": routes})
             rcpt += len(routes)
         first_new = len(claim.recipients)
-        claim.append(*records)
+        claim.record(*records)         # written before the second delivery, if it comes to one
         for recipient in claim.recipients[first_new:]:
             if recipient.kind == "error":
-                claim._log_result(recipient, "bounced", recipient.reply)
+                claim.log_result(recipient, "bounced", recipient.reply)
             elif recipient.kind == "remote":
                 log.info("%s: to=<%s>, relay=smtp_out, status=queued (remote delivery)",
                          claim.queue_id, recipient.address)

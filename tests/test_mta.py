@@ -12,7 +12,6 @@ import logging
 import mailbox
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -364,6 +363,43 @@ def test_remote_recipients_wait_in_outbound_grouped_by_domain_and_wake_smtp_out(
     assert maildir_files(spool, "alice@example.com") == []          # no DSN for a deferral
 
 
+def test_an_outbound_runner_gets_remote_work_as_smtp_out_would(spool, queue, router):
+    sent = []
+
+    def handle(queue_id):              # what smtp_out's handler does, minus the SMTP
+        claim = queue.claim_outbound(queue_id)
+        if claim is None:
+            return
+        with claim:
+            for domain, recipients in claim.groups.items():
+                for recipient in recipients:
+                    sent.append((claim.envelope.sender, recipient.address, claim.message))
+                    claim.delivered(recipient, "250 2.0.0 OK", remote_mta="mx." + domain)
+
+    runner = mta.QueueRunner(queue, mta.OUTBOUND, "smtp_out", handle, workers=2, scan_interval=60)
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: runner.doorbell is not None)
+        mta.enqueue(spool, "alice@example.com", ["x@remote.test", "bob@example.com"], MESSAGE)
+        wait_for(lambda: sent and queue_empty(spool), timeout=10)
+    finally:
+        runner.stop(grace=5)
+        thread.join(10)
+    assert sent == [("alice@example.com", "x@remote.test", MESSAGE)]
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+
+
+def test_claim_released_with_untried_groups_stays_in_outbound(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "y@other.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        claim.delivered(claim.groups["remote.test"][0], "250 ok", remote_mta="mx.remote.test")
+    assert queue.ids(mta.OUTBOUND) == [queue_id]
+    with queue.claim_outbound(queue_id) as claim:
+        assert list(claim.groups) == ["other.test"]
+
+
 def test_permanent_remote_failure_is_bounced_with_remote_mta(spool, queue, store):
     queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
     router = mta.Router(queue, store)
@@ -524,8 +560,10 @@ def test_two_router_processes_never_deliver_a_message_twice(tmp_path):
     write_users(spool, ["bob@example.com", "carol@example.com"])
     routers = [start_router_process(spool, str(tmp_path / ("router%d.log" % n)), "--workers", "3")
                for n in range(2)]
+    run = os.path.join(spool, "run")
     try:
-        time.sleep(0.3)
+        # A doorbell is bound once the signal handlers are in place: both routers are up.
+        wait_for(lambda: os.path.isdir(run) and len(os.listdir(run)) == 2, timeout=30)
         for n in range(60):
             message = b"X-Test-Id: %d\r\n" % n + MESSAGE
             mta.enqueue(spool, "alice@example.com", ["bob@example.com", "carol@example.com"], message)
@@ -729,6 +767,50 @@ def test_prepare_submission_keeps_the_body_and_folded_fields():
                                         hostname=HOSTNAME, now=0, full_name="A Person")
     assert message.endswith(b"Message-ID: <Q2@%s>\r\n\r\nno header at all\r\n" % HOSTNAME.encode())
     assert b"From: A Person <a@b.test>\r\n" in message
+
+
+def test_dsn_fields_stay_ascii_for_utf8_addresses_and_replies():
+    envelope = mta.Envelope("Q1", "s@example.com", ["j\u00f6rg@example.com"], time.time(),
+                            client_helo="h\u00e9lo.test", client_address="192.0.2.7")
+    recipient = mta.Recipient(0, "j\u00f6rg@example.com", "j\u00f6rg@example.com", "local",
+                              status="failed", reply="550 5.1.1 N\u00fcscht", dsn="5.1.1")
+    data = mta.build_dsn(envelope, b"Subject: x\r\n", [recipient], action="failed",
+                         hostname=HOSTNAME, to="s@example.com", now=time.time())
+    per_message, (block,), _ = dsn_fields(email.message_from_bytes(data))
+    # RFC 6533 3: the utf-8 address type, non-ASCII as \x{HEX}, never RFC 2047 words.
+    assert block["Final-Recipient"] == "utf-8; j\\x{F6}rg@example.com"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 N\\x{FC}scht"
+    assert per_message["Received-From-MTA"] == "dns; h\\x{E9}lo.test (192.0.2.7)"
+
+
+def test_state_records_edited_by_hand_are_skipped_not_obeyed(spool, queue, store, caplog):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "ab") as f:
+        f.write(b'{"event": "route", "from": -1, "rcpt": 0, "to": []}\n'
+                b'{"event": "delivered", "rcpt": -1, "at": 1}\nnot json at all\n')
+    mta.Router(queue, store).handle(queue_id)
+    assert "skipped 3 unreadable state records" in caplog.text
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+    assert queue_empty(spool)
+
+
+def test_bare_postmaster_reaches_the_postmaster_of_the_first_domain(spool, router):
+    mta.enqueue(spool, "x@remote.test", ["postmaster"], MESSAGE)
+    wait_for(lambda: maildir_files(spool, "alice@example.com"))
+    wait_for(lambda: queue_empty(spool))
+
+
+def test_no_delay_notice_about_a_bounce(spool, store):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    queue_id = queue.enqueue("", ["x@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    clock.now += mta.DELAY_WARNING + 1
+    with queue.claim_outbound(queue_id) as claim:
+        claim.deferred(claim.groups["remote.test"][0], "451 4.4.1 later")
+    assert queue.ids(mta.INCOMING) == []          # no DSN queued
+    ((_, _, _, state),) = queue.listing()
+    assert state.recipients[0].warned
 
 
 def test_build_dsn_status_codes_lose_leading_zeros_and_reject_garbage():
