@@ -1001,6 +1001,8 @@ def main(argv=None):
             return 1
         if reverse_lookup is None:
             log.warning("reverse DNS disabled: dnsmx.py is not installed beside smtp_in.py")
+    if config["submission"] and not config["tls_cert"]:
+        log.warning("submission without --tls-cert: AUTH is offered on loopback connections only")
     listeners = [(config["listen"], config["submission"], False)]
     if config["smtps_listen"]:
         listeners.append((config["smtps_listen"], True, True))   # RFC 8314 3.3: submission
