@@ -622,7 +622,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
     # --- commands (RFC 5321 4.1.1, in its order, then the extensions) ---
 
     def smtp_EHLO(self, arg):
-        if not arg or " " in arg or not arg.isascii():
+        if not arg or " " in arg or not arg.isascii() or len(arg) > MAX_DOMAIN:
             return R501_HELO_SYNTAX
         self.reset_transaction()
         self.helo, self.esmtp = arg, True
@@ -631,7 +631,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
                            for n, text in enumerate(lines))
 
     def smtp_HELO(self, arg):
-        if not arg or " " in arg or not arg.isascii():
+        if not arg or " " in arg or not arg.isascii() or len(arg) > MAX_DOMAIN:
             return R501_HELO_SYNTAX
         self.reset_transaction()
         self.helo, self.esmtp = arg, False

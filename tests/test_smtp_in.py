@@ -282,6 +282,8 @@ def test_unknown_command_bad_syntax_and_unknown_parameter(start_smtp):
     assert client.command("FOO bar") == (500, [smtp_in.R500_UNKNOWN])
     assert client.command("SMTP_X") == (500, [smtp_in.R500_UNKNOWN])
     assert client.command("EHLO") == (501, [smtp_in.R501_HELO_SYNTAX])
+    assert client.command("EHLO " + "h" * 256) == (501, [smtp_in.R501_HELO_SYNTAX])  # header line
+    assert client.command("HELO two words") == (501, [smtp_in.R501_HELO_SYNTAX])
     assert client.command("MAIL FROM:<bad address>") == (501, [smtp_in.R501_BAD_SENDER])
     assert client.command("MAIL FROM:<a@example.org> SIZE=1 SIZE=2") == (501, [smtp_in.R501_SYNTAX])
     assert client.command("MAIL FROM:<a@example.org> RET=HDRS") == (
