@@ -1,0 +1,666 @@
+"""smtp_out.py - outbound delivery: the SMTP client and the outbound queue daemon (RFC 5321).
+
+Takes the remote recipients mta.py put in the outbound queue, finds each domain's mail
+servers with dnsmx (RFC 5321 5.1: MX by preference, implicit MX, RFC 7505 null MX), speaks
+SMTP to them (RFC 5321; ESMTP extensions SIZE RFC 1870, 8BITMIME RFC 6152, PIPELINING
+RFC 2920, STARTTLS RFC 3207, AUTH RFC 4954, SMTPUTF8 RFC 6531; enhanced status codes
+RFC 3463) and writes each recipient's result back through mta's outbound-queue API:
+delivered, deferred (retried on mta's schedule until the queue lifetime runs out), or
+failed (mta bounces it with an RFC 3464 report carrying the remote reply).
+
+The SMTPClient class is public and reusable on its own (a submission client uses it too):
+connect, EHLO with HELO fallback, STARTTLS (opportunistic or required, verified or not),
+implicit TLS on port 465, AUTH PLAIN/LOGIN, pipelined MAIL/RCPT/DATA, per-recipient results.
+
+Run: python3 smtp_out.py --spool /var/spool/mail [--dns 127.0.0.1:53] [--remote-port 25]
+     python3 smtp_out.py --spool DIR --relay-host smtp.example.net:587 --relay-auth-file F
+"""
+
+import base64
+import dataclasses
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import plumbing
+
+__all__ = [
+    "DEFAULTS", "DeliveryError", "RecipientResult", "Reply", "SMTPClient", "TLS_NONE",
+    "TLS_OPPORTUNISTIC", "TLS_REQUIRED", "Timeouts", "client_tls_context", "encode_data",
+    "main", "needs_smtputf8",
+]
+
+log = logging.getLogger("smtp_out")
+
+# --- Constants ---
+
+SMTP_PORT = 25                     # RFC 5321 4.5.4
+SUBMISSIONS_PORT = 465             # RFC 8314 3.3: implicit TLS for submission
+MAX_REPLY_LINE = 2048              # RFC 5321 4.5.3.1.5 says 512; be lenient with servers
+MAX_REPLY_LINES = 100              # a multi-line reply longer than this is garbage
+SEND_BLOCK = 1 << 20               # bytes handed to the kernel per send of message data
+
+TLS_NONE = "none"                  # never STARTTLS
+TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; plaintext when not or on failure
+TLS_REQUIRED = "required"          # no TLS, no mail (deferred)
+
+# --- Replies this side makes up (local reasons; the first word is the enhanced code) ---
+# A local reply has remote=False: it goes into logs and bounces as a reason, never as a
+# Diagnostic-Code from a remote MTA.
+
+R_CONNECT_FAILED = "4.4.1 connect to %s failed: %s"
+R_TIMEOUT = "4.4.2 conversation with %s timed out while %s"
+R_LOST = "4.4.2 lost connection with %s while %s"
+R_PROTOCOL = "4.5.0 %s sent a malformed reply while %s"
+R_GREETING_REFUSED = "4.3.2 %s refused to talk to me: %s"
+R_TLS_NOT_OFFERED = "4.7.4 TLS is required, but was not offered by %s"
+R_TLS_FAILED = "4.7.5 TLS with %s failed: %s"
+R_AUTH_PLAINTEXT = "4.7.0 refusing to send credentials to %s without TLS"
+R_AUTH_NO_MECHANISM = "4.7.0 %s offers no AUTH mechanism this client has (PLAIN, LOGIN)"
+R_AUTH_NOT_OFFERED = "4.7.0 %s does not offer AUTH"
+R_TOO_BIG = "5.3.4 message size %d exceeds the limit of %d announced by %s"
+R_NEED_SMTPUTF8 = "5.6.7 %s does not support SMTPUTF8, needed for <%s>"
+R_NEED_8BITMIME = "5.6.3 the message has 8-bit data and %s does not support 8BITMIME"
+R_BAD_ADDRESS = "5.1.3 bad address syntax <%s>"
+R_BAD_SENDER = "5.1.7 bad sender address syntax <%s>"
+R_NO_VALID_RECIPIENTS = "no recipient was accepted"
+
+
+# --- Errors and data types ---
+
+@dataclass
+class Reply:
+    """One SMTP reply: the code, its text lines, and whether a server sent it.
+
+    A local reply (remote=False) stands for a reason found on this side (a timeout, a
+    refused connection, a size limit); its code is 451 or 554 and its first word the
+    enhanced status, so callers treat both kinds alike.
+    """
+    code: int
+    lines: list = field(default_factory=list)
+    remote: bool = True
+
+    @classmethod
+    def local(cls, text):
+        """A reply for a local reason; text starts with its enhanced status code."""
+        return cls(451 if text.startswith("4") else 554, [text], remote=False)
+
+    @property
+    def ok(self):
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self):
+        return self.code >= 500
+
+    @property
+    def status(self):
+        """The RFC 3463 enhanced status code, or the class's X.0.0 when the reply has none."""
+        first = self.lines[0].split(" ", 1)[0] if self.lines else ""
+        parts = first.split(".")
+        if (len(parts) == 3 and all(p.isdigit() and len(p) <= 3 for p in parts)
+                and parts[0] == str(self.code // 100)):
+            return first
+        return "%d.0.0" % (self.code // 100)
+
+    @property
+    def text(self):
+        """The reply as one line, for logs and bounces (a local one without its code)."""
+        joined = " ".join(line.strip() for line in self.lines)
+        if self.remote:
+            return "%d %s" % (self.code, joined)
+        return joined.split(" ", 1)[1] if " " in joined else joined
+
+    def __str__(self):
+        return self.text
+
+
+class DeliveryError(Exception):
+    """A delivery attempt failed. STYLE rule 10: decided once, where the answer arrives.
+
+    permanent=True means "bounce now", False "retry later". reply is a Reply (remote, or
+    local for reasons such as timeouts).
+    """
+
+    def __init__(self, reply, permanent=None):
+        if isinstance(reply, str):
+            reply = Reply.local(reply)
+        super().__init__(reply.text)
+        self.reply = reply
+        self.permanent = reply.permanent if permanent is None else permanent
+
+
+@dataclass
+class RecipientResult:
+    """The outcome for one recipient: the RCPT reply when it was refused, else the reply
+    to the end of DATA (RFC 5321 3.3: it applies to every accepted recipient)."""
+    recipient: str
+    reply: Reply
+
+    @property
+    def delivered(self):
+        return 200 <= self.reply.code < 300
+
+    @property
+    def permanent(self):
+        return self.reply.permanent
+
+
+@dataclass
+class Timeouts:
+    """Seconds allowed per stage; defaults from RFC 5321 4.5.3.2 where it gives one."""
+    connect: float = 30.0          # not in the RFC; Postfix's smtp_connect_timeout
+    greeting: float = 300.0        # 4.5.3.2.1 initial 220 message: 5 minutes
+    ehlo: float = 300.0            # as for MAIL
+    starttls: float = 300.0        # the 220 to STARTTLS and the handshake
+    auth: float = 300.0
+    mail: float = 300.0            # 4.5.3.2.2 MAIL command: 5 minutes
+    rcpt: float = 300.0            # 4.5.3.2.3 RCPT command: 5 minutes
+    data_start: float = 120.0      # 4.5.3.2.4 DATA initiation: 2 minutes
+    data_block: float = 180.0      # 4.5.3.2.5 each data block sent: 3 minutes
+    data_end: float = 600.0        # 4.5.3.2.6 DATA termination: 10 minutes
+    rset: float = 20.0             # not in the RFC; Postfix's smtp_rset_timeout
+    quit: float = 20.0             # likewise, we only wait to be polite
+
+    @classmethod
+    def scaled(cls, factor):
+        """Every default multiplied by factor (tests use short ones)."""
+        return cls(**{f.name: f.default * factor for f in dataclasses.fields(cls)})
+
+
+class _HandshakeFailed(Exception):
+    """The TLS handshake failed; the connection is unusable (opportunistic TLS retries)."""
+
+
+# --- Pure helpers ---
+
+def encode_data(message):
+    """The DATA payload for message bytes: CRLF line ends, dot-stuffed, ending CRLF.CRLF.
+
+    RFC 5321 2.3.8 and 4.1.1.4: every bare CR and bare LF becomes CRLF, so no sequence in
+    a relayed message can end the DATA early at the next hop (SMTP smuggling); RFC 5321
+    4.5.2: a line starting with "." gets a second one.
+    """
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if text.startswith(b"."):
+        text = b"." + text
+    text = text.replace(b"\n.", b"\n..")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return text.replace(b"\n", b"\r\n") + b".\r\n"
+
+
+def needs_smtputf8(address):
+    """True when an address is not plain ASCII (RFC 6531 3.4)."""
+    return not address.isascii()
+
+
+def has_8bit(message):
+    """True when message bytes need 8BITMIME (RFC 6152): any octet above 127."""
+    return not message.isascii()
+
+
+def valid_path(address):
+    """True when an address can go between < and > without breaking the command line
+    (RFC 5321 4.5.3.1.3: a path is at most 256 octets)."""
+    return (len(address) <= 256 and (address == "" or "@" in address)
+            and not any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address))
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def client_tls_context(verify=False, ca_file=None):
+    """A client context: TLS 1.2 or newer; verified (system CAs or ca_file) or not.
+
+    Unverified is what opportunistic MX delivery does everywhere (RFC 7435): it still
+    defeats a passive listener, and a certificate check would fail for most MX hosts.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    if verify:
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        if ca_file:
+            context.load_verify_locations(ca_file)
+        else:
+            context.load_default_certs()
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def parse_ehlo(reply):
+    """The extensions of an EHLO reply: keyword (upper case) -> parameter text."""
+    extensions = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = params.strip()
+    return extensions
+
+
+# --- SMTP client ---
+
+class SMTPClient:
+    """One SMTP connection to one server address, driven step by step or whole.
+
+    client = SMTPClient("192.0.2.7", 25, helo_name="mail.example.com", server_name="mx.example.net")
+    client.open()                                    # greeting, EHLO/HELO, STARTTLS per policy
+    client.login(user, password)                     # optional AUTH PLAIN/LOGIN
+    results = client.send_message(sender, recipients, message_bytes)
+    client.quit()
+
+    open() and login() raise DeliveryError. send_message() never raises for a failed
+    transaction: each recipient gets a RecipientResult, and a lost connection shows as a
+    local transient reply for those not yet answered (then client.connected is False).
+    tls is TLS_NONE, TLS_OPPORTUNISTIC (STARTTLS when offered; a failed handshake is
+    retried once in plaintext on a new connection) or TLS_REQUIRED (deferred without it).
+    tls_verify checks the certificate against server_name (system CAs, or tls_ca_file).
+    implicit_tls (default: port 465) starts TLS before the greeting (RFC 8314).
+    """
+
+    def __init__(self, host, port=SMTP_PORT, *, helo_name, server_name=None,
+                 tls=TLS_OPPORTUNISTIC, tls_verify=False, tls_ca_file=None, tls_context=None,
+                 implicit_tls=None, timeouts=None, source_address=None):
+        if tls not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
+            raise ValueError("tls must be none, opportunistic or required")
+        self.host = host
+        self.port = port
+        self.helo_name = helo_name
+        self.server_name = server_name or host
+        self.implicit_tls = port == SUBMISSIONS_PORT if implicit_tls is None else implicit_tls
+        self.tls = TLS_REQUIRED if self.implicit_tls else tls
+        self.tls_verify = tls_verify
+        self.tls_context = tls_context or client_tls_context(tls_verify, tls_ca_file)
+        self.timeouts = timeouts or Timeouts()
+        self.source_address = source_address
+        self.sock = None
+        self.reader = None
+        self.extensions = {}           # EHLO keyword -> parameters; empty after HELO
+        self.esmtp = False
+        self.tls_active = False
+        self.greeting = None
+        self.transactions = 0          # completed on this connection (for reuse decisions)
+
+    # -- what callers read --
+
+    @property
+    def peer(self):
+        """The server as logs name it: name[address]:port."""
+        address = self.host if ":" not in self.host else "[%s]" % self.host
+        return "%s[%s]:%d" % (self.server_name, address.strip("[]"), self.port)
+
+    @property
+    def connected(self):
+        return self.sock is not None
+
+    @property
+    def max_size(self):
+        """The server's SIZE limit (RFC 1870 4), or None when it has none or gives none."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    @property
+    def auth_mechanisms(self):
+        return self.extensions.get("AUTH", "").upper().split()
+
+    def supports(self, keyword):
+        return keyword.upper() in self.extensions
+
+    # -- connection --
+
+    def open(self):
+        """Connect, read the greeting, EHLO (or HELO), STARTTLS as the policy says."""
+        try:
+            self._open(starttls=self.tls != TLS_NONE)
+        except _HandshakeFailed as exc:
+            if self.tls == TLS_REQUIRED:
+                raise DeliveryError(R_TLS_FAILED % (self.peer, exc)) from None
+            # RFC 7435 4: opportunistic TLS falls back to a clear connection, a new one,
+            # since a failed handshake leaves the old one in no known state.
+            log.info("TLS with %s failed (%s); trying again without TLS", self.peer, exc)
+            self._open(starttls=False)
+
+    def _open(self, starttls):
+        self.close()
+        self.connect()
+        if self.implicit_tls:
+            self._handshake()
+        self.read_greeting()
+        self.ehlo()
+        if not self.tls_active and starttls:
+            if self.supports("STARTTLS"):
+                self.starttls()
+            elif self.tls == TLS_REQUIRED:
+                self.quit()
+                raise DeliveryError(R_TLS_NOT_OFFERED % self.peer)
+
+    def connect(self):
+        """Open the TCP connection (connect timeout)."""
+        source = (self.source_address, 0) if self.source_address else None
+        try:
+            self.sock = socket.create_connection((self.host, self.port), self.timeouts.connect,
+                                                 source)
+        except socket.timeout:
+            raise DeliveryError(R_TIMEOUT % (self.peer, "connecting")) from None
+        except OSError as exc:
+            raise DeliveryError(R_CONNECT_FAILED % (self.peer, exc.strerror or exc)) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = plumbing.LineReader(self.sock, self.timeouts.greeting)
+        self.extensions, self.esmtp, self.tls_active, self.transactions = {}, False, False, 0
+
+    def read_greeting(self):
+        """RFC 5321 3.1: a 220 greeting; anything else means this server will not talk now.
+
+        A 554 greeting is treated as temporary, so the next MX host is tried (what Postfix
+        does with smtp_skip_5xx_greeting): the server may be one of several behind the name.
+        """
+        reply = self.read_reply(self.timeouts.greeting, "receiving the initial greeting")
+        self.greeting = reply
+        if reply.code != 220:
+            self.quit()
+            raise DeliveryError(Reply.local(R_GREETING_REFUSED % (self.peer, reply.text)))
+        return reply
+
+    def ehlo(self):
+        """EHLO, falling back to HELO when the server does not know it (RFC 5321 4.1.4)."""
+        reply = self.command("EHLO " + self.helo_name, self.timeouts.ehlo, "sending EHLO")
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = parse_ehlo(reply)
+            return reply
+        if reply.code >= 500:
+            reply = self.command("HELO " + self.helo_name, self.timeouts.ehlo, "sending HELO")
+            if reply.code == 250:
+                self.esmtp = False
+                self.extensions = {}
+                return reply
+        self.quit()
+        raise DeliveryError(reply)       # 5xx to HELO too: this server will not take mail
+
+    def starttls(self):
+        """STARTTLS (RFC 3207), then EHLO again: what was learnt before TLS is forgotten."""
+        reply = self.command("STARTTLS", self.timeouts.starttls, "sending STARTTLS")
+        if reply.code != 220:
+            if self.tls == TLS_REQUIRED:
+                self.quit()
+                raise DeliveryError(R_TLS_FAILED % (self.peer, reply.text))
+            return reply                 # refused: the session goes on in the clear
+        self._handshake()
+        self.extensions = {}
+        self.ehlo()
+        return reply
+
+    def _handshake(self):
+        # RFC 3207 5: anything the server sent before the handshake is not to be trusted
+        # after it; bytes read past the 220 would be injected plaintext.
+        if self.reader.buffer:
+            self.close()
+            raise _HandshakeFailed("server sent data before the TLS handshake")
+        self.reader.discard_buffer()
+        self.sock.settimeout(self.timeouts.starttls)
+        try:
+            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            self.close()
+            raise _HandshakeFailed(getattr(exc, "reason", None) or str(exc)) from None
+        self.reader.sock = self.sock
+        self.tls_active = True
+
+    def login(self, username, password):
+        """AUTH PLAIN (RFC 4616) or LOGIN with the credentials; only over TLS or loopback.
+
+        A refusal raises DeliveryError marked temporary: wrong credentials are ours to fix,
+        and the mail should wait for that rather than bounce.
+        """
+        if not self.tls_active and not is_loopback(self.host):
+            raise DeliveryError(R_AUTH_PLAINTEXT % self.peer)
+        mechanisms = self.auth_mechanisms
+        if not mechanisms:
+            raise DeliveryError(R_AUTH_NOT_OFFERED % self.peer)
+        timeout, stage = self.timeouts.auth, "authenticating"
+        if "PLAIN" in mechanisms:
+            token = b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
+            reply = self.command("AUTH PLAIN " + base64.b64encode(token).decode("ascii"),
+                                 timeout, stage, secret=True)
+        elif "LOGIN" in mechanisms:
+            reply = self.command("AUTH LOGIN", timeout, stage)
+            for value in (username, password):
+                if reply.code != 334:
+                    break
+                reply = self.command(base64.b64encode(value.encode("utf-8")).decode("ascii"),
+                                     timeout, stage, secret=True)
+        else:
+            raise DeliveryError(R_AUTH_NO_MECHANISM % self.peer)
+        if reply.code == 334:            # a challenge we have no answer for: cancel
+            reply = self.command("*", timeout, stage)  # RFC 4954 4
+        if reply.code != 235:
+            raise DeliveryError(reply, permanent=False)
+        return reply
+
+    # -- one command each (RFC 5321 4.1.1) --
+
+    def mail(self, sender, size=None, smtputf8=False, body_8bit=False):
+        """MAIL FROM with SIZE= (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531)."""
+        return self.command(self._mail_line(sender, size, smtputf8, body_8bit),
+                            self.timeouts.mail, "sending MAIL FROM")
+
+    def rcpt(self, recipient):
+        return self.command("RCPT TO:<%s>" % recipient, self.timeouts.rcpt, "sending RCPT TO")
+
+    def data(self, message):
+        """DATA, the message (CRLF line ends, dot-stuffed), and the reply to its end."""
+        reply = self.command("DATA", self.timeouts.data_start, "sending DATA")
+        if reply.code != 354:
+            return reply
+        return self.send_data(encode_data(message))
+
+    def rset(self):
+        return self.command("RSET", self.timeouts.rset, "sending RSET")
+
+    def quit(self):
+        """QUIT and close, best effort: the server may already be gone."""
+        if self.sock is not None:
+            try:
+                self.command("QUIT", self.timeouts.quit, "sending QUIT")
+            except DeliveryError:
+                pass
+        self.close()
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.quit()
+
+    # -- a whole transaction --
+
+    def send_message(self, sender, recipients, message):
+        """One mail transaction; returns a RecipientResult for each recipient, in order.
+
+        Pipelines MAIL, every RCPT and DATA in one write when the server offers PIPELINING
+        (RFC 2920 3.1), else one command at a time. Checks first what this server can take:
+        its SIZE (RFC 1870 6.1), SMTPUTF8 for non-ASCII addresses (RFC 6531 3.4, 5.6.7),
+        8BITMIME for 8-bit data (RFC 6152 3, 5.6.3); those failures are permanent.
+        """
+        results = {}
+        if not valid_path(sender):
+            return self._all(recipients, Reply.local(R_BAD_SENDER % sender))
+        if self.max_size is not None and len(message) > self.max_size:
+            return self._all(recipients, Reply.local(
+                R_TOO_BIG % (len(message), self.max_size, self.peer)))
+        body_8bit = has_8bit(message)
+        if body_8bit and not self.supports("8BITMIME"):
+            return self._all(recipients, Reply.local(R_NEED_8BITMIME % self.peer))
+        smtputf8 = self.supports("SMTPUTF8")
+        if needs_smtputf8(sender) and not smtputf8:
+            return self._all(recipients, Reply.local(R_NEED_SMTPUTF8 % (self.peer, sender)))
+        usable = []
+        for recipient in recipients:
+            if not valid_path(recipient) or not recipient:
+                results[recipient] = Reply.local(R_BAD_ADDRESS % recipient)
+            elif needs_smtputf8(recipient) and not smtputf8:
+                results[recipient] = Reply.local(R_NEED_SMTPUTF8 % (self.peer, recipient))
+            else:
+                usable.append(recipient)
+        if usable:
+            use_utf8 = smtputf8 and (needs_smtputf8(sender) or any(map(needs_smtputf8, usable)))
+            mail_line = self._mail_line(sender, len(message) if self.supports("SIZE") else None,
+                                        use_utf8, body_8bit and self.supports("8BITMIME"))
+            try:
+                if self.supports("PIPELINING"):
+                    results.update(self._transaction_pipelined(mail_line, usable, message))
+                else:
+                    results.update(self._transaction_lockstep(mail_line, usable, message))
+                self.transactions += 1
+            except DeliveryError as exc:
+                # The connection is gone: recipients already refused keep their reply.
+                self.close()
+                for recipient in usable:
+                    if recipient not in results or results[recipient].code < 500:
+                        results[recipient] = exc.reply
+        return [RecipientResult(r, results[r]) for r in recipients]
+
+    def _transaction_pipelined(self, mail_line, recipients, message):
+        lines = [mail_line] + ["RCPT TO:<%s>" % r for r in recipients] + ["DATA"]
+        self.send_lines(lines, self.timeouts.mail, "sending MAIL FROM")
+        mail = self.read_reply(self.timeouts.mail, "sending MAIL FROM")
+        replies = {r: self.read_reply(self.timeouts.rcpt, "sending RCPT TO") for r in recipients}
+        data = self.read_reply(self.timeouts.data_start, "sending DATA")
+        accepted = [r for r in recipients if replies[r].ok] if mail.ok else []
+        if data.code == 354 and not accepted:
+            # RFC 2920 3.1: DATA was accepted with no valid recipient; end an empty
+            # message at once (the server must refuse it) to keep the session in step.
+            self.send_data(b".\r\n")
+            data = Reply.local(R_PROTOCOL % (self.peer, "sending DATA"))
+        final = self._finish(accepted, data, message)
+        if not mail.ok:
+            return {r: mail for r in recipients}
+        return {r: final if replies[r].ok else replies[r] for r in recipients}
+
+    def _transaction_lockstep(self, mail_line, recipients, message):
+        mail = self.command(mail_line, self.timeouts.mail, "sending MAIL FROM")
+        if not mail.ok:
+            return {r: mail for r in recipients}
+        replies = {r: self.rcpt(r) for r in recipients}
+        accepted = [r for r, reply in replies.items() if reply.ok]
+        if not accepted:
+            self.rset()
+            return replies
+        data = self.command("DATA", self.timeouts.data_start, "sending DATA")
+        final = self._finish(accepted, data, message)
+        return {r: final if replies[r].ok else replies[r] for r in recipients}
+
+    def _finish(self, accepted, data, message):
+        """Send the message after a 354, or bring the session back to a clean state."""
+        if accepted and data.code == 354:
+            return self.send_data(encode_data(message))
+        if data.ok:                    # a 2xx to DATA itself makes no sense
+            data = Reply.local(R_PROTOCOL % (self.peer, "sending DATA"))
+        self.rset()
+        return data
+
+    def _all(self, recipients, reply):
+        return [RecipientResult(r, reply) for r in recipients]
+
+    def _mail_line(self, sender, size, smtputf8, body_8bit):
+        line = "MAIL FROM:<%s>" % sender
+        if size is not None and self.supports("SIZE"):
+            line += " SIZE=%d" % size
+        if body_8bit and self.supports("8BITMIME"):
+            line += " BODY=8BITMIME"
+        if smtputf8:
+            line += " SMTPUTF8"
+        return line
+
+    # -- the wire --
+
+    def command(self, line, timeout, stage, secret=False):
+        """Send one command line and return its reply."""
+        self.send_lines([line], timeout, stage, secret)
+        return self.read_reply(timeout, stage)
+
+    def send_lines(self, lines, timeout, stage, secret=False):
+        data = "".join(line + "\r\n" for line in lines).encode("utf-8")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("> %s %s", self.peer, "<redacted>" if secret else lines)
+        self._send(data, timeout, stage)
+
+    def send_data(self, payload):
+        """Send an encoded DATA payload in blocks, each under the data-block timeout, and
+        return the reply to its end (RFC 5321 4.5.3.2.5, 4.5.3.2.6)."""
+        view = memoryview(payload)
+        for start in range(0, len(view), SEND_BLOCK):
+            self._send(view[start:start + SEND_BLOCK], self.timeouts.data_block,
+                       "sending message body")
+        return self.read_reply(self.timeouts.data_end, "waiting for the end of data reply")
+
+    def _send(self, data, timeout, stage):
+        if self.sock is None:
+            raise DeliveryError(R_LOST % (self.peer, stage))
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
+        except socket.timeout:
+            self.close()
+            raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
+        except (OSError, ValueError):
+            self.close()
+            raise DeliveryError(R_LOST % (self.peer, stage)) from None
+
+    def read_reply(self, timeout, stage):
+        """Read one (multi-line) reply, bounded in length, line count and time."""
+        if self.sock is None:
+            raise DeliveryError(R_LOST % (self.peer, stage))
+        self.reader.idle_timeout = timeout
+        code, lines = None, []
+        while True:
+            try:
+                line = self.reader.readline(MAX_REPLY_LINE)
+            except plumbing.ReadTimeout:
+                self.close()
+                raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
+            except (OSError, ValueError):
+                line = None
+            if line is None or not line.ending:
+                self.close()
+                raise DeliveryError(R_LOST % (self.peer, stage))
+            data = line.data
+            # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF, or code "-" text on all
+            # but the last line; every line carries the same code.
+            if (line.too_long or len(data) < 3 or not data[:3].isdigit()
+                    or data[:1] not in b"2345" or (len(data) > 3 and data[3:4] not in b" -")
+                    or (code is not None and int(data[:3]) != code)
+                    or len(lines) >= MAX_REPLY_LINES):
+                self.close()
+                raise DeliveryError(R_PROTOCOL % (self.peer, stage))
+            code = int(data[:3])
+            lines.append(data[4:].decode("utf-8", "replace"))
+            if data[3:4] != b"-":
+                reply = Reply(code, lines)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("< %s %s", self.peer, reply.text)
+                if code == 421:
+                    # RFC 5321 3.8: the server is closing the channel; its last word.
+                    self.close()
+                    raise DeliveryError(reply, permanent=False)
+                return reply

@@ -1,0 +1,369 @@
+"""smtp_out.py: the SMTP client against scripted sinks and a real server, MX routing with a
+real dnsmasq, and the outbound queue daemon end to end over 127.0.0.0/8."""
+
+import os
+import pathlib
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+import smtp_out
+from smtp_out import SMTPClient, Timeouts
+from smtp_out_support import Script, Sink
+
+FAST = Timeouts.scaled(0.005)          # 1.5 s greeting, 0.6 s data start, 3 s end of data
+
+
+@pytest.fixture
+def sinks():
+    started = []
+
+    def start(host="127.0.0.1", **options):
+        sink = Sink.start(host, **options)
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.close()
+
+
+def client_for(sink, **options):
+    host, port = sink.server_address[:2]
+    options.setdefault("timeouts", FAST)
+    return SMTPClient(host, port, helo_name="client.test", **options)
+
+
+def send(sink, sender, recipients, message, **options):
+    with client_for(sink, **options) as client:
+        client.open()
+        return client.send_message(sender, recipients, message)
+
+
+# --- Pure helpers ---
+
+def test_encode_data_dot_stuffs_and_ends_with_crlf_dot_crlf():
+    assert smtp_out.encode_data(b".a\r\nb\r\n.\r\n..c") == b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
+    assert smtp_out.encode_data(b"") == b".\r\n"
+
+
+def test_encode_data_turns_bare_lf_and_cr_into_crlf_so_nothing_smuggles_an_end():
+    wire = smtp_out.encode_data(b"a\n.\nMAIL FROM:<x@y>\r.\rb\r\n.\n")
+    assert wire == b"a\r\n..\r\nMAIL FROM:<x@y>\r\n..\r\nb\r\n..\r\n.\r\n"
+    assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+
+
+def test_reply_status_comes_from_the_enhanced_code_or_the_class():
+    assert smtp_out.Reply(550, ["5.1.1 no such user"]).status == "5.1.1"
+    assert smtp_out.Reply(550, ["no such user"]).status == "5.0.0"
+    assert smtp_out.Reply(451, ["5.1.1 mismatched class"]).status == "4.0.0"
+    local = smtp_out.Reply.local("4.4.1 connect to x failed")
+    assert (local.code, local.status, local.text, local.remote) == (451, "4.4.1", "connect to x failed", False)
+
+
+# --- The SMTP client against scripted servers ---
+
+def test_pipelined_transaction_gives_each_recipient_its_own_result(sinks):
+    sink = sinks(script=Script(rcpt_replies={"no@x.test": "550 5.1.1 no such user",
+                                             "later@x.test": "451 4.2.0 try later"}))
+    results = send(sink, "a@b.test", ["ok@x.test", "no@x.test", "later@x.test"], b"Subject: t\r\n\r\nhi\r\n")
+    assert [(r.recipient, r.reply.code, r.reply.status) for r in results] == [
+        ("ok@x.test", 250, "2.0.0"), ("no@x.test", 550, "5.1.1"), ("later@x.test", 451, "4.2.0")]
+    assert [r.delivered for r in results] == [True, False, False]
+    assert [r.permanent for r in results] == [False, True, False]
+    (message,) = sink.wait_for(1)
+    assert message.rcpt_to == ["ok@x.test"] and message.data == b"Subject: t\r\n\r\nhi\r\n"
+    assert "SIZE=" in message.mail_params
+    # RFC 2920 3.1: MAIL, the RCPTs, then DATA last of the group.
+    assert sink.commands[1:6] == ["MAIL FROM:<a@b.test> SIZE=18", "RCPT TO:<ok@x.test>",
+                                  "RCPT TO:<no@x.test>", "RCPT TO:<later@x.test>", "DATA"]
+
+
+def test_dotted_body_arrives_byte_identical_and_a_smuggled_end_stays_inside(sinks):
+    sink = sinks()
+    body = b"".join(b"." * (i % 5) + b"line %d\r\n" % i for i in range(2000))
+    body += b".\r\n..\r\n.\r\nMAIL FROM:<evil@x>\r\n"
+    message = b"Subject: dots\r\n\r\n" + body
+    results = send(sink, "a@b.test", ["ok@x.test"], message)
+    assert results[0].delivered
+    smuggle = b"Subject: s\r\n\r\nx\n.\nMAIL FROM:<evil@x>\nRCPT TO:<v@x>\nDATA\nbad\n.\n"
+    assert send(sink, "a@b.test", ["ok@x.test"], smuggle)[0].delivered
+    received = sink.wait_for(2)
+    assert len(received) == 2 and received[0].data == message
+    assert received[1].data == smuggle.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert not any(c.startswith("MAIL FROM:<evil") for c in sink.commands)
+
+
+def test_all_recipients_refused_sends_no_message_and_the_session_stays_usable(sinks):
+    sink = sinks(script=Script(rcpt_default="550 5.1.1 unknown"))
+    with client_for(sink) as client:
+        client.open()
+        results = client.send_message("a@b.test", ["x@x.test", "y@x.test"], b"\r\n")
+        assert [r.reply.code for r in results] == [550, 550]
+        assert client.rset().code == 250 and client.connected
+    assert sink.received == []
+
+
+def test_connection_reuse_carries_several_messages_with_rset_between(sinks):
+    sink = sinks()
+    with client_for(sink) as client:
+        client.open()
+        for n in range(3):
+            if n:
+                assert client.rset().code == 250
+            assert client.send_message("a@b.test", ["r%d@x.test" % n], b"n: %d\r\n" % n)[0].delivered
+    received = sink.wait_for(3)
+    assert {m.connection for m in received} == {1} and sink.sessions == 1
+
+
+def test_server_without_ehlo_gets_helo_and_commands_one_at_a_time(sinks):
+    sink = sinks(script=Script(ehlo=False, extensions=[]))
+    with client_for(sink) as client:
+        client.open()
+        assert not client.esmtp and client.extensions == {}
+        results = client.send_message("a@b.test", ["ok@x.test", "two@x.test"], b"7bit\r\n")
+    assert all(r.delivered for r in results)
+    assert sink.wait_for(1)[0].mail_params == ""
+    assert sink.pipelining_violations == 0 and "HELO client.test" in sink.commands
+
+
+def test_server_without_pipelining_or_8bitmime_gets_lockstep_and_8bit_bounces(sinks):
+    sink = sinks(script=Script(extensions=["SIZE 1000"]))
+    with client_for(sink) as client:
+        client.open()
+        assert client.send_message("a@b.test", ["ok@x.test"], b"plain\r\n")[0].delivered
+        (result,) = client.send_message("a@b.test", ["ok@x.test"], "caf\u00e9\r\n".encode())
+    assert result.permanent and result.reply.status == "5.6.3" and not result.reply.remote
+    assert sink.pipelining_violations == 0 and len(sink.received) == 1
+
+
+def test_8bit_message_carries_body_8bitmime(sinks):
+    sink = sinks()
+    assert send(sink, "a@b.test", ["ok@x.test"], "caf\u00e9\r\n".encode())[0].delivered
+    assert "BODY=8BITMIME" in sink.wait_for(1)[0].mail_params
+
+
+def test_message_over_the_server_size_bounces_before_mail_from(sinks):
+    sink = sinks(script=Script(extensions=["PIPELINING", "SIZE 100"]))
+    (result,) = send(sink, "a@b.test", ["ok@x.test"], b"x" * 101)
+    assert result.permanent and result.reply.status == "5.3.4"
+    assert not any(c.startswith("MAIL") for c in sink.commands)
+
+
+def test_utf8_address_needs_smtputf8_else_that_recipient_bounces_with_5_6_7(sinks):
+    with_utf8 = sinks()
+    results = send(with_utf8, "a@b.test", ["j\u00f6rg@x.test"], b"\r\n")
+    assert results[0].delivered and "SMTPUTF8" in with_utf8.wait_for(1)[0].mail_params
+    without = sinks(script=Script(extensions=["PIPELINING", "8BITMIME"]))
+    results = send(without, "a@b.test", ["j\u00f6rg@x.test", "plain@x.test"], b"\r\n")
+    assert results[0].permanent and results[0].reply.status == "5.6.7"
+    assert results[1].delivered and without.wait_for(1)[0].rcpt_to == ["plain@x.test"]
+
+
+def test_address_with_line_break_is_refused_locally(sinks):
+    sink = sinks()
+    results = send(sink, "a@b.test", ["x@y.test>\r\nRSET", "ok@x.test"], b"\r\n")
+    assert results[0].reply.status == "5.1.3" and results[1].delivered
+    assert all("RSET" != c for c in sink.commands[:4])
+
+
+def test_mail_from_refused_applies_to_every_recipient(sinks):
+    sink = sinks(script=Script(mail_reply="553 5.7.1 sender refused"))
+    results = send(sink, "a@b.test", ["x@x.test", "y@x.test"], b"\r\n")
+    assert [(r.reply.code, r.permanent) for r in results] == [(553, True), (553, True)]
+
+
+def test_end_of_data_reply_applies_to_every_accepted_recipient(sinks):
+    sink = sinks(script=Script(end_reply="452 4.3.1 out of space",
+                               rcpt_replies={"bad@x.test": "550 5.1.1 unknown"}))
+    results = send(sink, "a@b.test", ["x@x.test", "bad@x.test", "y@x.test"], b"\r\n")
+    assert [r.reply.code for r in results] == [452, 550, 452]
+
+
+def test_greeting_554_and_421_are_temporary_errors(sinks):
+    for greeting in ("554 5.7.1 go away", "421 4.3.2 busy"):
+        sink = sinks(script=Script(greeting=greeting))
+        with pytest.raises(smtp_out.DeliveryError) as caught:
+            client_for(sink).open()
+        assert not caught.value.permanent and greeting[:3] in str(caught.value)
+
+
+def test_connection_refused_is_a_temporary_4_4_1(sinks):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        SMTPClient("127.0.0.1", port, helo_name="c.test", timeouts=FAST).open()
+    assert not caught.value.permanent and caught.value.reply.status == "4.4.1"
+
+
+@pytest.mark.parametrize("stage", ["greeting", "mail", "end"])
+def test_stalling_server_times_out_as_temporary_4_4_2(sinks, stage):
+    sink = sinks(script=Script(stall=stage, stall_seconds=5))
+    client = client_for(sink)
+    started = time.monotonic()
+    try:
+        client.open()
+        (result,) = client.send_message("a@b.test", ["x@x.test"], b"\r\n")
+        reply = result.reply
+    except smtp_out.DeliveryError as exc:
+        reply = exc.reply
+    assert reply.status == "4.4.2" and "timed out" in reply.text and not reply.permanent
+    assert time.monotonic() - started < 4 and not client.connected
+
+
+def test_421_in_the_middle_of_a_transaction_defers_with_its_text(sinks):
+    sink = sinks(script=Script(rcpt_default="421 4.3.2 shutting down"))
+    (result,) = send(sink, "a@b.test", ["x@x.test"], b"\r\n")
+    assert result.reply.code == 421 and "shutting down" in result.reply.text
+
+
+def test_garbage_reply_is_a_temporary_protocol_error():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.sendall(b"220 hi\r\n")
+        conn.recv(100)
+        conn.sendall(b"25O-garbage\r\n")
+        time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        SMTPClient(*listener.getsockname(), helo_name="c.test", timeouts=FAST).open()
+    listener.close()
+    assert caught.value.reply.status == "4.5.0" and not caught.value.permanent
+
+
+# --- TLS and AUTH ---
+
+def test_opportunistic_starttls_accepts_a_self_signed_certificate(sinks, tls_files):
+    sink = sinks(tls_files=tls_files)
+    with client_for(sink) as client:
+        client.open()
+        assert client.tls_active and "STARTTLS" not in client.extensions
+        assert client.send_message("a@b.test", ["x@x.test"], b"\r\n")[0].delivered
+    assert sink.wait_for(1)[0].tls
+
+
+def test_verified_tls_refuses_an_unknown_certificate_as_temporary(sinks, tls_files):
+    sink = sinks(tls_files=tls_files)
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(sink, tls=smtp_out.TLS_REQUIRED, tls_verify=True, server_name="localhost").open()
+    assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
+
+
+def test_verified_tls_accepts_a_certificate_from_the_given_ca_file(sinks, tls_files):
+    sink = sinks(tls_files=tls_files)
+    with client_for(sink, tls=smtp_out.TLS_REQUIRED, tls_verify=True, tls_ca_file=tls_files[0],
+                    server_name="localhost") as client:
+        client.open()
+        assert client.tls_active
+
+
+def test_failed_handshake_falls_back_to_plaintext_unless_tls_is_required(sinks, tls_files):
+    sink = sinks(tls_files=tls_files, script=Script(tls_break=True))
+    with client_for(sink) as client:
+        client.open()
+        assert not client.tls_active
+        assert client.send_message("a@b.test", ["x@x.test"], b"\r\n")[0].delivered
+    assert sink.sessions == 2
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(sink, tls=smtp_out.TLS_REQUIRED).open()
+    assert caught.value.reply.status == "4.7.5"
+
+
+def test_required_tls_without_starttls_offered_defers_4_7_4(sinks):
+    sink = sinks()
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(sink, tls=smtp_out.TLS_REQUIRED).open()
+    assert caught.value.reply.status == "4.7.4" and not caught.value.permanent
+
+
+def test_implicit_tls_handshakes_before_the_greeting(sinks, tls_files):
+    sink = sinks(tls_files=tls_files, implicit_tls=True)
+    with client_for(sink, implicit_tls=True) as client:
+        client.open()
+        assert client.tls_active and client.greeting.code == 220
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_plain_and_login_over_tls(sinks, tls_files, mechanism):
+    sink = sinks(tls_files=tls_files, script=Script(users={"u@b.test": "s3cret"}))
+    with client_for(sink) as client:
+        client.open()
+        client.extensions["AUTH"] = mechanism
+        assert client.login("u@b.test", "s3cret").code == 235
+        assert client.send_message("u@b.test", ["x@x.test"], b"\r\n")[0].delivered
+    assert sink.wait_for(1)[0].auth_user == "u@b.test"
+
+
+def test_auth_refused_is_temporary_and_the_password_is_not_logged(sinks, tls_files, caplog):
+    sink = sinks(tls_files=tls_files, script=Script(users={"u@b.test": "s3cret"}))
+    caplog.set_level("DEBUG", logger="smtp_out")
+    with client_for(sink) as client:
+        client.open()
+        with pytest.raises(smtp_out.DeliveryError) as caught:
+            client.login("u@b.test", "wrong-password")
+    assert caught.value.reply.code == 535 and not caught.value.permanent
+    assert "wrong-password" not in caplog.text and "d3JvbmctcGFzc3dvcmQ" not in caplog.text
+
+
+def test_auth_is_not_sent_in_clear_to_a_remote_address():
+    client = SMTPClient("192.0.2.1", 25, helo_name="c.test")
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client.login("u", "p")
+    assert caught.value.reply.status == "4.7.0"
+
+
+# --- A real SMTP server as the peer ---
+
+def test_client_delivers_to_postfix_smtp_sink():
+    sink_bin = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not os.access(sink_bin, os.X_OK):
+        pytest.skip("smtp-sink not installed (apt-get install postfix)")
+    # smtp-sink runs as nobody, who cannot enter pytest's private tmp_path.
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="smtp-sink-"))
+    os.chmod(tmp_path, 0o777)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    process = subprocess.Popen([sink_bin, "-u", "nobody", "-d", str(tmp_path) + "/%M", "-c",
+                                "127.0.0.1:%d" % port, "10"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        message = b"Subject: peer\r\n\r\n.leading dot\r\n..two\r\nend\r\n"
+        with SMTPClient("127.0.0.1", port, helo_name="c.test", timeouts=FAST) as client:
+            client.open()
+            assert "PIPELINING" in client.extensions
+            results = client.send_message("a@b.test", ["x@x.test", "y@x.test"], message)
+        assert all(r.delivered for r in results), results
+        deadline = time.monotonic() + 5
+        while not list(tmp_path.rglob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        dump = files[0].read_bytes()             # smtp-sink stores LF line ends
+        assert message.replace(b"\r\n", b"\n") in dump and b"<y@x.test>" in dump
+    finally:
+        process.terminate()
+        process.wait(5)
+        shutil.rmtree(tmp_path)
