@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import dnsmx
 import plumbing
 
 __all__ = [
@@ -67,7 +68,8 @@ R_NEED_SMTPUTF8 = "5.6.7 %s does not support SMTPUTF8, needed for <%s>"
 R_NEED_8BITMIME = "5.6.3 the message has 8-bit data and %s does not support 8BITMIME"
 R_BAD_ADDRESS = "5.1.3 bad address syntax <%s>"
 R_BAD_SENDER = "5.1.7 bad sender address syntax <%s>"
-R_NO_VALID_RECIPIENTS = "no recipient was accepted"
+R_MX_LOOP = "5.4.6 mail for %s loops back to myself"
+R_DNS = "%s %s"                    # the resolver's status and reason
 
 
 # --- Errors and data types ---
@@ -170,6 +172,29 @@ class Timeouts:
     def scaled(cls, factor):
         """Every default multiplied by factor (tests use short ones)."""
         return cls(**{f.name: f.default * factor for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Hop:
+    """One server address to try for a destination, in order."""
+    name: str                      # the MX host name (TLS SNI and verification, logs)
+    address: str                   # an IP address, or a name the system resolves
+    port: int
+    preference: int = 0
+
+
+@dataclass
+class Outcome:
+    """What one delivery attempt did for one recipient, as logged and recorded."""
+    recipient: str
+    reply: Reply
+    relay: str = "none"            # name[address]:port of the server that answered
+
+    @property
+    def status(self):
+        if 200 <= self.reply.code < 300:
+            return "sent"
+        return "bounced" if self.reply.permanent else "deferred"
 
 
 class _HandshakeFailed(Exception):
@@ -285,6 +310,7 @@ class SMTPClient:
         self.tls_context = tls_context or client_tls_context(tls_verify, tls_ca_file)
         self.timeouts = timeouts or Timeouts()
         self.source_address = source_address
+        self.address = host            # the IP address once connected
         self.sock = None
         self.reader = None
         self.extensions = {}           # EHLO keyword -> parameters; empty after HELO
@@ -298,8 +324,7 @@ class SMTPClient:
     @property
     def peer(self):
         """The server as logs name it: name[address]:port."""
-        address = self.host if ":" not in self.host else "[%s]" % self.host
-        return "%s[%s]:%d" % (self.server_name, address.strip("[]"), self.port)
+        return "%s[%s]:%d" % (self.server_name, self.address, self.port)
 
     @property
     def connected(self):
@@ -357,6 +382,7 @@ class SMTPClient:
         except OSError as exc:
             raise DeliveryError(R_CONNECT_FAILED % (self.peer, exc.strerror or exc)) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = self.sock.getpeername()[0]
         self.reader = plumbing.LineReader(self.sock, self.timeouts.greeting)
         self.extensions, self.esmtp, self.tls_active, self.transactions = {}, False, False, 0
 
@@ -664,3 +690,184 @@ class SMTPClient:
                     self.close()
                     raise DeliveryError(reply, permanent=False)
                 return reply
+
+
+# --- Destinations: where a domain's mail goes, and one delivery attempt ---
+
+def recipient_domain(address):
+    """The domain of an address, lower-cased, without a trailing dot."""
+    return address.rpartition("@")[2].rstrip(".").lower()
+
+
+def plan_hops(mx_hosts, port, my_names=(), my_addresses=()):
+    """The addresses to try, in order, from dnsmx MXHosts (RFC 5321 5.1).
+
+    If this host is one of the MX hosts (by name or address), it must not deliver to
+    itself or to anything it prefers less: only better-preference hosts remain, and when
+    it is the best there is, the mail loops (raises DeliveryError 5.4.6).
+    """
+    names = {name.lower().rstrip(".") for name in my_names if name}
+    own = set(my_addresses)
+    mine = [mx.preference for mx in mx_hosts
+            if mx.name.lower().rstrip(".") in names or own.intersection(mx.addresses)]
+    if mine:
+        limit = min(mine)
+        mx_hosts = [mx for mx in mx_hosts if mx.preference < limit]
+        if not mx_hosts:
+            return []
+    return [Hop(mx.name, address, port, mx.preference)
+            for mx in mx_hosts for address in mx.addresses]
+
+
+def dns_error_reply(error):
+    """A local Reply for a dnsmx error: its status (4.4.3, 5.1.2, 5.1.10, 5.4.4)."""
+    status = getattr(error, "status", "4.4.3")
+    if getattr(error, "permanent", False) and not status.startswith("5"):
+        status = "5.1.2"
+    return Reply.local(R_DNS % (status, error))
+
+
+class Deliverer:
+    """Delivers one message to the recipients of one destination, server after server.
+
+    destination is a domain (its MX hosts from the resolver) or, with a relay host, all
+    mail goes to that one server. RFC 5321 5.1: each address of each MX in order; a failed
+    connection, a timeout or a refused greeting moves on to the next address, and so does
+    any temporary reply for the recipients it left (a permanent one is final). At most
+    max_mx_addresses addresses and max_mx_sessions completed sessions per attempt (Postfix's
+    smtp_mx_address_limit and smtp_mx_session_limit), so one attempt stays bounded in time.
+    """
+
+    def __init__(self, config, resolver=None, credentials=None):
+        self.config = config
+        self.resolver = resolver
+        self.credentials = credentials           # (user, password) for the relay host
+        self.timeouts = timeouts_from(config)
+        relay = config.get("relay_host") or ""
+        self.relay = plumbing.parse_hostport(relay, SMTP_PORT) if relay else None
+        self.helo_name = config.get("hostname") or socket.getfqdn()
+        self.my_names = [self.helo_name] + list(config.get("my_names") or [])
+        self.my_addresses = list(config.get("my_addresses") or [])
+        if self.relay:
+            verify = config.get("relay_tls_verify", True)
+            self.tls = config.get("relay_tls", TLS_REQUIRED)
+        else:
+            verify = config.get("tls_verify", False)
+            self.tls = TLS_REQUIRED if verify else TLS_OPPORTUNISTIC
+        self.tls_verify = verify
+        self.tls_context = client_tls_context(verify, config.get("tls_ca_file") or None)
+
+    def destination(self, recipient):
+        """The key recipients are grouped by: their domain, or the relay host."""
+        if self.relay:
+            return "[%s]:%d" % self.relay
+        return recipient_domain(recipient)
+
+    def hops(self, destination):
+        """The servers to try for destination; raises DeliveryError when there are none."""
+        if self.relay:
+            host, port = self.relay
+            return [Hop(host, host, port)]
+        try:
+            mx_hosts = self.resolver.mx_hosts(destination)
+        except dnsmx.DNSError as exc:
+            raise DeliveryError(dns_error_reply(exc)) from None
+        hops = plan_hops(mx_hosts, int(self.config.get("remote_port") or SMTP_PORT),
+                         self.my_names, self.my_addresses)
+        if not hops:
+            raise DeliveryError(R_MX_LOOP % destination)
+        return hops
+
+    def client(self, hop):
+        return SMTPClient(hop.address, hop.port, helo_name=self.helo_name, server_name=hop.name,
+                          tls=self.tls, tls_verify=self.tls_verify, tls_context=self.tls_context,
+                          timeouts=self.timeouts)
+
+    def open(self, hop):
+        """A ready session with hop (STARTTLS and AUTH done); raises DeliveryError."""
+        client = self.client(hop)
+        client.open()
+        if self.relay and self.credentials:
+            try:
+                client.login(*self.credentials)
+            except DeliveryError:
+                client.quit()
+                raise
+        return client
+
+    def deliver(self, destination, sender, recipients, message, client=None):
+        """Try to deliver; return (outcomes in recipient order, a client worth keeping).
+
+        client is an open session to reuse (RSET first); when it fails the attempt goes on
+        with fresh connections. Never raises for delivery trouble: every recipient gets an
+        Outcome, sent, deferred or bounced.
+        """
+        pending = list(recipients)
+        done = {}
+
+        def settle(results, relay):
+            for result in results:
+                if result.delivered or result.permanent:
+                    done[result.recipient] = Outcome(result.recipient, result.reply, relay)
+                    pending.remove(result.recipient)
+                else:
+                    last[result.recipient] = Outcome(result.recipient, result.reply, relay)
+
+        last = {}
+        if client is not None:
+            try:
+                reset = client.rset()
+            except DeliveryError:
+                reset = None
+            if reset is not None and reset.code == 250:
+                settle(client.send_message(sender, pending, message), client.peer)
+            if pending or not client.connected:
+                client.quit()
+                client = None
+        if pending:
+            client = self._attempt(destination, sender, pending, message, settle, last)
+        for recipient in pending:
+            done[recipient] = last[recipient]
+        return [done[r] for r in recipients], client
+
+    def _attempt(self, destination, sender, pending, message, settle, last):
+        def fail_all(reply, relay="none"):
+            for recipient in pending:
+                last[recipient] = Outcome(recipient, reply, relay)
+
+        try:
+            hops = self.hops(destination)
+        except DeliveryError as exc:
+            fail_all(exc.reply)
+            if exc.permanent:
+                settle([RecipientResult(r, exc.reply) for r in list(pending)], "none")
+            return None
+        sessions = 0
+        for hop in hops[:int(self.config.get("max_mx_addresses", 5))]:
+            try:
+                client = self.open(hop)
+            except DeliveryError as exc:
+                relay = "%s[%s]:%d" % (hop.name, hop.address, hop.port)
+                fail_all(exc.reply, relay)
+                if exc.permanent:           # a 5xx to HELO: this server will not take it
+                    settle([RecipientResult(r, exc.reply) for r in list(pending)], relay)
+                    return None
+                continue
+            sessions += 1
+            settle(client.send_message(sender, list(pending), message), client.peer)
+            if not pending and client.connected:
+                return client
+            client.quit()
+            if not pending or sessions >= int(self.config.get("max_mx_sessions", 2)):
+                break
+        return None
+
+
+def timeouts_from(config):
+    """Timeouts from the config keys connect_timeout, greeting_timeout, ... (seconds)."""
+    values = {}
+    for item in dataclasses.fields(Timeouts):
+        value = config.get(item.name + "_timeout")
+        if value is not None:
+            values[item.name] = float(value)
+    return Timeouts(**values)

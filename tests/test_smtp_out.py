@@ -367,3 +367,127 @@ def test_client_delivers_to_postfix_smtp_sink():
         process.terminate()
         process.wait(5)
         shutil.rmtree(tmp_path)
+
+
+# --- Destinations: MX routing with a real dnsmasq ---
+
+import dnsmx  # noqa: E402
+from conftest import require_tool  # noqa: E402
+from dnsmasq_server import host_record, mx_host, null_mx, start_dnsmasq  # noqa: E402
+
+HOSTNAME = "out.test"                  # this host, for self-MX detection
+
+
+@pytest.fixture(scope="module")
+def dns():
+    require_tool("dnsmasq", "dnsmasq-base")
+    records = [
+        mx_host("two.test", "mx1.two.test", 10), mx_host("two.test", "mx2.two.test", 20),
+        host_record("mx1.two.test", "127.0.0.2"), host_record("mx2.two.test", "127.0.0.3"),
+        host_record("implicit.test", "127.0.0.4"),
+        null_mx("nomail.test"),
+        mx_host("self.test", HOSTNAME, 10), mx_host("self.test", "mx2.two.test", 20),
+        mx_host("backup.test", "mx1.two.test", 5), mx_host("backup.test", HOSTNAME, 10),
+        mx_host("backup.test", "mx2.two.test", 20), host_record(HOSTNAME, "127.0.0.9"),
+    ]
+    with start_dnsmasq(records) as server:
+        yield server
+
+
+def same_port_sinks(sinks, hosts, **options):
+    """Sinks on each of hosts, all on one port (as MX delivery uses one remote port)."""
+    for _ in range(20):
+        first = sinks(hosts[0], **options)
+        port = first.server_address[1]
+        try:
+            return port, [first] + [sinks(h, port=port, **options) for h in hosts[1:]]
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+def deliverer(dns, port, **config):
+    settings = {"hostname": HOSTNAME, "remote_port": port}
+    settings.update({f.name + "_timeout": getattr(FAST, f.name) for f in
+                     smtp_out.dataclasses.fields(Timeouts)})
+    settings.update(config)
+    return smtp_out.Deliverer(settings, dnsmx.Resolver([dns.address], timeout=1, attempts=1))
+
+
+def test_mail_goes_to_the_best_mx(dns, sinks):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"])
+    outcomes, client = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert [(o.status, o.relay) for o in outcomes] == [("sent", "mx1.two.test[127.0.0.2]:%d" % port)]
+    assert len(mx1.wait_for(1)) == 1 and mx2.received == []
+    client.quit()
+
+
+def test_first_mx_down_falls_back_to_the_next(dns, sinks):
+    port, (mx2,) = same_port_sinks(sinks, ["127.0.0.3"])
+    outcomes, _ = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert outcomes[0].status == "sent" and outcomes[0].relay.startswith("mx2.two.test[127.0.0.3]")
+    assert mx2.wait_for(1)[0].rcpt_to == ["u@two.test"]
+
+
+def test_temporary_reply_tries_the_next_mx_but_a_permanent_one_does_not(dns, sinks):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"])
+    mx1.script.rcpt_replies = {"grey@two.test": "451 4.7.1 greylisted",
+                               "gone@two.test": "550 5.1.1 no such user"}
+    outcomes, _ = deliverer(dns, port).deliver(
+        "two.test", "a@b.test", ["grey@two.test", "gone@two.test", "ok@two.test"], b"m\r\n")
+    assert [o.status for o in outcomes] == ["sent", "bounced", "sent"]
+    assert outcomes[0].relay.startswith("mx2.") and outcomes[1].relay.startswith("mx1.")
+    assert outcomes[1].reply.text == "550 5.1.1 no such user"
+    assert [m.rcpt_to for m in mx2.wait_for(1)] == [["grey@two.test"]]
+
+
+def test_every_mx_deferring_defers_with_the_last_reply(dns, sinks):
+    port, sinks_ = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
+                                   script=Script(greeting="421 4.3.2 busy"))
+    (outcome,), _ = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert outcome.status == "deferred" and "421 4.3.2 busy" in outcome.reply.text
+
+
+def test_implicit_mx_is_the_domain_itself(dns, sinks):
+    port, (sink,) = same_port_sinks(sinks, ["127.0.0.4"])
+    (outcome,), _ = deliverer(dns, port).deliver("implicit.test", "a@b.test", ["u@implicit.test"], b"m\r\n")
+    assert outcome.status == "sent" and outcome.relay.startswith("implicit.test[127.0.0.4]")
+
+
+def test_null_mx_and_nxdomain_bounce_at_once(dns):
+    d = deliverer(dns, 9)
+    (null,), _ = d.deliver("nomail.test", "a@b.test", ["u@nomail.test"], b"m\r\n")
+    (missing,), _ = d.deliver("missing.test", "a@b.test", ["u@missing.test"], b"m\r\n")
+    assert (null.status, null.reply.status, null.relay) == ("bounced", "5.1.10", "none")
+    assert (missing.status, missing.reply.status) == ("bounced", "5.1.2")
+
+
+def test_dns_timeout_defers_with_4_4_3(sinks):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    resolver = dnsmx.Resolver(["127.0.0.1:%d" % silent.getsockname()[1]], timeout=0.2, attempts=1)
+    d = smtp_out.Deliverer({"hostname": HOSTNAME}, resolver)
+    (outcome,), _ = d.deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    silent.close()
+    assert (outcome.status, outcome.reply.status) == ("deferred", "4.4.3")
+
+
+def test_being_the_best_mx_is_a_loop_5_4_6(dns, sinks):
+    port, (mx2,) = same_port_sinks(sinks, ["127.0.0.3"])
+    (outcome,), _ = deliverer(dns, port).deliver("self.test", "a@b.test", ["u@self.test"], b"m\r\n")
+    assert (outcome.status, outcome.reply.status) == ("bounced", "5.4.6")
+    assert mx2.received == []
+
+
+def test_a_backup_mx_only_tries_better_preferences(dns, sinks):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"])
+    mx1.script.greeting = "421 4.3.2 busy"
+    (outcome,), _ = deliverer(dns, port).deliver("backup.test", "a@b.test", ["u@backup.test"], b"m\r\n")
+    assert outcome.status == "deferred" and mx2.sessions == 0
+
+
+def test_self_detected_by_address_too(dns, sinks):
+    port, _ = same_port_sinks(sinks, ["127.0.0.3"])
+    d = deliverer(dns, port, hostname="other.test", my_addresses=["127.0.0.9"])
+    (outcome,), _ = d.deliver("self.test", "a@b.test", ["u@self.test"], b"m\r\n")
+    assert outcome.reply.status == "5.4.6"
