@@ -16,12 +16,18 @@ Run: python3 smtp_out.py --spool /var/spool/mail [--dns 127.0.0.1:53] [--remote-
      python3 smtp_out.py --spool DIR --relay-host smtp.example.net:587 --relay-auth-file F
 """
 
+import argparse
 import base64
+import collections
 import dataclasses
 import ipaddress
 import logging
+import os
+import signal
 import socket
 import ssl
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,10 +50,48 @@ SUBMISSIONS_PORT = 465             # RFC 8314 3.3: implicit TLS for submission
 MAX_REPLY_LINE = 2048              # RFC 5321 4.5.3.1.5 says 512; be lenient with servers
 MAX_REPLY_LINES = 100              # a multi-line reply longer than this is garbage
 SEND_BLOCK = 1 << 20               # bytes handed to the kernel per send of message data
+MAX_RCPT = 50                      # recipients per transaction (RFC 5321 4.5.3.1.8 asks 100 of servers)
+POLL_INTERVAL = 60.0               # seconds between queue scans when no wake-up comes
+WORKER_IDLE = 1.0                  # seconds an idle worker sleeps between looks at the jobs
 
 TLS_NONE = "none"                  # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; plaintext when not or on failure
 TLS_REQUIRED = "required"          # no TLS, no mail (deferred)
+
+DEFAULTS = {
+    "spool": "./mailspool",
+    "hostname": "",                # default: socket.getfqdn(); sent in EHLO
+    "dns": "",                     # default: the nameservers of /etc/resolv.conf
+    "remote_port": SMTP_PORT,
+    "relay_host": "",
+    "relay_auth_file": "",         # "user:password" on one line; never a flag value
+    "relay_tls": TLS_REQUIRED,     # none | opportunistic | required, for the relay host
+    "relay_insecure": False,       # do not verify the relay host's certificate
+    "tls_verify": False,           # MX delivery: require TLS and a verified certificate
+    "tls_ca_file": "",             # CA bundle for verification instead of the system's
+    "my_addresses": [],            # this host's public addresses, for self-MX detection
+    "max_connections": 20,
+    "max_per_destination": 10,
+    "max_rcpt": MAX_RCPT,
+    "max_mx_addresses": 5,
+    "max_mx_sessions": 2,
+    "poll_interval": POLL_INTERVAL,
+    "connect_timeout": 30.0,
+    "greeting_timeout": 300.0,
+    "ehlo_timeout": 300.0,
+    "starttls_timeout": 300.0,
+    "auth_timeout": 300.0,
+    "mail_timeout": 300.0,
+    "rcpt_timeout": 300.0,
+    "data_start_timeout": 120.0,
+    "data_block_timeout": 180.0,
+    "data_end_timeout": 600.0,
+    "rset_timeout": 20.0,
+    "quit_timeout": 20.0,
+    "once": False,
+    "syslog": False,
+    "verbose": False,
+}
 
 # --- Replies this side makes up (local reasons; the first word is the enhanced code) ---
 # A local reply has remote=False: it goes into logs and bounces as a reason, never as a
@@ -749,7 +793,7 @@ class Deliverer:
         self.my_names = [self.helo_name] + list(config.get("my_names") or [])
         self.my_addresses = list(config.get("my_addresses") or [])
         if self.relay:
-            verify = config.get("relay_tls_verify", True)
+            verify = not config.get("relay_insecure", False)
             self.tls = config.get("relay_tls", TLS_REQUIRED)
         else:
             verify = config.get("tls_verify", False)
@@ -871,3 +915,252 @@ def timeouts_from(config):
         if value is not None:
             values[item.name] = float(value)
     return Timeouts(**values)
+
+
+# --- The outbound queue daemon ---
+
+@dataclass
+class Job:
+    """One transaction to make: one message, up to MAX_RCPT recipients of one destination."""
+    queue_id: str
+    sender: str
+    recipients: list
+    destination: str
+    arrival: float                 # the message's arrival time (queue clock), for delay=
+    work: object = None            # the queue's own handle for recording results
+
+
+class OutboundDaemon:
+    """Worker threads that deliver the outbound queue's due recipients.
+
+    queue is the outbound-queue adapter (see MtaQueue): due(now) gives the due work as
+    (work, queue_id, sender, recipients, arrival) items, message(work) its bytes,
+    record(work, outcomes) writes the results durably, wait(timeout) sleeps until woken.
+    At most max_connections sessions at once and max_per_destination per destination;
+    the recipients of one message for one destination share a transaction (MAX_RCPT each),
+    and jobs for a destination follow each other on one connection (RSET between).
+    """
+
+    def __init__(self, config, queue, deliverer, clock=time.time):
+        self.config = config
+        self.queue = queue
+        self.deliverer = deliverer
+        self.clock = clock
+        self.max_connections = int(config.get("max_connections", 20))
+        self.max_per_destination = int(config.get("max_per_destination", 10))
+        self.max_rcpt = int(config.get("max_rcpt", MAX_RCPT))
+        self.jobs_lock = threading.Condition()   # guards jobs, active, in_flight, busy
+        self.jobs = {}                 # destination -> deque of Jobs waiting
+        self.active = {}               # destination -> sessions open or being opened
+        self.in_flight = set()         # (queue_id, recipient) taken and not yet recorded
+        self.busy = 0                  # workers delivering now
+        self.stopping = threading.Event()
+        self.workers = []
+
+    # -- taking work --
+
+    def fill(self):
+        """Claim what is due and not already in flight; return how many jobs were added."""
+        added = 0
+        for work, queue_id, sender, recipients, arrival in self.queue.due(self.clock()):
+            with self.jobs_lock:
+                fresh = [r for r in recipients if (queue_id, r) not in self.in_flight]
+                groups = {}
+                for recipient in fresh:
+                    groups.setdefault(self.deliverer.destination(recipient), []).append(recipient)
+                for destination, group in groups.items():
+                    for start in range(0, len(group), self.max_rcpt):
+                        chunk = group[start:start + self.max_rcpt]
+                        self.jobs.setdefault(destination, collections.deque()).append(
+                            Job(queue_id, sender, chunk, destination, arrival, work))
+                        self.in_flight.update((queue_id, r) for r in chunk)
+                        added += 1
+                if added:
+                    self.jobs_lock.notify_all()
+        return added
+
+    def _take(self, destination=None):
+        """Under jobs_lock: the next job, for destination when given (connection reuse)."""
+        if destination is not None:
+            queue = self.jobs.get(destination)
+            if queue:
+                job = queue.popleft()
+                if not queue:
+                    del self.jobs[destination]
+                return job
+            return None
+        for name, queue in self.jobs.items():
+            if self.active.get(name, 0) < self.max_per_destination:
+                job = queue.popleft()
+                if not queue:
+                    del self.jobs[name]
+                self.active[name] = self.active.get(name, 0) + 1
+                return job
+        return None
+
+    # -- workers --
+
+    def start(self):
+        for number in range(self.max_connections):
+            thread = threading.Thread(target=self.worker, name="smtp_out-%d" % number,
+                                      daemon=True)
+            thread.start()
+            self.workers.append(thread)
+
+    def worker(self):
+        while not self.stopping.is_set():
+            with self.jobs_lock:
+                job = self._take()
+                if job is None:
+                    self.jobs_lock.wait(WORKER_IDLE)
+                    continue
+                self.busy += 1
+            try:
+                self.run_destination(job)
+            finally:
+                with self.jobs_lock:
+                    self.busy -= 1
+                    self.active[job.destination] -= 1
+                    if not self.active[job.destination]:
+                        del self.active[job.destination]
+                    self.jobs_lock.notify_all()
+
+    def run_destination(self, job):
+        """Deliver job, then further jobs for its destination over the same connection."""
+        client = None
+        try:
+            while job is not None:
+                client = self.deliver(job, client)
+                if self.stopping.is_set():
+                    break
+                with self.jobs_lock:
+                    job = self._take(job.destination) if client is not None else None
+                    if job is None and client is None:
+                        break
+        except Exception:
+            # The worker must survive anything; the job's recipients stay due.
+            log.exception("internal error delivering to %s", job.destination)
+            with self.jobs_lock:
+                self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
+        finally:
+            if client is not None:
+                client.quit()
+
+    def deliver(self, job, client):
+        """One transaction for job; record and log every recipient; return the client."""
+        try:
+            message = self.queue.message(job.work)
+        except OSError as exc:
+            log.warning("%s: cannot read the message: %s", job.queue_id, exc)
+            with self.jobs_lock:
+                self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
+            return client
+        outcomes, client = self.deliverer.deliver(job.destination, job.sender, job.recipients,
+                                                  message, client)
+        # The window in which a crash delivers twice: from the server's 250 to here.
+        self.queue.record(job.work, outcomes)
+        now = self.clock()
+        for outcome in outcomes:
+            log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)", job.queue_id,
+                     outcome.recipient, outcome.relay, max(0.0, now - job.arrival),
+                     outcome.reply.status, outcome.status, outcome.reply.text)
+        with self.jobs_lock:
+            self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
+        return client
+
+    # -- running --
+
+    def idle(self):
+        with self.jobs_lock:
+            return not self.jobs and not self.busy
+
+    def run_once(self, timeout=None):
+        """One pass over the due work (--once): deliver it all, then stop the workers."""
+        self.fill()
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.jobs_lock:
+            while (self.jobs or self.busy) and (deadline is None or time.monotonic() < deadline):
+                self.jobs_lock.wait(0.1)
+        self.stop()
+
+    def serve(self, stop_event):
+        """Run until stop_event: claim due work when woken and at every poll interval."""
+        self.start()
+        poll = float(self.config.get("poll_interval", POLL_INTERVAL))
+        while not stop_event.is_set():
+            self.fill()
+            self.queue.wait(poll)
+        self.stop()
+
+    def stop(self, grace=5.0):
+        self.stopping.set()
+        with self.jobs_lock:
+            self.jobs_lock.notify_all()
+        until = time.monotonic() + grace
+        for thread in self.workers:
+            thread.join(max(0.0, until - time.monotonic()))
+
+
+# --- Command line ---
+
+def read_credentials(path):
+    """(user, password) from the first non-comment line "user:password" of path.
+
+    Credentials never come from the command line, where any local user can read them
+    with ps; a file readable by others gets a warning.
+    """
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        log.warning("%s is readable by others (mode %o); chmod 600 it", path, mode & 0o777)
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                user, colon, password = line.partition(":")
+                if colon and user and password:
+                    return user, password
+                break
+    raise ValueError("%s: expected one line user:password" % path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="smtp_out.py", description="Deliver the outbound queue through DNS MX or a relay host.")
+    plumbing.add_options(parser, DEFAULTS)
+    args = parser.parse_args(argv)
+    try:
+        config = plumbing.load_config("smtp_out", DEFAULTS, args)
+        if config["relay_tls"] not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
+            raise ValueError("relay_tls: one of none, opportunistic, required")
+        if config["relay_host"]:
+            plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
+        credentials = None
+        if config["relay_auth_file"]:
+            credentials = read_credentials(config["relay_auth_file"])
+        resolver = dnsmx.Resolver([config["dns"]] if config["dns"] else None)
+        queue = MtaQueue(config["spool"])
+    except (OSError, ValueError) as exc:
+        print("smtp_out: %s" % exc, file=sys.stderr)
+        return 1
+    plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
+    for key in sorted(config):
+        log.info("config %s = %s", key, config[key])
+    daemon = OutboundDaemon(config, queue, Deliverer(config, resolver, credentials))
+    if config["once"]:
+        daemon.run_once()
+        return 0
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        stop.set()
+        queue.interrupt()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    daemon.serve(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
