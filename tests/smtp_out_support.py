@@ -52,7 +52,16 @@ class SinkHandler(plumbing.ConnectionHandler):
         script = server.script
         with server.lock:
             server.sessions += 1
+            server.active += 1
+            server.max_active = max(server.max_active, server.active)
             self.number = server.sessions
+        try:
+            self.conversation(server, script)
+        finally:
+            with server.lock:
+                server.active -= 1
+
+    def conversation(self, server, script):
         self.helo, self.auth_user = "", None
         if script.stall == "greeting":
             return self.stall()
@@ -186,6 +195,8 @@ class Sink(plumbing.ThreadedServer):
         self.received = []
         self.commands = []
         self.sessions = 0
+        self.active = 0
+        self.max_active = 0
         self.pipelining_violations = 0
 
     @classmethod
@@ -193,7 +204,7 @@ class Sink(plumbing.ThreadedServer):
         if tls_files is not None:
             options["tls_context"] = plumbing.server_tls_context(*tls_files)
         server = cls((host, port), script, **options)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return server
 
     def record(self, message):
@@ -209,6 +220,33 @@ class Sink(plumbing.ThreadedServer):
 
     def close(self):
         self.stop(grace=0.2)
+
+
+class MemoryQueue:
+    """The outbound-queue interface of smtp_out.OutboundDaemon, in memory: for tests of the
+    worker pool that need no spool. items: (queue_id, sender, recipients, message)."""
+
+    def __init__(self, items, arrival=0.0):
+        self.items = {qid: (sender, list(rcpts), message) for qid, sender, rcpts, message in items}
+        self.arrival = arrival
+        self.outcomes = {}
+        self.lock = threading.Lock()
+
+    def due(self, now):
+        with self.lock:
+            return [(qid, qid, sender, [r for r in rcpts if r not in self.outcomes.get(qid, {})],
+                     self.arrival) for qid, (sender, rcpts, _) in self.items.items()]
+
+    def message(self, work):
+        return self.items[work][2]
+
+    def record(self, work, outcomes):
+        with self.lock:
+            for outcome in outcomes:
+                self.outcomes.setdefault(work, {})[outcome.recipient] = outcome
+
+    def wait(self, timeout):
+        time.sleep(min(timeout, 0.05))
 
 
 def plain_token(user, password):
