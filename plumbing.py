@@ -529,12 +529,15 @@ SHARED_HELP = {
 }
 
 
-def add_options(parser, defaults):
-    """Add --config and one flag per key of defaults; unset flags stay None."""
+def add_options(parser, defaults, help_texts=None):
+    """Add --config and one flag per key of defaults; unset flags stay None.
+
+    help_texts gives the help of the role's own keys; shared keys have theirs here.
+    """
     parser.add_argument("--config", metavar="FILE", help="INI file ([DEFAULT] and one section per role)")
     for key, default in defaults.items():
         flag = "--" + key.replace("_", "-")
-        help_text = SHARED_HELP.get(key, key.replace("_", " "))
+        help_text = (help_texts or {}).get(key) or SHARED_HELP.get(key, key.replace("_", " "))
         if isinstance(default, bool):
             parser.add_argument(flag, dest=key, action="store_const", const=True, default=None,
                                 help=help_text)
