@@ -93,6 +93,23 @@ DEFAULTS = {
     "verbose": False,
 }
 
+HELP = {
+    "hostname": "name sent in EHLO and checked against MX targets (default: the FQDN)",
+    "relay_auth_file": "file with one line user:password for AUTH to the relay host",
+    "relay_tls": "TLS to the relay host: none, opportunistic or required",
+    "relay_insecure": "do not verify the relay host's certificate",
+    "tls_verify": "MX delivery: require STARTTLS with a verified certificate, else defer",
+    "tls_ca_file": "PEM CA bundle to verify certificates with (default: the system's)",
+    "my_addresses": "an address of this host, for self-MX detection (repeatable)",
+    "max_connections": "outbound SMTP sessions at once, in total",
+    "max_per_destination": "outbound SMTP sessions at once per destination domain",
+    "max_rcpt": "recipients per transaction",
+    "max_mx_addresses": "server addresses tried per delivery attempt",
+    "max_mx_sessions": "SMTP sessions completed per delivery attempt",
+    "poll_interval": "seconds between queue scans when no wake-up comes",
+    "once": "deliver what is due now, then exit",
+}
+
 # --- Replies this side makes up (local reasons; the first word is the enhanced code) ---
 # A local reply has remote=False: it goes into logs and bounces as a reason, never as a
 # Diagnostic-Code from a remote MTA.
@@ -1127,7 +1144,7 @@ def read_credentials(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="smtp_out.py", description="Deliver the outbound queue through DNS MX or a relay host.")
-    plumbing.add_options(parser, DEFAULTS)
+    plumbing.add_options(parser, DEFAULTS, HELP)
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_out", DEFAULTS, args)
