@@ -23,7 +23,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import ssl
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import dnsmx
+import mta
 import plumbing
 
 __all__ = [
@@ -53,6 +53,7 @@ SEND_BLOCK = 1 << 20               # bytes handed to the kernel per send of mess
 MAX_RCPT = 50                      # recipients per transaction (RFC 5321 4.5.3.1.8 asks 100 of servers)
 POLL_INTERVAL = 60.0               # seconds between queue scans when no wake-up comes
 WORKER_IDLE = 1.0                  # seconds an idle worker sleeps between looks at the jobs
+ONCE_SLICE = 500                   # messages claimed at once by --once
 
 TLS_NONE = "none"                  # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; plaintext when not or on failure
@@ -76,6 +77,8 @@ DEFAULTS = {
     "max_mx_addresses": 5,
     "max_mx_sessions": 2,
     "poll_interval": POLL_INTERVAL,
+    "queue_lifetime": float(mta.QUEUE_LIFETIME),   # as mta's: a deferral past it bounces (4.4.7)
+    "delay_warning": float(mta.DELAY_WARNING),     # first delay notice to the sender
     "connect_timeout": 30.0,
     "greeting_timeout": 300.0,
     "ehlo_timeout": 300.0,
@@ -107,6 +110,8 @@ HELP = {
     "max_mx_addresses": "server addresses tried per delivery attempt",
     "max_mx_sessions": "SMTP sessions completed per delivery attempt",
     "poll_interval": "seconds between queue scans when no wake-up comes",
+    "queue_lifetime": "seconds a message may stay queued before it bounces (as mta's)",
+    "delay_warning": "seconds queued before the sender gets a delay notice (as mta's)",
     "once": "deliver what is due now, then exit",
 }
 
@@ -540,7 +545,8 @@ class SMTPClient:
 
     def mail(self, sender, size=None, smtputf8=False, body_8bit=False):
         """MAIL FROM with SIZE= (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531)."""
-        return self.command(self._mail_line(sender, size, smtputf8, body_8bit),
+        return self.command(self._mail_line(sender, size, smtputf8,
+                                            body_8bit and self.supports("8BITMIME")),
                             self.timeouts.mail, "sending MAIL FROM")
 
     def rcpt(self, recipient):
@@ -581,13 +587,15 @@ class SMTPClient:
 
     # -- a whole transaction --
 
-    def send_message(self, sender, recipients, message):
+    def send_message(self, sender, recipients, message, reset=False):
         """One mail transaction; returns a RecipientResult for each recipient, in order.
 
         Pipelines MAIL, every RCPT and DATA in one write when the server offers PIPELINING
         (RFC 2920 3.1), else one command at a time. Checks first what this server can take:
         its SIZE (RFC 1870 6.1), SMTPUTF8 for non-ASCII addresses (RFC 6531 3.4, 5.6.7),
         8BITMIME for 8-bit data (RFC 6152 3, 5.6.3); those failures are permanent.
+        reset=True sends RSET first (in the same write when pipelining), for a connection
+        that carried a transaction before.
         """
         results = {}
         if not valid_path(sender):
@@ -607,31 +615,38 @@ class SMTPClient:
                 results[recipient] = Reply.local(R_BAD_ADDRESS % recipient)
             elif needs_smtputf8(recipient) and not smtputf8:
                 results[recipient] = Reply.local(R_NEED_SMTPUTF8 % (self.peer, recipient))
-            else:
+            elif recipient not in usable:
                 usable.append(recipient)
         if usable:
             use_utf8 = smtputf8 and (needs_smtputf8(sender) or any(map(needs_smtputf8, usable)))
             mail_line = self._mail_line(sender, len(message) if self.supports("SIZE") else None,
-                                        use_utf8, body_8bit and self.supports("8BITMIME"))
+                                        use_utf8, body_8bit)
             try:
                 if self.supports("PIPELINING"):
-                    results.update(self._transaction_pipelined(mail_line, usable, message))
+                    self._transaction_pipelined(mail_line, usable, message, reset, results)
                 else:
-                    results.update(self._transaction_lockstep(mail_line, usable, message))
+                    self._transaction_lockstep(mail_line, usable, message, reset, results)
                 self.transactions += 1
             except DeliveryError as exc:
                 # The connection is gone: recipients already refused keep their reply.
                 self.close()
                 for recipient in usable:
-                    if recipient not in results or results[recipient].code < 500:
+                    if recipient not in results or not results[recipient].permanent:
                         results[recipient] = exc.reply
         return [RecipientResult(r, results[r]) for r in recipients]
 
-    def _transaction_pipelined(self, mail_line, recipients, message):
+    def _transaction_pipelined(self, mail_line, recipients, message, reset, results):
         lines = [mail_line] + ["RCPT TO:<%s>" % r for r in recipients] + ["DATA"]
-        self.send_lines(lines, self.timeouts.mail, "sending MAIL FROM")
+        self.send_lines((["RSET"] if reset else []) + lines, self.timeouts.mail,
+                        "sending MAIL FROM")
+        if reset:
+            self._check_rset(self.read_reply(self.timeouts.rset, "sending RSET"))
         mail = self.read_reply(self.timeouts.mail, "sending MAIL FROM")
-        replies = {r: self.read_reply(self.timeouts.rcpt, "sending RCPT TO") for r in recipients}
+        replies = {}
+        for recipient in recipients:
+            replies[recipient] = self.read_reply(self.timeouts.rcpt, "sending RCPT TO")
+            if not replies[recipient].ok:
+                results[recipient] = replies[recipient]
         data = self.read_reply(self.timeouts.data_start, "sending DATA")
         accepted = [r for r in recipients if replies[r].ok] if mail.ok else []
         if data.code == 354 and not accepted:
@@ -640,22 +655,31 @@ class SMTPClient:
             self.send_data(b".\r\n")
             data = Reply.local(R_PROTOCOL % (self.peer, "sending DATA"))
         final = self._finish(accepted, data, message)
-        if not mail.ok:
-            return {r: mail for r in recipients}
-        return {r: final if replies[r].ok else replies[r] for r in recipients}
+        for recipient in recipients:
+            results[recipient] = mail if not mail.ok else (
+                final if replies[recipient].ok else replies[recipient])
 
-    def _transaction_lockstep(self, mail_line, recipients, message):
+    def _transaction_lockstep(self, mail_line, recipients, message, reset, results):
+        if reset:
+            self._check_rset(self.rset())
         mail = self.command(mail_line, self.timeouts.mail, "sending MAIL FROM")
         if not mail.ok:
-            return {r: mail for r in recipients}
-        replies = {r: self.rcpt(r) for r in recipients}
-        accepted = [r for r, reply in replies.items() if reply.ok]
+            results.update((r, mail) for r in recipients)
+            return
+        replies = {}
+        for recipient in recipients:
+            replies[recipient] = results[recipient] = self.rcpt(recipient)
+        accepted = [r for r in recipients if replies[r].ok]
         if not accepted:
             self.rset()
-            return replies
+            return
         data = self.command("DATA", self.timeouts.data_start, "sending DATA")
         final = self._finish(accepted, data, message)
-        return {r: final if replies[r].ok else replies[r] for r in recipients}
+        results.update((r, final) for r in accepted)
+
+    def _check_rset(self, reply):
+        if reply.code != 250:
+            raise DeliveryError(reply, permanent=False)
 
     def _finish(self, accepted, data, message):
         """Send the message after a 354, or bring the session back to a clean state."""
@@ -673,7 +697,7 @@ class SMTPClient:
         line = "MAIL FROM:<%s>" % sender
         if size is not None and self.supports("SIZE"):
             line += " SIZE=%d" % size
-        if body_8bit and self.supports("8BITMIME"):
+        if body_8bit:
             line += " BODY=8BITMIME"
         if smtputf8:
             line += " SMTPUTF8"
@@ -876,12 +900,7 @@ class Deliverer:
 
         last = {}
         if client is not None:
-            try:
-                reset = client.rset()
-            except DeliveryError:
-                reset = None
-            if reset is not None and reset.code == 250:
-                settle(client.send_message(sender, pending, message), client.peer)
+            settle(client.send_message(sender, pending, message, reset=True), client.peer)
             if pending or not client.connected:
                 client.quit()
                 client = None
@@ -938,78 +957,104 @@ def timeouts_from(config):
 
 @dataclass
 class Job:
-    """One transaction to make: one message, up to MAX_RCPT recipients of one destination."""
-    queue_id: str
-    sender: str
-    recipients: list
+    """One transaction to make: one message, up to max_rcpt recipients of one destination."""
+    claim: object                  # the mta.Claim holding the message (or a stand-in)
     destination: str
-    arrival: float                 # the message's arrival time (queue clock), for delay=
-    work: object = None            # the queue's own handle for recording results
+    recipients: list               # addresses, each once
+    targets: dict                  # address -> [mta.Recipient] to record the result on
+    batch: "Batch"
+
+
+class Batch:
+    """The jobs made from one claimed message; done once each is recorded or dropped."""
+
+    def __init__(self, claim):
+        self.claim = claim
+        self.left = 0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def finished(self):
+        with self.lock:
+            self.left -= 1
+            if self.left <= 0:
+                self.done.set()
 
 
 class OutboundDaemon:
-    """Worker threads that deliver the outbound queue's due recipients.
+    """Worker threads that deliver the recipients of claimed outbound messages.
 
-    queue is the outbound-queue adapter (see MtaQueue): due(now) gives the due work as
-    (work, queue_id, sender, recipients, arrival) items, message(work) its bytes,
-    record(work, outcomes) writes the results durably, wait(timeout) sleeps until woken.
-    At most max_connections sessions at once and max_per_destination per destination;
-    the recipients of one message for one destination share a transaction (MAX_RCPT each),
-    and jobs for a destination follow each other on one connection (RSET between).
+    A claim (mta.Queue.claim_outbound) gives a message and its due remote recipients;
+    submit() cuts it into jobs: its recipients for one destination, at most max_rcpt per
+    transaction. Each worker is one SMTP session: it takes a job whose destination has a
+    free slot (max_connections in all, max_per_destination each), and when it is done it
+    takes the next job for the same destination over the same connection (RSET between),
+    so many messages to one place share a connection. Results go straight back to the
+    claim (one appended record each) as soon as the server has answered.
     """
 
-    def __init__(self, config, queue, deliverer, clock=time.time):
+    def __init__(self, config, queue, deliverer):
         self.config = config
-        self.queue = queue
+        self.queue = queue             # an mta.Queue
         self.deliverer = deliverer
-        self.clock = clock
         self.max_connections = int(config.get("max_connections", 20))
         self.max_per_destination = int(config.get("max_per_destination", 10))
-        self.max_rcpt = int(config.get("max_rcpt", MAX_RCPT))
-        self.jobs_lock = threading.Condition()   # guards jobs, active, in_flight, busy
-        self.jobs = {}                 # destination -> deque of Jobs waiting
+        self.max_rcpt = max(1, int(config.get("max_rcpt", MAX_RCPT)))
+        self.jobs_lock = threading.Condition()   # guards jobs and active
+        self.jobs = collections.OrderedDict()    # destination -> deque of Jobs waiting
         self.active = {}               # destination -> sessions open or being opened
-        self.in_flight = set()         # (queue_id, recipient) taken and not yet recorded
-        self.busy = 0                  # workers delivering now
         self.stopping = threading.Event()
         self.workers = []
 
     # -- taking work --
 
-    def fill(self):
-        """Claim what is due and not already in flight; return how many jobs were added."""
-        added = 0
-        for work, queue_id, sender, recipients, arrival in self.queue.due(self.clock()):
-            with self.jobs_lock:
-                fresh = [r for r in recipients if (queue_id, r) not in self.in_flight]
-                groups = {}
-                for recipient in fresh:
-                    groups.setdefault(self.deliverer.destination(recipient), []).append(recipient)
-                for destination, group in groups.items():
-                    for start in range(0, len(group), self.max_rcpt):
-                        chunk = group[start:start + self.max_rcpt]
-                        self.jobs.setdefault(destination, collections.deque()).append(
-                            Job(queue_id, sender, chunk, destination, arrival, work))
-                        self.in_flight.update((queue_id, r) for r in chunk)
-                        added += 1
-                if added:
-                    self.jobs_lock.notify_all()
-        return added
+    def handle(self, queue_id):
+        """Deliver one outbound message (mta.QueueRunner calls this on its threads)."""
+        claim = self.queue.claim_outbound(queue_id)
+        if claim is None:
+            return
+        with claim:                    # leaving it queues the DSNs and files the message away
+            self.submit(claim).done.wait()
+
+    def submit(self, claim):
+        """Cut claim's due recipients into jobs for the workers; return their Batch."""
+        batch = Batch(claim)
+        groups = collections.OrderedDict()
+        for recipients in claim.groups.values():
+            for recipient in recipients:
+                destination = self.deliverer.destination(recipient.address)
+                groups.setdefault(destination, collections.OrderedDict()).setdefault(
+                    recipient.address, []).append(recipient)
+        jobs = []
+        for destination, targets in groups.items():
+            addresses = list(targets)
+            for start in range(0, len(addresses), self.max_rcpt):
+                chunk = addresses[start:start + self.max_rcpt]
+                jobs.append(Job(claim, destination, chunk, {a: targets[a] for a in chunk}, batch))
+        batch.left = len(jobs)
+        if not jobs:
+            batch.done.set()
+            return batch
+        with self.jobs_lock:
+            for job in jobs:
+                self.jobs.setdefault(job.destination, collections.deque()).append(job)
+            self.jobs_lock.notify_all()
+        return batch
 
     def _take(self, destination=None):
         """Under jobs_lock: the next job, for destination when given (connection reuse)."""
         if destination is not None:
-            queue = self.jobs.get(destination)
-            if queue:
-                job = queue.popleft()
-                if not queue:
-                    del self.jobs[destination]
-                return job
-            return None
-        for name, queue in self.jobs.items():
+            waiting = self.jobs.get(destination)
+            if not waiting:
+                return None
+            job = waiting.popleft()
+            if not waiting:
+                del self.jobs[destination]
+            return job
+        for name, waiting in self.jobs.items():
             if self.active.get(name, 0) < self.max_per_destination:
-                job = queue.popleft()
-                if not queue:
+                job = waiting.popleft()
+                if not waiting:
                     del self.jobs[name]
                 self.active[name] = self.active.get(name, 0) + 1
                 return job
@@ -1018,6 +1063,7 @@ class OutboundDaemon:
     # -- workers --
 
     def start(self):
+        self.stopping.clear()
         for number in range(self.max_connections):
             thread = threading.Thread(target=self.worker, name="smtp_out-%d" % number,
                                       daemon=True)
@@ -1031,92 +1077,115 @@ class OutboundDaemon:
                 if job is None:
                     self.jobs_lock.wait(WORKER_IDLE)
                     continue
-                self.busy += 1
             try:
                 self.run_destination(job)
             finally:
                 with self.jobs_lock:
-                    self.busy -= 1
                     self.active[job.destination] -= 1
                     if not self.active[job.destination]:
                         del self.active[job.destination]
                     self.jobs_lock.notify_all()
 
     def run_destination(self, job):
-        """Deliver job, then further jobs for its destination over the same connection."""
+        """Deliver job, then more jobs for its destination over the same connection."""
         client = None
         try:
             while job is not None:
-                client = self.deliver(job, client)
-                if self.stopping.is_set():
+                current, job = job, None
+                try:
+                    client = self.deliver(current, client)
+                finally:
+                    current.batch.finished()
+                if client is None or self.stopping.is_set():
                     break
                 with self.jobs_lock:
-                    job = self._take(job.destination) if client is not None else None
-                    if job is None and client is None:
-                        break
+                    job = self._take(current.destination)
         except Exception:
-            # The worker must survive anything; the job's recipients stay due.
-            log.exception("internal error delivering to %s", job.destination)
-            with self.jobs_lock:
-                self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
+            # The boundary: log and go on; unrecorded recipients stay due in the spool.
+            log.exception("internal error delivering to %s", current.destination)
         finally:
             if client is not None:
                 client.quit()
 
     def deliver(self, job, client):
-        """One transaction for job; record and log every recipient; return the client."""
-        try:
-            message = self.queue.message(job.work)
-        except OSError as exc:
-            log.warning("%s: cannot read the message: %s", job.queue_id, exc)
-            with self.jobs_lock:
-                self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
-            return client
-        outcomes, client = self.deliverer.deliver(job.destination, job.sender, job.recipients,
-                                                  message, client)
-        # The window in which a crash delivers twice: from the server's 250 to here.
-        self.queue.record(job.work, outcomes)
-        now = self.clock()
+        """One transaction for job; record every recipient's result; return the client."""
+        claim = job.claim
+        outcomes, client = self.deliverer.deliver(job.destination, claim.envelope.sender,
+                                                  job.recipients, claim.message, client)
+        # A crash between the server's 250 and this write() delivers twice; nothing
+        # else happens in between.
         for outcome in outcomes:
-            log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)", job.queue_id,
-                     outcome.recipient, outcome.relay, max(0.0, now - job.arrival),
-                     outcome.reply.status, outcome.status, outcome.reply.text)
-        with self.jobs_lock:
-            self.in_flight.difference_update((job.queue_id, r) for r in job.recipients)
+            relay = "" if outcome.relay == "none" else outcome.relay
+            reply, status = outcome.reply.text, outcome.reply.status
+            for recipient in job.targets[outcome.recipient]:
+                if outcome.status == "sent":
+                    claim.delivered(recipient, reply, remote_mta=relay)
+                elif outcome.status == "bounced":
+                    claim.failed(recipient, reply, dsn=status, remote_mta=relay)
+                else:
+                    claim.deferred(recipient, reply, dsn=status, remote_mta=relay)
         return client
 
     # -- running --
 
-    def idle(self):
-        with self.jobs_lock:
-            return not self.jobs and not self.busy
-
     def run_once(self, timeout=None):
-        """One pass over the due work (--once): deliver it all, then stop the workers."""
-        self.fill()
-        self.start()
+        """One pass over the due work (--once): every message in outbound/ now, claimed
+        ONCE_SLICE at a time; returns the number of messages handled."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.jobs_lock:
-            while (self.jobs or self.busy) and (deadline is None or time.monotonic() < deadline):
-                self.jobs_lock.wait(0.1)
-        self.stop()
-
-    def serve(self, stop_event):
-        """Run until stop_event: claim due work when woken and at every poll interval."""
+        handled = 0
         self.start()
-        poll = float(self.config.get("poll_interval", POLL_INTERVAL))
-        while not stop_event.is_set():
-            self.fill()
-            self.queue.wait(poll)
-        self.stop()
+        try:
+            names = self.queue.ids(mta.OUTBOUND)
+            for start in range(0, len(names), ONCE_SLICE):
+                claims = []
+                try:
+                    for name in names[start:start + ONCE_SLICE]:
+                        try:
+                            claim = self.queue.claim_outbound(name)
+                        except mta.QueueBusy:
+                            continue           # a running daemon has it
+                        if claim is not None:
+                            claims.append(claim)
+                    for batch in [self.submit(claim) for claim in claims]:
+                        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                        if not batch.done.wait(left):
+                            self.stop()
+                finally:
+                    for claim in claims:
+                        claim.release()
+                handled += len(claims)
+                if self.stopping.is_set():
+                    break
+        finally:
+            self.stop()
+        return handled
+
+    def serve(self):
+        """Run as a daemon until SIGTERM/SIGINT: mta's QueueRunner hands over the files
+        of outbound/ as they come (a wake-up datagram, or its periodic scan)."""
+        self.start()
+        runner = mta.QueueRunner(self.queue, mta.OUTBOUND, "smtp_out", self.handle,
+                                 workers=self.max_connections * 2,
+                                 scan_interval=float(self.config.get("poll_interval", POLL_INTERVAL)))
+        try:
+            return plumbing.serve_until_signalled([runner], on_stop=self.stop)
+        finally:
+            self.stop()
 
     def stop(self, grace=5.0):
+        """Workers finish their transaction and stop; waiting jobs are dropped (their
+        recipients stay due in the spool) and their batches let go."""
         self.stopping.set()
         with self.jobs_lock:
+            dropped = [job for waiting in self.jobs.values() for job in waiting]
+            self.jobs.clear()
             self.jobs_lock.notify_all()
+        for job in dropped:
+            job.batch.finished()
         until = time.monotonic() + grace
         for thread in self.workers:
             thread.join(max(0.0, until - time.monotonic()))
+        self.workers = [t for t in self.workers if t.is_alive()]
 
 
 # --- Command line ---
@@ -1156,27 +1225,20 @@ def main(argv=None):
         if config["relay_auth_file"]:
             credentials = read_credentials(config["relay_auth_file"])
         resolver = dnsmx.Resolver([config["dns"]] if config["dns"] else None)
-        queue = MtaQueue(config["spool"])
     except (OSError, ValueError) as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
     plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
     for key in sorted(config):
         log.info("config %s = %s", key, config[key])
+    queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
+                      lifetime=float(config["queue_lifetime"]),
+                      delay_warning=float(config["delay_warning"]))
     daemon = OutboundDaemon(config, queue, Deliverer(config, resolver, credentials))
     if config["once"]:
         daemon.run_once()
         return 0
-    stop = threading.Event()
-
-    def request_stop(signum, frame):
-        stop.set()
-        queue.interrupt()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    daemon.serve(stop)
-    return 0
+    return daemon.serve()
 
 
 if __name__ == "__main__":

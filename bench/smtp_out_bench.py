@@ -5,8 +5,10 @@ run, at 1 and 20 concurrent connections, with connection reuse:
 
 - smtp_out:    smtp_out.OutboundDaemon + Deliverer through --relay-host to the sink: the
                worker pool, per-destination caps, pipelined transactions and RSET between
-               messages on kept connections. Its queue is in memory (no spool writes), so
-               the row measures the delivery engine; `--spool` rows need mta.py.
+               messages on kept connections, with the claims held in memory: the engine.
+- smtp_out+spool: the same over the real spool: N messages routed into outbound/ by
+               mta.py first, then one --once pass (claim with flock, read, deliver,
+               append each result, file away). This is the row to compare with Postfix.
 - postfix:     Postfix's qmgr + smtp(8) client (a separate instance built from
                ../shared/bench/peers/postfix, relayhost = the sink). The N messages are put
                in its queue first (defer_transports = smtp), then released with a flush;
@@ -37,6 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "tests"))
 
 import smtp_out  # noqa: E402
 
@@ -104,52 +107,60 @@ class SmtpSink:
         self.process.wait(5)
 
 
-# --- smtp_out with an in-memory queue ---
+# --- smtp_out: in-memory claims, and the real spool ---
 
-class MemoryQueue:
-    """The outbound-queue interface OutboundDaemon uses, holding N messages in memory."""
-
-    def __init__(self, messages):
-        self.messages = messages
-        self.taken = False
-        self.delivered = 0
-        self.failed = []
-        self.lock = threading.Lock()
-
-    def due(self, now):
-        if self.taken:
-            return []
-        self.taken = True
-        return [(i, "M%05d" % i, "bench@bench.test", ["user%d@remote.test" % i], now)
-                for i in range(len(self.messages))]
-
-    def message(self, work):
-        return self.messages[work]
-
-    def record(self, work, outcomes):
-        with self.lock:
-            for outcome in outcomes:
-                if outcome.status == "sent":
-                    self.delivered += 1
-                else:
-                    self.failed.append(outcome.reply.text)
-
-    def wait(self, timeout):
-        time.sleep(timeout)
+def relay_config(sink, conc):
+    return {"relay_host": "%s:%d" % (HOST, sink.port), "relay_tls": smtp_out.TLS_NONE,
+            "hostname": "bench.test", "max_connections": conc, "max_per_destination": conc}
 
 
 def run_smtp_out(sink, messages, conc):
-    config = {"relay_host": "%s:%d" % (HOST, sink.port), "relay_tls": smtp_out.TLS_NONE,
-              "hostname": "bench.test", "max_connections": conc, "max_per_destination": conc}
-    queue = MemoryQueue(messages)
-    daemon = smtp_out.OutboundDaemon(config, queue, smtp_out.Deliverer(config))
+    """The delivery engine alone: claims held in memory, results kept in memory."""
+    from smtp_out_support import MemoryClaim
+    config = relay_config(sink, conc)
+    claims = [MemoryClaim("M%05d" % i, "bench@bench.test", ["user%d@remote.test" % i], m)
+              for i, m in enumerate(messages)]
+    daemon = smtp_out.OutboundDaemon(config, None, smtp_out.Deliverer(config))
     start = time.perf_counter()
-    daemon.run_once(timeout=WAIT_LIMIT)
+    daemon.start()
+    try:
+        for batch in [daemon.submit(claim) for claim in claims]:
+            batch.done.wait(WAIT_LIMIT)
+    finally:
+        daemon.stop()
     elapsed = time.perf_counter() - start
-    if queue.delivered != len(messages):
-        raise RuntimeError("smtp_out delivered %d of %d: %s" % (
-            queue.delivered, len(messages), queue.failed[:3]))
+    sent = sum(c.statuses() == ["delivered"] for c in claims)
+    if sent != len(messages):
+        raise RuntimeError("smtp_out delivered %d of %d" % (sent, len(messages)))
     return elapsed
+
+
+def run_smtp_out_spool(sink, messages, conc):
+    """The whole outbound path: N messages routed into the spool's outbound/ by mta.py,
+    then one `--once` pass: claim (flock, read), deliver, append the result, file away."""
+    import mailbox_store
+    import mta
+    spool = tempfile.mkdtemp(prefix="smtp-out-bench-spool-")
+    try:
+        queue = mta.Queue(spool, hostname="bench.test")
+        queue.create()
+        router = mta.Router(queue, mailbox_store.Store(spool, ["bench.test"]))
+        for i, message in enumerate(messages):
+            router.handle(queue.enqueue("bench@bench.test", ["user%d@remote.test" % i], message))
+        if len(queue.ids(mta.OUTBOUND)) != len(messages):
+            raise RuntimeError("mta routed %d of %d" % (len(queue.ids(mta.OUTBOUND)), len(messages)))
+        config = relay_config(sink, conc)
+        daemon = smtp_out.OutboundDaemon(config, queue, smtp_out.Deliverer(config))
+        before = sink.count
+        start = time.perf_counter()
+        daemon.run_once(timeout=WAIT_LIMIT)
+        elapsed = time.perf_counter() - start
+        left = len(queue.ids(mta.OUTBOUND)) + len(queue.ids(mta.DEFERRED))
+        if left or not sink.wait_for(before + len(messages), 10):
+            raise RuntimeError("smtp_out left %d messages queued" % left)
+        return elapsed
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def run_smtplib(sink, messages, conc):
@@ -312,6 +323,11 @@ def main(argv=None):
     elif not args.no_postfix:
         notes.append("postfix peer skipped (needs root, postfix and %s)" % POSTFIX_PEER[0])
     runners = [("smtp_out", lambda c: run_smtp_out(sink, messages, c))]
+    try:
+        import mta  # noqa: F401
+        runners.append(("smtp_out+spool", lambda c: run_smtp_out_spool(sink, messages, c)))
+    except ImportError:
+        notes.append("smtp_out+spool skipped: mta.py not importable")
     if postfix:
         runners.append(("postfix", lambda c: postfix.measure(sink, messages, c, args.size)))
     runners.append(("smtp-source", lambda c: run_smtp_source(sink, messages, c, args.size)))
@@ -332,13 +348,13 @@ def main(argv=None):
         sink.stop()
     print("outbound delivery to smtp-sink, %d x %d B messages, one recipient each, "
           "median (min-max) of %d" % (args.messages, args.size, args.repeats))
-    print("%-12s %5s %22s %10s" % ("client", "conc", "msgs/s", "vs postfix"))
+    print("%-15s %5s %22s %10s" % ("client", "conc", "msgs/s", "vs postfix"))
     for (name, conc), times in results.items():
         median, low, high = summarize(times, args.messages)
         ratio = ""
         if ("postfix", conc) in results:
             ratio = "%.2fx" % (median / summarize(results[("postfix", conc)], args.messages)[0])
-        print("%-12s %5d %9.0f (%5.0f-%5.0f) %10s" % (name, conc, median, low, high, ratio))
+        print("%-15s %5d %9.0f (%5.0f-%5.0f) %10s" % (name, conc, median, low, high, ratio))
     for note in notes:
         print("note:", note)
     if args.json:

@@ -222,31 +222,47 @@ class Sink(plumbing.ThreadedServer):
         self.stop(grace=0.2)
 
 
-class MemoryQueue:
-    """The outbound-queue interface of smtp_out.OutboundDaemon, in memory: for tests of the
-    worker pool that need no spool. items: (queue_id, sender, recipients, message)."""
+@dataclass
+class MemoryRecipient:
+    address: str
+    result: Optional[tuple] = None     # (status, reply, dsn, remote_mta)
 
-    def __init__(self, items, arrival=0.0):
-        self.items = {qid: (sender, list(rcpts), message) for qid, sender, rcpts, message in items}
-        self.arrival = arrival
-        self.outcomes = {}
+
+@dataclass
+class MemoryEnvelope:
+    sender: str
+    arrival: float = 0.0
+
+
+class MemoryClaim:
+    """What smtp_out.OutboundDaemon needs of an mta.Claim, in memory: for tests of the
+    worker pool and for the bench, without a spool."""
+
+    def __init__(self, queue_id, sender, recipients, message):
+        self.queue_id = queue_id
+        self.envelope = MemoryEnvelope(sender)
+        self.message = message
+        self.recipients = [MemoryRecipient(r) for r in recipients]
+        self.groups = {}
+        for recipient in self.recipients:
+            self.groups.setdefault(recipient.address.rpartition("@")[2], []).append(recipient)
         self.lock = threading.Lock()
 
-    def due(self, now):
+    def _set(self, recipient, status, reply, dsn, remote_mta):
         with self.lock:
-            return [(qid, qid, sender, [r for r in rcpts if r not in self.outcomes.get(qid, {})],
-                     self.arrival) for qid, (sender, rcpts, _) in self.items.items()]
+            recipient.result = (status, reply, dsn, remote_mta)
 
-    def message(self, work):
-        return self.items[work][2]
+    def delivered(self, recipient, reply, remote_mta=""):
+        self._set(recipient, "delivered", reply, None, remote_mta)
 
-    def record(self, work, outcomes):
-        with self.lock:
-            for outcome in outcomes:
-                self.outcomes.setdefault(work, {})[outcome.recipient] = outcome
+    def deferred(self, recipient, reply, dsn=None, remote_mta=""):
+        self._set(recipient, "deferred", reply, dsn, remote_mta)
 
-    def wait(self, timeout):
-        time.sleep(min(timeout, 0.05))
+    def failed(self, recipient, reply, dsn=None, remote_mta=""):
+        self._set(recipient, "failed", reply, dsn, remote_mta)
+
+    def statuses(self):
+        return [r.result[0] if r.result else None for r in self.recipients]
 
 
 def plain_token(user, password):

@@ -494,9 +494,9 @@ def test_self_detected_by_address_too(dns, sinks):
     assert outcome.reply.status == "5.4.6"
 
 
-# --- The worker pool, over an in-memory queue ---
+# --- The worker pool, over in-memory claims ---
 
-from smtp_out_support import MemoryQueue  # noqa: E402
+from smtp_out_support import MemoryClaim  # noqa: E402
 
 
 def relay_config(sink, **extra):
@@ -508,37 +508,37 @@ def relay_config(sink, **extra):
     return config
 
 
-def run_daemon(config, queue):
-    daemon = smtp_out.OutboundDaemon(config, queue, smtp_out.Deliverer(config))
-    daemon.run_once(timeout=20)
-    return daemon
+def run_claims(config, claims, resolver=None):
+    daemon = smtp_out.OutboundDaemon(config, None, smtp_out.Deliverer(config, resolver))
+    daemon.start()
+    try:
+        for batch in [daemon.submit(claim) for claim in claims]:
+            assert batch.done.wait(20)
+    finally:
+        daemon.stop()
 
 
-def test_120_recipients_go_in_transactions_of_50_on_one_connection(sinks, caplog):
+def test_120_recipients_go_in_transactions_of_50_on_one_connection(sinks):
     sink = sinks()
     recipients = ["u%03d@x.test" % i for i in range(120)]
-    queue = MemoryQueue([("Q1", "a@b.test", recipients, b"Subject: many\r\n\r\nhi\r\n")])
-    caplog.set_level("INFO", logger="smtp_out")
-    run_daemon(relay_config(sink, max_connections=1), queue)
+    claim = MemoryClaim("Q1", "a@b.test", recipients, b"Subject: many\r\n\r\nhi\r\n")
+    run_claims(relay_config(sink, max_connections=1), [claim])
     received = sink.wait_for(3)
     assert [len(m.rcpt_to) for m in received] == [50, 50, 20]
     assert sink.sessions == 1 and sink.commands.count("RSET") == 2
-    assert all(o.status == "sent" for o in queue.outcomes["Q1"].values())
-    line = [r.getMessage() for r in caplog.records if "to=<u000@x.test>" in r.getMessage()][0]
-    assert re.fullmatch(r"Q1: to=<u000@x\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
-                        r"delay=\d+\.\d, dsn=2\.0\.0, status=sent \(250 2\.0\.0 OK queued\)", line)
+    assert claim.statuses() == ["delivered"] * 120
+    status, reply, _, relay = claim.recipients[0].result
+    assert reply == "250 2.0.0 OK queued" and re.fullmatch(r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+", relay)
 
 
 def test_connections_stay_within_the_total_and_per_destination_caps(dns, sinks):
     port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"])
-    items = [("Q%02d" % i, "a@b.test", ["u%d@two.test" % i], b"m\r\n") for i in range(40)]
+    claims = [MemoryClaim("Q%02d" % i, "a@b.test", ["u%d@two.test" % i], b"m\r\n") for i in range(40)]
     config = {"hostname": HOSTNAME, "remote_port": port, "max_connections": 6,
               "max_per_destination": 3}
     config.update({f.name + "_timeout": getattr(FAST, f.name)
                    for f in smtp_out.dataclasses.fields(Timeouts)})
-    queue = MemoryQueue(items)
-    resolver = dnsmx.Resolver([dns.address], timeout=1, attempts=1)
-    daemon = smtp_out.OutboundDaemon(config, queue, smtp_out.Deliverer(config, resolver))
-    daemon.run_once(timeout=20)
+    run_claims(config, claims, dnsmx.Resolver([dns.address], timeout=1, attempts=1))
     assert len(mx1.wait_for(40)) == 40
     assert 1 <= mx1.max_active <= 3 and mx1.sessions <= 10
+    assert all(c.statuses() == ["delivered"] for c in claims)
