@@ -1217,6 +1217,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_out", DEFAULTS, args)
+    except ValueError as exc:
+        print("smtp_out: %s" % exc, file=sys.stderr)
+        return 1
+    plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
+    try:
         if config["relay_tls"] not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
             raise ValueError("relay_tls: one of none, opportunistic, required")
         if config["relay_host"]:
@@ -1228,7 +1233,6 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
-    plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
     for key in sorted(config):
         log.info("config %s = %s", key, config[key])
     queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,

@@ -43,6 +43,7 @@ class Script:
     tls_break: bool = False            # answer 220 to STARTTLS, then close instead of TLS
     users: dict = field(default_factory=dict)            # AUTH user -> password
     stall_seconds: float = 30.0
+    end_delay: float = 0.0             # seconds between the final dot and the reply
 
 
 class SinkHandler(plumbing.ConnectionHandler):
@@ -126,6 +127,8 @@ class SinkHandler(plumbing.ConnectionHandler):
                     return
                 if script.stall == "end":
                     return self.stall()
+                if script.end_delay:
+                    time.sleep(script.end_delay)
                 reply = script.end_reply
                 if reply.startswith("250"):
                     server.record(Received(mail_from, params, rcpt_to, data, self.helo,

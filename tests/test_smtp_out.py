@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -542,3 +543,298 @@ def test_connections_stay_within_the_total_and_per_destination_caps(dns, sinks):
     assert len(mx1.wait_for(40)) == 40
     assert 1 <= mx1.max_active <= 3 and mx1.sessions <= 10
     assert all(c.statuses() == ["delivered"] for c in claims)
+
+
+# --- The whole outbound path over the spool (mta.py's queue and router) ---
+
+import email  # noqa: E402
+import mailbox  # noqa: E402
+
+import mailbox_store  # noqa: E402
+import mta  # noqa: E402
+
+SENDER = "sender@local.test"
+
+
+class Clock:
+    """The queue's injectable clock: starts at a fixed time, moves only when told."""
+
+    def __init__(self, start=1_800_000_000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+class Spool:
+    """A spool with mta's queue and router, a local sender with a Maildir, and smtp_out."""
+
+    def __init__(self, path, clock=None, lifetime=mta.QUEUE_LIFETIME, delay_warning=mta.DELAY_WARNING):
+        self.path = str(path)
+        self.clock = clock or Clock()
+        self.queue = mta.Queue(self.path, hostname=HOSTNAME, lifetime=lifetime,
+                               delay_warning=delay_warning, clock=self.clock)
+        self.queue.create()
+        self.store = mailbox_store.Store(self.path, ["local.test"])
+        self.store.add_user(SENDER, "password-1")
+        self.router = mta.Router(self.queue, self.store)
+
+    def send(self, recipients, message, sender=SENDER):
+        queue_id = self.queue.enqueue(sender, recipients, message)
+        self.route()
+        return queue_id
+
+    def route(self):
+        for _ in range(5):                 # a DSN queued while routing is routed too
+            names = self.queue.ids(mta.INCOMING)
+            if not names:
+                return
+            for name in names:
+                self.router.handle(name)
+
+    def retry_due(self):
+        self.queue.requeue_due()
+        self.route()
+
+    def deliver(self, config, resolver=None):
+        daemon = smtp_out.OutboundDaemon(config, self.queue, smtp_out.Deliverer(config, resolver))
+        handled = daemon.run_once(timeout=20)
+        self.route()                       # DSNs smtp_out's results queued
+        return handled
+
+    def queued(self):
+        return sum(len(self.queue.ids(f)) for f in (mta.INCOMING, mta.OUTBOUND, mta.DEFERRED))
+
+    def next_attempt(self):
+        (name,) = self.queue.ids(mta.DEFERRED)
+        return os.stat(os.path.join(self.path, "queue", mta.DEFERRED, name)).st_mtime
+
+    def sender_mail(self):
+        path = self.store.maildir_path(SENDER)
+        if not os.path.isdir(path):
+            return []
+        box = mailbox.Maildir(path, create=False)
+        return [email.message_from_bytes(box.get_bytes(key)) for key in sorted(box.keys())]
+
+
+def dsn_fields(message):
+    """The per-recipient fields of a DSN's message/delivery-status part."""
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    (status,) = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"]
+    blocks = status.get_payload()
+    return blocks[0], blocks[1:]
+
+
+def mx_config(port, **extra):
+    config = {"hostname": HOSTNAME, "remote_port": port}
+    config.update({f.name + "_timeout": getattr(FAST, f.name)
+                   for f in smtp_out.dataclasses.fields(Timeouts)})
+    config.update(extra)
+    return config
+
+
+@pytest.fixture
+def resolver(dns):
+    return dnsmx.Resolver([dns.address], timeout=1, attempts=1)
+
+
+def test_spool_message_reaches_the_mx_and_leaves_the_queue(tmp_path, sinks, resolver):
+    port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"])
+    spool = Spool(tmp_path)
+    body = b"Subject: hello\r\n\r\n" + b"".join(b".%d\r\n..\r\n.\r\n" % i for i in range(300))
+    spool.send(["a@two.test", "b@two.test"], body)
+    assert spool.deliver(mx_config(port), resolver) == 1
+    (message,) = mx1.wait_for(1)
+    assert message.rcpt_to == ["a@two.test", "b@two.test"] and message.mail_from == SENDER
+    assert message.data == body and spool.queued() == 0
+
+
+def test_4xx_defers_and_succeeds_after_flush(tmp_path, sinks, resolver):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
+                                       script=Script(rcpt_default="451 4.7.1 greylisted"))
+    spool = Spool(tmp_path)
+    spool.send(["u@two.test"], b"Subject: grey\r\n\r\nx\r\n")
+    spool.deliver(mx_config(port), resolver)
+    assert spool.queue.ids(mta.DEFERRED) and mx1.received == []
+    mx1.script.rcpt_default = mx2.script.rcpt_default = "250 2.1.5 OK"
+    assert spool.queue.flush() == 1        # what `mta.py flush` does
+    spool.route()
+    spool.deliver(mx_config(port), resolver)
+    assert len(mx1.wait_for(1)) == 1 and spool.queued() == 0
+
+
+def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver):
+    port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"])
+    mx1.script.rcpt_replies = {"gone@two.test": "550 5.1.1 <gone@two.test>: no such user"}
+    spool = Spool(tmp_path)
+    spool.send(["gone@two.test", "here@two.test"], b"Subject: mixed\r\nMessage-ID: <m1@local.test>\r\n\r\nx\r\n")
+    spool.deliver(mx_config(port), resolver)
+    assert mx1.wait_for(1)[0].rcpt_to == ["here@two.test"] and spool.queued() == 0
+    (dsn,) = spool.sender_mail()
+    per_message, (block,) = dsn_fields(dsn)
+    assert per_message["Reporting-MTA"] == "dns; " + HOSTNAME
+    assert block["Final-Recipient"] == "rfc822; gone@two.test" and block["Action"] == "failed"
+    assert block["Status"] == "5.1.1"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@two.test>: no such user"
+    assert "mx1.two.test" in block["Remote-MTA"]
+    assert b"Message-ID: <m1@local.test>" in dsn.as_bytes()
+
+
+def test_null_mx_and_nxdomain_bounce_from_the_spool_at_once(tmp_path, resolver):
+    spool = Spool(tmp_path)
+    spool.send(["u@nomail.test", "v@missing.test"], b"Subject: x\r\n\r\nx\r\n")
+    spool.deliver(mx_config(9), resolver)
+    (dsn,) = spool.sender_mail()
+    _, blocks = dsn_fields(dsn)
+    assert sorted(b["Status"] for b in blocks) == ["5.1.10", "5.1.2"] and spool.queued() == 0
+
+
+def test_stalling_remote_times_out_and_the_retry_succeeds(tmp_path, sinks, resolver):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
+                                       script=Script(stall="end", stall_seconds=3))
+    spool = Spool(tmp_path)
+    spool.send(["u@two.test"], b"Subject: slow\r\n\r\nx\r\n")
+    config = mx_config(port, data_end_timeout=0.3)
+    spool.deliver(config, resolver)
+    assert spool.queue.ids(mta.DEFERRED)
+    mx1.script.stall = mx2.script.stall = None
+    spool.clock.now = spool.next_attempt()
+    spool.retry_due()
+    spool.deliver(config, resolver)
+    assert len(mx1.wait_for(1) + mx2.received) >= 1 and spool.queued() == 0
+
+
+def test_tls_verify_defers_a_self_signed_mx_which_opportunistic_tls_accepts(tmp_path, sinks, resolver, tls_files):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"], tls_files=tls_files)
+    spool = Spool(tmp_path)
+    spool.send(["u@two.test"], b"Subject: tls\r\n\r\nx\r\n")
+    spool.deliver(mx_config(port, tls_verify=True), resolver)
+    assert spool.queue.ids(mta.DEFERRED) and mx1.received == mx2.received == []
+    spool.queue.flush()
+    spool.route()
+    spool.deliver(mx_config(port), resolver)
+    assert mx1.wait_for(1)[0].tls and spool.queued() == 0
+
+
+def test_the_five_day_schedule_retries_warns_and_finally_bounces(tmp_path, sinks, resolver):
+    port, _ = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
+                              script=Script(greeting="421 4.3.2 try later"))
+    spool = Spool(tmp_path)
+    arrival = spool.clock.now
+    spool.send(["u@two.test"], b"Subject: doomed\r\n\r\nx\r\n")
+    attempts = []
+    for _ in range(200):                   # the default schedule makes about 125
+        attempts.append(spool.clock.now)
+        spool.deliver(mx_config(port), resolver)
+        if not spool.queue.ids(mta.DEFERRED):
+            break
+        spool.clock.now = spool.next_attempt()
+        spool.retry_due()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[:6] == [mta.retry_delay(n) for n in range(1, 7)]
+    assert max(gaps) == mta.retry_delay(100)
+    assert attempts[-1] - arrival >= mta.QUEUE_LIFETIME > attempts[-2] - arrival
+    delayed, failed = spool.sender_mail()
+    (_, (warning,)), (_, (final,)) = dsn_fields(delayed), dsn_fields(failed)
+    assert warning["Action"] == "delayed" and warning["Status"].startswith("4.")
+    assert final["Action"] == "failed" and final["Status"] == "4.4.7"
+    assert "421 4.3.2 try later" in final["Diagnostic-Code"] and spool.queued() == 0
+
+
+def test_shortened_queue_lifetime_bounces_with_4_4_7(tmp_path, sinks, resolver):
+    port, _ = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"], script=Script(greeting="421 4.3.2 busy"))
+    spool = Spool(tmp_path, lifetime=600, delay_warning=0)
+    spool.send(["u@two.test"], b"Subject: short\r\n\r\nx\r\n")
+    spool.deliver(mx_config(port), resolver)
+    spool.clock.now = spool.next_attempt()         # 300 s: still within the lifetime
+    spool.retry_due()
+    spool.deliver(mx_config(port), resolver)
+    assert spool.sender_mail() == [] and spool.queue.ids(mta.DEFERRED)
+    spool.clock.now = spool.next_attempt()         # 900 s: past it
+    spool.retry_due()
+    spool.deliver(mx_config(port), resolver)
+    (dsn,) = spool.sender_mail()
+    assert dsn_fields(dsn)[1][0]["Status"] == "4.4.7" and spool.queued() == 0
+
+
+# --- The command line: smarthost with AUTH, and kill -9 during delivery ---
+
+SMTP_OUT = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         "smtp_out.py")]
+
+
+def test_smarthost_with_auth_over_verified_tls_from_the_command_line(tmp_path, sinks, tls_files):
+    relay = sinks(tls_files=tls_files, script=Script(users={"relay-user": "pa:ss w0rd"}))
+    spool = Spool(tmp_path / "spool", clock=time.time)
+    queue_id = spool.send(["x@two.test", "y@elsewhere.test"], b"Subject: via relay\r\n\r\nx\r\n")
+    auth_file = tmp_path / "relay-auth"
+    auth_file.write_text("# smarthost login\nrelay-user:pa:ss w0rd\n")
+    auth_file.chmod(0o600)
+    result = subprocess.run(SMTP_OUT + [
+        "--spool", spool.path, "--relay-host", "127.0.0.1:%d" % relay.server_address[1],
+        "--relay-auth-file", str(auth_file), "--tls-ca-file", tls_files[0],
+        "--hostname", HOSTNAME, "--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (message,) = relay.wait_for(1)
+    assert message.auth_user == "relay-user" and message.tls
+    assert message.rcpt_to == ["x@two.test", "y@elsewhere.test"] and spool.queued() == 0
+    assert "pa:ss w0rd" not in result.stderr
+    line = [l for l in result.stderr.splitlines() if "to=<x@two.test>" in l][0]
+    assert re.fullmatch(r"smtp_out\[\d+\]: %s: to=<x@two\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
+                        r"delay=[\d.]+, dsn=2\.0\.0, status=sent \(250 2\.0\.0 OK queued\)" % queue_id, line)
+
+
+def test_smarthost_certificate_is_verified_by_default(tmp_path, sinks, tls_files):
+    relay = sinks(tls_files=tls_files)
+    spool = Spool(tmp_path / "spool", clock=time.time)
+    spool.send(["x@two.test"], b"Subject: via relay\r\n\r\nx\r\n")
+    result = subprocess.run(SMTP_OUT + [
+        "--spool", spool.path, "--relay-host", "127.0.0.1:%d" % relay.server_address[1],
+        "--hostname", HOSTNAME, "--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and relay.received == []
+    assert "dsn=4.7.5, status=deferred" in result.stderr and spool.queue.ids(mta.DEFERRED)
+
+
+def test_credentials_are_refused_on_the_command_line_and_a_bad_file_is_one_error_line(tmp_path):
+    bad = tmp_path / "auth"
+    bad.write_text("no colon here\n")
+    bad.chmod(0o600)
+    result = subprocess.run(SMTP_OUT + ["--spool", str(tmp_path), "--relay-host", "127.0.0.1:1",
+                                        "--relay-auth-file", str(bad), "--once"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("smtp_out: ")
+    assert len(result.stderr.splitlines()) == 1
+    result = subprocess.run(SMTP_OUT + ["--spool", str(tmp_path), "--relay-password", "x"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_kill_9_during_delivery_then_restart_delivers_every_message(tmp_path, sinks):
+    relay = sinks(script=Script(end_delay=0.02))
+    spool = Spool(tmp_path / "spool", clock=time.time)
+    count, conns = 60, 4
+    for n in range(count):
+        spool.queue.enqueue(SENDER, ["r%d@two.test" % n], b"Subject: n%d\r\n\r\nbody %d\r\n" % (n, n))
+    spool.route()
+    assert len(spool.queue.ids(mta.OUTBOUND)) == count
+    common = ["--spool", spool.path, "--relay-host", "127.0.0.1:%d" % relay.server_address[1],
+              "--relay-tls", "none", "--hostname", HOSTNAME, "--max-connections", str(conns)]
+    daemon = subprocess.Popen(SMTP_OUT + common, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        relay.wait_for(count // 3, timeout=30)
+        daemon.kill()                      # SIGKILL, in the middle of deliveries
+        daemon.wait(10)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    daemon.stderr.close()
+    before = len(relay.received)
+    assert 0 < before < count
+    result = subprocess.run(SMTP_OUT + common + ["--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    subjects = [m.data.split(b"\r\n")[0] for m in relay.wait_for(count)]
+    assert set(subjects) == {b"Subject: n%d" % n for n in range(count)}     # none lost
+    assert len(subjects) - count <= conns      # at most the transactions in flight repeat
+    assert spool.queued() == 0
