@@ -1,18 +1,22 @@
 """smtp_out.py - outbound delivery: the SMTP client and the outbound queue daemon (RFC 5321).
 
-Takes the remote recipients mta.py put in the outbound queue, finds each domain's mail
-servers with dnsmx (RFC 5321 5.1: MX by preference, implicit MX, RFC 7505 null MX), speaks
-SMTP to them (RFC 5321; ESMTP extensions SIZE RFC 1870, 8BITMIME RFC 6152, PIPELINING
-RFC 2920, STARTTLS RFC 3207, AUTH RFC 4954, SMTPUTF8 RFC 6531; enhanced status codes
-RFC 3463) and writes each recipient's result back through mta's outbound-queue API:
-delivered, deferred (retried on mta's schedule until the queue lifetime runs out), or
-failed (mta bounces it with an RFC 3464 report carrying the remote reply).
+Takes the remote recipients mta.py put in the outbound queue (SPOOL/queue/outbound/, see
+mta.py), finds each domain's mail servers with dnsmx (RFC 5321 5.1: MX by preference,
+implicit MX, RFC 7505 null MX), speaks SMTP to them (ESMTP extensions SIZE RFC 1870,
+8BITMIME RFC 6152, PIPELINING RFC 2920, STARTTLS RFC 3207, AUTH RFC 4954, SMTPUTF8
+RFC 6531; enhanced status codes RFC 3463) and records each recipient's result on mta's
+claim of the message: delivered, deferred (mta retries it on its schedule until the queue
+lifetime ends, then bounces it with 4.4.7) or failed (mta bounces it with an RFC 3464
+report whose Diagnostic-Code is the remote reply). It writes nothing else.
+
+A result is appended to the queue file the moment the server has answered, so a crash
+delivers a recipient twice only if it falls between the remote 250 and that one write().
 
 The SMTPClient class is public and reusable on its own (a submission client uses it too):
 connect, EHLO with HELO fallback, STARTTLS (opportunistic or required, verified or not),
 implicit TLS on port 465, AUTH PLAIN/LOGIN, pipelined MAIL/RCPT/DATA, per-recipient results.
 
-Run: python3 smtp_out.py --spool /var/spool/mail [--dns 127.0.0.1:53] [--remote-port 25]
+Run: python3 smtp_out.py --spool /var/spool/mail [--dns 127.0.0.1:53] [--remote-port 25] [--once]
      python3 smtp_out.py --spool DIR --relay-host smtp.example.net:587 --relay-auth-file F
 """
 
@@ -23,6 +27,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -36,9 +41,10 @@ import mta
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "DeliveryError", "RecipientResult", "Reply", "SMTPClient", "TLS_NONE",
-    "TLS_OPPORTUNISTIC", "TLS_REQUIRED", "Timeouts", "client_tls_context", "encode_data",
-    "main", "needs_smtputf8",
+    "DEFAULTS", "Deliverer", "DeliveryError", "Hop", "Outcome", "OutboundDaemon",
+    "RecipientResult", "Reply", "SMTPClient", "TLS_NONE", "TLS_OPPORTUNISTIC", "TLS_REQUIRED",
+    "Timeouts", "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
+    "read_credentials",
 ]
 
 log = logging.getLogger("smtp_out")
@@ -53,6 +59,7 @@ SEND_BLOCK = 1 << 20               # bytes handed to the kernel per send of mess
 MAX_RCPT = 50                      # recipients per transaction (RFC 5321 4.5.3.1.8 asks 100 of servers)
 POLL_INTERVAL = 60.0               # seconds between queue scans when no wake-up comes
 WORKER_IDLE = 1.0                  # seconds an idle worker sleeps between looks at the jobs
+PATH_BREAKERS = re.compile("[\x00-\x1f\x7f<>]")   # what may not stand inside <...>
 ONCE_SLICE = 500                   # messages claimed at once by --once
 
 TLS_NONE = "none"                  # never STARTTLS
@@ -299,7 +306,7 @@ def valid_path(address):
     """True when an address can go between < and > without breaking the command line
     (RFC 5321 4.5.3.1.3: a path is at most 256 octets)."""
     return (len(address) <= 256 and (address == "" or "@" in address)
-            and not any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address))
+            and not PATH_BREAKERS.search(address))
 
 
 def is_loopback(host):
@@ -966,10 +973,15 @@ class Job:
 
 
 class Batch:
-    """The jobs made from one claimed message; done once each is recorded or dropped."""
+    """The jobs made from one claimed message; done once each is recorded or dropped.
 
-    def __init__(self, claim):
+    on_done(claim) runs on the thread that finishes the last job (--once releases the
+    claim there, so files are put away by the workers, in parallel).
+    """
+
+    def __init__(self, claim, on_done=None):
         self.claim = claim
+        self.on_done = on_done
         self.left = 0
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -977,8 +989,18 @@ class Batch:
     def finished(self):
         with self.lock:
             self.left -= 1
-            if self.left <= 0:
-                self.done.set()
+            last = self.left == 0
+        if last:
+            self.close()
+
+    def close(self):
+        try:
+            if self.on_done is not None:
+                self.on_done(self.claim)
+        except Exception:
+            log.exception("%s: cannot put the message away", self.claim.queue_id)
+        finally:
+            self.done.set()
 
 
 class OutboundDaemon:
@@ -1016,9 +1038,9 @@ class OutboundDaemon:
         with claim:                    # leaving it queues the DSNs and files the message away
             self.submit(claim).done.wait()
 
-    def submit(self, claim):
+    def submit(self, claim, on_done=None):
         """Cut claim's due recipients into jobs for the workers; return their Batch."""
-        batch = Batch(claim)
+        batch = Batch(claim, on_done)
         groups = collections.OrderedDict()
         for recipients in claim.groups.values():
             for recipient in recipients:
@@ -1033,7 +1055,7 @@ class OutboundDaemon:
                 jobs.append(Job(claim, destination, chunk, {a: targets[a] for a in chunk}, batch))
         batch.left = len(jobs)
         if not jobs:
-            batch.done.set()
+            batch.close()
             return batch
         with self.jobs_lock:
             for job in jobs:
@@ -1130,14 +1152,15 @@ class OutboundDaemon:
 
     def run_once(self, timeout=None):
         """One pass over the due work (--once): every message in outbound/ now, claimed
-        ONCE_SLICE at a time; returns the number of messages handled."""
+        at most ONCE_SLICE at a time, each handed to the workers as soon as it is claimed
+        and put away by the worker that finishes it. Returns the messages handled."""
         deadline = None if timeout is None else time.monotonic() + timeout
         handled = 0
         self.start()
         try:
             names = self.queue.ids(mta.OUTBOUND)
             for start in range(0, len(names), ONCE_SLICE):
-                claims = []
+                batches = []
                 try:
                     for name in names[start:start + ONCE_SLICE]:
                         try:
@@ -1145,15 +1168,15 @@ class OutboundDaemon:
                         except mta.QueueBusy:
                             continue           # a running daemon has it
                         if claim is not None:
-                            claims.append(claim)
-                    for batch in [self.submit(claim) for claim in claims]:
+                            batches.append(self.submit(claim, on_done=mta.Claim.release))
+                    for batch in batches:
                         left = None if deadline is None else max(0.0, deadline - time.monotonic())
                         if not batch.done.wait(left):
                             self.stop()
                 finally:
-                    for claim in claims:
-                        claim.release()
-                handled += len(claims)
+                    for batch in batches:      # after a timeout: the file stays due
+                        batch.claim.close()
+                handled += len(batches)
                 if self.stopping.is_set():
                     break
         finally:
