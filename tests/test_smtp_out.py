@@ -838,3 +838,32 @@ def test_kill_9_during_delivery_then_restart_delivers_every_message(tmp_path, si
     assert set(subjects) == {b"Subject: n%d" % n for n in range(count)}     # none lost
     assert len(subjects) - count <= conns      # at most the transactions in flight repeat
     assert spool.queued() == 0
+
+
+# --- Our own smtp_in as the remote MX: two hosts, end to end ---
+
+def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
+    import smtp_in
+    remote = tmp_path / "remote"
+    remote_store = mailbox_store.Store(str(remote), ["two.test"], "mx1.two.test")
+    remote_store.add_user("u@two.test", "password-2")
+    server = smtp_in.SMTPServer(("127.0.0.2", 0), {"spool": str(remote), "domain": ["two.test"],
+                                                    "hostname": "mx1.two.test"}, store=remote_store)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        spool = Spool(tmp_path / "local", clock=time.time)
+        body = b"".join(b"." * (n % 4) + b"line %d\r\n" % n for n in range(3000))
+        message = b"Subject: dots\r\nMessage-ID: <dots@local.test>\r\n\r\n" + body + b".\r\n"
+        spool.send(["u@two.test"], message)
+        spool.deliver(mx_config(server.server_address[1]), resolver)
+        assert spool.queued() == 0 and spool.sender_mail() == []
+    finally:
+        server.stop(grace=0.5)
+    remote_queue = mta.Queue(str(remote), hostname="mx1.two.test")
+    router = mta.Router(remote_queue, remote_store)
+    for name in remote_queue.ids(mta.INCOMING):
+        router.handle(name)
+    box = mailbox.Maildir(remote_store.maildir_path("u@two.test"), create=False)
+    (key,) = box.keys()
+    delivered = box.get_bytes(key)
+    assert delivered.endswith(message) and b"Received: from " in delivered
