@@ -11,6 +11,7 @@ Reads the nameservers and options of /etc/resolv.conf unless servers are given; 
 Run: python3 dnsmx.py [--server HOST[:PORT]] [--tcp] [--timeout S] [--short] [--explain] NAME [TYPE]
 """
 
+import itertools
 import os
 import random
 import socket
@@ -34,7 +35,8 @@ __all__ = [
     "resolve", "mx_hosts", "ptr", "txt", "resolve_mx",
     # names, wire format, configuration
     "normalize_name", "reverse_name", "type_code", "type_name",
-    "build_query", "parse_message", "PacketReader", "format_record",
+    "build_query", "parse_message", "PacketReader", "format_record", "format_rdata",
+    "TTLCache",
     "parse_server", "read_resolv_conf", "main",
 ]
 
@@ -80,9 +82,9 @@ MAX_NAME_LENGTH = 255            # RFC 1035 2.3.4, octets on the wire, length oc
 MAX_POINTERS = 64                # compression pointers followed in one name (RFC 1035 4.1.4)
 MAX_CNAME_CHAIN = 8              # CNAMEs followed per lookup; RFC 1034 3.6.2 wants short chains
 MAX_MX_TARGETS = 16              # MX records looked at; each may cost two lookups
-UDP_PAYLOAD = 1232               # RFC 6891 6.2.5, the size agreed on at DNS flag day 2020
+UDP_PAYLOAD = 1232               # RFC 6891 6.2.5 payload size; 1232 from DNS flag day 2020
+UDP_PAYLOAD_WITHOUT_EDNS = 512   # RFC 1035 2.3.4
 MAX_UDP_RECEIVE = 65535          # read whole datagrams, then judge their size
-MAX_TCP_MESSAGE = 65535          # RFC 1035 4.2.2: two-octet length prefix
 
 DEFAULT_TIMEOUT = 5.0            # resolv.conf(5): options timeout:5
 DEFAULT_ATTEMPTS = 2             # resolv.conf(5): options attempts:2
@@ -333,14 +335,14 @@ def normalize_name(name):
         return ""
     if not name.isascii():
         name = _idna_encode(name)
-    if "\\" in name:
+    if name.encode("ascii").translate(None, _PLAIN_NAME_OCTETS + b"."):
+        # Escapes, or characters dig would escape: go through the wire labels so that the
+        # text matches what the parser makes of the same name.
         return _normalize_escaped(name)
     labels = name.split(".")
-    if len(name) > MAX_NAME_LENGTH - 2 or \
-            not all(0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
+    if len(name) > MAX_NAME_LENGTH - 2 or "" in labels or \
+            max(map(len, labels)) > MAX_LABEL_LENGTH:
         _check_labels(labels, name)
-    if not name.isprintable() or " " in name:
-        raise DNSNameError("unexpected character in domain name %r" % name)
     return name.lower()
 
 
@@ -542,7 +544,8 @@ class PacketReader:
                 target = ((length & 0x3F) << 8) | data[offset + 1]
                 if target >= segment_start or target < HEADER.size:
                     raise DNSFormatError("compression pointer at offset %d to %d does not "
-                                         "point backwards" % (offset, target))
+                                         "point backwards, past the header"
+                                         % (offset, target))
                 pointers += 1
                 if pointers > MAX_POINTERS:
                     raise DNSFormatError("too many compression pointers at offset %d"
@@ -619,7 +622,7 @@ def _read_record(reader):
     if reader.offset != end:
         raise DNSFormatError("%s RDATA at offset %d does not fill its %d octets"
                              % (type_name(rtype), end - rdlength, rdlength))
-    if ttl > 0x7FFFFFFF:
+    if ttl > 0x7FFFFFFF and rtype != TYPE_OPT:
         ttl = 0                  # RFC 2181 8: a TTL with the top bit set means zero
     return Record(name, rtype, rclass, ttl, data)
 
@@ -749,7 +752,7 @@ def read_resolv_conf(path=RESOLV_CONF):
         words = line.split("#")[0].split(";")[0].split()
         if len(words) >= 2 and words[0] == "nameserver":
             try:
-                server = parse_server(words[1])
+                server = parse_server((words[1], DNS_PORT))    # an address, no port
             except ValueError:
                 continue
             if len(conf.servers) < MAX_NAMESERVERS:
@@ -913,13 +916,14 @@ class Resolver:
         self.edns = edns
         self.lifetime = float(lifetime or self.timeout * self.attempts * len(self.servers))
         self.cache = TTLCache(cache_size)
-        self._next_server = 0
+        self._rotation = itertools.count()      # next() on a count is atomic in CPython
 
     def __repr__(self):
         return "Resolver(servers=[%s], timeout=%g, attempts=%d)" % (
             ", ".join(str(server) for server in self.servers), self.timeout, self.attempts)
 
     def clear_cache(self):
+        """Forget every cached answer, negative answer and delivery plan."""
         self.cache.clear()
 
     # --- questions ---
@@ -1035,8 +1039,7 @@ class Resolver:
         tail = QUESTION_TAIL.pack(rtype, CLASS_IN)
         servers = self.servers
         if self.rotate and len(servers) > 1:
-            start = self._next_server % len(servers)
-            self._next_server += 1
+            start = next(self._rotation) % len(servers)
             servers = servers[start:] + servers[:start]
         last_error = None
         for _ in range(self.attempts):
@@ -1084,7 +1087,7 @@ class Resolver:
                 data = _tcp_exchange(server, packet, qid, qname_lower, tail, try_deadline)
             else:
                 data = _udp_exchange(server, packet, qid, qname_lower, tail, try_deadline)
-                limit = UDP_PAYLOAD if edns else 512        # RFC 1035 2.3.4 without EDNS
+                limit = UDP_PAYLOAD if edns else UDP_PAYLOAD_WITHOUT_EDNS
                 if data[2] & (FLAG_TC >> 8) or len(data) > limit:
                     if explain:
                         explain("%s: UDP answer %s; asking again over TCP (RFC 7766 5)"
@@ -1120,10 +1123,9 @@ class Resolver:
                                      % _dotted(domain), domain, TYPE_MX) from None
             plan_ttl = min(ttl, exc.ttl or 0) if failure is None else 0
             return ((MXHost(host, 0, addresses, True),),), plan_ttl
-        for cname in answer.cnames:
-            if explain:
-                explain("CNAME followed: %s -> %s (RFC 5321 5.1: use the canonical name)"
-                        % (_dotted(cname.name), _dotted(cname.data)))
+        if explain and answer.cnames:
+            explain("RFC 5321 5.1: %s is an alias; the MX records of %s are used"
+                    % (_dotted(domain), _dotted(answer.canonical_name)))
         records = answer.records
         if len(records) == 1 and records[0].data.exchange == "":
             if explain:
@@ -1204,6 +1206,10 @@ class Resolver:
             except DNSTemporaryError as exc:
                 failure = exc
                 continue
+            if answer.cnames and explain and not records:
+                explain("%s is an alias of %s: tolerated, though an MX should name the host "
+                        "itself (RFC 2181 10.3)" % (_dotted(host),
+                                                   _dotted(answer.canonical_name)))
             records.extend(answer.records)
             addresses.extend(answer.data)
             ttl = min(ttl, answer.ttl)
@@ -1227,6 +1233,8 @@ def _follow_cnames(answers, name, rtype, cnames, seen, explain):
             return [], current
         target = cname.data.lower()
         cnames.append(cname)
+        if explain:
+            explain("CNAME followed: %s -> %s" % (_dotted(current), _dotted(target)))
         if target in seen or len(cnames) > MAX_CNAME_CHAIN:
             raise CNAMELoopError("CNAME chain from %s loops or is longer than %d"
                                  % (_dotted(name), MAX_CNAME_CHAIN), name, rtype)
@@ -1273,14 +1281,14 @@ def _describe_addresses(records):
 # --- Module-level API over a default resolver ---
 
 _default_resolver = None
-_default_lock = threading.Lock()
-_bench_resolvers = {}
+_bench_resolvers = {}            # resolve_mx(): one uncached Resolver per (server, port)
+_resolvers_lock = threading.Lock()
 
 
 def default_resolver():
     """The shared Resolver configured from /etc/resolv.conf, made on first use."""
     global _default_resolver
-    with _default_lock:
+    with _resolvers_lock:
         if _default_resolver is None:
             _default_resolver = Resolver()
         return _default_resolver
@@ -1289,7 +1297,7 @@ def default_resolver():
 def set_default_resolver(resolver):
     """Make the module-level functions use RESOLVER (for example one built from --dns)."""
     global _default_resolver
-    with _default_lock:
+    with _resolvers_lock:
         _default_resolver = resolver
 
 
@@ -1321,11 +1329,12 @@ def resolve_mx(name, server=None, port=DNS_PORT):
         resolver = default_resolver()
     else:
         key = (server, int(port))
-        resolver = _bench_resolvers.get(key)
-        if resolver is None:
-            resolver = Resolver([parse_server((server, int(port)))], cache_size=0)
-            if len(_bench_resolvers) < 16:
-                _bench_resolvers[key] = resolver
+        with _resolvers_lock:
+            resolver = _bench_resolvers.get(key)
+            if resolver is None:
+                resolver = Resolver([parse_server(key)], cache_size=0)
+                if len(_bench_resolvers) < 16:
+                    _bench_resolvers[key] = resolver
     try:
         answer = resolver.resolve(name, TYPE_MX, use_cache=False)
     except (NXDomainError, NoDataError):

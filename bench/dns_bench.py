@@ -1,0 +1,177 @@
+"""dns_bench.py - how fast dnsmx.py resolves, against its own dnsmasq on 127.0.0.1.
+
+Measures, in one run against the same dnsmasq:
+  - a cached mx_hosts() call;
+  - an uncached MX + A resolution: the MX query, then an A query for each MX target;
+  - the same three queries made with dnspython, when it can be imported (the peer);
+  - an uncached mx_hosts(), which takes addresses from the additional section when the
+    server sends them (so here it needs one query where MX + A needs three).
+Prints the median time per call with min-max over the repeats, and the dnsmx/dnspython
+ratio. Bounded: --repeats x --count calls at most, and never longer than --max-seconds.
+dnsmasq is stopped by its own process id.
+
+Run: python3 bench/dns_bench.py [--repeats 7] [--count 200] [--json]
+     (dnspython as the peer: python3 -m venv /tmp/dnsvenv && /tmp/dnsvenv/bin/pip install
+      dnspython && /tmp/dnsvenv/bin/python bench/dns_bench.py)
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import dnsmx  # noqa: E402  (after the path set-up above)
+from dnsmasq_server import dnsmasq_path, host_record, mx_host, start_dnsmasq  # noqa: E402
+
+DOMAIN = "example.test"
+ZONE = [mx_host(DOMAIN, "mx1.example.test", 10), mx_host(DOMAIN, "mx2.example.test", 10),
+        mx_host(DOMAIN, "mx3.example.test", 20),
+        host_record("mx1.example.test", "127.0.0.11", "::11"),
+        host_record("mx2.example.test", "127.0.0.12"),
+        host_record("mx3.example.test", "127.0.0.13")]
+CACHED_CALLS = 20000             # cached calls per repeat (they take microseconds)
+CACHED_TARGET_US = 20.0
+RATIO_TARGET = 0.5
+
+
+def per_call_us(function, count, deadline):
+    """Microseconds per call of FUNCTION over COUNT calls (fewer if the deadline comes)."""
+    done = 0
+    started = time.perf_counter()
+    while done < count and time.monotonic() < deadline:
+        function()
+        done += 1
+    return (time.perf_counter() - started) / max(done, 1) * 1e6
+
+
+def dnsmx_mx_and_a(resolver):
+    answer = resolver.resolve(DOMAIN, "MX", use_cache=False)
+    for record in answer.records:
+        resolver.resolve(record.data.exchange, "A", use_cache=False)
+
+
+def dnspython_peer(port):
+    """A function doing the same MX + A queries with dnspython, or None without it."""
+    try:
+        import dns.resolver
+        import dns.version
+    except ImportError:
+        return None, None
+    peer = dns.resolver.Resolver(configure=False)
+    peer.nameservers = ["127.0.0.1"]
+    peer.port = port
+    peer.lifetime = 5.0
+    peer.cache = None
+
+    def mx_and_a():
+        answer = peer.resolve(DOMAIN, "MX")
+        for record in answer:
+            peer.resolve(record.exchange, "A")
+    return mx_and_a, "dnspython %s" % dns.version.version
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def run(repeats, count, max_seconds):
+    deadline = time.monotonic() + max_seconds
+    results = {}
+    with start_dnsmasq(ZONE) as server:
+        cached = dnsmx.Resolver([server.address], timeout=2, attempts=1)
+        uncached = dnsmx.Resolver([server.address], timeout=2, attempts=1, cache_size=0)
+        peer, peer_name = dnspython_peer(server.port)
+        cached.mx_hosts(DOMAIN)
+        dnsmx_mx_and_a(uncached)                              # warm up both sides
+        if peer:
+            peer()
+        series = {"cached mx_hosts": [], "uncached MX+A, dnsmx": [],
+                  "uncached mx_hosts, dnsmx": []}
+        if peer:
+            series["uncached MX+A, " + peer_name] = []
+        for _ in range(repeats):
+            if time.monotonic() >= deadline:
+                break
+            # Interleaved, so that drift in the machine's load hits every series alike.
+            series["cached mx_hosts"].append(
+                per_call_us(lambda: cached.mx_hosts(DOMAIN), CACHED_CALLS, deadline))
+            series["uncached MX+A, dnsmx"].append(
+                per_call_us(lambda: dnsmx_mx_and_a(uncached), count, deadline))
+            if peer:
+                series["uncached MX+A, " + peer_name].append(per_call_us(peer, count, deadline))
+            series["uncached mx_hosts, dnsmx"].append(
+                per_call_us(lambda: uncached.mx_hosts(DOMAIN), count, deadline))
+        results = {name: summary(values) for name, values in series.items() if values}
+    if peer and results:
+        ours = results["uncached MX+A, dnsmx"]["median"]
+        theirs = results["uncached MX+A, " + peer_name]["median"]
+        results["ratio"] = ours / theirs
+    results["peer"] = peer_name
+    return results
+
+
+def dnsmasq_version():
+    try:
+        output = subprocess.run([dnsmasq_path(), "--version"], capture_output=True,
+                                text=True, timeout=5).stdout
+        return output.split("\n")[0].replace("Dnsmasq version ", "dnsmasq ").split("  ")[0]
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return "dnsmasq"
+
+
+def report(results, repeats, count):
+    print("dnsmx bench: %s on 127.0.0.1, Python %s, %s; %d repeats, %d uncached calls each"
+          % (dnsmasq_version(), platform.python_version(), platform.machine(), repeats, count))
+    for name, value in results.items():
+        if not isinstance(value, dict):
+            continue
+        print("  %-34s %9.1f us  (min %.1f - max %.1f)"
+              % (name, value["median"], value["min"], value["max"]))
+    cached = results.get("cached mx_hosts", {}).get("median")
+    if cached is not None:
+        print("  cached mx_hosts target < %.0f us: %s"
+              % (CACHED_TARGET_US, "met" if cached < CACHED_TARGET_US else "MISSED"))
+    if results.get("peer") is None:
+        print("  peer missing: dnspython is not importable here, so no ratio "
+              "(see the docstring for a venv with it)")
+    elif "ratio" in results:
+        print("  ratio dnsmx / %s, uncached MX+A: %.2f (target <= %.1f: %s)"
+              % (results["peer"], results["ratio"], RATIO_TARGET,
+                 "met" if results["ratio"] <= RATIO_TARGET else "MISSED"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Bench dnsmx.py against dnsmasq "
+                                                 "(and dnspython when importable).")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats (default 7, max 50)")
+    parser.add_argument("--count", type=int, default=200,
+                        help="uncached calls per repeat (default 200, max 5000)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop measuring after this long (default 60)")
+    parser.add_argument("--json", action="store_true", help="print raw numbers as JSON")
+    args = parser.parse_args(argv)
+    if dnsmasq_path() is None:
+        print("dns_bench: dnsmasq not installed (apt-get install dnsmasq-base)",
+              file=sys.stderr)
+        return 1
+    repeats = min(max(args.repeats, 1), 50)
+    count = min(max(args.count, 1), 5000)
+    results = run(repeats, count, min(max(args.max_seconds, 1.0), 600.0))
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        report(results, repeats, count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
