@@ -1,0 +1,1124 @@
+"""mailbox_store.py - Maildir mailboxes, users with hashed passwords, and aliases.
+
+The store every other role reads and writes through. Its files, all under the spool:
+
+    SPOOL/users                          one line per user: ADDRESS:HASH (mode 0600)
+    SPOOL/aliases                        /etc/aliases shape: "name: target, target"
+    SPOOL/store.lock                     flock()ed while users or aliases is rewritten
+    SPOOL/mail/DOMAIN/LOCAL/Maildir/     the user's Maildir: tmp/, new/, cur/
+    SPOOL/mail/DOMAIN/LOCAL/maildrop.lock  flock()ed by the POP3 session holding the maildrop
+
+Delivery writes tmp/NAME, fsyncs it, renames it into new/ and fsyncs new/ (the Maildir
+rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. NAME is
+"SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>":
+sizes come from the name, without a stat of each file. A message keeps the bytes it came
+with (CRLF or LF line ends); W= is the size POP3 sends (RFC 1939 11: CRLF line ends).
+
+Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
+     python3 mailbox_store.py --spool DIR passwd ADDRESS | del-user ADDRESS [--purge]
+     python3 mailbox_store.py --spool DIR list-users | list-aliases
+     python3 mailbox_store.py --spool DIR add-alias NAME TARGET... | del-alias NAME
+"""
+
+import argparse
+import base64
+import fcntl
+import getpass
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+__all__ = [
+    "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
+    "UnknownUser", "canonical_address", "hash_password", "main", "verify_password",
+]
+
+DEFAULT_SPOOL = "./mailspool"
+USERS_FILE = "users"
+ALIASES_FILE = "aliases"
+STORE_LOCK = "store.lock"
+MAIL_DIR = "mail"
+MAILDROP_LOCK = "maildrop.lock"
+MAILDIR_SUBDIRS = ("tmp", "new", "cur")
+
+MAX_LOCAL_PART = 64                # RFC 5321 4.5.3.1.1
+MAX_DOMAIN = 255                   # RFC 5321 4.5.3.1.2
+MAX_LABEL = 63                     # RFC 1035 2.3.4
+MAX_ALIAS_DEPTH = 20               # nested alias expansions before AliasLoop
+MAX_PASSWORD = 1024                # characters; longer is refused before hashing
+MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
+READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
+
+# Password hashes, in PHC-like strings with the parameters in the line.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
+SALT_BYTES = 16
+KEY_BYTES = 32
+
+# RFC 2142 and RFC 5321 4.5.1: these local parts of every local domain reach a person.
+ROLE_ACCOUNTS = ("postmaster", "abuse")
+
+# RFC 5322 3.2.3 specials (and space) never appear in a dot-atom local part; "/" and "\"
+# would make a path. Quoted local parts are refused: they cannot name a file safely.
+LOCAL_PART_FORBIDDEN = frozenset('/\\"(),:;<>@[] ')
+DOMAIN_LABEL_EXTRA = frozenset("-_")
+
+log = logging.getLogger("mailbox_store")
+
+
+# --- Errors and data types ---
+
+class AddressError(ValueError):
+    """An address that is malformed or must not name a file."""
+
+
+class UnknownUser(LookupError):
+    """A local address with no user and no alias."""
+
+
+class AliasLoop(ValueError):
+    """Alias expansion looped or went deeper than MAX_ALIAS_DEPTH."""
+
+
+class MailboxBusy(Exception):
+    """The maildrop is locked by another session (RFC 2449 8.1.1 [IN-USE])."""
+
+
+@dataclass
+class MessageInfo:
+    """One message of an open mailbox; number and uid are fixed for the session."""
+    number: int
+    uid: str                       # RFC 1939 7 unique-id: stable, 0x21-0x7E, <= 70 chars
+    size: int                      # octets POP3 sends: CRLF line ends, before byte-stuffing
+    path: str                      # where the file was when the mailbox was opened
+    file_size: int                 # octets in the file (may differ from size: LF ends)
+    deleted: bool = False
+    retrieved: bool = False
+
+
+@dataclass
+class _Tables:
+    """A snapshot of the users and aliases files; replaced whole, never changed."""
+    users: dict = field(default_factory=dict)        # address -> password hash, file order
+    by_local: dict = field(default_factory=dict)     # local part -> [addresses]
+    aliases: dict = field(default_factory=dict)      # name (local or address) -> [targets]
+    user_domains: frozenset = frozenset()
+    signature: tuple = ()
+
+
+# --- Addresses ---
+
+def _split_address(address):
+    """Validate an address; return (local part as written, lower-cased domain)."""
+    if not isinstance(address, str):
+        raise AddressError("address must be text")
+    if address.count("@") != 1:
+        raise AddressError("address needs exactly one @: %r" % address)
+    local, domain = address.split("@")
+    if not local or len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise AddressError("local part empty or longer than %d octets: %r" % (MAX_LOCAL_PART, address))
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        raise AddressError("local part has a leading, trailing or double dot: %r" % address)
+    for char in local:
+        if char in LOCAL_PART_FORBIDDEN or not char.isprintable():
+            raise AddressError("character %r not allowed in a local part: %r" % (char, address))
+    return local, _check_domain(domain, address)
+
+
+def _check_domain(domain, address):
+    domain = domain.lower()
+    if not domain or len(domain.encode("utf-8")) > MAX_DOMAIN:
+        raise AddressError("domain empty or too long: %r" % address)
+    if domain.startswith("[") and domain.endswith("]"):
+        # RFC 5321 4.1.3 address literal: only digits, hex, dots and colons.
+        inner = domain[1:-1]
+        if inner and all(c.isascii() and (c.isalnum() or c in ".:") for c in inner):
+            return domain
+        raise AddressError("bad address literal: %r" % address)
+    for label in domain.split("."):
+        if (not label or len(label) > MAX_LABEL or label[0] == "-" or label[-1] == "-"
+                or not all(c.isalnum() or c in DOMAIN_LABEL_EXTRA for c in label)):
+            raise AddressError("bad domain: %r" % address)
+    return domain
+
+
+def canonical_address(address: str) -> str:
+    """Validate address and return it with domain and local part lower-cased."""
+    local, domain = _split_address(address)
+    return local.lower() + "@" + domain
+
+
+def _check_local_part(name):
+    """Validate a bare local part (an alias name or target without a domain)."""
+    _split_address(name + "@localhost")
+    return name.lower()
+
+
+# --- Passwords ---
+
+def _b64(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text):
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(password: str) -> str:
+    """Hash with scrypt (or PBKDF2-HMAC-SHA256 where scrypt is missing) and a random salt."""
+    secret = password.encode("utf-8")
+    salt = secrets.token_bytes(SALT_BYTES)
+    if hasattr(hashlib, "scrypt"):
+        key = hashlib.scrypt(secret, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                             maxmem=SCRYPT_MAXMEM, dklen=KEY_BYTES)
+        return "$scrypt$n=%d,r=%d,p=%d$%s$%s" % (SCRYPT_N, SCRYPT_R, SCRYPT_P, _b64(salt), _b64(key))
+    key = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS, KEY_BYTES)
+    return "$pbkdf2-sha256$i=%d$%s$%s" % (PBKDF2_ITERATIONS, _b64(salt), _b64(key))
+
+
+def _derive(secret, stored):
+    """Return (key derived from secret with stored's scheme, stored key), or None if malformed.
+
+    Parameters are bounded: a hand-edited line must not make a login cost minutes.
+    """
+    try:
+        _, scheme, params, salt, key = stored.split("$")
+        values = dict(item.split("=", 1) for item in params.split(","))
+        salt, key = _unb64(salt), _unb64(key)
+        if scheme == "scrypt":
+            n, r, p = int(values["n"]), int(values["r"]), int(values["p"])
+            if not (1 < n <= 2 ** 20 and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16
+                    and 0 < len(key) <= 64):
+                return None
+            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024,
+                                  dklen=len(key)), key
+        if scheme == "pbkdf2-sha256":
+            iterations = int(values["i"])
+            if not (0 < iterations <= 10_000_000 and 0 < len(key) <= 64):
+                return None
+            return hashlib.pbkdf2_hmac("sha256", secret, salt, iterations, len(key)), key
+    except (ValueError, KeyError, TypeError, AttributeError, MemoryError):
+        return None
+    return None
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True when password matches the stored hash; compared in constant time."""
+    derived = _derive(password.encode("utf-8", "surrogateescape"), stored)
+    return derived is not None and hmac.compare_digest(derived[0], derived[1])
+
+
+def _check_password(password):
+    if not password:
+        raise ValueError("the password is empty")
+    if len(password) > MAX_PASSWORD:
+        raise ValueError("the password is longer than %d characters" % MAX_PASSWORD)
+    if any(c in password for c in "\0\r\n"):
+        raise ValueError("the password contains NUL, CR or LF")
+
+
+# --- Files: atomic rewrite, directory fsync ---
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path, text, mode):
+    """Write text to a temporary file, fsync, rename over path, fsync the directory."""
+    folder = os.path.dirname(path) or "."
+    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _file_signature(path):
+    """What tells a changed file from the one read before: (mtime_ns, size, inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read_lines(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+# --- Users and aliases files ---
+
+def _parse_users(lines):
+    """ADDRESS:HASH lines; "#" comments and blank lines skipped; bad lines logged."""
+    users = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        address, _, stored = text.rpartition(":")
+        try:
+            address = canonical_address(address)
+        except AddressError:
+            log.warning("users:%d: bad address, line ignored", number)
+            continue
+        if not stored.startswith("$"):
+            log.warning("users:%d: <%s>: no password hash, line ignored", number, address)
+            continue
+        users.setdefault(address, stored)
+    return users
+
+
+def _alias_entries(lines):
+    """Split aliases lines into entries: (name or None, [raw lines]).
+
+    As in /etc/aliases, a line starting with white space continues the entry above;
+    comments and blank lines are entries of their own with name None.
+    """
+    entries = []
+    for line in lines:
+        if line[:1].isspace() and line.strip() and entries and entries[-1][0] is not None:
+            entries[-1][1].append(line)
+        elif not line.strip() or line.lstrip().startswith("#") or ":" not in line:
+            entries.append((None, [line]))
+        else:
+            entries.append((line.split(":", 1)[0].strip().lower(), [line]))
+    return entries
+
+
+def _check_alias_name(name):
+    name = name.strip()
+    return canonical_address(name) if "@" in name else _check_local_part(name)
+
+
+def _check_alias_target(target):
+    """A target is an address (local or remote) or a bare local part of the same domain."""
+    target = target.strip()
+    if target.startswith(("|", "/", ":include:")):
+        raise AddressError("only addresses are allowed as targets, not %r" % target)
+    if "@" in target:
+        local, domain = _split_address(target)
+        return local + "@" + domain
+    return _check_local_part(target)
+
+
+def _parse_aliases(lines):
+    aliases = {}
+    for name, raw in _alias_entries(lines):
+        if name is None:
+            if raw[0].strip() and not raw[0].lstrip().startswith("#"):
+                log.warning("aliases: line without a colon ignored: %r", raw[0][:80])
+            continue
+        try:
+            name = _check_alias_name(name)
+            text = " ".join(line.strip() for line in raw).split(":", 1)[1]
+            targets = [_check_alias_target(t) for t in text.split(",") if t.strip()]
+        except AddressError as exc:
+            log.warning("aliases: entry %r ignored: %s", name, exc)
+            continue
+        if not targets:
+            log.warning("aliases: entry %r has no target, ignored", name)
+            continue
+        if name in aliases:
+            log.warning("aliases: %r defined twice, the last one wins", name)
+        aliases[name] = targets
+    return aliases
+
+
+def _format_alias(name, targets):
+    return "%s: %s" % (name, ", ".join(targets))
+
+
+# --- Maildir names and sizes ---
+
+_delivery_counter = itertools.count(1)
+
+
+def _maildir_host(hostname):
+    # Maildir spec (cr.yp.to/proto/maildir.html): "/" and ":" in the host name are
+    # written as \057 and \072 so that the name stays one path component without ":".
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def crlf_size(data: bytes) -> int:
+    """Octets of data once every line ends in CRLF and a final CRLF is added if missing."""
+    size = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    if data and not data.endswith(b"\n"):
+        size += 2
+    return size
+
+
+def _name_fields(name):
+    """(base, {"S": size, "W": size}) from "base,S=1,W=2:2,flags"; absent sizes omitted."""
+    base = name.split(":", 1)[0]
+    unique, *attributes = base.split(",")
+    sizes = {}
+    for attribute in attributes:
+        key, _, value = attribute.partition("=")
+        if key in ("S", "W") and value.isdigit():
+            sizes[key] = int(value)
+    return unique, base, sizes
+
+
+def _uid_for(unique):
+    """RFC 1939 7: the unique part of the name if it is printable ASCII and short enough,
+    else a hash of it; both stable across sessions, renames for flags, and restarts."""
+    if 0 < len(unique) <= MAX_UIDL and all(0x21 <= ord(c) <= 0x7E for c in unique):
+        return unique
+    return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _time_key(name):
+    seconds = name.split(".", 1)[0]
+    return (int(seconds) if seconds.isdigit() else 0, name)
+
+
+def _crlf_blocks(f, block_size=READ_BLOCK):
+    """Yield the file's bytes with every line ending made CRLF, ending in CRLF."""
+    pending = b""
+    last = b""
+    while True:
+        block = f.read(block_size)
+        if not block:
+            break
+        data = pending + block if pending else block
+        # A CR at the end of a block may be the first half of a CRLF: keep it back.
+        if data.endswith(b"\r"):
+            data, pending = data[:-1], b"\r"
+        else:
+            pending = b""
+        if data:
+            last = data[-1:]
+            yield data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if pending:
+        last = pending
+        yield pending
+    if last and last != b"\n":
+        yield b"\r\n"
+
+
+def _crlf_top(f, body_lines, block_size=READ_BLOCK):
+    """Yield the header, the blank line and body_lines lines of the body (RFC 1939 TOP)."""
+    in_header = True
+    at_line_start = True
+    pending = b""
+    ended = True
+    while True:
+        piece = f.readline(block_size)
+        if not piece:
+            break
+        if pending:
+            piece, pending = pending + piece, b""
+        complete = piece.endswith(b"\n")
+        if not complete and piece.endswith(b"\r"):
+            piece, pending = piece[:-1], b"\r"
+            if not piece:
+                continue
+        blank_line = at_line_start and piece in (b"\n", b"\r\n")
+        yield piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        ended = complete
+        at_line_start = complete
+        if in_header:
+            if blank_line:
+                in_header = False
+                if body_lines <= 0:
+                    return
+        elif complete:
+            body_lines -= 1
+            if body_lines <= 0:
+                return
+    if pending:
+        yield pending
+        ended = False
+    if not ended:
+        yield b"\r\n"
+
+
+# --- Mailbox: the POP3 side ---
+
+class Mailbox:
+    """A user's Maildir opened for one POP3 session, holding the exclusive maildrop lock.
+
+    Message numbers are fixed when the mailbox is opened (RFC 1939 5). delete() only marks;
+    commit() (the UPDATE state, on QUIT) removes what was marked. close() releases the lock;
+    the kernel releases it too when the process dies, so a crashed session blocks nothing.
+    """
+
+    def __init__(self, user, maildir, lock_fd):
+        self.user = user
+        self.maildir = maildir
+        self._lock_fd = lock_fd
+        self.messages = self._scan()
+
+    def _scan(self):
+        found = []
+        for sub in ("new", "cur"):
+            folder = os.path.join(self.maildir, sub)
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(folder, name)
+                unique, _, sizes = _name_fields(name)
+                file_size, size = sizes.get("S"), sizes.get("W")
+                if file_size is None or size is None:
+                    try:
+                        file_size, size = self._measure(path)
+                    except (FileNotFoundError, IsADirectoryError):
+                        continue
+                found.append((_time_key(name), unique, size, path, file_size))
+        found.sort()
+        return [MessageInfo(number, _uid_for(unique), size, path, file_size)
+                for number, (_, unique, size, path, file_size) in enumerate(found, 1)]
+
+    @staticmethod
+    def _measure(path):
+        """(file size, CRLF size) of a file whose name does not carry them."""
+        size = 0
+        file_size = 0
+        with open(path, "rb") as f:
+            for block in _crlf_blocks(f):
+                size += len(block)
+            file_size = f.tell()
+        return file_size, size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self):
+        return len(self.messages)
+
+    def message(self, number: int) -> Optional[MessageInfo]:
+        """The message with this number, or None when there is none or it is deleted."""
+        if not 1 <= number <= len(self.messages):
+            return None
+        info = self.messages[number - 1]
+        return None if info.deleted else info
+
+    def listing(self) -> list:
+        """Messages not marked deleted, in number order."""
+        return [info for info in self.messages if not info.deleted]
+
+    def stat(self) -> tuple:
+        """(count, octets) of the messages not marked deleted (RFC 1939 5 STAT)."""
+        live = self.listing()
+        return len(live), sum(info.size for info in live)
+
+    def delete(self, number: int) -> bool:
+        info = self.message(number)
+        if info is None:
+            return False
+        info.deleted = True
+        return True
+
+    def reset(self):
+        """Unmark every deleted message (RFC 1939 5 RSET)."""
+        for info in self.messages:
+            info.deleted = False
+
+    def _open(self, info):
+        """Open the file; another Maildir client may have moved it to cur/ meanwhile."""
+        try:
+            return open(info.path, "rb")
+        except FileNotFoundError:
+            unique = os.path.basename(info.path).split(":", 1)[0]
+            cur = os.path.join(self.maildir, "cur")
+            for name in os.listdir(cur):
+                if name.split(":", 1)[0] == unique:
+                    info.path = os.path.join(cur, name)
+                    return open(info.path, "rb")
+            raise
+
+    def read(self, number: int, body_lines: Optional[int] = None) -> Iterator[bytes]:
+        """Yield the message in blocks with CRLF line ends, exactly info.size octets.
+
+        With body_lines, yield the header, the blank line and that many body lines (TOP).
+        Raises FileNotFoundError when the file vanished; byte-stuffing is the caller's.
+        """
+        info = self.messages[number - 1]
+        f = self._open(info)
+        with f:
+            if body_lines is not None:
+                yield from _crlf_top(f, body_lines)
+                return
+            info.retrieved = True
+            if info.size == info.file_size == os.fstat(f.fileno()).st_size:
+                # Delivered with CRLF and a final newline: the file is what is sent.
+                for block in iter(lambda: f.read(READ_BLOCK), b""):
+                    yield block
+            else:
+                yield from _crlf_blocks(f)
+
+    def commit(self) -> int:
+        """RFC 1939 6 UPDATE: remove deleted messages, file retrieved ones as seen in cur/.
+
+        Returns how many were removed. Raises OSError when a removal failed.
+        """
+        removed = 0
+        failures = []
+        touched = set()
+        for info in self.messages:
+            try:
+                if info.deleted:
+                    try:
+                        os.unlink(info.path)
+                    except FileNotFoundError:
+                        self._open(info).close()
+                        os.unlink(info.path)
+                    removed += 1
+                    touched.add(os.path.dirname(info.path))
+                elif info.retrieved and os.path.basename(os.path.dirname(info.path)) == "new":
+                    # Maildir: a message seen by the user moves to cur/ with the S flag.
+                    name = os.path.basename(info.path).split(":", 1)[0] + ":2,S"
+                    os.rename(info.path, os.path.join(self.maildir, "cur", name))
+                    touched.update((os.path.dirname(info.path), os.path.join(self.maildir, "cur")))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failures.append(exc)
+        for folder in touched:
+            _fsync_dir(folder)
+        if failures:
+            raise failures[0]
+        return removed
+
+    def close(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)    # closing the descriptor drops the flock
+            self._lock_fd = None
+
+
+# --- Store ---
+
+class Store:
+    """Users, aliases and Maildirs under one spool directory. Thread-safe.
+
+    The users and aliases files are re-read whenever their (mtime_ns, size, inode)
+    changes, so a daemon sees a new user or alias without a restart.
+    """
+
+    def __init__(self, spool_dir: str, domains: Iterable[str] = (), hostname: Optional[str] = None):
+        self.spool_dir = os.fspath(spool_dir)
+        self.domains = [_check_domain(d.strip(), d) for d in domains if d.strip()]
+        self.hostname = hostname or socket.gethostname()
+        self.users_path = os.path.join(self.spool_dir, USERS_FILE)
+        self.aliases_path = os.path.join(self.spool_dir, ALIASES_FILE)
+        self.lock_path = os.path.join(self.spool_dir, STORE_LOCK)
+        self.tables_lock = threading.Lock()
+        self._tables_cache = _Tables()
+        self._dummy_hash = None
+
+    # -- tables --
+
+    def _tables(self):
+        signature = (_file_signature(self.users_path), _file_signature(self.aliases_path))
+        with self.tables_lock:
+            tables = self._tables_cache
+            if tables.signature != signature:
+                tables = self._load(signature)
+                self._tables_cache = tables
+            return tables
+
+    def _load(self, signature):
+        users = _parse_users(_read_lines(self.users_path))
+        by_local = {}
+        for address in users:
+            by_local.setdefault(address.split("@")[0], []).append(address)
+        return _Tables(users=users, by_local=by_local,
+                       aliases=_parse_aliases(_read_lines(self.aliases_path)),
+                       user_domains=frozenset(a.split("@")[1] for a in users),
+                       signature=signature)
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True for a configured domain or the domain of a user in the store."""
+        domain = domain.lower().rstrip(".")
+        return domain in self.domains or domain in self._tables().user_domains
+
+    def _primary_domain(self, tables):
+        if self.domains:
+            return self.domains[0]
+        if tables.users:
+            return next(iter(tables.users)).split("@")[1]
+        return self.hostname.lower()
+
+    # -- expansion --
+
+    def expand(self, address: str) -> list:
+        """Final destinations of address: local user addresses and remote addresses.
+
+        Aliases are expanded recursively; "user+tag@d" reaches "user@d" when "user+tag"
+        itself is not a user or alias; postmaster and abuse always have a destination.
+        Raises AddressError, UnknownUser, AliasLoop.
+        """
+        tables = self._tables()
+        if "@" not in address and address.lower() in ROLE_ACCOUNTS:
+            address = address + "@" + self._primary_domain(tables)  # RFC 5321 4.5.1
+        out, skipped = [], []
+        self._expand(tables, address, (), out, skipped)
+        for alias, target in skipped:
+            log.warning("alias %s: target <%s> has no mailbox, skipped", alias, target)
+        return list(dict.fromkeys(out))
+
+    def _quiet_expand(self, tables, address):
+        out = []
+        self._expand(tables, address, (), out, [])
+        return out
+
+    def _expand(self, tables, address, path, out, skipped):
+        if len(path) > MAX_ALIAS_DEPTH:
+            raise AliasLoop("alias expansion deeper than %d: %s" % (MAX_ALIAS_DEPTH, " -> ".join(path)))
+        local, domain = _split_address(address)
+        if not (domain in self.domains or domain in tables.user_domains):
+            out.append(local + "@" + domain)
+            return
+        local = local.lower()
+        address = local + "@" + domain
+        if address in path:
+            # sendmail semantics: "alice: alice, bob" keeps a copy in alice's own mailbox.
+            if address in tables.users:
+                out.append(address)
+                return
+            raise AliasLoop("alias loop: %s" % " -> ".join(path + (address,)))
+        path += (address,)
+        for candidate in self._candidates(local):
+            targets = tables.aliases.get(candidate + "@" + domain) or tables.aliases.get(candidate)
+            if targets is not None:
+                found = len(out)
+                for target in targets:
+                    if "@" not in target:
+                        target = target + "@" + domain
+                    try:
+                        self._expand(tables, target, path, out, skipped)
+                    except UnknownUser:
+                        # Like Postfix, a stale target fails alone; the others still get mail.
+                        skipped.append((address, target))
+                if len(out) == found:
+                    raise UnknownUser("alias %s has no target with a mailbox" % address)
+                return
+            if candidate + "@" + domain in tables.users:
+                out.append(candidate + "@" + domain)
+                return
+        role = local.split("+", 1)[0]
+        if role in ROLE_ACCOUNTS:
+            self._route_role(tables, role, domain, path, out, skipped)
+            return
+        raise UnknownUser("no such user: %s" % address)
+
+    @staticmethod
+    def _candidates(local):
+        """The local part itself, then without its +tag (sub-addressing)."""
+        base = local.split("+", 1)[0]
+        return (local, base) if base and base != local else (local,)
+
+    def _route_role(self, tables, role, domain, path, out, skipped):
+        """Route postmaster or abuse mail when no alias or user of that name exists.
+
+        abuse goes where postmaster goes; postmaster goes to the first user of the domain
+        in the users file, else the first user of the store; with no users at all, to a
+        "postmaster" mailbox of the domain, kept until someone adds that user.
+        """
+        if role == "abuse":
+            self._expand(tables, "postmaster@" + domain, path, out, skipped)
+            return
+        for address in tables.users:
+            if address.endswith("@" + domain):
+                out.append(address)
+                return
+        out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
+
+    def recipient_exists(self, address: str) -> bool:
+        """True when expand(address) succeeds (used at RCPT time)."""
+        try:
+            return bool(self.expand(address))
+        except (AddressError, UnknownUser, AliasLoop):
+            return False
+
+    def sender_addresses(self, user: str) -> set:
+        """The user's address and every alias address whose expansion includes it."""
+        user = canonical_address(user)
+        tables = self._tables()
+        addresses = {user}
+        local_domains = sorted(set(self.domains) | tables.user_domains)
+        for name in tables.aliases:
+            names = [name] if "@" in name else [name + "@" + d for d in local_domains]
+            for address in names:
+                try:
+                    if user in self._quiet_expand(tables, address):
+                        addresses.add(address)
+                except (AddressError, UnknownUser, AliasLoop):
+                    continue
+        return addresses
+
+    # -- delivery --
+
+    def maildir_path(self, user: str) -> str:
+        local, domain = canonical_address(user).split("@")
+        return os.path.join(self.spool_dir, MAIL_DIR, domain, local, "Maildir")
+
+    def _may_receive(self, tables, user):
+        if user in tables.users:
+            return True
+        local, domain = user.split("@")
+        return (local == "postmaster" and not tables.users
+                and (domain in self.domains or domain in tables.user_domains))
+
+    def _ensure_maildir(self, maildir):
+        for sub in MAILDIR_SUBDIRS:
+            os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+
+    def deliver(self, user: str, message: bytes, return_path: str) -> str:
+        """Deliver durably into user's Maildir; return the path of the new file.
+
+        Prepends Return-Path and Delivered-To (RFC 5321 4.4) in the message's own line
+        ending. Raises UnknownUser when user has no mailbox, OSError on disk trouble.
+        """
+        user = canonical_address(user)
+        tables = self._tables()
+        if not self._may_receive(tables, user):
+            raise UnknownUser("no such user: %s" % user)
+        first_line_end = message.find(b"\n")
+        crlf = first_line_end > 0 and message[first_line_end - 1] == 0x0D
+        eol = b"\r\n" if crlf else b"\n"
+        clean_path = "".join(c for c in return_path if c.isprintable() and c not in "<>")
+        header = (b"Return-Path: <" + clean_path.encode("utf-8", "replace") + b">" + eol
+                  + b"Delivered-To: " + user.encode("utf-8") + eol)
+        file_size = len(header) + len(message)
+        size = len(header) + (0 if crlf else header.count(b"\n")) + crlf_size(message)
+        maildir = self.maildir_path(user)
+        self._ensure_maildir(maildir)
+        now = time.time_ns() // 1000
+        name = "%d.M%06dP%dQ%dR%s.%s,S=%d,W=%d" % (
+            now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
+            secrets.token_hex(8), _maildir_host(self.hostname), file_size, size)
+        temporary = os.path.join(maildir, "tmp", name)
+        final = os.path.join(maildir, "new", name)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                f.write(message)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temporary, final)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(os.path.dirname(final))
+        return final
+
+    # -- authentication --
+
+    def authenticate(self, login: str, password: str) -> Optional[str]:
+        """The canonical user address when login and password match, else None.
+
+        login is a full address or a bare local part that names one user only. An unknown
+        login costs one hash computation too, so timing does not reveal which users exist.
+        """
+        tables = self._tables()
+        user = self._find_login(tables, login)
+        stored = tables.users.get(user) if user else None
+        if stored is None or not password or len(password) > MAX_PASSWORD:
+            verify_password(password[:MAX_PASSWORD], self._dummy())
+            return None
+        return user if verify_password(password, stored) else None
+
+    def _find_login(self, tables, login):
+        login = login.strip()
+        if "@" in login:
+            try:
+                return canonical_address(login)
+            except AddressError:
+                return None
+        matches = tables.by_local.get(login.lower(), [])
+        return matches[0] if len(matches) == 1 else None
+
+    def _dummy(self):
+        if self._dummy_hash is None:
+            self._dummy_hash = hash_password(secrets.token_hex(16))
+        return self._dummy_hash
+
+    # -- POP3 maildrop --
+
+    def open_mailbox(self, user: str) -> Mailbox:
+        """Lock user's maildrop for one session and list its messages. Raises MailboxBusy."""
+        user = canonical_address(user)
+        if user not in self._tables().users:
+            raise UnknownUser("no such user: %s" % user)
+        maildir = self.maildir_path(user)
+        self._ensure_maildir(maildir)
+        lock_path = os.path.join(os.path.dirname(maildir), MAILDROP_LOCK)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # flock() belongs to this open file: a second open() in the same process
+            # conflicts too, and the kernel drops the lock when the process dies.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MailboxBusy("maildrop of %s is locked by another session" % user) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return Mailbox(user, maildir, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def mailbox_usage(self, user: str) -> tuple:
+        """(messages, octets on disk) in user's Maildir, from the sizes in the file names."""
+        maildir = self.maildir_path(user)
+        count = octets = 0
+        for sub in ("new", "cur"):
+            folder = os.path.join(maildir, sub)
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                size = _name_fields(entry.name)[2].get("S")
+                if size is None:
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                count += 1
+                octets += size
+        return count, octets
+
+    # -- user and alias management (the CLI) --
+
+    def _locked_rewrite(self, path, mode, change):
+        """Under the store lock, read path's lines, let change() edit them, write atomically.
+
+        The lock serialises concurrent add-user runs, so no change is lost.
+        """
+        os.makedirs(self.spool_dir, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            lines = _read_lines(path)
+            result = change(lines)
+            _write_atomically(path, "".join(line + "\n" for line in lines), mode)
+            return result
+        finally:
+            os.close(fd)
+
+    def list_users(self) -> list:
+        """User addresses in the order of the users file."""
+        return list(self._tables().users)
+
+    def add_user(self, address: str, password: str) -> str:
+        address = canonical_address(address)
+        _check_password(password)
+        stored = hash_password(password)
+
+        def change(lines):
+            if address in _parse_users(lines):
+                raise ValueError("user %s already exists" % address)
+            lines.append("%s:%s" % (address, stored))
+        self._locked_rewrite(self.users_path, 0o600, change)
+        return address
+
+    def set_password(self, address: str, password: str) -> str:
+        address = canonical_address(address)
+        _check_password(password)
+        stored = hash_password(password)
+
+        def change(lines):
+            for index, line in enumerate(lines):
+                if _parse_users([line]).get(address):
+                    lines[index] = "%s:%s" % (address, stored)
+                    return
+            raise UnknownUser("no such user: %s" % address)
+        self._locked_rewrite(self.users_path, 0o600, change)
+        return address
+
+    def delete_user(self, address: str, purge: bool = False) -> str:
+        """Remove the user; its mail stays on disk unless purge is True."""
+        address = canonical_address(address)
+
+        def change(lines):
+            kept = [line for line in lines if not _parse_users([line]).get(address)]
+            if len(kept) == len(lines):
+                raise UnknownUser("no such user: %s" % address)
+            lines[:] = kept
+        self._locked_rewrite(self.users_path, 0o600, change)
+        if purge:
+            shutil.rmtree(os.path.dirname(self.maildir_path(address)), ignore_errors=True)
+        return address
+
+    def list_aliases(self) -> list:
+        """(name, [targets]) pairs in the order of the aliases file."""
+        return list(self._tables().aliases.items())
+
+    def add_alias(self, name: str, targets: Iterable[str]) -> list:
+        """Add targets to alias name (creating it); refuses a change that makes a loop."""
+        name = _check_alias_name(name)
+        targets = [_check_alias_target(t) for t in targets]
+        if not targets:
+            raise ValueError("an alias needs at least one target")
+
+        def change(lines):
+            entries = _alias_entries(lines)
+            old = _parse_aliases(lines).get(name, [])
+            merged = list(dict.fromkeys(old + targets))
+            self._check_no_loop(name, dict(_parse_aliases(lines), **{name: merged}))
+            for index, (entry_name, _) in enumerate(entries):
+                if entry_name is not None and _check_alias_name_quiet(entry_name) == name:
+                    entries[index] = (name, [_format_alias(name, merged)])
+                    break
+            else:
+                entries.append((name, [_format_alias(name, merged)]))
+            lines[:] = [line for _, raw in entries for line in raw]
+            return merged
+        return self._locked_rewrite(self.aliases_path, 0o644, change)
+
+    def _check_no_loop(self, name, aliases):
+        tables = self._tables()
+        trial = _Tables(users=tables.users, by_local=tables.by_local, aliases=aliases,
+                        user_domains=tables.user_domains, signature=tables.signature)
+        domains = [name.split("@")[1]] if "@" in name else (
+            sorted(set(self.domains) | tables.user_domains) or [self._primary_domain(tables)])
+        for domain in domains:
+            address = name if "@" in name else name + "@" + domain
+            try:
+                self._quiet_expand(trial, address)
+            except (UnknownUser, AddressError):
+                continue
+
+    def delete_alias(self, name: str) -> str:
+        name = _check_alias_name(name)
+
+        def change(lines):
+            entries = _alias_entries(lines)
+            kept = [(n, raw) for n, raw in entries
+                    if n is None or _check_alias_name_quiet(n) != name]
+            if len(kept) == len(entries):
+                raise UnknownUser("no such alias: %s" % name)
+            lines[:] = [line for _, raw in kept for line in raw]
+        self._locked_rewrite(self.aliases_path, 0o644, change)
+        return name
+
+
+def _check_alias_name_quiet(name):
+    try:
+        return _check_alias_name(name)
+    except AddressError:
+        return None
+
+
+# --- Command line ---
+
+def _read_new_password(stdin=None):
+    """Prompt twice on a terminal; read one line when stdin is not a terminal."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if first != getpass.getpass("Repeat password: "):
+            raise ValueError("the passwords do not match")
+        return first
+    return stdin.readline().rstrip("\r\n")
+
+
+def _command(args, store):
+    if args.command == "add-user":
+        print("added %s" % store.add_user(args.address, _read_new_password()))
+    elif args.command == "passwd":
+        address = canonical_address(args.address)
+        if address not in store.list_users():
+            raise UnknownUser("no such user: %s" % address)
+        print("password changed for %s" % store.set_password(address, _read_new_password()))
+    elif args.command == "del-user":
+        address = store.delete_user(args.address, purge=args.purge)
+        print("deleted %s%s" % (address, " and its mail" if args.purge else " (mail kept)"))
+    elif args.command == "list-users":
+        for address in store.list_users():
+            count, octets = store.mailbox_usage(address)
+            print("%s %d messages %d bytes" % (address, count, octets))
+    elif args.command == "add-alias":
+        name = _check_alias_name(args.name)
+        print(_format_alias(name, store.add_alias(name, args.targets)))
+    elif args.command == "del-alias":
+        print("deleted alias %s" % store.delete_alias(args.name))
+    elif args.command == "list-aliases":
+        for name, targets in store.list_aliases():
+            print(_format_alias(name, targets))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="mailbox_store.py", description="Manage the users, aliases and Maildirs of a mail spool.")
+    parser.add_argument("--spool", default=DEFAULT_SPOOL, help="spool directory (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for name, text in (("add-user", "add a user; password from a prompt or one line of stdin"),
+                       ("passwd", "change a user's password")):
+        commands.add_parser(name, help=text).add_argument("address")
+    delete = commands.add_parser("del-user", help="delete a user (mail kept unless --purge)")
+    delete.add_argument("address")
+    delete.add_argument("--purge", action="store_true", help="also delete the user's Maildir")
+    commands.add_parser("list-users", help="users with message count and bytes")
+    alias = commands.add_parser("add-alias", help="add targets to an alias (created if new)")
+    alias.add_argument("name", help="a bare local part (every local domain) or an address")
+    alias.add_argument("targets", nargs="+", metavar="TARGET")
+    commands.add_parser("del-alias", help="delete an alias").add_argument("name")
+    commands.add_parser("list-aliases", help="aliases as in the aliases file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="mailbox_store: %(message)s", level=logging.WARNING)
+    try:
+        return _command(args, Store(args.spool))
+    except (ValueError, LookupError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        print("mailbox_store: %s" % message, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("mailbox_store: %s" % exc, file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("mailbox_store: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

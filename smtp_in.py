@@ -1,0 +1,1022 @@
+"""smtp_in.py - inbound SMTP server: MX and submission (RFC 5321, enhanced codes RFC 3463).
+
+Accepts mail from other MTAs (MX, port 25) and from users' mail programs (submission, port
+587 with AUTH required, RFC 6409; implicit TLS on 465, RFC 8314). Extensions: PIPELINING
+(RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), SMTPUTF8
+(RFC 6531), STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954, RFC 4616).
+
+Policy is applied while the client talks: relaying only after AUTH or from --relay-network,
+unknown local recipients refused at RCPT time (mailbox_store), size, line, recipient, error,
+command and time limits. Only <CRLF>.<CRLF> ends DATA; a message holding a bare CR, a bare
+LF or a NUL is refused whole, so no smuggled second message can exist (see MessageCollector).
+Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names) and is
+written to the spool by mta.enqueue; 250 is sent only once it is durable.
+
+Reads: users and aliases through mailbox_store. Writes: the spool, through mta.
+Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
+     python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:587 --submission \\
+         --tls-cert cert.pem --tls-key key.pem --smtps-listen 0.0.0.0:465 --domain example.com
+"""
+
+import argparse
+import datetime
+import errno
+import importlib
+import ipaddress
+import logging
+import re
+import select
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from typing import Optional
+
+import mailbox_store
+import mta
+import plumbing
+
+__all__ = [
+    "DEFAULTS", "Envelope", "MessageCollector", "SMTPHandler", "SMTPServer",
+    "address_literal", "count_hops", "is_domain", "main", "make_reverse_lookup",
+    "parse_mail_params", "parse_networks", "parse_path", "protocol_name", "received_header",
+    "split_address", "split_command",
+]
+
+# --- Constants ---
+
+MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF
+MAX_COMMAND_LENIENT = 2048     # longer command lines get 500 5.5.2 (DESIGN.md: lenient to 2 KiB)
+MAX_TEXT_LINE = 65536          # RFC 5321 4.5.3.1.6 asks for 1000 with CRLF; longer lines pass up to this
+MAX_SASL_LINE = plumbing.MAX_SASL_RESPONSE
+MAX_LOCAL_PART = 64            # RFC 5321 4.5.3.1.1, octets
+MAX_DOMAIN = 255               # RFC 5321 4.5.3.1.2, octets
+MAX_PATH = 256                 # RFC 5321 4.5.3.1.3, octets with the angle brackets
+MAX_HOPS = 50                  # Received: headers before we call it a mail loop (RFC 5321 6.3)
+MAX_AUTH_FAILURES = 3          # failed logins before the connection is closed (DESIGN.md)
+REVERSE_DNS_TIMEOUT = 2.0      # seconds for the optional PTR lookup of the Received: header
+SMTP_PORT, SUBMISSION_PORT, SMTPS_PORT = 25, 587, 465
+
+END_OF_DATA = b"\r\n.\r\n"     # RFC 5321 4.1.1.4: the only end of the mail data
+CRLF = b"\r\n"
+
+# Every setting, its default, and the flag or INI key that changes it (plumbing.add_options).
+DEFAULTS = {
+    "spool": "./mailspool",
+    "listen": "127.0.0.1:2525",
+    "submission": False,
+    "smtps_listen": "",
+    "domain": ["localhost"],
+    "hostname": "",
+    "tls_cert": "",
+    "tls_key": "",
+    "relay_network": [],
+    "idle_timeout": 300.0,
+    "session_timeout": 1800.0,
+    "max_size": 35 * 1024 * 1024,
+    "max_recipients": 100,
+    "max_errors": 20,
+    "max_commands": 1000,
+    "max_connections": 200,
+    "max_per_address": 50,
+    "greet_pause": 0.0,
+    "dns": "",
+    "reverse_dns": False,
+    "user": "",
+    "syslog": False,
+    "verbose": False,
+}
+
+# --- Replies (RFC 5321 4.2; enhanced codes RFC 3463, on all but the greeting and HELO/EHLO
+# replies as RFC 2034 4 asks, and not on 334/354 which carry no text of their own) ---
+
+R220_GREETING = "220 %s ESMTP"
+R220_READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+R221_BYE = "221 2.0.0 %s closing connection"
+R235_AUTH_OK = "235 2.7.0 Authentication successful"
+R250_OK = "250 2.0.0 OK"
+R250_SENDER_OK = "250 2.1.0 Sender OK"
+R250_RECIPIENT_OK = "250 2.1.5 Recipient OK"
+R250_RESET = "250 2.0.0 Reset"
+R250_QUEUED = "250 2.0.0 OK: queued as %s"
+R250_HELO = "250 %s"
+R252_CANNOT_VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+R214_HELP = ("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"
+             " AUTH; see RFC 5321")
+R334_CHALLENGE = "334 %s"
+R354_START_INPUT = "354 End data with <CR><LF>.<CR><LF>"
+R421_BUSY = "421 4.7.0 Too many connections, try again later"
+R421_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+R421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing connection"
+R421_INTERNAL_ERROR = "421 4.3.0 Internal error, closing connection"
+R421_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+R421_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands, closing connection"
+R451_SPOOL_ERROR = "451 4.3.0 Cannot store the message now, try again later"
+R452_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
+R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+R500_UNKNOWN = "500 5.5.2 Command not recognized"
+R500_LINE_TOO_LONG = "500 5.5.2 Line too long"
+R500_BAD_CHARACTERS = "500 5.5.2 NUL, control characters or invalid UTF-8 in command"
+R500_BARE_CR = "500 5.5.2 Command line ends in a bare CR; use CRLF"
+R501_SYNTAX = "501 5.5.4 Syntax error in parameters or arguments"
+R501_NO_ARGUMENTS = "501 5.5.4 This command takes no arguments"
+R501_HELO_SYNTAX = "501 5.5.4 Syntax: EHLO hostname (or HELO hostname)"
+R501_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+R501_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
+R501_AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+R501_BAD_SASL = "501 5.5.2 Invalid SASL response"
+R502_NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
+R503_NEED_HELO = "503 5.5.1 Send EHLO or HELO first"
+R503_NEED_EHLO = "503 5.5.1 Send EHLO first"
+R503_NEED_MAIL = "503 5.5.1 Send MAIL first"
+R503_NEED_RCPT = "503 5.5.1 Send RCPT first"
+R503_NESTED_MAIL = "503 5.5.1 Sender already given"
+R503_IN_TRANSACTION = "503 5.5.1 Not permitted during a mail transaction"
+R503_ALREADY_AUTHENTICATED = "503 5.5.1 Already authenticated"
+R503_TLS_ACTIVE = "503 5.5.1 TLS already active"
+R504_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
+R530_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+R538_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
+R550_UNKNOWN_USER = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
+R550_BARE_LINE_ENDING = "550 5.6.0 Message refused: bare CR or LF in text (RFC 5321 2.3.8); use CRLF"
+R550_NUL = "550 5.6.0 Message refused: NUL octet in text"
+R552_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+R552_LINE_TOO_LONG = "552 5.3.4 Message text line longer than %d octets"
+R553_NEED_DOMAIN = "553 5.1.3 <%s>: Address needs a fully qualified domain"
+R553_SENDER_NEEDS_DOMAIN = "553 5.1.7 <%s>: Sender address needs a fully qualified domain"
+R553_NOT_OWNER = "553 5.7.1 <%s>: Sender address not owned by user %s"
+R553_NEED_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter"
+R554_EARLY_TALKER = "554 5.5.0 Protocol violation: talked before the greeting"
+R554_RELAY_DENIED = "554 5.7.1 <%s>: Relay access denied"
+R554_ROUTING_DENIED = "554 5.7.1 <%s>: Sender-specified routing is not allowed"
+R554_NO_VALID_RECIPIENTS = "554 5.5.1 No valid recipients"
+R554_TOO_MANY_HOPS = "554 5.4.6 Too many Received: headers, mail loop?"
+R555_UNKNOWN_PARAMETER = "555 5.5.4 Unsupported MAIL or RCPT parameter %s"
+R555_BAD_PARAMETER = "555 5.5.4 Bad value for parameter %s"
+
+# Base64 of "Username:" and "Password:", the LOGIN mechanism's customary challenges.
+LOGIN_USERNAME = "VXNlcm5hbWU6"
+LOGIN_PASSWORD = "UGFzc3dvcmQ6"
+
+log = logging.getLogger("smtp_in")
+
+
+# --- Data types ---
+
+@dataclass
+class Envelope:
+    """One mail transaction: MAIL FROM, its parameters, and the accepted RCPT TO addresses."""
+    mail_from: str
+    rcpt_to: list = field(default_factory=list)
+    size: Optional[int] = None         # the SIZE= the client announced (RFC 1870)
+    smtputf8: bool = False             # RFC 6531 3.4
+    rejected: int = 0                  # RCPTs refused, for the reply to DATA (RFC 5321 3.3)
+
+
+class _Cancelled(Exception):
+    """The client answered a SASL challenge with "*" (RFC 4954 4)."""
+
+
+# --- Pure helpers: commands, paths, parameters ---
+
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"     # RFC 5321 4.1.2 (+ RFC 6531 3.3)
+DOT_STRING = r"%s+(?:\.%s+)*" % (ATEXT, ATEXT)
+QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+SUB_DOMAIN = r"[^\W_](?:(?:[^\W_]|-)*[^\W_])?"                  # Let-dig [Ldh-str], U-labels too
+DOMAIN = r"%s(?:\.%s)*" % (SUB_DOMAIN, SUB_DOMAIN)
+ADDRESS_LITERAL = r"\[[^\[\]\\\s]+\]"
+DOT_STRING_RE = re.compile(DOT_STRING + r"\Z")
+DOMAIN_RE = re.compile(DOMAIN + r"\Z")
+MAILBOX_RE = re.compile(r"(?P<local>%s|%s)(?:@(?P<domain>%s|%s))?\Z"
+                        % (DOT_STRING, QUOTED_STRING, DOMAIN, ADDRESS_LITERAL))
+ROUTE_RE = re.compile(r"@(?:%s|%s)(?:,@(?:%s|%s))*:" % (DOMAIN, ADDRESS_LITERAL,
+                                                         DOMAIN, ADDRESS_LITERAL))
+KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")           # RFC 5321 4.1.2 esmtp-keyword
+VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")  # esmtp-value (+ RFC 6531)
+XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 4
+
+
+def split_command(line):
+    """Split a command line into (VERB, argument): the verb upper-cased, spaces trimmed."""
+    verb, _, arg = line.strip(" ").partition(" ")
+    return verb.upper(), arg.strip(" ")
+
+
+def is_domain(text):
+    """True for a syntactically valid domain name (RFC 5321 4.1.2 Domain), A- or U-labels."""
+    return (0 < len(text.encode("utf-8")) <= MAX_DOMAIN and DOMAIN_RE.match(text) is not None
+            and all(len(label) <= 63 for label in text.split(".")))
+
+
+def address_literal(text):
+    """The IP address inside an address literal ("[192.0.2.1]", "[IPv6:2001:db8::1]"), or None."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None
+
+
+def split_address(address):
+    """Split "local@domain" into (local part without quotes, domain); domain "" when absent."""
+    if address.startswith('"'):
+        end = address.rfind('"')
+        local, domain = address[1:end], address[end + 2:]
+        return re.sub(r"\\(.)", r"\1", local), domain
+    local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+    return local, domain
+
+
+def _quote_local(local):
+    """A local part as RFC 5321 4.1.2 writes it: a Dot-string when it can be, else quoted."""
+    if DOT_STRING_RE.match(local):
+        return local
+    return '"%s"' % re.sub(r'(["\\])', r"\\\1", local)
+
+
+def _find_closing_bracket(text):
+    """Index of the ">" that closes a path starting with "<", skipping quoted strings."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return -1
+
+
+def parse_path(arg, prefix="TO:"):
+    """Parse the argument of MAIL ("FROM:") or RCPT ("TO:") into (address, parameters text).
+
+    RFC 5321 4.1.2: the address is "" for the null path <>; a source route (<@a,@b:u@d>) is
+    accepted and dropped (4.1.1.3); a quoted local part that needs no quotes is unquoted and
+    the domain lower-cased. Lenient like common MTAs: a space after the colon and a path
+    without angle brackets are accepted. A local part without a domain is returned as is
+    (the caller decides: only "postmaster" may lack one). Returns None on bad syntax.
+    """
+    if arg[:len(prefix)].upper() != prefix:
+        return None
+    rest = arg[len(prefix):].lstrip(" ")
+    if rest.startswith("<"):
+        end = _find_closing_bracket(rest)
+        if end < 0:
+            return None
+        path, params = rest[1:end], rest[end + 1:]
+        if params and not params.startswith(" "):
+            return None
+        if end + 1 > MAX_PATH:
+            return None
+    else:
+        path, _, params = rest.partition(" ")
+        if not path or ">" in path or len(path) + 2 > MAX_PATH:
+            return None
+    if path == "":
+        return "", params.strip(" ")
+    route = ROUTE_RE.match(path)
+    if route:
+        path = path[route.end():]
+    match = MAILBOX_RE.match(path)
+    if match is None:
+        return None
+    local, domain = split_address(path)
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        return None
+    if match.group("domain") is None:
+        return _quote_local(local), params.strip(" ")
+    if domain.startswith("["):
+        if address_literal(domain) is None:
+            return None
+    elif not is_domain(domain):
+        return None
+    if not domain.startswith("["):
+        domain = domain.lower()
+    return "%s@%s" % (_quote_local(local), domain), params.strip(" ")
+
+
+def parse_mail_params(text):
+    """Parse "KEY=value KEY2 ..." (RFC 5321 4.1.2 Mail-parameters) into {KEY: value or None}.
+
+    Keywords are upper-cased. Raises ValueError on bad syntax or a repeated keyword.
+    """
+    params = {}
+    for item in text.split(" "):
+        if not item:
+            continue
+        keyword, equals, value = item.partition("=")
+        if not KEYWORD_RE.match(keyword) or (equals and not VALUE_RE.match(value)):
+            raise ValueError("bad parameter %r" % item)
+        keyword = keyword.upper()
+        if keyword in params:
+            raise ValueError("repeated parameter %s" % keyword)
+        params[keyword] = value if equals else None
+    return params
+
+
+def parse_networks(texts):
+    """Turn CIDR strings ("192.0.2.0/24", "::1") into ip_network objects; ValueError if bad."""
+    return [ipaddress.ip_network(text.strip(), strict=False) for text in texts if text.strip()]
+
+
+def _in_networks(ip, networks):
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def protocol_name(esmtp, tls, authenticated, smtputf8=False):
+    """The "with" protocol of Received: (RFC 3848 2; RFC 6531 3.7.3 for SMTPUTF8)."""
+    if not esmtp:
+        return "SMTP"
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def _comment_text(text):
+    """Text safe inside an RFC 5322 comment: no parentheses or backslashes left unescaped."""
+    return re.sub(r"([()\\])", r"\\\1", text)
+
+
+def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
+                    recipient=None, when=None):
+    """The Received: trace header of RFC 5321 4.4, folded, as CRLF-terminated bytes.
+
+    from HELO (NAME [IP]) by HOSTNAME with PROTOCOL id QUEUEID for <RCPT>; DATE
+    A HELO that is neither a domain nor an address literal is shown in the comment instead.
+    """
+    literal = "[IPv6:%s]" % client_ip if ":" in client_ip else "[%s]" % client_ip
+    tcp_info = "%s %s" % (client_name, literal) if client_name else literal
+    if helo and (is_domain(helo) or address_literal(helo) is not None):
+        from_part = helo
+    else:
+        from_part = literal
+        tcp_info += " helo=" + (helo or "none")
+    lines = ["Received: from %s (%s)" % (from_part, _comment_text(tcp_info)),
+             "\tby %s with %s id %s" % (hostname, protocol, queue_id)]
+    date = format_datetime(when or datetime.datetime.now(datetime.timezone.utc).astimezone())
+    if recipient:
+        lines.append("\tfor <%s>; %s" % (recipient, date))
+    else:
+        lines[-1] += ";"
+        lines.append("\t" + date)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def count_hops(message):
+    """The number of Received: headers in the header section of message (bytes)."""
+    end = message.find(b"\r\n\r\n")
+    header = message[:end] if end >= 0 else message
+    return len(re.findall(rb"(?im)^received:", header))
+
+
+# --- Pure helper: the DATA phase ---
+
+class MessageCollector:
+    """Collects mail data from raw blocks up to <CRLF>.<CRLF> (RFC 5321 4.1.1.4, 4.5.2).
+
+    Pure: fed the bytes as they come, it never touches a socket. Only CR LF "." CR LF ends
+    the data. Against SMTP smuggling, text holding a bare CR, a bare LF or a NUL is refused
+    whole (550 5.6.0) rather than normalised: RFC 5321 2.3.8 forbids them, and whatever a
+    bare "\\n.\\n" or "\\r.\\r" was meant to end stays inside the one refused message, so a
+    second MAIL/RCPT/DATA behind it is never run, and no such byte reaches a later hop that
+    might read it differently. Text past max_size is read to its end but not kept.
+    """
+
+    def __init__(self, max_size, max_line=MAX_TEXT_LINE):
+        self.data = bytearray(CRLF)    # the CRLF that ended "DATA" begins the first line
+        self.max_size = max_size
+        self.max_line = max_line
+        self.line_length = 0           # octets of the line not yet ended
+        self.size = 0                  # octets of text received
+        self.too_big = False
+        self.line_too_long = False
+        self.done = False
+
+    def feed(self, block):
+        """Take the next block; once the end is found, return the bytes that follow it."""
+        start = len(self.data)
+        self.data += block
+        end = self.data.find(END_OF_DATA, max(start - 4, 0))
+        text_end = len(self.data) if end < 0 else end + 2
+        self.size += max(text_end - start, 0)
+        leftover = b""
+        if end >= 0:
+            self.done = True
+            leftover = bytes(self.data[end + 5:])
+            del self.data[text_end:]
+        if self.size > self.max_size:
+            self.too_big = True
+        if not self.too_big:
+            self._check_lines(min(start, text_end), text_end)
+        else:
+            del self.data[:-4]         # keep only what a split terminator may need
+        return leftover
+
+    def _check_lines(self, start, end):
+        data = self.data
+        first = data.find(b"\n", start, end)
+        if first < 0:
+            self.line_length += end - start
+            longest = self.line_length
+        else:
+            longest = self.line_length + first - start
+            last = data.rfind(b"\n", start, end)
+            if last - first > self.max_line:   # only then can a line in between be too long
+                longest = max(longest, max(map(len, bytes(data[first + 1:last]).split(b"\n"))))
+            self.line_length = end - last - 1
+        if max(longest, self.line_length) > self.max_line:
+            self.line_too_long = True
+
+    def refusal(self):
+        """The reply refusing the message once done, or None when it may be accepted."""
+        if self.too_big:
+            return R552_TOO_BIG
+        if self.line_too_long:
+            return R552_LINE_TOO_LONG % self.max_line
+        data = self.data
+        if data.find(b"\0") >= 0:
+            return R550_NUL
+        crlf = data.count(CRLF)
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            return R550_BARE_LINE_ENDING
+        return None
+
+    def message(self):
+        """The message text with the dot-stuffing undone (RFC 5321 4.5.2)."""
+        text = self.data.replace(b"\r\n.", CRLF)
+        del text[:2]
+        return bytes(text)
+
+
+# --- Optional reverse DNS (dnsmx.py, another role, may be absent) ---
+
+def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
+    """Return ip -> forward-confirmed host name or None, through dnsmx; None without dnsmx.
+
+    dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. The name is trusted only when
+    one of its A/AAAA records is the client's address again, as Postfix does.
+    """
+    try:
+        dnsmx = importlib.import_module("dnsmx")      # optional: the toolkit runs without it
+    except ImportError:
+        return None
+    resolver = dnsmx.Resolver([dns_server] if dns_server else None, timeout=timeout,
+                              attempts=1, lifetime=timeout * 2)
+
+    def lookup(ip):
+        try:
+            wanted = ipaddress.ip_address(ip)
+            for name in resolver.ptr(ip)[:4]:
+                answer = resolver.resolve(name, "AAAA" if wanted.version == 6 else "A")
+                if any(ipaddress.ip_address(r.data) == wanted for r in answer.records):
+                    return name
+        except (dnsmx.DNSError, ValueError, OSError) as exc:
+            log.debug("reverse lookup of [%s] failed: %s", ip, exc)
+        return None
+
+    return lookup
+
+
+# --- Protocol handler ---
+
+class SMTPHandler(plumbing.ConnectionHandler):
+    """One SMTP session: one smtp_VERB method per command, one dispatch()."""
+
+    timeout_reply = R421_TIMEOUT
+    stopping_reply = R421_SHUTTING_DOWN
+    crash_reply = R421_INTERNAL_ERROR
+    log = log
+
+    def setup(self):
+        super().setup()
+        self.helo = None               # the EHLO/HELO argument, None before one
+        self.esmtp = False
+        self.envelope = None           # the mail transaction in progress
+        self.auth_user = None
+        self.auth_failures = 0
+        self.client_name = None        # forward-confirmed reverse DNS name, once looked up
+        self.looked_up = False
+        self.errors = 0                # 5xx replies since the last accepted message
+        self.rejected = 0              # refused commands in the whole session
+        self.commands = 0
+        self.accepted = 0
+        self.counts = {}               # VERB -> [accepted, total], for the disconnect line
+        self.closing = False
+        self.started = time.monotonic()
+        self.log.info("connect from [%s]:%d%s", self.client_ip, self.client_port,
+                      " (submission)" if self.server.submission else "")
+
+    def finish(self):
+        counters = ", ".join("%s=%s" % (verb.lower(), ok if ok == total else "%d/%d" % (ok, total))
+                             for verb, (ok, total) in self.counts.items())
+        self.log.info("disconnect from [%s]: %s%scommands=%d, accepted=%d, rejected=%d, time=%.3f",
+                      self.client_ip, counters, ", " if counters else "", self.commands,
+                      self.accepted, self.rejected, time.monotonic() - self.started)
+
+    # --- session loop ---
+
+    def session(self):
+        if not self.tls and self.talks_before_greeting():
+            self.refuse("CONNECT", R554_EARLY_TALKER)
+            self.write(R554_EARLY_TALKER)
+            return
+        self.write(R220_GREETING % self.server.hostname)
+        while not self.closing:
+            line = self.reader.readline(MAX_COMMAND_LENIENT)
+            if line is None or not line.ending:
+                return                 # the client closed, perhaps in mid-line
+            reply = self.handle_line(line)
+            if reply:
+                self.write(reply)
+            if self.errors >= self.server.max_errors and not self.closing:
+                self.write(R421_TOO_MANY_ERRORS)
+                self.closing = True
+
+    def talks_before_greeting(self):
+        """True when the client sent data before the greeting (RFC 5321 3.1, 4.3.1)."""
+        ready, _, _ = select.select([self.sock], [], [], self.server.greet_pause)
+        return bool(ready) and self.sock.recv(1, socket.MSG_PEEK) != b""
+
+    def handle_line(self, line):
+        """Turn one raw command line into a reply, refusing what is not a clean command."""
+        self.commands += 1
+        if self.commands > self.server.max_commands:
+            self.closing = True
+            return R421_TOO_MANY_COMMANDS
+        if line.too_long:
+            return self.refuse("?", R500_LINE_TOO_LONG)
+        if line.ending == b"\r":
+            return self.refuse("?", R500_BARE_CR)
+        try:
+            text = line.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.refuse("?", R500_BAD_CHARACTERS)
+        if any(ord(char) < 32 or ord(char) == 127 for char in text):
+            return self.refuse("?", R500_BAD_CHARACTERS)
+        return self.dispatch(text)
+
+    def dispatch(self, text):
+        verb, arg = split_command(text)
+        handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
+        if handler is None:
+            return self.refuse(verb[:16] or "?", R500_UNKNOWN)
+        envelope = self.envelope                       # DATA ends the transaction; log it
+        reply = handler(arg)
+        counts = self.counts.setdefault(verb, [0, 0])
+        counts[1] += 1
+        if reply is None or reply[0] in "23":
+            counts[0] += 1
+            return reply
+        return self.refuse(verb, reply, arg, envelope)
+
+    def refuse(self, verb, reply, arg="", envelope=None):
+        """Log a refused command (who, which, the reply) and count 5xx errors; return reply."""
+        if reply[0] == "5":
+            self.errors += 1
+        self.rejected += 1
+        detail = ", arg=%r" % arg[:200] if verb in ("MAIL", "RCPT") and arg else ""
+        sender = ", from=<%s>" % envelope.mail_from if envelope is not None else ""
+        self.log.info("NOQUEUE: client=[%s], helo=%r, cmd=%s%s%s, status=rejected (%s)",
+                      self.client_ip, self.helo, verb, sender, detail, reply)
+        return reply
+
+    def reset_transaction(self):
+        self.envelope = None
+
+    # --- session state ---
+
+    @property
+    def may_relay(self):
+        return self.auth_user is not None or _in_networks(self.client_ip, self.server.relay_networks)
+
+    @property
+    def auth_offered(self):
+        """RFC 4954 4: plaintext passwords only inside TLS, or on this very machine."""
+        return self.tls or self.is_loopback
+
+    def ehlo_keywords(self):
+        keywords = ["PIPELINING", "SIZE %d" % self.server.max_size, "8BITMIME",
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.server.tls_context is not None and not self.tls:
+            keywords.append("STARTTLS")
+        if self.auth_offered:
+            keywords.append("AUTH PLAIN LOGIN")
+        keywords.append("HELP")
+        return keywords
+
+    # --- commands (RFC 5321 4.1.1, in its order, then the extensions) ---
+
+    def smtp_EHLO(self, arg):
+        if not arg or " " in arg or not arg.isascii():
+            return R501_HELO_SYNTAX
+        self.reset_transaction()
+        self.helo, self.esmtp = arg, True
+        lines = ["%s greets [%s]" % (self.server.hostname, self.client_ip)] + self.ehlo_keywords()
+        return "\r\n".join("250%s%s" % ("-" if n < len(lines) - 1 else " ", text)
+                           for n, text in enumerate(lines))
+
+    def smtp_HELO(self, arg):
+        if not arg or " " in arg or not arg.isascii():
+            return R501_HELO_SYNTAX
+        self.reset_transaction()
+        self.helo, self.esmtp = arg, False
+        return R250_HELO % self.server.hostname
+
+    def smtp_MAIL(self, arg):
+        if self.helo is None:
+            return R503_NEED_HELO
+        if self.envelope is not None:
+            return R503_NESTED_MAIL
+        if self.server.submission and self.auth_user is None:
+            return R530_AUTH_REQUIRED
+        parsed = parse_path(arg, prefix="FROM:")
+        if parsed is None:
+            return R501_BAD_SENDER
+        sender, param_text = parsed
+        if sender and "@" not in sender:
+            return R553_SENDER_NEEDS_DOMAIN % sender
+        try:
+            params = parse_mail_params(param_text)
+        except ValueError:
+            return R501_SYNTAX
+        if params and not self.esmtp:
+            return R555_UNKNOWN_PARAMETER % next(iter(params))
+        envelope = Envelope(sender, smtputf8="SMTPUTF8" in params)
+        for keyword, value in params.items():
+            if keyword == "SIZE":                       # RFC 1870 6
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return R555_BAD_PARAMETER % keyword
+                envelope.size = int(value)
+            elif keyword == "BODY":                     # RFC 6152 2
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return R555_BAD_PARAMETER % keyword
+            elif keyword == "SMTPUTF8":                 # RFC 6531 3.4
+                if value is not None:
+                    return R555_BAD_PARAMETER % keyword
+            elif keyword == "AUTH":                     # RFC 4954 5: noted, never trusted
+                if value is None or not (value == "<>" or XTEXT_RE.match(value)):
+                    return R555_BAD_PARAMETER % keyword
+            else:
+                return R555_UNKNOWN_PARAMETER % keyword
+        if envelope.size is not None and envelope.size > self.server.max_size:
+            return R552_TOO_BIG
+        if not sender.isascii() and not envelope.smtputf8:
+            return R553_NEED_SMTPUTF8
+        if self.auth_user is not None and not self.owns_sender(sender):
+            return R553_NOT_OWNER % (sender, self.auth_user)
+        self.envelope = envelope
+        return R250_SENDER_OK
+
+    def owns_sender(self, sender):
+        """RFC 6409 6.1: an authenticated user may send only as itself or one of its aliases."""
+        try:
+            address = mailbox_store.canonical_address(sender)
+        except mailbox_store.AddressError:
+            return False
+        owned = self.server.store.sender_addresses(self.auth_user)
+        local, _, domain = address.rpartition("@")
+        base = local.split("+", 1)[0]                  # sub-addresses of one's own address
+        return address in owned or "%s@%s" % (base, domain) in owned
+
+    def smtp_RCPT(self, arg):
+        envelope = self.envelope
+        if envelope is None:
+            return R503_NEED_MAIL
+        parsed = parse_path(arg, prefix="TO:")
+        if parsed is None or parsed[0] == "":
+            return self.rcpt_refused(R501_BAD_RECIPIENT)
+        recipient, param_text = parsed
+        if param_text:
+            try:
+                keyword = next(iter(parse_mail_params(param_text)))
+            except ValueError:
+                return self.rcpt_refused(R501_SYNTAX)
+            return self.rcpt_refused(R555_UNKNOWN_PARAMETER % keyword)
+        if "@" not in recipient:
+            if recipient.lower() != "postmaster":      # RFC 5321 4.5.1
+                return self.rcpt_refused(R553_NEED_DOMAIN % recipient)
+            recipient = "postmaster@%s" % self.server.primary_domain
+        if not recipient.isascii() and not envelope.smtputf8:
+            return self.rcpt_refused(R553_NEED_SMTPUTF8)
+        if len(envelope.rcpt_to) >= self.server.max_recipients:
+            return R452_TOO_MANY_RECIPIENTS            # RFC 5321 4.5.3.1.10: not an error
+        refusal = self.recipient_refusal(recipient)
+        if refusal:
+            return self.rcpt_refused(refusal)
+        if recipient not in envelope.rcpt_to:
+            envelope.rcpt_to.append(recipient)
+        return R250_RECIPIENT_OK
+
+    def rcpt_refused(self, reply):
+        self.envelope.rejected += 1
+        return reply
+
+    def recipient_refusal(self, recipient):
+        """The reply refusing recipient under the relay and mailbox policy, or None."""
+        local, domain = split_address(recipient)
+        store = self.server.store
+        if domain.startswith("[") or not store.is_local_domain(domain):
+            return None if self.may_relay else R554_RELAY_DENIED % recipient
+        # "%" and "!" hacks and quoted "@" ask us to route onwards (RFC 5321 3.6.1, 4.1.1.3)
+        if not self.may_relay and any(char in local for char in "%!@"):
+            return R554_ROUTING_DENIED % recipient
+        if store.recipient_exists(recipient):          # aliases, sub-addresses, postmaster
+            return None
+        return R550_UNKNOWN_USER % recipient
+
+    def smtp_DATA(self, arg):
+        envelope = self.envelope
+        if envelope is None:
+            return R503_NEED_MAIL
+        if arg:
+            return R501_NO_ARGUMENTS
+        if not envelope.rcpt_to:
+            return R554_NO_VALID_RECIPIENTS if envelope.rejected else R503_NEED_RCPT
+        self.write(R354_START_INPUT)
+        self.reader.interruptible = False              # let a shutdown wait for this message
+        try:
+            collector = self.receive_message()
+        finally:
+            self.reader.interruptible = True
+        if collector is None:
+            self.log.info("lost connection from [%s] during DATA", self.client_ip)
+            self.closing = True
+            self.reset_transaction()
+            return None
+        try:
+            return collector.refusal() or self.queue_message(collector.message())
+        finally:
+            self.reset_transaction()
+
+    def receive_message(self):
+        """Read the mail data in blocks; None when the client went away before its end."""
+        collector = MessageCollector(self.server.max_size)
+        while not collector.done:
+            block = self.reader.read_block()
+            if not block:
+                return None
+            leftover = collector.feed(block)
+        self.reader.buffer += leftover                 # pipelined commands after the "."
+        return collector
+
+    def queue_message(self, body):
+        """Prepend Received:, hand the message to the spool; 250 only once it is durable."""
+        if count_hops(body) >= MAX_HOPS:
+            return R554_TOO_MANY_HOPS
+        envelope = self.envelope
+        queue_id = plumbing.new_queue_id()
+        protocol = protocol_name(self.esmtp, self.tls, self.auth_user is not None,
+                                 envelope.smtputf8)
+        recipient = envelope.rcpt_to[0] if len(envelope.rcpt_to) == 1 else None
+        header = received_header(self.helo, self.client_ip, self.reverse_name(),
+                                 self.server.hostname, protocol, queue_id, recipient)
+        try:
+            mta.enqueue(self.server.spool_dir, envelope.mail_from, list(envelope.rcpt_to),
+                        header + body, queue_id=queue_id, client_address=self.client_ip,
+                        client_helo=self.helo, auth_user=self.auth_user, protocol=protocol)
+        except OSError as exc:                         # mta.SpoolError, or worse
+            self.log.error("%s: client=[%s], from=<%s>, status=deferred (spool: %s)",
+                           queue_id, self.client_ip, envelope.mail_from, exc)
+            return R452_SPOOL_FULL if exc.errno == errno.ENOSPC else R451_SPOOL_ERROR
+        self.log.info("%s: client=%s[%s], helo=%r, from=<%s>, size=%d, nrcpt=%d, proto=%s, "
+                      "tls=%s, auth=%s", queue_id, self.client_name or "", self.client_ip,
+                      self.helo, envelope.mail_from, len(header) + len(body),
+                      len(envelope.rcpt_to), protocol, self.sock.version() if self.tls else "none",
+                      self.auth_user or "none")
+        self.accepted += 1
+        self.errors = 0                                # Postfix counts errors between messages
+        return R250_QUEUED % queue_id
+
+    def reverse_name(self):
+        """The client's forward-confirmed host name, looked up once per session if enabled."""
+        if not self.looked_up and self.server.reverse_lookup is not None:
+            self.client_name = self.server.reverse_lookup(self.client_ip)
+        self.looked_up = True
+        return self.client_name
+
+    def smtp_RSET(self, arg):
+        if arg:
+            return R501_NO_ARGUMENTS
+        self.reset_transaction()
+        return R250_RESET
+
+    def smtp_VRFY(self, arg):
+        if not arg:
+            return R501_SYNTAX
+        return R252_CANNOT_VRFY                        # RFC 5321 3.5.3, 7.3: no disclosure
+
+    def smtp_EXPN(self, arg):
+        return R502_NOT_IMPLEMENTED                    # RFC 5321 7.3: lists stay private
+
+    def smtp_HELP(self, arg):
+        return R214_HELP
+
+    def smtp_NOOP(self, arg):
+        return R250_OK
+
+    def smtp_QUIT(self, arg):
+        if arg:
+            return R501_NO_ARGUMENTS
+        self.closing = True
+        return R221_BYE % self.server.hostname
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            return R501_NO_ARGUMENTS
+        if self.tls:
+            return R503_TLS_ACTIVE
+        if self.server.tls_context is None:
+            return R502_NOT_IMPLEMENTED
+        if not self.esmtp:
+            return R503_NEED_EHLO
+        self.start_tls(R220_READY_FOR_TLS)             # drops plaintext pipelined behind it
+        # RFC 3207 4.2: forget everything learned before TLS; the client says EHLO again.
+        self.reset_transaction()
+        self.helo, self.esmtp, self.auth_user = None, False, None
+        return None
+
+    def smtp_AUTH(self, arg):
+        if not self.esmtp:
+            return R503_NEED_EHLO
+        if self.auth_user is not None:
+            return R503_ALREADY_AUTHENTICATED
+        if self.envelope is not None:
+            return R503_IN_TRANSACTION                 # RFC 4954 4
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return R504_UNKNOWN_MECHANISM if mechanism else R501_SYNTAX
+        if not self.auth_offered:
+            return R538_ENCRYPTION_REQUIRED
+        try:
+            if mechanism == "PLAIN":
+                login, password, authzid = self.sasl_plain(initial.strip(" "))
+            else:
+                login, password, authzid = self.sasl_login(initial.strip(" "))
+        except plumbing.SASLError:
+            return R501_BAD_SASL
+        except _Cancelled:
+            return R501_AUTH_CANCELLED
+        user = self.server.store.authenticate(login, password)
+        if user is not None and authzid and authzid.lower() != user.lower():
+            user = None                                # RFC 4616 2: no proxy authorization
+        if user is None:
+            return self.auth_failed(mechanism, login)
+        self.auth_user = user
+        self.log.info("auth: client=[%s], mechanism=%s, user=%s", self.client_ip, mechanism, user)
+        return R235_AUTH_OK
+
+    def sasl_plain(self, initial):
+        response = initial if initial else self.sasl_response("")
+        authzid, login, password = plumbing.decode_plain(response)
+        return login, password, authzid
+
+    def sasl_login(self, initial):
+        login = self.sasl_decode(initial if initial else self.sasl_response(LOGIN_USERNAME))
+        password = self.sasl_decode(self.sasl_response(LOGIN_PASSWORD))
+        if not login or not password:
+            raise plumbing.SASLError("LOGIN needs a user name and a password")
+        return login, password, ""
+
+    @staticmethod
+    def sasl_decode(response):
+        try:
+            return plumbing.decode_base64(response).decode("utf-8")
+        except UnicodeDecodeError:
+            raise plumbing.SASLError("not UTF-8") from None
+
+    def sasl_response(self, challenge):
+        """Send a 334 challenge and read the client's answer (RFC 4954 4); "*" cancels."""
+        self.write(R334_CHALLENGE % challenge)
+        line = self.reader.readline(MAX_SASL_LINE)
+        if line is None or not line.ending:
+            raise ConnectionError("client closed during AUTH")
+        if line.too_long:
+            raise plumbing.SASLError("response too long")
+        if line.data.strip() == b"*":
+            raise _Cancelled()
+        return line.data
+
+    def auth_failed(self, mechanism, login):
+        """RFC 4954 6: 535 after a delay that grows; close after MAX_AUTH_FAILURES."""
+        self.auth_failures += 1
+        self.log.warning("auth failed: client=[%s], mechanism=%s, login=%r, failures=%d",
+                         self.client_ip, mechanism, login, self.auth_failures)
+        self.server.stopping.wait(plumbing.auth_failure_delay(self.auth_failures))
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self.closing = True
+        return R535_AUTH_FAILED
+
+
+# --- Server ---
+
+class SMTPServer(plumbing.ThreadedServer):
+    """An SMTP listener: MX by default, submission (AUTH required) with submission=True.
+
+    SMTPServer((host, port), config) takes a dict with any keys of DEFAULTS (the rest keep
+    their defaults); for tests and run_all: SMTPServer(("127.0.0.1", 0), {"spool": DIR,
+    "domain": ["example.com"]}), then serve_forever() on a thread and stop() to end.
+    store is a mailbox_store.Store (made from the config when None); tls_context overrides
+    tls_cert/tls_key; implicit_tls makes an SMTPS listener (RFC 8314); reverse_lookup is a
+    function ip -> host name or None for the Received: header (see make_reverse_lookup).
+    """
+
+    busy_reply = R421_BUSY
+
+    def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
+                 implicit_tls=False, reverse_lookup=None, bind_and_activate=True):
+        settings = dict(DEFAULTS)
+        settings.update(config or {})
+        for key in ("domain", "relay_network"):        # a list, or "a, b" as in the INI file
+            if isinstance(settings[key], str):
+                settings[key] = settings[key].replace(",", " ").split()
+        self.spool_dir = str(settings["spool"])
+        self.hostname = settings["hostname"] or socket.getfqdn()
+        self.domains = [domain.lower() for domain in settings["domain"]]
+        self.primary_domain = self.domains[0] if self.domains else self.hostname
+        self.store = store if store is not None else mailbox_store.Store(
+            self.spool_dir, self.domains, self.hostname)
+        self.submission = bool(settings["submission"] if submission is None else submission)
+        self.relay_networks = parse_networks(settings["relay_network"])
+        self.max_size = int(settings["max_size"])
+        self.max_recipients = int(settings["max_recipients"])
+        self.max_errors = int(settings["max_errors"])
+        self.max_commands = int(settings["max_commands"])
+        self.greet_pause = float(settings["greet_pause"])
+        self.reverse_lookup = reverse_lookup
+        if tls_context is None and settings["tls_cert"]:
+            tls_context = plumbing.server_tls_context(settings["tls_cert"],
+                                                      settings["tls_key"] or settings["tls_cert"])
+        if implicit_tls and tls_context is None:
+            raise ValueError("an implicit TLS listener needs tls_cert and tls_key")
+        super().__init__(address, SMTPHandler,
+                         max_connections=int(settings["max_connections"]),
+                         max_per_address=int(settings["max_per_address"]),
+                         idle_timeout=float(settings["idle_timeout"]),
+                         session_timeout=float(settings["session_timeout"]) or None,
+                         tls_context=tls_context, implicit_tls=implicit_tls,
+                         bind_and_activate=bind_and_activate)
+
+
+# --- Command line ---
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="smtp_in.py", description="Inbound SMTP server: MX and submission (RFC 5321).")
+    plumbing.add_options(parser, DEFAULTS)
+    args = parser.parse_args(argv)
+    try:
+        config = plumbing.load_config("smtp_in", DEFAULTS, args)
+        parse_networks(config["relay_network"])
+    except ValueError as exc:
+        print("smtp_in: %s" % exc, file=sys.stderr)
+        return 1
+    plumbing.setup_logging("smtp_in", config["syslog"], config["verbose"])
+    reverse_lookup = None
+    if config["dns"] or config["reverse_dns"]:
+        try:
+            reverse_lookup = make_reverse_lookup(config["dns"])
+        except ValueError as exc:
+            print("smtp_in: --dns: %s" % exc, file=sys.stderr)
+            return 1
+        if reverse_lookup is None:
+            log.warning("reverse DNS disabled: dnsmx.py is not installed beside smtp_in.py")
+    listeners = [(config["listen"], config["submission"], False)]
+    if config["smtps_listen"]:
+        listeners.append((config["smtps_listen"], True, True))   # RFC 8314 3.3: submission
+    servers = []
+    for where, submission, implicit_tls in listeners:
+        default_port = SMTPS_PORT if implicit_tls else SUBMISSION_PORT if submission else SMTP_PORT
+        try:
+            host, port = plumbing.parse_hostport(where, default_port)
+            servers.append(SMTPServer((host, port), config, submission=submission,
+                                      implicit_tls=implicit_tls, reverse_lookup=reverse_lookup))
+        except (OSError, ValueError) as exc:           # ssl.SSLError is an OSError
+            print("smtp_in: cannot listen on %s: %s" % (where, exc), file=sys.stderr)
+            for server in servers:
+                server.server_close()
+            return 1
+    plumbing.drop_privileges(config["user"])
+    for key in sorted(config):
+        log.info("config: %s=%s", key, config[key])
+    for server in servers:
+        log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
+                 "smtps" if server.implicit_tls else
+                 "submission" if server.submission else "mx")
+    return plumbing.serve_until_signalled(servers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

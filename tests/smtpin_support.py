@@ -1,0 +1,151 @@
+"""Helpers for tests/test_smtp_in.py: servers on 127.0.0.1 port 0, a raw client, the spool.
+
+The store holds two users and an alias, made once per test session (password hashing is
+slow on purpose) and copied into each test's spool.
+"""
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+import mailbox_store
+import smtp_in
+
+DOMAIN = "example.com"
+HOSTNAME = "mx.example.com"
+USERS = {"alice@example.com": "alice-secret", "bob@example.com": "bob-secret"}
+ALIASES = {"sales": ["alice@example.com"]}
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory):
+    """A spool with the users and aliases above; copy it, never change it."""
+    spool = tmp_path_factory.mktemp("template-spool")
+    store = mailbox_store.Store(str(spool), [DOMAIN], HOSTNAME)
+    for address, password in USERS.items():
+        store.add_user(address, password)
+    for name, targets in ALIASES.items():
+        store.add_alias(name, targets)
+    return spool
+
+
+@pytest.fixture
+def spool(tmp_path, store_template):
+    path = tmp_path / "spool"
+    shutil.copytree(str(store_template), str(path))
+    return path
+
+
+@pytest.fixture
+def start_smtp(spool):
+    """start(**config) -> a running SMTPServer on 127.0.0.1, port 0, stopped after the test."""
+    servers = []
+
+    def start(handler_class=None, server_options=None, **config):
+        settings = {"spool": str(spool), "domain": [DOMAIN], "hostname": HOSTNAME}
+        settings.update(config)
+        server = smtp_in.SMTPServer(("127.0.0.1", 0), settings, **(server_options or {}))
+        if handler_class is not None:
+            server.RequestHandlerClass = handler_class
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0.1)
+
+
+class RawClient:
+    """A line-level SMTP client on a plain socket, for what smtplib will not send."""
+
+    def __init__(self, server_or_port, timeout=5.0, source="127.0.0.1"):
+        port = getattr(server_or_port, "port", server_or_port)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0))
+        self.file = self.sock.makefile("rb")
+
+    def reply(self):
+        """Read one reply; return (code, [lines]) or (None, []) at EOF."""
+        lines = []
+        while True:
+            line = self.file.readline(4096)
+            if not line:
+                return None, lines
+            assert line.endswith(b"\r\n"), line
+            lines.append(line[:-2].decode("utf-8"))
+            if line[3:4] != b"-":
+                return int(line[:3]), lines
+
+    def send(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+    def command(self, line):
+        self.send(line + "\r\n" if isinstance(line, str) else line + b"\r\n")
+        return self.reply()
+
+    def starttls(self):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock)
+        self.file = self.sock.makefile("rb")
+
+    def at_eof(self):
+        return self.file.read() == b""
+
+    def close(self):
+        self.sock.close()
+
+
+def greeted(server, ehlo="client.example.org"):
+    """A RawClient past the greeting and EHLO."""
+    client = RawClient(server)
+    assert client.reply()[0] == 220
+    assert client.command("EHLO " + ehlo)[0] == 250
+    return client
+
+
+def message(subject="test", body="Hello.\r\n", sender="someone@example.org", to="bob@example.com"):
+    return ("From: <%s>\r\nTo: <%s>\r\nSubject: %s\r\nMessage-ID: <%s@example.org>\r\n\r\n%s"
+            % (sender, to, subject, subject.replace(" ", "."), body)).encode("utf-8")
+
+
+def spool_messages(spool_dir):
+    """Every message waiting in the spool: a list of (sender, recipients, message bytes)."""
+    found = []
+    folder = os.path.join(str(spool_dir), "fake-queue")
+    if not os.path.isdir(folder):
+        return found
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            sender = f.readline().decode().strip()
+            recipients = f.readline().decode().strip().split(",")
+            found.append((sender, recipients, f.read()))
+    return found
+
+
+def wait_for(predicate, seconds=5.0):
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def openssl_starttls(openssl, port, lines):
+    """Run `openssl s_client -starttls smtp` and type lines once its handshake is done."""
+    client = subprocess.Popen(
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", "smtp",
+         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
+    stdout, _ = client.communicate(lines, timeout=20)
+    return stdout

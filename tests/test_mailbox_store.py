@@ -1,0 +1,519 @@
+"""The Maildir store: addresses, users, aliases, delivery, the POP3 mailbox and the CLI."""
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mailbox_store
+from mailbox_store import AddressError, AliasLoop, MailboxBusy, Store, UnknownUser, canonical_address
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(str(tmp_path / "spool"), ["example.com"], hostname="mx.example.com")
+
+
+@pytest.fixture
+def fast_hash(monkeypatch):
+    """Cheap scrypt parameters, for tests that add many users; the format is unchanged."""
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 4)
+
+
+def cli(spool, *args, stdin=""):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mailbox_store.py"), "--spool", str(spool)]
+                          + list(args), input=stdin.encode(), capture_output=True, timeout=60)
+
+
+# --- Addresses ---
+
+def test_canonical_address_lowercases_domain_and_local_part():
+    assert canonical_address("Alice.Smith+News@Example.COM") == "alice.smith+news@example.com"
+    assert canonical_address("o'neil@[127.0.0.1]") == "o'neil@[127.0.0.1]"
+    assert canonical_address("jos\u00e9@b\u00fccher.example") == "jos\u00e9@b\u00fccher.example"
+
+
+@pytest.mark.parametrize("address", [
+    "../../etc/passwd@x", "a/b@x", "a\\b@x", "a\0b@x", "a\nb@x", "a\x7fb@x", ".hidden@x",
+    "a..b@x", "trailing.@x", "no-at-sign", "two@at@x", "@x", "a@", "a@../x", "a@x/y", "a@.x",
+    "a@x..y", "a@-x.com", "a b@x", "\"quoted\"@x", "a@x\0", "x" * 65 + "@x", "a@[a/b]",
+])
+def test_bad_addresses_are_refused(address):
+    with pytest.raises(AddressError):
+        canonical_address(address)
+
+
+def test_path_traversal_never_reaches_outside_the_store(store, tmp_path):
+    for address in ("../../etc/passwd@x", "a/b@example.com", "..@example.com"):
+        with pytest.raises(AddressError):
+            store.deliver(address, b"Subject: x\r\n\r\nbody\r\n", "")
+        with pytest.raises(AddressError):
+            store.add_user(address, "pw")
+        assert store.authenticate(address, "pw") is None
+        assert not store.recipient_exists(address)
+    result = cli(tmp_path / "spool", "add-user", "../../etc/passwd@x", stdin="pw\n")
+    assert result.returncode == 1 and b"passwd@x" in result.stderr
+    assert not os.path.exists(tmp_path / "etc")
+
+
+# --- Users and passwords ---
+
+def test_users_file_holds_scrypt_hashes_with_their_parameters_and_mode_0600(store):
+    store.add_user("alice@example.com", "correct horse")
+    path = os.path.join(store.spool_dir, "users")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    text = open(path).read()
+    assert "correct horse" not in text
+    address, _, hashed = text.strip().rpartition(":")
+    assert address == "alice@example.com"
+    assert hashed.startswith("$scrypt$n=16384,r=8,p=1$")
+
+
+def test_same_password_gets_a_different_salt(store):
+    one, two = mailbox_store.hash_password("pw"), mailbox_store.hash_password("pw")
+    assert one != two
+    assert mailbox_store.verify_password("pw", one) and mailbox_store.verify_password("pw", two)
+
+
+def test_pbkdf2_is_used_where_scrypt_is_missing(monkeypatch):
+    monkeypatch.delattr(mailbox_store.hashlib, "scrypt")
+    hashed = mailbox_store.hash_password("pw")
+    assert hashed.startswith("$pbkdf2-sha256$i=600000$")
+    assert mailbox_store.verify_password("pw", hashed)
+    assert not mailbox_store.verify_password("pW", hashed)
+
+
+@pytest.mark.parametrize("stored", [
+    "", "plaintext", "$scrypt$n=3,r=8,p=1$c2FsdA$a2V5", "$scrypt$n=1073741824,r=8,p=1$c2FsdA$a2V5",
+    "$pbkdf2-sha256$i=999999999$c2FsdA$a2V5", "$md5$x$y$z", "$scrypt$garbage$!!$??",
+])
+def test_malformed_or_costly_hashes_never_match(stored):
+    assert mailbox_store.verify_password("pw", stored) is False
+
+
+def test_authenticate_with_address_or_unambiguous_local_part(store, fast_hash):
+    store.add_user("alice@example.com", "secret")
+    store.add_user("bob@example.com", "pw")
+    store.add_user("bob@example.org", "pw")
+    assert store.authenticate("alice@example.com", "secret") == "alice@example.com"
+    assert store.authenticate("ALICE@Example.Com", "secret") == "alice@example.com"
+    assert store.authenticate("alice", "secret") == "alice@example.com"
+    assert store.authenticate("alice", "Secret") is None
+    assert store.authenticate("bob", "pw") is None           # two bobs: ambiguous
+    assert store.authenticate("bob@example.org", "pw") == "bob@example.org"
+    assert store.authenticate("carol", "pw") is None
+    assert store.authenticate("alice@example.com", "") is None
+
+
+def test_unknown_user_costs_one_hash_like_a_wrong_password(store, monkeypatch):
+    store.add_user("alice@example.com", "secret")
+    calls = []
+    real = mailbox_store._derive
+    monkeypatch.setattr(mailbox_store, "_derive", lambda *a: calls.append(a[1]) or real(*a))
+    store.authenticate("alice@example.com", "wrong")
+    store.authenticate("nobody@example.com", "wrong")
+    store.authenticate("bad/address@example.com", "wrong")
+    assert len(calls) == 3
+    assert all(c.startswith("$scrypt$n=16384,r=8,p=1$") for c in calls)
+
+
+def test_concurrent_add_user_loses_nobody(tmp_path):
+    spool = tmp_path / "spool"
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "mailbox_store.py"), "--spool",
+                               str(spool), "add-user", "user%d@example.com" % i],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(8)]
+    for proc in procs:
+        proc.communicate(b"pw%d\n" % procs.index(proc), timeout=60)
+        assert proc.returncode == 0
+    store = Store(str(spool))
+    assert sorted(store.list_users()) == sorted("user%d@example.com" % i for i in range(8))
+    assert store.authenticate("user5@example.com", "pw5") == "user5@example.com"
+
+
+def test_store_sees_users_and_aliases_changed_by_another_process(store, fast_hash):
+    assert not store.recipient_exists("carol@example.com")
+    assert cli(store.spool_dir, "add-user", "carol@example.com", stdin="pw\n").returncode == 0
+    assert store.recipient_exists("carol@example.com")
+    assert store.authenticate("carol", "pw") == "carol@example.com"
+    assert cli(store.spool_dir, "add-alias", "sales", "carol").returncode == 0
+    assert store.expand("sales@example.com") == ["carol@example.com"]
+    assert cli(store.spool_dir, "del-user", "carol@example.com").returncode == 0
+    assert not store.recipient_exists("carol@example.com")
+
+
+def test_store_is_local_for_configured_and_user_domains(store, fast_hash):
+    assert store.is_local_domain("EXAMPLE.com")
+    assert not store.is_local_domain("example.org")
+    store.add_user("x@example.org", "pw")
+    assert store.is_local_domain("example.org")
+
+
+# --- Aliases and expansion ---
+
+def write_aliases(store, text):
+    os.makedirs(store.spool_dir, exist_ok=True)
+    with open(os.path.join(store.spool_dir, "aliases"), "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def people(store, fast_hash):
+    for user in ("alice@example.com", "bob@example.com", "carol@example.org"):
+        store.add_user(user, "pw")
+    return store
+
+
+def test_aliases_expand_recursively_with_bare_names_and_remote_targets(people):
+    write_aliases(people, "# team\nstaff: alice, sales\nsales: bob@example.com,\n"
+                          "  friend@remote.example\ninfo@example.org: staff@example.com\n")
+    assert people.expand("staff@example.com") == [
+        "alice@example.com", "bob@example.com", "friend@remote.example"]
+    # Bare names apply to every local domain; alice@example.org does not exist and is skipped.
+    assert people.expand("staff@example.org") == ["bob@example.com", "friend@remote.example"]
+    assert people.expand("info@example.org") == [
+        "alice@example.com", "bob@example.com", "friend@remote.example"]
+    assert people.expand("Friend@Remote.Example") == ["Friend@remote.example"]
+
+
+def test_bare_alias_targets_stay_in_the_domain_being_expanded(people):
+    write_aliases(people, "office: carol\n")
+    assert people.expand("office@example.org") == ["carol@example.org"]
+    with pytest.raises(UnknownUser):
+        people.expand("office@example.com")       # no carol@example.com: nobody to reach
+
+
+def test_sub_address_reaches_the_user_and_an_exact_entry_wins(people):
+    assert people.expand("alice+lists@example.com") == ["alice@example.com"]
+    write_aliases(people, "alice+work: bob\n")
+    assert people.expand("alice+work@example.com") == ["bob@example.com"]
+    assert people.expand("bob+a+b@example.com") == ["bob@example.com"]
+    with pytest.raises(UnknownUser):
+        people.expand("+tag@example.com")
+
+
+def test_alias_that_names_its_user_keeps_a_copy(people):
+    write_aliases(people, "alice: alice, bob\n")
+    assert people.expand("alice@example.com") == ["alice@example.com", "bob@example.com"]
+
+
+def test_alias_loops_and_deep_chains_raise_alias_loop(people):
+    write_aliases(people, "a: b\nb: c\nc: a\n")
+    with pytest.raises(AliasLoop):
+        people.expand("a@example.com")
+    assert not people.recipient_exists("a@example.com")
+    write_aliases(people, "".join("l%d: l%d\n" % (i, i + 1) for i in range(30)) + "l30: alice\n")
+    with pytest.raises(AliasLoop):
+        people.expand("l0@example.com")
+    assert people.expand("l15@example.com") == ["alice@example.com"]
+
+
+def test_unknown_local_user_raises_and_remote_passes(people):
+    with pytest.raises(UnknownUser):
+        people.expand("nobody@example.com")
+    assert not people.recipient_exists("nobody@example.com")
+    assert people.recipient_exists("anyone@elsewhere.example")
+
+
+def test_bad_alias_lines_are_skipped_not_fatal(people):
+    write_aliases(people, "no colon here\npipe: |/bin/sh\nok: alice\nbad/name: bob\n")
+    assert people.expand("ok@example.com") == ["alice@example.com"]
+    assert not people.recipient_exists("pipe@example.com")
+
+
+def test_postmaster_and_abuse_prefer_an_explicit_alias(people):
+    write_aliases(people, "postmaster: bob\nabuse@example.org: alice@example.com\n")
+    assert people.expand("postmaster@example.com") == ["bob@example.com"]
+    assert people.expand("Postmaster@example.com") == ["bob@example.com"]
+    assert people.expand("abuse@example.com") == ["bob@example.com"]   # abuse follows postmaster
+    assert people.expand("abuse@example.org") == ["alice@example.com"]
+    assert people.expand("postmaster") == ["bob@example.com"]           # RFC 5321 4.5.1
+
+
+def test_postmaster_falls_back_to_the_first_user_of_the_domain(people):
+    assert people.expand("postmaster@example.com") == ["alice@example.com"]
+    assert people.expand("postmaster@example.org") == ["carol@example.org"]
+    assert people.expand("abuse@example.org") == ["carol@example.org"]
+
+
+def test_postmaster_of_a_domain_without_users_reaches_the_first_user(people):
+    people.domains.append("empty.example")
+    assert people.expand("postmaster@empty.example") == ["alice@example.com"]
+
+
+def test_postmaster_without_any_user_gets_a_mailbox_kept_for_later(store, fast_hash):
+    assert store.expand("abuse@example.com") == ["postmaster@example.com"]
+    path = store.deliver("postmaster@example.com", b"Subject: x\n\nhi\n", "")
+    store.add_user("postmaster@example.com", "pw")
+    with store.open_mailbox("postmaster@example.com") as mailbox:
+        assert mailbox.messages[0].path == path
+
+
+def test_sender_addresses_include_aliases_that_reach_the_user(people):
+    write_aliases(people, "sales: alice, bob\nboss@example.org: alice@example.com\nother: bob\n")
+    assert people.sender_addresses("alice@example.com") == {
+        "alice@example.com", "sales@example.com", "boss@example.org"}
+    assert people.sender_addresses("carol@example.org") == {"carol@example.org"}
+
+
+def test_cli_alias_management_refuses_loops(store, fast_hash):
+    spool = store.spool_dir
+    store.add_user("alice@example.com", "pw")
+    assert cli(spool, "add-alias", "team", "alice", "x@remote.example").returncode == 0
+    assert cli(spool, "add-alias", "team", "alice", "y@remote.example").returncode == 0
+    assert cli(spool, "list-aliases").stdout == b"team: alice, x@remote.example, y@remote.example\n"
+    assert cli(spool, "add-alias", "a", "b").returncode == 0
+    loop = cli(spool, "add-alias", "b", "a")
+    assert loop.returncode == 1 and b"loop" in loop.stderr
+    assert cli(spool, "add-alias", "c", "|/bin/sh").returncode == 1
+    assert cli(spool, "del-alias", "team").returncode == 0
+    assert cli(spool, "del-alias", "team").returncode == 1
+    assert cli(spool, "list-aliases").stdout == b"a: b\n"
+
+
+def test_cli_keeps_comments_of_a_hand_edited_aliases_file(store):
+    write_aliases(store, "# site aliases\nold: x@remote.example\n\n# end\n")
+    store.add_alias("new", ["y@remote.example"])
+    store.delete_alias("old")
+    assert open(os.path.join(store.spool_dir, "aliases")).read() == (
+        "# site aliases\n\n# end\nnew: y@remote.example\n")
+
+
+# --- Delivery ---
+
+def test_delivery_writes_maildir_name_with_sizes_and_prepends_headers(people):
+    message = b"Subject: hi\r\n\r\nline\r\n.dot\r\n"
+    path = people.deliver("alice@example.com", message, "sender@remote.example")
+    maildir = os.path.join(people.spool_dir, "mail", "example.com", "alice", "Maildir")
+    assert os.path.dirname(path) == os.path.join(maildir, "new")
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    data = open(path, "rb").read()
+    assert data == (b"Return-Path: <sender@remote.example>\r\nDelivered-To: alice@example.com\r\n"
+                    + message)
+    name = os.path.basename(path)
+    seconds, micro, host_sizes = name.split(".", 2)
+    assert seconds.isdigit() and micro.startswith("M") and "P%dQ" % os.getpid() in micro
+    assert host_sizes.endswith(",S=%d,W=%d" % (len(data), len(data)))
+    assert people.mailbox_usage("alice@example.com") == (1, len(data))
+
+
+def test_delivery_keeps_lf_messages_as_they_came(people):
+    path = people.deliver("alice@example.com", b"Subject: hi\n\nbody\n", "")
+    data = open(path, "rb").read()
+    assert data == b"Return-Path: <>\nDelivered-To: alice@example.com\nSubject: hi\n\nbody\n"
+    assert path.endswith(",S=%d,W=%d" % (len(data), len(data) + 5))
+
+
+def test_delivery_to_unknown_user_raises(people):
+    with pytest.raises(UnknownUser):
+        people.deliver("nobody@example.com", b"x\r\n", "")
+
+
+def test_return_path_cannot_inject_headers(people):
+    path = people.deliver("alice@example.com", b"x\r\n", "a@b>\r\nX-Evil: 1")
+    assert open(path, "rb").read().startswith(b"Return-Path: <a@bX-Evil: 1>\r\nDelivered-To:")
+
+
+def test_hostname_slash_and_colon_are_escaped_in_names(tmp_path, fast_hash):
+    store = Store(str(tmp_path), ["example.com"], hostname="odd/host:name")
+    store.add_user("a@example.com", "pw")
+    name = os.path.basename(store.deliver("a@example.com", b"x\n", ""))
+    assert ".odd\\057host\\072name,S=" in name and ":" not in name
+
+
+def test_parallel_deliveries_get_unique_names(people):
+    paths = []
+
+    def deliver():
+        for _ in range(50):
+            paths.append(people.deliver("bob@example.com", b"Subject: x\r\n\r\nhi\r\n", ""))
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(set(paths)) == 200
+    assert people.mailbox_usage("bob@example.com")[0] == 200
+
+
+def test_delivery_failure_leaves_nothing_behind(people, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mailbox_store.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        people.deliver("alice@example.com", b"x\r\n", "")
+    maildir = people.maildir_path("alice@example.com")
+    assert os.listdir(os.path.join(maildir, "tmp")) == os.listdir(os.path.join(maildir, "new")) == []
+
+
+# --- Mailbox (the POP3 side) ---
+
+SAMPLES = [
+    b"Subject: crlf\r\n\r\nbody\r\n",
+    b"Subject: lf\n\nbody\n.starts with dot\n",
+    b"Subject: mixed\r\n\nbare\rcr\n",
+    b"Subject: 8bit\r\n\r\n\xe9t\xe9 \x00\xff\r\n",
+    b"Subject: no final newline\n\nlast line",
+    b"Subject: ends in cr\r\n\r\nx\r",
+]
+
+
+def crlf_reference(data):
+    out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return out + b"\r\n" if out and not out.endswith(b"\n") else out
+
+
+@pytest.mark.parametrize("message", SAMPLES)
+def test_mailbox_size_is_exactly_what_read_yields(people, message):
+    path = people.deliver("alice@example.com", message, "s@x")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        info = mailbox.messages[0]
+        sent = b"".join(mailbox.read(1))
+    assert len(sent) == info.size
+    assert sent == crlf_reference(open(path, "rb").read())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
+def test_crlf_conversion_is_exact_across_block_boundaries(data, block_size):
+    sent = b"".join(mailbox_store._crlf_blocks(io.BytesIO(data), block_size))
+    assert sent == crlf_reference(data)
+    assert len(sent) == mailbox_store.crlf_size(data)
+
+
+def test_foreign_maildir_files_get_measured_sizes_and_stable_uids(people):
+    maildir = people.maildir_path("alice@example.com")
+    people.deliver("alice@example.com", b"x\n", "")
+    os.makedirs(os.path.join(maildir, "cur"), exist_ok=True)
+    foreign = os.path.join(maildir, "cur", "1.procmail-" + "x" * 80 + ":2,S")
+    with open(foreign, "wb") as f:
+        f.write(b"From: a\n\nb\n")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        infos = mailbox.listing()
+        uids = [i.uid for i in infos]
+        assert [i.size for i in infos if i.path == foreign] == [len(crlf_reference(b"From: a\n\nb\n"))]
+    for uid in uids:
+        assert 0 < len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
+    with people.open_mailbox("alice@example.com") as mailbox:
+        assert [i.uid for i in mailbox.listing()] == uids
+
+
+def test_top_gives_header_blank_line_and_n_body_lines(people):
+    people.deliver("alice@example.com", b"Subject: t\nX: y\n\none\ntwo\nthree\n", "")
+    people.deliver("alice@example.com", b"Subject: t\n\nonly", "")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        head = b"Return-Path: <>\r\nDelivered-To: alice@example.com\r\nSubject: t\r\n"
+        assert b"".join(mailbox.read(1, 0)) == head + b"X: y\r\n\r\n"
+        assert b"".join(mailbox.read(1, 2)) == head + b"X: y\r\n\r\none\r\ntwo\r\n"
+        assert b"".join(mailbox.read(1, 99)) == head + b"X: y\r\n\r\none\r\ntwo\r\nthree\r\n"
+        assert b"".join(mailbox.read(2, 5)) == head + b"\r\nonly\r\n"
+        assert not mailbox.messages[0].retrieved
+
+
+def test_second_open_is_busy_until_the_first_closes(people):
+    first = people.open_mailbox("alice@example.com")
+    with pytest.raises(MailboxBusy):
+        people.open_mailbox("ALICE@example.com")
+    first.close()
+    people.open_mailbox("alice@example.com").close()
+
+
+def test_lock_of_a_killed_process_does_not_block_the_mailbox(people):
+    code = ("import sys, mailbox_store; s = mailbox_store.Store(sys.argv[1]);"
+            "m = s.open_mailbox('alice@example.com'); print('locked', flush=True);"
+            "sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, people.spool_dir], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(MailboxBusy):
+            people.open_mailbox("alice@example.com")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+    people.open_mailbox("alice@example.com").close()
+
+
+def test_commit_removes_deleted_and_files_retrieved_as_seen(people):
+    for n in range(3):
+        people.deliver("alice@example.com", b"Subject: %d\n\n" % n, "")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        uids = [i.uid for i in mailbox.messages]
+        assert mailbox.delete(1) and not mailbox.delete(1) and not mailbox.delete(9)
+        assert mailbox.stat() == (2, sum(i.size for i in mailbox.messages[1:]))
+        mailbox.reset()
+        assert mailbox.stat()[0] == 3
+        mailbox.delete(2)
+        b"".join(mailbox.read(3))
+        assert mailbox.commit() == 1
+    maildir = people.maildir_path("alice@example.com")
+    assert len(os.listdir(os.path.join(maildir, "new"))) == 1
+    assert [n.endswith(":2,S") for n in os.listdir(os.path.join(maildir, "cur"))] == [True]
+    with people.open_mailbox("alice@example.com") as mailbox:
+        assert [i.uid for i in mailbox.messages] == [uids[0], uids[2]]
+
+
+def test_message_moved_by_another_client_is_still_read(people):
+    path = people.deliver("alice@example.com", b"Subject: x\n\nhi\n", "")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        cur = os.path.join(os.path.dirname(os.path.dirname(path)), "cur")
+        os.rename(path, os.path.join(cur, os.path.basename(path) + ":2,RS"))
+        assert b"".join(mailbox.read(1)).endswith(b"hi\r\n")
+        mailbox.delete(1)
+        assert mailbox.commit() == 1
+    assert os.listdir(cur) == []
+
+
+# --- CLI ---
+
+def test_cli_user_lifecycle(tmp_path):
+    spool = tmp_path / "spool"
+    added = cli(spool, "add-user", "Dave@Example.com", stdin="first pw\n")
+    assert added.returncode == 0 and b"dave@example.com" in added.stdout
+    again = cli(spool, "add-user", "dave@example.com", stdin="pw\n")
+    assert again.returncode == 1 and b"already exists" in again.stderr
+    store = Store(str(spool))
+    store.deliver("dave@example.com", b"Subject: x\r\n\r\nhi\r\n", "")
+    listing = cli(spool, "list-users").stdout.decode()
+    assert listing.startswith("dave@example.com 1 messages ")
+    assert cli(spool, "passwd", "dave@example.com", stdin="second pw\n").returncode == 0
+    assert store.authenticate("dave", "second pw") == "dave@example.com"
+    assert cli(spool, "passwd", "nobody@example.com", stdin="x\n").returncode == 1
+    assert cli(spool, "del-user", "dave@example.com").returncode == 0
+    assert os.path.isdir(store.maildir_path("dave@example.com"))
+    assert cli(spool, "add-user", "dave@example.com", stdin="pw\n").returncode == 0
+    assert cli(spool, "del-user", "dave@example.com", "--purge").returncode == 0
+    assert not os.path.exists(os.path.dirname(store.maildir_path("dave@example.com")))
+    missing = cli(spool, "del-user", "dave@example.com")
+    assert missing.returncode == 1 and b"no such user" in missing.stderr
+
+
+def test_cli_refuses_empty_password_and_bad_usage(tmp_path):
+    spool = tmp_path / "spool"
+    empty = cli(spool, "add-user", "e@example.com", stdin="\n")
+    assert empty.returncode == 1 and b"empty" in empty.stderr
+    assert cli(spool, "frobnicate").returncode == 2
+    assert cli(spool, "add-user").returncode == 2
+
+
+def test_cli_prompts_twice_on_a_terminal(monkeypatch, tmp_path, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    answers = iter(["one", "two", "same", "same"])
+    monkeypatch.setattr(mailbox_store.getpass, "getpass", lambda prompt: next(answers))
+    monkeypatch.setattr(mailbox_store.sys, "stdin", Terminal())
+    spool = str(tmp_path / "spool")
+    assert mailbox_store.main(["--spool", spool, "add-user", "t@example.com"]) == 1
+    assert "do not match" in capsys.readouterr().err
+    assert mailbox_store.main(["--spool", spool, "add-user", "t@example.com"]) == 0
+    assert Store(spool).authenticate("t@example.com", "same") == "t@example.com"
