@@ -22,6 +22,7 @@ Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
 
 import argparse
 import base64
+import concurrent.futures
 import fcntl
 import getpass
 import hashlib
@@ -40,7 +41,7 @@ from typing import Iterable, Iterator, Optional
 
 __all__ = [
     "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
-    "UnknownUser", "canonical_address", "hash_password", "main", "verify_password",
+    "UnknownUser", "canonical_address", "crlf_size", "hash_password", "main", "verify_password",
 ]
 
 DEFAULT_SPOOL = "./mailspool"
@@ -63,6 +64,7 @@ READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
+HASH_THREADS = 2                   # scrypt takes 16 MiB (128 * r * n) per computation
 SALT_BYTES = 16
 KEY_BYTES = 32
 
@@ -257,6 +259,21 @@ def _write_atomically(path, text, mode):
             pass
         raise
     _fsync_dir(folder)
+
+
+def _make_dirs(path):
+    """Create path and missing parents (mode 0700), fsyncing each parent that gained one,
+    so that the first message of a new mailbox does not hang on a directory entry that a
+    crash could lose."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    _make_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
 
 
 def _file_signature(path):
@@ -551,17 +568,17 @@ class Mailbox:
         for info in self.messages:
             info.deleted = False
 
-    def _open(self, info):
+    def _open(self, info, buffering=-1):
         """Open the file; another Maildir client may have moved it to cur/ meanwhile."""
         try:
-            return open(info.path, "rb")
+            return open(info.path, "rb", buffering)
         except FileNotFoundError:
             unique = os.path.basename(info.path).split(":", 1)[0]
             cur = os.path.join(self.maildir, "cur")
             for name in os.listdir(cur):
                 if name.split(":", 1)[0] == unique:
                     info.path = os.path.join(cur, name)
-                    return open(info.path, "rb")
+                    return open(info.path, "rb", buffering)
             raise
 
     def read(self, number: int, body_lines: Optional[int] = None) -> Iterator[bytes]:
@@ -571,18 +588,18 @@ class Mailbox:
         Raises FileNotFoundError when the file vanished; byte-stuffing is the caller's.
         """
         info = self.messages[number - 1]
-        f = self._open(info)
-        with f:
-            if body_lines is not None:
+        if body_lines is not None:
+            with self._open(info) as f:
                 yield from _crlf_top(f, body_lines)
-                return
-            info.retrieved = True
+            return
+        info.retrieved = True
+        block_size = min(READ_BLOCK, info.file_size + 1)     # a small message in one read
+        with self._open(info, buffering=0) as f:
             if info.size == info.file_size == os.fstat(f.fileno()).st_size:
                 # Delivered with CRLF and a final newline: the file is what is sent.
-                for block in iter(lambda: f.read(READ_BLOCK), b""):
-                    yield block
+                yield from iter(lambda: f.read(block_size), b"")
             else:
-                yield from _crlf_blocks(f)
+                yield from _crlf_blocks(f, block_size)
 
     def commit(self) -> int:
         """RFC 1939 6 UPDATE: remove deleted messages, file retrieved ones as seen in cur/.
@@ -642,6 +659,11 @@ class Store:
         self.tables_lock = threading.Lock()
         self._tables_cache = _Tables()
         self._dummy_hash = None
+        # Password hashes are computed on a few long-lived threads: 200 logins at once then
+        # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
+        # reused by the next hash instead of staying behind in each connection thread's
+        # malloc arena.
+        self.hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, "password-hash")
 
     # -- tables --
 
@@ -799,7 +821,7 @@ class Store:
 
     def _ensure_maildir(self, maildir):
         for sub in MAILDIR_SUBDIRS:
-            os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+            _make_dirs(os.path.join(maildir, sub))
 
     def deliver(self, user: str, message: bytes, return_path: str) -> str:
         """Deliver durably into user's Maildir; return the path of the new file.
@@ -856,9 +878,9 @@ class Store:
         user = self._find_login(tables, login)
         stored = tables.users.get(user) if user else None
         if stored is None or not password or len(password) > MAX_PASSWORD:
-            verify_password(password[:MAX_PASSWORD], self._dummy())
+            self.hash_pool.submit(verify_password, password[:MAX_PASSWORD], self._dummy()).result()
             return None
-        return user if verify_password(password, stored) else None
+        return user if self.hash_pool.submit(verify_password, password, stored).result() else None
 
     def _find_login(self, tables, login):
         login = login.strip()
@@ -872,7 +894,7 @@ class Store:
 
     def _dummy(self):
         if self._dummy_hash is None:
-            self._dummy_hash = hash_password(secrets.token_hex(16))
+            self._dummy_hash = self.hash_pool.submit(hash_password, secrets.token_hex(16)).result()
         return self._dummy_hash
 
     # -- POP3 maildrop --

@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -346,13 +345,17 @@ def test_parallel_deliveries_get_unique_names(people):
 
 
 def test_delivery_failure_leaves_nothing_behind(people, monkeypatch):
+    people.deliver("alice@example.com", b"first\r\n", "")
+    maildir = people.maildir_path("alice@example.com")
+    before = os.listdir(os.path.join(maildir, "new"))
+
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(mailbox_store.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         people.deliver("alice@example.com", b"x\r\n", "")
-    maildir = people.maildir_path("alice@example.com")
-    assert os.listdir(os.path.join(maildir, "tmp")) == os.listdir(os.path.join(maildir, "new")) == []
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    assert os.listdir(os.path.join(maildir, "new")) == before
 
 
 # --- Mailbox (the POP3 side) ---
