@@ -195,6 +195,7 @@ ROUTE_RE = re.compile(r"@(?:%s|%s)(?:,@(?:%s|%s))*:" % (DOMAIN, ADDRESS_LITERAL,
                                                          DOMAIN, ADDRESS_LITERAL))
 KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")           # RFC 5321 4.1.2 esmtp-keyword
 VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")  # esmtp-value (+ RFC 6531)
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")                       # no NUL, CR, LF, TAB ... in commands
 XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 4
 
 
@@ -242,6 +243,8 @@ def _quote_local(local):
 
 def _find_closing_bracket(text):
     """Index of the ">" that closes a path starting with "<", skipping quoted strings."""
+    if '"' not in text:
+        return text.find(">")
     quoted = escaped = False
     for index, char in enumerate(text):
         if escaped:
@@ -563,7 +566,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
             text = line.data.decode("utf-8")
         except UnicodeDecodeError:
             return self.refuse("?", R500_BAD_CHARACTERS)
-        if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        if CONTROL_RE.search(text):
             return self.refuse("?", R500_BAD_CHARACTERS)
         return self.dispatch(text)
 
