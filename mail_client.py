@@ -31,6 +31,7 @@ import email.utils
 import errno
 import fcntl
 import getpass
+import ipaddress
 import itertools
 import logging
 import os
@@ -71,10 +72,13 @@ TLS_NONE = smtp_out.TLS_NONE
 TLS_OPPORTUNISTIC = smtp_out.TLS_OPPORTUNISTIC
 TLS_REQUIRED = smtp_out.TLS_REQUIRED
 TLS_MODES = (TLS_REQUIRED, TLS_OPPORTUNISTIC, TLS_NONE)
+NOT_OFFERED_STATUS = "4.7.4"       # RFC 3463: security features not supported (no STARTTLS)
 
-# Exit statuses (sysexits.h where one fits): scripts retry on 75, not on 1.
+# Exit statuses (sysexits.h where one fits): scripts retry on 75, not on 1. The server's
+# word decides (5xx, -ERR at login or with [AUTH]/[SYS/PERM]); the network, TLS and busy
+# servers are worth another try later, as smtp_out treats them.
 EXIT_OK = 0
-EXIT_FAILED = 1                    # refused for good: a recipient, the login, the mailbox
+EXIT_FAILED = 1                    # refused for good: a recipient, the login, a message
 EXIT_USAGE = 2                     # bad flags, no password source (argparse uses 2 too)
 EXIT_TEMPFAIL = 75                 # EX_TEMPFAIL: try again later
 
@@ -153,8 +157,7 @@ E_NO_TERMINAL = ("no password source: use --password-file or --password-env, "
 E_EMPTY_PASSWORD = "the password from %s is empty"
 E_NO_ENV = "environment variable %s is not set"
 E_BAD_PASSWORD = "a password may not contain CR, LF or NUL"
-E_TLS_DOWNGRADE = ("%s offered STARTTLS but TLS could not be set up; not going on in the "
-                   "clear (--insecure skips the certificate check, --tls none allows plaintext)")
+E_BAD_USER = "a user name may not be empty or contain CR, LF or NUL"
 E_POP3_LOST = "lost connection with %s while %s"
 E_POP3_TIMEOUT = "%s did not answer in time while %s"
 E_POP3_GARBAGE = "%s sent a malformed response while %s"
@@ -318,7 +321,12 @@ def envelope_sender(message):
 
 
 def is_loopback(host):
-    return smtp_out.is_loopback(host)
+    """True for 127.0.0.0/8, ::1 and "localhost": the only places a password may go in
+    the clear (as smtp_out's client and pop3d decide)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _fsync_dir(path):
@@ -413,7 +421,6 @@ class POP3Client:
         self.reader = None
         self.tls_active = False
         self.capabilities = {}         # CAPA keyword (upper case) -> argument text
-        self.pipelining = False
 
     @property
     def peer(self):
@@ -437,7 +444,7 @@ class POP3Client:
             if "STLS" in self.capabilities:
                 self.stls()
             elif self.tls == TLS_REQUIRED:
-                raise POP3Error(E_POP3_NO_STLS % self.peer, temporary=False)
+                raise POP3Error(E_POP3_NO_STLS % self.peer)
 
     def capa(self):
         """RFC 2449 5: the capabilities; none when the server does not know CAPA."""
@@ -455,7 +462,6 @@ class POP3Client:
             if keyword:
                 capabilities[keyword.upper()] = argument.strip()
         self.capabilities = capabilities
-        self.pipelining = "PIPELINING" in capabilities
         return capabilities
 
     def stls(self):
@@ -475,8 +481,7 @@ class POP3Client:
             self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             self.close()
-            raise POP3Error(E_POP3_TLS % (self.peer, getattr(exc, "reason", None) or exc),
-                            temporary=False) from None
+            raise POP3Error(E_POP3_TLS % (self.peer, getattr(exc, "reason", None) or exc)) from None
         self.reader.sock = self.sock
         self.tls_active = True
 
@@ -487,7 +492,9 @@ class POP3Client:
         the clear. A refused login is permanent unless the server's code says otherwise.
         """
         if not self.tls_active and not is_loopback(self.host):
-            raise POP3Error(E_POP3_PLAINTEXT % self.peer, temporary=False)
+            raise POP3Error(E_POP3_PLAINTEXT % self.peer)
+        if any(c in user for c in "\r\n\0") or not user:
+            raise POP3Error(E_BAD_USER, temporary=False)
         mechanisms = self.capabilities.get("SASL", "").upper().split()
         stage = "logging in"
         if "PLAIN" in mechanisms:
@@ -941,6 +948,33 @@ def tls_context(config):
         raise UsageError("cannot load %s: %s" % (ca_file, exc)) from None
 
 
+def open_submission(config, host, port, context):
+    """An SMTPClient past EHLO and STARTTLS as config's tls says; raises DeliveryError.
+
+    smtp_out's opportunistic mode falls back to plaintext when an offered STARTTLS
+    fails (RFC 7435, right for MX delivery). A person who asked for a verified server
+    wants an error instead, before any password is sent: so STARTTLS is required, and
+    only a server that offers none (4.7.4) is asked again in the clear.
+    """
+    def connect(tls):
+        client = smtp_out.SMTPClient(
+            host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
+            tls_verify=not config["insecure"], tls_context=context,
+            implicit_tls=config["implicit_tls"] or port == SUBMISSIONS_PORT,
+            timeouts=smtp_timeouts(config["timeout"]))
+        client.open()
+        return client
+
+    if config["tls"] != TLS_OPPORTUNISTIC:
+        return connect(config["tls"])
+    try:
+        return connect(TLS_REQUIRED)
+    except smtp_out.DeliveryError as exc:
+        if exc.reply.status != NOT_OFFERED_STATUS:
+            raise
+    return connect(TLS_NONE)
+
+
 def send(config, message, out=None):
     """Submit message to config's server; print one line per recipient; return the exit
     status: 0 when every recipient was accepted, 1 when one was refused, 75 when one
@@ -955,24 +989,15 @@ def send(config, message, out=None):
     recipients = [parse_address(text) for text in config["to"]]
     context = tls_context(config)
     password = read_password(config, "Password for %s: " % config["user"]) if config["user"] else None
-    client = smtp_out.SMTPClient(
-        host, port, helo_name=config["helo"] or socket.getfqdn(), tls=config["tls"],
-        tls_verify=not config["insecure"], tls_context=context,
-        implicit_tls=config["implicit_tls"] or port == SUBMISSIONS_PORT,
-        timeouts=smtp_timeouts(config["timeout"]))
+    client = None
     try:
-        client.open()
-        if config["tls"] != TLS_NONE and client.supports("STARTTLS") and not client.tls_active:
-            # smtp_out falls back to plaintext when an offered STARTTLS fails (RFC 7435,
-            # right for MX delivery); a person who asked for a verified server gets an
-            # error instead, and the password stays home.
-            client.quit()
-            raise smtp_out.DeliveryError(smtp_out.Reply.local("4.7.5 " + E_TLS_DOWNGRADE % client.peer))
+        client = open_submission(config, host, port, context)
         if password is not None:
             client.login(config["user"], password)
         results = client.send_message(sender, recipients, message)
     except smtp_out.DeliveryError as exc:
-        client.close()
+        if client is not None:
+            client.close()
         log.error("send: %s", exc.reply.text)
         return EXIT_FAILED if exc.reply.permanent else EXIT_TEMPFAIL
     client.quit()

@@ -124,7 +124,8 @@ def test_unverified_certificate_stops_before_any_password_or_mail(
             "--timeout", "10"] + password_env
     status, out, err = run(argv, capsys, MESSAGE)
     assert status == mail_client.EXIT_TEMPFAIL
-    assert "offered STARTTLS but TLS could not be set up" in err and out == ""
+    assert "TLS with 127.0.0.1[127.0.0.1]:%d failed" % server.port in err and out == ""
+    assert "CERTIFICATE_VERIFY_FAILED" in err and "without TLS" not in err
     assert spooled_messages(spool) == []
     status, out, err = run(argv + ["--insecure"], capsys, MESSAGE)
     assert status == 0 and "status=sent" in out
@@ -137,6 +138,15 @@ def test_tls_none_does_not_use_the_offered_starttls(start_submission, spool, pas
                           "--to", BOB, "--tls", "none"] + password_env, capsys, MESSAGE)
     assert status == 0 and "status=sent" in out
     assert b"with ESMTPA" in spooled_messages(spool)[0]   # AUTH in the clear: loopback only
+
+
+def test_opportunistic_tls_goes_on_in_the_clear_only_when_no_starttls_is_offered(
+        start_submission, spool, password_env, capsys):
+    server = start_submission(tls=False)
+    status, out, _ = run(["send", "--server", "127.0.0.1:%d" % server.port, "--from", ALICE,
+                          "--to", BOB] + password_env, capsys, MESSAGE)
+    assert status == 0 and "status=sent" in out
+    assert b"with ESMTPA" in spooled_messages(spool)[0]
 
 
 def test_tls_required_without_starttls_fails(start_submission, spool, password_env, capsys):
@@ -322,7 +332,7 @@ def test_untrusted_certificate_stops_the_fetch_before_the_password(
     fill_mailbox(store, ALICE, 1)
     server = start_pop3()
     status, _, err = run(fetch_args(server, tmp_path / "Maildir", *password_env), capsys)
-    assert status == mail_client.EXIT_FAILED and "TLS with" in err
+    assert status == mail_client.EXIT_TEMPFAIL and "CERTIFICATE_VERIFY_FAILED" in err
     assert server_messages(store, ALICE) == 1
 
 
@@ -330,7 +340,7 @@ def test_tls_required_but_no_stls_offered(start_pop3, tmp_path, password_env, ca
     server = start_pop3(tls=False)
     status, _, err = run(fetch_args(server, tmp_path / "M", "--tls", "required",
                                     *password_env), capsys)
-    assert status == mail_client.EXIT_FAILED and "does not offer STLS" in err
+    assert status == mail_client.EXIT_TEMPFAIL and "does not offer STLS" in err
 
 
 def test_fetch_with_a_wrong_password_exits_1_and_keeps_the_mail(
