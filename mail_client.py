@@ -62,7 +62,6 @@ POP3_PORT = 110                    # RFC 1939 3
 POP3S_PORT = 995                   # RFC 8314 7.3: implicit TLS POP3
 MAX_COMMAND_LINE = 255             # RFC 2449 4: octets, including the CRLF
 MAX_RESPONSE_LINE = 512            # RFC 2449 4: octets of a response line, including the CRLF
-MAX_MESSAGE_LINE = 1024 * 1024     # a message line longer than this is refused, not cut
 MAX_LISTING = 1_000_000            # lines of a LIST, UIDL or CAPA answer before it is garbage
 MAX_UIDL = 70                      # RFC 1939 7: a unique-id is 1 to 70 characters
 MBOX_LOCK_WAIT = 10.0              # seconds to wait for another program's lock on an mbox
@@ -85,6 +84,9 @@ EXIT_TEMPFAIL = 75                 # EX_TEMPFAIL: try again later
 # Resp-codes (RFC 2449 8, RFC 3206) that say whether trying again later can help.
 TEMPORARY_CODES = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP")
 PERMANENT_CODES = ("AUTH", "SYS/PERM")
+
+CRLF = b"\r\n"
+TERMINATOR = b"\r\n.\r\n"       # RFC 1939 3: the end of a multi-line response
 
 _COMMON = {
     "server": "",                  # HOST[:PORT]; required
@@ -168,7 +170,6 @@ E_POP3_PLAINTEXT = "refusing to send a password to %s without TLS"
 E_POP3_NO_LOGIN = "%s offers no login this client has (USER, SASL PLAIN)"
 E_NO_UIDL = "%s does not support UIDL, which --keep needs"
 E_TOO_BIG = "message %d is larger than %d octets; left on the server"
-E_LONG_LINE = "message %d has a line longer than %d octets; left on the server"
 E_STATE_BUSY = "another fetch is using %s"
 E_MBOX_BUSY = "%s is locked by another program"
 
@@ -457,7 +458,7 @@ class POP3Client:
             self.capabilities = {}
             return self.capabilities
         capabilities = {}
-        for line in self.read_multiline("reading CAPA", MAX_RESPONSE_LINE, MAX_LISTING):
+        for line in self.read_multiline("reading CAPA"):
             keyword, _, argument = line.decode("ascii", "replace").strip().partition(" ")
             if keyword:
                 capabilities[keyword.upper()] = argument.strip()
@@ -504,7 +505,7 @@ class POP3Client:
                 return self.command("AUTH PLAIN " + response, stage, secret=True, temporary=False)
             # RFC 5034 4: too long for an initial response; answer the "+ " instead.
             self.send("AUTH PLAIN")
-            line = self.read_line(MAX_RESPONSE_LINE, stage)
+            line = self.read_line(stage)
             if not line.startswith(b"+ ") and line != b"+":
                 raise POP3Error(line.decode("utf-8", "replace"), temporary=False)
             return self.command(response, stage, secret=True, temporary=False)
@@ -547,7 +548,7 @@ class POP3Client:
         return {number: uid for number, uid in self._pairs("reading UIDL") if valid_uid(uid)}
 
     def _pairs(self, stage):
-        for line in self.read_multiline(stage, MAX_RESPONSE_LINE, MAX_LISTING):
+        for line in self.read_multiline(stage):
             number, _, value = line.decode("ascii", "replace").strip().partition(" ")
             if not number.isdigit():
                 raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
@@ -556,33 +557,52 @@ class POP3Client:
     def retr(self, number, max_size):
         """Message number as bytes with LF line ends, unstuffed (RFC 1939 3).
 
-        Lines come as the server sent them; only CRLF becomes LF. A message over max_size
-        octets or with a line over MAX_MESSAGE_LINE raises POP3Error (not temporary) after
-        its end was read, so the session goes on; one twice too big closes the connection.
+        The response is read in blocks up to CRLF.CRLF, then unstuffed and converted
+        whole (a lone CR or LF inside a line stays as it came). A message over max_size
+        octets raises POP3Error (not temporary) once its end was read, so the session
+        goes on; one more than twice that size closes the connection.
         """
         stage = "retrieving message %d" % number
         self.command("RETR %d" % number, stage)
-        data = bytearray()
-        seen = 0
-        problem = None
-        for line in self.read_multiline(stage, MAX_MESSAGE_LINE, allow_too_long=True):
-            if line is None:
-                seen += MAX_MESSAGE_LINE
-                problem = problem or E_LONG_LINE % (number, MAX_MESSAGE_LINE)
-            else:
-                seen += len(line) + 1
-                if problem is None:
-                    data += line
-                    data += b"\n"
-            if seen > max_size:
-                problem = problem or E_TOO_BIG % (number, max_size)
-                data.clear()
-                if seen > 2 * max_size + MAX_MESSAGE_LINE:
-                    self.close()           # not worth reading to its end
-                    break
-        if problem:
-            raise POP3Error(problem, temporary=False)
-        return bytes(data)
+        # A CRLF in front lets an empty message (".<CRLF>" at once) end like any other.
+        data = bytearray(CRLF)
+        scanned = 0
+        skipped = 0                    # octets thrown away once the message was too big
+        while True:
+            end = data.find(TERMINATOR, scanned)
+            if end >= 0:
+                break
+            if len(data) > max_size + len(TERMINATOR):
+                skipped += len(data) - len(TERMINATOR)
+                del data[:-len(TERMINATOR)]
+                if skipped > 2 * max_size:
+                    self.close()       # not worth reading to its end
+                    raise POP3Error(E_TOO_BIG % (number, max_size), temporary=False)
+            scanned = max(0, len(data) - len(TERMINATOR) + 1)
+            data += self.read_block(stage)
+        # Whatever came after the end belongs to the next response.
+        self.reader.buffer[0:0] = data[end + len(TERMINATOR):]
+        if skipped:
+            raise POP3Error(E_TOO_BIG % (number, max_size), temporary=False)
+        del data[end + 2:]
+        message = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
+        return message.replace(b"\r\n", b"\n")
+
+    def read_block(self, stage):
+        """The next bytes from the server, as they come; POP3Error at EOF or timeout."""
+        if self.sock is None:
+            raise POP3Error(E_POP3_LOST % (self.peer, stage))
+        try:
+            block = self.reader.read_block()
+        except plumbing.ReadTimeout:
+            self.close()
+            raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
+        except (OSError, ValueError):
+            block = b""
+        if not block:
+            self.close()
+            raise POP3Error(E_POP3_LOST % (self.peer, stage))
+        return block
 
     def dele(self, number):
         return self.command("DELE %d" % number, "deleting message %d" % number)
@@ -629,35 +649,13 @@ class POP3Client:
             self.close()
             raise POP3Error(E_POP3_LOST % (self.peer, "sending")) from None
 
-    def read_line(self, limit, stage, allow_too_long=False):
-        """One line (bytes, without its end), bounded in length and time.
-
-        RFC 1939 3 ends lines with CRLF (a bare LF is taken too); a lone CR is data, so
-        "x<CR>.<CRLF>" inside a message is one line, not the end of the response.
-        """
-        data = b""
-        too_long = False
-        while True:
-            line = self._next_line(limit, stage)
-            if line.too_long or len(data) + len(line.data) > limit:
-                too_long = True
-            else:
-                data += line.data
-            if line.ending != b"\r":
-                break
-            data += b"\r"
-        if too_long:
-            if allow_too_long:
-                return None
-            self.close()
-            raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
-        return data
-
-    def _next_line(self, limit, stage):
+    def read_line(self, stage):
+        """One line of a status or a listing (bytes, without its end), bounded in length
+        and time (RFC 1939 ends lines with CRLF; a bare LF is taken too)."""
         if self.sock is None:
             raise POP3Error(E_POP3_LOST % (self.peer, stage))
         try:
-            line = self.reader.readline(limit)
+            line = self.reader.readline(MAX_RESPONSE_LINE)
         except plumbing.ReadTimeout:
             self.close()
             raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
@@ -666,11 +664,14 @@ class POP3Client:
         if line is None or not line.ending:
             self.close()
             raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        return line
+        if line.too_long:
+            self.close()
+            raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
+        return line.data
 
     def read_status(self, stage, temporary=True):
         """The status line: its text on +OK; POP3Error (with the server's text) on -ERR."""
-        data = self.read_line(MAX_RESPONSE_LINE, stage)
+        data = self.read_line(stage)
         text = data.decode("utf-8", "replace")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %s %s", self.peer, text)
@@ -681,24 +682,16 @@ class POP3Client:
         self.close()
         raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
 
-    def read_multiline(self, stage, limit, max_lines=None, allow_too_long=False):
-        """The lines of a multi-line response up to the lone ".", unstuffed (RFC 1939 3).
-
-        Yields None for a line over limit when allow_too_long, else raises; more than
-        max_lines lines (when given) is garbage.
-        """
-        count = 0
-        while True:
-            line = self.read_line(limit, stage, allow_too_long)
+    def read_multiline(self, stage):
+        """The lines of a multi-line listing up to the lone ".", unstuffed (RFC 1939 3);
+        more than MAX_LISTING lines is garbage."""
+        for _ in range(MAX_LISTING):
+            line = self.read_line(stage)
             if line == b".":
                 return
-            count += 1
-            if max_lines is not None and count > max_lines:
-                self.close()
-                raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
-            if line is not None and line.startswith(b"."):
-                line = line[1:]
-            yield line
+            yield line[1:] if line.startswith(b".") else line
+        self.close()
+        raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
 
 
 # --- Local mailboxes ---
@@ -814,9 +807,9 @@ class UIDLState:
     """The unique-ids (RFC 1939 7) of the messages of one account already stored locally.
 
     The file holds lines "ACCOUNT UID" for every account fetched into one mailbox. A new
-    id is appended and fsync'd right after its message is, and before the message is
-    marked deleted, so a run cut short leaves nothing behind that the next run fetches
-    twice. flock() keeps two runs on one state file apart.
+    id is appended once its message is durable, and before the message is marked
+    deleted, so a run cut short leaves nothing behind that the next run fetches twice.
+    flock() keeps two runs on one state file apart.
     """
 
     def __init__(self, path, account):
@@ -868,9 +861,10 @@ class UIDLState:
         return uid in self.uids
 
     def add(self, uid):
-        """Record uid durably (one append, then fsync)."""
+        """Record uid, after its message is durable, in one write(): a killed process
+        cannot lose it. No fsync: a power failure that loses it can only make its message
+        come again (the server keeps it until QUIT), never lose it."""
         os.write(self.fd, ("%s %s\n" % (self.account, uid)).encode("utf-8"))
-        os.fsync(self.fd)
         self.uids.add(uid)
 
     def save(self, keep):

@@ -238,3 +238,69 @@ class CuttingProxy:
         self.closing.set()
         self.listener.close()
         self.thread.join(2)
+
+
+class ScriptedPOP3:
+    """A POP3 server on 127.0.0.1 that plays an old, odd server pop3d never is: no CAPA,
+    optionally no UIDL, and RETR responses given as raw bytes (stuffed, ending in
+    ".<CRLF>") sent `chunk` octets at a time. Serves connections one after the other."""
+
+    def __init__(self, responses, uidl=True, chunk=1, listed_size=None):
+        self.responses = responses
+        self.listed_size = listed_size         # what LIST claims for every message
+        self.uidl = uidl
+        self.chunk = chunk
+        self.commands = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.closing.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(10)
+                try:
+                    self.session(connection, connection.makefile("rb"))
+                except OSError:
+                    pass
+
+    def session(self, connection, reader):
+        connection.sendall(b"+OK scripted\r\n")
+        for line in iter(lambda: reader.readline(1024), b""):
+            verb, _, arg = line.strip().decode().partition(" ")
+            verb = verb.upper()
+            self.commands.append(verb)
+            if verb == "LIST":
+                listing = b"".join(b"%d %d\r\n" % (i + 1, self.listed_size or len(r))
+                                   for i, r in enumerate(self.responses))
+                connection.sendall(b"+OK\r\n" + listing + b".\r\n")
+            elif verb == "UIDL" and self.uidl:
+                listing = b"".join(b"%d uid-%d\r\n" % (i + 1, i + 1)
+                                   for i in range(len(self.responses)))
+                connection.sendall(b"+OK\r\n" + listing + b".\r\n")
+            elif verb == "RETR":
+                data = b"+OK\r\n" + self.responses[int(arg) - 1]
+                for start in range(0, len(data), self.chunk):
+                    connection.sendall(data[start:start + self.chunk])
+                    time.sleep(0.0005)
+            elif verb in ("USER", "PASS", "DELE", "NOOP"):
+                connection.sendall(b"+OK\r\n")
+            elif verb == "QUIT":
+                connection.sendall(b"+OK bye\r\n")
+                return
+            else:
+                connection.sendall(b"-ERR unknown command\r\n")
+
+    def close(self):
+        self.closing.set()
+        self.listener.close()
+        self.thread.join(2)

@@ -13,7 +13,7 @@ import pytest
 
 import mail_client
 from mail_client_support import (  # noqa: F401 (fixtures)
-    CuttingProxy, USERS, fill_mailbox, maildir_subjects, mbox_subjects,
+    CuttingProxy, ScriptedPOP3, USERS, fill_mailbox, maildir_subjects, mbox_subjects,
     server_messages, servers, spool, spooled_messages, start_pop3, start_submission, store,
     store_template, wait_for)
 
@@ -416,6 +416,56 @@ def test_garbage_from_the_server_is_a_clear_error(tmp_path, password_env, capsys
         listener.close()
     assert status == mail_client.EXIT_TEMPFAIL
     assert "malformed response while reading the greeting" in err and "Traceback" not in err
+
+
+def test_odd_but_valid_retr_responses_split_into_single_octets(tmp_path, password_env,
+                                                               capsys):
+    server = ScriptedPOP3([
+        b".\r\n",                                      # an empty message
+        b"..\r\n...two\r\n.x\r\n.\r\n",                 # stuffed lines
+        b"Subject: a\r\n\r\nbare\nLF and bare\rCR\r\n.\r\n",
+        b"no final line end, the server added one\r\n.\r\n",
+    ])
+    maildir = tmp_path / "Maildir"
+    try:
+        status, _, err = run(fetch_args(server.port, maildir, *password_env), capsys)
+    finally:
+        server.close()
+    assert status == 0, err
+    assert "USER" in server.commands and server.commands.count("DELE") == 4
+    stored = sorted((maildir / "new" / name).read_bytes()
+                    for name in os.listdir(str(maildir / "new")))
+    assert stored == sorted([b"", b".\n..two\nx\n", b"Subject: a\n\nbare\nLF and bare\rCR\n",
+                             b"no final line end, the server added one\n"])
+
+
+def test_keep_needs_uidl(tmp_path, password_env, capsys):
+    server = ScriptedPOP3([b"Subject: a\r\n\r\nx\r\n.\r\n"], uidl=False)
+    try:
+        status, _, err = run(fetch_args(server.port, tmp_path / "M", "--keep", *password_env),
+                             capsys)
+        assert status == mail_client.EXIT_FAILED and "does not support UIDL" in err
+        assert "RETR" not in server.commands
+        status, _, err = run(fetch_args(server.port, tmp_path / "M", *password_env), capsys)
+        assert status == 0 and "has no UIDL" in err and "retrieved=1," in err
+    finally:
+        server.close()
+
+
+def test_a_message_longer_than_its_list_size_is_bounded_by_max_size(tmp_path, password_env,
+                                                                    capsys):
+    server = ScriptedPOP3([b"a" * 3000 + b"\r\n.\r\n", b"ok\r\n.\r\n", b"b" * 9000 + b"\r\n.\r\n",
+                           b"never reached\r\n.\r\n"], chunk=4096, listed_size=10)
+    maildir = tmp_path / "Maildir"
+    try:
+        status, _, err = run(fetch_args(server.port, maildir, "--max-size", "2000",
+                                        *password_env), capsys)
+    finally:
+        server.close()
+    assert status == mail_client.EXIT_FAILED and "status=failed" in err
+    assert "message 1 is larger than 2000 octets" in err
+    assert "message 3 is larger than 2000 octets" in err
+    assert [(maildir / "new" / n).read_bytes() for n in os.listdir(str(maildir / "new"))] == [b"ok\n"]
 
 
 def test_message_over_max_size_is_left_on_the_server(start_pop3, store, tmp_path,
