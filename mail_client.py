@@ -582,7 +582,7 @@ class POP3Client:
             data += self.read_block(stage)
         # Whatever came after the end belongs to the next response.
         self.reader.buffer[0:0] = data[end + len(TERMINATOR):]
-        if skipped:
+        if skipped or end - len(CRLF) > max_size:
             raise POP3Error(E_TOO_BIG % (number, max_size), temporary=False)
         del data[end + 2:]
         message = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
