@@ -40,7 +40,6 @@ POP3_PORT = 110                    # RFC 1939 3
 POP3S_PORT = 995                   # RFC 8314 7.3
 MAX_COMMAND_LINE = 255             # RFC 2449 4: octets, including the CRLF
 MAX_AUTH_LINE = plumbing.MAX_SASL_RESPONSE + 20   # RFC 5034 4: AUTH lines may be longer
-MAX_ARGUMENT = 40                  # RFC 2449 4: each argument up to 40 characters
 MAX_AUTH_FAILURES = 3              # failed logins before the connection is closed
 MAX_ERRORS = 20                    # bad commands before the connection is closed
 SEND_BUFFER = 256 * 1024           # message bytes gathered before a send

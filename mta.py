@@ -1,0 +1,1793 @@
+"""mta.py - the spool, the router, bounces and the admin CLI (RFC 5321, RFC 3463, RFC 3464).
+
+mta.py owns the queue that every role writes to or reads from. The life of a message:
+
+1. enqueue() (smtp_in after DATA, `mta.py sendmail`, and bounces) writes ONE file, the
+   envelope then the message, to queue/tmp/, fsyncs it, links it to queue/incoming/ID,
+   fsyncs that directory and rings the router's doorbell. It returns only then, so a 250
+   reply means the message is on disk.
+2. The router (this file's daemon) claims the file with flock(), expands each recipient
+   through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
+   fails unknown users and mail loops, and records each result in the file before it
+   delivers the next recipient. Failures are reported in one DSN (RFC 3464) to the sender.
+3. Remote recipients wait in queue/outbound/ for smtp_out, which claims the file the same
+   way, takes the due recipients grouped by domain, records each result and releases it.
+4. A message with recipients to retry waits in queue/deferred/ with its mtime set to its
+   next attempt; the router's periodic scan moves it back to incoming/ once due (`flush`:
+   at once), and the router sends its remote recipients on to outbound/ again. After DELAY_WARNING in the queue the sender gets a delay notice; after
+   QUEUE_LIFETIME the recipient fails with 4.4.7 and is bounced.
+5. When every recipient is delivered, or failed and reported, the file is removed.
+
+Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
+
+    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris
+    SPOOL/queue/incoming/ID       the router's work: new mail, or a local retry now due
+    SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
+    SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
+    SPOOL/queue/quarantine/NAME   files that are not valid queue files, moved aside
+    SPOOL/run/ROLE.PID.N.sock     each daemon's doorbell: a UNIX datagram socket
+
+A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
+octets of message as received (CRLF line ends), then state records, one JSON object per
+line, only ever appended:
+
+    MTA-Queue-File: 1
+    Queue-ID: 018A5F3C2B1D04E7A2
+    Arrival: 1700000000.123456
+    Sender: <alice@example.net>
+    Client-Address: 203.0.113.5
+    Client-HELO: mx.example.net
+    Auth-User:
+    Protocol: ESMTP
+    Recipient: <list@example.com>
+    Message-Size: 2048
+
+    ...the message...
+    {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
+        {"kind": "local", "address": "bob@example.com"}, {"kind": "remote", "address": "x@example.org"}]}
+    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "reply": "250 ..."}
+    {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...", "reply": "..."}
+    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "reply": "..."}
+    {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
+    {"event": "flush", "at": ...}
+
+Each record is one line (the route record above is folded to fit the page). A "route"
+record turns one envelope recipient (from) into final recipients numbered from rcpt on; kind is
+local, remote or error (an error carries its "reply" and is failed at once). A recipient
+is done when delivered, or failed and "notified" (its DSN is queued or was dropped).
+
+Durability and concurrency:
+
+- Two fsyncs per accepted message (the file, then incoming/), none per state change: a
+  record is one write(), so a kill -9 cannot lose it. A power failure can lose the last
+  records, which only means a recipient is delivered again, never that mail is lost. A
+  torn last record is cut off before the next append. A record is written before the
+  next side effect (the next delivery, a DSN, moving the file); a file removed when done
+  never needs its last records, so a one-pass local delivery costs no append at all.
+- A file is only handled under an exclusive flock(); after locking, the claimer checks the
+  file is still at its name (the holder before may have moved it), so several threads or
+  router processes on one spool never handle one message at once. The kernel drops the
+  lock of a killed process: nothing is left stuck.
+- After a crash a recipient is delivered twice only when the crash fell between its
+  delivery and the write() of its "delivered" record (or the removal of the file).
+- The router is also the queue manager: smtp_out needs it running for its retries.
+- Each daemon binds SPOOL/run/ROLE.PID.N.sock; wake(spool, role) sends a datagram to every
+  socket of the role, removing those whose process is gone. A woken daemon lists its
+  folder; every SCAN_INTERVAL seconds it lists it anyway.
+
+The API smtp_out uses (all in __all__):
+
+    queue = mta.Queue(spool_dir, hostname=..., clock=time.time)
+    runner = mta.QueueRunner(queue, mta.OUTBOUND, "smtp_out", handle, workers=8)
+    plumbing.serve_until_signalled([runner])      # or runner.serve_forever()/stop()
+
+    def handle(queue_id):                         # called on a worker thread
+        claim = queue.claim_outbound(queue_id)    # None: gone; raises QueueBusy: taken
+        if claim is None:
+            return
+        with claim:                               # leaving it releases the claim
+            for domain, recipients in claim.groups.items():
+                ... send claim.message from claim.envelope.sender ...
+                claim.delivered(rcpt, reply, remote_mta="mx.example.org")
+                claim.deferred(rcpt, reply, dsn="4.4.1", remote_mta="")
+                claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org")
+
+deferred() picks the next attempt (retry_delay()) and fails the recipient with 4.4.7 once
+the message is older than the queue lifetime. Releasing the claim queues one DSN for the
+new failures (never to a null sender: a double bounce goes to the postmaster, and a
+failed double bounce is dropped with a log line), a delay notice when due, and files the
+message away. Queue.send_dsn() is that DSN step on its own; build_dsn() builds the bytes.
+
+Run: python3 mta.py --spool DIR --domain example.com [--hostname mail.example.com]
+     python3 mta.py --spool DIR queue [--json] | flush | delete ID | delete --all
+     python3 mta.py --spool DIR --domain D sendmail [-t] [-f FROM] [-i] [RCPT ...] < message
+"""
+
+import argparse
+import contextlib
+import email.utils
+import errno
+import fcntl
+import getpass
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import select
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
+from queue import SimpleQueue
+from typing import Callable, Optional
+
+import mailbox_store
+import plumbing
+
+__all__ = [
+    "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
+    "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
+    "build_dsn", "enqueue", "main", "parse_queue_file", "prepare_submission", "retry_delay",
+    "wake",
+]
+
+DEFAULTS = {
+    "spool": "./mailspool",
+    "domain": [],
+    "hostname": "",
+    "workers": 4,
+    "scan_interval": 10.0,
+    "hop_limit": 50,
+    "queue_lifetime": 5 * 86400,
+    "delay_warning": 4 * 3600,
+    "max_size": 35 * 1024 * 1024,
+    "user": "",
+    "syslog": False,
+    "verbose": False,
+}
+
+# Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
+QUEUE_DIR = "queue"
+TMP, INCOMING, OUTBOUND, DEFERRED, QUARANTINE = "tmp", "incoming", "outbound", "deferred", "quarantine"
+QUEUE_FOLDERS = (INCOMING, OUTBOUND, DEFERRED)
+RUN_DIR = "run"
+FILE_MAGIC = "MTA-Queue-File: 1"
+MAX_ENVELOPE = 1024 * 1024         # octets of envelope before the blank line
+MAX_ADDRESS = 512                  # RFC 5321 4.5.3.1.3 allows 256 for a path; some slack
+MAX_INFO = 255                     # client address, HELO, auth user, protocol
+MAX_REPLY = 1000                   # characters of a reply kept in a state record
+MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
+MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
+
+# Timing, in seconds.
+HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
+QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
+DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
+MIN_BACKOFF = 300                  # first retry; doubled each attempt ...
+MAX_BACKOFF = 3600                 # ... up to an hour (RFC 5321 4.5.4.1 suggests 30 min)
+NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
+SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
+BUSY_RETRY = 0.2                   # look again at a file another process holds
+ERROR_RETRY = 60.0                 # look again at a file whose handling raised
+TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
+DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
+
+# Replies recorded for recipients the router fails or defers; the enhanced status code
+# (RFC 3463) in each becomes the DSN's Status field.
+R250_DELIVERED = "250 2.0.0 Delivered to maildir"
+R451_LOCAL_ERROR = "451 4.3.0 Local delivery failed: %s"
+R452_SYSTEM_FULL = "452 4.3.1 Insufficient system storage"
+R452_MAILBOX_FULL = "452 4.2.2 Mailbox full"
+R550_USER_UNKNOWN = "550 5.1.1 User unknown"
+R553_BAD_ADDRESS = "553 5.1.3 Bad destination mailbox address syntax"
+R554_TOO_MANY_HOPS = "554 5.4.6 Too many hops (%d Received: fields), mail loop?"
+R554_DELIVERED_TO_LOOP = "554 5.4.6 Mail loop: Delivered-To: already names this recipient"
+R554_ALIAS_LOOP = "554 5.4.6 Alias expansion loop"
+DSN_EXPIRED = "4.4.7"              # RFC 3463 3.5: delivery time expired
+
+# sysexits.h, the exit codes of `sendmail` that scripts and cron act on.
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{1,64}\Z")
+STATUS_PATTERN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
+REPLY_STATUS_PATTERN = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+
+log = logging.getLogger("mta")
+
+
+# --- Errors and data types ---
+
+class SpoolError(OSError):
+    """enqueue() could not make the message durable; nothing partial was left behind."""
+
+
+class QueueBusy(Exception):
+    """The queue file is claimed by another thread or process."""
+
+
+class QueueFileError(ValueError):
+    """A file in the queue that is not a valid queue file."""
+
+
+class UsageError(Exception):
+    """A command line the CLI cannot act on (exit status EX_USAGE)."""
+
+
+@dataclass
+class Envelope:
+    """The SMTP envelope and its trace: who sent what to whom, from where, and when."""
+    queue_id: str
+    sender: str                    # "" is the null reverse-path
+    recipients: list               # the RCPT TO addresses as given
+    arrival: float
+    size: int = 0
+    client_address: str = ""
+    client_helo: str = ""
+    auth_user: str = ""
+    protocol: str = ""
+
+
+@dataclass
+class Recipient:
+    """One final recipient after alias expansion, with its delivery state."""
+    index: int                     # "rcpt" in the state records
+    address: str
+    original: str                  # the envelope recipient it was expanded from
+    kind: str                      # "local", "remote" or "error"
+    status: str = "pending"        # pending, deferred, delivered or failed
+    attempts: int = 0
+    last_attempt: float = 0.0
+    next_attempt: float = 0.0      # deferred only
+    reply: str = ""                # the last reply (SMTP text), for logs and DSNs
+    dsn: str = ""                  # RFC 3463 status code of the last result
+    remote_mta: str = ""
+    notified: bool = False         # a failed DSN is queued (or was dropped)
+    warned: bool = False           # a delayed DSN is queued
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+    @property
+    def done(self) -> bool:
+        return self.status == "delivered" or (self.status == "failed" and self.notified)
+
+    def due(self, now: float) -> bool:
+        return self.status == "pending" or (self.status == "deferred" and self.next_attempt <= now)
+
+
+@dataclass
+class QueueState:
+    """A parsed queue file: the envelope and what its state records say."""
+    envelope: Envelope
+    message_offset: int
+    recipients: list = field(default_factory=list)     # [Recipient], by index
+    routed: set = field(default_factory=set)           # envelope recipient numbers routed
+    torn_tail: int = 0             # octets of an incomplete last record
+    bad_records: int = 0
+
+    @property
+    def unrouted(self) -> list:
+        return [n for n in range(len(self.envelope.recipients)) if n not in self.routed]
+
+    def apply(self, record: dict):
+        """Change the state as record says; raises KeyError, IndexError, ValueError, TypeError."""
+        event = record["event"]
+        if event == "flush":
+            at = float(record["at"])
+            for recipient in self.recipients:
+                if recipient.status == "deferred":
+                    recipient.next_attempt = min(recipient.next_attempt, at)
+            return
+        if event == "route":
+            self._route(record)
+            return
+        recipient = self.recipients[_index(record["rcpt"], len(self.recipients))]
+        if event == "notified":
+            if record["action"] == "delayed":
+                recipient.warned = True
+            else:
+                recipient.notified = True
+            return
+        if event not in ("delivered", "deferred", "failed"):
+            raise ValueError("unknown event %r" % event)
+        recipient.status = event
+        recipient.attempts += 1
+        recipient.last_attempt = float(record["at"])
+        recipient.reply = clean_text(record.get("reply", ""), MAX_REPLY)
+        recipient.dsn = checked_status(record.get("dsn", ""))
+        recipient.remote_mta = clean_text(record.get("mta", ""), MAX_INFO)
+        if event == "deferred":
+            recipient.next_attempt = float(record["next"])
+
+    def _route(self, record):
+        origin = _index(record["from"], len(self.envelope.recipients))
+        original = self.envelope.recipients[origin]
+        if origin in self.routed or int(record["rcpt"]) != len(self.recipients):
+            raise ValueError("route record out of order")
+        routes = list(record["to"])
+        for route in routes:
+            if route["kind"] not in ("local", "remote", "error"):
+                raise ValueError("bad route kind %r" % (route["kind"],))
+            check_address_text(route["address"])
+        for route in routes:
+            recipient = Recipient(len(self.recipients), route["address"], original, route["kind"])
+            if route["kind"] == "error":
+                recipient.status = "failed"
+                recipient.attempts = 1
+                recipient.last_attempt = float(record.get("at", 0))
+                recipient.reply = clean_text(route["reply"], MAX_REPLY)
+                recipient.dsn = reply_status(recipient.reply, "5.0.0")
+            self.recipients.append(recipient)
+        self.routed.add(origin)
+
+
+# --- Pure helpers ---
+
+def _index(value, length):
+    """A record's recipient number, checked: negative numbers would index from the end."""
+    if not isinstance(value, int) or not 0 <= value < length:
+        raise ValueError("recipient number %r out of range" % (value,))
+    return value
+
+
+def valid_queue_id(name: str) -> bool:
+    return bool(QUEUE_ID_PATTERN.match(name))
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the attempts-th failed attempt: 5 min, doubling, at most 1 h.
+
+    RFC 5321 4.5.4.1 asks for at least 30 minutes between tries; like Postfix the first
+    tries come sooner, because most temporary failures (greylisting) clear in minutes.
+    """
+    return float(min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF))
+
+
+def reply_status(reply: str, default: str = "") -> str:
+    """The RFC 3463 status code in an SMTP reply ("550 5.1.1 ..."), else one from its class."""
+    found = REPLY_STATUS_PATTERN.match(reply or "")
+    if found:
+        return normal_status(found.group(1))
+    if reply[:1] in ("4", "5") and reply[1:3].isdigit():
+        return reply[0] + ".0.0"
+    return default
+
+
+def normal_status(status: str) -> str:
+    """RFC 3464 2.3.4: a status code has no leading zeros in its sub-fields."""
+    found = STATUS_PATTERN.match(status or "")
+    if not found:
+        raise ValueError("not an RFC 3463 status code: %r" % (status,))
+    return ".".join(str(int(part)) for part in found.groups())
+
+
+def checked_status(text) -> str:
+    """normal_status(text), or "" when text is not a status code (a record edited by hand)."""
+    try:
+        return normal_status(str(text))
+    except ValueError:
+        return ""
+
+
+def clean_text(text, limit: int) -> str:
+    """One line of printable text: CR, LF and control characters become spaces."""
+    text = "".join(c if c.isprintable() else " " for c in str(text or ""))
+    return text[:limit]
+
+
+def check_address_text(address: str, allow_empty: bool = False) -> str:
+    """An envelope address as text that fits one line of a queue file; raises ValueError."""
+    if not isinstance(address, str):
+        raise ValueError("an address must be str, not %s" % type(address).__name__)
+    if not address and not allow_empty:
+        raise ValueError("empty recipient address")
+    if len(address) > MAX_ADDRESS or not address.isprintable() or address.strip() != address:
+        raise ValueError("address not allowed in the queue: %r" % address[:80])
+    return address
+
+
+def dsn_text(text: str) -> str:
+    """Text for a message/delivery-status field, which is ASCII: other characters become
+    \\x{HEX} (RFC 6533 3, utf-8-addr-xtext)."""
+    return "".join(c if c.isascii() else "\\x{%X}" % ord(c) for c in text)
+
+
+def dsn_address(address: str) -> str:
+    """An address-type and address for Final-Recipient and Original-Recipient (RFC 6533 3)."""
+    return ("rfc822; " if address.isascii() else "utf-8; ") + dsn_text(address)
+
+
+def rfc5322_date(timestamp: float) -> str:
+    """A date-time with a numeric zone, as RFC 5322 3.3 and RFC 3464 2.3.7 want."""
+    return email.utils.format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
+
+
+def header_block(message: bytes) -> bytes:
+    """The message's header section, without the blank line that ends it."""
+    ends = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return message
+    end = min(ends)
+    return message[:end + (2 if message[end:end + 2] == b"\r\n" else 1)]
+
+
+def header_fields(block: bytes) -> list:
+    """[(lower-case name, unfolded value)] of a header section (RFC 5322 2.2.3)."""
+    fields = []
+    for line in block.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line.strip())
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            fields.append((name.strip().lower(), [value.strip()]))
+    return [(name.decode("ascii", "replace"), b" ".join(parts).decode("utf-8", "replace"))
+            for name, parts in fields]
+
+
+def envelope_bytes(envelope: Envelope) -> bytes:
+    """The text that starts a queue file, up to and including the blank line."""
+    lines = [FILE_MAGIC,
+             "Queue-ID: " + envelope.queue_id,
+             "Arrival: %.6f" % envelope.arrival,
+             "Sender: <%s>" % envelope.sender,
+             "Client-Address: " + envelope.client_address,
+             "Client-HELO: " + envelope.client_helo,
+             "Auth-User: " + envelope.auth_user,
+             "Protocol: " + envelope.protocol]
+    lines += ["Recipient: <%s>" % address for address in envelope.recipients]
+    lines += ["Message-Size: %d" % envelope.size, "", ""]
+    return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _unbracket(value, key):
+    if not (value.startswith("<") and value.endswith(">")):
+        raise QueueFileError("%s is not in angle brackets" % key)
+    return value[1:-1]
+
+
+def parse_envelope(head: bytes, name: str) -> tuple:
+    """(Envelope, offset of the message) from the start of a queue file; QueueFileError."""
+    end = head.find(b"\n\n", 0, MAX_ENVELOPE)
+    if end < 0:
+        raise QueueFileError("no end of envelope in the first %d octets" % MAX_ENVELOPE)
+    try:
+        lines = head[:end].decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise QueueFileError("envelope is not UTF-8") from None
+    if lines[0] != FILE_MAGIC:
+        raise QueueFileError("not a queue file (no %r line)" % FILE_MAGIC)
+    fields, recipients = {}, []
+    for line in lines[1:]:
+        key, colon, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not colon:
+            raise QueueFileError("envelope line without a colon")
+        if key == "recipient":
+            recipients.append(check_address_text(_unbracket(value, "Recipient")))
+        else:
+            fields[key] = value
+    try:
+        envelope = Envelope(
+            queue_id=fields["queue-id"],
+            sender=check_address_text(_unbracket(fields["sender"], "Sender"), allow_empty=True),
+            recipients=recipients,
+            arrival=float(fields["arrival"]),
+            size=int(fields["message-size"]),
+            client_address=fields.get("client-address", ""),
+            client_helo=fields.get("client-helo", ""),
+            auth_user=fields.get("auth-user", ""),
+            protocol=fields.get("protocol", ""))
+    except KeyError as exc:
+        raise QueueFileError("envelope has no %s field" % exc.args[0]) from None
+    except ValueError as exc:
+        raise QueueFileError("bad envelope field: %s" % exc) from None
+    if envelope.queue_id != name:
+        raise QueueFileError("Queue-ID %r is not the file name" % envelope.queue_id[:80])
+    if not recipients:
+        raise QueueFileError("envelope has no recipient")
+    if envelope.size < 0 or not math.isfinite(envelope.arrival):
+        raise QueueFileError("bad Message-Size or Arrival")
+    return envelope, end + 2
+
+
+def parse_records(state: QueueState, tail: bytes):
+    """Apply the state records in tail; skip bad ones, note an incomplete last one."""
+    lines = tail.split(b"\n")
+    state.torn_tail = len(lines[-1])       # b"" when tail ends with a newline
+    for line in lines[:-1]:
+        try:
+            record = json.loads(line)
+            state.apply(record)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            state.bad_records += 1
+
+
+def parse_queue_file(data: bytes, name: str) -> QueueState:
+    """Parse a whole queue file; raises QueueFileError when it is not one."""
+    envelope, offset = parse_envelope(data, name)
+    if offset + envelope.size > len(data):
+        raise QueueFileError("message truncated: %d of %d octets"
+                             % (len(data) - offset, envelope.size))
+    state = QueueState(envelope, offset)
+    parse_records(state, data[offset + envelope.size:])
+    return state
+
+
+def record_bytes(*records: dict) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
+
+
+# --- Files ---
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_all(fd, size, offset=0):
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, min(size, 1 << 24), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _unix_address(folder, name):
+    """The address of socket NAME in folder; a long path goes through /proc/self/fd."""
+    path = os.path.join(folder, name)
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        yield path
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield "/proc/self/fd/%d/%s" % (fd, name)
+    finally:
+        os.close(fd)
+
+
+_spools_made = set()
+
+
+def make_spool(spool_dir: str):
+    """Create the queue and run folders if missing (once per process and spool)."""
+    if spool_dir in _spools_made:
+        return
+    for folder in (TMP, INCOMING, OUTBOUND, DEFERRED, QUARANTINE):
+        os.makedirs(os.path.join(spool_dir, QUEUE_DIR, folder), mode=0o700, exist_ok=True)
+    os.makedirs(os.path.join(spool_dir, RUN_DIR), mode=0o700, exist_ok=True)
+    _spools_made.add(spool_dir)
+
+
+# --- Enqueue and wake-up ---
+
+def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
+            queue_id: Optional[str] = None, client_address: Optional[str] = None,
+            client_helo: Optional[str] = None, auth_user: Optional[str] = None,
+            protocol: Optional[str] = None, arrival: Optional[float] = None) -> str:
+    """Write message and envelope durably into queue/incoming/, wake the router, return the id.
+
+    Raises SpoolError (an OSError with the cause's errno) when the message could not be
+    made durable, leaving nothing behind; ValueError for an address that cannot be queued.
+    """
+    spool_dir = os.fspath(spool_dir)
+    recipients = [check_address_text(address) for address in recipients]
+    if not recipients:
+        raise ValueError("no recipients")
+    check_address_text(sender, allow_empty=True)
+    if queue_id is not None and not valid_queue_id(queue_id):
+        raise ValueError("bad queue id %r" % queue_id)
+    envelope = Envelope(
+        queue_id="", sender=sender, recipients=recipients,
+        arrival=time.time() if arrival is None else arrival, size=len(message),
+        client_address=clean_text(client_address, MAX_INFO),
+        client_helo=clean_text(client_helo, MAX_INFO),
+        auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
+    try:
+        make_spool(spool_dir)
+        while True:
+            envelope.queue_id = queue_id or plumbing.new_queue_id()
+            try:
+                _write_queue_file(spool_dir, envelope, message)
+                break
+            except FileExistsError:
+                if queue_id is not None:
+                    raise
+    except OSError as exc:
+        raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
+    wake(spool_dir, "mta")
+    return envelope.queue_id
+
+
+def _write_queue_file(spool_dir, envelope, message):
+    """tmp/ID: write, fsync; link to incoming/ID; fsync incoming/. Leaves nothing on error."""
+    temporary = os.path.join(spool_dir, QUEUE_DIR, TMP, envelope.queue_id)
+    incoming = os.path.join(spool_dir, QUEUE_DIR, INCOMING)
+    final = os.path.join(incoming, envelope.queue_id)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_all(fd, envelope_bytes(envelope))
+            _write_all(fd, message)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # link(), unlike rename(), never replaces a queued message that has the same id.
+        os.link(temporary, final)
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+    _unlink_quietly(temporary)
+    try:
+        _fsync_dir(incoming)
+    except BaseException:
+        _unlink_quietly(final)
+        raise
+
+
+def wake(spool_dir: str, role: str = "mta") -> None:
+    """Best effort: ring the doorbell of every running daemon of role (a datagram each)."""
+    run = os.path.join(os.fspath(spool_dir), RUN_DIR)
+    try:
+        names = [n for n in os.listdir(run) if n.startswith(role + ".") and n.endswith(".sock")]
+    except OSError:
+        return
+    if not names:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for name in names:
+            try:
+                with _unix_address(run, name) as address:
+                    sock.sendto(b"!", address)
+            except BlockingIOError:
+                pass                   # its queue is full: it has wake-ups waiting already
+            except (ConnectionRefusedError, FileNotFoundError):
+                _unlink_quietly(os.path.join(run, name))   # its process is gone
+            except OSError:
+                pass
+
+
+_socket_serial = itertools.count()
+
+
+class WakeSocket:
+    """A daemon's doorbell: a datagram socket at SPOOL/run/ROLE.PID.N.sock."""
+
+    def __init__(self, spool_dir: str, role: str):
+        self.folder = os.path.join(os.fspath(spool_dir), RUN_DIR)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self.name = "%s.%d.%d.sock" % (role, os.getpid(), next(_socket_serial))
+        self.path = os.path.join(self.folder, self.name)
+        _unlink_quietly(self.path)     # left by a dead process that had our pid
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with _unix_address(self.folder, self.name) as address:
+            self.sock.bind(address)
+        self.sock.setblocking(False)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for a ring; swallow every ring waiting. True if rung."""
+        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0))
+        if not ready:
+            return False
+        while True:
+            try:
+                self.sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return True
+
+    def ring(self):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            try:
+                with _unix_address(self.folder, self.name) as address:
+                    sock.sendto(b"!", address)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+        _unlink_quietly(self.path)
+
+
+# --- Bounces: delivery status notifications (RFC 3464, RFC 6522) ---
+
+def build_dsn(envelope: Envelope, original_headers: bytes, recipients: list, *, action: str,
+              hostname: str, to: str, now: float, retry_until: Optional[float] = None,
+              message_id: Optional[str] = None, subject: Optional[str] = None) -> bytes:
+    """A multipart/report DSN about recipients of the message with envelope (RFC 3464).
+
+    action is "failed" or "delayed" (RFC 3464 2.3.3). The report has a short text for a
+    person, a message/delivery-status part and the original header (text/rfc822-headers).
+    """
+    if action == "failed":
+        subject = subject or "Undelivered Mail Returned to Sender"
+        intro = ("Your message could not be delivered to one or more recipients.\n"
+                 "The mail system gave up on the addresses below; the header of your\n"
+                 "message is attached.\n")
+    else:
+        subject = subject or "Delayed Mail (still being retried)"
+        intro = ("Your message has not yet been delivered to the addresses below.\n"
+                 "This is a warning only: the mail system keeps trying until %s.\n"
+                 "You do not need to send the message again.\n" % rfc5322_date(retry_until or now))
+    lines = ["This is the mail system at %s (queue id %s)." % (hostname, envelope.queue_id), "", intro]
+    for recipient in recipients:
+        via = "" if recipient.original == recipient.address else " (expanded from <%s>)" % recipient.original
+        expired = " (delivery time expired)" if recipient.dsn == DSN_EXPIRED else ""
+        lines.append("<%s>%s%s: %s" % (recipient.address, via, expired, recipient.reply or recipient.dsn))
+    text = "\n".join(lines) + "\n"
+
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = "Mail Delivery System <MAILER-DAEMON@%s>" % hostname
+    report["To"] = to
+    report["Subject"] = subject
+    report["Date"] = rfc5322_date(now)
+    report["Message-ID"] = message_id or email.utils.make_msgid(domain=hostname)
+    report["Auto-Submitted"] = "auto-replied"          # RFC 3834 5
+    report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
+
+    # RFC 3464 2.2: per-message fields, then one block of per-recipient fields each.
+    per_message = Message()
+    per_message["Reporting-MTA"] = "dns; " + hostname
+    if envelope.client_helo:
+        per_message["Received-From-MTA"] = dsn_text("dns; %s (%s)" % (envelope.client_helo,
+                                                                      envelope.client_address))
+    per_message["Arrival-Date"] = rfc5322_date(envelope.arrival)
+    blocks = [per_message]
+    for recipient in recipients:
+        block = Message()
+        if recipient.original != recipient.address:
+            block["Original-Recipient"] = dsn_address(recipient.original)
+        block["Final-Recipient"] = dsn_address(recipient.address)
+        block["Action"] = action
+        block["Status"] = normal_status(recipient.dsn or ("4.0.0" if action == "delayed" else "5.0.0"))
+        if recipient.remote_mta:
+            block["Remote-MTA"] = dsn_text("dns; " + recipient.remote_mta)
+        if recipient.reply:
+            block["Diagnostic-Code"] = dsn_text("smtp; " + recipient.reply)
+        if recipient.last_attempt:
+            block["Last-Attempt-Date"] = rfc5322_date(recipient.last_attempt)
+        if action == "delayed" and retry_until:
+            block["Will-Retry-Until"] = rfc5322_date(retry_until)
+        blocks.append(block)
+    status = Message()
+    status["Content-Type"] = "message/delivery-status"
+    status.set_payload(blocks)
+    report.attach(status)
+
+    headers = original_headers[:MAX_DSN_HEADERS]
+    if len(original_headers) > MAX_DSN_HEADERS:
+        headers = headers[:headers.rfind(b"\n") + 1]
+    headers_text = headers.decode("utf-8", "replace").replace("\r\n", "\n")
+    report.attach(MIMEText(headers_text, "rfc822-headers",
+                           "us-ascii" if headers_text.isascii() else "utf-8"))
+    return report.as_bytes(policy=compat32.clone(linesep="\r\n"))
+
+
+# --- The queue: claims, state changes, DSNs, filing away ---
+
+class Claim:
+    """A queue file this process has locked (flock) for as long as it handles it.
+
+    Record results with delivered(), deferred() and failed(); they are thread-safe, so
+    smtp_out may work on several domains of one message at once, and each is written to
+    the file at once. Leave the `with` block (or call release()) to queue the DSNs and
+    move the file where its state says.
+
+    With autocommit off (the router), records wait in memory until commit(): the router
+    commits before each delivery after the first, so a crash re-delivers at most the one
+    recipient whose record was not written yet, and a message done in one pass is removed
+    without a single append.
+    """
+
+    def __init__(self, queue, folder, queue_id, fd, state, message):
+        self.queue = queue
+        self.folder = folder
+        self.queue_id = queue_id
+        self.fd = fd
+        self.state = state
+        self.envelope = state.envelope
+        self.recipients = state.recipients
+        self.message = message
+        self.groups = {}               # claim_outbound(): domain -> [Recipient] due now
+        self.autocommit = True
+        self.staged = []               # records applied but not written yet; state_lock
+        self.state_lock = threading.Lock()     # guards self.state, self.staged, appends
+
+    @property
+    def path(self) -> str:
+        return self.queue.path(self.folder, self.queue_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.release()
+        else:
+            self.close()               # leave the file where it is; it is looked at again
+
+    def record(self, *records: dict):
+        """Apply state records; append them to the file now, or at commit() without autocommit."""
+        with self.state_lock:
+            for record in records:
+                self.state.apply(record)
+            self.staged.extend(records)
+            if self.autocommit:
+                self._write_staged()
+
+    def commit(self):
+        """Append the records not written yet, in one write()."""
+        with self.state_lock:
+            self._write_staged()
+
+    def _write_staged(self):
+        if self.staged:
+            data, self.staged = record_bytes(*self.staged), []
+            _write_all(self.fd, data)
+
+    def log_result(self, recipient, status, reply):
+        relay = recipient.remote_mta or ("local" if recipient.kind == "local" else "none")
+        original = "" if recipient.original == recipient.address else ", orig_to=<%s>" % recipient.original
+        log.info("%s: to=<%s>%s, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+                 self.queue_id, recipient.address, original, relay,
+                 max(self.queue.clock() - self.envelope.arrival, 0), recipient.dsn or "-",
+                 status, reply)
+
+    def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = ""):
+        """The recipient has the message (a Maildir file, or a 2xx from remote_mta)."""
+        reply = clean_text(reply, MAX_REPLY)
+        self.record({"event": "delivered", "rcpt": recipient.index, "at": self.queue.clock(),
+                     "dsn": reply_status(reply, "2.0.0"), "mta": clean_text(remote_mta, MAX_INFO),
+                     "reply": reply})
+        self.log_result(recipient, "sent" if remote_mta else "delivered", reply)
+
+    def deferred(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
+                 remote_mta: str = ""):
+        """A temporary failure: try again after retry_delay(), or fail once expired."""
+        now = self.queue.clock()
+        reply = clean_text(reply, MAX_REPLY)
+        dsn = normal_status(dsn) if dsn else reply_status(reply, "4.0.0")
+        if now - self.envelope.arrival >= self.queue.lifetime:
+            # RFC 5321 4.5.4.1: give up; RFC 3463 3.5 X.4.7 says why.
+            self.failed(recipient, reply, DSN_EXPIRED, remote_mta)
+            return
+        self.record({"event": "deferred", "rcpt": recipient.index, "at": now,
+                     "next": now + retry_delay(recipient.attempts + 1), "dsn": dsn,
+                     "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+        self.log_result(recipient, "deferred", reply)
+
+    def failed(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
+               remote_mta: str = ""):
+        """A permanent failure: the sender gets a DSN when the claim is released."""
+        reply = clean_text(reply, MAX_REPLY)
+        dsn = normal_status(dsn) if dsn else reply_status(reply, "5.0.0")
+        self.record({"event": "failed", "rcpt": recipient.index, "at": self.queue.clock(),
+                     "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+        self.log_result(recipient, "bounced", reply)
+
+    def release(self):
+        """Queue DSNs for new failures and delays, move or remove the file, unlock it."""
+        if self.fd is None:
+            return
+        try:
+            self.queue.notify(self)
+            self.queue.file_away(self)
+        finally:
+            self.close()
+
+    def close(self):
+        """Unlock without filing away (the file stays in its folder)."""
+        if self.fd is not None:
+            os.close(self.fd)          # drops the flock
+            self.fd = None
+
+
+class Queue:
+    """The spool's queue, as the router, smtp_out and the admin CLI see it.
+
+    clock is the time source for every decision (due, expired, delay notice); tests pass
+    a fake one to run the five-day schedule in a second. postmaster receives double
+    bounces ("postmaster" alone is routed to the first local domain's postmaster).
+    """
+
+    def __init__(self, spool_dir: str, *, hostname: Optional[str] = None,
+                 lifetime: float = QUEUE_LIFETIME, delay_warning: float = DELAY_WARNING,
+                 postmaster: str = "postmaster", clock: Callable[[], float] = time.time):
+        self.spool_dir = os.fspath(spool_dir)
+        self.hostname = hostname or socket.gethostname()
+        self.lifetime = lifetime
+        self.delay_warning = delay_warning
+        self.postmaster = postmaster
+        self.clock = clock
+
+    def path(self, folder: str, name: str = "") -> str:
+        return os.path.join(self.spool_dir, QUEUE_DIR, folder, name)
+
+    def create(self):
+        make_spool(self.spool_dir)
+
+    def ids(self, folder: str) -> list:
+        """Names in a queue folder, oldest queue id first (ids sort by arrival time)."""
+        try:
+            return sorted(os.listdir(self.path(folder)))
+        except FileNotFoundError:
+            return []
+
+    def enqueue(self, sender: str, recipients: list, message: bytes, **info) -> str:
+        """enqueue() into this spool, with the arrival time from this queue's clock."""
+        info.setdefault("arrival", self.clock())
+        return enqueue(self.spool_dir, sender, recipients, message, **info)
+
+    # -- claiming --
+
+    def _open_locked(self, folder, name):
+        """(fd, stat) of queue/FOLDER/NAME locked by us; None if gone. Raises QueueBusy,
+        QueueFileError (not a regular file)."""
+        path = self.path(folder, name)
+        try:
+            # O_NONBLOCK: a FIFO dropped into the queue must not hang us on open or read.
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise QueueFileError("cannot open: %s" % exc.strerror) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QueueBusy(name) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise QueueFileError("not a regular file")
+            # The holder before us may have moved or removed the file: it is not ours then.
+            try:
+                now_at_path = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now_at_path = None
+            if (st.st_nlink == 0 or now_at_path is None
+                    or (now_at_path.st_ino, now_at_path.st_dev) != (st.st_ino, st.st_dev)):
+                os.close(fd)
+                return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def claim(self, folder: str, queue_id: str) -> Optional[Claim]:
+        """Lock and read queue/FOLDER/QUEUE_ID. None when it is gone, or was not a queue
+        file (then it is quarantined). Raises QueueBusy when someone else holds it."""
+        if not valid_queue_id(queue_id):
+            self.quarantine(folder, queue_id, "not a queue id")
+            return None
+        try:
+            opened = self._open_locked(folder, queue_id)
+            if opened is None:
+                return None
+            fd, st = opened
+        except QueueFileError as exc:
+            self.quarantine(folder, queue_id, str(exc))
+            return None
+        try:
+            data = _read_all(fd, st.st_size)
+            state = parse_queue_file(data, queue_id)
+            if state.torn_tail:
+                # An append cut short (a crash mid-write): drop it before appending more.
+                log.warning("%s: cut an incomplete state record of %d octets", queue_id, state.torn_tail)
+                os.ftruncate(fd, len(data) - state.torn_tail)
+            if state.bad_records:
+                log.warning("%s: skipped %d unreadable state records", queue_id, state.bad_records)
+        except QueueFileError as exc:
+            self.quarantine(folder, queue_id, str(exc))
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        offset = state.message_offset
+        return Claim(self, folder, queue_id, fd, state, data[offset:offset + state.envelope.size])
+
+    def claim_outbound(self, queue_id: str) -> Optional[Claim]:
+        """Claim outbound/QUEUE_ID for delivery; claim.groups maps each destination domain
+        to its remote recipients due now. None when gone; raises QueueBusy when taken."""
+        claim = self.claim(OUTBOUND, queue_id)
+        if claim is None:
+            return None
+        now = self.clock()
+        for recipient in claim.recipients:
+            if recipient.kind == "remote" and recipient.due(now):
+                claim.groups.setdefault(recipient.domain, []).append(recipient)
+        return claim
+
+    def quarantine(self, folder: str, name: str, reason: str):
+        """Move a bad file aside to queue/quarantine/, with a log line."""
+        source = self.path(folder, name)
+        target = self.path(QUARANTINE, name)
+        if os.path.lexists(target):
+            target = "%s.%s" % (target, plumbing.new_queue_id())
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s/%r: cannot quarantine: %s", folder, name, exc)
+            return
+        shown = name if valid_queue_id(name) else repr(name)   # a person's file name, quoted
+        log.warning("%s: status=quarantined (%s; moved from %s/ to %s/%s)", shown, reason,
+                    folder, QUARANTINE, os.path.basename(target))
+
+    # -- after handling: DSNs and filing away --
+
+    def notify(self, claim: Claim):
+        """Queue one DSN for the newly failed recipients and one for newly delayed ones."""
+        now = self.clock()
+        failed = [r for r in claim.recipients if r.status == "failed" and not r.notified]
+        delayed = []
+        if self.delay_warning and now - claim.envelope.arrival >= self.delay_warning:
+            delayed = [r for r in claim.recipients if r.status == "deferred" and not r.warned]
+        for recipients, action in ((failed, "failed"), (delayed, "delayed")):
+            if not recipients:
+                continue
+            claim.commit()             # what happened so far is on disk before the DSN is
+            try:
+                dsn_id = self.send_dsn(claim, recipients, action)
+            except SpoolError as exc:
+                log.error("%s: cannot queue the %s notification: %s", claim.queue_id, action, exc)
+                continue
+            claim.record(*({"event": "notified", "rcpt": r.index, "action": action,
+                            "dsn_id": dsn_id or ""} for r in recipients))
+
+    def send_dsn(self, claim: Claim, recipients: list, action: str) -> Optional[str]:
+        """Build and enqueue a DSN about recipients of claim; return its queue id, or None
+        when it must not be sent. A DSN has the null reverse-path (RFC 5321 3.6.3) and is
+        never sent to one (4.5.5): a failed bounce goes to the postmaster (a double bounce),
+        and a failure of mail to the postmaster is dropped with a log line."""
+        envelope = claim.envelope
+        subject = None
+        if envelope.sender:
+            to = envelope.sender
+        elif action == "delayed":
+            return None                # no delay notices about a bounce
+        elif any(r.original.partition("@")[0].lower() == "postmaster" for r in recipients):
+            log.warning("%s: from=<>, to=<%s>, status=dropped (undeliverable double bounce)",
+                        envelope.queue_id, recipients[0].original)
+            return None
+        else:
+            to = self.postmaster
+            subject = "Postmaster Copy: Undelivered Mail"
+        dsn_id = plumbing.new_queue_id()
+        header_to = to if "@" in to else "%s@%s" % (to, self.hostname)
+        message = build_dsn(envelope, header_block(claim.message), recipients, action=action,
+                            hostname=self.hostname, to=header_to, now=self.clock(),
+                            retry_until=envelope.arrival + self.lifetime,
+                            message_id="<%s@%s>" % (dsn_id, self.hostname), subject=subject)
+        self.enqueue("", [to], message, queue_id=dsn_id, protocol="local")
+        kind = {"failed": "non-delivery", "delayed": "delay"}[action]
+        log.info("%s: %s %s notification: %s", envelope.queue_id,
+                 "sender" if envelope.sender else "postmaster", kind, dsn_id)
+        return dsn_id
+
+    def file_away(self, claim: Claim):
+        """Remove a finished file, else move it to the folder whose work it holds now."""
+        now = self.clock()
+        live = [r for r in claim.recipients if not r.done]
+        if not live and not claim.state.unrouted:
+            os.unlink(claim.path)      # records still staged go with it
+            log.info("%s: removed", claim.queue_id)
+            return
+        claim.commit()
+        if claim.state.unrouted or any(r.kind == "local" and r.due(now) for r in live):
+            target = INCOMING
+        elif any(r.kind == "remote" and r.due(now) for r in live):
+            target = OUTBOUND
+        else:
+            target = DEFERRED
+            waiting = [r.next_attempt for r in live if r.status == "deferred"]
+            when = min(waiting) if waiting else now + NOTIFY_RETRY
+            if any(r.status == "failed" for r in live):
+                when = min(when, now + NOTIFY_RETRY)     # a DSN still to be queued
+            os.utime(claim.fd, (when, when))
+        if target == claim.folder:
+            return                     # e.g. smtp_out left some due groups for later
+        os.rename(claim.path, self.path(target, claim.queue_id))
+        claim.folder = target
+        if target == OUTBOUND:
+            wake(self.spool_dir, "smtp_out")
+        elif target == INCOMING:
+            wake(self.spool_dir, "mta")
+
+    # -- the deferred folder --
+
+    def _move_locked(self, folder, name, target, record=None):
+        """Move queue/FOLDER/NAME to TARGET under its lock, first appending record."""
+        try:
+            opened = self._open_locked(folder, name)
+        except QueueBusy:
+            return False
+        except QueueFileError as exc:
+            self.quarantine(folder, name, str(exc))
+            return False
+        if opened is None:
+            return False
+        fd, _ = opened
+        try:
+            if record is not None:
+                _write_all(fd, record_bytes(record))
+            os.rename(self.path(folder, name), self.path(target, name))
+        finally:
+            os.close(fd)
+        return True
+
+    def requeue_due(self) -> int:
+        """Move deferred messages whose next attempt has come to incoming/ (for the router)."""
+        now = self.clock()
+        moved = 0
+        try:
+            entries = list(os.scandir(self.path(DEFERRED)))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not valid_queue_id(entry.name):
+                self.quarantine(DEFERRED, entry.name, "not a queue id")
+                continue
+            try:
+                due = entry.stat(follow_symlinks=False).st_mtime <= now
+            except FileNotFoundError:
+                continue
+            if due and self._move_locked(DEFERRED, entry.name, INCOMING):
+                moved += 1
+        return moved
+
+    def flush(self) -> int:
+        """Make every deferred recipient due now and wake the router and smtp_out."""
+        record = {"event": "flush", "at": self.clock()}
+        moved = sum(self._move_locked(DEFERRED, name, INCOMING, record)
+                    for name in self.ids(DEFERRED) if valid_queue_id(name))
+        wake(self.spool_dir, "mta")
+        wake(self.spool_dir, "smtp_out")
+        return moved
+
+    def clean_tmp(self):
+        """Remove tmp/ files left by writers that died (older than TMP_DEBRIS_AGE)."""
+        limit = time.time() - TMP_DEBRIS_AGE
+        try:
+            entries = list(os.scandir(self.path(TMP)))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
+                    log.info("%r: removed debris from tmp/", entry.name)
+            except OSError:
+                continue
+
+    # -- the admin's view --
+
+    def delete(self, queue_id: str) -> bool:
+        """Remove a message from the queue (admin), waiting a little if it is busy.
+
+        Returns False when there is no such message; raises QueueBusy when it stays busy.
+        """
+        if not valid_queue_id(queue_id):
+            return False
+        deadline = time.monotonic() + DELETE_WAIT
+        while True:
+            busy = False
+            for folder in QUEUE_FOLDERS:
+                try:
+                    opened = self._open_locked(folder, queue_id)
+                except QueueBusy:
+                    busy = True
+                    continue
+                except QueueFileError:
+                    continue
+                if opened is None:
+                    continue
+                try:
+                    os.unlink(self.path(folder, queue_id))
+                finally:
+                    os.close(opened[0])
+                log.info("%s: removed (deleted by the administrator)", queue_id)
+                return True
+            if not busy:
+                return False
+            if time.monotonic() >= deadline:
+                raise QueueBusy(queue_id)
+            time.sleep(0.05)
+
+    def listing(self) -> list:
+        """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
+        entries = []
+        for folder in QUEUE_FOLDERS:
+            for name in self.ids(folder):
+                try:
+                    fd = os.open(self.path(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                size = 0
+                try:
+                    size = os.fstat(fd).st_size
+                    head = os.pread(fd, min(size, MAX_ENVELOPE + 2), 0)
+                    envelope, offset = parse_envelope(head, name)
+                    state = QueueState(envelope, offset)
+                    parse_records(state, _read_all(fd, size - offset - envelope.size,
+                                                   offset + envelope.size))
+                except (OSError, QueueFileError):
+                    state = None
+                finally:
+                    os.close(fd)
+                entries.append((folder, name, size, state))
+        return entries
+
+    def quarantined(self) -> list:
+        return self.ids(QUARANTINE)
+
+
+# --- The router ---
+
+class Router:
+    """Routes queue/incoming/: aliases, local delivery, the outbound queue, bounces."""
+
+    def __init__(self, queue: Queue, store, *, hop_limit: int = HOP_LIMIT):
+        self.queue = queue
+        self.store = store
+        self.hop_limit = hop_limit
+
+    def handle(self, queue_id: str):
+        """Route one incoming message (the QueueRunner's handler)."""
+        claim = self.queue.claim(INCOMING, queue_id)
+        if claim is None:
+            return
+        with claim:
+            self.route(claim)
+
+    def periodic(self):
+        """The slow scan's extra work: due retries back to incoming/, tmp/ debris."""
+        self.queue.requeue_due()
+        self.queue.clean_tmp()
+
+    def route(self, claim: Claim):
+        claim.autocommit = False
+        envelope = claim.envelope
+        if claim.state.unrouted:
+            if len(claim.state.unrouted) == len(envelope.recipients):
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", envelope.queue_id,
+                         envelope.sender, envelope.size, len(envelope.recipients))
+            self.expand_recipients(claim)
+        now = self.queue.clock()
+        due = [r for r in claim.recipients if r.kind == "local" and r.due(now)]
+        for number, recipient in enumerate(due):
+            if number:
+                claim.commit()         # the last delivery's record lands before the next one
+            self.deliver(claim, recipient)
+
+    def expand_recipients(self, claim: Claim):
+        """Record one route record per envelope recipient not routed yet."""
+        fields = header_fields(header_block(claim.message))
+        hops = sum(1 for name, _ in fields if name == "received")
+        delivered_to = {value.strip(" <>").lower() for name, value in fields if name == "delivered-to"}
+        seen = {(r.kind, r.address.lower()) for r in claim.recipients if r.kind != "error"}
+        records, rcpt = [], len(claim.recipients)
+        for origin in claim.state.unrouted:
+            original = claim.envelope.recipients[origin]
+            routes = []
+            for kind, address, reply in self.resolve(original, hops, delivered_to):
+                if kind != "error" and (kind, address.lower()) in seen:
+                    continue           # two RCPTs, or aliases, that reach the same mailbox
+                seen.add((kind, address.lower()))
+                route = {"kind": kind, "address": address}
+                if reply:
+                    route["reply"] = reply
+                routes.append(route)
+            records.append({"event": "route", "from": origin, "rcpt": rcpt,
+                            "at": self.queue.clock(), "to": routes})
+            rcpt += len(routes)
+        first_new = len(claim.recipients)
+        claim.record(*records)         # written before the second delivery, if it comes to one
+        for recipient in claim.recipients[first_new:]:
+            if recipient.kind == "error":
+                claim.log_result(recipient, "bounced", recipient.reply)
+            elif recipient.kind == "remote":
+                log.info("%s: to=<%s>, relay=smtp_out, status=queued (remote delivery)",
+                         claim.queue_id, recipient.address)
+
+    def resolve(self, address: str, hops: int, delivered_to: set) -> list:
+        """[(kind, final address, error reply or "")] for one envelope recipient."""
+        if hops > self.hop_limit:
+            # RFC 5321 6.3: counting Received: fields catches loops between systems.
+            return [("error", address, R554_TOO_MANY_HOPS % hops)]
+        try:
+            finals = self.store.expand(address)
+        except mailbox_store.AddressError:
+            return [("error", address, R553_BAD_ADDRESS)]
+        except mailbox_store.UnknownUser:
+            return [("error", address, R550_USER_UNKNOWN)]
+        except mailbox_store.AliasLoop:
+            return [("error", address, R554_ALIAS_LOOP)]
+        routes = []
+        for final in finals:
+            if final.lower() in delivered_to or address.lower() in delivered_to:
+                routes.append(("error", final, R554_DELIVERED_TO_LOOP))
+            elif self.store.is_local_domain(final.rpartition("@")[2]):
+                routes.append(("local", final, ""))
+            else:
+                routes.append(("remote", final, ""))
+        return routes
+
+    def deliver(self, claim: Claim, recipient: Recipient):
+        """Maildir delivery through mailbox_store, then the recipient's state record."""
+        try:
+            self.store.deliver(recipient.address, claim.message, claim.envelope.sender)
+        except mailbox_store.UnknownUser:
+            claim.failed(recipient, R550_USER_UNKNOWN)     # removed since it was routed
+        except mailbox_store.AddressError:
+            claim.failed(recipient, R553_BAD_ADDRESS)
+        except OSError as exc:
+            claim.deferred(recipient, local_error_reply(exc))
+        else:
+            claim.delivered(recipient, R250_DELIVERED)
+
+
+def local_error_reply(exc: OSError) -> str:
+    """The temporary reply recorded for a Maildir delivery that hit an OS error."""
+    if exc.errno == errno.ENOSPC:
+        return R452_SYSTEM_FULL
+    if exc.errno == errno.EDQUOT:
+        return R452_MAILBOX_FULL
+    return R451_LOCAL_ERROR % clean_text(exc.strerror or exc, 200)
+
+
+# --- The daemon loop, shared with smtp_out ---
+
+class QueueRunner:
+    """Hands each file of one queue folder to handle(queue_id) on a few worker threads.
+
+    The role's doorbell wakes it within milliseconds; every scan_interval seconds it lists
+    the folder anyway and calls on_scan. A name being handled here is never handed out
+    twice; when handle() raises QueueBusy (another process has it) the runner looks again
+    after BUSY_RETRY, after any other exception (logged) after ERROR_RETRY. serve_forever()
+    and stop(grace) fit plumbing.serve_until_signalled().
+    """
+
+    def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
+                 workers: int = 4, scan_interval: float = SCAN_INTERVAL,
+                 on_scan: Optional[Callable[[], None]] = None):
+        self.queue = queue
+        self.folder = folder
+        self.handle = handle
+        self.scan_interval = scan_interval
+        self.on_scan = on_scan
+        self.role = role
+        self.doorbell = None           # bound by serve_forever(), which then lists the folder
+        self.work = SimpleQueue()
+        self.pending_lock = threading.Lock()
+        self.pending = set()           # names queued or being handled; pending_lock
+        self.held = {}                 # name -> monotonic time to look again; pending_lock
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.serving = False
+        self.threads = [threading.Thread(target=self._work, name="%s-worker-%d" % (role, n), daemon=True)
+                        for n in range(max(1, workers))]
+
+    def serve_forever(self):
+        self.serving = True
+        self.queue.create()
+        self.doorbell = WakeSocket(self.queue.spool_dir, self.role)
+        log.info("watching %s (doorbell %s)", self.queue.path(self.folder), self.doorbell.path)
+        for thread in self.threads:
+            thread.start()
+        next_scan = 0.0
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now >= next_scan:
+                    next_scan = now + self.scan_interval
+                    if self.on_scan is not None:
+                        try:
+                            self.on_scan()
+                        except Exception:
+                            log.exception("periodic scan failed")
+                wait = self._dispatch(now)
+                self.doorbell.wait(min(next_scan - now, wait))
+        finally:
+            for _ in self.threads:
+                self.work.put(None)
+            for thread in self.threads:
+                thread.join()
+            self.doorbell.close()
+            self.stopped.set()
+
+    def _dispatch(self, now):
+        """Queue every name not pending or held; return seconds until a hold runs out."""
+        try:
+            names = self.queue.ids(self.folder)
+        except OSError as exc:
+            log.error("cannot list %s/: %s", self.folder, exc)
+            return self.scan_interval
+        with self.pending_lock:
+            for name, until in list(self.held.items()):
+                if until <= now:
+                    del self.held[name]
+            fresh = [n for n in names if n not in self.pending and n not in self.held]
+            self.pending.update(fresh)
+            wait = min(self.held.values(), default=now + self.scan_interval) - now
+        for name in fresh:
+            self.work.put(name)
+        return max(wait, 0.001)
+
+    def _work(self):
+        while True:
+            name = self.work.get()
+            if name is None:
+                return
+            hold = 0.0
+            try:
+                if not self.stopping.is_set():
+                    self.handle(name)
+            except QueueBusy:
+                hold = BUSY_RETRY
+            except Exception:
+                log.exception("%r: handling failed; trying again in %d s", name, ERROR_RETRY)
+                hold = ERROR_RETRY
+            with self.pending_lock:
+                self.pending.discard(name)
+                if hold:
+                    self.held[name] = time.monotonic() + hold
+            if hold:
+                self.doorbell.ring()   # let the dispatcher set its timer for the hold
+
+    def stop(self, grace: float = plumbing.DEFAULT_GRACE):
+        """Finish the messages being handled (within grace seconds), then return."""
+        self.stopping.set()
+        if not self.serving:
+            return
+        if self.doorbell is not None:
+            self.doorbell.ring()
+        self.stopped.wait(grace)
+
+
+# --- sendmail: local submission ---
+
+def read_submission(stream, max_size: int, dot_ends: bool) -> bytes:
+    """Read a message from stdin: to EOF, or (sendmail without -i) to a line of ".".
+
+    Raises ValueError when it is longer than max_size.
+    """
+    lines, size = [], 0
+    for line in iter(lambda: stream.readline(65536), b""):
+        if dot_ends and line.rstrip(b"\r\n") == b".":
+            break
+        size += len(line)
+        if size > max_size:
+            raise ValueError("message larger than %d octets" % max_size)
+        lines.append(line)
+    return b"".join(lines)
+
+
+def prepare_submission(data: bytes, *, sender: str, queue_id: str, hostname: str,
+                       now: float, extract: bool = False, full_name: str = "",
+                       uid: Optional[int] = None) -> tuple:
+    """(message, recipients from the header) of a locally submitted message.
+
+    Line ends become CRLF; a leading mbox "From " line is dropped; a Received: trace field
+    is prepended (RFC 5321 4.4); From, Date and Message-ID are added when missing
+    (RFC 5322 3.6); with extract (-t) the To, Cc and Bcc addresses are returned, and Bcc
+    fields are removed (RFC 5322 3.6.3).
+    """
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if lines and lines[0].startswith(b"From "):
+        lines.pop(0)
+    header, body_start = [], len(lines)
+    for number, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t") and header:
+            header[-1].append(line)
+        elif re.match(rb"[!-9;-~]+:", line):
+            header.append([line])
+        else:
+            body_start = number + (1 if line == b"" else 0)
+            break
+    body = lines[body_start:]
+    names = {field[0].split(b":", 1)[0].strip().lower() for field in header}
+    recipients = []
+    if extract:
+        values = [b" ".join(part.strip() for part in field).split(b":", 1)[1].decode("utf-8", "replace")
+                  for field in header
+                  if field[0].split(b":", 1)[0].strip().lower() in (b"to", b"cc", b"bcc")]
+        recipients = [address for _, address in email.utils.getaddresses(values) if address]
+    header = [field for field in header if field[0].split(b":", 1)[0].strip().lower() != b"bcc"]
+    date = rfc5322_date(now)
+    who = "from userid %d" % uid if uid is not None else "local"
+    trace = ["Received: by %s (mta.py sendmail, %s)" % (hostname, who),
+             "\tid %s; %s" % (queue_id, date)]
+    added = []
+    if b"from" not in names:
+        added.append("From: " + (email.utils.formataddr((full_name, sender)) if full_name else sender))
+    if b"date" not in names:
+        added.append("Date: " + date)
+    if b"message-id" not in names:
+        added.append("Message-ID: <%s@%s>" % (queue_id, hostname))
+    out = [line.encode("utf-8") for line in trace]
+    out += [line for field in header for line in field]
+    out += [line.encode("utf-8") for line in added]
+    out.append(b"")
+    out += body
+    return b"\r\n".join(out) + b"\r\n", recipients
+
+
+def sendmail(args, config) -> int:
+    """`sendmail`: queue a message from stdin; exit codes from sysexits.h."""
+    domains = config["domain"]
+    hostname = config["hostname"] or socket.gethostname()
+    local_domain = domains[0] if domains else hostname
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = "uid%d" % os.getuid()
+
+    def qualify(address):
+        address = address.strip()
+        if address.startswith("<") and address.endswith(">"):
+            address = address[1:-1]
+        if address and "@" not in address:
+            address = address + "@" + local_domain
+        return address
+
+    sender = qualify(login if args.sender is None else args.sender)
+    try:
+        if sender:
+            mailbox_store.canonical_address(sender)
+    except mailbox_store.AddressError:
+        print("mta sendmail: bad sender address: %r" % args.sender, file=sys.stderr)
+        return EX_DATAERR
+    options = set(args.option or ())
+    dot_ends = not (args.ignore_dots or "i" in options)
+    try:
+        data = read_submission(sys.stdin.buffer, config["max_size"], dot_ends)
+    except ValueError as exc:
+        print("mta sendmail: %s" % exc, file=sys.stderr)
+        return EX_DATAERR
+    queue_id = plumbing.new_queue_id()
+    message, found = prepare_submission(
+        data, sender=sender or "MAILER-DAEMON@" + hostname, queue_id=queue_id, hostname=hostname,
+        now=time.time(), extract=args.extract, full_name=args.full_name or "", uid=os.getuid())
+    recipients = []
+    for address in list(args.recipients) + found:
+        address = qualify(address)
+        try:
+            mailbox_store.canonical_address(address)
+        except mailbox_store.AddressError:
+            print("mta sendmail: bad recipient address: %r" % address, file=sys.stderr)
+            return EX_DATAERR
+        if address not in recipients:
+            recipients.append(address)
+    if not recipients:
+        print("mta sendmail: no recipients (give them as arguments, or use -t)", file=sys.stderr)
+        return EX_USAGE
+    try:
+        enqueue(config["spool"], sender, recipients, message, queue_id=queue_id,
+                auth_user=login, protocol="local")
+    except SpoolError as exc:
+        print("mta sendmail: %s" % exc.strerror, file=sys.stderr)
+        return EX_TEMPFAIL
+    log.info("%s: uid=%d, from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, os.getuid(), sender,
+             len(message), len(recipients))
+    return EX_OK
+
+
+# --- The admin CLI ---
+
+def _time_text(timestamp):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def queue_report(queue: Queue) -> list:
+    """The queue as plain data (the `queue --json` output)."""
+    report = []
+    for folder, name, size, state in queue.listing():
+        if state is None:
+            report.append({"queue_id": name, "folder": folder, "size": size, "error": "unreadable"})
+            continue
+        envelope = state.envelope
+        recipients = [{"address": envelope.recipients[n], "original": envelope.recipients[n],
+                       "kind": "unrouted", "status": "pending"} for n in state.unrouted]
+        for r in state.recipients:
+            recipients.append({
+                "address": r.address, "original": r.original, "kind": r.kind, "status": r.status,
+                "attempts": r.attempts, "last_attempt": r.last_attempt or None,
+                "next_attempt": r.next_attempt if r.status == "deferred" else None,
+                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta})
+        report.append({"queue_id": name, "folder": folder, "size": size,
+                       "arrival": envelope.arrival, "sender": envelope.sender,
+                       "client_address": envelope.client_address, "client_helo": envelope.client_helo,
+                       "auth_user": envelope.auth_user, "protocol": envelope.protocol,
+                       "recipients": recipients})
+    return report
+
+
+def print_queue(queue: Queue, as_json: bool) -> int:
+    report = queue_report(queue)
+    quarantined = queue.quarantined()
+    if as_json:
+        json.dump({"messages": report, "quarantined": quarantined}, sys.stdout, indent=1)
+        print()
+        return 0
+    if not report:
+        print("Mail queue is empty")
+    else:
+        print("%-20s %-9s %9s  %-19s  %s" % ("-Queue ID-", "-Folder-", "-Size-", "-Arrival Time-",
+                                             "-Sender/Recipients-"))
+    for entry in report:
+        if "error" in entry:
+            print("%-20s %-9s %9d  (unreadable)" % (entry["queue_id"], entry["folder"], entry["size"]))
+            continue
+        print("%-20s %-9s %9d  %-19s  <%s>" % (entry["queue_id"], entry["folder"], entry["size"],
+                                               _time_text(entry["arrival"]), entry["sender"]))
+        for r in entry["recipients"]:
+            line = "    <%s> %s %s" % (r["address"], r["kind"], r["status"])
+            if r["original"] != r["address"]:
+                line += " (for <%s>)" % r["original"]
+            if r.get("attempts"):
+                line += ", %d attempt%s" % (r["attempts"], "" if r["attempts"] == 1 else "s")
+            if r.get("next_attempt"):
+                line += ", next %s" % _time_text(r["next_attempt"])
+            if r.get("reply") and r["status"] != "delivered":
+                line += " (%s)" % r["reply"]
+            print(line)
+    if report:
+        total = sum(entry["size"] for entry in report)
+        print("-- %d KiB in %d message%s" % ((total + 1023) // 1024, len(report),
+                                            "" if len(report) == 1 else "s"))
+    if quarantined:
+        print("-- %d file%s in %s" % (len(quarantined), "" if len(quarantined) == 1 else "s",
+                                      queue.path(QUARANTINE)))
+    return 0
+
+
+def delete_command(queue: Queue, args) -> int:
+    if args.all == bool(args.queue_id):
+        raise UsageError("delete needs a queue id or --all, not both")
+    names = [args.queue_id] if args.queue_id else [
+        name for folder in QUEUE_FOLDERS for name in queue.ids(folder)]
+    removed = 0
+    for name in names:
+        try:
+            removed += queue.delete(name)
+        except QueueBusy:
+            print("mta: %s is being delivered; try again" % name, file=sys.stderr)
+            return EX_TEMPFAIL
+    if args.queue_id and not removed:
+        print("mta: %s: no such message in the queue" % args.queue_id, file=sys.stderr)
+        return 1
+    print("%d message%s deleted" % (removed, "" if removed == 1 else "s"))
+    return 0
+
+
+def serve(config) -> int:
+    """The router daemon: routes incoming/ until SIGTERM or SIGINT."""
+    hostname = config["hostname"] or socket.gethostname()
+    domains = config["domain"]
+    try:
+        plumbing.drop_privileges(config["user"])
+        store = mailbox_store.Store(config["spool"], domains, hostname)
+        queue = Queue(config["spool"], hostname=hostname, lifetime=config["queue_lifetime"],
+                      delay_warning=config["delay_warning"],
+                      postmaster=("postmaster@" + domains[0]) if domains else "postmaster")
+        queue.create()
+        router = Router(queue, store, hop_limit=config["hop_limit"])
+        runner = QueueRunner(queue, INCOMING, "mta", router.handle, workers=config["workers"],
+                             scan_interval=config["scan_interval"], on_scan=router.periodic)
+    except (OSError, KeyError, ValueError) as exc:
+        print("mta: cannot start on spool %s: %s" % (config["spool"], exc), file=sys.stderr)
+        return 1
+    for key in sorted(config):
+        log.info("config %s=%s", key, config[key])
+    return plumbing.serve_until_signalled([runner])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mta.py", description="The spool's router daemon (no command), "
+                     "or an admin command on the queue.")
+    plumbing.add_options(parser, DEFAULTS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    listing = commands.add_parser("queue", help="list the queue, like mailq")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("flush", help="retry every deferred recipient now")
+    delete = commands.add_parser("delete", help="remove a message (or all) from the queue")
+    delete.add_argument("queue_id", nargs="?", metavar="ID")
+    delete.add_argument("--all", action="store_true", help="remove every message")
+    submit = commands.add_parser("sendmail", help="queue a message read from stdin")
+    submit.add_argument("-t", dest="extract", action="store_true",
+                        help="also send to the To, Cc and Bcc addresses (Bcc is removed)")
+    submit.add_argument("-f", dest="sender", metavar="FROM", help="envelope sender (\"\" for <>)")
+    submit.add_argument("-F", dest="full_name", metavar="NAME", help="full name for an added From:")
+    submit.add_argument("-i", dest="ignore_dots", action="store_true",
+                        help="a line with a single dot does not end the message")
+    submit.add_argument("-o", dest="option", action="append", metavar="OPTION",
+                        help="sendmail option; -oi is the same as -i, others are ignored")
+    submit.add_argument("recipients", nargs="*", metavar="RCPT")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        config = plumbing.load_config("mta", DEFAULTS, args)
+    except UsageError as exc:
+        print("mta: %s (see --help)" % exc, file=sys.stderr)
+        return EX_USAGE
+    except ValueError as exc:
+        print("mta: %s" % exc, file=sys.stderr)
+        return EX_CONFIG
+    config["spool"] = os.path.abspath(config["spool"])
+    plumbing.setup_logging("mta", config["syslog"], config["verbose"])
+    if args.command == "sendmail" and not config["verbose"]:
+        logging.getLogger().setLevel(logging.WARNING)    # cron mails whatever lands on stderr
+    if args.command is None:
+        return serve(config)
+    queue = Queue(config["spool"], hostname=config["hostname"] or None)
+    try:
+        if args.command == "sendmail":
+            return sendmail(args, config)
+        if args.command == "queue":
+            return print_queue(queue, args.json)
+        if args.command == "flush":
+            flushed = queue.flush()
+            print("%d deferred message%s flushed" % (flushed, "" if flushed == 1 else "s"))
+            return 0
+        return delete_command(queue, args)
+    except UsageError as exc:
+        print("mta: %s" % exc, file=sys.stderr)
+        return EX_USAGE
+    except OSError as exc:
+        print("mta: %s" % exc, file=sys.stderr)
+        return EX_TEMPFAIL if args.command == "sendmail" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,822 @@
+"""mta.py: the spool, the router, bounces and the admin CLI, on real files and processes.
+
+In-process routers run on a thread with a 60 s backup scan, so a delivery within seconds
+shows the doorbell worked. Router processes are started with sys.executable and ended by
+their PID only.
+"""
+
+import email
+import errno
+import json
+import logging
+import mailbox
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import mailbox_store
+import mta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAIN = "example.com"
+HOSTNAME = "mail.example.com"
+MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.com\r\nSubject: hello\r\n"
+           b"Message-ID: <m1@example.com>\r\n\r\nHi Bob.\r\n")
+
+
+# --- Helpers ---
+
+def write_users(spool, addresses):
+    """A users file with placeholder hashes: nobody logs in here, and scrypt is slow."""
+    with open(os.path.join(spool, "users"), "a") as f:
+        for address in addresses:
+            f.write("%s:$placeholder$\n" % address)
+
+
+def write_aliases(spool, text):
+    with open(os.path.join(spool, "aliases"), "w") as f:
+        f.write(text)
+
+
+def wait_for(predicate, timeout=20.0, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met within %.0f s" % timeout)
+
+
+def maildir_files(spool, address):
+    local, domain = address.split("@")
+    new = os.path.join(spool, "mail", domain, local, "Maildir", "new")
+    try:
+        return sorted(os.path.join(new, name) for name in os.listdir(new))
+    except FileNotFoundError:
+        return []
+
+
+def read_mail(spool, address):
+    messages = []
+    for path in maildir_files(spool, address):
+        with open(path, "rb") as f:
+            messages.append(email.message_from_bytes(f.read()))
+    return messages
+
+
+def queue_files(spool):
+    found = []
+    for folder in mta.QUEUE_FOLDERS:
+        path = os.path.join(spool, "queue", folder)
+        if os.path.isdir(path):
+            found += [(folder, name) for name in os.listdir(path)]
+    return found
+
+
+def queue_empty(spool):
+    return not queue_files(spool)
+
+
+def dsn_fields(message):
+    """(per-message block, [per-recipient blocks]) of a parsed DSN."""
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    text, status, headers = message.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    blocks = status.get_payload()
+    return blocks[0], blocks[1:], headers.get_payload(decode=True)
+
+
+class FakeClock:
+    def __init__(self, now=None):
+        self.now = time.time() if now is None else now
+
+    def __call__(self):
+        return self.now
+
+
+def run_cli(spool, *args, stdin=b"", timeout=30):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool,
+                           "--domain", DOMAIN, "--hostname", HOSTNAME] + list(args),
+                          input=stdin, capture_output=True, timeout=timeout)
+
+
+def start_router_process(spool, log_path, *extra):
+    log_file = open(log_path, "ab")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool, "--domain", DOMAIN,
+         "--hostname", HOSTNAME, "--scan-interval", "1"] + list(extra),
+        stdout=subprocess.DEVNULL, stderr=log_file)
+    log_file.close()
+    return process
+
+
+def stop_process(process):
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+# --- Fixtures ---
+
+@pytest.fixture
+def spool(tmp_path):
+    path = str(tmp_path / "spool")
+    os.makedirs(path)
+    write_users(path, ["alice@example.com", "bob@example.com", "carol@example.com"])
+    return path
+
+
+@pytest.fixture
+def store(spool):
+    return mailbox_store.Store(spool, [DOMAIN], HOSTNAME)
+
+
+@pytest.fixture
+def queue(spool):
+    return mta.Queue(spool, hostname=HOSTNAME, postmaster="postmaster@" + DOMAIN)
+
+
+@pytest.fixture
+def router(queue, store):
+    """A router on a thread; its backup scan is slow, so only the doorbell makes it quick."""
+    router = mta.Router(queue, store)
+    runner = mta.QueueRunner(queue, mta.INCOMING, "mta", router.handle, workers=2,
+                             scan_interval=60.0, on_scan=router.periodic)
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    yield router
+    runner.stop(grace=5)
+    thread.join(10)
+
+
+# --- Enqueue and the queue file ---
+
+def test_enqueue_writes_one_readable_file_and_returns_its_queue_id(spool):
+    queue_id = mta.enqueue(spool, "alice@example.com", ["bob@example.com", "x@remote.test"], MESSAGE,
+                           client_address="192.0.2.7", client_helo="client.test",
+                           auth_user="alice@example.com", protocol="ESMTPSA")
+    path = os.path.join(spool, "queue", "incoming", queue_id)
+    with open(path, "rb") as f:
+        data = f.read()
+    head, _, rest = data.partition(b"\n\n")
+    assert head.decode().split("\n") == [
+        "MTA-Queue-File: 1", "Queue-ID: " + queue_id, head.decode().split("\n")[2],
+        "Sender: <alice@example.com>", "Client-Address: 192.0.2.7", "Client-HELO: client.test",
+        "Auth-User: alice@example.com", "Protocol: ESMTPSA", "Recipient: <bob@example.com>",
+        "Recipient: <x@remote.test>", "Message-Size: %d" % len(MESSAGE)]
+    assert rest == MESSAGE
+    state = mta.parse_queue_file(data, queue_id)
+    assert state.envelope.recipients == ["bob@example.com", "x@remote.test"]
+    assert abs(state.envelope.arrival - time.time()) < 60
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_enqueue_refuses_addresses_that_cannot_be_queued(spool):
+    for sender, recipients in (("a@b\r\nRecipient: <x@y>", ["bob@example.com"]),
+                               ("alice@example.com", []), ("alice@example.com", ["bo\nb@x"]),
+                               ("alice@example.com", [""]), ("alice@example.com", ["x" * 600])):
+        with pytest.raises(ValueError):
+            mta.enqueue(spool, sender, recipients, MESSAGE)
+    with pytest.raises(ValueError):
+        mta.enqueue(spool, "", ["bob@example.com"], MESSAGE, queue_id="../etc")
+    assert queue_empty(spool)
+
+
+def test_enqueue_with_a_queue_id_already_queued_fails_and_keeps_the_first(spool):
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE, queue_id="ABC123")
+    with pytest.raises(mta.SpoolError) as caught:
+        mta.enqueue(spool, "eve@example.com", ["bob@example.com"], b"other", queue_id="ABC123")
+    assert caught.value.errno == errno.EEXIST
+    with open(os.path.join(spool, "queue", "incoming", "ABC123"), "rb") as f:
+        assert f.read().endswith(MESSAGE)
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
+# --- Routing and local delivery ---
+
+def test_enqueued_message_reaches_the_maildir_and_leaves_the_queue(spool, router):
+    queue_id = mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_for(lambda: maildir_files(spool, "bob@example.com"), timeout=5)
+    box = mailbox.Maildir(os.path.join(spool, "mail", DOMAIN, "bob", "Maildir"), create=False)
+    (message,) = box.values()
+    assert message["Return-Path"] == "<alice@example.com>"
+    assert message["Delivered-To"] == "bob@example.com"
+    assert message["Subject"] == "hello"
+    assert message.get_payload() == "Hi Bob.\r\n" or message.get_payload() == "Hi Bob.\n"
+    wait_for(lambda: queue_empty(spool), timeout=5)
+    assert queue_id
+
+
+def test_alias_chain_and_sub_addressing_deliver_one_copy_each(spool, router):
+    write_aliases(spool, "team: staff, carol\nstaff: bob, alice\n")
+    mta.enqueue(spool, "x@remote.test", ["team@example.com", "bob+news@example.com"], MESSAGE)
+    wait_for(lambda: queue_empty(spool))
+    assert [len(maildir_files(spool, a)) for a in ("alice@example.com", "bob@example.com",
+                                                   "carol@example.com")] == [1, 1, 1]
+    (message,) = read_mail(spool, "bob@example.com")
+    assert message["Delivered-To"] == "bob@example.com"
+
+
+def test_unknown_user_gets_a_dsn_that_the_email_package_parses(spool, router):
+    queue_id = mta.enqueue(spool, "alice@example.com", ["ghost@example.com", "bob@example.com"],
+                           MESSAGE, client_address="192.0.2.7", client_helo="client.test")
+    wait_for(lambda: maildir_files(spool, "alice@example.com"))
+    (dsn,) = read_mail(spool, "alice@example.com")
+    assert dsn["Return-Path"] == "<>"
+    assert dsn["From"] == "Mail Delivery System <MAILER-DAEMON@%s>" % HOSTNAME
+    assert dsn["To"] == "alice@example.com"
+    assert dsn["Auto-Submitted"] == "auto-replied"
+    assert dsn["Subject"] == "Undelivered Mail Returned to Sender"
+    per_message, (block,), headers = dsn_fields(dsn)
+    assert per_message["Reporting-MTA"] == "dns; " + HOSTNAME
+    assert per_message["Received-From-MTA"] == "dns; client.test (192.0.2.7)"
+    assert email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
+    assert block["Final-Recipient"] == "rfc822; ghost@example.com"
+    assert block["Original-Recipient"] is None
+    assert block["Action"] == "failed"
+    assert block["Status"] == "5.1.1"
+    assert block["Diagnostic-Code"] == "smtp; " + mta.R550_USER_UNKNOWN
+    assert block["Remote-MTA"] is None
+    assert b"Subject: hello" in headers and b"Hi Bob" not in headers
+    assert queue_id in dsn.get_payload()[0].get_payload()
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+    wait_for(lambda: queue_empty(spool))
+
+
+def test_alias_loop_bounces_with_5_4_6(spool, router):
+    write_aliases(spool, "ping: pong\npong: ping\n")
+    mta.enqueue(spool, "alice@example.com", ["ping@example.com"], MESSAGE)
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    _, (block,), _ = dsn_fields(dsn)
+    assert (block["Status"], block["Final-Recipient"]) == ("5.4.6", "rfc822; ping@example.com")
+
+
+def test_more_received_fields_than_the_hop_limit_bounce_with_5_4_6(spool, router):
+    looping = b"".join(b"Received: from hop%d.test by mx.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % n
+                       for n in range(51)) + MESSAGE
+    fine = b"".join(b"Received: from hop%d.test\r\n" % n for n in range(50)) + MESSAGE
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], looping)
+    mta.enqueue(spool, "alice@example.com", ["carol@example.com"], fine)
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    _, (block,), _ = dsn_fields(dsn)
+    assert block["Status"] == "5.4.6" and "51 Received" in block["Diagnostic-Code"]
+    wait_for(lambda: queue_empty(spool))
+    assert maildir_files(spool, "bob@example.com") == []
+    assert len(maildir_files(spool, "carol@example.com")) == 1
+
+
+def test_delivered_to_naming_the_recipient_is_a_loop(spool, router):
+    write_aliases(spool, "list: bob, carol\n")
+    message = b"Delivered-To: bob@example.com\r\n" + MESSAGE
+    mta.enqueue(spool, "alice@example.com", ["list@example.com"], message)
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    _, (block,), _ = dsn_fields(dsn)
+    assert block["Status"] == "5.4.6"
+    assert block["Final-Recipient"] == "rfc822; bob@example.com"
+    assert block["Original-Recipient"] == "rfc822; list@example.com"
+    wait_for(lambda: queue_empty(spool))
+    assert maildir_files(spool, "bob@example.com") == []
+    assert len(maildir_files(spool, "carol@example.com")) == 1
+
+
+def test_bounce_of_a_null_sender_message_goes_to_the_postmaster(spool, router):
+    mta.enqueue(spool, "", ["ghost@example.com"], MESSAGE)
+    # postmaster@example.com has no user or alias: mailbox_store routes it to the first user.
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    assert dsn["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert dsn["To"] == "postmaster@example.com"
+    _, (block,), _ = dsn_fields(dsn)
+    assert block["Final-Recipient"] == "rfc822; ghost@example.com"
+    wait_for(lambda: queue_empty(spool))
+    time.sleep(0.2)
+    assert len(read_mail(spool, "alice@example.com")) == 1
+
+
+def test_failed_double_bounce_is_dropped_with_a_log_line(spool, queue, store, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    queue_id = queue.enqueue("", ["postmaster@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    claim = queue.claim_outbound(queue_id)
+    with claim:
+        (recipient,) = claim.groups["remote.test"]
+        claim.failed(recipient, "550 5.1.1 no such user", remote_mta="mx.remote.test")
+    assert queue_empty(spool)
+    assert "status=dropped (undeliverable double bounce)" in caplog.text
+
+
+def test_local_disk_error_defers_then_flush_delivers(spool, queue, router, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    maildir = os.path.join(spool, "mail", DOMAIN, "bob", "Maildir")
+    os.makedirs(maildir)
+    with open(os.path.join(maildir, "tmp"), "w") as f:
+        f.write("a file where the tmp/ folder should be")
+    queue_id = mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_for(lambda: ("deferred", queue_id) in queue_files(spool))
+    ((_, _, _, state),) = queue.listing()
+    (recipient,) = state.recipients
+    assert (recipient.status, recipient.dsn) == ("deferred", "4.3.0")
+    assert recipient.next_attempt > time.time() + mta.MIN_BACKOFF - 60
+    os.unlink(os.path.join(maildir, "tmp"))
+    assert queue.flush() == 1
+    wait_for(lambda: maildir_files(spool, "bob@example.com"))
+    wait_for(lambda: queue_empty(spool))
+    assert "status=deferred (451 4.3.0 Local delivery failed" in caplog.text
+
+
+# --- The outbound queue (smtp_out's side) ---
+
+def test_remote_recipients_wait_in_outbound_grouped_by_domain_and_wake_smtp_out(spool, queue, router):
+    doorbell = mta.WakeSocket(spool, "smtp_out")
+    try:
+        queue_id = mta.enqueue(spool, "alice@example.com",
+                               ["x@remote.test", "bob@example.com", "Y@Remote.TEST", "z@other.test"],
+                               MESSAGE)
+        wait_for(lambda: ("outbound", queue_id) in queue_files(spool))
+        assert doorbell.wait(5)
+    finally:
+        doorbell.close()
+    claim = queue.claim_outbound(queue_id)
+    with pytest.raises(mta.QueueBusy):
+        queue.claim_outbound(queue_id)
+    with claim:
+        assert claim.message == MESSAGE and claim.envelope.sender == "alice@example.com"
+        assert {d: [r.address for r in rs] for d, rs in claim.groups.items()} == {
+            "remote.test": ["x@remote.test", "Y@remote.test"], "other.test": ["z@other.test"]}
+        x, y = claim.groups["remote.test"]
+        claim.delivered(x, "250 2.0.0 queued as 1234", remote_mta="mx.remote.test")
+        claim.deferred(y, "451 4.7.1 greylisted", remote_mta="mx.remote.test")
+        claim.delivered(claim.groups["other.test"][0], "250 ok", remote_mta="mx.other.test")
+    assert queue_files(spool) == [("deferred", queue_id)]
+    mtime = os.stat(queue.path(mta.DEFERRED, queue_id)).st_mtime
+    assert abs(mtime - (time.time() + mta.retry_delay(1))) < 30
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+    assert maildir_files(spool, "alice@example.com") == []          # no DSN for a deferral
+
+
+def test_an_outbound_runner_gets_remote_work_as_smtp_out_would(spool, queue, router):
+    sent = []
+
+    def handle(queue_id):              # what smtp_out's handler does, minus the SMTP
+        claim = queue.claim_outbound(queue_id)
+        if claim is None:
+            return
+        with claim:
+            for domain, recipients in claim.groups.items():
+                for recipient in recipients:
+                    sent.append((claim.envelope.sender, recipient.address, claim.message))
+                    claim.delivered(recipient, "250 2.0.0 OK", remote_mta="mx." + domain)
+
+    runner = mta.QueueRunner(queue, mta.OUTBOUND, "smtp_out", handle, workers=2, scan_interval=60)
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: runner.doorbell is not None)
+        mta.enqueue(spool, "alice@example.com", ["x@remote.test", "bob@example.com"], MESSAGE)
+        wait_for(lambda: sent and queue_empty(spool), timeout=10)
+    finally:
+        runner.stop(grace=5)
+        thread.join(10)
+    assert sent == [("alice@example.com", "x@remote.test", MESSAGE)]
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+
+
+def test_claim_released_with_untried_groups_stays_in_outbound(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "y@other.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        claim.delivered(claim.groups["remote.test"][0], "250 ok", remote_mta="mx.remote.test")
+    assert queue.ids(mta.OUTBOUND) == [queue_id]
+    with queue.claim_outbound(queue_id) as claim:
+        assert list(claim.groups) == ["other.test"]
+
+
+def test_permanent_remote_failure_is_bounced_with_remote_mta(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    router = mta.Router(queue, store)
+    router.handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        claim.failed(claim.groups["remote.test"][0], "550 5.1.1 <x@remote.test>: no such user",
+                     remote_mta="mx.remote.test")
+    assert queue.ids(mta.OUTBOUND) == []
+    for dsn_id in queue.ids(mta.INCOMING):
+        router.handle(dsn_id)
+    (dsn,) = read_mail(spool, "alice@example.com")
+    _, (block,), _ = dsn_fields(dsn)
+    assert block["Status"] == "5.1.1"
+    assert block["Remote-MTA"] == "dns; mx.remote.test"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 <x@remote.test>: no such user"
+    assert queue_empty(spool)
+
+
+def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    router = mta.Router(queue, store)
+    arrival = clock.now
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    router.handle(queue_id)
+    attempts_at = []
+    for _ in range(500):
+        if queue.ids(mta.DEFERRED):
+            clock.now = os.stat(queue.path(mta.DEFERRED, queue_id)).st_mtime + 0.001
+            assert queue.requeue_due() == 1
+        for name in queue.ids(mta.INCOMING):
+            router.handle(name)        # the message itself, and the DSNs to alice
+        if queue_id not in queue.ids(mta.OUTBOUND):
+            break
+        with queue.claim_outbound(queue_id) as claim:
+            attempts_at.append(clock.now - arrival)
+            claim.deferred(claim.groups["remote.test"][0], "451 4.4.1 no answer from host",
+                           remote_mta="mx.remote.test")
+    for name in queue.ids(mta.INCOMING):
+        router.handle(name)
+    assert queue_empty(spool)
+    gaps = [round(b - a) for a, b in zip(attempts_at, attempts_at[1:])]
+    assert gaps[:5] == [mta.retry_delay(n) for n in range(1, 6)] == [300, 600, 1200, 2400, 3600]
+    assert set(gaps[5:]) == {3600}
+    assert attempts_at[-2] < mta.QUEUE_LIFETIME <= attempts_at[-1]
+    delayed, failed = sorted(read_mail(spool, "alice@example.com"),
+                             key=lambda m: email.utils.parsedate_to_datetime(m["Date"]))
+    assert delayed["Subject"] == "Delayed Mail (still being retried)"
+    _, (block,), _ = dsn_fields(delayed)
+    assert (block["Action"], block["Status"]) == ("delayed", "4.4.1")
+    until = email.utils.parsedate_to_datetime(block["Will-Retry-Until"]).timestamp()
+    assert abs(until - (arrival + mta.QUEUE_LIFETIME)) < 1
+    warned_at = email.utils.parsedate_to_datetime(delayed["Date"]).timestamp() - arrival
+    assert mta.DELAY_WARNING - 1 <= warned_at < mta.DELAY_WARNING + 3600
+    _, (block,), _ = dsn_fields(failed)
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
+    assert block["Diagnostic-Code"] == "smtp; 451 4.4.1 no answer from host"
+    assert block["Remote-MTA"] == "dns; mx.remote.test"
+    assert block["Will-Retry-Until"] is None
+
+
+def test_retry_delay_doubles_from_five_minutes_to_an_hour():
+    assert [mta.retry_delay(n) for n in range(1, 8)] == [300, 600, 1200, 2400, 3600, 3600, 3600]
+
+
+# --- Crash safety and concurrency ---
+
+def test_torn_state_record_is_cut_before_the_next_append(spool, queue, store, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "ab") as f:
+        f.write(b'{"event": "route", "from": 0, "rcpt": 0, "to": [{"kind": "loc')
+    mta.Router(queue, store).handle(queue_id)
+    with open(queue.path(mta.OUTBOUND, queue_id), "rb") as f:
+        data = f.read()
+    state = mta.parse_queue_file(data, queue_id)
+    tail = data[state.message_offset + state.envelope.size:]
+    records = [json.loads(line) for line in tail.splitlines()]
+    assert [r["event"] for r in records] == ["route", "route", "delivered"]
+    assert "cut an incomplete state record" in caplog.text
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+
+
+def test_garbage_in_the_spool_is_quarantined_and_the_queue_moves_on(spool, router, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    incoming = os.path.join(spool, "queue", "incoming")
+    os.makedirs(incoming, exist_ok=True)
+    truncated = mta.envelope_bytes(mta.Envelope("0000000000000000A2", "alice@example.com",
+                                                ["bob@example.com"], time.time(), size=100))
+    garbage = {
+        "0000000000000000A1": b"hello, I am not a queue file\n",
+        "0000000000000000A2": truncated + b"only part of the message",
+        "0000000000000000A3": b"MTA-Queue-File: 1\nQueue-ID: 0000000000000000A3\n\n",
+        "0000000000000000A4": b"\xff\xfe" * 100,
+        "notes.txt": b"a person left this here\n",
+    }
+    for name, data in garbage.items():
+        with open(os.path.join(incoming, name), "wb") as f:
+            f.write(data)
+    os.mkdir(os.path.join(incoming, "0000000000000000A5"))
+    os.mkfifo(os.path.join(incoming, "0000000000000000A6"))
+    os.symlink("/etc/passwd", os.path.join(incoming, "0000000000000000A7"))
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_for(lambda: len(os.listdir(os.path.join(spool, "queue", "quarantine"))) == 8)
+    assert sorted(os.listdir(os.path.join(spool, "queue", "quarantine"))) == sorted(
+        list(garbage) + ["0000000000000000A5", "0000000000000000A6", "0000000000000000A7"])
+    wait_for(lambda: queue_empty(spool))
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+    assert caplog.text.count("status=quarantined") == 8
+    assert "message truncated" in caplog.text
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_for(lambda: len(maildir_files(spool, "bob@example.com")) == 2)
+
+
+def test_router_kill_9_mid_100_recipient_message_then_restart(tmp_path):
+    spool = str(tmp_path / "spool")
+    os.makedirs(spool)
+    users = ["u%03d@example.com" % n for n in range(100)]
+    write_users(spool, users)
+    body = b"".join(b"line %05d of a larger message\r\n" % n for n in range(1500))
+    queue_id = mta.enqueue(spool, "alice@example.com", users, MESSAGE + body)
+    path = os.path.join(spool, "queue", "incoming", queue_id)
+    router = start_router_process(spool, str(tmp_path / "router.log"))
+    try:
+        def delivered_records():
+            try:
+                with open(path, "rb") as f:
+                    return f.read().count(b'"event": "delivered"')
+            except FileNotFoundError:
+                return 100
+        wait_for(lambda: delivered_records() >= 20, timeout=60, interval=0.001)
+        os.kill(router.pid, signal.SIGKILL)
+        router.wait(timeout=10)
+        recorded = delivered_records()
+    finally:
+        stop_process(router)
+    on_disk = sum(len(maildir_files(spool, u)) for u in users)
+    assert 20 <= recorded < 100, "the kill came after the whole message was delivered"
+    assert on_disk - recorded <= 1                 # one delivery may lack its record
+    router = start_router_process(spool, str(tmp_path / "router.log"))
+    try:
+        wait_for(lambda: queue_empty(spool), timeout=60)
+    finally:
+        os.kill(router.pid, signal.SIGTERM)
+        assert router.wait(timeout=20) == 0
+    counts = [len(maildir_files(spool, u)) for u in users]
+    duplicates = sum(counts) - len(users)
+    assert min(counts) == 1, "a recipient got nothing"
+    assert duplicates <= 1, "%d duplicates" % duplicates
+    for user in users[:3] + users[-3:]:
+        (message,) = read_mail(spool, user)[:1]
+        assert message["Delivered-To"] == user
+
+
+def test_two_router_processes_never_deliver_a_message_twice(tmp_path):
+    spool = str(tmp_path / "spool")
+    os.makedirs(spool)
+    write_users(spool, ["bob@example.com", "carol@example.com"])
+    routers = [start_router_process(spool, str(tmp_path / ("router%d.log" % n)), "--workers", "3")
+               for n in range(2)]
+    run = os.path.join(spool, "run")
+    try:
+        # A doorbell is bound once the signal handlers are in place: both routers are up.
+        wait_for(lambda: os.path.isdir(run) and len(os.listdir(run)) == 2, timeout=30)
+        for n in range(60):
+            message = b"X-Test-Id: %d\r\n" % n + MESSAGE
+            mta.enqueue(spool, "alice@example.com", ["bob@example.com", "carol@example.com"], message)
+        wait_for(lambda: queue_empty(spool), timeout=90)
+        wait_for(lambda: sum(len(maildir_files(spool, a)) for a in ("bob@example.com", "carol@example.com")) >= 120)
+    finally:
+        for router in routers:
+            os.kill(router.pid, signal.SIGTERM)
+        for router in routers:
+            assert router.wait(timeout=20) == 0
+    for address in ("bob@example.com", "carol@example.com"):
+        ids = sorted(int(m["X-Test-Id"]) for m in read_mail(spool, address))
+        assert ids == list(range(60))
+    logs = [open(tmp_path / ("router%d.log" % n)).read() for n in range(2)]
+    assert sum(log.count("status=delivered") for log in logs) == 120
+
+
+def test_router_daemon_stops_cleanly_on_sigterm(tmp_path):
+    spool = str(tmp_path / "spool")
+    os.makedirs(spool)
+    router = start_router_process(spool, str(tmp_path / "router.log"))
+    run = os.path.join(spool, "run")
+    try:
+        wait_for(lambda: os.path.isdir(run) and os.listdir(run), timeout=20)
+    finally:
+        os.kill(router.pid, signal.SIGTERM)
+        assert router.wait(timeout=20) == 0
+    assert os.listdir(run) == []
+
+
+def test_wake_removes_the_sockets_of_daemons_that_are_gone(spool):
+    doorbell = mta.WakeSocket(spool, "mta")
+    doorbell.sock.close()              # as if its process was killed: the file stays
+    assert os.path.exists(doorbell.path)
+    mta.wake(spool, "mta")
+    assert not os.path.exists(doorbell.path)
+
+
+# --- A full disk ---
+
+def test_full_disk_enqueue_raises_enospc_and_leaves_nothing(tmp_path):
+    """A real ENOSPC: the spool on a 256 KiB tmpfs (needs root to mount)."""
+    mount_point = str(tmp_path / "small")
+    os.makedirs(mount_point)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mount_point],
+                            capture_output=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())
+    try:
+        spool = os.path.join(mount_point, "spool")
+        with pytest.raises(mta.SpoolError) as caught:
+            mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE + b"x" * 1024 * 1024)
+        assert caught.value.errno == errno.ENOSPC
+        assert isinstance(caught.value, OSError)
+        assert queue_files(spool) == []
+        assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+        mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)   # room for a small one
+        assert len(queue_files(spool)) == 1
+    finally:
+        subprocess.run(["umount", mount_point], capture_output=True, timeout=30)
+
+
+def test_file_size_limit_enqueue_raises_spool_error_and_leaves_nothing(spool):
+    """The same error path without root: RLIMIT_FSIZE makes write() fail with EFBIG."""
+    script = ("import resource, signal, sys, mta\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+              "try:\n"
+              "    mta.enqueue(sys.argv[1], 'alice@example.com', ['bob@example.com'], b'x' * 200000)\n"
+              "except mta.SpoolError as exc:\n"
+              "    print(exc.errno)\n")
+    result = subprocess.run([sys.executable, "-c", script, spool], cwd=ROOT, capture_output=True,
+                            timeout=30)
+    assert result.stdout.decode().strip() == str(errno.EFBIG), result.stderr.decode()
+    assert queue_files(spool) == []
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
+# --- The admin CLI ---
+
+def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue, store):
+    waiting = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    routed = queue.enqueue("carol@example.com", ["x@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(routed)
+    with queue.claim_outbound(routed) as claim:
+        claim.deferred(claim.groups["remote.test"][0], "451 4.7.1 Greylisted, try later",
+                       remote_mta="mx.remote.test")
+    result = run_cli(spool, "queue")
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert waiting in text and routed in text
+    assert "<bob@example.com> unrouted pending" in text
+    assert "<x@remote.test> remote deferred, 1 attempt, next " in text
+    assert "(451 4.7.1 Greylisted, try later)" in text
+    assert " in 2 messages" in text
+    result = run_cli(spool, "queue", "--json")
+    report = json.loads(result.stdout)
+    by_id = {m["queue_id"]: m for m in report["messages"]}
+    assert by_id[waiting]["folder"] == "incoming"
+    (r,) = by_id[routed]["recipients"]
+    assert (r["status"], r["dsn"], r["remote_mta"], r["attempts"]) == ("deferred", "4.7.1", "mx.remote.test", 1)
+    assert r["next_attempt"] > time.time() + 200
+    assert by_id[routed]["sender"] == "carol@example.com"
+    assert report["quarantined"] == []
+
+
+def test_flush_makes_deferred_recipients_due_and_wakes_smtp_out(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    router = mta.Router(queue, store)
+    router.handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        claim.deferred(claim.groups["remote.test"][0], "421 4.4.2 timeout")
+    assert queue.ids(mta.DEFERRED) == [queue_id]
+    doorbell = mta.WakeSocket(spool, "smtp_out")
+    try:
+        result = run_cli(spool, "flush")
+        assert result.returncode == 0 and b"1 deferred message flushed" in result.stdout
+        assert doorbell.wait(5)
+    finally:
+        doorbell.close()
+    router.handle(queue_id)
+    claim = queue.claim_outbound(queue_id)
+    with claim:
+        assert [r.address for r in claim.groups["remote.test"]] == ["x@remote.test"]
+        claim.delivered(claim.groups["remote.test"][0], "250 ok", remote_mta="mx.remote.test")
+    assert queue_empty(spool)
+
+
+def test_delete_removes_one_message_or_all_and_logs_it(spool, queue):
+    first = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    queue.enqueue("alice@example.com", ["carol@example.com"], MESSAGE)
+    queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    result = run_cli(spool, "delete", first)
+    assert result.returncode == 0
+    assert ("%s: removed (deleted by the administrator)" % first).encode() in result.stderr
+    assert run_cli(spool, "delete", first).returncode == 1
+    assert run_cli(spool, "delete").returncode == mta.EX_USAGE
+    result = run_cli(spool, "delete", "--all")
+    assert result.returncode == 0 and b"2 messages deleted" in result.stdout
+    assert queue_empty(spool)
+
+
+def test_sendmail_t_reads_to_cc_bcc_removes_bcc_and_adds_missing_fields(spool):
+    text = (b"To: Bob <bob@example.com>, carol\nCc: \"X\" <x@remote.test>\nBcc: dave@other.test\n"
+            b"Subject: report\n\nline one\n.\nafter the dot\n")
+    result = run_cli(spool, "sendmail", "-t", "-f", "cron@example.com", stdin=text)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"" and result.stderr == b""         # cron mails any output
+    ((folder, queue_id),) = queue_files(spool)
+    with open(os.path.join(spool, "queue", folder, queue_id), "rb") as f:
+        state = mta.parse_queue_file(f.read(), queue_id)
+        f.seek(state.message_offset)
+        message_bytes = f.read(state.envelope.size)
+    assert state.envelope.sender == "cron@example.com"
+    assert state.envelope.recipients == ["bob@example.com", "carol@example.com", "x@remote.test",
+                                         "dave@other.test"]
+    assert state.envelope.protocol == "local"
+    assert b"\r\n" in message_bytes and b"\n" not in message_bytes.replace(b"\r\n", b"")
+    message = email.message_from_bytes(message_bytes)
+    assert message["Bcc"] is None and b"dave" not in message_bytes
+    assert message["From"] == "cron@example.com"
+    assert message["Message-ID"] == "<%s@%s>" % (queue_id, HOSTNAME)
+    assert email.utils.parsedate_to_datetime(message["Date"])
+    assert message["Received"].startswith("by %s (mta.py sendmail" % HOSTNAME)
+    assert message.get_payload() == "line one\r\n"                # "." alone ended it
+    result = run_cli(spool, "sendmail", "-oi", "bob", stdin=b"Subject: x\n\nline one\n.\nafter the dot\n")
+    assert result.returncode == 0
+    newest = max(name for _, name in queue_files(spool))
+    with open(os.path.join(spool, "queue", "incoming", newest), "rb") as f:
+        data = f.read()
+    assert data.endswith(b"line one\r\n.\r\nafter the dot\r\n")
+    assert mta.parse_queue_file(data, newest).envelope.recipients == ["bob@example.com"]
+
+
+def test_sendmail_exit_codes_follow_sysexits(spool, tmp_path):
+    assert run_cli(spool, "sendmail", stdin=b"Subject: x\n\nno one\n").returncode == mta.EX_USAGE
+    assert run_cli(spool, "sendmail", "-t", stdin=b"Subject: x\n\nno one\n").returncode == mta.EX_USAGE
+    assert run_cli(spool, "sendmail", "-Z", "bob").returncode == mta.EX_USAGE
+    assert run_cli(spool, "sendmail", "bad address@@x", stdin=b"x\n").returncode == mta.EX_DATAERR
+    result = run_cli(spool, "--max-size", "100", "sendmail", "bob", stdin=b"x" * 200)
+    assert result.returncode == mta.EX_DATAERR
+    blocked = str(tmp_path / "a-file")
+    open(blocked, "w").close()
+    result = run_cli(os.path.join(blocked, "spool"), "sendmail", "bob", stdin=b"Subject: x\n\nhi\n")
+    assert result.returncode == mta.EX_TEMPFAIL and b"cannot queue" in result.stderr
+    assert queue_empty(spool)
+
+
+# --- Pure helpers ---
+
+def test_prepare_submission_keeps_the_body_and_folded_fields():
+    data = (b"From alice Mon Jan  1 00:00:00 2024\nFrom: Alice <alice@example.com>\n"
+            b"To: bob@example.com,\n  carol@example.com\nBcc: x@y.test,\n\tz@y.test\n\nbody\n")
+    message, recipients = mta.prepare_submission(data, sender="alice@example.com", queue_id="Q1",
+                                                 hostname=HOSTNAME, now=0, extract=True)
+    assert recipients == ["bob@example.com", "carol@example.com", "x@y.test", "z@y.test"]
+    assert message.count(b"From: ") == 1 and b"Bcc" not in message and b"z@y.test" not in message
+    assert message.endswith(b"\r\n\r\nbody\r\n")
+    assert b"To: bob@example.com,\r\n  carol@example.com\r\n" in message
+    message, _ = mta.prepare_submission(b"no header at all\n", sender="a@b.test", queue_id="Q2",
+                                        hostname=HOSTNAME, now=0, full_name="A Person")
+    assert message.endswith(b"Message-ID: <Q2@%s>\r\n\r\nno header at all\r\n" % HOSTNAME.encode())
+    assert b"From: A Person <a@b.test>\r\n" in message
+
+
+def test_dsn_fields_stay_ascii_for_utf8_addresses_and_replies():
+    envelope = mta.Envelope("Q1", "s@example.com", ["j\u00f6rg@example.com"], time.time(),
+                            client_helo="h\u00e9lo.test", client_address="192.0.2.7")
+    recipient = mta.Recipient(0, "j\u00f6rg@example.com", "j\u00f6rg@example.com", "local",
+                              status="failed", reply="550 5.1.1 N\u00fcscht", dsn="5.1.1")
+    data = mta.build_dsn(envelope, b"Subject: x\r\n", [recipient], action="failed",
+                         hostname=HOSTNAME, to="s@example.com", now=time.time())
+    per_message, (block,), _ = dsn_fields(email.message_from_bytes(data))
+    # RFC 6533 3: the utf-8 address type, non-ASCII as \x{HEX}, never RFC 2047 words.
+    assert block["Final-Recipient"] == "utf-8; j\\x{F6}rg@example.com"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 N\\x{FC}scht"
+    assert per_message["Received-From-MTA"] == "dns; h\\x{E9}lo.test (192.0.2.7)"
+
+
+def test_state_records_edited_by_hand_are_skipped_not_obeyed(spool, queue, store, caplog):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "ab") as f:
+        f.write(b'{"event": "route", "from": -1, "rcpt": 0, "to": []}\n'
+                b'{"event": "delivered", "rcpt": -1, "at": 1}\nnot json at all\n')
+    mta.Router(queue, store).handle(queue_id)
+    assert "skipped 3 unreadable state records" in caplog.text
+    assert len(maildir_files(spool, "bob@example.com")) == 1
+    assert queue_empty(spool)
+
+
+def test_bare_postmaster_reaches_the_postmaster_of_the_first_domain(spool, router):
+    mta.enqueue(spool, "x@remote.test", ["postmaster"], MESSAGE)
+    wait_for(lambda: maildir_files(spool, "alice@example.com"))
+    wait_for(lambda: queue_empty(spool))
+
+
+def test_no_delay_notice_about_a_bounce(spool, store):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    queue_id = queue.enqueue("", ["x@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    clock.now += mta.DELAY_WARNING + 1
+    with queue.claim_outbound(queue_id) as claim:
+        claim.deferred(claim.groups["remote.test"][0], "451 4.4.1 later")
+    assert queue.ids(mta.INCOMING) == []          # no DSN queued
+    ((_, _, _, state),) = queue.listing()
+    assert state.recipients[0].warned
+
+
+def test_build_dsn_status_codes_lose_leading_zeros_and_reject_garbage():
+    assert mta.normal_status("5.01.001") == "5.1.1"
+    assert mta.reply_status("550 5.7.1 no") == "5.7.1"
+    assert mta.reply_status("451 try later") == "4.0.0"
+    assert mta.reply_status("garbage", "5.0.0") == "5.0.0"
+    with pytest.raises(ValueError):
+        mta.normal_status("5.1")
