@@ -195,7 +195,6 @@ ROUTE_RE = re.compile(r"@(?:%s|%s)(?:,@(?:%s|%s))*:" % (DOMAIN, ADDRESS_LITERAL,
                                                          DOMAIN, ADDRESS_LITERAL))
 KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")           # RFC 5321 4.1.2 esmtp-keyword
 VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")  # esmtp-value (+ RFC 6531)
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")                       # no NUL, CR, LF, TAB ... in commands
 XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 4
 
 
@@ -566,7 +565,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
             text = line.data.decode("utf-8")
         except UnicodeDecodeError:
             return self.refuse("?", R500_BAD_CHARACTERS)
-        if CONTROL_RE.search(text):
+        if not text.isprintable():                     # NUL, TAB, C0/C1 controls, U+2028 ...
             return self.refuse("?", R500_BAD_CHARACTERS)
         return self.dispatch(text)
 

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import mailbox_store
+import mta
 import smtp_in
 
 DOMAIN = "example.com"
@@ -118,16 +119,39 @@ def message(subject="test", body="Hello.\r\n", sender="someone@example.org", to=
 
 
 def spool_messages(spool_dir):
-    """Every message waiting in the spool: a list of (sender, recipients, message bytes)."""
+    """Every message waiting in the spool's queue, oldest first, read with mta's own parser:
+    a list of (sender, recipients, message bytes)."""
     found = []
-    folder = os.path.join(str(spool_dir), "fake-queue")
-    if not os.path.isdir(folder):
-        return found
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            sender = f.readline().decode().strip()
-            recipients = f.readline().decode().strip().split(",")
-            found.append((sender, recipients, f.read()))
+    for folder in (mta.INCOMING, mta.OUTBOUND, mta.DEFERRED):
+        path = os.path.join(str(spool_dir), "queue", folder)
+        for name in os.listdir(path) if os.path.isdir(path) else ():
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read()
+            state = mta.parse_queue_file(data, name)
+            envelope = state.envelope
+            message = data[state.message_offset:state.message_offset + envelope.size]
+            found.append((name, (envelope.sender, envelope.recipients, message)))
+    return [entry for _, entry in sorted(found)]
+
+
+def route_all(spool_dir):
+    """Run mta's router over every queued message, as its daemon would: local recipients
+    end up in their Maildirs."""
+    store = mailbox_store.Store(str(spool_dir), [DOMAIN], HOSTNAME)
+    queue = mta.Queue(str(spool_dir), hostname=HOSTNAME)
+    router = mta.Router(queue, store)
+    for queue_id in queue.ids(mta.INCOMING):
+        router.handle(queue_id)
+
+
+def maildir_messages(spool_dir, user):
+    """The messages in user's Maildir new/, as bytes."""
+    store = mailbox_store.Store(str(spool_dir), [DOMAIN], HOSTNAME)
+    new = os.path.join(store.maildir_path(user), "new")
+    found = []
+    for name in sorted(os.listdir(new)) if os.path.isdir(new) else ():
+        with open(os.path.join(new, name), "rb") as f:
+            found.append(f.read())
     return found
 
 

@@ -7,7 +7,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import smtplib
 import subprocess
 import sys
@@ -21,8 +23,8 @@ import mta
 import smtp_in
 from conftest import require_tool
 from smtpin_support import (  # noqa: F401  (fixtures)
-    DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, openssl_starttls, spool,
-    spool_messages, start_smtp, store_template, wait_for)
+    DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message, openssl_starttls,
+    route_all, spool, spool_messages, start_smtp, store_template, wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALICE, ALICE_PW = "alice@example.com", USERS["alice@example.com"]
@@ -244,6 +246,10 @@ def test_message_is_spooled_with_a_received_header_and_250_names_the_queue_id(st
                                b"\tby mx.example.com with ESMTP id " + queue_id.encode())
     assert b"\tfor <bob@example.com>; " in received
     assert rest.endswith(b"Subject: hello\r\nMessage-ID: <hello@example.org>\r\n\r\nHello.\r\n")
+    route_all(spool)                                   # mta's router takes it from here
+    [delivered] = maildir_messages(spool, "bob@example.com")
+    assert delivered.startswith(b"Return-Path: <someone@example.org>\r\n"
+                                b"Delivered-To: bob@example.com\r\n" + received)
 
 
 def test_helo_gives_protocol_smtp_and_refuses_esmtp_parameters(start_smtp, spool):
@@ -465,7 +471,9 @@ def test_command_line_past_2_kib_gets_500_and_the_session_goes_on(start_smtp):
 
 
 @pytest.mark.parametrize("line", [b"NOOP \x00x", b"MAIL FROM:<a\x01@example.org>", b"NOOP\x7f",
-                                  b"NOOP \xff\xfe", b"NO\x1bOP", b"NOOP\tx"], ids=repr)
+                                  b"NOOP \xff\xfe", b"NO\x1bOP", b"NOOP\tx",
+                                  "RCPT TO:<a\u2028b@example.com>".encode(), b"NOOP \xc2\x85"],
+                         ids=repr)
 def test_nul_and_control_characters_in_commands_are_refused(start_smtp, line):
     client = greeted(start_smtp())
     assert client.command(line) == (500, [smtp_in.R500_BAD_CHARACTERS])
@@ -936,8 +944,13 @@ def test_fifty_concurrent_clients_ten_messages_each_arrive_once(start_smtp, spoo
 
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
         assert sorted(pool.map(one_client, range(50))) == list(range(50))
+    expected = sorted(b"c%d m%d" % (n, m) for n in range(50) for m in range(10))
     subjects = [re.search(rb"Subject: (c\d+ m\d)", m[2]).group(1) for m in spool_messages(spool)]
-    assert sorted(subjects) == sorted(b"c%d m%d" % (n, m) for n in range(50) for m in range(10))
+    assert sorted(subjects) == expected
+    route_all(spool)
+    delivered = maildir_messages(spool, "bob@example.com")
+    assert sorted(re.search(rb"Subject: (c\d+ m\d)", m).group(1) for m in delivered) == expected
+    assert spool_messages(spool) == []
 
 
 def test_shutdown_tells_an_idle_client_and_lets_data_finish(start_smtp, spool):
@@ -960,20 +973,25 @@ def test_shutdown_tells_an_idle_client_and_lets_data_finish(start_smtp, spool):
 
 # --- Random input ---
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.fixture(scope="module")
+def random_input_server(tmp_path_factory, store_template):
+    spool = tmp_path_factory.mktemp("random") / "spool"
+    shutil.copytree(str(store_template), str(spool))
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "domain": [DOMAIN],
+                                                   "hostname": HOSTNAME, "max_errors": 1000})
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.stop(grace=0.1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=st.sampled_from(["", "EHLO ", "HELO ", "MAIL FROM:", "RCPT TO:", "MAIL FROM:<",
-                               "RCPT TO:<a@", "AUTH ", "AUTH PLAIN ", "VRFY ", "NOOP ", "DATA",
-                               "RSET", "STARTTLS", "mail from:<> "]),
+                               "RCPT TO:<a@", "AUTH ", "AUTH PLAIN ", "AUTH LOGIN ", "VRFY ",
+                               "NOOP ", "DATA", "RSET", "STARTTLS", "mail from:<> "]),
        tail=st.binary(max_size=600).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
 def test_random_command_lines_get_well_formed_replies_and_the_server_goes_on(
-        start_smtp, prefix, tail):
-    server = getattr(test_random_command_lines_get_well_formed_replies_and_the_server_goes_on,
-                     "server", None)
-    if server is None or server.stopping.is_set():
-        server = start_smtp(max_errors=1000)
-        test_random_command_lines_get_well_formed_replies_and_the_server_goes_on.server = server
-    client = greeted(server)
+        random_input_server, prefix, tail):
+    client = greeted(random_input_server)
     client.command("MAIL FROM:<a@example.org>")
     client.send(prefix.encode() + tail + b"\r\n")
     code, lines = client.reply()
@@ -1021,7 +1039,7 @@ def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):
                    "hostname = %s\nidle_timeout = 30\n" % (spool, DOMAIN, HOSTNAME))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--config",
                                 str(ini), "--max-size", "5000"],
-                               stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                               stderr=subprocess.PIPE)
     try:
         port = None
         deadline = time.monotonic() + 20
@@ -1046,16 +1064,14 @@ def test_main_reports_bad_settings_in_one_line(tmp_path):
     for argv in (["--max-size", "big"], ["--relay-network", "10.0.0.0/33"],
                  ["--listen", "127.0.0.1:99999"], ["--smtps-listen", "127.0.0.1:0"]):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool",
-                                 str(tmp_path)] + argv, capture_output=True, timeout=30,
-                                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                                 str(tmp_path)] + argv, capture_output=True, timeout=30)
         assert result.returncode == 1, argv
         assert result.stderr.decode().startswith("smtp_in: "), result.stderr
 
 
 def test_help_lists_the_design_flags():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--help"],
-                            capture_output=True, timeout=30,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                            capture_output=True, timeout=30)
     assert result.returncode == 0
     for flag in ("--spool", "--listen", "--submission", "--domain", "--hostname", "--tls-cert",
                  "--tls-key", "--relay-network", "--idle-timeout", "--session-timeout",
@@ -1072,3 +1088,35 @@ def test_make_reverse_lookup_is_optional():
         assert lookup is None
     else:
         assert lookup("127.0.0.1") is None             # nothing answers on port 9
+
+
+def test_reverse_lookup_through_dnsmx_is_forward_confirmed(start_smtp, spool, tmp_path):
+    pytest.importorskip("dnsmx")
+    dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server_process = subprocess.Popen(
+        [dnsmasq, "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+         "--listen-address=127.0.0.1", "--port=%d" % port, "--keep-in-foreground",
+         "--pid-file=" + str(tmp_path / "dnsmasq.pid"),
+         "--ptr-record=99.0.0.127.in-addr.arpa,good.example.test",
+         "--host-record=good.example.test,127.0.0.99",
+         "--ptr-record=98.0.0.127.in-addr.arpa,liar.example.test",
+         "--host-record=liar.example.test,127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lookup = smtp_in.make_reverse_lookup("127.0.0.1:%d" % port)
+        assert wait_for(lambda: lookup("127.0.0.99") == "good.example.test")
+        assert lookup("127.0.0.98") is None            # its name does not lead back to it
+        assert lookup("127.0.0.97") is None            # no PTR record
+        server = start_smtp(server_options={"reverse_lookup": lookup})
+        client = RawClient(server, source="127.0.0.99")
+        client.reply()
+        client.command("EHLO client.example.org")
+        assert send_transaction(client)[0] == 250
+    finally:
+        server_process.terminate()
+        server_process.wait(timeout=10)
+    assert (b"Received: from client.example.org (good.example.test [127.0.0.99])"
+            in spool_messages(spool)[0][2])
