@@ -123,8 +123,7 @@ HELP = {
 }
 
 # --- Replies this side makes up (local reasons; the first word is the enhanced code) ---
-# A local reply has remote=False: it goes into logs and bounces as a reason, never as a
-# Diagnostic-Code from a remote MTA.
+# They become Reply objects with remote=False, so nobody takes them for a server's words.
 
 R_CONNECT_FAILED = "4.4.1 connect to %s failed: %s"
 R_TIMEOUT = "4.4.2 conversation with %s timed out while %s"
@@ -930,7 +929,7 @@ class Deliverer:
                 settle([RecipientResult(r, exc.reply) for r in list(pending)], "none")
             return None
         sessions = 0
-        for hop in hops[:int(self.config.get("max_mx_addresses", 5))]:
+        for hop in hops[:max(1, int(self.config.get("max_mx_addresses", 5)))]:
             try:
                 client = self.open(hop)
             except DeliveryError as exc:
