@@ -21,7 +21,8 @@ import smtp_in
 
 DOMAIN = "example.com"
 HOSTNAME = "mail.example.com"
-USERS = {"alice@example.com": "alice-secret", "bob@example.com": "bob-secret"}
+USERS = {"alice@example.com": "alice-secret", "bob@example.com": "bob-secret",
+         "carol@example.com": "c" * 200}   # too long for an AUTH PLAIN initial response
 
 
 @pytest.fixture(scope="session")

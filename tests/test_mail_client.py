@@ -327,6 +327,25 @@ def test_stls_with_a_trusted_certificate_and_implicit_tls(start_pop3, store, tmp
     assert status == 0 and "retrieved=2," in err
 
 
+def test_credentials_too_long_for_one_auth_line_answer_the_continuation(
+        start_pop3, store, tmp_path, monkeypatch, capsys):
+    server = start_pop3()
+    fill_mailbox(store, "carol@example.com", 1)
+    monkeypatch.setenv("CAROL", USERS["carol@example.com"])
+    status, _, err = run(fetch_args(server, tmp_path / "M", "--insecure", "--verbose", "--user",
+                                    "carol@example.com", "--password-env", "CAROL"), capsys)
+    assert status == 0 and "retrieved=1," in err
+    assert "> 127.0.0.1:%d AUTH PLAIN\n" % server.port in err   # RFC 5034 4: no initial response
+
+
+def test_no_password_goes_to_a_remote_server_without_tls():
+    client = mail_client.POP3Client("192.0.2.1", 110, tls="none")
+    with pytest.raises(mail_client.POP3Error, match="without TLS"):
+        client.login("alice", "secret")           # refused before any byte is sent
+    assert mail_client.is_loopback("127.0.0.2") and mail_client.is_loopback("::1")
+    assert mail_client.is_loopback("LOCALHOST") and not mail_client.is_loopback("192.0.2.1")
+
+
 def test_untrusted_certificate_stops_the_fetch_before_the_password(
         start_pop3, store, tmp_path, password_env, capsys):
     fill_mailbox(store, ALICE, 1)
