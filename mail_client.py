@@ -931,18 +931,23 @@ def server_address(config, default_port):
         raise UsageError(str(exc)) from None
 
 
-def tls_context(config):
-    """The client context: verified against the system's CAs or --ca-file, or not at all."""
+def tls_context(config, implicit_tls):
+    """The client context: verified against the system's CAs or --ca-file, or not at all.
+
+    With --tls none (and no implicit TLS) nothing is verified, since nothing will be:
+    loading the system's CAs costs more than a whole loopback session.
+    """
     if config["tls"] not in TLS_MODES:
         raise UsageError("--tls must be required, opportunistic or none")
+    verify = not config["insecure"] and (config["tls"] != TLS_NONE or implicit_tls)
     ca_file = os.path.expanduser(config["ca_file"]) if config["ca_file"] else None
     try:
-        return smtp_out.client_tls_context(not config["insecure"], ca_file)
+        return smtp_out.client_tls_context(verify, ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError("cannot load %s: %s" % (ca_file, exc)) from None
 
 
-def open_submission(config, host, port, context):
+def open_submission(config, host, port, context, implicit_tls):
     """An SMTPClient past EHLO and STARTTLS as config's tls says; raises DeliveryError.
 
     smtp_out's opportunistic mode falls back to plaintext when an offered STARTTLS
@@ -953,9 +958,8 @@ def open_submission(config, host, port, context):
     def connect(tls):
         client = smtp_out.SMTPClient(
             host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
-            tls_verify=not config["insecure"], tls_context=context,
-            implicit_tls=config["implicit_tls"] or port == SUBMISSIONS_PORT,
-            timeouts=smtp_timeouts(config["timeout"]))
+            tls_verify=context.verify_mode == ssl.CERT_REQUIRED, tls_context=context,
+            implicit_tls=implicit_tls, timeouts=smtp_timeouts(config["timeout"]))
         client.open()
         return client
 
@@ -981,11 +985,12 @@ def send(config, message, out=None):
     if not config["to"]:
         raise UsageError(E_NO_RECIPIENT)
     recipients = [parse_address(text) for text in config["to"]]
-    context = tls_context(config)
+    implicit_tls = config["implicit_tls"] or port == SUBMISSIONS_PORT
+    context = tls_context(config, implicit_tls)
     password = read_password(config, "Password for %s: " % config["user"]) if config["user"] else None
     client = None
     try:
-        client = open_submission(config, host, port, context)
+        client = open_submission(config, host, port, context, implicit_tls)
         if password is not None:
             client.login(config["user"], password)
         results = client.send_message(sender, recipients, message)
@@ -1017,7 +1022,8 @@ def fetch(config, err=None):
         raise UsageError(E_NO_USER)
     if bool(config["maildir"]) == bool(config["mbox"]):
         raise UsageError(E_NO_DESTINATION)
-    context = tls_context(config)
+    implicit_tls = config["implicit_tls"] or port == POP3S_PORT
+    context = tls_context(config, implicit_tls)
     password = read_password(config, "Password for %s: " % config["user"])
     if config["maildir"]:
         mailbox = MaildirWriter(config["maildir"])
@@ -1032,8 +1038,7 @@ def fetch(config, err=None):
         mailbox.close()
         raise
     client = POP3Client(host, port, tls=config["tls"], tls_context=context,
-                        implicit_tls=config["implicit_tls"] or port == POP3S_PORT,
-                        timeout=config["timeout"])
+                        implicit_tls=implicit_tls, timeout=config["timeout"])
     result = FetchResult()
     status = "done"
     try:
