@@ -246,8 +246,9 @@ class ScriptedPOP3:
     optionally no UIDL, and RETR responses given as raw bytes (stuffed, ending in
     ".<CRLF>") sent `chunk` octets at a time. Serves connections one after the other."""
 
-    def __init__(self, responses, uidl=True, chunk=1, listed_size=None):
+    def __init__(self, responses, uidl=True, chunk=1, listed_size=None, stls_reply=None):
         self.responses = responses
+        self.stls_reply = stls_reply           # raw answer to STLS (offered in CAPA when set)
         self.listed_size = listed_size         # what LIST claims for every message
         self.uidl = uidl
         self.chunk = chunk
@@ -293,6 +294,12 @@ class ScriptedPOP3:
                 for start in range(0, len(data), self.chunk):
                     connection.sendall(data[start:start + self.chunk])
                     time.sleep(0.0005)
+            elif verb == "CAPA" and self.stls_reply is not None:
+                connection.sendall(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n")
+            elif verb == "STLS" and self.stls_reply is not None:
+                connection.sendall(self.stls_reply)
+                time.sleep(0.5)
+                return
             elif verb in ("USER", "PASS", "DELE", "NOOP"):
                 connection.sendall(b"+OK\r\n")
             elif verb == "QUIT":

@@ -355,6 +355,17 @@ def test_untrusted_certificate_stops_the_fetch_before_the_password(
     assert server_messages(store, ALICE) == 1
 
 
+def test_plaintext_sent_behind_the_stls_reply_ends_the_session(tmp_path, password_env, capsys):
+    server = ScriptedPOP3([], stls_reply=b"+OK begin TLS\r\n+OK [injected] logged in\r\n")
+    try:
+        status, _, err = run(fetch_args(server.port, tmp_path / "M", "--insecure",
+                                        *password_env), capsys)
+    finally:
+        server.close()
+    assert status == mail_client.EXIT_TEMPFAIL and "TLS with" in err
+    assert "USER" not in server.commands and "PASS" not in server.commands
+
+
 def test_tls_required_but_no_stls_offered(start_pop3, tmp_path, password_env, capsys):
     server = start_pop3(tls=False)
     status, _, err = run(fetch_args(server, tmp_path / "M", "--tls", "required",
