@@ -169,7 +169,8 @@ E_POP3_NO_STLS = "TLS is required, but %s does not offer STLS"
 E_POP3_PLAINTEXT = "refusing to send a password to %s without TLS"
 E_POP3_NO_LOGIN = "%s offers no login this client has (USER, SASL PLAIN)"
 E_NO_UIDL = "%s does not support UIDL, which --keep needs"
-E_TOO_BIG = "message %d is larger than %d octets; left on the server"
+E_TOO_BIG = "larger than %d octets (--max-size)"
+E_TOO_BIG_CLOSED = "message %d is more than twice --max-size (%d octets); connection closed"
 E_STATE_BUSY = "another fetch is using %s"
 E_MBOX_BUSY = "%s is locked by another program"
 
@@ -212,7 +213,7 @@ class FetchResult:
     deleted: int = 0
     already: int = 0               # on the server and already stored here before
     left: int = 0                  # still to fetch: --limit, too big, or the run stopped
-    skipped: list = field(default_factory=list)   # reasons for messages left behind
+    skipped: list = field(default_factory=list)   # a POP3Error per message left behind
 
 
 # --- Pure helpers ---
@@ -577,13 +578,13 @@ class POP3Client:
                 del data[:-len(TERMINATOR)]
                 if skipped > 2 * max_size:
                     self.close()       # not worth reading to its end
-                    raise POP3Error(E_TOO_BIG % (number, max_size), temporary=False)
+                    raise POP3Error(E_TOO_BIG_CLOSED % (number, max_size), temporary=False)
             scanned = max(0, len(data) - len(TERMINATOR) + 1)
             data += self.read_block(stage)
         # Whatever came after the end belongs to the next response.
         self.reader.buffer[0:0] = data[end + len(TERMINATOR):]
         if skipped or end - len(CRLF) > max_size:
-            raise POP3Error(E_TOO_BIG % (number, max_size), temporary=False)
+            raise POP3Error(E_TOO_BIG % max_size, temporary=False)
         del data[end + 2:]
         message = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
         return message.replace(b"\r\n", b"\n")
@@ -896,26 +897,25 @@ class Progress:
         self.total = total
         self.stream = stream
         self.enabled = enabled and total > 0
-        self.tty = enabled and stream.isatty()
+        self.tty = self.enabled and stream.isatty()
         self.last = 0.0
+        self.shown = False
 
     def update(self, done, octets):
         if not self.enabled:
             return
         now = time.monotonic()
-        final = done >= self.total
-        if not final and now - self.last < (0.1 if self.tty else PROGRESS_INTERVAL):
+        if done < self.total and now - self.last < (0.1 if self.tty else PROGRESS_INTERVAL):
             return
         self.last = now
+        self.shown = True
         text = PROGRESS_LINE % (done, self.total, octets)
-        if self.tty:
-            self.stream.write("\r" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
+        self.stream.write("\r" + text if self.tty else text + "\n")
         self.stream.flush()
 
     def stop(self):
-        if self.enabled and self.tty:
+        """End the line rewritten in place, if one was shown."""
+        if self.tty and self.shown:
             self.stream.write("\n")
             self.stream.flush()
 
@@ -1075,7 +1075,7 @@ def _fetch_session(config, client, password, mailbox, state, result, err):
         log.warning("%s has no UIDL: after a lost connection some messages may come twice",
                     client.peer)
         uids = {}
-    todo, deleted, quit_ok = [], set(), False
+    todo, deleted, quit_ok, progress = [], set(), False, None
     try:
         for number in sorted(sizes):
             uid = uids.get(number)
@@ -1095,13 +1095,13 @@ def _fetch_session(config, client, password, mailbox, state, result, err):
             uid = uids.get(number)
             try:
                 if sizes[number] > config["max_size"]:
-                    raise POP3Error(E_TOO_BIG % (number, config["max_size"]), temporary=False)
+                    raise POP3Error(E_TOO_BIG % config["max_size"], temporary=False)
                 message = client.retr(number, config["max_size"])
             except POP3Error as exc:
-                if exc.temporary or client.sock is None:
-                    raise
-                result.skipped.append(str(exc))
-                log.warning("fetch: %s", exc)
+                if client.sock is None:
+                    raise              # the session is gone; what is stored stays stored
+                result.skipped.append(exc)         # an -ERR for this message only
+                log.warning("fetch: message %d left on the server: %s", number, exc)
                 continue
             mailbox.add(message)           # durable before anything else happens to it
             if uid is not None:
@@ -1112,16 +1112,17 @@ def _fetch_session(config, client, password, mailbox, state, result, err):
                 client.dele(number)
                 deleted.add(uid)
             progress.update(result.retrieved, result.octets)
-        progress.stop()
         quit_ok = client.quit()
     finally:
+        if progress is not None:
+            progress.stop()
         result.left = len(sizes) - result.already - result.retrieved
         if quit_ok:
             result.deleted = len(deleted)
         # Forget the ids the server no longer holds: those deleted at QUIT, and those
         # some other client removed (the file stays as small as the maildrop).
         state.save(set(uids.values()) - (deleted if quit_ok else set()))
-    if not quit_ok:
+    if not quit_ok or any(exc.temporary for exc in result.skipped):
         return EXIT_TEMPFAIL
     return EXIT_FAILED if result.skipped else EXIT_OK
 

@@ -244,7 +244,8 @@ class CuttingProxy:
 class ScriptedPOP3:
     """A POP3 server on 127.0.0.1 that plays an old, odd server pop3d never is: no CAPA,
     optionally no UIDL, and RETR responses given as raw bytes (stuffed, ending in
-    ".<CRLF>") sent `chunk` octets at a time. Serves connections one after the other."""
+    ".<CRLF>") sent `chunk` octets at a time; None answers -ERR [SYS/TEMP]. Serves
+    connections one after the other."""
 
     def __init__(self, responses, uidl=True, chunk=1, listed_size=None, stls_reply=None):
         self.responses = responses
@@ -282,7 +283,7 @@ class ScriptedPOP3:
             verb = verb.upper()
             self.commands.append(verb)
             if verb == "LIST":
-                listing = b"".join(b"%d %d\r\n" % (i + 1, self.listed_size or len(r))
+                listing = b"".join(b"%d %d\r\n" % (i + 1, self.listed_size or len(r or b""))
                                    for i, r in enumerate(self.responses))
                 connection.sendall(b"+OK\r\n" + listing + b".\r\n")
             elif verb == "UIDL" and self.uidl:
@@ -290,7 +291,8 @@ class ScriptedPOP3:
                                    for i in range(len(self.responses)))
                 connection.sendall(b"+OK\r\n" + listing + b".\r\n")
             elif verb == "RETR":
-                data = b"+OK\r\n" + self.responses[int(arg) - 1]
+                response = self.responses[int(arg) - 1]
+                data = b"-ERR [SYS/TEMP] unavailable\r\n" if response is None else b"+OK\r\n" + response
                 for start in range(0, len(data), self.chunk):
                     connection.sendall(data[start:start + self.chunk])
                     time.sleep(0.0005)

@@ -469,6 +469,19 @@ def test_odd_but_valid_retr_responses_split_into_single_octets(tmp_path, passwor
                              b"no final line end, the server added one\n"])
 
 
+def test_an_err_to_one_retr_skips_that_message_and_the_run_goes_on(tmp_path, password_env,
+                                                                   capsys):
+    server = ScriptedPOP3([b"one\r\n.\r\n", None, b"three\r\n.\r\n"], chunk=4096)
+    maildir = tmp_path / "Maildir"
+    try:
+        status, _, err = run(fetch_args(server.port, maildir, *password_env), capsys)
+    finally:
+        server.close()
+    assert status == mail_client.EXIT_TEMPFAIL
+    assert "message 2 left on the server: -ERR [SYS/TEMP] unavailable" in err
+    assert "retrieved=2," in err and "left=1," in err and server.commands.count("DELE") == 2
+
+
 def test_keep_needs_uidl(tmp_path, password_env, capsys):
     server = ScriptedPOP3([b"Subject: a\r\n\r\nx\r\n.\r\n"], uidl=False)
     try:
@@ -493,8 +506,8 @@ def test_a_message_longer_than_its_list_size_is_bounded_by_max_size(tmp_path, pa
     finally:
         server.close()
     assert status == mail_client.EXIT_FAILED and "status=failed" in err
-    assert "message 1 is larger than 2000 octets" in err
-    assert "message 3 is larger than 2000 octets" in err
+    assert "message 1 left on the server: larger than 2000 octets" in err
+    assert "message 3 is more than twice --max-size (2000 octets)" in err
     assert [(maildir / "new" / n).read_bytes() for n in os.listdir(str(maildir / "new"))] == [b"ok\n"]
 
 
@@ -507,7 +520,8 @@ def test_message_over_max_size_is_left_on_the_server(start_pop3, store, tmp_path
     maildir = tmp_path / "Maildir"
     status, _, err = run(fetch_args(server, maildir, "--max-size", "1000", *password_env),
                          capsys)
-    assert status == mail_client.EXIT_FAILED and "larger than 1000 octets" in err
+    assert status == mail_client.EXIT_FAILED
+    assert "message 2 left on the server: larger than 1000 octets" in err
     assert maildir_subjects(maildir) == ["message 0", "message 2"]
     assert server_messages(store, ALICE) == 1
 
