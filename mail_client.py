@@ -47,9 +47,11 @@ import plumbing
 import smtp_out
 
 __all__ = [
-    "ClientError", "FETCH_DEFAULTS", "FetchResult", "MaildirWriter", "MboxWriter", "POP3Client",
-    "POP3Error", "SEND_DEFAULTS", "UIDLState", "build_message", "complete_header", "fetch",
-    "main", "mboxrd_escape", "read_password", "send",
+    "ClientError", "EXIT_FAILED", "EXIT_OK", "EXIT_TEMPFAIL", "EXIT_USAGE", "FETCH_DEFAULTS",
+    "FetchResult", "MaildirWriter", "MboxWriter", "POP3Client", "POP3Error", "SEND_DEFAULTS",
+    "UIDLState", "UsageError", "account_key", "build_message", "complete_header", "fetch",
+    "is_loopback", "main", "mboxrd_escape", "open_submission", "read_password",
+    "response_code", "send", "valid_uid",
 ]
 
 log = logging.getLogger("mail_client")
