@@ -189,7 +189,7 @@ class Servers:
         self.processes.append(process)
         return process
 
-    def start_ours(self, extra):
+    def start_ours(self, extra, router=True):
         spool = os.path.join(self.workdir, "smtp_in-spool")
         os.makedirs(spool)
         subprocess.run([sys.executable, os.path.join(ROOT, "mailbox_store.py"), "--spool", spool,
@@ -202,7 +202,7 @@ class Servers:
                     "127.0.0.1:%d" % port, "--domain", DOMAIN, "--hostname", "mx.bench.test",
                     "--max-per-address", "200"] + extra)
         maildir = None
-        if os.path.exists(os.path.join(ROOT, "mta.py")):
+        if router and os.path.exists(os.path.join(ROOT, "mta.py")):
             self.spawn("mta", [sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool,
                         "--domain", DOMAIN, "--hostname", "mx.bench.test"])
             maildir = os.path.join(spool, "mail", DOMAIN, "user", "Maildir")
@@ -330,6 +330,8 @@ def main(argv=None):
                         help="also run aiosmtpd with a thread pool of this size (0: no)")
     parser.add_argument("--postfix", action="store_true", help="also run a benchmark Postfix (root)")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
+    parser.add_argument("--no-router", action="store_true",
+                        help="do not run mta.py's router beside smtp_in (acceptance alone)")
     parser.add_argument("--json", help="write every raw run here")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -340,7 +342,7 @@ def main(argv=None):
     results = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        servers.start_ours(args.smtp_in_arg)
+        servers.start_ours(args.smtp_in_arg, router=not args.no_router)
         if not args.no_aiosmtpd:
             servers.start_aiosmtpd(args.peer_bench, 0)
             if args.aiosmtpd_executor:
