@@ -1134,9 +1134,11 @@ def _fetch_session(config, client, password, mailbox, state, result, err):
 def read_message(config, stdin):
     """The message to send: built from --subject/--body (a body from stdin when --body is
     not given), or read whole from stdin with a missing Date or Message-ID added."""
-    sender = parse_address(config["from"]) if config["from"] else None
-    if sender is None:
+    if not config["from"]:
         raise UsageError(E_NO_SENDER)
+    if not config["to"]:
+        raise UsageError(E_NO_RECIPIENT)     # before stdin is read
+    sender = parse_address(config["from"])
     if config["subject"] or config["body"]:
         body = config["body"]
         if not body:
