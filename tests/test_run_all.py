@@ -1,0 +1,142 @@
+"""run_all.py: one command that runs every role, checks its configuration, and supervises."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_all(*argv, cwd=ROOT, timeout=60):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run_all.py")] + list(argv),
+                          cwd=cwd, capture_output=True, timeout=timeout)
+
+
+def ports_args():
+    return ["--smtp", "127.0.0.1:%d" % free_port(), "--submission", "127.0.0.1:%d" % free_port(),
+            "--pop3", "127.0.0.1:%d" % free_port()]
+
+
+def test_check_passes_on_a_good_configuration(tmp_path):
+    result = run_all("--check", "--spool", str(tmp_path / "spool"), *ports_args())
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"configuration OK" in result.stderr
+
+
+def test_check_reports_a_busy_port_and_a_bad_certificate(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        bad_cert = tmp_path / "cert.pem"
+        bad_cert.write_text("not a certificate\n")
+        result = run_all("--check", "--spool", str(tmp_path / "spool"),
+                         "--smtp", "127.0.0.1:%d" % port, "--tls-cert", str(bad_cert),
+                         "--tls-key", str(bad_cert))
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert "SMTP: cannot listen on 127.0.0.1:%d" % port in err
+    assert "tls: cannot load" in err
+    assert "Traceback" not in err
+
+
+def test_check_reports_an_unwritable_spool(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_all("--check", "--spool", str(blocker / "spool"), *ports_args())
+    assert result.returncode == 1
+    assert b"spool:" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_bad_flag_value_is_one_clear_line(tmp_path):
+    result = run_all("--max-size", "huge", "--spool", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "run_all: max_size: not a number: 'huge'"
+
+
+def test_help_lists_every_design_flag():
+    out = run_all("--help").stdout.decode()
+    for flag in ("--spool", "--domain", "--hostname", "--smtp", "--submission", "--pop3",
+                 "--tls-cert", "--tls-key", "--dns", "--relay-host", "--remote-port",
+                 "--relay-network", "--idle-timeout", "--max-size", "--config", "--user", "--check"):
+        assert flag in out
+
+
+def start(tmp_path, *argv):
+    log = open(tmp_path / "run_all.log", "wb")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_all.py")] + list(argv),
+                               cwd=str(tmp_path), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    log.close()
+    return process
+
+
+def wait_for_text(path, text, timeout=20):
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        content = path.read_text(errors="replace")
+        if text in content:
+            return content
+        time.sleep(0.1)
+    raise AssertionError("%r not in log:\n%s" % (text, path.read_text(errors="replace")))
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_defaults_create_the_spool_and_print_the_next_steps(tmp_path):
+    ports = ports_args()
+    process = start(tmp_path, *ports)       # spool and domain from the embedded defaults
+    try:
+        log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        assert (tmp_path / "mailspool").is_dir()
+        assert "add-user alice@localhost" in log
+        assert "listening: SMTP %s" % ports[1] in log
+    finally:
+        assert stop(process) == 0
+
+
+def test_a_role_that_dies_is_restarted(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    try:
+        log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        line = next(l for l in log.splitlines() if "started mta, pid=" in l)
+        pid = int(line.rsplit("=", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        wait_for_text(tmp_path / "run_all.log", "mta exited with status -9, restarting")
+        until = time.monotonic() + 10
+        while (tmp_path / "run_all.log").read_text().count("started mta, pid=") < 2:
+            assert time.monotonic() < until, "mta was not restarted"
+            time.sleep(0.1)
+    finally:
+        stop(process)
+
+
+def test_sigterm_stops_every_role_within_seconds(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+    pids = [int(l.rsplit("=", 1)[1]) for l in log.splitlines() if ", pid=" in l]
+    assert len(pids) == 5
+    started = time.monotonic()
+    assert stop(process) == 0
+    assert time.monotonic() - started < 10
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
