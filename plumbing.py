@@ -545,8 +545,9 @@ def add_options(parser, defaults, help_texts=None):
             parser.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE",
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(),
-                                help="%s (default: %s)" % (help_text, default))
+            if default != "":
+                help_text = "%s (default: %s)" % (help_text, default)
+            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=help_text)
     return parser
 
 

@@ -49,7 +49,7 @@ DEFAULTS = {
     "relay_auth_file": "",
     "remote_port": 25,
     "relay_network": [],
-    "idle_timeout": 300.0,
+    "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": 35 * 1024 * 1024,
     "user": "",
     "syslog": False,
@@ -63,6 +63,8 @@ HELP = {
     "pop3": "HOST:PORT of the POP3 listener (\"\" turns it off)",
     "pop3s": "HOST:PORT of an implicit-TLS POP3 listener, e.g. 0.0.0.0:995",
     "relay_auth_file": "file with the smarthost's user name and password",
+    "idle_timeout": "seconds to wait for a client's next command, for every server "
+                    "(default: SMTP 300, POP3 600)",
 }
 
 # Settings every role reads from the [DEFAULT] section of the generated file.

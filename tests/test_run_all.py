@@ -140,3 +140,17 @@ def test_sigterm_stops_every_role_within_seconds(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_pop3_keeps_its_rfc_1939_autologout_unless_told_otherwise(tmp_path):
+    import configparser
+    import run_all
+    config = dict(run_all.DEFAULTS, spool=str(tmp_path))
+    path = str(tmp_path / "roles.ini")
+    run_all.write_role_config(config, path)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    assert "idle_timeout" not in parser["DEFAULT"]
+    run_all.write_role_config(dict(config, idle_timeout="120"), path)
+    parser.read(path)
+    assert parser["DEFAULT"]["idle_timeout"] == "120"
