@@ -7,6 +7,7 @@ import configparser
 import logging
 import os
 import re
+import signal
 import smtplib
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import smtp_in
 from conftest import require_tool
 from dnsmasq_server import host_record, start_dnsmasq, txt_record
 from smtpin_support import (  # noqa: F401  (fixtures)
-    ALIASES, DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, spool, spool_messages,
+    DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, spool, spool_messages,
     start_smtp, store_template)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,7 +361,7 @@ def test_command_line_reject_mode_with_dns(tmp_path, spool, dns):
             client.ehlo("client.example.org")
             client.sendmail("user@allowed.test", ["bob@example.com"], message())
     finally:
-        process.send_signal(2)                             # SIGINT
+        process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 0
     log = "".join(lines) + process.stderr.read().decode()
     assert re.search(r"cmd=MAIL, arg='FROM:<someone@forged\.test>', status=rejected "
