@@ -51,6 +51,7 @@ DEFAULTS = {
     "relay_network": [],
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": 35 * 1024 * 1024,
+    "spf": "tag",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -65,6 +66,8 @@ HELP = {
     "relay_auth_file": "file with the smarthost's user name and password",
     "idle_timeout": "seconds to wait for a client's next command, for every server "
                     "(default: SMTP 300, POP3 600)",
+    "spf": "SPF check of MAIL FROM on the MX (RFC 7208): off; tag, adding Received-SPF and "
+           "Authentication-Results; or reject, also refusing a fail (550 5.7.23)",
 }
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
@@ -119,6 +122,7 @@ def write_role_config(config, path):
     for key in SHARED_KEYS:
         if config[key] not in ("", []):
             parser["DEFAULT"][key] = text(config[key])
+    parser["smtp_in"] = {"spf": config["spf"]}
     parser["smtp_out"] = {"remote_port": text(config["remote_port"])}
     for key in ("relay_host", "relay_auth_file"):
         if config[key]:
@@ -225,6 +229,8 @@ def check_config(config):
             plumbing.server_tls_context(config["tls_cert"], config["tls_key"])
         except (OSError, ssl.SSLError) as exc:
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
+    if config["spf"] not in ("off", "tag", "reject"):
+        problems.append("spf: %r is not one of off, tag, reject" % config["spf"])
     if (config["smtps"] or config["pop3s"]) and not config["tls_cert"]:
         problems.append("tls: the SMTPS and POP3S listeners need --tls-cert and --tls-key")
     spool = config["spool"]
