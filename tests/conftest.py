@@ -39,3 +39,19 @@ def tls_files(tmp_path_factory):
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_system_resolver(tmp_path_factory):
+    """No test asks the system's resolver. In this process, a resolver built without servers
+    (one that would read /etc/resolv.conf) reads a resolv.conf naming an address on loopback
+    where nothing listens, so a lookup a test forgot to point at its own dnsmasq fails at
+    once and never leaves the machine. Tests that start roles as processes pass --dns."""
+    import dnsmx
+    path = tmp_path_factory.mktemp("resolv") / "resolv.conf"
+    path.write_text("nameserver 127.0.0.254\noptions timeout:1 attempts:1\n")
+    defaults = dnsmx.Resolver.__init__.__kwdefaults__
+    original = defaults["resolv_conf"]
+    defaults["resolv_conf"] = str(path)
+    yield
+    defaults["resolv_conf"] = original

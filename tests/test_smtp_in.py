@@ -981,7 +981,8 @@ def random_input_server(tmp_path_factory, store_template):
     spool = tmp_path_factory.mktemp("random") / "spool"
     shutil.copytree(str(store_template), str(spool))
     server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "domain": [DOMAIN],
-                                                   "hostname": HOSTNAME, "max_errors": 1000})
+                                                   "hostname": HOSTNAME, "max_errors": 1000,
+                                                   "spf": "off"})
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.stop(grace=0.1)
