@@ -32,10 +32,8 @@ import errno
 import fcntl
 import getpass
 import ipaddress
-import itertools
 import logging
 import os
-import secrets
 import socket
 import ssl
 import sys
@@ -43,6 +41,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+import mailbox_store
 import plumbing
 import smtp_out
 
@@ -331,27 +330,6 @@ def is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host.lower() == "localhost"
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(path):
-    """Create path and missing parents (mode 0700), fsyncing each parent that gained one."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    _make_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    _fsync_dir(parent)
 
 
 # --- Passwords ---
@@ -699,51 +677,26 @@ class POP3Client:
 
 # --- Local mailboxes ---
 
-_delivery_counter = itertools.count(1)
-
-
 class MaildirWriter:
-    """Durable delivery into a Maildir of one's own (cr.yp.to/proto/maildir.html).
+    """Durable delivery into a Maildir of one's own, through mailbox_store.maildir_deliver
+    (tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd).
 
     mailbox_store.Store.deliver() serves the users of a spool (it wants a user known to
-    the store and adds Return-Path and Delivered-To); this is the same write for any
-    directory: tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd.
+    the store and adds Return-Path and Delivered-To); this writes the message as it came
+    into any directory.
     """
 
     def __init__(self, path, hostname=None):
         self.path = os.path.expanduser(path)
-        host = hostname or socket.gethostname()
-        # The Maildir spec: "/" and ":" in the host part are written as \057 and \072.
-        self.host = host.replace("/", "\\057").replace(":", "\\072")
-        for sub in ("tmp", "new", "cur"):
-            _make_dirs(os.path.join(self.path, sub))
+        self.hostname = hostname
+        mailbox_store.make_maildir(self.path)
 
     def __str__(self):
         return self.path
 
     def add(self, message):
         """Write message durably; return the path of the new file."""
-        now = time.time_ns() // 1000
-        name = "%d.M%06dP%dQ%dR%s.%s,S=%d" % (
-            now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
-            secrets.token_hex(8), self.host, len(message))
-        temporary = os.path.join(self.path, "tmp", name)
-        final = os.path.join(self.path, "new", name)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(message)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temporary, final)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(os.path.join(self.path, "new"))
-        return final
+        return mailbox_store.maildir_deliver(self.path, message, self.hostname)
 
     def close(self):
         pass
@@ -757,11 +710,11 @@ class MboxWriter:
     def __init__(self, path):
         self.path = os.path.expanduser(path)
         folder = os.path.dirname(os.path.abspath(self.path))
-        _make_dirs(folder)
+        mailbox_store.make_dirs(folder)
         created = not os.path.exists(self.path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if created:
-            _fsync_dir(folder)
+            mailbox_store.fsync_dir(folder)
 
     def __str__(self):
         return self.path
@@ -842,7 +795,7 @@ class UIDLState:
             if current == os.fstat(fd).st_ino:
                 self.fd = fd
                 if created:
-                    _fsync_dir(folder)
+                    mailbox_store.fsync_dir(folder)
                 return
             os.close(fd)
         raise ClientError(E_STATE_BUSY % self.path, temporary=True)
@@ -877,14 +830,7 @@ class UIDLState:
         lines = ["# mail_client: unique-ids of messages already fetched, one per line"]
         lines += self.other_lines
         lines += ["%s %s" % (self.account, uid) for uid in sorted(self.uids)]
-        folder = os.path.dirname(os.path.abspath(self.path))
-        temporary = "%s.tmp.%d" % (self.path, os.getpid())
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, self.path)
-        _fsync_dir(folder)
+        mailbox_store.write_atomically(self.path, "\n".join(lines) + "\n", 0o600)
 
     def close(self):
         if self.fd is not None:

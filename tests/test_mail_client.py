@@ -402,6 +402,25 @@ def test_state_file_held_by_another_run_is_temporary(start_pop3, tmp_path, passw
     assert status == mail_client.EXIT_TEMPFAIL and "another fetch is using" in err
 
 
+def test_maildir_writer_delivers_through_the_store_with_both_sizes_in_the_name(tmp_path):
+    writer = mail_client.MaildirWriter(str(tmp_path / "Maildir"), hostname="client.example")
+    assert sorted(os.listdir(str(tmp_path / "Maildir"))) == ["cur", "new", "tmp"]
+    message = b"Subject: x\n\nbody\n"
+    path = writer.add(message)
+    assert open(path, "rb").read() == message
+    assert os.path.basename(path).endswith(".client.example,S=%d,W=%d" % (
+        len(message), len(message.replace(b"\n", b"\r\n"))))
+
+
+def test_state_file_stays_private_after_it_is_rewritten(tmp_path):
+    state = mail_client.UIDLState(str(tmp_path / "state.uidl"), "alice@pop.example")
+    state.add("uid-1")
+    state.save({"uid-1"})
+    state.close()
+    assert os.stat(str(tmp_path / "state.uidl")).st_mode & 0o777 == 0o600
+    assert "alice@pop.example uid-1" in (tmp_path / "state.uidl").read_text()
+
+
 def test_long_lines_and_leading_dots_arrive_intact_with_lf_line_ends(
         start_pop3, store, tmp_path, password_env, capsys):
     server = start_pop3(tls=False)
