@@ -31,7 +31,6 @@ import email.utils
 import errno
 import fcntl
 import getpass
-import ipaddress
 import logging
 import os
 import socket
@@ -49,8 +48,8 @@ __all__ = [
     "ClientError", "EXIT_FAILED", "EXIT_OK", "EXIT_TEMPFAIL", "EXIT_USAGE", "FETCH_DEFAULTS",
     "FetchResult", "MaildirWriter", "MboxWriter", "POP3Client", "POP3Error", "SEND_DEFAULTS",
     "UIDLState", "UsageError", "account_key", "build_message", "complete_header", "fetch",
-    "is_loopback", "main", "mboxrd_escape", "open_submission", "read_password",
-    "response_code", "send", "valid_uid",
+    "main", "mboxrd_escape", "open_submission", "read_password", "response_code", "send",
+    "valid_uid",
 ]
 
 log = logging.getLogger("mail_client")
@@ -323,15 +322,6 @@ def envelope_sender(message):
     return "MAILER-DAEMON"
 
 
-def is_loopback(host):
-    """True for 127.0.0.0/8, ::1 and "localhost": the only places a password may go in
-    the clear (as smtp_out's client and pop3d decide)."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
-
-
 # --- Passwords ---
 
 def read_password(config, prompt, environ=None):
@@ -393,6 +383,7 @@ class POP3Client:
         if tls not in TLS_MODES:
             raise ValueError("tls must be none, opportunistic or required")
         self.host = host
+        self.address = host            # the IP address once connected
         self.port = port
         self.server_name = server_name or host
         self.implicit_tls = port == POP3S_PORT if implicit_tls is None else implicit_tls
@@ -417,6 +408,7 @@ class POP3Client:
         except OSError as exc:
             raise POP3Error(E_POP3_CONNECT % (self.peer, exc.strerror or exc)) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = self.sock.getpeername()[0]
         self.reader = plumbing.LineReader(self.sock, self.timeout)
         if self.implicit_tls:
             self._handshake()
@@ -473,7 +465,7 @@ class POP3Client:
         Only over TLS or to a loopback address: a password never crosses a network in
         the clear. A refused login is permanent unless the server's code says otherwise.
         """
-        if not self.tls_active and not is_loopback(self.host):
+        if not self.tls_active and not plumbing.is_loopback(self.address):
             raise POP3Error(E_POP3_PLAINTEXT % self.peer)
         if any(c in user for c in "\r\n\0") or not user:
             raise POP3Error(E_BAD_USER, temporary=False)

@@ -1719,8 +1719,7 @@ def serve(config) -> int:
     except (OSError, KeyError, ValueError) as exc:
         print("mta: cannot start on spool %s: %s" % (config["spool"], exc), file=sys.stderr)
         return 1
-    for key in sorted(config):
-        log.info("config %s=%s", key, config[key])
+    plumbing.log_config(log, config)
     return plumbing.serve_until_signalled([runner])
 
 

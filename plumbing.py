@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import configparser
+import ipaddress
 import logging
 import logging.handlers
 import os
@@ -34,9 +35,10 @@ from typing import Optional
 
 __all__ = [
     "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError", "ServerStopping",
-    "ThreadedServer", "add_options", "auth_failure_delay", "decode_base64", "decode_plain",
-    "drop_privileges", "load_config", "new_queue_id", "parse_hostport", "serve_until_signalled",
-    "server_tls_context", "setup_logging",
+    "ThreadedServer", "add_options", "auth_failure_delay", "config_text", "decode_base64",
+    "decode_plain", "drop_privileges", "is_loopback", "load_config", "log_config",
+    "new_queue_id", "parse_hostport", "serve_until_signalled", "server_tls_context",
+    "setup_logging",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -203,6 +205,20 @@ class LineReader:
         return bool(pending and pending())
 
 
+# --- Addresses ---
+
+def is_loopback(ip: str) -> bool:
+    """True for an address of this very machine: 127.0.0.0/8, ::1, or IPv4-mapped
+    ::ffff:127.x.y.z. A host name (even "localhost") is not an address: False."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 # --- Threaded server and connection handler ---
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
@@ -232,7 +248,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     @property
     def is_loopback(self):
-        return self.client_ip.startswith("127.") or self.client_ip in ("::1", "::ffff:127.0.0.1")
+        return is_loopback(self.client_ip)
 
     def handle(self):
         try:
@@ -595,6 +611,21 @@ def load_config(section, defaults, args=None):
         if value is not None:
             config[key] = _convert(key, value, default)
     return config
+
+
+def config_text(value) -> str:
+    """A setting as the INI file writes it: yes/no, a comma-separated list, or the text."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def log_config(log, config) -> None:
+    """Log the effective settings at startup, one per line: "config: key=value", sorted."""
+    for key in sorted(config):
+        log.info("config: %s=%s", key, config_text(config[key]))
 
 
 # --- Logging and queue ids ---

@@ -106,18 +106,11 @@ def role_commands(config, ini_path):
 
 def write_role_config(config, path):
     """Write the settings the roles read: shared ones in [DEFAULT], the rest per role."""
-    def text(value):
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, list):
-            return ", ".join(value)
-        return str(value)
-
     parser = configparser.ConfigParser(interpolation=None)
     for key in SHARED_KEYS:
         if config[key] not in ("", []):
-            parser["DEFAULT"][key] = text(config[key])
-    parser["smtp_out"] = {"remote_port": text(config["remote_port"])}
+            parser["DEFAULT"][key] = plumbing.config_text(config[key])
+    parser["smtp_out"] = {"remote_port": plumbing.config_text(config["remote_port"])}
     for key in ("relay_host", "relay_auth_file"):
         if config[key]:
             parser["smtp_out"][key] = config[key]
@@ -311,6 +304,7 @@ def main(argv=None):
     if any(not problem.startswith("postmaster@") for problem in problems):
         return 1
 
+    plumbing.log_config(log, config)
     run_dir = os.path.join(config["spool"], "run")
     os.makedirs(run_dir, exist_ok=True)
     ini_path = os.path.join(run_dir, "run_all.ini")

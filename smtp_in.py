@@ -1019,8 +1019,7 @@ def main(argv=None):
                 server.server_close()
             return 1
     plumbing.drop_privileges(config["user"])
-    for key in sorted(config):
-        log.info("config: %s=%s", key, config[key])
+    plumbing.log_config(log, config)
     for server in servers:
         log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
                  "smtps" if server.implicit_tls else

@@ -24,7 +24,6 @@ import argparse
 import base64
 import collections
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -308,13 +307,6 @@ def valid_path(address):
             and not PATH_BREAKERS.search(address))
 
 
-def is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def client_tls_context(verify=False, ca_file=None):
     """A client context: TLS 1.2 or newer; verified (system CAs or ca_file) or not.
 
@@ -522,7 +514,7 @@ class SMTPClient:
         A refusal raises DeliveryError marked temporary: wrong credentials are ours to fix,
         and the mail should wait for that rather than bounce.
         """
-        if not self.tls_active and not is_loopback(self.host):
+        if not self.tls_active and not plumbing.is_loopback(self.address):
             raise DeliveryError(R_AUTH_PLAINTEXT % self.peer)
         mechanisms = self.auth_mechanisms
         if not mechanisms:
@@ -1255,8 +1247,7 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
-    for key in sorted(config):
-        log.info("config %s = %s", key, config[key])
+    plumbing.log_config(log, config)
     queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
                       lifetime=float(config["queue_lifetime"]),
                       delay_warning=float(config["delay_warning"]))

@@ -1,6 +1,7 @@
 """The shared server plumbing, over real sockets on 127.0.0.1 with ephemeral ports."""
 
 import configparser
+import logging
 import socket
 import ssl
 import subprocess
@@ -402,3 +403,24 @@ def test_log_lines_carry_role_and_pid(capfd):
 def test_auth_failure_delay_grows():
     delays = [plumbing.auth_failure_delay(n) for n in range(5)]
     assert delays[0] == 0 and delays == sorted(delays) and len(set(delays)) == 5
+
+
+@pytest.mark.parametrize("ip, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("0:0:0:0:0:0:0:1", True),
+    ("::ffff:127.0.0.1", True), ("::ffff:127.1.2.3", True), ("::1%lo", True),
+    ("192.0.2.1", False), ("::ffff:192.0.2.1", False), ("128.0.0.1", False),
+    ("localhost", False), ("", False), ("127.0.0.1.example", False),
+])
+def test_is_loopback_knows_the_whole_loopback_net_and_mapped_addresses(ip, loopback):
+    assert plumbing.is_loopback(ip) is loopback
+
+
+def test_log_config_writes_one_key_a_line_in_the_ini_shape(caplog):
+    config = {"spool": "/var/spool/mail", "domain": ["a.example", "b.example"],
+              "submission": True, "verbose": False, "max_size": 1000, "relay_network": []}
+    with caplog.at_level(logging.INFO, logger="test_role"):
+        plumbing.log_config(logging.getLogger("test_role"), config)
+    assert caplog.messages == [
+        "config: domain=a.example, b.example", "config: max_size=1000",
+        "config: relay_network=", "config: spool=/var/spool/mail", "config: submission=yes",
+        "config: verbose=no"]

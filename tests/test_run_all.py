@@ -1,6 +1,7 @@
 """run_all.py: one command that runs every role, checks its configuration, and supervises."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,3 +141,21 @@ def test_sigterm_stops_every_role_within_seconds(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_every_role_logs_its_settings_in_one_shape(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--domain", "a.test",
+                    "--domain", "b.test", *ports_args())
+    try:
+        log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        wait_for_text(tmp_path / "run_all.log", "smtp_out[")
+    finally:
+        stop(process)
+    settings = [line for line in log.splitlines() if re.match(r"\w+\[\d+\]: config", line)]
+    assert all(re.match(r"\w+\[\d+\]: config: [a-z0-9_]+=", line) for line in settings), settings
+    for role in ("run_all", "smtp_in", "mta", "smtp_out", "pop3d"):
+        assert any(re.match(r"%s\[\d+\]: config: verbose=no\Z" % role, line)
+                   for line in settings), role
+        if role != "smtp_out":
+            assert any(re.match(r"%s\[\d+\]: config: domain=a.test, b.test\Z" % role, line)
+                       for line in settings), role
