@@ -71,7 +71,6 @@ TLS_NONE = smtp_out.TLS_NONE
 TLS_OPPORTUNISTIC = smtp_out.TLS_OPPORTUNISTIC
 TLS_REQUIRED = smtp_out.TLS_REQUIRED
 TLS_MODES = (TLS_REQUIRED, TLS_OPPORTUNISTIC, TLS_NONE)
-NOT_OFFERED_STATUS = "4.7.4"       # RFC 3463: security features not supported (no STARTTLS)
 
 # Exit statuses (sysexits.h where one fits): scripts retry on 75, not on 1. The server's
 # word decides (5xx, -ERR at login or with [AUTH]/[SYS/PERM]); the network, TLS and busy
@@ -892,25 +891,18 @@ def open_submission(config, host, port, context, implicit_tls):
 
     smtp_out's opportunistic mode falls back to plaintext when an offered STARTTLS
     fails (RFC 7435, right for MX delivery). A person who asked for a verified server
-    wants an error instead, before any password is sent: so STARTTLS is required, and
-    only a server that offers none (4.7.4) is asked again in the clear.
+    wants an error instead, before any password is sent: so opportunistic here is
+    smtp_out's no-downgrade mode, in the clear only with a server that offers no STARTTLS.
     """
-    def connect(tls):
-        client = smtp_out.SMTPClient(
-            host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
-            tls_verify=context.verify_mode == ssl.CERT_REQUIRED, tls_context=context,
-            implicit_tls=implicit_tls, timeouts=smtp_timeouts(config["timeout"]))
-        client.open()
-        return client
-
-    if config["tls"] != TLS_OPPORTUNISTIC:
-        return connect(config["tls"])
-    try:
-        return connect(TLS_REQUIRED)
-    except smtp_out.DeliveryError as exc:
-        if exc.reply.status != NOT_OFFERED_STATUS:
-            raise
-    return connect(TLS_NONE)
+    tls = config["tls"]
+    if tls == TLS_OPPORTUNISTIC:
+        tls = smtp_out.TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    client = smtp_out.SMTPClient(
+        host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
+        tls_verify=context.verify_mode == ssl.CERT_REQUIRED, tls_context=context,
+        implicit_tls=implicit_tls, timeouts=smtp_timeouts(config["timeout"]))
+    client.open()
+    return client
 
 
 def send(config, message, out=None):

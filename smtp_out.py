@@ -40,9 +40,9 @@ import mta
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "Deliverer", "DeliveryError", "Hop", "Outcome", "OutboundDaemon",
-    "RecipientResult", "Reply", "SMTPClient", "TLS_NONE", "TLS_OPPORTUNISTIC", "TLS_REQUIRED",
-    "Timeouts", "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
+    "DEFAULTS", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
+    "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
+    "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts", "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
     "read_credentials",
 ]
 
@@ -63,7 +63,9 @@ ONCE_SLICE = 500                   # messages claimed at once by --once
 
 TLS_NONE = "none"                  # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; plaintext when not or on failure
+TLS_OPPORTUNISTIC_NO_DOWNGRADE = "opportunistic-no-downgrade"  # plaintext only when not offered
 TLS_REQUIRED = "required"          # no TLS, no mail (deferred)
+TLS_MODES = (TLS_NONE, TLS_OPPORTUNISTIC, TLS_OPPORTUNISTIC_NO_DOWNGRADE, TLS_REQUIRED)
 
 DEFAULTS = {
     "spool": "./mailspool",
@@ -72,7 +74,7 @@ DEFAULTS = {
     "remote_port": SMTP_PORT,
     "relay_host": "",
     "relay_auth_file": "",         # "user:password" on one line; never a flag value
-    "relay_tls": TLS_REQUIRED,     # none | opportunistic | required, for the relay host
+    "relay_tls": TLS_REQUIRED,     # one of TLS_MODES, for the relay host
     "relay_insecure": False,       # do not verify the relay host's certificate
     "tls_verify": False,           # MX delivery: require TLS and a verified certificate
     "tls_ca_file": "",             # CA bundle for verification instead of the system's
@@ -105,7 +107,8 @@ DEFAULTS = {
 HELP = {
     "hostname": "name sent in EHLO and checked against MX targets (default: the FQDN)",
     "relay_auth_file": "file with one line user:password for AUTH to the relay host",
-    "relay_tls": "TLS to the relay host: none, opportunistic or required",
+    "relay_tls": "TLS to the relay host: none, opportunistic, opportunistic-no-downgrade or "
+                 "required",
     "relay_insecure": "do not verify the relay host's certificate",
     "tls_verify": "MX delivery: require STARTTLS with a verified certificate, else defer",
     "tls_ca_file": "PEM CA bundle to verify certificates with (default: the system's)",
@@ -268,8 +271,14 @@ class Outcome:
         return "bounced" if self.reply.permanent else "deferred"
 
 
-class _HandshakeFailed(Exception):
-    """The TLS handshake failed; the connection is unusable (opportunistic TLS retries)."""
+class HandshakeError(DeliveryError):
+    """The TLS handshake failed (temporary, 4.7.5); the connection is closed and unusable.
+
+    Opportunistic TLS catches it to try again in the clear on a new connection.
+    """
+
+    def __init__(self, peer, reason):
+        super().__init__(R_TLS_FAILED % (peer, reason))
 
 
 # --- Pure helpers ---
@@ -354,7 +363,10 @@ class SMTPClient:
     transaction: each recipient gets a RecipientResult, and a lost connection shows as a
     local transient reply for those not yet answered (then client.connected is False).
     tls is TLS_NONE, TLS_OPPORTUNISTIC (STARTTLS when offered; a failed handshake is
-    retried once in plaintext on a new connection) or TLS_REQUIRED (deferred without it).
+    retried once in plaintext on a new connection, RFC 7435), TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    (plaintext only when STARTTLS is not offered; an offered one that is refused or fails
+    raises DeliveryError, for a client whose password follows) or TLS_REQUIRED (deferred
+    without it).
     tls_verify checks the certificate against server_name (system CAs, or tls_ca_file).
     implicit_tls (default: port 465) starts TLS before the greeting (RFC 8314).
     """
@@ -362,8 +374,8 @@ class SMTPClient:
     def __init__(self, host, port=SMTP_PORT, *, helo_name, server_name=None,
                  tls=TLS_OPPORTUNISTIC, tls_verify=False, tls_ca_file=None, tls_context=None,
                  implicit_tls=None, timeouts=None, source_address=None):
-        if tls not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
-            raise ValueError("tls must be none, opportunistic or required")
+        if tls not in TLS_MODES:
+            raise ValueError("tls must be one of %s" % ", ".join(TLS_MODES))
         self.host = host
         self.port = port
         self.helo_name = helo_name
@@ -413,12 +425,12 @@ class SMTPClient:
         """Connect, read the greeting, EHLO (or HELO), STARTTLS as the policy says."""
         try:
             self._open(starttls=self.tls != TLS_NONE)
-        except _HandshakeFailed as exc:
-            if self.tls == TLS_REQUIRED:
-                raise DeliveryError(R_TLS_FAILED % (self.peer, exc)) from None
+        except HandshakeError as exc:
+            if self.tls != TLS_OPPORTUNISTIC:
+                raise
             # RFC 7435 4: opportunistic TLS falls back to a clear connection, a new one,
             # since a failed handshake leaves the old one in no known state.
-            log.info("TLS with %s failed (%s); trying again without TLS", self.peer, exc)
+            log.info("%s; trying again without TLS", exc.reply.text)
             self._open(starttls=False)
 
     def _open(self, starttls):
@@ -480,10 +492,15 @@ class SMTPClient:
         raise DeliveryError(reply)       # 5xx to HELO too: this server will not take mail
 
     def starttls(self):
-        """STARTTLS (RFC 3207), then EHLO again: what was learnt before TLS is forgotten."""
+        """STARTTLS (RFC 3207), then EHLO again: what was learnt before TLS is forgotten.
+
+        Raises HandshakeError (a temporary DeliveryError) when the handshake fails. A
+        refusal lets the session go on in the clear, unless the policy is required or
+        no-downgrade: then it raises DeliveryError too.
+        """
         reply = self.command("STARTTLS", self.timeouts.starttls, "sending STARTTLS")
         if reply.code != 220:
-            if self.tls == TLS_REQUIRED:
+            if self.tls in (TLS_REQUIRED, TLS_OPPORTUNISTIC_NO_DOWNGRADE):
                 self.quit()
                 raise DeliveryError(R_TLS_FAILED % (self.peer, reply.text))
             return reply                 # refused: the session goes on in the clear
@@ -497,14 +514,14 @@ class SMTPClient:
         # after it; bytes read past the 220 would be injected plaintext.
         if self.reader.buffer:
             self.close()
-            raise _HandshakeFailed("server sent data before the TLS handshake")
+            raise HandshakeError(self.peer, "server sent data before the TLS handshake")
         self.reader.discard_buffer()
         self.sock.settimeout(self.timeouts.starttls)
         try:
             self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             self.close()
-            raise _HandshakeFailed(getattr(exc, "reason", None) or str(exc)) from None
+            raise HandshakeError(self.peer, getattr(exc, "reason", None) or str(exc)) from None
         self.reader.sock = self.sock
         self.tls_active = True
 
@@ -1236,8 +1253,8 @@ def main(argv=None):
         return 1
     plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
     try:
-        if config["relay_tls"] not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
-            raise ValueError("relay_tls: one of none, opportunistic, required")
+        if config["relay_tls"] not in TLS_MODES:
+            raise ValueError("relay_tls: one of %s" % ", ".join(TLS_MODES))
         if config["relay_host"]:
             plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
         credentials = None

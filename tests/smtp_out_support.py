@@ -41,6 +41,7 @@ class Script:
     end_reply: str = "250 2.0.0 OK queued"
     stall: Optional[str] = None        # "greeting", "mail", "end": never answer there
     tls_break: bool = False            # answer 220 to STARTTLS, then close instead of TLS
+    starttls_reply: str = ""           # a refusal to answer STARTTLS with instead of 220
     users: dict = field(default_factory=dict)            # AUTH user -> password
     stall_seconds: float = 30.0
     end_delay: float = 0.0             # seconds between the final dot and the reply
@@ -92,6 +93,9 @@ class SinkHandler(plumbing.ConnectionHandler):
                 self.helo = text[5:]
                 self.write("250 sink.test")
             elif verb == "STARTTLS" and server.tls_context is not None:
+                if script.starttls_reply:
+                    self.write(script.starttls_reply)
+                    continue
                 if script.tls_break:
                     self.write("220 2.0.0 go ahead")
                     self.flush()

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import mail_client
+from smtp_out_support import Script, Sink
 from mail_client_support import (  # noqa: F401 (fixtures)
     CuttingProxy, ScriptedPOP3, USERS, fill_mailbox, maildir_subjects, mbox_subjects,
     server_messages, servers, spool, spooled_messages, start_pop3, start_submission, store,
@@ -147,6 +148,27 @@ def test_opportunistic_tls_goes_on_in_the_clear_only_when_no_starttls_is_offered
                           "--to", BOB] + password_env, capsys, MESSAGE)
     assert status == 0 and "status=sent" in out
     assert b"with ESMTPA" in spooled_messages(spool)[0]
+
+
+def test_opportunistic_send_makes_one_connection_and_no_plaintext_after_a_failed_starttls(
+        tls_files, password_env, capsys):
+    users = {ALICE: USERS[ALICE]}
+    plain = Sink.start(script=Script(users=users))
+    broken = Sink.start(tls_files=tls_files, script=Script(users=users, tls_break=True))
+    try:
+        status, out, _ = run(["send", "--server", "127.0.0.1:%d" % plain.port, "--from", ALICE,
+                              "--to", BOB, "--timeout", "10"] + password_env, capsys, MESSAGE)
+        assert status == 0 and "status=sent" in out
+        assert plain.sessions == 1                     # no second try when STARTTLS is absent
+        status, out, err = run(["send", "--server", "127.0.0.1:%d" % broken.port, "--from",
+                                ALICE, "--to", BOB, "--timeout", "10", "--insecure"]
+                               + password_env, capsys, MESSAGE)
+        assert status == mail_client.EXIT_TEMPFAIL and out == "" and "4.7.5" not in out
+        assert "TLS with 127.0.0.1[127.0.0.1]:%d failed" % broken.port in err
+        assert broken.sessions == 1 and "AUTH" not in broken.commands
+    finally:
+        plain.close()
+        broken.close()
 
 
 def test_tls_required_without_starttls_fails(start_submission, spool, password_env, capsys):

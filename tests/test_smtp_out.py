@@ -285,6 +285,38 @@ def test_failed_handshake_falls_back_to_plaintext_unless_tls_is_required(sinks, 
     assert caught.value.reply.status == "4.7.5"
 
 
+def test_starttls_called_by_hand_raises_a_temporary_delivery_error_when_the_handshake_fails(
+        sinks, tls_files):
+    sink = sinks(tls_files=tls_files, script=Script(tls_break=True))
+    client = client_for(sink, tls=smtp_out.TLS_NONE)
+    client.open()
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client.starttls()
+    assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
+    assert not client.connected
+
+
+def test_no_downgrade_goes_on_in_the_clear_only_when_starttls_is_not_offered(sinks, tls_files):
+    mode = smtp_out.TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    with client_for(sinks(), tls=mode) as client:          # no STARTTLS offered: clear
+        client.open()
+        assert not client.tls_active
+        assert client.send_message("a@b.test", ["x@x.test"], b"\r\n")[0].delivered
+    with client_for(sinks(tls_files=tls_files), tls=mode) as client:
+        client.open()
+        assert client.tls_active
+    broken = sinks(tls_files=tls_files, script=Script(tls_break=True))
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(broken, tls=mode).open()
+    assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
+    assert broken.sessions == 1 and "MAIL" not in " ".join(broken.commands)
+    refusing = sinks(tls_files=tls_files, script=Script(starttls_reply="454 4.7.0 TLS not available"))
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(refusing, tls=mode).open()
+    assert "454 4.7.0" in caught.value.reply.text and not caught.value.permanent
+    assert refusing.commands[-1] == "QUIT" and refusing.sessions == 1
+
+
 def test_required_tls_without_starttls_offered_defers_4_7_4(sinks):
     sink = sinks()
     with pytest.raises(smtp_out.DeliveryError) as caught:
