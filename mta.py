@@ -92,8 +92,8 @@ The API smtp_out uses (all in __all__):
                 claim.deferred(rcpt, reply, dsn="4.4.1", remote_mta="")
                 claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org")
 
-deferred() picks the next attempt (retry_delay()) and fails the recipient with 4.4.7 once
-the message is older than the queue lifetime. Releasing the claim queues one DSN for the
+deferred() picks the next attempt (the queue's retry schedule, retry_delay()) and fails the
+recipient with 4.4.7 once the message is older than the queue lifetime. Releasing the claim queues one DSN for the
 new failures (never to a null sender: a double bounce goes to the postmaster, and a
 failed double bounce is dropped with a log line), a delay notice when due, and files the
 message away. Queue.send_dsn() is that DSN step on its own; build_dsn() builds the bytes.
@@ -136,7 +136,8 @@ import plumbing
 __all__ = [
     "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
     "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
-    "build_dsn", "enqueue", "main", "parse_queue_file", "prepare_submission", "retry_delay",
+    "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
+    "parse_retry_schedule", "prepare_submission", "retry_delay",
     "wake",
 ]
 
@@ -149,6 +150,7 @@ DEFAULTS = {
     "hop_limit": 50,
     "queue_lifetime": 5 * 86400,
     "delay_warning": 4 * 3600,
+    "retry_schedule": "5m,10m,20m,40m,1h",
     "max_size": 35 * 1024 * 1024,
     "user": "",
     "syslog": False,
@@ -172,8 +174,8 @@ MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
 QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
 DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
-MIN_BACKOFF = 300                  # first retry; doubled each attempt ...
-MAX_BACKOFF = 3600                 # ... up to an hour (RFC 5321 4.5.4.1 suggests 30 min)
+RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)   # after each failed try; the last repeats
+RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
@@ -202,6 +204,7 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{1,64}\Z")
+RETRY_STEP_PATTERN = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)\Z")
 STATUS_PATTERN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 REPLY_STATUS_PATTERN = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -348,13 +351,29 @@ def valid_queue_id(name: str) -> bool:
     return bool(QUEUE_ID_PATTERN.match(name))
 
 
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after the attempts-th failed attempt: 5 min, doubling, at most 1 h.
+def retry_delay(attempts: int, schedule: tuple = RETRY_SCHEDULE) -> float:
+    """Seconds to wait after the attempts-th failed attempt: that step of schedule, its
+    last step once the attempts outnumber the steps (default 5, 10, 20, 40 min, then 1 h).
 
     RFC 5321 4.5.4.1 asks for at least 30 minutes between tries; like Postfix the first
     tries come sooner, because most temporary failures (greylisting) clear in minutes.
     """
-    return float(min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF))
+    return float(schedule[min(max(attempts, 1), len(schedule)) - 1])
+
+
+def parse_retry_schedule(text: str) -> tuple:
+    """The seconds of a retry_schedule setting, "5m,10m,20m,40m,1h" (units s, m, h, d; a
+    bare number is seconds; commas or spaces between). Raises ValueError saying why."""
+    steps = []
+    for item in str(text).replace(",", " ").split():
+        found = RETRY_STEP_PATTERN.match(item.lower())
+        seconds = float(found.group(1)) * RETRY_UNITS[found.group(2) or "s"] if found else 0
+        if not seconds > 0:
+            raise ValueError("retry_schedule: %r is not a wait such as 30s, 5m, 1h or 2d" % item)
+        steps.append(seconds)
+    if not steps:
+        raise ValueError("retry_schedule: no wait given (e.g. 5m,10m,20m,40m,1h)")
+    return tuple(steps)
 
 
 def reply_status(reply: str, default: str = "") -> str:
@@ -880,7 +899,8 @@ class Claim:
 
     def deferred(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
                  remote_mta: str = ""):
-        """A temporary failure: try again after retry_delay(), or fail once expired."""
+        """A temporary failure: try again as the queue's retry schedule says, or fail once
+        expired."""
         now = self.queue.clock()
         reply = clean_text(reply, MAX_REPLY)
         dsn = normal_status(dsn) if dsn else reply_status(reply, "4.0.0")
@@ -889,7 +909,7 @@ class Claim:
             self.failed(recipient, reply, DSN_EXPIRED, remote_mta)
             return
         self.record({"event": "deferred", "rcpt": recipient.index, "at": now,
-                     "next": now + retry_delay(recipient.attempts + 1), "dsn": dsn,
+                     "next": now + self.queue.retry_delay(recipient.attempts + 1), "dsn": dsn,
                      "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
         self.log_result(recipient, "deferred", reply)
 
@@ -925,20 +945,32 @@ class Queue:
     clock is the time source for every decision (due, expired, delay notice); tests pass
     a fake one to run the five-day schedule in a second. postmaster receives double
     bounces ("postmaster" alone is routed to the first local domain's postmaster).
+    retry_schedule is the waits between tries, in seconds or as the retry_schedule
+    setting's text ("5m,10m,20m,40m,1h"; the last repeats); ValueError when it is bad.
     """
 
     def __init__(self, spool_dir: str, *, hostname: Optional[str] = None,
                  lifetime: float = QUEUE_LIFETIME, delay_warning: float = DELAY_WARNING,
-                 postmaster: str = "postmaster", clock: Callable[[], float] = time.time):
+                 postmaster: str = "postmaster", clock: Callable[[], float] = time.time,
+                 retry_schedule=RETRY_SCHEDULE):
         self.spool_dir = os.fspath(spool_dir)
         self.hostname = hostname or socket.gethostname()
         self.lifetime = lifetime
         self.delay_warning = delay_warning
+        if isinstance(retry_schedule, str):
+            retry_schedule = parse_retry_schedule(retry_schedule)
+        if not retry_schedule or not all(step > 0 for step in retry_schedule):
+            raise ValueError("retry_schedule: give one or more waits longer than 0 s")
+        self.retry_schedule = tuple(float(step) for step in retry_schedule)
         self.postmaster = postmaster
         self.clock = clock
 
     def path(self, folder: str, name: str = "") -> str:
         return os.path.join(self.spool_dir, QUEUE_DIR, folder, name)
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds to wait after the attempts-th failed attempt, by this queue's schedule."""
+        return retry_delay(attempts, self.retry_schedule)
 
     def create(self):
         make_spool(self.spool_dir)
@@ -1711,6 +1743,7 @@ def serve(config) -> int:
         store = mailbox_store.Store(config["spool"], domains, hostname)
         queue = Queue(config["spool"], hostname=hostname, lifetime=config["queue_lifetime"],
                       delay_warning=config["delay_warning"],
+                      retry_schedule=config["retry_schedule"],
                       postmaster=("postmaster@" + domains[0]) if domains else "postmaster")
         queue.create()
         router = Router(queue, store, hop_limit=config["hop_limit"])
@@ -1757,6 +1790,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         config = plumbing.load_config("mta", DEFAULTS, args)
+        parse_retry_schedule(config["retry_schedule"])
     except UsageError as exc:
         print("mta: %s (see --help)" % exc, file=sys.stderr)
         return EX_USAGE

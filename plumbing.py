@@ -539,6 +539,7 @@ SHARED_HELP = {
     "max_size": "largest message accepted, in bytes",
     "max_connections": "concurrent connections in total",
     "max_per_address": "concurrent connections per client address",
+    "retry_schedule": "waits between delivery tries, e.g. 5m,10m,20m,40m,1h; the last repeats",
     "user": "user to run as after binding the ports (when started as root)",
     "syslog": "also log to syslog (/dev/log)",
     "verbose": "log debugging detail",

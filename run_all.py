@@ -27,6 +27,7 @@ import threading
 import time
 
 import mailbox_store
+import mta
 import plumbing
 
 __all__ = ["DEFAULTS", "Supervisor", "check_config", "main"]
@@ -51,6 +52,7 @@ DEFAULTS = {
     "relay_network": [],
     "idle_timeout": 300.0,
     "max_size": 35 * 1024 * 1024,
+    "retry_schedule": "5m,10m,20m,40m,1h",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -67,7 +69,7 @@ HELP = {
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
 SHARED_KEYS = ("spool", "domain", "hostname", "tls_cert", "tls_key", "dns", "idle_timeout",
-               "max_size", "relay_network", "user", "syslog", "verbose")
+               "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose")
 
 RESTART_DELAYS = (1, 2, 5, 10, 30)   # seconds before restarting a role that died, growing
 STABLE_AFTER = 60                    # a role up this long has its backoff reset
@@ -216,6 +218,10 @@ def check_config(config):
             plumbing.server_tls_context(config["tls_cert"], config["tls_key"])
         except (OSError, ssl.SSLError) as exc:
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
+    try:
+        mta.parse_retry_schedule(config["retry_schedule"])
+    except ValueError as exc:
+        problems.append(str(exc))
     if (config["smtps"] or config["pop3s"]) and not config["tls_cert"]:
         problems.append("tls: the SMTPS and POP3S listeners need --tls-cert and --tls-key")
     spool = config["spool"]

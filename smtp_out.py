@@ -87,6 +87,7 @@ DEFAULTS = {
     "poll_interval": POLL_INTERVAL,
     "queue_lifetime": float(mta.QUEUE_LIFETIME),   # as mta's: a deferral past it bounces (4.4.7)
     "delay_warning": float(mta.DELAY_WARNING),     # first delay notice to the sender
+    "retry_schedule": mta.DEFAULTS["retry_schedule"],  # as mta's: waits between tries
     "connect_timeout": 30.0,
     "greeting_timeout": 300.0,
     "ehlo_timeout": 300.0,
@@ -121,6 +122,7 @@ HELP = {
     "poll_interval": "seconds between queue scans when no wake-up comes",
     "queue_lifetime": "seconds a message may stay queued before it bounces (as mta's)",
     "delay_warning": "seconds queued before the sender gets a delay notice (as mta's)",
+    "retry_schedule": "waits between tries, e.g. 5m,10m,20m,40m,1h; the last repeats (as mta's)",
     "once": "deliver what is due now, then exit",
 }
 
@@ -1257,6 +1259,10 @@ def main(argv=None):
             raise ValueError("relay_tls: one of %s" % ", ".join(TLS_MODES))
         if config["relay_host"]:
             plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
+        queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
+                          lifetime=float(config["queue_lifetime"]),
+                          delay_warning=float(config["delay_warning"]),
+                          retry_schedule=config["retry_schedule"])
         credentials = None
         if config["relay_auth_file"]:
             credentials = read_credentials(config["relay_auth_file"])
@@ -1265,9 +1271,6 @@ def main(argv=None):
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
     plumbing.log_config(log, config)
-    queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
-                      lifetime=float(config["queue_lifetime"]),
-                      delay_warning=float(config["delay_warning"]))
     daemon = OutboundDaemon(config, queue, Deliverer(config, resolver, credentials))
     if config["once"]:
         daemon.run_once()

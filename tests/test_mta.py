@@ -325,7 +325,7 @@ def test_local_disk_error_defers_then_flush_delivers(spool, queue, router, caplo
     ((_, _, _, state),) = queue.listing()
     (recipient,) = state.recipients
     assert (recipient.status, recipient.dsn) == ("deferred", "4.3.0")
-    assert recipient.next_attempt > time.time() + mta.MIN_BACKOFF - 60
+    assert recipient.next_attempt > time.time() + mta.retry_delay(1) - 60
     os.unlink(os.path.join(maildir, "tmp"))
     assert queue.flush() == 1
     wait_for(lambda: maildir_files(spool, "bob@example.com"))
@@ -463,6 +463,42 @@ def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
 
 def test_retry_delay_doubles_from_five_minutes_to_an_hour():
     assert [mta.retry_delay(n) for n in range(1, 8)] == [300, 600, 1200, 2400, 3600, 3600, 3600]
+    assert mta.parse_retry_schedule(mta.DEFAULTS["retry_schedule"]) == mta.RETRY_SCHEDULE
+
+
+def test_retry_schedule_setting_takes_units_and_its_last_step_repeats():
+    assert mta.parse_retry_schedule("30s, 2m 1.5h,1d") == (30, 120, 5400, 86400)
+    assert mta.parse_retry_schedule("90") == (90,)
+    assert [mta.retry_delay(n, (60, 120)) for n in range(1, 5)] == [60, 120, 120, 120]
+
+
+@pytest.mark.parametrize("text", ["", " , ", "5x", "-5m", "0s", "5 m", "1e3", "m", "inf", "5m;1h"])
+def test_bad_retry_schedule_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="retry_schedule"):
+        mta.parse_retry_schedule(text)
+    with pytest.raises(ValueError, match="retry_schedule"):
+        mta.Queue("/nonexistent", retry_schedule=text)
+
+
+def test_queue_defers_by_its_own_retry_schedule(spool, store):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock, retry_schedule="1m,7m")
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    waits, folder = [], mta.OUTBOUND
+    for _ in range(3):
+        with queue.claim(folder, queue_id) as claim:
+            (recipient,) = claim.recipients
+            claim.deferred(recipient, "451 4.4.1 no answer", remote_mta="mx.remote.test")
+            waits.append(recipient.next_attempt - clock.now)
+        folder = mta.DEFERRED                  # where the claim filed it away
+    assert waits == [60, 420, 420]
+
+
+def test_mta_refuses_a_bad_retry_schedule_in_one_line(tmp_path, capsys):
+    assert mta.main(["--spool", str(tmp_path), "--retry-schedule", "5m,soon", "queue"]) == mta.EX_CONFIG
+    err = capsys.readouterr().err
+    assert err == "mta: retry_schedule: 'soon' is not a wait such as 30s, 5m, 1h or 2d\n"
 
 
 # --- Crash safety and concurrency ---

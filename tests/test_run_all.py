@@ -60,6 +60,14 @@ def test_check_reports_an_unwritable_spool(tmp_path):
     assert b"spool:" in result.stderr and b"Traceback" not in result.stderr
 
 
+def test_check_reports_a_bad_retry_schedule(tmp_path):
+    result = run_all("--check", "--spool", str(tmp_path / "spool"), "--retry-schedule", "soon",
+                     *ports_args())
+    assert result.returncode == 1
+    assert (b"run_all: retry_schedule: 'soon' is not a wait such as 30s, 5m, 1h or 2d\n"
+            in result.stderr)
+
+
 def test_bad_flag_value_is_one_clear_line(tmp_path):
     result = run_all("--max-size", "huge", "--spool", str(tmp_path))
     assert result.returncode == 1

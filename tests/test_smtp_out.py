@@ -817,6 +817,26 @@ def test_smarthost_with_auth_over_verified_tls_from_the_command_line(tmp_path, s
                         r"delay=[\d.]+, dsn=2\.0\.0, status=sent \(250 2\.0\.0 OK queued\)" % queue_id, line)
 
 
+def test_retry_schedule_from_the_command_line_sets_the_next_attempt(tmp_path):
+    spool = Spool(tmp_path / "spool", clock=time.time)
+    spool.send(["x@two.test"], b"Subject: later\r\n\r\nx\r\n")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]            # nobody listens there once it is closed
+    result = subprocess.run(SMTP_OUT + [
+        "--spool", spool.path, "--relay-host", "127.0.0.1:%d" % port, "--relay-tls", "none",
+        "--retry-schedule", "7m,1h", "--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ((_, _, _, state),) = spool.queue.listing()
+    (recipient,) = state.recipients
+    assert recipient.status == "deferred" and recipient.dsn == "4.4.1"
+    assert recipient.next_attempt - recipient.last_attempt == pytest.approx(420)
+    bad = subprocess.run(SMTP_OUT + ["--spool", spool.path, "--retry-schedule", "7 min", "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr == "smtp_out: retry_schedule: 'min' is not a wait such as 30s, 5m, 1h or 2d\n"
+
+
 def test_smarthost_certificate_is_verified_by_default(tmp_path, sinks, tls_files):
     relay = sinks(tls_files=tls_files)
     spool = Spool(tmp_path / "spool", clock=time.time)
