@@ -45,16 +45,20 @@ line, only ever appended:
     ...the message...
     {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
         {"kind": "local", "address": "bob@example.com"}, {"kind": "remote", "address": "x@example.org"}]}
-    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "reply": "250 ..."}
-    {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...", "reply": "..."}
-    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "reply": "..."}
+    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "relay": "",
+        "reply": "250 ..."}
+    {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...",
+        "relay": "...", "reply": "..."}
+    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "relay": "...", "reply": "..."}
     {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
     {"event": "flush", "at": ...}
 
-Each record is one line (the route record above is folded to fit the page). A "route"
+Each record is one line (the long ones above are folded to fit the page). A "route"
 record turns one envelope recipient (from) into final recipients numbered from rcpt on; kind is
-local, remote or error (an error carries its "reply" and is failed at once). A recipient
-is done when delivered, or failed and "notified" (its DSN is queued or was dropped).
+local, remote or error (an error carries its "reply" and is failed at once). "mta" is the
+host name of the server that answered (the DSN's Remote-MTA), "relay" where it was reached,
+name[address]:port (the log's relay=). A recipient is done when delivered, or failed and
+"notified" (its DSN is queued or was dropped).
 
 Durability and concurrency:
 
@@ -88,9 +92,11 @@ The API smtp_out uses (all in __all__):
         with claim:                               # leaving it releases the claim
             for domain, recipients in claim.groups.items():
                 ... send claim.message from claim.envelope.sender ...
-                claim.delivered(rcpt, reply, remote_mta="mx.example.org")
-                claim.deferred(rcpt, reply, dsn="4.4.1", remote_mta="")
-                claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org")
+                claim.delivered(rcpt, reply, remote_mta="mx.example.org",
+                                relay="mx.example.org[192.0.2.7]:25")
+                claim.deferred(rcpt, reply, dsn="4.4.1")
+                claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org",
+                             relay="mx.example.org[192.0.2.7]:25")
 
 deferred() picks the next attempt (the queue's retry schedule, retry_delay()) and fails the
 recipient with 4.4.7 once the message is older than the queue lifetime. Releasing the claim queues one DSN for the
@@ -256,7 +262,8 @@ class Recipient:
     next_attempt: float = 0.0      # deferred only
     reply: str = ""                # the last reply (SMTP text), for logs and DSNs
     dsn: str = ""                  # RFC 3463 status code of the last result
-    remote_mta: str = ""
+    remote_mta: str = ""           # host name of the server that answered (DSN Remote-MTA)
+    relay: str = ""                # where it was reached, name[address]:port (log relay=)
     notified: bool = False         # a failed DSN is queued (or was dropped)
     warned: bool = False           # a delayed DSN is queued
 
@@ -313,6 +320,11 @@ class QueueState:
         recipient.reply = clean_text(record.get("reply", ""), MAX_REPLY)
         recipient.dsn = checked_status(record.get("dsn", ""))
         recipient.remote_mta = clean_text(record.get("mta", ""), MAX_INFO)
+        recipient.relay = clean_text(record.get("relay", ""), MAX_INFO)
+        if not recipient.relay and "[" in recipient.remote_mta:
+            # A record written before the two were apart: "mta" held name[address]:port.
+            recipient.relay = recipient.remote_mta
+            recipient.remote_mta = recipient.remote_mta.partition("[")[0]
         if event == "deferred":
             recipient.next_attempt = float(record["next"])
 
@@ -622,8 +634,11 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
             protocol: Optional[str] = None, arrival: Optional[float] = None) -> str:
     """Write message and envelope durably into queue/incoming/, wake the router, return the id.
 
-    Raises SpoolError (an OSError with the cause's errno) when the message could not be
-    made durable, leaving nothing behind; ValueError for an address that cannot be queued.
+    Raises ValueError, before anything is written, when the message cannot be queued: no
+    recipient, an address that is empty (a recipient), not printable, longer than
+    MAX_ADDRESS or with white space at its ends, or a malformed queue_id; callers check
+    addresses first. Raises SpoolError (an OSError with the cause's errno) when the
+    message could not be made durable, leaving nothing behind.
     """
     spool_dir = os.fspath(spool_dir)
     recipients = [check_address_text(address) for address in recipients]
@@ -882,23 +897,30 @@ class Claim:
             _write_all(self.fd, data)
 
     def log_result(self, recipient, status, reply):
-        relay = recipient.remote_mta or ("local" if recipient.kind == "local" else "none")
+        relay = (recipient.relay or recipient.remote_mta
+                 or ("local" if recipient.kind == "local" else "none"))
         original = "" if recipient.original == recipient.address else ", orig_to=<%s>" % recipient.original
         log.info("%s: to=<%s>%s, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
                  self.queue_id, recipient.address, original, relay,
                  max(self.queue.clock() - self.envelope.arrival, 0), recipient.dsn or "-",
                  status, reply)
 
-    def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = ""):
-        """The recipient has the message (a Maildir file, or a 2xx from remote_mta)."""
+    def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = "",
+                  relay: str = ""):
+        """The recipient has the message (a Maildir file, or a 2xx from remote_mta).
+
+        remote_mta is the answering server's host name, for a DSN's Remote-MTA (RFC 3464
+        2.3.5); relay is where it was reached, name[address]:port, for the log. Likewise
+        in deferred() and failed().
+        """
         reply = clean_text(reply, MAX_REPLY)
         self.record({"event": "delivered", "rcpt": recipient.index, "at": self.queue.clock(),
                      "dsn": reply_status(reply, "2.0.0"), "mta": clean_text(remote_mta, MAX_INFO),
-                     "reply": reply})
-        self.log_result(recipient, "sent" if remote_mta else "delivered", reply)
+                     "relay": clean_text(relay, MAX_INFO), "reply": reply})
+        self.log_result(recipient, "sent" if remote_mta or relay else "delivered", reply)
 
     def deferred(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
-                 remote_mta: str = ""):
+                 remote_mta: str = "", relay: str = ""):
         """A temporary failure: try again as the queue's retry schedule says, or fail once
         expired."""
         now = self.queue.clock()
@@ -906,20 +928,22 @@ class Claim:
         dsn = normal_status(dsn) if dsn else reply_status(reply, "4.0.0")
         if now - self.envelope.arrival >= self.queue.lifetime:
             # RFC 5321 4.5.4.1: give up; RFC 3463 3.5 X.4.7 says why.
-            self.failed(recipient, reply, DSN_EXPIRED, remote_mta)
+            self.failed(recipient, reply, DSN_EXPIRED, remote_mta, relay)
             return
         self.record({"event": "deferred", "rcpt": recipient.index, "at": now,
                      "next": now + self.queue.retry_delay(recipient.attempts + 1), "dsn": dsn,
-                     "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+                     "mta": clean_text(remote_mta, MAX_INFO), "relay": clean_text(relay, MAX_INFO),
+                     "reply": reply})
         self.log_result(recipient, "deferred", reply)
 
     def failed(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
-               remote_mta: str = ""):
+               remote_mta: str = "", relay: str = ""):
         """A permanent failure: the sender gets a DSN when the claim is released."""
         reply = clean_text(reply, MAX_REPLY)
         dsn = normal_status(dsn) if dsn else reply_status(reply, "5.0.0")
         self.record({"event": "failed", "rcpt": recipient.index, "at": self.queue.clock(),
-                     "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+                     "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO),
+                     "relay": clean_text(relay, MAX_INFO), "reply": reply})
         self.log_result(recipient, "bounced", reply)
 
     def release(self):
@@ -983,7 +1007,8 @@ class Queue:
             return []
 
     def enqueue(self, sender: str, recipients: list, message: bytes, **info) -> str:
-        """enqueue() into this spool, with the arrival time from this queue's clock."""
+        """enqueue() into this spool, with the arrival time from this queue's clock; raises
+        ValueError and SpoolError as enqueue() does."""
         info.setdefault("arrival", self.clock())
         return enqueue(self.spool_dir, sender, recipients, message, **info)
 
@@ -1667,7 +1692,7 @@ def queue_report(queue: Queue) -> list:
                 "address": r.address, "original": r.original, "kind": r.kind, "status": r.status,
                 "attempts": r.attempts, "last_attempt": r.last_attempt or None,
                 "next_attempt": r.next_attempt if r.status == "deferred" else None,
-                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta})
+                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
         report.append({"queue_id": name, "folder": folder, "size": size,
                        "arrival": envelope.arrival, "sender": envelope.sender,
                        "client_address": envelope.client_address, "client_helo": envelope.client_helo,

@@ -264,7 +264,8 @@ class Outcome:
     """What one delivery attempt did for one recipient, as logged and recorded."""
     recipient: str
     reply: Reply
-    relay: str = "none"            # name[address]:port of the server that answered
+    relay: str = "none"            # name[address]:port of the server that answered (the log)
+    remote_mta: str = ""           # that server's host name (the DSN's Remote-MTA)
 
     @property
     def status(self):
@@ -907,17 +908,19 @@ class Deliverer:
         pending = list(recipients)
         done = {}
 
-        def settle(results, relay):
+        def settle(results, relay, remote_mta):
             for result in results:
+                outcome = Outcome(result.recipient, result.reply, relay, remote_mta)
                 if result.delivered or result.permanent:
-                    done[result.recipient] = Outcome(result.recipient, result.reply, relay)
+                    done[result.recipient] = outcome
                     pending.remove(result.recipient)
                 else:
-                    last[result.recipient] = Outcome(result.recipient, result.reply, relay)
+                    last[result.recipient] = outcome
 
         last = {}
         if client is not None:
-            settle(client.send_message(sender, pending, message, reset=True), client.peer)
+            settle(client.send_message(sender, pending, message, reset=True), client.peer,
+                   client.server_name)
             if pending or not client.connected:
                 client.quit()
                 client = None
@@ -928,16 +931,16 @@ class Deliverer:
         return [done[r] for r in recipients], client
 
     def _attempt(self, destination, sender, pending, message, settle, last):
-        def fail_all(reply, relay="none"):
+        def fail_all(reply, relay="none", remote_mta=""):
             for recipient in pending:
-                last[recipient] = Outcome(recipient, reply, relay)
+                last[recipient] = Outcome(recipient, reply, relay, remote_mta)
 
         try:
             hops = self.hops(destination)
         except DeliveryError as exc:
             fail_all(exc.reply)
             if exc.permanent:
-                settle([RecipientResult(r, exc.reply) for r in list(pending)], "none")
+                settle([RecipientResult(r, exc.reply) for r in list(pending)], "none", "")
             return None
         sessions = 0
         for hop in hops[:max(1, int(self.config.get("max_mx_addresses", 5)))]:
@@ -945,13 +948,14 @@ class Deliverer:
                 client = self.open(hop)
             except DeliveryError as exc:
                 relay = "%s[%s]:%d" % (hop.name, hop.address, hop.port)
-                fail_all(exc.reply, relay)
+                fail_all(exc.reply, relay, hop.name)
                 if exc.permanent:           # a 5xx to HELO: this server will not take it
-                    settle([RecipientResult(r, exc.reply) for r in list(pending)], relay)
+                    settle([RecipientResult(r, exc.reply) for r in list(pending)], relay, hop.name)
                     return None
                 continue
             sessions += 1
-            settle(client.send_message(sender, list(pending), message), client.peer)
+            settle(client.send_message(sender, list(pending), message), client.peer,
+                   client.server_name)
             if not pending and client.connected:
                 return client
             client.quit()
@@ -1147,15 +1151,17 @@ class OutboundDaemon:
         # A crash between the server's 250 and this write() delivers twice; nothing
         # else happens in between.
         for outcome in outcomes:
+            # The log names the address talked to, the DSN the host (RFC 3464 2.3.5).
             relay = "" if outcome.relay == "none" else outcome.relay
+            host = outcome.remote_mta
             reply, status = outcome.reply.text, outcome.reply.status
             for recipient in job.targets[outcome.recipient]:
                 if outcome.status == "sent":
-                    claim.delivered(recipient, reply, remote_mta=relay)
+                    claim.delivered(recipient, reply, remote_mta=host, relay=relay)
                 elif outcome.status == "bounced":
-                    claim.failed(recipient, reply, dsn=status, remote_mta=relay)
+                    claim.failed(recipient, reply, dsn=status, remote_mta=host, relay=relay)
                 else:
-                    claim.deferred(recipient, reply, dsn=status, remote_mta=relay)
+                    claim.deferred(recipient, reply, dsn=status, remote_mta=host, relay=relay)
         return client
 
     # -- running --

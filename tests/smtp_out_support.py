@@ -232,7 +232,7 @@ class Sink(plumbing.ThreadedServer):
 @dataclass
 class MemoryRecipient:
     address: str
-    result: Optional[tuple] = None     # (status, reply, dsn, remote_mta)
+    result: Optional[tuple] = None     # (status, reply, dsn, relay, remote_mta)
 
 
 @dataclass
@@ -255,18 +255,18 @@ class MemoryClaim:
             self.groups.setdefault(recipient.address.rpartition("@")[2], []).append(recipient)
         self.lock = threading.Lock()
 
-    def _set(self, recipient, status, reply, dsn, remote_mta):
+    def _set(self, recipient, status, reply, dsn, relay, remote_mta):
         with self.lock:
-            recipient.result = (status, reply, dsn, remote_mta)
+            recipient.result = (status, reply, dsn, relay, remote_mta)
 
-    def delivered(self, recipient, reply, remote_mta=""):
-        self._set(recipient, "delivered", reply, None, remote_mta)
+    def delivered(self, recipient, reply, remote_mta="", relay=""):
+        self._set(recipient, "delivered", reply, None, relay, remote_mta)
 
-    def deferred(self, recipient, reply, dsn=None, remote_mta=""):
-        self._set(recipient, "deferred", reply, dsn, remote_mta)
+    def deferred(self, recipient, reply, dsn=None, remote_mta="", relay=""):
+        self._set(recipient, "deferred", reply, dsn, relay, remote_mta)
 
-    def failed(self, recipient, reply, dsn=None, remote_mta=""):
-        self._set(recipient, "failed", reply, dsn, remote_mta)
+    def failed(self, recipient, reply, dsn=None, remote_mta="", relay=""):
+        self._set(recipient, "failed", reply, dsn, relay, remote_mta)
 
     def statuses(self):
         return [r.result[0] if r.result else None for r in self.recipients]

@@ -418,6 +418,27 @@ def test_permanent_remote_failure_is_bounced_with_remote_mta(spool, queue, store
     assert queue_empty(spool)
 
 
+def test_log_names_the_relay_and_the_dsn_the_remote_host(spool, queue, store, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "y@remote.test"], MESSAGE)
+    router = mta.Router(queue, store)
+    router.handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        x, y = claim.groups["remote.test"]
+        claim.failed(x, "550 5.1.1 no such user", remote_mta="mx.remote.test",
+                     relay="mx.remote.test[192.0.2.7]:25")
+        # A record from before the two were apart: "mta" held name[address]:port.
+        claim.record({"event": "failed", "rcpt": y.index, "at": time.time(), "dsn": "5.1.1",
+                      "mta": "mx2.remote.test[192.0.2.8]:25", "reply": "550 5.1.1 gone"})
+        assert (y.remote_mta, y.relay) == ("mx2.remote.test", "mx2.remote.test[192.0.2.8]:25")
+    assert "to=<x@remote.test>, relay=mx.remote.test[192.0.2.7]:25, " in caplog.text
+    for dsn_id in queue.ids(mta.INCOMING):
+        router.handle(dsn_id)
+    (dsn,) = read_mail(spool, "alice@example.com")
+    _, blocks, _ = dsn_fields(dsn)
+    assert [b["Remote-MTA"] for b in blocks] == ["dns; mx.remote.test", "dns; mx2.remote.test"]
+
+
 def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
     clock = FakeClock()
     queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
@@ -686,7 +707,7 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     mta.Router(queue, store).handle(routed)
     with queue.claim_outbound(routed) as claim:
         claim.deferred(claim.groups["remote.test"][0], "451 4.7.1 Greylisted, try later",
-                       remote_mta="mx.remote.test")
+                       remote_mta="mx.remote.test", relay="mx.remote.test[192.0.2.7]:25")
     result = run_cli(spool, "queue")
     assert result.returncode == 0
     text = result.stdout.decode()
@@ -701,6 +722,7 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     assert by_id[waiting]["folder"] == "incoming"
     (r,) = by_id[routed]["recipients"]
     assert (r["status"], r["dsn"], r["remote_mta"], r["attempts"]) == ("deferred", "4.7.1", "mx.remote.test", 1)
+    assert r["relay"] == "mx.remote.test[192.0.2.7]:25"
     assert r["next_attempt"] > time.time() + 200
     assert by_id[routed]["sender"] == "carol@example.com"
     assert report["quarantined"] == []

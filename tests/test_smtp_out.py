@@ -1,6 +1,7 @@
 """smtp_out.py: the SMTP client against scripted sinks and a real server, MX routing with a
 real dnsmasq, and the outbound queue daemon end to end over 127.0.0.0/8."""
 
+import logging
 import os
 import re
 import pathlib
@@ -560,8 +561,9 @@ def test_120_recipients_go_in_transactions_of_50_on_one_connection(sinks):
     assert [len(m.rcpt_to) for m in received] == [50, 50, 20]
     assert sink.sessions == 1 and sink.commands.count("RSET") == 2
     assert claim.statuses() == ["delivered"] * 120
-    status, reply, _, relay = claim.recipients[0].result
+    status, reply, _, relay, remote_mta = claim.recipients[0].result
     assert reply == "250 2.0.0 OK queued" and re.fullmatch(r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+", relay)
+    assert remote_mta == "127.0.0.1"                   # the relay host as configured
 
 
 def test_connections_stay_within_the_total_and_per_destination_caps(dns, sinks):
@@ -696,7 +698,8 @@ def test_4xx_defers_and_succeeds_after_flush(tmp_path, sinks, resolver):
     assert len(mx1.wait_for(1)) == 1 and spool.queued() == 0
 
 
-def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver):
+def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
     port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"])
     mx1.script.rcpt_replies = {"gone@two.test": "550 5.1.1 <gone@two.test>: no such user"}
     spool = Spool(tmp_path)
@@ -709,7 +712,8 @@ def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver
     assert block["Final-Recipient"] == "rfc822; gone@two.test" and block["Action"] == "failed"
     assert block["Status"] == "5.1.1"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@two.test>: no such user"
-    assert "mx1.two.test" in block["Remote-MTA"]
+    assert block["Remote-MTA"] == "dns; mx1.two.test"         # RFC 3464 2.3.5: the host name
+    assert "to=<gone@two.test>, relay=mx1.two.test[127.0.0.2]:%d," % port in caplog.text
     assert b"Message-ID: <m1@local.test>" in dsn.as_bytes()
 
 
