@@ -826,10 +826,12 @@ class Store:
         out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
 
     def recipient_exists(self, address: str) -> bool:
-        """True when expand(address) succeeds (used at RCPT time)."""
+        """True when expand(address) finds a destination (used at RCPT time); False for
+        an unknown or malformed address. Raises AliasLoop: a loop is the site's fault,
+        not the sender's, and deserves its own answer (5.4.6)."""
         try:
             return bool(self.expand(address))
-        except (AddressError, UnknownUser, AliasLoop):
+        except (AddressError, UnknownUser):
             return False
 
     def sender_addresses(self, user: str) -> set:

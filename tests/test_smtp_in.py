@@ -339,6 +339,18 @@ def test_unknown_local_user_is_refused_at_rcpt_with_550_5_1_1(start_smtp):
     assert client.command("RCPT TO:<Bob@Example.COM>")[0] == 250
 
 
+def test_looping_alias_is_refused_at_rcpt_with_550_5_4_6(start_smtp, spool):
+    with open(os.path.join(str(spool), "aliases"), "a") as aliases:
+        aliases.write("ping: pong\npong: ping\n")
+    client = greeted(start_smtp())
+    client.command("MAIL FROM:<a@example.org>")
+    assert client.command("RCPT TO:<ping@example.com>") == (
+        550, [smtp_in.R550_ALIAS_LOOP % "ping@example.com"])
+    assert client.command("RCPT TO:<nobody@example.com>") == (
+        550, [smtp_in.R550_UNKNOWN_USER % "nobody@example.com"])
+    assert client.command("RCPT TO:<sales@example.com>")[0] == 250
+
+
 def test_aliases_and_sub_addresses_are_accepted_at_rcpt(start_smtp, spool):
     client = greeted(start_smtp())
     client.command("MAIL FROM:<a@example.org>")
