@@ -362,7 +362,7 @@ def read_password(config, prompt, environ=None):
 
 # --- POP3 client ---
 
-class POP3Client:
+class POP3Client(plumbing.ClientConnection):
     """One POP3 session (RFC 1939) with CAPA, STLS and AUTH PLAIN, bounded in every read.
 
     client = POP3Client("pop.example.com", 110, tls=TLS_OPPORTUNISTIC)
@@ -389,28 +389,25 @@ class POP3Client:
         self.tls = TLS_REQUIRED if self.implicit_tls else tls
         self.tls_context = tls_context or smtp_out.client_tls_context(True)
         self.timeout = timeout
-        self.sock = None
-        self.reader = None
-        self.tls_active = False
         self.capabilities = {}         # CAPA keyword (upper case) -> argument text
 
     @property
     def peer(self):
         return "%s:%d" % (self.server_name, self.port)
 
+    def failure(self, kind, detail):
+        """The POP3Error for a failed step (plumbing.ClientConnection): all temporary."""
+        text = {"connect": E_POP3_CONNECT, "timeout": E_POP3_TIMEOUT, "lost": E_POP3_LOST,
+                "garbage": E_POP3_GARBAGE, "tls": E_POP3_TLS}[kind]
+        return POP3Error(text % (self.peer, detail))
+
     # -- connection --
 
     def open(self):
         """Connect, read the greeting, learn the capabilities, STLS as the policy says."""
-        try:
-            self.sock = socket.create_connection((self.host, self.port), self.timeout)
-        except OSError as exc:
-            raise POP3Error(E_POP3_CONNECT % (self.peer, exc.strerror or exc)) from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.address = self.sock.getpeername()[0]
-        self.reader = plumbing.LineReader(self.sock, self.timeout)
+        self.open_socket(self.host, self.port, self.timeout)
         if self.implicit_tls:
-            self._handshake()
+            self.handshake(self.tls_context, self.server_name, self.timeout)
         self.read_status("reading the greeting")
         self.capa()
         if self.tls != TLS_NONE and not self.tls_active:
@@ -440,23 +437,9 @@ class POP3Client:
     def stls(self):
         """RFC 2595 4: STLS, the handshake, then CAPA again (what came before is void)."""
         self.command("STLS", "asking STLS")
-        self._handshake()
+        # RFC 2595 4: bytes the server sent behind its +OK would be injected plaintext.
+        self.handshake(self.tls_context, self.server_name, self.timeout)
         self.capa()
-
-    def _handshake(self):
-        # RFC 2595 4: bytes the server sent behind its +OK would be plaintext injected
-        # into the TLS session; a server that does so is not to be trusted.
-        if self.reader.buffer:
-            self.close()
-            raise POP3Error(E_POP3_TLS % (self.peer, "data before the TLS handshake"))
-        self.sock.settimeout(self.timeout)
-        try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            self.close()
-            raise POP3Error(E_POP3_TLS % (self.peer, getattr(exc, "reason", None) or exc)) from None
-        self.reader.sock = self.sock
-        self.tls_active = True
 
     def login(self, user, password):
         """AUTH PLAIN (RFC 5034, RFC 4616) when offered, else USER and PASS (RFC 1939 7).
@@ -477,7 +460,7 @@ class POP3Client:
                 return self.command("AUTH PLAIN " + response, stage, secret=True, temporary=False)
             # RFC 5034 4: too long for an initial response; answer the "+ " instead.
             self.send("AUTH PLAIN")
-            line = self.read_line(stage)
+            line = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
             if not line.startswith(b"+ ") and line != b"+":
                 raise POP3Error(line.decode("utf-8", "replace"), temporary=False)
             return self.command(response, stage, secret=True, temporary=False)
@@ -551,7 +534,7 @@ class POP3Client:
                     self.close()       # not worth reading to its end
                     raise POP3Error(E_TOO_BIG_CLOSED % (number, max_size), temporary=False)
             scanned = max(0, len(data) - len(TERMINATOR) + 1)
-            data += self.read_block(stage)
+            data += self.read_block(self.timeout, stage)
         # Whatever came after the end belongs to the next response.
         self.reader.buffer[0:0] = data[end + len(TERMINATOR):]
         if skipped or end - len(CRLF) > max_size:
@@ -559,22 +542,6 @@ class POP3Client:
         del data[end + 2:]
         message = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
         return message.replace(b"\r\n", b"\n")
-
-    def read_block(self, stage):
-        """The next bytes from the server, as they come; POP3Error at EOF or timeout."""
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        try:
-            block = self.reader.read_block()
-        except plumbing.ReadTimeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            block = b""
-        if not block:
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        return block
 
     def dele(self, number):
         return self.command("DELE %d" % number, "deleting message %d" % number)
@@ -590,14 +557,6 @@ class POP3Client:
         finally:
             self.close()
 
-    def close(self):
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
-
     # -- the wire --
 
     def command(self, line, stage, secret=False, temporary=True):
@@ -607,43 +566,16 @@ class POP3Client:
         return self.read_status(stage, temporary)
 
     def send(self, line, secret=False):
+        verb = line.split(" ", 1)[0]
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("> %s %s", self.peer, line.split(" ", 1)[0] + " <redacted>" if secret else line)
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, "sending " + line.split(" ", 1)[0]))
-        try:
-            self.sock.settimeout(self.timeout)
-            self.sock.sendall(line.encode("utf-8") + b"\r\n")
-        except socket.timeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, "sending")) from None
-        except (OSError, ValueError):
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, "sending")) from None
-
-    def read_line(self, stage):
-        """One line of a status or a listing (bytes, without its end), bounded in length
-        and time (RFC 1939 ends lines with CRLF; a bare LF is taken too)."""
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        try:
-            line = self.reader.readline(MAX_RESPONSE_LINE)
-        except plumbing.ReadTimeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            line = None
-        if line is None or not line.ending:
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        if line.too_long:
-            self.close()
-            raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
-        return line.data
+            log.debug("> %s %s", self.peer, verb + " <redacted>" if secret else line)
+        self.send_bytes(line.encode("utf-8") + b"\r\n", self.timeout, "sending " + verb)
 
     def read_status(self, stage, temporary=True):
-        """The status line: its text on +OK; POP3Error (with the server's text) on -ERR."""
-        data = self.read_line(stage)
+        """The status line: its text on +OK; POP3Error (with the server's text) on -ERR.
+        Lines are bounded in length and time (RFC 1939 ends them with CRLF; a bare LF is
+        taken too)."""
+        data = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
         text = data.decode("utf-8", "replace")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %s %s", self.peer, text)
@@ -658,7 +590,7 @@ class POP3Client:
         """The lines of a multi-line listing up to the lone ".", unstuffed (RFC 1939 3);
         more than MAX_LISTING lines is garbage."""
         for _ in range(MAX_LISTING):
-            line = self.read_line(stage)
+            line = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
             if line == b".":
                 return
             yield line[1:] if line.startswith(b".") else line

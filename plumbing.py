@@ -7,11 +7,13 @@ Written once and imported by every daemon (smtp_in, pop3d, mta, smtp_out, run_al
   implicit TLS, STARTTLS and a graceful shutdown;
 - LineReader: a bounded line reader that reads in blocks and reports how each line ended
   (CRLF, bare LF or bare CR), which SMTP needs against smuggling;
+- ClientConnection: the same bounded reads, and TLS, for a protocol client;
 - TLS contexts, strict SASL PLAIN and LOGIN decoding (RFC 4616, RFC 4954);
 - configuration (defaults, then an INI file, then flags), logging in the shape of
   DESIGN.md, queue ids, and dropping root privileges.
 
-This module knows no mail protocol: a role subclasses the server and the handler.
+This module knows no mail protocol: a role subclasses the server and the handler, or the
+client connection.
 """
 
 import argparse
@@ -34,8 +36,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
-    "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError", "ServerStopping",
-    "ThreadedServer", "add_options", "auth_failure_delay", "config_text", "decode_base64",
+    "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
+    "ServerStopping", "ThreadedServer", "add_options", "auth_failure_delay", "config_text", "decode_base64",
     "decode_plain", "drop_privileges", "is_loopback", "load_config", "log_config",
     "new_queue_id", "parse_hostport", "serve_until_signalled", "server_tls_context",
     "setup_logging",
@@ -460,6 +462,119 @@ def server_tls_context(cert_file, key_file):
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+# --- The client's end of a connection ---
+
+class ClientConnection:
+    """A client's connection to a line-protocol server: one socket, its LineReader, TLS,
+    and every step bounded in time (smtp_out's SMTP client, mail_client's POP3 client).
+
+    It fails in one way. The subclass's failure(kind, detail) returns the exception to
+    raise: kind "connect" (detail: the reason), "timeout" or "lost" (the stage: what the
+    client was doing), "garbage" (a line past its limit; the stage) or "tls" (the reason).
+    The socket is closed first, except for "connect", where there is none.
+    """
+
+    sock = None
+    reader = None
+    address = ""                   # the server's IP address once connected
+    tls_active = False
+
+    def failure(self, kind, detail):
+        raise NotImplementedError
+
+    def open_socket(self, host, port, timeout, source_address=None):
+        """Connect within timeout seconds; the reader then waits timeout for each line."""
+        try:
+            self.sock = socket.create_connection((host, port), timeout, source_address)
+        except socket.timeout:
+            raise self.failure("timeout", "connecting") from None
+        except OSError as exc:
+            raise self.failure("connect", exc.strerror or str(exc)) from None
+        # Commands are whole writes already; Nagle would only delay them.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = self.sock.getpeername()[0]
+        self.reader = LineReader(self.sock, timeout)
+        self.tls_active = False
+
+    def handshake(self, context, server_name, timeout):
+        """TLS as the client, now (STARTTLS/STLS, or implicit TLS before the greeting).
+
+        RFC 3207 5, RFC 2595 4: bytes the server sent before the handshake would be
+        plaintext injected into the TLS session; such a server fails here.
+        """
+        if self.reader.buffer:
+            self.close()
+            raise self.failure("tls", "server sent data before the TLS handshake")
+        self.sock.settimeout(timeout)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_name)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            self.close()
+            raise self.failure("tls", getattr(exc, "reason", None) or str(exc)) from None
+        self.reader.sock = self.sock
+        self.tls_active = True
+
+    def send_bytes(self, data, timeout, stage):
+        """Send data whole within timeout seconds."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
+        except socket.timeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            self.close()
+            raise self.failure("lost", stage) from None
+
+    def read_line(self, limit, timeout, stage):
+        """The next line's bytes (without its ending; a bare LF ends one too), waiting at
+        most timeout seconds; a line longer than limit is "garbage"."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        self.reader.idle_timeout = timeout
+        try:
+            line = self.reader.readline(limit)
+        except ReadTimeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            line = None
+        if line is None or not line.ending:
+            self.close()
+            raise self.failure("lost", stage)
+        if line.too_long:
+            self.close()
+            raise self.failure("garbage", stage)
+        return line.data
+
+    def read_block(self, timeout, stage):
+        """Whatever the server sent next (buffered bytes first), waiting at most timeout."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        self.reader.idle_timeout = timeout
+        try:
+            block = self.reader.read_block()
+        except ReadTimeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            block = b""
+        if not block:
+            self.close()
+            raise self.failure("lost", stage)
+        return block
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
 
 
 # --- SASL (RFC 4616 PLAIN, and the LOGIN mechanism's base64 steps) ---

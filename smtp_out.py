@@ -353,7 +353,7 @@ def parse_ehlo(reply):
 
 # --- SMTP client ---
 
-class SMTPClient:
+class SMTPClient(plumbing.ClientConnection):
     """One SMTP connection to one server address, driven step by step or whole.
 
     client = SMTPClient("192.0.2.7", 25, helo_name="mail.example.com", server_name="mx.example.net")
@@ -390,11 +390,8 @@ class SMTPClient:
         self.timeouts = timeouts or Timeouts()
         self.source_address = source_address
         self.address = host            # the IP address once connected
-        self.sock = None
-        self.reader = None
         self.extensions = {}           # EHLO keyword -> parameters; empty after HELO
         self.esmtp = False
-        self.tls_active = False
         self.greeting = None
         self.transactions = 0          # completed on this connection (for reuse decisions)
 
@@ -408,6 +405,14 @@ class SMTPClient:
     @property
     def connected(self):
         return self.sock is not None
+
+    def failure(self, kind, detail):
+        """The DeliveryError for a failed step (plumbing.ClientConnection): all temporary."""
+        if kind == "tls":
+            return HandshakeError(self.peer, detail)
+        text = {"connect": R_CONNECT_FAILED, "timeout": R_TIMEOUT, "lost": R_LOST,
+                "garbage": R_PROTOCOL}[kind]
+        return DeliveryError(text % (self.peer, detail))
 
     @property
     def max_size(self):
@@ -440,7 +445,7 @@ class SMTPClient:
         self.close()
         self.connect()
         if self.implicit_tls:
-            self._handshake()
+            self.handshake(self.tls_context, self.server_name, self.timeouts.starttls)
         self.read_greeting()
         self.ehlo()
         if not self.tls_active and starttls:
@@ -453,17 +458,8 @@ class SMTPClient:
     def connect(self):
         """Open the TCP connection (connect timeout)."""
         source = (self.source_address, 0) if self.source_address else None
-        try:
-            self.sock = socket.create_connection((self.host, self.port), self.timeouts.connect,
-                                                 source)
-        except socket.timeout:
-            raise DeliveryError(R_TIMEOUT % (self.peer, "connecting")) from None
-        except OSError as exc:
-            raise DeliveryError(R_CONNECT_FAILED % (self.peer, exc.strerror or exc)) from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.address = self.sock.getpeername()[0]
-        self.reader = plumbing.LineReader(self.sock, self.timeouts.greeting)
-        self.extensions, self.esmtp, self.tls_active, self.transactions = {}, False, False, 0
+        self.open_socket(self.host, self.port, self.timeouts.connect, source)
+        self.extensions, self.esmtp, self.transactions = {}, False, 0
 
     def read_greeting(self):
         """RFC 5321 3.1: a 220 greeting; anything else means this server will not talk now.
@@ -507,26 +503,11 @@ class SMTPClient:
                 self.quit()
                 raise DeliveryError(R_TLS_FAILED % (self.peer, reply.text))
             return reply                 # refused: the session goes on in the clear
-        self._handshake()
+        # RFC 3207 5: bytes read past the 220 would be injected plaintext: refused there.
+        self.handshake(self.tls_context, self.server_name, self.timeouts.starttls)
         self.extensions = {}
         self.ehlo()
         return reply
-
-    def _handshake(self):
-        # RFC 3207 5: anything the server sent before the handshake is not to be trusted
-        # after it; bytes read past the 220 would be injected plaintext.
-        if self.reader.buffer:
-            self.close()
-            raise HandshakeError(self.peer, "server sent data before the TLS handshake")
-        self.reader.discard_buffer()
-        self.sock.settimeout(self.timeouts.starttls)
-        try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            self.close()
-            raise HandshakeError(self.peer, getattr(exc, "reason", None) or str(exc)) from None
-        self.reader.sock = self.sock
-        self.tls_active = True
 
     def login(self, username, password):
         """AUTH PLAIN (RFC 4616) or LOGIN with the credentials; only over TLS or loopback.
@@ -588,14 +569,6 @@ class SMTPClient:
             except DeliveryError:
                 pass
         self.close()
-
-    def close(self):
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
 
     def __enter__(self):
         return self
@@ -732,51 +705,25 @@ class SMTPClient:
         data = "".join(line + "\r\n" for line in lines).encode("utf-8")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("> %s %s", self.peer, "<redacted>" if secret else lines)
-        self._send(data, timeout, stage)
+        self.send_bytes(data, timeout, stage)
 
     def send_data(self, payload):
         """Send an encoded DATA payload in blocks, each under the data-block timeout, and
         return the reply to its end (RFC 5321 4.5.3.2.5, 4.5.3.2.6)."""
         view = memoryview(payload)
         for start in range(0, len(view), SEND_BLOCK):
-            self._send(view[start:start + SEND_BLOCK], self.timeouts.data_block,
-                       "sending message body")
+            self.send_bytes(view[start:start + SEND_BLOCK], self.timeouts.data_block,
+                            "sending message body")
         return self.read_reply(self.timeouts.data_end, "waiting for the end of data reply")
-
-    def _send(self, data, timeout, stage):
-        if self.sock is None:
-            raise DeliveryError(R_LOST % (self.peer, stage))
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
-        except socket.timeout:
-            self.close()
-            raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            self.close()
-            raise DeliveryError(R_LOST % (self.peer, stage)) from None
 
     def read_reply(self, timeout, stage):
         """Read one (multi-line) reply, bounded in length, line count and time."""
-        if self.sock is None:
-            raise DeliveryError(R_LOST % (self.peer, stage))
-        self.reader.idle_timeout = timeout
         code, lines = None, []
         while True:
-            try:
-                line = self.reader.readline(MAX_REPLY_LINE)
-            except plumbing.ReadTimeout:
-                self.close()
-                raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
-            except (OSError, ValueError):
-                line = None
-            if line is None or not line.ending:
-                self.close()
-                raise DeliveryError(R_LOST % (self.peer, stage))
-            data = line.data
+            data = self.read_line(MAX_REPLY_LINE, timeout, stage)
             # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF, or code "-" text on all
             # but the last line; every line carries the same code.
-            if (line.too_long or len(data) < 3 or not data[:3].isdigit()
+            if (len(data) < 3 or not data[:3].isdigit()
                     or data[:1] not in b"2345" or (len(data) > 3 and data[3:4] not in b" -")
                     or (code is not None and int(data[:3]) != code)
                     or len(lines) >= MAX_REPLY_LINES):

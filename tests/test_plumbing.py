@@ -424,3 +424,55 @@ def test_log_config_writes_one_key_a_line_in_the_ini_shape(caplog):
         "config: domain=a.example, b.example", "config: max_size=1000",
         "config: relay_network=", "config: spool=/var/spool/mail", "config: submission=yes",
         "config: verbose=no"]
+
+
+class FailingClient(plumbing.ClientConnection):
+    def failure(self, kind, detail):
+        return RuntimeError(kind, detail)
+
+
+def test_client_connection_bounds_each_step_and_fails_one_way(start_server, tls_files):
+    server = start_server(tls_context=plumbing.server_tls_context(*tls_files))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    client = FailingClient()
+    client.open_socket("127.0.0.1", server.port, 5)
+    assert client.address == "127.0.0.1" and client.read_line(64, 5, "greeting") == b"+OK ready"
+    client.send_bytes(b"STLS\r\n", 5, "sending STLS")
+    assert client.read_line(64, 5, "asking STLS") == b"+OK begin TLS"
+    client.handshake(context, "localhost", 5)
+    assert client.tls_active
+    client.send_bytes(b"a line longer than twenty octets\r\n", 5, "sending")
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(20, 5, "reading the echo")
+    assert caught.value.args == ("garbage", "reading the echo") and client.sock is None
+    with pytest.raises(RuntimeError, match="lost"):
+        client.send_bytes(b"QUIT\r\n", 5, "sending QUIT")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    assert not client.tls_active and client.read_block(5, "greeting") == b"+OK ready\r\n"
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(64, 0.2, "waiting")                 # the server has nothing to say
+    assert caught.value.args == ("timeout", "waiting")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    client.send_bytes(b"QUIT\r\n", 5, "sending QUIT")
+    assert client.read_line(64, 5, "greeting") == b"+OK ready"
+    assert client.read_line(64, 5, "quitting") == b"+OK bye"
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(64, 5, "after QUIT")               # the server closed
+    assert caught.value.args == ("lost", "after QUIT")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    client.send_bytes(b"STLS\r\nNOOP\r\n", 5, "sending STLS")
+    time.sleep(0.2)                                         # both replies arrive at once
+    assert client.read_line(64, 5, "greeting") == b"+OK ready"
+    with pytest.raises(RuntimeError) as caught:
+        client.handshake(context, "localhost", 5)           # "+OK begin TLS" is still unread
+    assert caught.value.args == ("tls", "server sent data before the TLS handshake")
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(RuntimeError, match="connect"):
+        client.open_socket("127.0.0.1", port, 5)
