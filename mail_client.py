@@ -656,9 +656,7 @@ class MboxWriter:
                      + time.asctime(time.gmtime()).encode("ascii") + b"\n"
                      + mboxrd_escape(message) + b"\n")
             try:
-                view = memoryview(entry)
-                while view:
-                    view = view[os.write(self.fd, view):]
+                mailbox_store.write_all(self.fd, entry)
                 os.fsync(self.fd)
             except BaseException:
                 os.ftruncate(self.fd, start)

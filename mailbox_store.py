@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Optional
 __all__ = [
     "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
-    "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password",
+    "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
     "write_atomically",
 ]
 
@@ -258,25 +258,38 @@ def make_dirs(path: str) -> None:
     fsync_dir(parent)
 
 
-def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
-    """Write text to a temporary file, fsync, rename over path, fsync the directory."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+def write_all(fd: int, data: bytes) -> None:
+    """os.write() until all of data is written (one write may take only a part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_durably(temporary, final, data, mode):
+    """The write-fsync-rename rule: data into the new file temporary (mode exactly, whatever
+    the umask), fsync, rename to final, fsync final's directory. A failure leaves nothing."""
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
     except BaseException:
         try:
             os.unlink(temporary)
         except OSError:
             pass
         raise
-    fsync_dir(folder)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """Write text to a temporary file, fsync, rename over path, fsync the directory."""
+    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+    _write_durably(temporary, path, text.encode("utf-8"), mode)
 
 
 def _file_signature(path):
@@ -417,22 +430,8 @@ def maildir_deliver(maildir: str, message: bytes, hostname: Optional[str] = None
         now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
         secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()),
         len(message), crlf_size(message))
-    temporary = os.path.join(maildir, "tmp", name)
     final = os.path.join(maildir, "new", name)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(message)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, final)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(final))
+    _write_durably(os.path.join(maildir, "tmp", name), final, message, 0o600)
     return final
 
 

@@ -565,11 +565,9 @@ def record_bytes(*records: dict) -> bytes:
 
 # --- Files ---
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# The store's durable-write helpers serve the queue too: one piece of code for one job.
+_write_all = mailbox_store.write_all
+_fsync_dir = mailbox_store.fsync_dir
 
 
 def _read_all(fd, size, offset=0):
@@ -582,14 +580,6 @@ def _read_all(fd, size, offset=0):
         size -= len(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path):
