@@ -37,10 +37,10 @@ from typing import Optional
 
 __all__ = [
     "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
-    "ServerStopping", "ThreadedServer", "add_options", "auth_failure_delay", "config_text", "decode_base64",
-    "decode_plain", "drop_privileges", "is_loopback", "load_config", "log_config",
-    "new_queue_id", "parse_hostport", "serve_until_signalled", "server_tls_context",
-    "setup_logging",
+    "ServerStopping", "ThreadedServer", "add_options", "auth_failure_delay", "config_text",
+    "config_value", "decode_base64", "decode_plain", "drop_privileges", "is_loopback",
+    "load_config", "log_config", "new_queue_id", "parse_hostport", "serve_until_signalled",
+    "server_tls_context", "setup_logging",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -682,7 +682,10 @@ def add_options(parser, defaults, help_texts=None):
     return parser
 
 
-def _convert(key, text, default):
+def config_value(key, text, default):
+    """A setting given as text (INI file, flag) or as a value, made the type of its
+    default: yes/no for a bool, a comma- or space-separated list for a list, a number.
+    Raises ValueError naming the key."""
     if isinstance(default, bool):
         value = str(text).strip().lower()
         if value in ("1", "yes", "true", "on"):
@@ -692,7 +695,7 @@ def _convert(key, text, default):
         raise ValueError("%s: not a yes/no value: %r" % (key, text))
     if isinstance(default, list):
         if isinstance(text, list):
-            return [item for value in text for item in _convert(key, value, default)]
+            return [item for value in text for item in config_value(key, value, default)]
         return [item for item in str(text).replace(",", " ").split() if item]
     if isinstance(default, (int, float)):
         try:
@@ -721,11 +724,11 @@ def load_config(section, defaults, args=None):
         values = parser[section] if parser.has_section(section) else parser.defaults()
         for key, text in values.items():
             if key in defaults:
-                config[key] = _convert(key, text, defaults[key])
+                config[key] = config_value(key, text, defaults[key])
     for key, default in defaults.items():
         value = getattr(args, key, None) if args is not None else None
         if value is not None:
-            config[key] = _convert(key, value, default)
+            config[key] = config_value(key, value, default)
     return config
 
 

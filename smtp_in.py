@@ -945,10 +945,10 @@ class SMTPServer(plumbing.ThreadedServer):
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
                  implicit_tls=False, reverse_lookup=None, bind_and_activate=True):
         settings = dict(DEFAULTS)
-        settings.update(config or {})
-        for key in ("domain", "relay_network"):        # a list, or "a, b" as in the INI file
-            if isinstance(settings[key], str):
-                settings[key] = settings[key].replace(",", " ").split()
+        for key, value in (config or {}).items():      # values, or text as in the INI file
+            if key in DEFAULTS:
+                value = plumbing.config_value(key, value, DEFAULTS[key])
+            settings[key] = value
         self.spool_dir = str(settings["spool"])
         self.hostname = settings["hostname"] or socket.getfqdn()
         self.domains = [domain.lower() for domain in settings["domain"]]

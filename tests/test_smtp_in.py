@@ -1051,6 +1051,22 @@ def test_logs_connect_accept_reject_and_disconnect(start_smtp, caplog):
                     r"quit=1, commands=6, accepted=1, rejected=1, time=", lines[-1])
 
 
+def test_server_settings_may_be_given_as_the_ini_file_writes_them(spool):
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {
+        "spool": str(spool), "domain": "example.com, example.org", "submission": "no",
+        "max_size": "5000", "relay_network": "192.0.2.0/24 198.51.100.0/24"},
+        bind_and_activate=False)
+    try:
+        assert server.domains == ["example.com", "example.org"]
+        assert server.submission is False and server.max_size == 5000
+        assert len(server.relay_networks) == 2
+        with pytest.raises(ValueError, match="max_size: not a number"):
+            smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "max_size": "big"},
+                               bind_and_activate=False)
+    finally:
+        server.server_close()
+
+
 def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):
     ini = tmp_path / "mail.ini"
     ini.write_text("[DEFAULT]\nspool = %s\n[smtp_in]\nlisten = 127.0.0.1:0\ndomain = %s\n"
