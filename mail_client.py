@@ -418,12 +418,7 @@ class POP3Client(plumbing.ClientConnection):
 
     def capa(self):
         """RFC 2449 5: the capabilities; none when the server does not know CAPA."""
-        self.send("CAPA")
-        try:
-            self.read_status("asking CAPA")
-        except POP3Error as exc:
-            if exc.code:               # a real -ERR with a code means trouble, not "unknown"
-                raise
+        if not self.optional_command("CAPA", "asking CAPA"):
             self.capabilities = {}
             return self.capabilities
         capabilities = {}
@@ -493,12 +488,7 @@ class POP3Client(plumbing.ClientConnection):
 
         An id that breaks RFC 1939 7 is left out: that message is treated as new.
         """
-        self.send("UIDL")
-        try:
-            self.read_status("asking UIDL")
-        except POP3Error as exc:
-            if exc.code:
-                raise
+        if not self.optional_command("UIDL", "asking UIDL"):
             return None
         return {number: uid for number, uid in self._pairs("reading UIDL") if valid_uid(uid)}
 
@@ -558,6 +548,17 @@ class POP3Client(plumbing.ClientConnection):
             self.close()
 
     # -- the wire --
+
+    def optional_command(self, line, stage):
+        """A command the server may not know (CAPA, UIDL): True on +OK, False on an -ERR
+        without a response code; an -ERR with one is real trouble and raises POP3Error."""
+        try:
+            self.command(line, stage)
+        except POP3Error as exc:
+            if exc.code:
+                raise
+            return False
+        return True
 
     def command(self, line, stage, secret=False, temporary=True):
         """Send one command; return its +OK line as text, or raise POP3Error on -ERR
