@@ -49,7 +49,8 @@ line, only ever appended:
         "reply": "250 ..."}
     {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...",
         "relay": "...", "reply": "..."}
-    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "relay": "...", "reply": "..."}
+    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "relay": "...",
+        "reply": "..."}
     {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
     {"event": "flush", "at": ...}
 
@@ -98,11 +99,12 @@ The API smtp_out uses (all in __all__):
                 claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org",
                              relay="mx.example.org[192.0.2.7]:25")
 
-deferred() picks the next attempt (the queue's retry schedule, retry_delay()) and fails the
-recipient with 4.4.7 once the message is older than the queue lifetime. Releasing the claim queues one DSN for the
-new failures (never to a null sender: a double bounce goes to the postmaster, and a
-failed double bounce is dropped with a log line), a delay notice when due, and files the
-message away. Queue.send_dsn() is that DSN step on its own; build_dsn() builds the bytes.
+deferred() picks the next attempt (the queue's retry schedule, retry_delay()) and fails
+the recipient with 4.4.7 once the message is older than the queue lifetime. Releasing the
+claim queues one DSN for the new failures (never to a null sender: a double bounce goes to
+the postmaster, and a failed double bounce is dropped with a log line), a delay notice when
+due, and files the message away. Queue.send_dsn() is that DSN step on its own; build_dsn()
+builds the bytes.
 
 Run: python3 mta.py --spool DIR --domain example.com [--hostname mail.example.com]
      python3 mta.py --spool DIR queue [--json] | flush | delete ID | delete --all
@@ -180,8 +182,9 @@ MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
 QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
 DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
-RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)   # after each failed try; the last repeats
-RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).
+RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedule setting
 NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds

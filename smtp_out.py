@@ -42,7 +42,8 @@ import plumbing
 __all__ = [
     "DEFAULTS", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
     "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
-    "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts", "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
+    "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts",
+    "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
     "read_credentials",
 ]
 

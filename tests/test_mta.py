@@ -517,7 +517,8 @@ def test_queue_defers_by_its_own_retry_schedule(spool, store):
 
 
 def test_mta_refuses_a_bad_retry_schedule_in_one_line(tmp_path, capsys):
-    assert mta.main(["--spool", str(tmp_path), "--retry-schedule", "5m,soon", "queue"]) == mta.EX_CONFIG
+    argv = ["--spool", str(tmp_path), "--retry-schedule", "5m,soon", "queue"]
+    assert mta.main(argv) == mta.EX_CONFIG
     err = capsys.readouterr().err
     assert err == "mta: retry_schedule: 'soon' is not a wait such as 30s, 5m, 1h or 2d\n"
 

@@ -311,7 +311,8 @@ def test_no_downgrade_goes_on_in_the_clear_only_when_starttls_is_not_offered(sin
         client_for(broken, tls=mode).open()
     assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
     assert broken.sessions == 1 and "MAIL" not in " ".join(broken.commands)
-    refusing = sinks(tls_files=tls_files, script=Script(starttls_reply="454 4.7.0 TLS not available"))
+    refusing = sinks(tls_files=tls_files,
+                     script=Script(starttls_reply="454 4.7.0 TLS not available"))
     with pytest.raises(smtp_out.DeliveryError) as caught:
         client_for(refusing, tls=mode).open()
     assert "454 4.7.0" in caught.value.reply.text and not caught.value.permanent
@@ -838,7 +839,8 @@ def test_retry_schedule_from_the_command_line_sets_the_next_attempt(tmp_path):
     bad = subprocess.run(SMTP_OUT + ["--spool", spool.path, "--retry-schedule", "7 min", "--once"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert bad.stderr == "smtp_out: retry_schedule: 'min' is not a wait such as 30s, 5m, 1h or 2d\n"
+    assert bad.stderr == ("smtp_out: retry_schedule: 'min' is not a wait such as 30s, 5m, 1h "
+                          "or 2d\n")
 
 
 def test_smarthost_certificate_is_verified_by_default(tmp_path, sinks, tls_files):
