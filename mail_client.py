@@ -612,7 +612,7 @@ class MaildirWriter:
 
     def __init__(self, path, hostname=None):
         self.path = os.path.expanduser(path)
-        self.hostname = hostname
+        self.hostname = hostname or socket.gethostname()
         mailbox_store.make_maildir(self.path)
 
     def __str__(self):

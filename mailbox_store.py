@@ -404,7 +404,9 @@ def _maildir_host(hostname):
 
 def crlf_size(data: bytes) -> int:
     """Octets of data once every line ends in CRLF and a final CRLF is added if missing."""
-    size = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    size = len(data) + data.count(b"\n")
+    if b"\r" in data:                 # a count costs per line; LF-only text needs one
+        size -= data.count(b"\r\n")
     if data and not data.endswith(b"\n"):
         size += 2
     return size
