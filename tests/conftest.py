@@ -7,7 +7,9 @@ missing tool skips its test with the Debian package to install; with MAIL_REQUIR
 
 import os
 import shutil
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,13 +30,33 @@ def require_tool(name, package=None):
     pytest.skip(message)
 
 
+def wait_for(predicate, seconds=5.0):
+    """Poll predicate until it is true or seconds pass; return its last value."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def openssl_starttls(openssl, port, protocol, lines):
+    """Run `openssl s_client -starttls PROTOCOL` and type lines once the handshake is done."""
+    client = subprocess.Popen(
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", protocol,
+         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
+    stdout, _ = client.communicate(lines, timeout=20)
+    return stdout
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A self-signed certificate and key for "localhost", made with `openssl req`."""
     openssl = require_tool("openssl")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    import subprocess
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)

@@ -128,13 +128,6 @@ def spooled_messages(spool_dir):
     return found
 
 
-def wait_for(predicate, seconds=5.0):
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 class CuttingProxy:

@@ -157,21 +157,4 @@ def maildir_messages(spool_dir, user):
     return found
 
 
-def wait_for(predicate, seconds=5.0):
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
-
-def openssl_starttls(openssl, port, lines):
-    """Run `openssl s_client -starttls smtp` and type lines once its handshake is done."""
-    client = subprocess.Popen(
-        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", "smtp",
-         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
-    stdout, _ = client.communicate(lines, timeout=20)
-    return stdout

@@ -12,11 +12,12 @@ import threading
 import pytest
 
 import mail_client
+from conftest import wait_for
 from smtp_out_support import Script, Sink
 from mail_client_support import (  # noqa: F401 (fixtures)
     CuttingProxy, ScriptedPOP3, USERS, fill_mailbox, maildir_subjects, mbox_subjects,
     server_messages, servers, spool, spooled_messages, start_pop3, start_submission, store,
-    store_template, wait_for)
+    store_template)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIL_CLIENT = os.path.join(ROOT, "mail_client.py")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import plumbing
-from conftest import require_tool
+from conftest import openssl_starttls, require_tool, wait_for
 
 
 class EchoHandler(plumbing.ConnectionHandler):
@@ -79,13 +79,6 @@ def connect(server, source="127.0.0.1"):
     return sock, sock.makefile("rb")
 
 
-def wait_for(predicate, seconds=5.0):
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_greeting_and_crlf_line(start_server):
@@ -224,15 +217,6 @@ def client_context():
     return context
 
 
-def openssl_starttls(openssl, port, protocol, lines):
-    """Run `openssl s_client -starttls` and type lines once the handshake is done."""
-    client = subprocess.Popen(
-        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", protocol,
-         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
-    stdout, _ = client.communicate(lines, timeout=20)
-    return stdout
 
 
 def test_starttls_with_openssl_s_client(start_server, tls_files):

@@ -20,7 +20,7 @@ import mailbox_store
 import plumbing
 import pop3d
 from conftest import require_tool
-from test_plumbing import openssl_starttls
+from conftest import openssl_starttls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALICE, PASSWORD = "alice@example.com", "alice pw"

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mta
 import smtp_in
-from conftest import require_tool
+from conftest import openssl_starttls, require_tool, wait_for
 from smtpin_support import (  # noqa: F401  (fixtures)
-    DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message, openssl_starttls,
-    route_all, spool, spool_messages, start_smtp, store_template, wait_for)
+    DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message,
+    route_all, spool, spool_messages, start_smtp, store_template)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALICE, ALICE_PW = "alice@example.com", USERS["alice@example.com"]
@@ -635,7 +635,7 @@ def test_starttls_without_a_certificate_is_not_implemented(start_smtp):
 def test_openssl_s_client_starttls_session(start_smtp, spool, tls_files):
     openssl = require_tool("openssl")
     server = start_smtp(**tls_config(tls_files))
-    out = openssl_starttls(openssl, server.port,
+    out = openssl_starttls(openssl, server.port, "smtp",
                            b"EHLO tls.example.org\nMAIL FROM:<a@example.org>\n"
                            b"RCPT TO:<bob@example.com>\nDATA\nSubject: via openssl\n\nhi\n.\nQUIT\n")
     assert b"250 2.0.0 OK: queued as" in out and b"221 2.0.0" in out
