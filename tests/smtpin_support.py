@@ -8,9 +8,7 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
-import time
 
 import pytest
 

@@ -1,10 +1,8 @@
 """The shared server plumbing, over real sockets on 127.0.0.1 with ephemeral ports."""
 
-import configparser
 import logging
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
