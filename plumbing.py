@@ -16,7 +16,6 @@ This module knows no mail protocol: a role subclasses the server and the handler
 client connection.
 """
 
-import argparse
 import base64
 import binascii
 import configparser
@@ -33,7 +32,6 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 __all__ = [
     "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",

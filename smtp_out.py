@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import dnsmx
 import mta
