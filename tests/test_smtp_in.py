@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import smtplib
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mta
 import smtp_in
 from conftest import openssl_starttls, require_tool, wait_for
+from dnsmasq_server import host_record, ptr_record, start_dnsmasq
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message,
     route_all, spool, spool_messages, start_smtp, store_template)
@@ -1126,23 +1126,14 @@ def test_make_reverse_lookup_is_optional():
 
 
 def test_reverse_lookup_through_dnsmx_is_forward_confirmed(start_smtp, spool, tmp_path):
-    pytest.importorskip("dnsmx")
-    dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server_process = subprocess.Popen(
-        [dnsmasq, "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
-         "--listen-address=127.0.0.1", "--port=%d" % port, "--keep-in-foreground",
-         "--pid-file=" + str(tmp_path / "dnsmasq.pid"),
-         "--ptr-record=99.0.0.127.in-addr.arpa,good.example.test",
-         "--host-record=good.example.test,127.0.0.99",
-         "--ptr-record=98.0.0.127.in-addr.arpa,liar.example.test",
-         "--host-record=liar.example.test,127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        lookup = smtp_in.make_reverse_lookup("127.0.0.1:%d" % port)
-        assert wait_for(lambda: lookup("127.0.0.99") == "good.example.test")
+    require_tool("dnsmasq", "dnsmasq-base")
+    records = [ptr_record("99.0.0.127.in-addr.arpa", "good.example.test"),
+               host_record("good.example.test", "127.0.0.99"),
+               ptr_record("98.0.0.127.in-addr.arpa", "liar.example.test"),
+               host_record("liar.example.test", "127.0.0.1")]
+    with start_dnsmasq(records) as dns:
+        lookup = smtp_in.make_reverse_lookup(dns.address)
+        assert lookup("127.0.0.99") == "good.example.test"
         assert lookup("127.0.0.98") is None            # its name does not lead back to it
         assert lookup("127.0.0.97") is None            # no PTR record
         server = start_smtp(server_options={"reverse_lookup": lookup})
@@ -1150,8 +1141,5 @@ def test_reverse_lookup_through_dnsmx_is_forward_confirmed(start_smtp, spool, tm
         client.reply()
         client.command("EHLO client.example.org")
         assert send_transaction(client)[0] == 250
-    finally:
-        server_process.terminate()
-        server_process.wait(timeout=10)
     assert (b"Received: from client.example.org (good.example.test [127.0.0.99])"
             in spool_messages(spool)[0][2])
