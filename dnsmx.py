@@ -326,7 +326,12 @@ def type_name(rtype):
 
 def normalize_name(name):
     """Return NAME as this module keys it: ASCII (IDNA for non-ASCII), lower case, no
-    trailing dot, the root as "". Raise DNSNameError for anything that cannot be sent."""
+    trailing dot, the root as "". Raise DNSNameError for anything that cannot be sent.
+
+    Any ASCII octet may stand in a label (RFC 2181 11: a label is any binary string; the
+    letters-digits-hyphen rule binds host names only). A space or a control character,
+    as an SPF macro can make (RFC 7208 7.3), is kept, and written \\032 in the text form
+    as dig writes it; "\\." and "\\DDD" are read as dig's escapes."""
     if not isinstance(name, str):
         raise DNSNameError("domain name must be text, not %s" % type(name).__name__)
     if name.endswith(".") and name != ".":
@@ -394,7 +399,7 @@ def _unescape_labels(name):
             label = bytearray()
             index += 1
             continue
-        if ord(char) < 0x21 or ord(char) > 0x7E:
+        if ord(char) > 0x7F:
             raise DNSNameError("unexpected character in domain name %r" % name)
         label.append(ord(char))
         index += 1
@@ -891,8 +896,9 @@ class Resolver:
     servers: "HOST[:PORT]" strings, (host, port) pairs or Nameservers; None reads
     /etc/resolv.conf (nameserver lines, options timeout/attempts/rotate). timeout is per
     try; each server is tried `attempts` times. Every public call returns or raises within
-    `lifetime` seconds (default timeout x attempts x servers). cache_size=0 disables the
-    cache. Safe to share between threads.
+    `lifetime` seconds (default timeout x attempts x servers), or within its own shorter
+    `lifetime=` argument: a caller with a time budget of its own (an SPF check) passes
+    what is left of it. cache_size=0 disables the cache. Safe to share between threads.
     """
 
     def __init__(self, servers=None, timeout=None, attempts=None,
@@ -928,37 +934,44 @@ class Resolver:
 
     # --- questions ---
 
-    def query(self, name, rtype="A", *, explain=None):
+    def _deadline(self, lifetime=None):
+        """The time.monotonic() value a call must end by: now plus the resolver's lifetime,
+        or plus lifetime when that is shorter (0 or less: no time left, DNSTimeoutError)."""
+        if lifetime is None or lifetime > self.lifetime:
+            lifetime = self.lifetime
+        return time.monotonic() + lifetime
+
+    def query(self, name, rtype="A", *, explain=None, lifetime=None):
         """Ask one question without cache or CNAME following; return the reply Message
         (NOERROR or NXDOMAIN). Other RCODEs and failures raise DNSTemporaryError."""
-        deadline = time.monotonic() + self.lifetime
-        return self._exchange(normalize_name(name), type_code(rtype), deadline, explain)
+        return self._exchange(normalize_name(name), type_code(rtype), self._deadline(lifetime),
+                              explain)
 
-    def resolve(self, name, rtype="A", *, use_cache=True, explain=None):
+    def resolve(self, name, rtype="A", *, use_cache=True, explain=None, lifetime=None):
         """Return the Answer for NAME and RTYPE, following CNAMEs (at most MAX_CNAME_CHAIN).
 
         Raises NXDomainError or NoDataError (permanent) when there is no such record, and
-        DNSTemporaryError (or a subclass) when the answer could not be had now.
+        DNSTemporaryError (or a subclass) when the answer could not be had now, that is
+        within lifetime seconds when given (else the resolver's own lifetime).
         """
-        deadline = time.monotonic() + self.lifetime
-        return self._resolve(normalize_name(name), type_code(rtype), deadline, explain,
-                             use_cache)
+        return self._resolve(normalize_name(name), type_code(rtype), self._deadline(lifetime),
+                             explain, use_cache)
 
-    def ptr(self, ip):
+    def ptr(self, ip, *, lifetime=None):
         """Names that the PTR records of IP (v4 or v6) point to."""
-        answer = self.resolve(reverse_name(ip), TYPE_PTR)
+        answer = self.resolve(reverse_name(ip), TYPE_PTR, lifetime=lifetime)
         return [record.data for record in answer.records]
 
-    def txt(self, name, *, raw=False):
+    def txt(self, name, *, raw=False, lifetime=None):
         """One item per TXT record, its strings joined without separator (RFC 7208 3.3).
         Text is decoded as UTF-8 with undecodable octets replaced; raw=True gives bytes."""
-        answer = self.resolve(name, TYPE_TXT)
+        answer = self.resolve(name, TYPE_TXT, lifetime=lifetime)
         joined = [b"".join(record.data) for record in answer.records]
         if raw:
             return joined
         return [value.decode("utf-8", "replace") for value in joined]
 
-    def mx_hosts(self, domain, *, explain=None):
+    def mx_hosts(self, domain, *, explain=None, lifetime=None):
         """The hosts to try for mail to DOMAIN, in order (RFC 5321 5.1): MX records by
         preference, equal preferences shuffled, each with its addresses (IPv4 first, then
         IPv6); the implicit MX when the domain has no MX records. Hosts without any address
@@ -974,8 +987,7 @@ class Resolver:
                 explain("cache: delivery plan for %s still valid for %d s"
                         % (_dotted(domain), cached[1]))
             return _shuffle_equal_preferences(cached[0], explain)
-        deadline = time.monotonic() + self.lifetime
-        groups, ttl = self._mx_plan(domain, deadline, explain)
+        groups, ttl = self._mx_plan(domain, self._deadline(lifetime), explain)
         if ttl > 0:
             self.cache.put((domain, "mx_hosts"), groups, ttl)
             if explain:
@@ -1071,9 +1083,8 @@ class Resolver:
                         server, RCODE_NAMES.get(message.rcode, "RCODE %d" % message.rcode),
                         _dotted(name), type_name(rtype)), name, rtype, message.rcode)
         if last_error is None:
-            last_error = DNSTimeoutError("no answer for %s %s within %.1f s"
-                                         % (_dotted(name), type_name(rtype), self.lifetime),
-                                         name, rtype)
+            last_error = DNSTimeoutError("no answer for %s %s within the time allowed"
+                                         % (_dotted(name), type_name(rtype)), name, rtype)
         raise last_error
 
     def _ask(self, server, qname, tail, try_deadline, deadline, explain):
@@ -1301,24 +1312,24 @@ def set_default_resolver(resolver):
         _default_resolver = resolver
 
 
-def resolve(name, rtype="A"):
+def resolve(name, rtype="A", *, lifetime=None):
     """Resolver.resolve() on the default resolver."""
-    return default_resolver().resolve(name, rtype)
+    return default_resolver().resolve(name, rtype, lifetime=lifetime)
 
 
-def mx_hosts(domain):
+def mx_hosts(domain, *, lifetime=None):
     """Resolver.mx_hosts() on the default resolver."""
-    return default_resolver().mx_hosts(domain)
+    return default_resolver().mx_hosts(domain, lifetime=lifetime)
 
 
-def ptr(ip):
+def ptr(ip, *, lifetime=None):
     """Resolver.ptr() on the default resolver."""
-    return default_resolver().ptr(ip)
+    return default_resolver().ptr(ip, lifetime=lifetime)
 
 
-def txt(name, raw=False):
+def txt(name, raw=False, *, lifetime=None):
     """Resolver.txt() on the default resolver."""
-    return default_resolver().txt(name, raw=raw)
+    return default_resolver().txt(name, raw=raw, lifetime=lifetime)
 
 
 def resolve_mx(name, server=None, port=DNS_PORT):

@@ -31,11 +31,8 @@ import email.utils
 import errno
 import fcntl
 import getpass
-import ipaddress
-import itertools
 import logging
 import os
-import secrets
 import socket
 import ssl
 import sys
@@ -43,6 +40,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+import mailbox_store
 import plumbing
 import smtp_out
 
@@ -50,8 +48,8 @@ __all__ = [
     "ClientError", "EXIT_FAILED", "EXIT_OK", "EXIT_TEMPFAIL", "EXIT_USAGE", "FETCH_DEFAULTS",
     "FetchResult", "MaildirWriter", "MboxWriter", "POP3Client", "POP3Error", "SEND_DEFAULTS",
     "UIDLState", "UsageError", "account_key", "build_message", "complete_header", "fetch",
-    "is_loopback", "main", "mboxrd_escape", "open_submission", "read_password",
-    "response_code", "send", "valid_uid",
+    "main", "mboxrd_escape", "open_submission", "read_password", "response_code", "send",
+    "valid_uid",
 ]
 
 log = logging.getLogger("mail_client")
@@ -73,7 +71,6 @@ TLS_NONE = smtp_out.TLS_NONE
 TLS_OPPORTUNISTIC = smtp_out.TLS_OPPORTUNISTIC
 TLS_REQUIRED = smtp_out.TLS_REQUIRED
 TLS_MODES = (TLS_REQUIRED, TLS_OPPORTUNISTIC, TLS_NONE)
-NOT_OFFERED_STATUS = "4.7.4"       # RFC 3463: security features not supported (no STARTTLS)
 
 # Exit statuses (sysexits.h where one fits): scripts retry on 75, not on 1. The server's
 # word decides (5xx, -ERR at login or with [AUTH]/[SYS/PERM]); the network, TLS and busy
@@ -324,36 +321,6 @@ def envelope_sender(message):
     return "MAILER-DAEMON"
 
 
-def is_loopback(host):
-    """True for 127.0.0.0/8, ::1 and "localhost": the only places a password may go in
-    the clear (as smtp_out's client and pop3d decide)."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(path):
-    """Create path and missing parents (mode 0700), fsyncing each parent that gained one."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    _make_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    _fsync_dir(parent)
-
-
 # --- Passwords ---
 
 def read_password(config, prompt, environ=None):
@@ -395,7 +362,7 @@ def read_password(config, prompt, environ=None):
 
 # --- POP3 client ---
 
-class POP3Client:
+class POP3Client(plumbing.ClientConnection):
     """One POP3 session (RFC 1939) with CAPA, STLS and AUTH PLAIN, bounded in every read.
 
     client = POP3Client("pop.example.com", 110, tls=TLS_OPPORTUNISTIC)
@@ -415,33 +382,32 @@ class POP3Client:
         if tls not in TLS_MODES:
             raise ValueError("tls must be none, opportunistic or required")
         self.host = host
+        self.address = host            # the IP address once connected
         self.port = port
         self.server_name = server_name or host
         self.implicit_tls = port == POP3S_PORT if implicit_tls is None else implicit_tls
         self.tls = TLS_REQUIRED if self.implicit_tls else tls
         self.tls_context = tls_context or smtp_out.client_tls_context(True)
         self.timeout = timeout
-        self.sock = None
-        self.reader = None
-        self.tls_active = False
         self.capabilities = {}         # CAPA keyword (upper case) -> argument text
 
     @property
     def peer(self):
         return "%s:%d" % (self.server_name, self.port)
 
+    def failure(self, kind, detail):
+        """The POP3Error for a failed step (plumbing.ClientConnection): all temporary."""
+        text = {"connect": E_POP3_CONNECT, "timeout": E_POP3_TIMEOUT, "lost": E_POP3_LOST,
+                "garbage": E_POP3_GARBAGE, "tls": E_POP3_TLS}[kind]
+        return POP3Error(text % (self.peer, detail))
+
     # -- connection --
 
     def open(self):
         """Connect, read the greeting, learn the capabilities, STLS as the policy says."""
-        try:
-            self.sock = socket.create_connection((self.host, self.port), self.timeout)
-        except OSError as exc:
-            raise POP3Error(E_POP3_CONNECT % (self.peer, exc.strerror or exc)) from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = plumbing.LineReader(self.sock, self.timeout)
+        self.open_socket(self.host, self.port, self.timeout)
         if self.implicit_tls:
-            self._handshake()
+            self.handshake(self.tls_context, self.server_name, self.timeout)
         self.read_status("reading the greeting")
         self.capa()
         if self.tls != TLS_NONE and not self.tls_active:
@@ -452,12 +418,7 @@ class POP3Client:
 
     def capa(self):
         """RFC 2449 5: the capabilities; none when the server does not know CAPA."""
-        self.send("CAPA")
-        try:
-            self.read_status("asking CAPA")
-        except POP3Error as exc:
-            if exc.code:               # a real -ERR with a code means trouble, not "unknown"
-                raise
+        if not self.optional_command("CAPA", "asking CAPA"):
             self.capabilities = {}
             return self.capabilities
         capabilities = {}
@@ -471,23 +432,9 @@ class POP3Client:
     def stls(self):
         """RFC 2595 4: STLS, the handshake, then CAPA again (what came before is void)."""
         self.command("STLS", "asking STLS")
-        self._handshake()
+        # RFC 2595 4: bytes the server sent behind its +OK would be injected plaintext.
+        self.handshake(self.tls_context, self.server_name, self.timeout)
         self.capa()
-
-    def _handshake(self):
-        # RFC 2595 4: bytes the server sent behind its +OK would be plaintext injected
-        # into the TLS session; a server that does so is not to be trusted.
-        if self.reader.buffer:
-            self.close()
-            raise POP3Error(E_POP3_TLS % (self.peer, "data before the TLS handshake"))
-        self.sock.settimeout(self.timeout)
-        try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            self.close()
-            raise POP3Error(E_POP3_TLS % (self.peer, getattr(exc, "reason", None) or exc)) from None
-        self.reader.sock = self.sock
-        self.tls_active = True
 
     def login(self, user, password):
         """AUTH PLAIN (RFC 5034, RFC 4616) when offered, else USER and PASS (RFC 1939 7).
@@ -495,7 +442,7 @@ class POP3Client:
         Only over TLS or to a loopback address: a password never crosses a network in
         the clear. A refused login is permanent unless the server's code says otherwise.
         """
-        if not self.tls_active and not is_loopback(self.host):
+        if not self.tls_active and not plumbing.is_loopback(self.address):
             raise POP3Error(E_POP3_PLAINTEXT % self.peer)
         if any(c in user for c in "\r\n\0") or not user:
             raise POP3Error(E_BAD_USER, temporary=False)
@@ -508,7 +455,7 @@ class POP3Client:
                 return self.command("AUTH PLAIN " + response, stage, secret=True, temporary=False)
             # RFC 5034 4: too long for an initial response; answer the "+ " instead.
             self.send("AUTH PLAIN")
-            line = self.read_line(stage)
+            line = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
             if not line.startswith(b"+ ") and line != b"+":
                 raise POP3Error(line.decode("utf-8", "replace"), temporary=False)
             return self.command(response, stage, secret=True, temporary=False)
@@ -541,12 +488,7 @@ class POP3Client:
 
         An id that breaks RFC 1939 7 is left out: that message is treated as new.
         """
-        self.send("UIDL")
-        try:
-            self.read_status("asking UIDL")
-        except POP3Error as exc:
-            if exc.code:
-                raise
+        if not self.optional_command("UIDL", "asking UIDL"):
             return None
         return {number: uid for number, uid in self._pairs("reading UIDL") if valid_uid(uid)}
 
@@ -582,7 +524,7 @@ class POP3Client:
                     self.close()       # not worth reading to its end
                     raise POP3Error(E_TOO_BIG_CLOSED % (number, max_size), temporary=False)
             scanned = max(0, len(data) - len(TERMINATOR) + 1)
-            data += self.read_block(stage)
+            data += self.read_block(self.timeout, stage)
         # Whatever came after the end belongs to the next response.
         self.reader.buffer[0:0] = data[end + len(TERMINATOR):]
         if skipped or end - len(CRLF) > max_size:
@@ -590,22 +532,6 @@ class POP3Client:
         del data[end + 2:]
         message = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
         return message.replace(b"\r\n", b"\n")
-
-    def read_block(self, stage):
-        """The next bytes from the server, as they come; POP3Error at EOF or timeout."""
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        try:
-            block = self.reader.read_block()
-        except plumbing.ReadTimeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            block = b""
-        if not block:
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        return block
 
     def dele(self, number):
         return self.command("DELE %d" % number, "deleting message %d" % number)
@@ -621,15 +547,18 @@ class POP3Client:
         finally:
             self.close()
 
-    def close(self):
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
-
     # -- the wire --
+
+    def optional_command(self, line, stage):
+        """A command the server may not know (CAPA, UIDL): True on +OK, False on an -ERR
+        without a response code; an -ERR with one is real trouble and raises POP3Error."""
+        try:
+            self.command(line, stage)
+        except POP3Error as exc:
+            if exc.code:
+                raise
+            return False
+        return True
 
     def command(self, line, stage, secret=False, temporary=True):
         """Send one command; return its +OK line as text, or raise POP3Error on -ERR
@@ -638,43 +567,16 @@ class POP3Client:
         return self.read_status(stage, temporary)
 
     def send(self, line, secret=False):
+        verb = line.split(" ", 1)[0]
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("> %s %s", self.peer, line.split(" ", 1)[0] + " <redacted>" if secret else line)
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, "sending " + line.split(" ", 1)[0]))
-        try:
-            self.sock.settimeout(self.timeout)
-            self.sock.sendall(line.encode("utf-8") + b"\r\n")
-        except socket.timeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, "sending")) from None
-        except (OSError, ValueError):
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, "sending")) from None
-
-    def read_line(self, stage):
-        """One line of a status or a listing (bytes, without its end), bounded in length
-        and time (RFC 1939 ends lines with CRLF; a bare LF is taken too)."""
-        if self.sock is None:
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        try:
-            line = self.reader.readline(MAX_RESPONSE_LINE)
-        except plumbing.ReadTimeout:
-            self.close()
-            raise POP3Error(E_POP3_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            line = None
-        if line is None or not line.ending:
-            self.close()
-            raise POP3Error(E_POP3_LOST % (self.peer, stage))
-        if line.too_long:
-            self.close()
-            raise POP3Error(E_POP3_GARBAGE % (self.peer, stage))
-        return line.data
+            log.debug("> %s %s", self.peer, verb + " <redacted>" if secret else line)
+        self.send_bytes(line.encode("utf-8") + b"\r\n", self.timeout, "sending " + verb)
 
     def read_status(self, stage, temporary=True):
-        """The status line: its text on +OK; POP3Error (with the server's text) on -ERR."""
-        data = self.read_line(stage)
+        """The status line: its text on +OK; POP3Error (with the server's text) on -ERR.
+        Lines are bounded in length and time (RFC 1939 ends them with CRLF; a bare LF is
+        taken too)."""
+        data = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
         text = data.decode("utf-8", "replace")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %s %s", self.peer, text)
@@ -689,7 +591,7 @@ class POP3Client:
         """The lines of a multi-line listing up to the lone ".", unstuffed (RFC 1939 3);
         more than MAX_LISTING lines is garbage."""
         for _ in range(MAX_LISTING):
-            line = self.read_line(stage)
+            line = self.read_line(MAX_RESPONSE_LINE, self.timeout, stage)
             if line == b".":
                 return
             yield line[1:] if line.startswith(b".") else line
@@ -699,51 +601,26 @@ class POP3Client:
 
 # --- Local mailboxes ---
 
-_delivery_counter = itertools.count(1)
-
-
 class MaildirWriter:
-    """Durable delivery into a Maildir of one's own (cr.yp.to/proto/maildir.html).
+    """Durable delivery into a Maildir of one's own, through mailbox_store.maildir_deliver
+    (tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd).
 
     mailbox_store.Store.deliver() serves the users of a spool (it wants a user known to
-    the store and adds Return-Path and Delivered-To); this is the same write for any
-    directory: tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd.
+    the store and adds Return-Path and Delivered-To); this writes the message as it came
+    into any directory.
     """
 
     def __init__(self, path, hostname=None):
         self.path = os.path.expanduser(path)
-        host = hostname or socket.gethostname()
-        # The Maildir spec: "/" and ":" in the host part are written as \057 and \072.
-        self.host = host.replace("/", "\\057").replace(":", "\\072")
-        for sub in ("tmp", "new", "cur"):
-            _make_dirs(os.path.join(self.path, sub))
+        self.hostname = hostname or socket.gethostname()
+        mailbox_store.make_maildir(self.path)
 
     def __str__(self):
         return self.path
 
     def add(self, message):
         """Write message durably; return the path of the new file."""
-        now = time.time_ns() // 1000
-        name = "%d.M%06dP%dQ%dR%s.%s,S=%d" % (
-            now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
-            secrets.token_hex(8), self.host, len(message))
-        temporary = os.path.join(self.path, "tmp", name)
-        final = os.path.join(self.path, "new", name)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(message)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temporary, final)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(os.path.join(self.path, "new"))
-        return final
+        return mailbox_store.maildir_deliver(self.path, message, self.hostname)
 
     def close(self):
         pass
@@ -757,11 +634,11 @@ class MboxWriter:
     def __init__(self, path):
         self.path = os.path.expanduser(path)
         folder = os.path.dirname(os.path.abspath(self.path))
-        _make_dirs(folder)
+        mailbox_store.make_dirs(folder)
         created = not os.path.exists(self.path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if created:
-            _fsync_dir(folder)
+            mailbox_store.fsync_dir(folder)
 
     def __str__(self):
         return self.path
@@ -780,9 +657,7 @@ class MboxWriter:
                      + time.asctime(time.gmtime()).encode("ascii") + b"\n"
                      + mboxrd_escape(message) + b"\n")
             try:
-                view = memoryview(entry)
-                while view:
-                    view = view[os.write(self.fd, view):]
+                mailbox_store.write_all(self.fd, entry)
                 os.fsync(self.fd)
             except BaseException:
                 os.ftruncate(self.fd, start)
@@ -842,7 +717,7 @@ class UIDLState:
             if current == os.fstat(fd).st_ino:
                 self.fd = fd
                 if created:
-                    _fsync_dir(folder)
+                    mailbox_store.fsync_dir(folder)
                 return
             os.close(fd)
         raise ClientError(E_STATE_BUSY % self.path, temporary=True)
@@ -877,14 +752,7 @@ class UIDLState:
         lines = ["# mail_client: unique-ids of messages already fetched, one per line"]
         lines += self.other_lines
         lines += ["%s %s" % (self.account, uid) for uid in sorted(self.uids)]
-        folder = os.path.dirname(os.path.abspath(self.path))
-        temporary = "%s.tmp.%d" % (self.path, os.getpid())
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, self.path)
-        _fsync_dir(folder)
+        mailbox_store.write_atomically(self.path, "\n".join(lines) + "\n", 0o600)
 
     def close(self):
         if self.fd is not None:
@@ -954,25 +822,18 @@ def open_submission(config, host, port, context, implicit_tls):
 
     smtp_out's opportunistic mode falls back to plaintext when an offered STARTTLS
     fails (RFC 7435, right for MX delivery). A person who asked for a verified server
-    wants an error instead, before any password is sent: so STARTTLS is required, and
-    only a server that offers none (4.7.4) is asked again in the clear.
+    wants an error instead, before any password is sent: so opportunistic here is
+    smtp_out's no-downgrade mode, in the clear only with a server that offers no STARTTLS.
     """
-    def connect(tls):
-        client = smtp_out.SMTPClient(
-            host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
-            tls_verify=context.verify_mode == ssl.CERT_REQUIRED, tls_context=context,
-            implicit_tls=implicit_tls, timeouts=smtp_timeouts(config["timeout"]))
-        client.open()
-        return client
-
-    if config["tls"] != TLS_OPPORTUNISTIC:
-        return connect(config["tls"])
-    try:
-        return connect(TLS_REQUIRED)
-    except smtp_out.DeliveryError as exc:
-        if exc.reply.status != NOT_OFFERED_STATUS:
-            raise
-    return connect(TLS_NONE)
+    tls = config["tls"]
+    if tls == TLS_OPPORTUNISTIC:
+        tls = smtp_out.TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    client = smtp_out.SMTPClient(
+        host, port, helo_name=config["helo"] or socket.getfqdn(), tls=tls,
+        tls_verify=context.verify_mode == ssl.CERT_REQUIRED, tls_context=context,
+        implicit_tls=implicit_tls, timeouts=smtp_timeouts(config["timeout"]))
+    client.open()
+    return client
 
 
 def send(config, message, out=None):

@@ -41,7 +41,9 @@ from typing import Iterable, Iterator, Optional
 
 __all__ = [
     "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
-    "UnknownUser", "canonical_address", "crlf_size", "hash_password", "main", "verify_password",
+    "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
+    "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
+    "write_atomically",
 ]
 
 DEFAULT_SPOOL = "./mailspool"
@@ -230,9 +232,10 @@ def _check_password(password):
         raise ValueError("the password contains NUL, CR or LF")
 
 
-# --- Files: atomic rewrite, directory fsync ---
+# --- Files: directory fsync, directories, atomic rewrite ---
 
-def _fsync_dir(path):
+def fsync_dir(path: str) -> None:
+    """fsync a directory, so that the entries just made in it survive a crash."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -240,40 +243,53 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_atomically(path, text, mode):
-    """Write text to a temporary file, fsync, rename over path, fsync the directory."""
-    folder = os.path.dirname(path) or "."
-    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+def make_dirs(path: str) -> None:
+    """Create path and missing parents (mode 0700), fsyncing each parent that gained one,
+    so that the first message of a new mailbox does not hang on a directory entry that a
+    crash could lose."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    make_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    fsync_dir(parent)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write() until all of data is written (one write may take only a part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_durably(temporary, final, data, mode):
+    """The write-fsync-rename rule: data into the new file temporary (mode exactly, whatever
+    the umask), fsync, rename to final, fsync final's directory. A failure leaves nothing."""
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
     except BaseException:
         try:
             os.unlink(temporary)
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
-def _make_dirs(path):
-    """Create path and missing parents (mode 0700), fsyncing each parent that gained one,
-    so that the first message of a new mailbox does not hang on a directory entry that a
-    crash could lose."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    _make_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    _fsync_dir(parent)
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """Write text to a temporary file, fsync, rename over path, fsync the directory."""
+    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+    _write_durably(temporary, path, text.encode("utf-8"), mode)
 
 
 def _file_signature(path):
@@ -375,7 +391,7 @@ def _format_alias(name, targets):
     return "%s: %s" % (name, ", ".join(targets))
 
 
-# --- Maildir names and sizes ---
+# --- Maildir names, sizes and delivery ---
 
 _delivery_counter = itertools.count(1)
 
@@ -388,10 +404,37 @@ def _maildir_host(hostname):
 
 def crlf_size(data: bytes) -> int:
     """Octets of data once every line ends in CRLF and a final CRLF is added if missing."""
-    size = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    size = len(data) + data.count(b"\n")
+    if b"\r" in data:                 # a count costs per line; LF-only text needs one
+        size -= data.count(b"\r\n")
     if data and not data.endswith(b"\n"):
         size += 2
     return size
+
+
+def make_maildir(path: str) -> None:
+    """Create a Maildir's tmp/, new/ and cur/ (and the folders above) when missing."""
+    for sub in MAILDIR_SUBDIRS:
+        make_dirs(os.path.join(path, sub))
+
+
+def maildir_deliver(maildir: str, message: bytes, hostname: Optional[str] = None) -> str:
+    """Write message durably into the Maildir at maildir; return the path of the new file.
+
+    The Maildir rule: tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd; a
+    failure leaves nothing behind. The Maildir is created when missing. NAME is unique
+    across processes and hosts (hostname, default this host's name, is part of it) and
+    ends in ",S=<file size>,W=<size with CRLF line ends>", what POP3 needs to know.
+    """
+    make_maildir(maildir)
+    now = time.time_ns() // 1000
+    name = "%d.M%06dP%dQ%dR%s.%s,S=%d,W=%d" % (
+        now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
+        secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()),
+        len(message), crlf_size(message))
+    final = os.path.join(maildir, "new", name)
+    _write_durably(os.path.join(maildir, "tmp", name), final, message, 0o600)
+    return final
 
 
 def _name_fields(name):
@@ -629,7 +672,7 @@ class Mailbox:
             except OSError as exc:
                 failures.append(exc)
         for folder in touched:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         if failures:
             raise failures[0]
         return removed
@@ -784,10 +827,12 @@ class Store:
         out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
 
     def recipient_exists(self, address: str) -> bool:
-        """True when expand(address) succeeds (used at RCPT time)."""
+        """True when expand(address) finds a destination (used at RCPT time); False for
+        an unknown or malformed address. Raises AliasLoop: a loop is the site's fault,
+        not the sender's, and deserves its own answer (5.4.6)."""
         try:
             return bool(self.expand(address))
-        except (AddressError, UnknownUser, AliasLoop):
+        except (AddressError, UnknownUser):
             return False
 
     def sender_addresses(self, user: str) -> set:
@@ -819,10 +864,6 @@ class Store:
         return (local == "postmaster" and not tables.users
                 and (domain in self.domains or domain in tables.user_domains))
 
-    def _ensure_maildir(self, maildir):
-        for sub in MAILDIR_SUBDIRS:
-            _make_dirs(os.path.join(maildir, sub))
-
     def deliver(self, user: str, message: bytes, return_path: str) -> str:
         """Deliver durably into user's Maildir; return the path of the new file.
 
@@ -839,32 +880,7 @@ class Store:
         clean_path = "".join(c for c in return_path if c.isprintable() and c not in "<>")
         header = (b"Return-Path: <" + clean_path.encode("utf-8", "replace") + b">" + eol
                   + b"Delivered-To: " + user.encode("utf-8") + eol)
-        file_size = len(header) + len(message)
-        size = len(header) + (0 if crlf else header.count(b"\n")) + crlf_size(message)
-        maildir = self.maildir_path(user)
-        self._ensure_maildir(maildir)
-        now = time.time_ns() // 1000
-        name = "%d.M%06dP%dQ%dR%s.%s,S=%d,W=%d" % (
-            now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
-            secrets.token_hex(8), _maildir_host(self.hostname), file_size, size)
-        temporary = os.path.join(maildir, "tmp", name)
-        final = os.path.join(maildir, "new", name)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                f.write(message)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temporary, final)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(os.path.dirname(final))
-        return final
+        return maildir_deliver(self.maildir_path(user), header + message, self.hostname)
 
     # -- authentication --
 
@@ -905,7 +921,7 @@ class Store:
         if user not in self._tables().users:
             raise UnknownUser("no such user: %s" % user)
         maildir = self.maildir_path(user)
-        self._ensure_maildir(maildir)
+        make_maildir(maildir)
         lock_path = os.path.join(os.path.dirname(maildir), MAILDROP_LOCK)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -960,7 +976,7 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX)
             lines = _read_lines(path)
             result = change(lines)
-            _write_atomically(path, "".join(line + "\n" for line in lines), mode)
+            write_atomically(path, "".join(line + "\n" for line in lines), mode)
             return result
         finally:
             os.close(fd)

@@ -45,16 +45,21 @@ line, only ever appended:
     ...the message...
     {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
         {"kind": "local", "address": "bob@example.com"}, {"kind": "remote", "address": "x@example.org"}]}
-    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "reply": "250 ..."}
-    {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...", "reply": "..."}
-    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "reply": "..."}
+    {"event": "delivered", "rcpt": 0, "at": 1700000000.2, "dsn": "2.0.0", "mta": "", "relay": "",
+        "reply": "250 ..."}
+    {"event": "deferred", "rcpt": 1, "at": ..., "next": ..., "dsn": "4.4.1", "mta": "...",
+        "relay": "...", "reply": "..."}
+    {"event": "failed", "rcpt": 1, "at": ..., "dsn": "5.1.1", "mta": "...", "relay": "...",
+        "reply": "..."}
     {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
     {"event": "flush", "at": ...}
 
-Each record is one line (the route record above is folded to fit the page). A "route"
+Each record is one line (the long ones above are folded to fit the page). A "route"
 record turns one envelope recipient (from) into final recipients numbered from rcpt on; kind is
-local, remote or error (an error carries its "reply" and is failed at once). A recipient
-is done when delivered, or failed and "notified" (its DSN is queued or was dropped).
+local, remote or error (an error carries its "reply" and is failed at once). "mta" is the
+host name of the server that answered (the DSN's Remote-MTA), "relay" where it was reached,
+name[address]:port (the log's relay=). A recipient is done when delivered, or failed and
+"notified" (its DSN is queued or was dropped).
 
 Durability and concurrency:
 
@@ -88,15 +93,18 @@ The API smtp_out uses (all in __all__):
         with claim:                               # leaving it releases the claim
             for domain, recipients in claim.groups.items():
                 ... send claim.message from claim.envelope.sender ...
-                claim.delivered(rcpt, reply, remote_mta="mx.example.org")
-                claim.deferred(rcpt, reply, dsn="4.4.1", remote_mta="")
-                claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org")
+                claim.delivered(rcpt, reply, remote_mta="mx.example.org",
+                                relay="mx.example.org[192.0.2.7]:25")
+                claim.deferred(rcpt, reply, dsn="4.4.1")
+                claim.failed(rcpt, reply, dsn="5.1.1", remote_mta="mx.example.org",
+                             relay="mx.example.org[192.0.2.7]:25")
 
-deferred() picks the next attempt (retry_delay()) and fails the recipient with 4.4.7 once
-the message is older than the queue lifetime. Releasing the claim queues one DSN for the
-new failures (never to a null sender: a double bounce goes to the postmaster, and a
-failed double bounce is dropped with a log line), a delay notice when due, and files the
-message away. Queue.send_dsn() is that DSN step on its own; build_dsn() builds the bytes.
+deferred() picks the next attempt (the queue's retry schedule, retry_delay()) and fails
+the recipient with 4.4.7 once the message is older than the queue lifetime. Releasing the
+claim queues one DSN for the new failures (never to a null sender: a double bounce goes to
+the postmaster, and a failed double bounce is dropped with a log line), a delay notice when
+due, and files the message away. Queue.send_dsn() is that DSN step on its own; build_dsn()
+builds the bytes.
 
 Run: python3 mta.py --spool DIR --domain example.com [--hostname mail.example.com]
      python3 mta.py --spool DIR queue [--json] | flush | delete ID | delete --all
@@ -136,7 +144,8 @@ import plumbing
 __all__ = [
     "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
     "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
-    "build_dsn", "enqueue", "main", "parse_queue_file", "prepare_submission", "retry_delay",
+    "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
+    "parse_retry_schedule", "prepare_submission", "retry_delay",
     "wake",
 ]
 
@@ -149,6 +158,7 @@ DEFAULTS = {
     "hop_limit": 50,
     "queue_lifetime": 5 * 86400,
     "delay_warning": 4 * 3600,
+    "retry_schedule": "5m,10m,20m,40m,1h",
     "max_size": 35 * 1024 * 1024,
     "user": "",
     "syslog": False,
@@ -172,8 +182,9 @@ MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
 QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
 DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
-MIN_BACKOFF = 300                  # first retry; doubled each attempt ...
-MAX_BACKOFF = 3600                 # ... up to an hour (RFC 5321 4.5.4.1 suggests 30 min)
+# Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).
+RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedule setting
 NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
@@ -202,6 +213,7 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{1,64}\Z")
+RETRY_STEP_PATTERN = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)\Z")
 STATUS_PATTERN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 REPLY_STATUS_PATTERN = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -253,7 +265,8 @@ class Recipient:
     next_attempt: float = 0.0      # deferred only
     reply: str = ""                # the last reply (SMTP text), for logs and DSNs
     dsn: str = ""                  # RFC 3463 status code of the last result
-    remote_mta: str = ""
+    remote_mta: str = ""           # host name of the server that answered (DSN Remote-MTA)
+    relay: str = ""                # where it was reached, name[address]:port (log relay=)
     notified: bool = False         # a failed DSN is queued (or was dropped)
     warned: bool = False           # a delayed DSN is queued
 
@@ -310,6 +323,11 @@ class QueueState:
         recipient.reply = clean_text(record.get("reply", ""), MAX_REPLY)
         recipient.dsn = checked_status(record.get("dsn", ""))
         recipient.remote_mta = clean_text(record.get("mta", ""), MAX_INFO)
+        recipient.relay = clean_text(record.get("relay", ""), MAX_INFO)
+        if not recipient.relay and "[" in recipient.remote_mta:
+            # A record written before the two were apart: "mta" held name[address]:port.
+            recipient.relay = recipient.remote_mta
+            recipient.remote_mta = recipient.remote_mta.partition("[")[0]
         if event == "deferred":
             recipient.next_attempt = float(record["next"])
 
@@ -348,13 +366,29 @@ def valid_queue_id(name: str) -> bool:
     return bool(QUEUE_ID_PATTERN.match(name))
 
 
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after the attempts-th failed attempt: 5 min, doubling, at most 1 h.
+def retry_delay(attempts: int, schedule: tuple = RETRY_SCHEDULE) -> float:
+    """Seconds to wait after the attempts-th failed attempt: that step of schedule, its
+    last step once the attempts outnumber the steps (default 5, 10, 20, 40 min, then 1 h).
 
     RFC 5321 4.5.4.1 asks for at least 30 minutes between tries; like Postfix the first
     tries come sooner, because most temporary failures (greylisting) clear in minutes.
     """
-    return float(min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF))
+    return float(schedule[min(max(attempts, 1), len(schedule)) - 1])
+
+
+def parse_retry_schedule(text: str) -> tuple:
+    """The seconds of a retry_schedule setting, "5m,10m,20m,40m,1h" (units s, m, h, d; a
+    bare number is seconds; commas or spaces between). Raises ValueError saying why."""
+    steps = []
+    for item in str(text).replace(",", " ").split():
+        found = RETRY_STEP_PATTERN.match(item.lower())
+        seconds = float(found.group(1)) * RETRY_UNITS[found.group(2) or "s"] if found else 0
+        if not seconds > 0:
+            raise ValueError("retry_schedule: %r is not a wait such as 30s, 5m, 1h or 2d" % item)
+        steps.append(seconds)
+    if not steps:
+        raise ValueError("retry_schedule: no wait given (e.g. 5m,10m,20m,40m,1h)")
+    return tuple(steps)
 
 
 def reply_status(reply: str, default: str = "") -> str:
@@ -534,11 +568,9 @@ def record_bytes(*records: dict) -> bytes:
 
 # --- Files ---
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# The store's durable-write helpers serve the queue too: one piece of code for one job.
+_write_all = mailbox_store.write_all
+_fsync_dir = mailbox_store.fsync_dir
 
 
 def _read_all(fd, size, offset=0):
@@ -551,14 +583,6 @@ def _read_all(fd, size, offset=0):
         size -= len(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path):
@@ -603,8 +627,11 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
             protocol: Optional[str] = None, arrival: Optional[float] = None) -> str:
     """Write message and envelope durably into queue/incoming/, wake the router, return the id.
 
-    Raises SpoolError (an OSError with the cause's errno) when the message could not be
-    made durable, leaving nothing behind; ValueError for an address that cannot be queued.
+    Raises ValueError, before anything is written, when the message cannot be queued: no
+    recipient, an address that is empty (a recipient), not printable, longer than
+    MAX_ADDRESS or with white space at its ends, or a malformed queue_id; callers check
+    addresses first. Raises SpoolError (an OSError with the cause's errno) when the
+    message could not be made durable, leaving nothing behind.
     """
     spool_dir = os.fspath(spool_dir)
     recipients = [check_address_text(address) for address in recipients]
@@ -863,43 +890,53 @@ class Claim:
             _write_all(self.fd, data)
 
     def log_result(self, recipient, status, reply):
-        relay = recipient.remote_mta or ("local" if recipient.kind == "local" else "none")
+        relay = (recipient.relay or recipient.remote_mta
+                 or ("local" if recipient.kind == "local" else "none"))
         original = "" if recipient.original == recipient.address else ", orig_to=<%s>" % recipient.original
         log.info("%s: to=<%s>%s, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
                  self.queue_id, recipient.address, original, relay,
                  max(self.queue.clock() - self.envelope.arrival, 0), recipient.dsn or "-",
                  status, reply)
 
-    def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = ""):
-        """The recipient has the message (a Maildir file, or a 2xx from remote_mta)."""
+    def delivered(self, recipient: Recipient, reply: str = "250 2.0.0 OK", remote_mta: str = "",
+                  relay: str = ""):
+        """The recipient has the message (a Maildir file, or a 2xx from remote_mta).
+
+        remote_mta is the answering server's host name, for a DSN's Remote-MTA (RFC 3464
+        2.3.5); relay is where it was reached, name[address]:port, for the log. Likewise
+        in deferred() and failed().
+        """
         reply = clean_text(reply, MAX_REPLY)
         self.record({"event": "delivered", "rcpt": recipient.index, "at": self.queue.clock(),
                      "dsn": reply_status(reply, "2.0.0"), "mta": clean_text(remote_mta, MAX_INFO),
-                     "reply": reply})
-        self.log_result(recipient, "sent" if remote_mta else "delivered", reply)
+                     "relay": clean_text(relay, MAX_INFO), "reply": reply})
+        self.log_result(recipient, "sent" if remote_mta or relay else "delivered", reply)
 
     def deferred(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
-                 remote_mta: str = ""):
-        """A temporary failure: try again after retry_delay(), or fail once expired."""
+                 remote_mta: str = "", relay: str = ""):
+        """A temporary failure: try again as the queue's retry schedule says, or fail once
+        expired."""
         now = self.queue.clock()
         reply = clean_text(reply, MAX_REPLY)
         dsn = normal_status(dsn) if dsn else reply_status(reply, "4.0.0")
         if now - self.envelope.arrival >= self.queue.lifetime:
             # RFC 5321 4.5.4.1: give up; RFC 3463 3.5 X.4.7 says why.
-            self.failed(recipient, reply, DSN_EXPIRED, remote_mta)
+            self.failed(recipient, reply, DSN_EXPIRED, remote_mta, relay)
             return
         self.record({"event": "deferred", "rcpt": recipient.index, "at": now,
-                     "next": now + retry_delay(recipient.attempts + 1), "dsn": dsn,
-                     "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+                     "next": now + self.queue.retry_delay(recipient.attempts + 1), "dsn": dsn,
+                     "mta": clean_text(remote_mta, MAX_INFO), "relay": clean_text(relay, MAX_INFO),
+                     "reply": reply})
         self.log_result(recipient, "deferred", reply)
 
     def failed(self, recipient: Recipient, reply: str, dsn: Optional[str] = None,
-               remote_mta: str = ""):
+               remote_mta: str = "", relay: str = ""):
         """A permanent failure: the sender gets a DSN when the claim is released."""
         reply = clean_text(reply, MAX_REPLY)
         dsn = normal_status(dsn) if dsn else reply_status(reply, "5.0.0")
         self.record({"event": "failed", "rcpt": recipient.index, "at": self.queue.clock(),
-                     "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO), "reply": reply})
+                     "dsn": dsn, "mta": clean_text(remote_mta, MAX_INFO),
+                     "relay": clean_text(relay, MAX_INFO), "reply": reply})
         self.log_result(recipient, "bounced", reply)
 
     def release(self):
@@ -925,20 +962,32 @@ class Queue:
     clock is the time source for every decision (due, expired, delay notice); tests pass
     a fake one to run the five-day schedule in a second. postmaster receives double
     bounces ("postmaster" alone is routed to the first local domain's postmaster).
+    retry_schedule is the waits between tries, in seconds or as the retry_schedule
+    setting's text ("5m,10m,20m,40m,1h"; the last repeats); ValueError when it is bad.
     """
 
     def __init__(self, spool_dir: str, *, hostname: Optional[str] = None,
                  lifetime: float = QUEUE_LIFETIME, delay_warning: float = DELAY_WARNING,
-                 postmaster: str = "postmaster", clock: Callable[[], float] = time.time):
+                 postmaster: str = "postmaster", clock: Callable[[], float] = time.time,
+                 retry_schedule=RETRY_SCHEDULE):
         self.spool_dir = os.fspath(spool_dir)
         self.hostname = hostname or socket.gethostname()
         self.lifetime = lifetime
         self.delay_warning = delay_warning
+        if isinstance(retry_schedule, str):
+            retry_schedule = parse_retry_schedule(retry_schedule)
+        if not retry_schedule or not all(step > 0 for step in retry_schedule):
+            raise ValueError("retry_schedule: give one or more waits longer than 0 s")
+        self.retry_schedule = tuple(float(step) for step in retry_schedule)
         self.postmaster = postmaster
         self.clock = clock
 
     def path(self, folder: str, name: str = "") -> str:
         return os.path.join(self.spool_dir, QUEUE_DIR, folder, name)
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds to wait after the attempts-th failed attempt, by this queue's schedule."""
+        return retry_delay(attempts, self.retry_schedule)
 
     def create(self):
         make_spool(self.spool_dir)
@@ -951,7 +1000,8 @@ class Queue:
             return []
 
     def enqueue(self, sender: str, recipients: list, message: bytes, **info) -> str:
-        """enqueue() into this spool, with the arrival time from this queue's clock."""
+        """enqueue() into this spool, with the arrival time from this queue's clock; raises
+        ValueError and SpoolError as enqueue() does."""
         info.setdefault("arrival", self.clock())
         return enqueue(self.spool_dir, sender, recipients, message, **info)
 
@@ -1635,7 +1685,7 @@ def queue_report(queue: Queue) -> list:
                 "address": r.address, "original": r.original, "kind": r.kind, "status": r.status,
                 "attempts": r.attempts, "last_attempt": r.last_attempt or None,
                 "next_attempt": r.next_attempt if r.status == "deferred" else None,
-                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta})
+                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
         report.append({"queue_id": name, "folder": folder, "size": size,
                        "arrival": envelope.arrival, "sender": envelope.sender,
                        "client_address": envelope.client_address, "client_helo": envelope.client_helo,
@@ -1711,6 +1761,7 @@ def serve(config) -> int:
         store = mailbox_store.Store(config["spool"], domains, hostname)
         queue = Queue(config["spool"], hostname=hostname, lifetime=config["queue_lifetime"],
                       delay_warning=config["delay_warning"],
+                      retry_schedule=config["retry_schedule"],
                       postmaster=("postmaster@" + domains[0]) if domains else "postmaster")
         queue.create()
         router = Router(queue, store, hop_limit=config["hop_limit"])
@@ -1719,8 +1770,7 @@ def serve(config) -> int:
     except (OSError, KeyError, ValueError) as exc:
         print("mta: cannot start on spool %s: %s" % (config["spool"], exc), file=sys.stderr)
         return 1
-    for key in sorted(config):
-        log.info("config %s=%s", key, config[key])
+    plumbing.log_config(log, config)
     return plumbing.serve_until_signalled([runner])
 
 
@@ -1758,6 +1808,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         config = plumbing.load_config("mta", DEFAULTS, args)
+        parse_retry_schedule(config["retry_schedule"])
     except UsageError as exc:
         print("mta: %s (see --help)" % exc, file=sys.stderr)
         return EX_USAGE

@@ -7,17 +7,20 @@ Written once and imported by every daemon (smtp_in, pop3d, mta, smtp_out, run_al
   implicit TLS, STARTTLS and a graceful shutdown;
 - LineReader: a bounded line reader that reads in blocks and reports how each line ended
   (CRLF, bare LF or bare CR), which SMTP needs against smuggling;
+- ClientConnection: the same bounded reads, and TLS, for a protocol client;
 - TLS contexts, strict SASL PLAIN and LOGIN decoding (RFC 4616, RFC 4954);
 - configuration (defaults, then an INI file, then flags), logging in the shape of
   DESIGN.md, queue ids, and dropping root privileges.
 
-This module knows no mail protocol: a role subclasses the server and the handler.
+This module knows no mail protocol: a role subclasses the server and the handler, or the
+client connection.
 """
 
 import argparse
 import base64
 import binascii
 import configparser
+import ipaddress
 import logging
 import logging.handlers
 import os
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
-    "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError", "ServerStopping",
-    "ThreadedServer", "add_options", "auth_failure_delay", "decode_base64", "decode_plain",
-    "drop_privileges", "load_config", "new_queue_id", "parse_hostport", "serve_until_signalled",
+    "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
+    "ServerStopping", "ThreadedServer", "add_options", "auth_failure_delay", "config_text",
+    "config_value", "decode_base64", "decode_plain", "drop_privileges", "is_loopback",
+    "load_config", "log_config", "new_queue_id", "parse_hostport", "serve_until_signalled",
     "server_tls_context", "setup_logging",
 ]
 
@@ -203,6 +207,20 @@ class LineReader:
         return bool(pending and pending())
 
 
+# --- Addresses ---
+
+def is_loopback(ip: str) -> bool:
+    """True for an address of this very machine: 127.0.0.0/8, ::1, or IPv4-mapped
+    ::ffff:127.x.y.z. A host name (even "localhost") is not an address: False."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 # --- Threaded server and connection handler ---
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
@@ -232,7 +250,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     @property
     def is_loopback(self):
-        return self.client_ip.startswith("127.") or self.client_ip in ("::1", "::ffff:127.0.0.1")
+        return is_loopback(self.client_ip)
 
     def handle(self):
         try:
@@ -446,6 +464,119 @@ def server_tls_context(cert_file, key_file):
     return context
 
 
+# --- The client's end of a connection ---
+
+class ClientConnection:
+    """A client's connection to a line-protocol server: one socket, its LineReader, TLS,
+    and every step bounded in time (smtp_out's SMTP client, mail_client's POP3 client).
+
+    It fails in one way. The subclass's failure(kind, detail) returns the exception to
+    raise: kind "connect" (detail: the reason), "timeout" or "lost" (the stage: what the
+    client was doing), "garbage" (a line past its limit; the stage) or "tls" (the reason).
+    The socket is closed first, except for "connect", where there is none.
+    """
+
+    sock = None
+    reader = None
+    address = ""                   # the server's IP address once connected
+    tls_active = False
+
+    def failure(self, kind, detail):
+        raise NotImplementedError
+
+    def open_socket(self, host, port, timeout, source_address=None):
+        """Connect within timeout seconds; the reader then waits timeout for each line."""
+        try:
+            self.sock = socket.create_connection((host, port), timeout, source_address)
+        except socket.timeout:
+            raise self.failure("timeout", "connecting") from None
+        except OSError as exc:
+            raise self.failure("connect", exc.strerror or str(exc)) from None
+        # Commands are whole writes already; Nagle would only delay them.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = self.sock.getpeername()[0]
+        self.reader = LineReader(self.sock, timeout)
+        self.tls_active = False
+
+    def handshake(self, context, server_name, timeout):
+        """TLS as the client, now (STARTTLS/STLS, or implicit TLS before the greeting).
+
+        RFC 3207 5, RFC 2595 4: bytes the server sent before the handshake would be
+        plaintext injected into the TLS session; such a server fails here.
+        """
+        if self.reader.buffer:
+            self.close()
+            raise self.failure("tls", "server sent data before the TLS handshake")
+        self.sock.settimeout(timeout)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_name)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            self.close()
+            raise self.failure("tls", getattr(exc, "reason", None) or str(exc)) from None
+        self.reader.sock = self.sock
+        self.tls_active = True
+
+    def send_bytes(self, data, timeout, stage):
+        """Send data whole within timeout seconds."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
+        except socket.timeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            self.close()
+            raise self.failure("lost", stage) from None
+
+    def read_line(self, limit, timeout, stage):
+        """The next line's bytes (without its ending; a bare LF ends one too), waiting at
+        most timeout seconds; a line longer than limit is "garbage"."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        self.reader.idle_timeout = timeout
+        try:
+            line = self.reader.readline(limit)
+        except ReadTimeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            line = None
+        if line is None or not line.ending:
+            self.close()
+            raise self.failure("lost", stage)
+        if line.too_long:
+            self.close()
+            raise self.failure("garbage", stage)
+        return line.data
+
+    def read_block(self, timeout, stage):
+        """Whatever the server sent next (buffered bytes first), waiting at most timeout."""
+        if self.sock is None:
+            raise self.failure("lost", stage)
+        self.reader.idle_timeout = timeout
+        try:
+            block = self.reader.read_block()
+        except ReadTimeout:
+            self.close()
+            raise self.failure("timeout", stage) from None
+        except (OSError, ValueError):
+            block = b""
+        if not block:
+            self.close()
+            raise self.failure("lost", stage)
+        return block
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+
 # --- SASL (RFC 4616 PLAIN, and the LOGIN mechanism's base64 steps) ---
 
 def decode_base64(text, limit=MAX_SASL_RESPONSE):
@@ -523,6 +654,7 @@ SHARED_HELP = {
     "max_size": "largest message accepted, in bytes",
     "max_connections": "concurrent connections in total",
     "max_per_address": "concurrent connections per client address",
+    "retry_schedule": "waits between delivery tries, e.g. 5m,10m,20m,40m,1h; the last repeats",
     "user": "user to run as after binding the ports (when started as root)",
     "syslog": "also log to syslog (/dev/log)",
     "verbose": "log debugging detail",
@@ -550,7 +682,10 @@ def add_options(parser, defaults, help_texts=None):
     return parser
 
 
-def _convert(key, text, default):
+def config_value(key, text, default):
+    """A setting given as text (INI file, flag) or as a value, made the type of its
+    default: yes/no for a bool, a comma- or space-separated list for a list, a number.
+    Raises ValueError naming the key."""
     if isinstance(default, bool):
         value = str(text).strip().lower()
         if value in ("1", "yes", "true", "on"):
@@ -560,7 +695,7 @@ def _convert(key, text, default):
         raise ValueError("%s: not a yes/no value: %r" % (key, text))
     if isinstance(default, list):
         if isinstance(text, list):
-            return [item for value in text for item in _convert(key, value, default)]
+            return [item for value in text for item in config_value(key, value, default)]
         return [item for item in str(text).replace(",", " ").split() if item]
     if isinstance(default, (int, float)):
         try:
@@ -589,12 +724,27 @@ def load_config(section, defaults, args=None):
         values = parser[section] if parser.has_section(section) else parser.defaults()
         for key, text in values.items():
             if key in defaults:
-                config[key] = _convert(key, text, defaults[key])
+                config[key] = config_value(key, text, defaults[key])
     for key, default in defaults.items():
         value = getattr(args, key, None) if args is not None else None
         if value is not None:
-            config[key] = _convert(key, value, default)
+            config[key] = config_value(key, value, default)
     return config
+
+
+def config_text(value) -> str:
+    """A setting as the INI file writes it: yes/no, a comma-separated list, or the text."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def log_config(log, config) -> None:
+    """Log the effective settings at startup, one per line: "config: key=value", sorted."""
+    for key in sorted(config):
+        log.info("config: %s=%s", key, config_text(config[key]))
 
 
 # --- Logging and queue ids ---

@@ -467,8 +467,7 @@ def main(argv=None):
     except (OSError, KeyError) as exc:
         print("pop3d: cannot become user %s: %s" % (config["user"], exc), file=sys.stderr)
         return 1
-    for key in sorted(config):
-        logger.info("config: %s=%s", key, config[key])
+    plumbing.log_config(logger, config)
     for server in servers:
         logger.info("listening on %s port %d%s", server.server_address[0], server.port,
                     " (implicit TLS)" if server.implicit_tls else "")

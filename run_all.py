@@ -27,6 +27,7 @@ import threading
 import time
 
 import mailbox_store
+import mta
 import plumbing
 
 __all__ = ["DEFAULTS", "Supervisor", "check_config", "main"]
@@ -51,6 +52,7 @@ DEFAULTS = {
     "relay_network": [],
     "idle_timeout": 300.0,
     "max_size": 35 * 1024 * 1024,
+    "retry_schedule": "5m,10m,20m,40m,1h",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -67,7 +69,7 @@ HELP = {
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
 SHARED_KEYS = ("spool", "domain", "hostname", "tls_cert", "tls_key", "dns", "idle_timeout",
-               "max_size", "relay_network", "user", "syslog", "verbose")
+               "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose")
 
 RESTART_DELAYS = (1, 2, 5, 10, 30)   # seconds before restarting a role that died, growing
 STABLE_AFTER = 60                    # a role up this long has its backoff reset
@@ -106,18 +108,11 @@ def role_commands(config, ini_path):
 
 def write_role_config(config, path):
     """Write the settings the roles read: shared ones in [DEFAULT], the rest per role."""
-    def text(value):
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, list):
-            return ", ".join(value)
-        return str(value)
-
     parser = configparser.ConfigParser(interpolation=None)
     for key in SHARED_KEYS:
         if config[key] not in ("", []):
-            parser["DEFAULT"][key] = text(config[key])
-    parser["smtp_out"] = {"remote_port": text(config["remote_port"])}
+            parser["DEFAULT"][key] = plumbing.config_text(config[key])
+    parser["smtp_out"] = {"remote_port": plumbing.config_text(config["remote_port"])}
     for key in ("relay_host", "relay_auth_file"):
         if config[key]:
             parser["smtp_out"][key] = config[key]
@@ -223,6 +218,10 @@ def check_config(config):
             plumbing.server_tls_context(config["tls_cert"], config["tls_key"])
         except (OSError, ssl.SSLError) as exc:
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
+    try:
+        mta.parse_retry_schedule(config["retry_schedule"])
+    except ValueError as exc:
+        problems.append(str(exc))
     if (config["smtps"] or config["pop3s"]) and not config["tls_cert"]:
         problems.append("tls: the SMTPS and POP3S listeners need --tls-cert and --tls-key")
     spool = config["spool"]
@@ -311,6 +310,7 @@ def main(argv=None):
     if any(not problem.startswith("postmaster@") for problem in problems):
         return 1
 
+    plumbing.log_config(log, config)
     run_dir = os.path.join(config["spool"], "run")
     os.makedirs(run_dir, exist_ok=True)
     ini_path = os.path.join(run_dir, "run_all.ini")

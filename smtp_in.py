@@ -140,6 +140,7 @@ R530_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R538_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
 R550_UNKNOWN_USER = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
+R550_ALIAS_LOOP = "550 5.4.6 <%s>: Recipient address rejected: Alias expansion loop"
 R550_BARE_LINE_ENDING = "550 5.6.0 Message refused: bare CR or LF in text (RFC 5321 2.3.8); use CRLF"
 R550_NUL = "550 5.6.0 Message refused: NUL octet in text"
 R552_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -735,8 +736,11 @@ class SMTPHandler(plumbing.ConnectionHandler):
         # "%" and "!" hacks and quoted "@" ask us to route onwards (RFC 5321 3.6.1, 4.1.1.3)
         if not self.may_relay and any(char in local for char in "%!@"):
             return R554_ROUTING_DENIED % recipient
-        if store.recipient_exists(recipient):          # aliases, sub-addresses, postmaster
-            return None
+        try:
+            if store.recipient_exists(recipient):      # aliases, sub-addresses, postmaster
+                return None
+        except mailbox_store.AliasLoop:                # RFC 3463 X.4.6: routing loop
+            return R550_ALIAS_LOOP % recipient
         return R550_UNKNOWN_USER % recipient
 
     def smtp_DATA(self, arg):
@@ -941,10 +945,10 @@ class SMTPServer(plumbing.ThreadedServer):
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
                  implicit_tls=False, reverse_lookup=None, bind_and_activate=True):
         settings = dict(DEFAULTS)
-        settings.update(config or {})
-        for key in ("domain", "relay_network"):        # a list, or "a, b" as in the INI file
-            if isinstance(settings[key], str):
-                settings[key] = settings[key].replace(",", " ").split()
+        for key, value in (config or {}).items():      # values, or text as in the INI file
+            if key in DEFAULTS:
+                value = plumbing.config_value(key, value, DEFAULTS[key])
+            settings[key] = value
         self.spool_dir = str(settings["spool"])
         self.hostname = settings["hostname"] or socket.getfqdn()
         self.domains = [domain.lower() for domain in settings["domain"]]
@@ -1019,8 +1023,7 @@ def main(argv=None):
                 server.server_close()
             return 1
     plumbing.drop_privileges(config["user"])
-    for key in sorted(config):
-        log.info("config: %s=%s", key, config[key])
+    plumbing.log_config(log, config)
     for server in servers:
         log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
                  "smtps" if server.implicit_tls else

@@ -24,7 +24,6 @@ import argparse
 import base64
 import collections
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -41,9 +40,10 @@ import mta
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "Deliverer", "DeliveryError", "Hop", "Outcome", "OutboundDaemon",
-    "RecipientResult", "Reply", "SMTPClient", "TLS_NONE", "TLS_OPPORTUNISTIC", "TLS_REQUIRED",
-    "Timeouts", "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
+    "DEFAULTS", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
+    "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
+    "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts",
+    "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
     "read_credentials",
 ]
 
@@ -64,7 +64,9 @@ ONCE_SLICE = 500                   # messages claimed at once by --once
 
 TLS_NONE = "none"                  # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; plaintext when not or on failure
+TLS_OPPORTUNISTIC_NO_DOWNGRADE = "opportunistic-no-downgrade"  # plaintext only when not offered
 TLS_REQUIRED = "required"          # no TLS, no mail (deferred)
+TLS_MODES = (TLS_NONE, TLS_OPPORTUNISTIC, TLS_OPPORTUNISTIC_NO_DOWNGRADE, TLS_REQUIRED)
 
 DEFAULTS = {
     "spool": "./mailspool",
@@ -73,7 +75,7 @@ DEFAULTS = {
     "remote_port": SMTP_PORT,
     "relay_host": "",
     "relay_auth_file": "",         # "user:password" on one line; never a flag value
-    "relay_tls": TLS_REQUIRED,     # none | opportunistic | required, for the relay host
+    "relay_tls": TLS_REQUIRED,     # one of TLS_MODES, for the relay host
     "relay_insecure": False,       # do not verify the relay host's certificate
     "tls_verify": False,           # MX delivery: require TLS and a verified certificate
     "tls_ca_file": "",             # CA bundle for verification instead of the system's
@@ -86,6 +88,7 @@ DEFAULTS = {
     "poll_interval": POLL_INTERVAL,
     "queue_lifetime": float(mta.QUEUE_LIFETIME),   # as mta's: a deferral past it bounces (4.4.7)
     "delay_warning": float(mta.DELAY_WARNING),     # first delay notice to the sender
+    "retry_schedule": mta.DEFAULTS["retry_schedule"],  # as mta's: waits between tries
     "connect_timeout": 30.0,
     "greeting_timeout": 300.0,
     "ehlo_timeout": 300.0,
@@ -106,7 +109,8 @@ DEFAULTS = {
 HELP = {
     "hostname": "name sent in EHLO and checked against MX targets (default: the FQDN)",
     "relay_auth_file": "file with one line user:password for AUTH to the relay host",
-    "relay_tls": "TLS to the relay host: none, opportunistic or required",
+    "relay_tls": "TLS to the relay host: none, opportunistic, opportunistic-no-downgrade or "
+                 "required",
     "relay_insecure": "do not verify the relay host's certificate",
     "tls_verify": "MX delivery: require STARTTLS with a verified certificate, else defer",
     "tls_ca_file": "PEM CA bundle to verify certificates with (default: the system's)",
@@ -119,6 +123,7 @@ HELP = {
     "poll_interval": "seconds between queue scans when no wake-up comes",
     "queue_lifetime": "seconds a message may stay queued before it bounces (as mta's)",
     "delay_warning": "seconds queued before the sender gets a delay notice (as mta's)",
+    "retry_schedule": "waits between tries, e.g. 5m,10m,20m,40m,1h; the last repeats (as mta's)",
     "once": "deliver what is due now, then exit",
 }
 
@@ -260,7 +265,8 @@ class Outcome:
     """What one delivery attempt did for one recipient, as logged and recorded."""
     recipient: str
     reply: Reply
-    relay: str = "none"            # name[address]:port of the server that answered
+    relay: str = "none"            # name[address]:port of the server that answered (the log)
+    remote_mta: str = ""           # that server's host name (the DSN's Remote-MTA)
 
     @property
     def status(self):
@@ -269,8 +275,14 @@ class Outcome:
         return "bounced" if self.reply.permanent else "deferred"
 
 
-class _HandshakeFailed(Exception):
-    """The TLS handshake failed; the connection is unusable (opportunistic TLS retries)."""
+class HandshakeError(DeliveryError):
+    """The TLS handshake failed (temporary, 4.7.5); the connection is closed and unusable.
+
+    Opportunistic TLS catches it to try again in the clear on a new connection.
+    """
+
+    def __init__(self, peer, reason):
+        super().__init__(R_TLS_FAILED % (peer, reason))
 
 
 # --- Pure helpers ---
@@ -308,13 +320,6 @@ def valid_path(address):
             and not PATH_BREAKERS.search(address))
 
 
-def is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def client_tls_context(verify=False, ca_file=None):
     """A client context: TLS 1.2 or newer; verified (system CAs or ca_file) or not.
 
@@ -349,7 +354,7 @@ def parse_ehlo(reply):
 
 # --- SMTP client ---
 
-class SMTPClient:
+class SMTPClient(plumbing.ClientConnection):
     """One SMTP connection to one server address, driven step by step or whole.
 
     client = SMTPClient("192.0.2.7", 25, helo_name="mail.example.com", server_name="mx.example.net")
@@ -362,7 +367,10 @@ class SMTPClient:
     transaction: each recipient gets a RecipientResult, and a lost connection shows as a
     local transient reply for those not yet answered (then client.connected is False).
     tls is TLS_NONE, TLS_OPPORTUNISTIC (STARTTLS when offered; a failed handshake is
-    retried once in plaintext on a new connection) or TLS_REQUIRED (deferred without it).
+    retried once in plaintext on a new connection, RFC 7435), TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    (plaintext only when STARTTLS is not offered; an offered one that is refused or fails
+    raises DeliveryError, for a client whose password follows) or TLS_REQUIRED (deferred
+    without it).
     tls_verify checks the certificate against server_name (system CAs, or tls_ca_file).
     implicit_tls (default: port 465) starts TLS before the greeting (RFC 8314).
     """
@@ -370,8 +378,8 @@ class SMTPClient:
     def __init__(self, host, port=SMTP_PORT, *, helo_name, server_name=None,
                  tls=TLS_OPPORTUNISTIC, tls_verify=False, tls_ca_file=None, tls_context=None,
                  implicit_tls=None, timeouts=None, source_address=None):
-        if tls not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
-            raise ValueError("tls must be none, opportunistic or required")
+        if tls not in TLS_MODES:
+            raise ValueError("tls must be one of %s" % ", ".join(TLS_MODES))
         self.host = host
         self.port = port
         self.helo_name = helo_name
@@ -383,11 +391,8 @@ class SMTPClient:
         self.timeouts = timeouts or Timeouts()
         self.source_address = source_address
         self.address = host            # the IP address once connected
-        self.sock = None
-        self.reader = None
         self.extensions = {}           # EHLO keyword -> parameters; empty after HELO
         self.esmtp = False
-        self.tls_active = False
         self.greeting = None
         self.transactions = 0          # completed on this connection (for reuse decisions)
 
@@ -401,6 +406,14 @@ class SMTPClient:
     @property
     def connected(self):
         return self.sock is not None
+
+    def failure(self, kind, detail):
+        """The DeliveryError for a failed step (plumbing.ClientConnection): all temporary."""
+        if kind == "tls":
+            return HandshakeError(self.peer, detail)
+        text = {"connect": R_CONNECT_FAILED, "timeout": R_TIMEOUT, "lost": R_LOST,
+                "garbage": R_PROTOCOL}[kind]
+        return DeliveryError(text % (self.peer, detail))
 
     @property
     def max_size(self):
@@ -421,19 +434,19 @@ class SMTPClient:
         """Connect, read the greeting, EHLO (or HELO), STARTTLS as the policy says."""
         try:
             self._open(starttls=self.tls != TLS_NONE)
-        except _HandshakeFailed as exc:
-            if self.tls == TLS_REQUIRED:
-                raise DeliveryError(R_TLS_FAILED % (self.peer, exc)) from None
+        except HandshakeError as exc:
+            if self.tls != TLS_OPPORTUNISTIC:
+                raise
             # RFC 7435 4: opportunistic TLS falls back to a clear connection, a new one,
             # since a failed handshake leaves the old one in no known state.
-            log.info("TLS with %s failed (%s); trying again without TLS", self.peer, exc)
+            log.info("%s; trying again without TLS", exc.reply.text)
             self._open(starttls=False)
 
     def _open(self, starttls):
         self.close()
         self.connect()
         if self.implicit_tls:
-            self._handshake()
+            self.handshake(self.tls_context, self.server_name, self.timeouts.starttls)
         self.read_greeting()
         self.ehlo()
         if not self.tls_active and starttls:
@@ -446,17 +459,8 @@ class SMTPClient:
     def connect(self):
         """Open the TCP connection (connect timeout)."""
         source = (self.source_address, 0) if self.source_address else None
-        try:
-            self.sock = socket.create_connection((self.host, self.port), self.timeouts.connect,
-                                                 source)
-        except socket.timeout:
-            raise DeliveryError(R_TIMEOUT % (self.peer, "connecting")) from None
-        except OSError as exc:
-            raise DeliveryError(R_CONNECT_FAILED % (self.peer, exc.strerror or exc)) from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.address = self.sock.getpeername()[0]
-        self.reader = plumbing.LineReader(self.sock, self.timeouts.greeting)
-        self.extensions, self.esmtp, self.tls_active, self.transactions = {}, False, False, 0
+        self.open_socket(self.host, self.port, self.timeouts.connect, source)
+        self.extensions, self.esmtp, self.transactions = {}, False, 0
 
     def read_greeting(self):
         """RFC 5321 3.1: a 220 greeting; anything else means this server will not talk now.
@@ -488,33 +492,23 @@ class SMTPClient:
         raise DeliveryError(reply)       # 5xx to HELO too: this server will not take mail
 
     def starttls(self):
-        """STARTTLS (RFC 3207), then EHLO again: what was learnt before TLS is forgotten."""
+        """STARTTLS (RFC 3207), then EHLO again: what was learnt before TLS is forgotten.
+
+        Raises HandshakeError (a temporary DeliveryError) when the handshake fails. A
+        refusal lets the session go on in the clear, unless the policy is required or
+        no-downgrade: then it raises DeliveryError too.
+        """
         reply = self.command("STARTTLS", self.timeouts.starttls, "sending STARTTLS")
         if reply.code != 220:
-            if self.tls == TLS_REQUIRED:
+            if self.tls in (TLS_REQUIRED, TLS_OPPORTUNISTIC_NO_DOWNGRADE):
                 self.quit()
                 raise DeliveryError(R_TLS_FAILED % (self.peer, reply.text))
             return reply                 # refused: the session goes on in the clear
-        self._handshake()
+        # RFC 3207 5: bytes read past the 220 would be injected plaintext: refused there.
+        self.handshake(self.tls_context, self.server_name, self.timeouts.starttls)
         self.extensions = {}
         self.ehlo()
         return reply
-
-    def _handshake(self):
-        # RFC 3207 5: anything the server sent before the handshake is not to be trusted
-        # after it; bytes read past the 220 would be injected plaintext.
-        if self.reader.buffer:
-            self.close()
-            raise _HandshakeFailed("server sent data before the TLS handshake")
-        self.reader.discard_buffer()
-        self.sock.settimeout(self.timeouts.starttls)
-        try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            self.close()
-            raise _HandshakeFailed(getattr(exc, "reason", None) or str(exc)) from None
-        self.reader.sock = self.sock
-        self.tls_active = True
 
     def login(self, username, password):
         """AUTH PLAIN (RFC 4616) or LOGIN with the credentials; only over TLS or loopback.
@@ -522,7 +516,7 @@ class SMTPClient:
         A refusal raises DeliveryError marked temporary: wrong credentials are ours to fix,
         and the mail should wait for that rather than bounce.
         """
-        if not self.tls_active and not is_loopback(self.host):
+        if not self.tls_active and not plumbing.is_loopback(self.address):
             raise DeliveryError(R_AUTH_PLAINTEXT % self.peer)
         mechanisms = self.auth_mechanisms
         if not mechanisms:
@@ -576,14 +570,6 @@ class SMTPClient:
             except DeliveryError:
                 pass
         self.close()
-
-    def close(self):
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
 
     def __enter__(self):
         return self
@@ -720,51 +706,25 @@ class SMTPClient:
         data = "".join(line + "\r\n" for line in lines).encode("utf-8")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("> %s %s", self.peer, "<redacted>" if secret else lines)
-        self._send(data, timeout, stage)
+        self.send_bytes(data, timeout, stage)
 
     def send_data(self, payload):
         """Send an encoded DATA payload in blocks, each under the data-block timeout, and
         return the reply to its end (RFC 5321 4.5.3.2.5, 4.5.3.2.6)."""
         view = memoryview(payload)
         for start in range(0, len(view), SEND_BLOCK):
-            self._send(view[start:start + SEND_BLOCK], self.timeouts.data_block,
-                       "sending message body")
+            self.send_bytes(view[start:start + SEND_BLOCK], self.timeouts.data_block,
+                            "sending message body")
         return self.read_reply(self.timeouts.data_end, "waiting for the end of data reply")
-
-    def _send(self, data, timeout, stage):
-        if self.sock is None:
-            raise DeliveryError(R_LOST % (self.peer, stage))
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
-        except socket.timeout:
-            self.close()
-            raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
-        except (OSError, ValueError):
-            self.close()
-            raise DeliveryError(R_LOST % (self.peer, stage)) from None
 
     def read_reply(self, timeout, stage):
         """Read one (multi-line) reply, bounded in length, line count and time."""
-        if self.sock is None:
-            raise DeliveryError(R_LOST % (self.peer, stage))
-        self.reader.idle_timeout = timeout
         code, lines = None, []
         while True:
-            try:
-                line = self.reader.readline(MAX_REPLY_LINE)
-            except plumbing.ReadTimeout:
-                self.close()
-                raise DeliveryError(R_TIMEOUT % (self.peer, stage)) from None
-            except (OSError, ValueError):
-                line = None
-            if line is None or not line.ending:
-                self.close()
-                raise DeliveryError(R_LOST % (self.peer, stage))
-            data = line.data
+            data = self.read_line(MAX_REPLY_LINE, timeout, stage)
             # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF, or code "-" text on all
             # but the last line; every line carries the same code.
-            if (line.too_long or len(data) < 3 or not data[:3].isdigit()
+            if (len(data) < 3 or not data[:3].isdigit()
                     or data[:1] not in b"2345" or (len(data) > 3 and data[3:4] not in b" -")
                     or (code is not None and int(data[:3]) != code)
                     or len(lines) >= MAX_REPLY_LINES):
@@ -896,17 +856,19 @@ class Deliverer:
         pending = list(recipients)
         done = {}
 
-        def settle(results, relay):
+        def settle(results, relay, remote_mta):
             for result in results:
+                outcome = Outcome(result.recipient, result.reply, relay, remote_mta)
                 if result.delivered or result.permanent:
-                    done[result.recipient] = Outcome(result.recipient, result.reply, relay)
+                    done[result.recipient] = outcome
                     pending.remove(result.recipient)
                 else:
-                    last[result.recipient] = Outcome(result.recipient, result.reply, relay)
+                    last[result.recipient] = outcome
 
         last = {}
         if client is not None:
-            settle(client.send_message(sender, pending, message, reset=True), client.peer)
+            settle(client.send_message(sender, pending, message, reset=True), client.peer,
+                   client.server_name)
             if pending or not client.connected:
                 client.quit()
                 client = None
@@ -917,16 +879,16 @@ class Deliverer:
         return [done[r] for r in recipients], client
 
     def _attempt(self, destination, sender, pending, message, settle, last):
-        def fail_all(reply, relay="none"):
+        def fail_all(reply, relay="none", remote_mta=""):
             for recipient in pending:
-                last[recipient] = Outcome(recipient, reply, relay)
+                last[recipient] = Outcome(recipient, reply, relay, remote_mta)
 
         try:
             hops = self.hops(destination)
         except DeliveryError as exc:
             fail_all(exc.reply)
             if exc.permanent:
-                settle([RecipientResult(r, exc.reply) for r in list(pending)], "none")
+                settle([RecipientResult(r, exc.reply) for r in list(pending)], "none", "")
             return None
         sessions = 0
         for hop in hops[:max(1, int(self.config.get("max_mx_addresses", 5)))]:
@@ -934,13 +896,14 @@ class Deliverer:
                 client = self.open(hop)
             except DeliveryError as exc:
                 relay = "%s[%s]:%d" % (hop.name, hop.address, hop.port)
-                fail_all(exc.reply, relay)
+                fail_all(exc.reply, relay, hop.name)
                 if exc.permanent:           # a 5xx to HELO: this server will not take it
-                    settle([RecipientResult(r, exc.reply) for r in list(pending)], relay)
+                    settle([RecipientResult(r, exc.reply) for r in list(pending)], relay, hop.name)
                     return None
                 continue
             sessions += 1
-            settle(client.send_message(sender, list(pending), message), client.peer)
+            settle(client.send_message(sender, list(pending), message), client.peer,
+                   client.server_name)
             if not pending and client.connected:
                 return client
             client.quit()
@@ -1136,15 +1099,17 @@ class OutboundDaemon:
         # A crash between the server's 250 and this write() delivers twice; nothing
         # else happens in between.
         for outcome in outcomes:
+            # The log names the address talked to, the DSN the host (RFC 3464 2.3.5).
             relay = "" if outcome.relay == "none" else outcome.relay
+            host = outcome.remote_mta
             reply, status = outcome.reply.text, outcome.reply.status
             for recipient in job.targets[outcome.recipient]:
                 if outcome.status == "sent":
-                    claim.delivered(recipient, reply, remote_mta=relay)
+                    claim.delivered(recipient, reply, remote_mta=host, relay=relay)
                 elif outcome.status == "bounced":
-                    claim.failed(recipient, reply, dsn=status, remote_mta=relay)
+                    claim.failed(recipient, reply, dsn=status, remote_mta=host, relay=relay)
                 else:
-                    claim.deferred(recipient, reply, dsn=status, remote_mta=relay)
+                    claim.deferred(recipient, reply, dsn=status, remote_mta=host, relay=relay)
         return client
 
     # -- running --
@@ -1244,10 +1209,14 @@ def main(argv=None):
         return 1
     plumbing.setup_logging("smtp_out", config["syslog"], config["verbose"])
     try:
-        if config["relay_tls"] not in (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED):
-            raise ValueError("relay_tls: one of none, opportunistic, required")
+        if config["relay_tls"] not in TLS_MODES:
+            raise ValueError("relay_tls: one of %s" % ", ".join(TLS_MODES))
         if config["relay_host"]:
             plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
+        queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
+                          lifetime=float(config["queue_lifetime"]),
+                          delay_warning=float(config["delay_warning"]),
+                          retry_schedule=config["retry_schedule"])
         credentials = None
         if config["relay_auth_file"]:
             credentials = read_credentials(config["relay_auth_file"])
@@ -1255,11 +1224,7 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
-    for key in sorted(config):
-        log.info("config %s = %s", key, config[key])
-    queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
-                      lifetime=float(config["queue_lifetime"]),
-                      delay_warning=float(config["delay_warning"]))
+    plumbing.log_config(log, config)
     daemon = OutboundDaemon(config, queue, Deliverer(config, resolver, credentials))
     if config["once"]:
         daemon.run_once()

@@ -485,7 +485,9 @@ def check_host(ip, domain, sender, helo, resolver=None, *, receiver="unknown",
     SENDER is <sender> (an address; "postmaster" is used when it has no local part) and HELO
     the client's HELO name, both used by macros. RESOLVER is any object with txt, a, aaaa,
     mx and ptr methods as DNSResolver's (the default); RECEIVER is this host's name for
-    %{r}; past TIMEOUT seconds the result is temperror. IP must be an IP address
+    %{r}; past TIMEOUT seconds the result is temperror. A resolver that also has
+    until(deadline), as DNSResolver, has each lookup cut off there, so that one slow
+    nameserver cannot stretch the check past TIMEOUT. IP must be an IP address
     (ValueError otherwise); nothing a domain publishes can make this raise.
     """
     helo = (helo or "").strip()
@@ -543,8 +545,9 @@ class _Check:
             sender_domain = sender.strip()
         local = local or "postmaster"                   # RFC 7208 4.3
         self.sender = local + "@" + sender_domain
-        self.resolver = resolver
         self.deadline = time.monotonic() + timeout
+        bounded = getattr(resolver, "until", None)     # RFC 7208 4.6.4: the time limit
+        self.resolver = bounded(self.deadline) if bounded is not None else resolver
         self.timeout = timeout
         self.values = {                                 # RFC 7208 7.2
             "s": self.sender, "l": local, "o": sender_domain, "h": helo,
@@ -842,32 +845,43 @@ class DNSResolver:
     when the name or the data does not exist (NXDOMAIN, NODATA, a name that cannot be
     asked: a void lookup) and False for a temporary failure (SERVFAIL, timeout, ...).
     `resolver` is a dnsmx.Resolver; None uses dnsmx's default one (/etc/resolv.conf).
+    `deadline` (a time.monotonic() value) cuts every lookup off there; check_host() sets
+    it through until().
     """
 
-    def __init__(self, resolver=None):
+    def __init__(self, resolver=None, deadline=None):
         self.resolver = resolver
+        self.deadline = deadline
+
+    def until(self, deadline):
+        """This resolver with every lookup cut off at deadline."""
+        return DNSResolver(self.resolver, deadline)
 
     def dns(self):
         return self.resolver or dnsmx.default_resolver()
 
+    def left(self):
+        """Seconds left before the deadline, for dnsmx's lifetime=; None without one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
     def txt(self, name):
         """TXT records, each one's strings joined (RFC 7208 3.3), as bytes."""
-        return self.dns().txt(name, raw=True)
+        return self.dns().txt(name, raw=True, lifetime=self.left())
 
     def a(self, name):
-        return self.dns().resolve(name, "A").data
+        return self.dns().resolve(name, "A", lifetime=self.left()).data
 
     def aaaa(self, name):
-        return self.dns().resolve(name, "AAAA").data
+        return self.dns().resolve(name, "AAAA", lifetime=self.left()).data
 
     def mx(self, name):
         """MX exchange names by preference; "" is the root of a null MX (RFC 7505)."""
-        records = self.dns().resolve(name, "MX").records
+        records = self.dns().resolve(name, "MX", lifetime=self.left()).records
         return [record.data.exchange for record in
                 sorted(records, key=lambda record: record.data.preference)]
 
     def ptr(self, ip):
-        return self.dns().ptr(ip)
+        return self.dns().ptr(ip, lifetime=self.left())
 
 
 # --- Command line ---

@@ -41,6 +41,7 @@ class Script:
     end_reply: str = "250 2.0.0 OK queued"
     stall: Optional[str] = None        # "greeting", "mail", "end": never answer there
     tls_break: bool = False            # answer 220 to STARTTLS, then close instead of TLS
+    starttls_reply: str = ""           # a refusal to answer STARTTLS with instead of 220
     users: dict = field(default_factory=dict)            # AUTH user -> password
     stall_seconds: float = 30.0
     end_delay: float = 0.0             # seconds between the final dot and the reply
@@ -92,6 +93,9 @@ class SinkHandler(plumbing.ConnectionHandler):
                 self.helo = text[5:]
                 self.write("250 sink.test")
             elif verb == "STARTTLS" and server.tls_context is not None:
+                if script.starttls_reply:
+                    self.write(script.starttls_reply)
+                    continue
                 if script.tls_break:
                     self.write("220 2.0.0 go ahead")
                     self.flush()
@@ -228,7 +232,7 @@ class Sink(plumbing.ThreadedServer):
 @dataclass
 class MemoryRecipient:
     address: str
-    result: Optional[tuple] = None     # (status, reply, dsn, remote_mta)
+    result: Optional[tuple] = None     # (status, reply, dsn, relay, remote_mta)
 
 
 @dataclass
@@ -251,18 +255,18 @@ class MemoryClaim:
             self.groups.setdefault(recipient.address.rpartition("@")[2], []).append(recipient)
         self.lock = threading.Lock()
 
-    def _set(self, recipient, status, reply, dsn, remote_mta):
+    def _set(self, recipient, status, reply, dsn, relay, remote_mta):
         with self.lock:
-            recipient.result = (status, reply, dsn, remote_mta)
+            recipient.result = (status, reply, dsn, relay, remote_mta)
 
-    def delivered(self, recipient, reply, remote_mta=""):
-        self._set(recipient, "delivered", reply, None, remote_mta)
+    def delivered(self, recipient, reply, remote_mta="", relay=""):
+        self._set(recipient, "delivered", reply, None, relay, remote_mta)
 
-    def deferred(self, recipient, reply, dsn=None, remote_mta=""):
-        self._set(recipient, "deferred", reply, dsn, remote_mta)
+    def deferred(self, recipient, reply, dsn=None, remote_mta="", relay=""):
+        self._set(recipient, "deferred", reply, dsn, relay, remote_mta)
 
-    def failed(self, recipient, reply, dsn=None, remote_mta=""):
-        self._set(recipient, "failed", reply, dsn, remote_mta)
+    def failed(self, recipient, reply, dsn=None, remote_mta="", relay=""):
+        self._set(recipient, "failed", reply, dsn, relay, remote_mta)
 
     def statuses(self):
         return [r.result[0] if r.result else None for r in self.recipients]

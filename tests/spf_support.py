@@ -13,6 +13,9 @@ spf's resolver interface, following the conventions of the suite's reference dri
 """
 
 import os
+import socket
+import struct
+import threading
 from dataclasses import dataclass
 
 import yaml
@@ -147,3 +150,128 @@ class ZoneResolver:
 
     def ptr(self, ip):
         return self.answer(dnsmx.reverse_name(ip), "PTR")
+
+
+# --- The same zones over the wire: a nameserver on loopback for the real dnsmx path ---
+
+TYPE_CODES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}
+TYPE_NAMES = {code: name for name, code in TYPE_CODES.items()}
+MAX_UDP = 1232                   # what dnsmx advertises in EDNS (RFC 6891)
+
+
+def _wire_name(name):
+    """A zone name as wire labels; each character is one octet (names are ASCII here)."""
+    labels = [label for label in name.rstrip(".").split(".") if label]
+    return b"".join(bytes((len(label),)) + _octets(label) for label in labels) + b"\0"
+
+
+def _rdata(rtype, value):
+    if rtype == "A":
+        return socket.inet_aton(value)
+    if rtype == "AAAA":
+        return socket.inet_pton(socket.AF_INET6, value)
+    if rtype == "MX":
+        return struct.pack("!H", value[0]) + _wire_name(value[1])
+    if rtype == "TXT":
+        chunks = [value[n:n + 255] for n in range(0, len(value), 255)] or [b""]
+        return b"".join(bytes((len(chunk),)) + chunk for chunk in chunks)
+    return _wire_name(value)                         # PTR, CNAME
+
+
+class ZoneServer:
+    """A nameserver on 127.0.0.1 (UDP and TCP on one port) that answers from a
+    ZoneResolver, so a zone reaches spf through dnsmx and real packets. A CNAME chain is
+    answered as the records at its end, owned by the name asked; a CNAME loop is SERVFAIL;
+    "TIMEOUT" names get no answer. Set `zone` to switch zones between tests."""
+
+    def __init__(self, zone=None):
+        self.zone = zone or ZoneResolver()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(16)
+        self.udp.settimeout(0.05)
+        self.tcp.settimeout(0.05)
+        self.running = True
+        self.threads = [threading.Thread(target=self.serve_udp, daemon=True),
+                        threading.Thread(target=self.serve_tcp, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    def reply(self, query, udp=True):
+        """The reply packet to a query, or None for no answer (a timeout). Over UDP a reply
+        larger than dnsmx's EDNS payload is cut to its question with TC set (RFC 7766)."""
+        end = 12
+        labels = []
+        while end < len(query) and query[end]:
+            labels.append(query[end + 1:end + 1 + query[end]].decode("latin-1"))
+            end += query[end] + 1
+        question = query[12:end + 5]
+        qtype = struct.unpack("!H", query[end + 1:end + 3])[0]
+        flags, answers = 0x8180, []                 # QR RD RA, NOERROR
+        try:
+            rtype = TYPE_NAMES[qtype]
+            answers = self.zone.answer(".".join(labels), rtype)
+        except dnsmx.DNSTimeoutError:
+            return None
+        except dnsmx.CNAMELoopError:
+            flags |= 2                               # SERVFAIL
+        except dnsmx.NXDomainError:
+            flags |= 3
+        except (dnsmx.NoDataError, KeyError):
+            pass
+        records = []
+        for value in answers:
+            try:
+                rdata = _rdata(rtype, value)
+            except (OSError, ValueError):
+                continue                             # not an address of that family
+            records.append(b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, 60, len(rdata)) + rdata)
+        packet = (query[:2] + struct.pack("!5H", flags, 1, len(records), 0, 0) + question
+                  + b"".join(records))
+        if udp and len(packet) > MAX_UDP:
+            return query[:2] + struct.pack("!5H", flags | 0x0200, 1, 0, 0, 0) + question
+        return packet
+
+    def serve_udp(self):
+        while self.running:
+            try:
+                query, client = self.udp.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            packet = self.reply(query)
+            if packet is not None:
+                self.udp.sendto(packet, client)
+
+    def serve_tcp(self):
+        while self.running:
+            try:
+                connection, _ = self.tcp.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(2)
+                try:
+                    length = struct.unpack("!H", connection.recv(2))[0]
+                    packet = self.reply(connection.recv(length), udp=False)
+                    if packet is not None:
+                        connection.sendall(struct.pack("!H", len(packet)) + packet)
+                except (OSError, struct.error):
+                    continue
+
+    def close(self):
+        self.running = False
+        for thread in self.threads:
+            thread.join(2)
+        self.udp.close()
+        self.tcp.close()

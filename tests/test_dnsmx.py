@@ -210,7 +210,7 @@ def test_non_ascii_name_is_idna_encoded():
     ("a" * 64 + ".test", "label longer than 63"),
     (".".join(["abcdefghi"] * 26), "longer than 255"),
     ("a..test", "empty label"),
-    ("bad name.test", "unexpected character"),
+    ("name.ends.in\\", "lone backslash"),
     ("xn--.\u00fc" + "x" * 70 + ".test", "IDNA"),
 ])
 def test_bad_names_are_refused_before_sending(name, reason):
@@ -236,6 +236,19 @@ def test_escaped_names_round_trip():
         # The key of a name must be what the parser makes of the same name on the wire.
         parsed = dnsmx.parse_message(dnsmx.build_query(name, "A", 1)[1]).questions[0][0]
         assert dnsmx.normalize_name(name) == parsed.lower()
+
+
+def test_spaces_and_control_octets_are_sent_as_those_octets():
+    # RFC 2181 11: any octet may stand in a label; an SPF macro can put a space there.
+    assert dnsmx.normalize_name("Macro%Percent  Space.test") == "macro%percent\\032\\032space.test"
+    assert dnsmx.normalize_name("a\tb\x7f.test") == "a\\009b\\127.test"
+    with ScriptedServer(lambda query: []) as server:
+        resolver = dnsmx.Resolver([server.address], timeout=0.2, attempts=1)
+        with pytest.raises(dnsmx.DNSTimeoutError):
+            resolver.resolve("a b\x01c.test", "TXT")
+        assert b"\x05a b\x01c\x04test\x00" in server.queries[0]
+    parsed = dnsmx.parse_message(dnsmx.build_query("A B.test", "A", 1)[1]).questions[0][0]
+    assert parsed.lower() == dnsmx.normalize_name("A B.test")
 
 
 def test_reverse_names_for_ipv4_and_ipv6():
@@ -746,6 +759,31 @@ def test_server_that_never_answers_fails_temporarily_within_the_bound():
         elapsed = time.monotonic() - started
     assert 0.35 < elapsed < 1.5
     assert not caught.value.permanent and caught.value.status == "4.4.3"
+
+
+def test_each_call_may_cut_its_time_shorter_than_the_resolvers_lifetime():
+    with ScriptedServer(lambda query: []) as server:
+        resolver = dnsmx.Resolver([server.address], timeout=2.0, attempts=2)
+        calls = [lambda: resolver.resolve("example.test", "A", lifetime=0.2),
+                 lambda: resolver.query("example.test", "MX", lifetime=0.2),
+                 lambda: resolver.txt("example.test", lifetime=0.2),
+                 lambda: resolver.ptr("192.0.2.1", lifetime=0.2),
+                 lambda: resolver.mx_hosts("example.test", lifetime=0.2),
+                 lambda: resolver.resolve("example.test", "A", lifetime=0)]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(dnsmx.DNSTimeoutError) as caught:
+                call()
+            assert time.monotonic() - started < 1.0
+            assert not caught.value.permanent
+        dnsmx.set_default_resolver(resolver)
+        try:
+            started = time.monotonic()
+            with pytest.raises(dnsmx.DNSTimeoutError):
+                dnsmx.txt("example.test", lifetime=0.2)
+            assert time.monotonic() - started < 1.0
+        finally:
+            dnsmx.set_default_resolver(None)
 
 
 def test_closed_port_fails_fast_and_temporarily():

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import mail_client
+from smtp_out_support import Script, Sink
 from mail_client_support import (  # noqa: F401 (fixtures)
     CuttingProxy, ScriptedPOP3, USERS, fill_mailbox, maildir_subjects, mbox_subjects,
     server_messages, servers, spool, spooled_messages, start_pop3, start_submission, store,
@@ -147,6 +148,27 @@ def test_opportunistic_tls_goes_on_in_the_clear_only_when_no_starttls_is_offered
                           "--to", BOB] + password_env, capsys, MESSAGE)
     assert status == 0 and "status=sent" in out
     assert b"with ESMTPA" in spooled_messages(spool)[0]
+
+
+def test_opportunistic_send_makes_one_connection_and_no_plaintext_after_a_failed_starttls(
+        tls_files, password_env, capsys):
+    users = {ALICE: USERS[ALICE]}
+    plain = Sink.start(script=Script(users=users))
+    broken = Sink.start(tls_files=tls_files, script=Script(users=users, tls_break=True))
+    try:
+        status, out, _ = run(["send", "--server", "127.0.0.1:%d" % plain.port, "--from", ALICE,
+                              "--to", BOB, "--timeout", "10"] + password_env, capsys, MESSAGE)
+        assert status == 0 and "status=sent" in out
+        assert plain.sessions == 1                     # no second try when STARTTLS is absent
+        status, out, err = run(["send", "--server", "127.0.0.1:%d" % broken.port, "--from",
+                                ALICE, "--to", BOB, "--timeout", "10", "--insecure"]
+                               + password_env, capsys, MESSAGE)
+        assert status == mail_client.EXIT_TEMPFAIL and out == "" and "4.7.5" not in out
+        assert "TLS with 127.0.0.1[127.0.0.1]:%d failed" % broken.port in err
+        assert broken.sessions == 1 and "AUTH" not in broken.commands
+    finally:
+        plain.close()
+        broken.close()
 
 
 def test_tls_required_without_starttls_fails(start_submission, spool, password_env, capsys):
@@ -342,8 +364,16 @@ def test_no_password_goes_to_a_remote_server_without_tls():
     client = mail_client.POP3Client("192.0.2.1", 110, tls="none")
     with pytest.raises(mail_client.POP3Error, match="without TLS"):
         client.login("alice", "secret")           # refused before any byte is sent
-    assert mail_client.is_loopback("127.0.0.2") and mail_client.is_loopback("::1")
-    assert mail_client.is_loopback("LOCALHOST") and not mail_client.is_loopback("192.0.2.1")
+
+
+def test_a_server_named_localhost_gets_the_password_in_the_clear(start_pop3, store, tmp_path,
+                                                                  password_env, capsys):
+    server = start_pop3(tls=False)                 # the connected address decides, not the name
+    fill_mailbox(store, ALICE, 1)
+    args = ["fetch", "--server", "localhost:%d" % server.port, "--maildir",
+            str(tmp_path / "M"), "--timeout", "10", "--tls", "none"] + password_env
+    status, _, err = run(args, capsys)
+    assert status == 0 and "retrieved=1," in err
 
 
 def test_untrusted_certificate_stops_the_fetch_before_the_password(
@@ -400,6 +430,25 @@ def test_state_file_held_by_another_run_is_temporary(start_pop3, tmp_path, passw
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         status, _, err = run(fetch_args(server, maildir, *password_env), capsys)
     assert status == mail_client.EXIT_TEMPFAIL and "another fetch is using" in err
+
+
+def test_maildir_writer_delivers_through_the_store_with_both_sizes_in_the_name(tmp_path):
+    writer = mail_client.MaildirWriter(str(tmp_path / "Maildir"), hostname="client.example")
+    assert sorted(os.listdir(str(tmp_path / "Maildir"))) == ["cur", "new", "tmp"]
+    message = b"Subject: x\n\nbody\n"
+    path = writer.add(message)
+    assert open(path, "rb").read() == message
+    assert os.path.basename(path).endswith(".client.example,S=%d,W=%d" % (
+        len(message), len(message.replace(b"\n", b"\r\n"))))
+
+
+def test_state_file_stays_private_after_it_is_rewritten(tmp_path):
+    state = mail_client.UIDLState(str(tmp_path / "state.uidl"), "alice@pop.example")
+    state.add("uid-1")
+    state.save({"uid-1"})
+    state.close()
+    assert os.stat(str(tmp_path / "state.uidl")).st_mode & 0o777 == 0o600
+    assert "alice@pop.example uid-1" in (tmp_path / "state.uidl").read_text()
 
 
 def test_long_lines_and_leading_dots_arrive_intact_with_lf_line_ends(

@@ -209,7 +209,8 @@ def test_alias_loops_and_deep_chains_raise_alias_loop(people):
     write_aliases(people, "a: b\nb: c\nc: a\n")
     with pytest.raises(AliasLoop):
         people.expand("a@example.com")
-    assert not people.recipient_exists("a@example.com")
+    with pytest.raises(AliasLoop):                # not hidden as "no such recipient"
+        people.recipient_exists("a@example.com")
     write_aliases(people, "".join("l%d: l%d\n" % (i, i + 1) for i in range(30)) + "l30: alice\n")
     with pytest.raises(AliasLoop):
         people.expand("l0@example.com")
@@ -356,6 +357,38 @@ def test_delivery_failure_leaves_nothing_behind(people, monkeypatch):
         people.deliver("alice@example.com", b"x\r\n", "")
     assert os.listdir(os.path.join(maildir, "tmp")) == []
     assert os.listdir(os.path.join(maildir, "new")) == before
+
+
+def test_maildir_deliver_writes_any_maildir_durably_with_both_sizes_in_the_name(tmp_path):
+    maildir = str(tmp_path / "not" / "yet" / "Maildir")
+    message = b"Subject: lf\n\nbody\n"
+    path = mailbox_store.maildir_deliver(maildir, message, hostname="odd/host:name")
+    assert os.path.dirname(path) == os.path.join(maildir, "new")
+    assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    assert open(path, "rb").read() == message
+    name = os.path.basename(path)
+    assert ".odd\\057host\\072name," in name and ":" not in name
+    assert name.endswith(",S=%d,W=%d" % (len(message), mailbox_store.crlf_size(message)))
+
+
+def test_store_delivery_goes_through_maildir_deliver(people, monkeypatch):
+    calls = []
+    real = mailbox_store.maildir_deliver
+
+    def recording(maildir, message, hostname=None):
+        calls.append((maildir, hostname))
+        return real(maildir, message, hostname)
+    monkeypatch.setattr(mailbox_store, "maildir_deliver", recording)
+    people.deliver("alice@example.com", b"x\r\n", "")
+    assert calls == [(people.maildir_path("alice@example.com"), "mx.example.com")]
+
+
+def test_make_dirs_creates_relative_paths_and_their_parents(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mailbox_store.make_dirs(os.path.join("a", "b", "c"))
+    assert os.path.isdir(tmp_path / "a" / "b" / "c")
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
 
 
 # --- Mailbox (the POP3 side) ---

@@ -325,7 +325,7 @@ def test_local_disk_error_defers_then_flush_delivers(spool, queue, router, caplo
     ((_, _, _, state),) = queue.listing()
     (recipient,) = state.recipients
     assert (recipient.status, recipient.dsn) == ("deferred", "4.3.0")
-    assert recipient.next_attempt > time.time() + mta.MIN_BACKOFF - 60
+    assert recipient.next_attempt > time.time() + mta.retry_delay(1) - 60
     os.unlink(os.path.join(maildir, "tmp"))
     assert queue.flush() == 1
     wait_for(lambda: maildir_files(spool, "bob@example.com"))
@@ -418,6 +418,27 @@ def test_permanent_remote_failure_is_bounced_with_remote_mta(spool, queue, store
     assert queue_empty(spool)
 
 
+def test_log_names_the_relay_and_the_dsn_the_remote_host(spool, queue, store, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test", "y@remote.test"], MESSAGE)
+    router = mta.Router(queue, store)
+    router.handle(queue_id)
+    with queue.claim_outbound(queue_id) as claim:
+        x, y = claim.groups["remote.test"]
+        claim.failed(x, "550 5.1.1 no such user", remote_mta="mx.remote.test",
+                     relay="mx.remote.test[192.0.2.7]:25")
+        # A record from before the two were apart: "mta" held name[address]:port.
+        claim.record({"event": "failed", "rcpt": y.index, "at": time.time(), "dsn": "5.1.1",
+                      "mta": "mx2.remote.test[192.0.2.8]:25", "reply": "550 5.1.1 gone"})
+        assert (y.remote_mta, y.relay) == ("mx2.remote.test", "mx2.remote.test[192.0.2.8]:25")
+    assert "to=<x@remote.test>, relay=mx.remote.test[192.0.2.7]:25, " in caplog.text
+    for dsn_id in queue.ids(mta.INCOMING):
+        router.handle(dsn_id)
+    (dsn,) = read_mail(spool, "alice@example.com")
+    _, blocks, _ = dsn_fields(dsn)
+    assert [b["Remote-MTA"] for b in blocks] == ["dns; mx.remote.test", "dns; mx2.remote.test"]
+
+
 def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
     clock = FakeClock()
     queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
@@ -463,6 +484,43 @@ def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
 
 def test_retry_delay_doubles_from_five_minutes_to_an_hour():
     assert [mta.retry_delay(n) for n in range(1, 8)] == [300, 600, 1200, 2400, 3600, 3600, 3600]
+    assert mta.parse_retry_schedule(mta.DEFAULTS["retry_schedule"]) == mta.RETRY_SCHEDULE
+
+
+def test_retry_schedule_setting_takes_units_and_its_last_step_repeats():
+    assert mta.parse_retry_schedule("30s, 2m 1.5h,1d") == (30, 120, 5400, 86400)
+    assert mta.parse_retry_schedule("90") == (90,)
+    assert [mta.retry_delay(n, (60, 120)) for n in range(1, 5)] == [60, 120, 120, 120]
+
+
+@pytest.mark.parametrize("text", ["", " , ", "5x", "-5m", "0s", "5 m", "1e3", "m", "inf", "5m;1h"])
+def test_bad_retry_schedule_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="retry_schedule"):
+        mta.parse_retry_schedule(text)
+    with pytest.raises(ValueError, match="retry_schedule"):
+        mta.Queue("/nonexistent", retry_schedule=text)
+
+
+def test_queue_defers_by_its_own_retry_schedule(spool, store):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock, retry_schedule="1m,7m")
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
+    mta.Router(queue, store).handle(queue_id)
+    waits, folder = [], mta.OUTBOUND
+    for _ in range(3):
+        with queue.claim(folder, queue_id) as claim:
+            (recipient,) = claim.recipients
+            claim.deferred(recipient, "451 4.4.1 no answer", remote_mta="mx.remote.test")
+            waits.append(recipient.next_attempt - clock.now)
+        folder = mta.DEFERRED                  # where the claim filed it away
+    assert waits == [60, 420, 420]
+
+
+def test_mta_refuses_a_bad_retry_schedule_in_one_line(tmp_path, capsys):
+    argv = ["--spool", str(tmp_path), "--retry-schedule", "5m,soon", "queue"]
+    assert mta.main(argv) == mta.EX_CONFIG
+    err = capsys.readouterr().err
+    assert err == "mta: retry_schedule: 'soon' is not a wait such as 30s, 5m, 1h or 2d\n"
 
 
 # --- Crash safety and concurrency ---
@@ -650,7 +708,7 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     mta.Router(queue, store).handle(routed)
     with queue.claim_outbound(routed) as claim:
         claim.deferred(claim.groups["remote.test"][0], "451 4.7.1 Greylisted, try later",
-                       remote_mta="mx.remote.test")
+                       remote_mta="mx.remote.test", relay="mx.remote.test[192.0.2.7]:25")
     result = run_cli(spool, "queue")
     assert result.returncode == 0
     text = result.stdout.decode()
@@ -665,6 +723,7 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     assert by_id[waiting]["folder"] == "incoming"
     (r,) = by_id[routed]["recipients"]
     assert (r["status"], r["dsn"], r["remote_mta"], r["attempts"]) == ("deferred", "4.7.1", "mx.remote.test", 1)
+    assert r["relay"] == "mx.remote.test[192.0.2.7]:25"
     assert r["next_attempt"] > time.time() + 200
     assert by_id[routed]["sender"] == "carol@example.com"
     assert report["quarantined"] == []

@@ -1,6 +1,7 @@
 """The shared server plumbing, over real sockets on 127.0.0.1 with ephemeral ports."""
 
 import configparser
+import logging
 import socket
 import ssl
 import subprocess
@@ -402,3 +403,76 @@ def test_log_lines_carry_role_and_pid(capfd):
 def test_auth_failure_delay_grows():
     delays = [plumbing.auth_failure_delay(n) for n in range(5)]
     assert delays[0] == 0 and delays == sorted(delays) and len(set(delays)) == 5
+
+
+@pytest.mark.parametrize("ip, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("0:0:0:0:0:0:0:1", True),
+    ("::ffff:127.0.0.1", True), ("::ffff:127.1.2.3", True), ("::1%lo", True),
+    ("192.0.2.1", False), ("::ffff:192.0.2.1", False), ("128.0.0.1", False),
+    ("localhost", False), ("", False), ("127.0.0.1.example", False),
+])
+def test_is_loopback_knows_the_whole_loopback_net_and_mapped_addresses(ip, loopback):
+    assert plumbing.is_loopback(ip) is loopback
+
+
+def test_log_config_writes_one_key_a_line_in_the_ini_shape(caplog):
+    config = {"spool": "/var/spool/mail", "domain": ["a.example", "b.example"],
+              "submission": True, "verbose": False, "max_size": 1000, "relay_network": []}
+    with caplog.at_level(logging.INFO, logger="test_role"):
+        plumbing.log_config(logging.getLogger("test_role"), config)
+    assert caplog.messages == [
+        "config: domain=a.example, b.example", "config: max_size=1000",
+        "config: relay_network=", "config: spool=/var/spool/mail", "config: submission=yes",
+        "config: verbose=no"]
+
+
+class FailingClient(plumbing.ClientConnection):
+    def failure(self, kind, detail):
+        return RuntimeError(kind, detail)
+
+
+def test_client_connection_bounds_each_step_and_fails_one_way(start_server, tls_files):
+    server = start_server(tls_context=plumbing.server_tls_context(*tls_files))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    client = FailingClient()
+    client.open_socket("127.0.0.1", server.port, 5)
+    assert client.address == "127.0.0.1" and client.read_line(64, 5, "greeting") == b"+OK ready"
+    client.send_bytes(b"STLS\r\n", 5, "sending STLS")
+    assert client.read_line(64, 5, "asking STLS") == b"+OK begin TLS"
+    client.handshake(context, "localhost", 5)
+    assert client.tls_active
+    client.send_bytes(b"a line longer than twenty octets\r\n", 5, "sending")
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(20, 5, "reading the echo")
+    assert caught.value.args == ("garbage", "reading the echo") and client.sock is None
+    with pytest.raises(RuntimeError, match="lost"):
+        client.send_bytes(b"QUIT\r\n", 5, "sending QUIT")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    assert not client.tls_active and client.read_block(5, "greeting") == b"+OK ready\r\n"
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(64, 0.2, "waiting")                 # the server has nothing to say
+    assert caught.value.args == ("timeout", "waiting")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    client.send_bytes(b"QUIT\r\n", 5, "sending QUIT")
+    assert client.read_line(64, 5, "greeting") == b"+OK ready"
+    assert client.read_line(64, 5, "quitting") == b"+OK bye"
+    with pytest.raises(RuntimeError) as caught:
+        client.read_line(64, 5, "after QUIT")               # the server closed
+    assert caught.value.args == ("lost", "after QUIT")
+
+    client.open_socket("127.0.0.1", server.port, 5)
+    client.send_bytes(b"STLS\r\nNOOP\r\n", 5, "sending STLS")
+    time.sleep(0.2)                                         # both replies arrive at once
+    assert client.read_line(64, 5, "greeting") == b"+OK ready"
+    with pytest.raises(RuntimeError) as caught:
+        client.handshake(context, "localhost", 5)           # "+OK begin TLS" is still unread
+    assert caught.value.args == ("tls", "server sent data before the TLS handshake")
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(RuntimeError, match="connect"):
+        client.open_socket("127.0.0.1", port, 5)

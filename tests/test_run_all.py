@@ -1,6 +1,7 @@
 """run_all.py: one command that runs every role, checks its configuration, and supervises."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,6 +58,14 @@ def test_check_reports_an_unwritable_spool(tmp_path):
     result = run_all("--check", "--spool", str(blocker / "spool"), *ports_args())
     assert result.returncode == 1
     assert b"spool:" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_check_reports_a_bad_retry_schedule(tmp_path):
+    result = run_all("--check", "--spool", str(tmp_path / "spool"), "--retry-schedule", "soon",
+                     *ports_args())
+    assert result.returncode == 1
+    assert (b"run_all: retry_schedule: 'soon' is not a wait such as 30s, 5m, 1h or 2d\n"
+            in result.stderr)
 
 
 def test_bad_flag_value_is_one_clear_line(tmp_path):
@@ -140,3 +149,21 @@ def test_sigterm_stops_every_role_within_seconds(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_every_role_logs_its_settings_in_one_shape(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--domain", "a.test",
+                    "--domain", "b.test", *ports_args())
+    try:
+        log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        wait_for_text(tmp_path / "run_all.log", "smtp_out[")
+    finally:
+        stop(process)
+    settings = [line for line in log.splitlines() if re.match(r"\w+\[\d+\]: config", line)]
+    assert all(re.match(r"\w+\[\d+\]: config: [a-z0-9_]+=", line) for line in settings), settings
+    for role in ("run_all", "smtp_in", "mta", "smtp_out", "pop3d"):
+        assert any(re.match(r"%s\[\d+\]: config: verbose=no\Z" % role, line)
+                   for line in settings), role
+        if role != "smtp_out":
+            assert any(re.match(r"%s\[\d+\]: config: domain=a.test, b.test\Z" % role, line)
+                       for line in settings), role

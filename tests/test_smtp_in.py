@@ -339,6 +339,18 @@ def test_unknown_local_user_is_refused_at_rcpt_with_550_5_1_1(start_smtp):
     assert client.command("RCPT TO:<Bob@Example.COM>")[0] == 250
 
 
+def test_looping_alias_is_refused_at_rcpt_with_550_5_4_6(start_smtp, spool):
+    with open(os.path.join(str(spool), "aliases"), "a") as aliases:
+        aliases.write("ping: pong\npong: ping\n")
+    client = greeted(start_smtp())
+    client.command("MAIL FROM:<a@example.org>")
+    assert client.command("RCPT TO:<ping@example.com>") == (
+        550, [smtp_in.R550_ALIAS_LOOP % "ping@example.com"])
+    assert client.command("RCPT TO:<nobody@example.com>") == (
+        550, [smtp_in.R550_UNKNOWN_USER % "nobody@example.com"])
+    assert client.command("RCPT TO:<sales@example.com>")[0] == 250
+
+
 def test_aliases_and_sub_addresses_are_accepted_at_rcpt(start_smtp, spool):
     client = greeted(start_smtp())
     client.command("MAIL FROM:<a@example.org>")
@@ -1037,6 +1049,22 @@ def test_logs_connect_accept_reject_and_disconnect(start_smtp, caplog):
                         r"auth=none$" % queue_id, line) for line in lines)
     assert re.match(r"disconnect from \[127\.0\.0\.1\]: ehlo=1, mail=1, rcpt=1/2, data=1, "
                     r"quit=1, commands=6, accepted=1, rejected=1, time=", lines[-1])
+
+
+def test_server_settings_may_be_given_as_the_ini_file_writes_them(spool):
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {
+        "spool": str(spool), "domain": "example.com, example.org", "submission": "no",
+        "max_size": "5000", "relay_network": "192.0.2.0/24 198.51.100.0/24"},
+        bind_and_activate=False)
+    try:
+        assert server.domains == ["example.com", "example.org"]
+        assert server.submission is False and server.max_size == 5000
+        assert len(server.relay_networks) == 2
+        with pytest.raises(ValueError, match="max_size: not a number"):
+            smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "max_size": "big"},
+                               bind_and_activate=False)
+    finally:
+        server.server_close()
 
 
 def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):

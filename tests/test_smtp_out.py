@@ -1,6 +1,7 @@
 """smtp_out.py: the SMTP client against scripted sinks and a real server, MX routing with a
 real dnsmasq, and the outbound queue daemon end to end over 127.0.0.0/8."""
 
+import logging
 import os
 import re
 import pathlib
@@ -285,6 +286,39 @@ def test_failed_handshake_falls_back_to_plaintext_unless_tls_is_required(sinks, 
     assert caught.value.reply.status == "4.7.5"
 
 
+def test_starttls_called_by_hand_raises_a_temporary_delivery_error_when_the_handshake_fails(
+        sinks, tls_files):
+    sink = sinks(tls_files=tls_files, script=Script(tls_break=True))
+    client = client_for(sink, tls=smtp_out.TLS_NONE)
+    client.open()
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client.starttls()
+    assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
+    assert not client.connected
+
+
+def test_no_downgrade_goes_on_in_the_clear_only_when_starttls_is_not_offered(sinks, tls_files):
+    mode = smtp_out.TLS_OPPORTUNISTIC_NO_DOWNGRADE
+    with client_for(sinks(), tls=mode) as client:          # no STARTTLS offered: clear
+        client.open()
+        assert not client.tls_active
+        assert client.send_message("a@b.test", ["x@x.test"], b"\r\n")[0].delivered
+    with client_for(sinks(tls_files=tls_files), tls=mode) as client:
+        client.open()
+        assert client.tls_active
+    broken = sinks(tls_files=tls_files, script=Script(tls_break=True))
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(broken, tls=mode).open()
+    assert caught.value.reply.status == "4.7.5" and not caught.value.permanent
+    assert broken.sessions == 1 and "MAIL" not in " ".join(broken.commands)
+    refusing = sinks(tls_files=tls_files,
+                     script=Script(starttls_reply="454 4.7.0 TLS not available"))
+    with pytest.raises(smtp_out.DeliveryError) as caught:
+        client_for(refusing, tls=mode).open()
+    assert "454 4.7.0" in caught.value.reply.text and not caught.value.permanent
+    assert refusing.commands[-1] == "QUIT" and refusing.sessions == 1
+
+
 def test_required_tls_without_starttls_offered_defers_4_7_4(sinks):
     sink = sinks()
     with pytest.raises(smtp_out.DeliveryError) as caught:
@@ -528,8 +562,9 @@ def test_120_recipients_go_in_transactions_of_50_on_one_connection(sinks):
     assert [len(m.rcpt_to) for m in received] == [50, 50, 20]
     assert sink.sessions == 1 and sink.commands.count("RSET") == 2
     assert claim.statuses() == ["delivered"] * 120
-    status, reply, _, relay = claim.recipients[0].result
+    status, reply, _, relay, remote_mta = claim.recipients[0].result
     assert reply == "250 2.0.0 OK queued" and re.fullmatch(r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+", relay)
+    assert remote_mta == "127.0.0.1"                   # the relay host as configured
 
 
 def test_connections_stay_within_the_total_and_per_destination_caps(dns, sinks):
@@ -664,7 +699,8 @@ def test_4xx_defers_and_succeeds_after_flush(tmp_path, sinks, resolver):
     assert len(mx1.wait_for(1)) == 1 and spool.queued() == 0
 
 
-def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver):
+def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver, caplog):
+    caplog.set_level(logging.INFO, logger="mta")
     port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"])
     mx1.script.rcpt_replies = {"gone@two.test": "550 5.1.1 <gone@two.test>: no such user"}
     spool = Spool(tmp_path)
@@ -677,7 +713,8 @@ def test_5xx_bounces_with_a_dsn_in_the_senders_mailbox(tmp_path, sinks, resolver
     assert block["Final-Recipient"] == "rfc822; gone@two.test" and block["Action"] == "failed"
     assert block["Status"] == "5.1.1"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@two.test>: no such user"
-    assert "mx1.two.test" in block["Remote-MTA"]
+    assert block["Remote-MTA"] == "dns; mx1.two.test"         # RFC 3464 2.3.5: the host name
+    assert "to=<gone@two.test>, relay=mx1.two.test[127.0.0.2]:%d," % port in caplog.text
     assert b"Message-ID: <m1@local.test>" in dsn.as_bytes()
 
 
@@ -783,6 +820,27 @@ def test_smarthost_with_auth_over_verified_tls_from_the_command_line(tmp_path, s
     line = [l for l in result.stderr.splitlines() if "to=<x@two.test>" in l][0]
     assert re.fullmatch(r"smtp_out\[\d+\]: %s: to=<x@two\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
                         r"delay=[\d.]+, dsn=2\.0\.0, status=sent \(250 2\.0\.0 OK queued\)" % queue_id, line)
+
+
+def test_retry_schedule_from_the_command_line_sets_the_next_attempt(tmp_path):
+    spool = Spool(tmp_path / "spool", clock=time.time)
+    spool.send(["x@two.test"], b"Subject: later\r\n\r\nx\r\n")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]            # nobody listens there once it is closed
+    result = subprocess.run(SMTP_OUT + [
+        "--spool", spool.path, "--relay-host", "127.0.0.1:%d" % port, "--relay-tls", "none",
+        "--retry-schedule", "7m,1h", "--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ((_, _, _, state),) = spool.queue.listing()
+    (recipient,) = state.recipients
+    assert recipient.status == "deferred" and recipient.dsn == "4.4.1"
+    assert recipient.next_attempt - recipient.last_attempt == pytest.approx(420)
+    bad = subprocess.run(SMTP_OUT + ["--spool", spool.path, "--retry-schedule", "7 min", "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr == ("smtp_out: retry_schedule: 'min' is not a wait such as 30s, 5m, 1h "
+                          "or 2d\n")
 
 
 def test_smarthost_certificate_is_verified_by_default(tmp_path, sinks, tls_files):
