@@ -53,6 +53,7 @@ DEFAULTS = {
     "idle_timeout": 300.0,
     "max_size": 35 * 1024 * 1024,
     "retry_schedule": "5m,10m,20m,40m,1h",
+    "spf": "tag",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -65,6 +66,8 @@ HELP = {
     "pop3": "HOST:PORT of the POP3 listener (\"\" turns it off)",
     "pop3s": "HOST:PORT of an implicit-TLS POP3 listener, e.g. 0.0.0.0:995",
     "relay_auth_file": "file with the smarthost's user name and password",
+    "spf": "SPF check of MAIL FROM on the MX (RFC 7208): off; tag, adding Received-SPF and "
+           "Authentication-Results; or reject, also refusing a fail (550 5.7.23)",
 }
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
@@ -112,6 +115,7 @@ def write_role_config(config, path):
     for key in SHARED_KEYS:
         if config[key] not in ("", []):
             parser["DEFAULT"][key] = plumbing.config_text(config[key])
+    parser["smtp_in"] = {"spf": config["spf"]}
     parser["smtp_out"] = {"remote_port": plumbing.config_text(config["remote_port"])}
     for key in ("relay_host", "relay_auth_file"):
         if config[key]:
@@ -222,6 +226,8 @@ def check_config(config):
         mta.parse_retry_schedule(config["retry_schedule"])
     except ValueError as exc:
         problems.append(str(exc))
+    if config["spf"] not in ("off", "tag", "reject"):
+        problems.append("spf: %r is not one of off, tag, reject" % config["spf"])
     if (config["smtps"] or config["pop3s"]) and not config["tls_cert"]:
         problems.append("tls: the SMTPS and POP3S listeners need --tls-cert and --tls-key")
     spool = config["spool"]

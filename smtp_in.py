@@ -12,7 +12,15 @@ LF or a NUL is refused whole, so no smuggled second message can exist (see Messa
 Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names) and is
 written to the spool by mta.enqueue; 250 is sent only once it is durable.
 
-Reads: users and aliases through mailbox_store. Writes: the spool, through mta.
+SPF (RFC 7208, through spf.py): MAIL FROM (the HELO name for the null sender) is checked
+once per transaction, unless the client authenticated or is in --relay-network. --spf tag
+(default) marks the message with Received-SPF (RFC 7208 9.1) and Authentication-Results
+(RFC 8601); --spf reject also refuses a fail (550 5.7.23) and defers a temperror (451
+4.7.24) at MAIL. Authentication-Results fields that claim this host's name arrive forged
+and are removed (RFC 8601 5).
+
+Reads: users and aliases through mailbox_store; SPF records through spf and dnsmx.
+Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
      python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:587 --submission \\
          --tls-cert cert.pem --tls-key key.pem --smtps-listen 0.0.0.0:465 --domain example.com
@@ -21,7 +29,6 @@ Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain exa
 import argparse
 import datetime
 import errno
-import importlib
 import ipaddress
 import logging
 import re
@@ -33,15 +40,18 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime
 from typing import Optional
 
+import dnsmx
 import mailbox_store
 import mta
 import plumbing
+import spf
 
 __all__ = [
     "DEFAULTS", "Envelope", "MessageCollector", "SMTPHandler", "SMTPServer",
-    "address_literal", "count_hops", "is_domain", "main", "make_reverse_lookup",
-    "parse_mail_params", "parse_networks", "parse_path", "protocol_name", "received_header",
-    "split_address", "split_command",
+    "address_literal", "authserv_id", "count_hops", "is_domain", "main", "make_reverse_lookup",
+    "make_spf_resolver", "parse_mail_params", "parse_networks", "parse_path", "protocol_name",
+    "received_header", "remove_authentication_results", "spf_header_fields", "split_address",
+    "split_command",
 ]
 
 # --- Constants ---
@@ -56,6 +66,8 @@ MAX_PATH = 256                 # RFC 5321 4.5.3.1.3, octets with the angle brack
 MAX_HOPS = 50                  # Received: headers before we call it a mail loop (RFC 5321 6.3)
 MAX_AUTH_FAILURES = 3          # failed logins before the connection is closed (DESIGN.md)
 REVERSE_DNS_TIMEOUT = 2.0      # seconds for the optional PTR lookup of the Received: header
+SPF_POLICIES = ("off", "tag", "reject")
+SPF_DNS_TRY = 2.0              # seconds per try of one SPF lookup; two tries per nameserver
 SMTP_PORT, SUBMISSION_PORT, SMTPS_PORT = 25, 587, 465
 
 END_OF_DATA = b"\r\n.\r\n"     # RFC 5321 4.1.1.4: the only end of the mail data
@@ -83,9 +95,18 @@ DEFAULTS = {
     "greet_pause": 0.0,
     "dns": "",
     "reverse_dns": False,
+    "spf": "tag",
+    "spf_timeout": 10.0,
     "user": "",
     "syslog": False,
     "verbose": False,
+}
+
+HELP = {                       # the help of the keys plumbing.SHARED_HELP does not know
+    "spf": "SPF check of MAIL FROM (RFC 7208): off; tag, adding Received-SPF and "
+           "Authentication-Results; or reject, also refusing a fail (550 5.7.23) and "
+           "deferring a DNS failure (451 4.7.24)",
+    "spf_timeout": "seconds one SPF check may spend asking the DNS; past it, temperror",
 }
 
 # --- Replies (RFC 5321 4.2; enhanced codes RFC 3463, on all but the greeting and HELO/EHLO
@@ -156,6 +177,8 @@ R554_NO_VALID_RECIPIENTS = "554 5.5.1 No valid recipients"
 R554_TOO_MANY_HOPS = "554 5.4.6 Too many Received: headers, mail loop?"
 R555_UNKNOWN_PARAMETER = "555 5.5.4 Unsupported MAIL or RCPT parameter %s"
 R555_BAD_PARAMETER = "555 5.5.4 Bad value for parameter %s"
+# SPF's refusals at MAIL (550 5.7.23 with the domain's explanation, 451 4.7.24; RFC 7372 3.2)
+# are built by spf.smtp_reply().
 
 # Base64 of "Username:" and "Password:", the LOGIN mechanism's customary challenges.
 LOGIN_USERNAME = "VXNlcm5hbWU6"
@@ -174,6 +197,7 @@ class Envelope:
     size: Optional[int] = None         # the SIZE= the client announced (RFC 1870)
     smtputf8: bool = False             # RFC 6531 3.4
     rejected: int = 0                  # RCPTs refused, for the reply to DATA (RFC 5321 3.3)
+    spf_result: Optional[spf.SPFResult] = None   # the SPF check of MAIL FROM; None: not checked
 
 
 class _Cancelled(Exception):
@@ -385,6 +409,68 @@ def count_hops(message):
     return len(re.findall(rb"(?im)^received:", header))
 
 
+def spf_header_fields(result, hostname):
+    """The SPF trace fields for a message, CRLF-terminated bytes to go above our Received:
+    Authentication-Results (RFC 8601 2.2, HOSTNAME as authserv-id) over Received-SPF (RFC
+    7208 9.1), as each of the two asks to be on top of the trace fields before it."""
+    return ("%s\r\n%s\r\n" % (spf.authentication_results_header(hostname, result),
+                              spf.received_spf_header(result, hostname))).encode("utf-8")
+
+
+# An Authentication-Results field in the header section, its value with continuation lines
+# (mail data holds only CRLF line ends: MessageCollector refuses the rest).
+AUTH_RESULTS_FIELD_RE = re.compile(rb"(?im)^authentication-results[ \t]*:"
+                                   rb"((?:[^\r\n]|\r\n[ \t])*)\r\n")
+TOKEN_RE = re.compile(r'[^\x00-\x20()<>@,;:\\"/\[\]?=\x7f]+')        # RFC 2045 5.1 token
+QUOTED_VALUE_RE = re.compile(r'"((?:[^"\\]|\\.)*)"')                   # RFC 5322 3.2.4
+
+
+def authserv_id(value):
+    """The authserv-id an Authentication-Results value (str) starts with (RFC 8601 2.2),
+    after any comments and folding; lower-cased, without a final dot; "" when none."""
+    text = value.replace("\r\n", "")
+    position, depth = 0, 0
+    while position < len(text):                       # CFWS, comments nest (RFC 5322 3.2.2)
+        char = text[position]
+        if depth and char == "\\":
+            position += 1
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth and char not in " \t":
+            break
+        position += 1
+    quoted = QUOTED_VALUE_RE.match(text, position)
+    if quoted:
+        found = re.sub(r"\\(.)", r"\1", quoted.group(1))
+    else:
+        token = TOKEN_RE.match(text, position)
+        found = token.group() if token else ""
+    return found.lower().rstrip(".")
+
+
+def remove_authentication_results(message, hostname):
+    """Remove the Authentication-Results fields whose authserv-id is HOSTNAME (RFC 8601 5):
+    they claim a check this host never made. Only the header section is searched, and the
+    message (bytes) is returned as is, not copied, when there is nothing to remove."""
+    if message.startswith(b"\r\n"):
+        return message                                 # an empty header section
+    end = message.find(b"\r\n\r\n")
+    end = len(message) if end < 0 else end + 2
+    ours = hostname.lower().rstrip(".")
+    doomed = [match.span() for match in AUTH_RESULTS_FIELD_RE.finditer(message, 0, end)
+              if authserv_id(match.group(1).decode("latin-1")) == ours]
+    if not doomed:
+        return message
+    kept, start = [], 0
+    for field_start, field_end in doomed:
+        kept.append(message[start:field_start])
+        start = field_end
+    kept.append(message[start:])
+    return b"".join(kept)
+
+
 # --- Pure helper: the DATA phase ---
 
 class MessageCollector:
@@ -464,18 +550,14 @@ class MessageCollector:
         return bytes(text)
 
 
-# --- Optional reverse DNS (dnsmx.py, another role, may be absent) ---
+# --- DNS: the optional reverse lookup, and SPF's resolver ---
 
 def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
-    """Return ip -> forward-confirmed host name or None, through dnsmx; None without dnsmx.
+    """Return ip -> forward-confirmed host name or None, through dnsmx.
 
     dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. The name is trusted only when
     one of its A/AAAA records is the client's address again, as Postfix does.
     """
-    try:
-        dnsmx = importlib.import_module("dnsmx")      # optional: the toolkit runs without it
-    except ImportError:
-        return None
     resolver = dnsmx.Resolver([dns_server] if dns_server else None, timeout=timeout,
                               attempts=1, lifetime=timeout * 2)
 
@@ -491,6 +573,25 @@ def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
         return None
 
     return lookup
+
+
+def make_spf_resolver(policy, dns_server="", timeout=DEFAULTS["spf_timeout"]):
+    """The resolver SPF checks use under POLICY (one of SPF_POLICIES), None for "off".
+
+    dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. Each lookup waits SPF_DNS_TRY
+    seconds per try, two tries, and never more than TIMEOUT, so a resolver that does not
+    answer costs a MAIL command a few seconds, not the 10 s per nameserver of resolv.conf's
+    defaults. Raises ValueError for an unknown policy or a bad nameserver.
+    """
+    if policy not in SPF_POLICIES:
+        raise ValueError("spf: %r is not one of %s" % (policy, ", ".join(SPF_POLICIES)))
+    if not 0 < timeout <= 3600:
+        raise ValueError("spf_timeout: %g is not between 0 and 3600 seconds" % timeout)
+    if policy == "off":
+        return None
+    resolver = dnsmx.Resolver([dns_server] if dns_server else None,
+                              timeout=min(SPF_DNS_TRY, timeout), attempts=2, lifetime=timeout)
+    return spf.DNSResolver(resolver)
 
 
 # --- Protocol handler ---
@@ -680,8 +781,27 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return R553_NEED_SMTPUTF8
         if self.auth_user is not None and not self.owns_sender(sender):
             return R553_NOT_OWNER % (sender, self.auth_user)
+        envelope.spf_result = self.check_spf(sender)
+        if envelope.spf_result is not None and self.server.spf_policy == "reject":
+            refusal = spf.smtp_reply(envelope.spf_result)   # fail: 550, temperror: 451
+            if refusal:
+                return refusal
         self.envelope = envelope
         return R250_SENDER_OK
+
+    def check_spf(self, sender):
+        """SPF for this transaction (RFC 7208 2.4: MAIL FROM, or HELO for the null sender);
+        None when it is not checked: policy off, or a client that authenticated or is in
+        --relay-network, which sends as our own users."""
+        server = self.server
+        if server.spf_policy == "off" or self.may_relay:
+            return None
+        result = spf.check_sender(self.client_ip, sender, self.helo, server.spf_resolver,
+                                  receiver=server.hostname, timeout=server.spf_timeout)
+        if result.result == "temperror":
+            self.log.warning("spf: client=[%s], helo=%r, from=<%s>, result=temperror (%s)",
+                             self.client_ip, self.helo, sender, result.problem)
+        return result
 
     def owns_sender(self, sender):
         """RFC 6409 6.1: an authenticated user may send only as itself or one of its aliases."""
@@ -789,6 +909,10 @@ class SMTPHandler(plumbing.ConnectionHandler):
         recipient = envelope.rcpt_to[0] if len(envelope.rcpt_to) == 1 else None
         header = received_header(self.helo, self.client_ip, self.reverse_name(),
                                  self.server.hostname, protocol, queue_id, recipient)
+        spf_result = envelope.spf_result
+        if spf_result is not None:
+            header = spf_header_fields(spf_result, self.server.hostname) + header
+        body = remove_authentication_results(body, self.server.hostname)
         try:
             mta.enqueue(self.server.spool_dir, envelope.mail_from, list(envelope.rcpt_to),
                         header + body, queue_id=queue_id, client_address=self.client_ip,
@@ -798,10 +922,10 @@ class SMTPHandler(plumbing.ConnectionHandler):
                            queue_id, self.client_ip, envelope.mail_from, exc)
             return R452_SPOOL_FULL if exc.errno == errno.ENOSPC else R451_SPOOL_ERROR
         self.log.info("%s: client=%s[%s], helo=%r, from=<%s>, size=%d, nrcpt=%d, proto=%s, "
-                      "tls=%s, auth=%s", queue_id, self.client_name or "", self.client_ip,
+                      "tls=%s, auth=%s, spf=%s", queue_id, self.client_name or "", self.client_ip,
                       self.helo, envelope.mail_from, len(header) + len(body),
                       len(envelope.rcpt_to), protocol, self.sock.version() if self.tls else "none",
-                      self.auth_user or "none")
+                      self.auth_user or "none", spf_result.result if spf_result else "unchecked")
         self.accepted += 1
         self.errors = 0                                # Postfix counts errors between messages
         return R250_QUEUED % queue_id
@@ -937,13 +1061,16 @@ class SMTPServer(plumbing.ThreadedServer):
     "domain": ["example.com"]}), then serve_forever() on a thread and stop() to end.
     store is a mailbox_store.Store (made from the config when None); tls_context overrides
     tls_cert/tls_key; implicit_tls makes an SMTPS listener (RFC 8314); reverse_lookup is a
-    function ip -> host name or None for the Received: header (see make_reverse_lookup).
+    function ip -> host name or None for the Received: header (see make_reverse_lookup);
+    spf_resolver, shared between listeners, overrides the one made from spf and dns (see
+    make_spf_resolver; any object with spf.DNSResolver's methods).
     """
 
     busy_reply = R421_BUSY
 
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
-                 implicit_tls=False, reverse_lookup=None, bind_and_activate=True):
+                 implicit_tls=False, reverse_lookup=None, spf_resolver=None,
+                 bind_and_activate=True):
         settings = dict(DEFAULTS)
         for key, value in (config or {}).items():      # values, or text as in the INI file
             if key in DEFAULTS:
@@ -963,6 +1090,11 @@ class SMTPServer(plumbing.ThreadedServer):
         self.max_commands = int(settings["max_commands"])
         self.greet_pause = float(settings["greet_pause"])
         self.reverse_lookup = reverse_lookup
+        self.spf_policy = settings["spf"]
+        self.spf_timeout = float(settings["spf_timeout"])
+        if spf_resolver is None:
+            spf_resolver = make_spf_resolver(self.spf_policy, settings["dns"], self.spf_timeout)
+        self.spf_resolver = spf_resolver
         if tls_context is None and settings["tls_cert"]:
             tls_context = plumbing.server_tls_context(settings["tls_cert"],
                                                       settings["tls_key"] or settings["tls_cert"])
@@ -982,11 +1114,12 @@ class SMTPServer(plumbing.ThreadedServer):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="smtp_in.py", description="Inbound SMTP server: MX and submission (RFC 5321).")
-    plumbing.add_options(parser, DEFAULTS)
+    plumbing.add_options(parser, DEFAULTS, HELP)
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_in", DEFAULTS, args)
         parse_networks(config["relay_network"])
+        spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
     except ValueError as exc:
         print("smtp_in: %s" % exc, file=sys.stderr)
         return 1
@@ -1003,8 +1136,6 @@ def main(argv=None):
         except ValueError as exc:
             print("smtp_in: --dns: %s" % exc, file=sys.stderr)
             return 1
-        if reverse_lookup is None:
-            log.warning("reverse DNS disabled: dnsmx.py is not installed beside smtp_in.py")
     if config["submission"] and not config["tls_cert"]:
         log.warning("submission without --tls-cert: AUTH is offered on loopback connections only")
     listeners = [(config["listen"], config["submission"], False)]
@@ -1016,7 +1147,8 @@ def main(argv=None):
         try:
             host, port = plumbing.parse_hostport(where, default_port)
             servers.append(SMTPServer((host, port), config, submission=submission,
-                                      implicit_tls=implicit_tls, reverse_lookup=reverse_lookup))
+                                      implicit_tls=implicit_tls, reverse_lookup=reverse_lookup,
+                                      spf_resolver=spf_resolver))
         except (OSError, ValueError) as exc:           # ssl.SSLError is an OSError
             print("smtp_in: cannot listen on %s: %s" % (where, exc), file=sys.stderr)
             for server in servers:

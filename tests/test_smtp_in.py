@@ -1046,7 +1046,7 @@ def test_logs_connect_accept_reject_and_disconnect(start_smtp, caplog):
                for line in lines)
     assert any(re.match(r"%s: client=\[127\.0\.0\.1\], helo='client.example.org', "
                         r"from=<a@example.org>, size=\d+, nrcpt=1, proto=ESMTP, tls=none, "
-                        r"auth=none$" % queue_id, line) for line in lines)
+                        r"auth=none, spf=unchecked$" % queue_id, line) for line in lines)
     assert re.match(r"disconnect from \[127\.0\.0\.1\]: ehlo=1, mail=1, rcpt=1/2, data=1, "
                     r"quit=1, commands=6, accepted=1, rejected=1, time=", lines[-1])
 
@@ -1070,7 +1070,7 @@ def test_server_settings_may_be_given_as_the_ini_file_writes_them(spool):
 def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):
     ini = tmp_path / "mail.ini"
     ini.write_text("[DEFAULT]\nspool = %s\n[smtp_in]\nlisten = 127.0.0.1:0\ndomain = %s\n"
-                   "hostname = %s\nidle_timeout = 30\n" % (spool, DOMAIN, HOSTNAME))
+                   "hostname = %s\nidle_timeout = 30\nspf = off\n" % (spool, DOMAIN, HOSTNAME))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--config",
                                 str(ini), "--max-size", "5000"],
                                stderr=subprocess.PIPE)

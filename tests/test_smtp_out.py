@@ -906,7 +906,8 @@ def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     remote_store = mailbox_store.Store(str(remote), ["two.test"], "mx1.two.test")
     remote_store.add_user("u@two.test", "password-2")
     server = smtp_in.SMTPServer(("127.0.0.2", 0), {"spool": str(remote), "domain": ["two.test"],
-                                                    "hostname": "mx1.two.test"}, store=remote_store)
+                                                    "hostname": "mx1.two.test", "spf": "off"},
+                                store=remote_store)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         spool = Spool(tmp_path / "local", clock=time.time)
