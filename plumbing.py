@@ -31,6 +31,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ class LineReader:
                 return False
             if ready:
                 break
-        self.sock.settimeout(self.idle_timeout)
+        if self.sock.gettimeout() != self.idle_timeout:    # settimeout() is a system call
+            self.sock.settimeout(self.idle_timeout)
         try:
             block = self.sock.recv(READ_BLOCK)
         except ssl.SSLWantReadError:   # a TLS record not yet complete; go round again
@@ -799,16 +801,53 @@ def log_config(log, config) -> None:
 
 # --- Logging and queue ids ---
 
+class _LineHandler(logging.Handler):
+    """Writes each record as one line, with one write() and no lock.
+
+    logging.StreamHandler holds its lock across the write; under load the writer that
+    waits in write() (or, back from it, for the GIL) makes every other thread that logs
+    queue behind it. One write() of a line is atomic without a lock for lines up to
+    PIPE_BUF (4096 octets) on a pipe, and at any length on a file opened for appending.
+    """
+
+    def __init__(self, fd):
+        super().__init__()
+        self.fd = fd
+
+    def handle(self, record):
+        """Filter and emit the record, without the lock Handler.handle takes."""
+        allowed = self.filter(record)
+        if allowed:
+            self.emit(allowed if isinstance(allowed, logging.LogRecord) else record)
+        return allowed
+
+    def emit(self, record):
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(role, syslog=False, verbose=False):
     """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
 
     A process runs one role, so every line carries that role's name, the plumbing's too.
     """
+    # A daemon logs a few lines per message: skip the caller, thread and process look-ups
+    # the format never shows (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     formatter = logging.Formatter(role + "[%(process)d]: %(message)s")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    stderr = logging.StreamHandler()
+    try:
+        stderr = _LineHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):      # a stderr without a file descriptor
+        stderr = logging.StreamHandler()
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
     if syslog:

@@ -461,6 +461,26 @@ def test_log_lines_carry_role_and_pid(capfd):
     logging.getLogger().handlers.clear()
 
 
+def test_log_lines_from_many_threads_at_once_each_arrive_whole(capfd):
+    import logging
+    log = plumbing.setup_logging("mta")
+    line = "x" * 300
+
+    def writer(n):
+        for i in range(200):
+            log.info("T%d-%d %s end", n, i, line)
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    logging.getLogger().handlers.clear()
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1600
+    assert all(text.startswith("mta[") and text.endswith(line + " end") for text in lines)
+    assert len({text.split()[1] for text in lines}) == 1600
+
+
 def test_auth_failure_delay_grows():
     delays = [plumbing.auth_failure_delay(n) for n in range(5)]
     assert delays[0] == 0 and delays == sorted(delays) and len(set(delays)) == 5
