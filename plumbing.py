@@ -23,12 +23,14 @@ import ipaddress
 import logging
 import logging.handlers
 import os
+import queue
 import secrets
 import select
 import signal
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ WAIT_SLICE = 0.5                   # seconds between checks for a server shutdow
 MAX_SASL_RESPONSE = 12288          # octets of base64; RFC 4954 4 lets a server bound it
 BUSY_SEND_TIMEOUT = 2.0            # seconds to hand a busy reply to a refused client
 DEFAULT_GRACE = 5.0                # seconds open sessions get on shutdown
+WORKER_IDLE_LIFETIME = 60.0        # seconds a pooled session thread waits for work, then ends
 
 CRLF, LF, CR = b"\r\n", b"\n", b"\r"
 
@@ -187,7 +190,8 @@ class LineReader:
                 return False
             if ready:
                 break
-        self.sock.settimeout(self.idle_timeout)
+        if self.sock.gettimeout() != self.idle_timeout:    # settimeout() is a system call
+            self.sock.settimeout(self.idle_timeout)
         try:
             block = self.sock.recv(READ_BLOCK)
         except ssl.SSLWantReadError:   # a TLS record not yet complete; go round again
@@ -324,6 +328,12 @@ class _Slot:
 class ThreadedServer(socketserver.ThreadingTCPServer):
     """A thread per connection, with caps in total and per client address.
 
+    Sessions run on long-lived worker threads: an accepted connection goes to an idle
+    worker, and a new worker starts only when none is idle, so there are never more
+    than max_connections. Starting a thread (and waiting for it to run) cost about a
+    third of a short SMTP session's CPU; a worker idle for WORKER_IDLE_LIFETIME seconds
+    ends, so a burst does not keep its threads for ever.
+
     busy_reply is the protocol's own "too busy" line, sent to a client refused by a cap.
     """
 
@@ -348,6 +358,10 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         self.connections_lock = threading.Lock()
         self.connections = {}          # accepted socket -> _Slot, guarded by connections_lock
         self.per_address = {}          # client address -> open connections, same lock
+        self.work = queue.SimpleQueue()    # (request, client_address), or None: a worker ends
+        self.workers_lock = threading.Lock()
+        self.workers = 0               # worker threads alive, guarded by workers_lock
+        self.idle_workers = 0          # of which waiting for work and not yet promised a job
         super().__init__(address, handler_class, bind_and_activate)
 
     @property
@@ -375,7 +389,41 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
             log.warning("connection from [%s] refused: too many connections", ip)
             self.refuse(request)
             return
-        super().process_request(request, client_address)
+        with self.workers_lock:
+            start_worker = not self.idle_workers
+            if start_worker:
+                self.workers += 1
+            else:
+                self.idle_workers -= 1 # that worker takes this connection
+        if start_worker:
+            threading.Thread(target=self.worker, daemon=True,
+                             name="session-%d" % self.workers).start()
+        self.work.put((request, client_address))
+
+    def worker(self):
+        """A session thread: serve connections from the queue until idle too long or stopped.
+
+        Each connection put on the queue has a worker promised to it (an idle one, or one
+        started for it), so none waits behind a busy session.
+        """
+        try:
+            while True:
+                try:
+                    job = self.work.get(timeout=WORKER_IDLE_LIFETIME)
+                except queue.Empty:
+                    with self.workers_lock:
+                        if not self.idle_workers:
+                            continue   # every idle worker is promised a job: take one
+                        self.idle_workers -= 1
+                    return
+                if job is None:
+                    return
+                self.process_request_thread(*job)      # handle, then shutdown_request
+                with self.workers_lock:
+                    self.idle_workers += 1
+        finally:
+            with self.workers_lock:
+                self.workers -= 1
 
     def refuse(self, request):
         try:
@@ -429,6 +477,10 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        with self.workers_lock:
+            workers = self.workers
+        for _ in range(workers):       # each ends once its session (if any) has
+            self.work.put(None)
 
 
 def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE):
@@ -748,16 +800,53 @@ def log_config(log, config) -> None:
 
 # --- Logging and queue ids ---
 
+class _LineHandler(logging.Handler):
+    """Writes each record as one line, with one write() and no lock.
+
+    logging.StreamHandler holds its lock across the write; under load the writer that
+    waits in write() (or, back from it, for the GIL) makes every other thread that logs
+    queue behind it. One write() of a line is atomic without a lock for lines up to
+    PIPE_BUF (4096 octets) on a pipe, and at any length on a file opened for appending.
+    """
+
+    def __init__(self, fd):
+        super().__init__()
+        self.fd = fd
+
+    def handle(self, record):
+        """Filter and emit the record, without the lock Handler.handle takes."""
+        allowed = self.filter(record)
+        if allowed:
+            self.emit(allowed if isinstance(allowed, logging.LogRecord) else record)
+        return allowed
+
+    def emit(self, record):
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(role, syslog=False, verbose=False):
     """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
 
     A process runs one role, so every line carries that role's name, the plumbing's too.
     """
+    # A daemon logs a few lines per message: skip the caller, thread and process look-ups
+    # the format never shows (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     formatter = logging.Formatter(role + "[%(process)d]: %(message)s")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    stderr = logging.StreamHandler()
+    try:
+        stderr = _LineHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):      # a stderr without a file descriptor
+        stderr = logging.StreamHandler()
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
     if syslog:

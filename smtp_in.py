@@ -1124,11 +1124,6 @@ def main(argv=None):
         print("smtp_in: %s" % exc, file=sys.stderr)
         return 1
     plumbing.setup_logging("smtp_in", config["syslog"], config["verbose"])
-    # Three log lines per session: skip the caller and thread look-ups the format never
-    # shows (the logging HOWTO's "Optimization" settings).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
     reverse_lookup = None
     if config["dns"] or config["reverse_dns"]:
         try:

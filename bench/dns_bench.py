@@ -5,12 +5,14 @@ Measures, in one run against the same dnsmasq:
   - an uncached MX + A resolution: the MX query, then an A query for each MX target;
   - the same three queries made with dnspython, when it can be imported (the peer);
   - an uncached mx_hosts(), which takes addresses from the additional section when the
-    server sends them (so here it needs one query where MX + A needs three).
+    server sends them (so here it needs one query where MX + A needs three);
+  - the dnsmx.py CLI as a process (`python3 dnsmx.py --server ... NAME MX`) against
+    `dig @127.0.0.1 -p PORT NAME MX`, when dig is installed (--cli-count runs of each).
 Prints the median time per call with min-max over the repeats, and the dnsmx/dnspython
-ratio. Bounded: --repeats x --count calls at most, and never longer than --max-seconds.
+and CLI/dig ratios. Bounded: --repeats x --count calls at most, and never longer than --max-seconds.
 dnsmasq is stopped by its own process id.
 
-Run: python3 bench/dns_bench.py [--repeats 7] [--count 200] [--json]
+Run: python3 bench/dns_bench.py [--repeats 7] [--count 200] [--cli-count 20] [--json]
      (dnspython as the peer: python3 -m venv /tmp/dnsvenv && /tmp/dnsvenv/bin/pip install
       dnspython && /tmp/dnsvenv/bin/python bench/dns_bench.py)
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,7 @@ ZONE = [mx_host(DOMAIN, "mx1.example.test", 10), mx_host(DOMAIN, "mx2.example.te
 CACHED_CALLS = 20000             # cached calls per repeat (they take microseconds)
 CACHED_TARGET_US = 20.0
 RATIO_TARGET = 0.5
+CLI_PYTHON = "/usr/bin/python3"  # what a user types; pyenv's python3 shim adds ~80 ms
 
 
 def per_call_us(function, count, deadline):
@@ -78,12 +82,35 @@ def dnspython_peer(port):
     return mx_and_a, "dnspython %s" % dns.version.version
 
 
+def process_us(command, count, deadline, expect):
+    """Microseconds per run of COMMAND (a whole process) over COUNT runs."""
+    done = 0
+    started = time.perf_counter()
+    while done < count and time.monotonic() < deadline:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
+        if expect not in output:
+            raise RuntimeError("%s printed %r" % (command[0], output[:200]))
+        done += 1
+    return (time.perf_counter() - started) / max(done, 1) * 1e6
+
+
+def cli_commands(port):
+    """{row name: command} for the dnsmx.py CLI and, when installed, dig."""
+    python = CLI_PYTHON if os.path.exists(CLI_PYTHON) else sys.executable
+    commands = {"CLI process, dnsmx.py": [python, os.path.join(ROOT, "dnsmx.py"), "--server",
+                                          "127.0.0.1:%d" % port, DOMAIN, "MX"]}
+    dig = shutil.which("dig")
+    if dig:
+        commands["CLI process, dig"] = [dig, "@127.0.0.1", "-p", str(port), DOMAIN, "MX"]
+    return commands
+
+
 def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "values": values}
 
 
-def run(repeats, count, max_seconds):
+def run(repeats, count, max_seconds, cli_count=0):
     deadline = time.monotonic() + max_seconds
     results = {}
     with start_dnsmasq(ZONE) as server:
@@ -98,6 +125,9 @@ def run(repeats, count, max_seconds):
                   "uncached mx_hosts, dnsmx": []}
         if peer:
             series["uncached MX+A, " + peer_name] = []
+        commands = cli_commands(server.port) if cli_count else {}
+        for name in commands:
+            series[name] = []
         for _ in range(repeats):
             if time.monotonic() >= deadline:
                 break
@@ -110,11 +140,16 @@ def run(repeats, count, max_seconds):
                 series["uncached MX+A, " + peer_name].append(per_call_us(peer, count, deadline))
             series["uncached mx_hosts, dnsmx"].append(
                 per_call_us(lambda: uncached.mx_hosts(DOMAIN), count, deadline))
+            for name, command in commands.items():
+                series[name].append(process_us(command, cli_count, deadline, "mx1.example.test"))
         results = {name: summary(values) for name, values in series.items() if values}
     if peer and results:
         ours = results["uncached MX+A, dnsmx"]["median"]
         theirs = results["uncached MX+A, " + peer_name]["median"]
         results["ratio"] = ours / theirs
+    if "CLI process, dig" in results and "CLI process, dnsmx.py" in results:
+        results["cli_ratio"] = (results["CLI process, dnsmx.py"]["median"]
+                                / results["CLI process, dig"]["median"])
     results["peer"] = peer_name
     return results
 
@@ -147,6 +182,9 @@ def report(results, repeats, count):
         print("  ratio dnsmx / %s, uncached MX+A: %.2f (target <= %.1f: %s)"
               % (results["peer"], results["ratio"], RATIO_TARGET,
                  "met" if results["ratio"] <= RATIO_TARGET else "MISSED"))
+    if "cli_ratio" in results:
+        print("  ratio dnsmx.py CLI / dig, per process: %.2f (target <= 1.0: %s)"
+              % (results["cli_ratio"], "met" if results["cli_ratio"] <= 1.0 else "MISSED"))
 
 
 def main(argv=None):
@@ -155,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="repeats (default 7, max 50)")
     parser.add_argument("--count", type=int, default=200,
                         help="uncached calls per repeat (default 200, max 5000)")
+    parser.add_argument("--cli-count", type=int, default=20,
+                        help="runs of the dnsmx.py CLI and of dig per repeat (default 20, 0: skip)")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop measuring after this long (default 60)")
     parser.add_argument("--json", action="store_true", help="print raw numbers as JSON")
@@ -165,7 +205,8 @@ def main(argv=None):
         return 1
     repeats = min(max(args.repeats, 1), 50)
     count = min(max(args.count, 1), 5000)
-    results = run(repeats, count, min(max(args.max_seconds, 1.0), 600.0))
+    results = run(repeats, count, min(max(args.max_seconds, 1.0), 600.0),
+                  min(max(args.cli_count, 0), 200))
     if args.json:
         print(json.dumps(results, indent=1))
     else:

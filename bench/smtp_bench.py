@@ -4,24 +4,37 @@
 Starts smtp_in.py (and mta.py's router, when present, so that mail flows on into the
 Maildir as it would in production), the peer aiosmtpd (a durable Maildir handler, from the
 shared bench harness and its venv) and, with --postfix, a separate benchmark Postfix
-instance; then sends N messages with Postfix's smtp-source (one SMTP session per message)
-for every message size and client count, visiting the targets in turn in each repeat so
-that the ratios come from the same minutes of a noisy machine. Every server is durable:
-fsync before the 250 (smtp_in through mta.enqueue, aiosmtpd in its handler, Postfix by
-default).
+instance; then sends N messages with Postfix's smtp-source for every message size, client
+count and mode (--modes: "session" is one SMTP session per message, "reuse" many messages
+per session, smtp-source -d), visiting the targets in turn in each repeat so that the
+ratios come from the same minutes of a noisy machine. Every server is durable: fsync
+before the 250 (smtp_in through mta.enqueue, aiosmtpd in its handler, Postfix by default).
 
 accepted/s = N / wall time of smtp-source (every 250 received). deliv/s = N / time until
 N files are in the target's Maildir new/ (Postfix and our router deliver after the 250).
 
+--e2e-count N then sends N messages one at a time to each target and measures, with the
+harness's own client and poller (smtp_load.py), the time from the 250 after DATA to the
+file in new/; and, with --pop3, the time until a fresh POP3 session's STAT counts it (our
+pop3d on smtp_in's spool; for Postfix, a Dovecot reading Postfix's Maildir). Every POP3
+poll is a whole session (connect, USER/PASS, STAT, QUIT), so its own cost is printed too.
+
+--memory runs a fresh smtp_in (and router) alone under 50 concurrent smtp-source sessions
+sending 100 KB messages and prints its peak RSS (VmHWM).
+
 Run (as root for --postfix; the harness copy needs ./setup_env.sh run once):
     cp -r ../shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
     python3 bench/smtp_bench.py --peer-bench /tmp/smtpin-peer-bench --postfix --json bench/results/smtp.json
+    python3 bench/smtp_bench.py --postfix --pop3 --modes session,reuse --e2e-count 200 --memory
 Every server listens on 127.0.0.1 only; every run is bounded by --timeout.
 """
 
 import argparse
+import base64
+import hashlib
 import json
 import os
+import poplib
 import random
 import shutil
 import signal
@@ -38,6 +51,8 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 DOMAIN = "bench.test"
 RCPT = "user@bench.test"
 SENDER = "sender@bench.test"
+POP3_USER, POP3_PASSWORD = "bench0", "benchpw"     # the harness's Dovecot users
+MEMORY_CLIENTS, MEMORY_SIZE, MEMORY_MESSAGES = 50, 102400, 500
 
 
 # --- small helpers ---
@@ -113,7 +128,7 @@ def spread(values):
 
 # --- load: smtp-source, or a small threaded stdlib client where it is missing ---
 
-def python_source(port, count, conc, size, timeout):
+def python_source(port, count, conc, size, timeout, reuse=False):
     import smtplib
     body = (b"X" * 76 + b"\r\n") * max(1, size // 78)
     text = b"From: <%s>\r\nTo: <%s>\r\nSubject: bench\r\n\r\n" % (SENDER.encode(), RCPT.encode()) + body
@@ -121,18 +136,23 @@ def python_source(port, count, conc, size, timeout):
     lock = threading.Lock()
     errors = []
 
+    def take():
+        with lock:
+            left[0] -= 1
+            return left[0] >= 0
+
     def worker():
-        while True:
-            with lock:
-                if left[0] <= 0:
-                    return
-                left[0] -= 1
-            try:
+        try:
+            if reuse:
+                with smtplib.SMTP("127.0.0.1", port, "bench-client.test", timeout=timeout) as client:
+                    while take():
+                        client.sendmail(SENDER, [RCPT], text)
+                return
+            while take():
                 with smtplib.SMTP("127.0.0.1", port, "bench-client.test", timeout=timeout) as client:
                     client.sendmail(SENDER, [RCPT], text)
-            except (OSError, smtplib.SMTPException) as exc:
-                errors.append(str(exc))
-                return
+        except (OSError, smtplib.SMTPException) as exc:
+            errors.append(str(exc))
 
     threads = [threading.Thread(target=worker) for _ in range(conc)]
     for thread in threads:
@@ -142,14 +162,19 @@ def python_source(port, count, conc, size, timeout):
     return errors[0] if errors else None
 
 
-def run_load(target, count, conc, size, timeout):
-    """Send count messages; return (wall seconds, delivered-by seconds or nan, error or None)."""
+def run_load(target, count, conc, size, timeout, reuse=False):
+    """Send count messages; return (wall seconds, delivered-by seconds or nan, error or None).
+
+    reuse sends many messages per session (smtp-source -d), else one session per message.
+    """
     new = os.path.join(target["maildir"], "new") if target.get("maildir") else None
     base = count_files(new) if new else 0
     started = time.perf_counter()
     if os.path.exists(SMTP_SOURCE):
         command = [SMTP_SOURCE, "-4", "-s", str(conc), "-m", str(count), "-l", str(size),
                    "-f", SENDER, "-t", RCPT, "-M", "bench-client.test", "127.0.0.1:%d" % target["port"]]
+        if reuse:
+            command.insert(1, "-d")
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             error = None if done.returncode == 0 and "fatal" not in done.stderr else (
@@ -157,7 +182,7 @@ def run_load(target, count, conc, size, timeout):
         except subprocess.TimeoutExpired:
             error = "smtp-source timed out after %ss" % timeout
     else:
-        error = python_source(target["port"], count, conc, size, timeout)
+        error = python_source(target["port"], count, conc, size, timeout, reuse)
     wall = time.perf_counter() - started
     delivered = float("nan")
     if new and not error:
@@ -172,6 +197,123 @@ def run_load(target, count, conc, size, timeout):
     return wall, delivered, error
 
 
+# --- end-to-end latency and memory ---
+
+def cheap_password_hash(password):
+    """A valid scrypt line with the smallest cost: a POP3 poll then measures the mailbox,
+    not the password hash (the harness's Dovecot compares PLAIN passwords)."""
+    salt = os.urandom(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=2, r=1, p=1, dklen=32)
+    b64 = lambda data: base64.b64encode(data).decode().rstrip("=")
+    return "$scrypt$n=2,r=1,p=1$%s$%s" % (b64(salt), b64(key))
+
+
+def pop3_count(port, user, password, timeout):
+    """Messages a fresh POP3 session sees: connect, USER/PASS, STAT, QUIT."""
+    client = poplib.POP3("127.0.0.1", port, timeout=timeout)
+    try:
+        client.user(user)
+        client.pass_(password)
+        return client.stat()[0]
+    finally:
+        try:
+            client.quit()
+        except (OSError, poplib.error_proto):
+            client.close()
+
+
+def pop3_visibility(smtp_load, target, count, size, timeout=10.0):
+    """[seconds from the 250 after DATA until a fresh POP3 session counts the message],
+    missing count, [seconds one poll session takes]."""
+    pop3 = target["pop3"]
+    clean_maildir(target["maildir"])
+    body = (b"X" * 76 + b"\r\n") * max(1, size // 78)
+    seen, polls, missing = [], [], 0
+    base = pop3_count(pop3["port"], pop3["user"], pop3["password"], timeout)
+    for number in range(count):
+        message = b"From: <%s>\r\nTo: <%s>\r\nSubject: e2e %d\r\n\r\n" % (
+            SENDER.encode(), RCPT.encode(), number) + body
+        _, t250 = smtp_load.smtp_txn("127.0.0.1", target["port"], message, SENDER, RCPT)
+        until = t250 + timeout
+        while True:
+            started = time.perf_counter()
+            visible = pop3_count(pop3["port"], pop3["user"], pop3["password"], timeout)
+            now = time.perf_counter()
+            polls.append(now - started)
+            if visible >= base + number + 1:
+                seen.append(now - t250)
+                break
+            if now > until:
+                missing += 1
+                base -= 1
+                break
+    return seen, missing, polls
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+def measure_e2e(targets, args, results):
+    """250 -> new/ (the harness's e2e) and 250 -> visible over POP3, one message at a time."""
+    sys.path.insert(0, args.peer_bench)
+    import smtp_load                                   # the shared harness's client and poller
+    print("\n# end-to-end, %d sequential %d B messages, one session each (ms)" % (args.e2e_count, args.e2e_size))
+    print("%-12s %-8s %9s %9s %9s %8s %12s" % ("target", "to", "p50", "p99", "max", "missing", "poll p50"),
+          flush=True)
+    for target in targets:
+        if not target["maildir"]:
+            continue
+        wait_quiet(target["maildir"])
+        clean_maildir(target["maildir"])
+        host_target = {"host": "127.0.0.1", "port": target["port"], "maildir": target["maildir"]}
+        lat, txn, missing = smtp_load.e2e(host_target, args.e2e_count, args.e2e_size, SENDER, RCPT)
+        rows = [("new/", lat, missing, [])]
+        if target.get("pop3"):
+            wait_quiet(target["maildir"])
+            seen, lost, polls = pop3_visibility(smtp_load, target, args.e2e_count, args.e2e_size)
+            rows.append(("pop3", seen, lost, polls))
+        for where, values, lost, polls in rows:
+            ms = [v * 1000 for v in values]
+            print("%-12s %-8s %9s %9s %9s %8d %12s" % (
+                target["name"], where, fmt(percentile(ms, 0.5)), fmt(percentile(ms, 0.99)),
+                fmt(max(ms)) if ms else "nan", lost, fmt(percentile(polls, 0.5) * 1000) if polls else "-"),
+                flush=True)
+            results.append({"target": target["name"], "to": where, "latency_s": values,
+                            "missing": lost, "poll_s": polls,
+                            "txn_s": txn if where == "new/" else []})
+
+
+def vm_kib(pid, key):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_memory(workdir, args):
+    """Peak RSS of a fresh smtp_in under 50 sessions at once, each sending 100 KB messages."""
+    servers = Servers(os.path.join(workdir, "memory"))
+    os.makedirs(servers.workdir)
+    try:
+        servers.start_ours(args.smtp_in_arg, router=not args.no_router)
+        servers.wait_ready()
+        target, process = servers.targets[0], servers.processes[0]
+        idle = vm_kib(process.pid, "VmRSS")
+        wall, _, error = run_load(target, MEMORY_MESSAGES, MEMORY_CLIENTS, MEMORY_SIZE, args.timeout)
+        peak = vm_kib(process.pid, "VmHWM")
+    finally:
+        servers.stop()
+    print("\n# memory: smtp_in, %d sessions at once x %d B messages (%d messages, %.1f s): "
+          "RSS idle %.1f MiB, peak %.1f MiB%s" % (MEMORY_CLIENTS, MEMORY_SIZE, MEMORY_MESSAGES, wall,
+                                                 idle / 1024, peak / 1024,
+                                                 "  ERROR: " + error if error else ""), flush=True)
+    return {"clients": MEMORY_CLIENTS, "message_bytes": MEMORY_SIZE, "messages": MEMORY_MESSAGES,
+            "idle_rss_mib": idle / 1024, "peak_rss_mib": peak / 1024, "error": error}
+
+
 # --- the servers ---
 
 class Servers:
@@ -181,6 +323,7 @@ class Servers:
         self.workdir = workdir
         self.processes = []
         self.postfix_pid_file = None
+        self.pid_files = []            # other daemons that write their own pid file (Dovecot)
         self.targets = []
 
     def spawn(self, name, command):
@@ -189,18 +332,20 @@ class Servers:
         self.processes.append(process)
         return process
 
-    def start_ours(self, extra, router=True):
+    def start_ours(self, extra, router=True, pop3=False):
         spool = os.path.join(self.workdir, "smtp_in-spool")
         os.makedirs(spool)
-        subprocess.run([sys.executable, os.path.join(ROOT, "mailbox_store.py"), "--spool", spool,
-                        "add-user", RCPT], input=b"bench-password\n", check=True, capture_output=True)
+        users = os.open(os.path.join(spool, "users"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(users, "w") as f:
+            f.write("%s:%s\n" % (RCPT, cheap_password_hash(POP3_PASSWORD)))
         port = free_port()
         # Postfix exempts $mynetworks from its per-client limit; a 50-client run from one
         # address needs the same headroom here, as a client's next session may be accepted
-        # before its previous one has been counted out.
+        # before its previous one has been counted out. Many messages per session need
+        # more than the default 1000 commands a session (Postfix has no such limit).
         self.spawn("smtp_in", [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
                     "127.0.0.1:%d" % port, "--domain", DOMAIN, "--hostname", "mx.bench.test",
-                    "--max-per-address", "200"] + extra)
+                    "--max-per-address", "200", "--max-commands", "10000000"] + extra)
         maildir = None
         if router and os.path.exists(os.path.join(ROOT, "mta.py")):
             self.spawn("mta", [sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool,
@@ -209,6 +354,12 @@ class Servers:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(maildir, sub), exist_ok=True)
         self.add("smtp_in", port, maildir)
+        if pop3 and maildir:
+            pop3_port = free_port()
+            self.spawn("pop3d", [sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
+                        "--listen", "127.0.0.1:%d" % pop3_port, "--hostname", "pop.bench.test",
+                        "--domain", DOMAIN])
+            self.targets[-1]["pop3"] = {"port": pop3_port, "user": RCPT, "password": POP3_PASSWORD}
 
     def start_aiosmtpd(self, harness, executor):
         python = os.path.join(harness, ".venv", "bin", "python")
@@ -224,7 +375,7 @@ class Servers:
         self.spawn("aiosmtpd-%d" % executor, command)
         self.add("aiosmtpd" + ("-ex%d" % executor if executor else ""), port, maildir)
 
-    def start_postfix(self, harness):
+    def start_postfix(self, harness, pop3=False):
         run = os.path.join(self.workdir, "postfix")
         port, sink = free_port(), free_port()
         subprocess.run([os.path.join(harness, "peers", "postfix", "setup.sh"), run, str(port), str(sink)],
@@ -233,7 +384,28 @@ class Servers:
         subprocess.run(["script", "-qc", "postfix -c %s start" % os.path.join(run, "conf"), "/dev/null"],
                        check=True, capture_output=True, timeout=60)
         self.postfix_pid_file = os.path.join(run, "queue", "pid", "master.pid")
-        self.add("postfix", port, os.path.join(run, "vmail", "user", "Maildir"))
+        maildir = os.path.join(run, "vmail", "user", "Maildir")
+        self.add("postfix", port, maildir)
+        if pop3:
+            self.targets[-1]["pop3"] = self.start_dovecot(harness, maildir)
+
+    def start_dovecot(self, harness, maildir):
+        """The harness's Dovecot, reading maildir (Postfix's) instead of its own messages."""
+        run = os.path.join(self.workdir, "dovecot")
+        port = free_port()
+        subprocess.run([os.path.join(harness, "peers", "dovecot", "setup.sh"), run, str(port), "0", "0"],
+                       check=True, capture_output=True, timeout=60)
+        config = os.path.join(run, "dovecot.conf")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace("mail_location = maildir:%s/mail/Maildir" % run,
+                                 "mail_location = maildir:%s" % maildir))
+        # Dovecot forks into the background: no pipes to it, or run() waits for its end.
+        with open(os.path.join(self.workdir, "dovecot.log"), "ab") as log:
+            subprocess.run(["dovecot", "-c", config], check=True, stdout=log, stderr=log, timeout=60)
+        self.pid_files.append(os.path.join(run, "base", "master.pid"))
+        return {"port": port, "user": POP3_USER, "password": POP3_PASSWORD}
 
     def add(self, name, port, maildir):
         self.targets.append({"name": name, "port": port, "maildir": maildir})
@@ -243,15 +415,19 @@ class Servers:
             if not wait_port(target["port"]):
                 print("# %s did not start on port %d; dropped" % (target["name"], target["port"]))
                 self.targets.remove(target)
+            elif target.get("pop3") and not wait_port(target["pop3"]["port"]):
+                print("# the POP3 server of %s did not start; no POP3 latency" % target["name"])
+                del target["pop3"]
 
     def stop(self):
-        if self.postfix_pid_file and os.path.exists(self.postfix_pid_file):
-            with open(self.postfix_pid_file) as f:
-                pid = int(f.read().split()[0])
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        for pid_file in [self.postfix_pid_file] + self.pid_files:
+            if pid_file and os.path.exists(pid_file):
+                with open(pid_file) as f:
+                    pid = int(f.read().split()[0])
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         for process in self.processes:
@@ -264,60 +440,64 @@ class Servers:
 
 # --- the measurement ---
 
-def measure(targets, sizes, concs, args, results):
-    header = "%-12s %7s %4s %6s %10s %14s %10s %14s" % (
-        "target", "size", "conc", "N", "accepted/s", "(min-max)", "deliv/s", "(min-max)")
+def measure(targets, sizes, concs, modes, args, results):
+    header = "%-12s %-7s %7s %4s %6s %10s %14s %10s %14s" % (
+        "target", "mode", "size", "conc", "N", "accepted/s", "(min-max)", "deliv/s", "(min-max)")
     peers = [t["name"] for t in targets if t["name"] != "smtp_in"]
     print(header + "".join(" %12s" % ("vs " + name) for name in peers), flush=True)
-    for size in sizes:
-        for conc in concs:
-            counts = {}
-            for target in targets:                     # a short probe sizes N per target
-                if target["maildir"]:
-                    wait_quiet(target["maildir"])
-                    clean_maildir(target["maildir"])
-                probe = max(20, 5 * conc)
-                wall, _, error = run_load(target, probe, conc, size, args.timeout)
-                rate = probe / wall if not error else 0
-                counts[target["name"]] = max(args.min_n, min(args.max_n, int(rate * args.seconds)))
-                if error:
-                    print("# probe error %s: %s" % (target["name"], error), flush=True)
-            accepted = {t["name"]: [] for t in targets}
-            delivered = {t["name"]: [] for t in targets}
-            errors = {t["name"]: None for t in targets}
-            for _ in range(args.repeats):
-                for target in targets:                 # interleaved, target by target
+    for mode in modes:
+        reuse = mode == "reuse"
+        for size in sizes:
+            for conc in concs:
+                counts = {}
+                for target in targets:                     # a short probe sizes N per target
                     if target["maildir"]:
                         wait_quiet(target["maildir"])
                         clean_maildir(target["maildir"])
-                    count = counts[target["name"]]
-                    wall, until, error = run_load(target, count, conc, size, args.timeout)
+                    probe = max(20, 5 * conc)
+                    wall, _, error = run_load(target, probe, conc, size, args.timeout, reuse)
+                    rate = probe / wall if not error else 0
+                    counts[target["name"]] = max(args.min_n, min(args.max_n, int(rate * args.seconds)))
                     if error:
-                        errors[target["name"]] = error
-                    accepted[target["name"]].append(float("nan") if error else count / wall)
-                    delivered[target["name"]].append(float("nan") if error or until != until
-                                                      else count / until)
-            ours = median(accepted.get("smtp_in", []))
-            for target in targets:
-                name = target["name"]
-                line = "%-12s %7d %4d %6d %10s %14s %10s %14s" % (
-                    name, size, conc, counts[name], fmt(median(accepted[name])), spread(accepted[name]),
-                    fmt(median(delivered[name])), spread(delivered[name]))
-                if name == "smtp_in":
-                    line += "".join(" %12s" % fmt(ours / median(accepted[p])) if median(accepted[p])
-                                    else " %12s" % "-" for p in peers)
-                if errors[name]:
-                    line += "  ERROR: " + errors[name]
-                print(line, flush=True)
-                results.append({"target": name, "size": size, "conc": conc, "n": counts[name],
-                                "accepted_per_s": accepted[name], "delivered_per_s": delivered[name],
-                                "error": errors[name]})
+                        print("# probe error %s: %s" % (target["name"], error), flush=True)
+                accepted = {t["name"]: [] for t in targets}
+                delivered = {t["name"]: [] for t in targets}
+                errors = {t["name"]: None for t in targets}
+                for _ in range(args.repeats):
+                    for target in targets:                 # interleaved, target by target
+                        if target["maildir"]:
+                            wait_quiet(target["maildir"])
+                            clean_maildir(target["maildir"])
+                        count = counts[target["name"]]
+                        wall, until, error = run_load(target, count, conc, size, args.timeout, reuse)
+                        if error:
+                            errors[target["name"]] = error
+                        accepted[target["name"]].append(float("nan") if error else count / wall)
+                        delivered[target["name"]].append(float("nan") if error or until != until
+                                                          else count / until)
+                ours = median(accepted.get("smtp_in", []))
+                for target in targets:
+                    name = target["name"]
+                    line = "%-12s %-7s %7d %4d %6d %10s %14s %10s %14s" % (
+                        name, mode, size, conc, counts[name], fmt(median(accepted[name])),
+                        spread(accepted[name]), fmt(median(delivered[name])), spread(delivered[name]))
+                    if name == "smtp_in":
+                        line += "".join(" %12s" % fmt(ours / median(accepted[p])) if median(accepted[p])
+                                        else " %12s" % "-" for p in peers)
+                    if errors[name]:
+                        line += "  ERROR: " + errors[name]
+                    print(line, flush=True)
+                    results.append({"target": name, "mode": mode, "size": size, "conc": conc,
+                                    "n": counts[name], "accepted_per_s": accepted[name],
+                                    "delivered_per_s": delivered[name], "error": errors[name]})
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,102400", help="message sizes in bytes")
     parser.add_argument("--conc", default="1,10,50", help="concurrent clients")
+    parser.add_argument("--modes", default="session",
+                        help="session (one SMTP session per message), reuse (many per session), or both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="aimed length of one run")
     parser.add_argument("--min-n", type=int, default=50)
@@ -329,6 +509,14 @@ def main(argv=None):
     parser.add_argument("--aiosmtpd-executor", type=int, default=8,
                         help="also run aiosmtpd with a thread pool of this size (0: no)")
     parser.add_argument("--postfix", action="store_true", help="also run a benchmark Postfix (root)")
+    parser.add_argument("--pop3", action="store_true",
+                        help="also run pop3d (and, with --postfix, Dovecot) for the POP3 latency")
+    parser.add_argument("--e2e-count", type=int, default=0,
+                        help="messages for the end-to-end latency, one at a time (0: skip)")
+    parser.add_argument("--e2e-size", type=int, default=1024)
+    parser.add_argument("--no-load", action="store_true", help="skip the accepted/s runs")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of a fresh smtp_in under 50 sessions x 100 KB")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
     parser.add_argument("--no-router", action="store_true",
                         help="do not run mta.py's router beside smtp_in (acceptance alone)")
@@ -336,32 +524,43 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     concs = [int(x) for x in args.conc.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    if not set(modes) <= {"session", "reuse"}:
+        parser.error("--modes takes session and/or reuse")
     workdir = tempfile.mkdtemp(prefix="smtp-bench-")
     os.chmod(workdir, 0o755)                           # Postfix's own users must get in
     servers = Servers(workdir)
-    results = []
+    results, e2e, memory = [], [], None
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        servers.start_ours(args.smtp_in_arg, router=not args.no_router)
+        servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3)
         if not args.no_aiosmtpd:
             servers.start_aiosmtpd(args.peer_bench, 0)
             if args.aiosmtpd_executor:
                 servers.start_aiosmtpd(args.peer_bench, args.aiosmtpd_executor)
         if args.postfix:
-            servers.start_postfix(args.peer_bench)
+            servers.start_postfix(args.peer_bench, pop3=args.pop3)
         servers.wait_ready()
         print("# smtp_bench %s, loadavg %s, client %s, %d repeats, durable (fsync before 250)"
               % (started, open("/proc/loadavg").read().split()[0],
                  "smtp-source" if os.path.exists(SMTP_SOURCE) else "python smtplib threads",
                  args.repeats), flush=True)
-        measure(servers.targets, sizes, concs, args, results)
+        if not args.no_load:
+            measure(servers.targets, sizes, concs, modes, args, results)
+        if args.e2e_count > 0:
+            measure_e2e(servers.targets, args, e2e)
     finally:
         servers.stop()
+    try:
+        if args.memory:
+            memory = measure_memory(workdir, args)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"started": started, "args": vars(args), "runs": results}, f, indent=1)
+            json.dump({"started": started, "args": vars(args), "runs": results, "e2e": e2e,
+                       "memory": memory}, f, indent=1)
     return 0
 
 

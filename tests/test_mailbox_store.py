@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -382,6 +383,99 @@ def test_store_delivery_goes_through_maildir_deliver(people, monkeypatch):
     monkeypatch.setattr(mailbox_store, "maildir_deliver", recording)
     people.deliver("alice@example.com", b"x\r\n", "")
     assert calls == [(people.maildir_path("alice@example.com"), "mx.example.com")]
+
+
+class FsyncLog:
+    """Stands in for the directory fsync: slow enough for writers to pile up, and each
+    begin and end stamped on one clock shared with the callers."""
+
+    def __init__(self, seconds=0.05, fail=False):
+        self.seconds = seconds
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.clock = 0
+        self.fsyncs = []               # (begin, end) stamps of each fsync
+
+    def stamp(self):
+        with self.lock:
+            self.clock += 1
+            return self.clock
+
+    def __call__(self, path):
+        begin = self.stamp()
+        time.sleep(self.seconds)
+        end = self.stamp()
+        self.fsyncs.append((begin, end))
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+
+def sync_from_threads(path, fsync_log, count):
+    """count threads call fsync_dir(path) at once: [(called, returned, error or None)]."""
+    calls = []
+    barrier = threading.Barrier(count)
+
+    def writer():
+        barrier.wait(10)
+        called = fsync_log.stamp()
+        try:
+            mailbox_store.fsync_dir(path)
+            error = None
+        except OSError as exc:
+            error = exc
+        calls.append((called, fsync_log.stamp(), error))
+    threads = [threading.Thread(target=writer) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return calls
+
+
+def test_concurrent_directory_fsyncs_are_shared_yet_each_writer_waits_for_one_begun_after_it(
+        tmp_path, monkeypatch):
+    fsync_log = FsyncLog()
+    monkeypatch.setattr(mailbox_store, "_fsync_now", fsync_log)
+    calls = sync_from_threads(str(tmp_path), fsync_log, 12)
+    assert len(calls) == 12 and all(error is None for _, _, error in calls)
+    assert len(fsync_log.fsyncs) < 12              # shared: typically 2 or 3 for 12 writers
+    for called, returned, _ in calls:              # each is covered by an fsync begun after it
+        assert any(called < begin and end < returned for begin, end in fsync_log.fsyncs)
+    assert mailbox_store._syncs == {}              # nothing kept once nobody waits
+
+
+def test_a_failed_directory_fsync_fails_every_writer_it_was_to_cover(tmp_path, monkeypatch):
+    fsync_log = FsyncLog(fail=True)
+    monkeypatch.setattr(mailbox_store, "_fsync_now", fsync_log)
+    calls = sync_from_threads(str(tmp_path), fsync_log, 8)
+    assert len(calls) == 8
+    assert all(isinstance(error, OSError) and error.errno == 5 for _, _, error in calls)
+    assert mailbox_store._syncs == {}
+
+
+def test_directory_fsync_from_many_threads_on_a_real_disk(tmp_path):
+    folders = [str(tmp_path / name) for name in "ab"]
+    for folder in folders:
+        os.mkdir(folder)
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(20):
+                folder = folders[(n + i) % 2]
+                open(os.path.join(folder, "%d-%d" % (n, i)), "wb").close()
+                mailbox_store.fsync_dir(folder)
+        except OSError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and mailbox_store._syncs == {}
+    assert sum(len(os.listdir(folder)) for folder in folders) == 120
+    with pytest.raises(FileNotFoundError):
+        mailbox_store.fsync_dir(str(tmp_path / "missing"))
 
 
 def test_make_dirs_creates_relative_paths_and_their_parents(tmp_path, monkeypatch):

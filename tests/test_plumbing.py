@@ -44,6 +44,8 @@ class EchoHandler(plumbing.ConnectionHandler):
             elif verb == b"END":
                 self.reader.interruptible = True
                 self.write("+OK done")
+            elif verb == b"THREAD":
+                self.write("+OK %d" % threading.get_ident())
             elif verb == b"QUIT":
                 self.write("+OK bye")
                 return
@@ -183,6 +185,65 @@ def test_session_deadline_ends_a_busy_client(start_server):
             sock.sendall(b"x" * 10)    # never a whole line, but never idle either
             time.sleep(0.02)
     assert f.readline() == b"-ERR idle\r\n"
+
+
+def session_thread(server):
+    """One whole session: the id of the thread that served it."""
+    sock, f = connect(server)
+    f.readline()
+    sock.sendall(b"THREAD\r\nQUIT\r\n")
+    ident = f.readline().split()[1]
+    assert f.readline() == b"+OK bye\r\n"
+    f.close()
+    sock.close()
+    return ident
+
+
+def test_sessions_run_on_long_lived_worker_threads(start_server):
+    server = start_server()
+    threads = set()
+    for _ in range(10):
+        threads.add(session_thread(server))
+        assert wait_for(lambda: server.idle_workers == 1)
+    assert len(threads) == 1 and server.workers == 1
+
+
+def test_each_open_session_has_its_own_worker_up_to_the_cap(start_server):
+    server = start_server(max_connections=6)
+    clients = [connect(server) for _ in range(6)]
+    for sock, f in clients:            # every greeting comes at once: none waits for a worker
+        assert f.readline() == b"+OK ready\r\n"
+    assert server.workers == 6
+    seventh, f7 = connect(server)
+    assert f7.readline() == b"-ERR [SYS/TEMP] busy\r\n"
+    for sock, f in clients:
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline() == b"+OK bye\r\n"
+    assert wait_for(lambda: server.idle_workers == 6)
+    assert session_thread(server) and server.workers == 6
+
+
+def test_idle_workers_end_after_their_lifetime(start_server, monkeypatch):
+    monkeypatch.setattr(plumbing, "WORKER_IDLE_LIFETIME", 0.2)
+    server = start_server()
+    clients = [connect(server) for _ in range(3)]
+    for sock, f in clients:
+        f.readline()
+        f.close()
+        sock.close()
+    assert wait_for(lambda: server.workers == 0 and server.idle_workers == 0)
+    assert session_thread(server)      # a new connection starts a new worker
+    assert wait_for(lambda: server.workers == 0)
+
+
+def test_stop_ends_every_worker_thread(start_server):
+    server = start_server()
+    clients = [connect(server) for _ in range(4)]
+    for sock, f in clients:
+        f.readline()
+    assert server.workers == 4
+    server.stop(grace=1)
+    assert wait_for(lambda: server.workers == 0)
 
 
 def test_ipv6_listener(start_server):
@@ -380,6 +441,26 @@ def test_log_lines_carry_role_and_pid(capfd):
     err = capfd.readouterr().err
     assert "smtp_in[%d]: 4F2A9C1E: client=[192.0.2.1]" % os.getpid() in err
     logging.getLogger().handlers.clear()
+
+
+def test_log_lines_from_many_threads_at_once_each_arrive_whole(capfd):
+    import logging
+    log = plumbing.setup_logging("mta")
+    line = "x" * 300
+
+    def writer(n):
+        for i in range(200):
+            log.info("T%d-%d %s end", n, i, line)
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    logging.getLogger().handlers.clear()
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1600
+    assert all(text.startswith("mta[") and text.endswith(line + " end") for text in lines)
+    assert len({text.split()[1] for text in lines}) == 1600
 
 
 def test_auth_failure_delay_grows():

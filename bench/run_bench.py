@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""run_bench.py - the whole bench suite, side by side with the peers, in one run.
+
+Runs the per-role scripts of this folder one after the other, each with --json, then
+prints one table: our figure, the peer's from the same minutes, their ratio, the target
+and whether it was met. Sections (--sections, default all, in this order):
+
+  smtp      smtp_bench.py: accepted/s and delivered/s of smtp_in (with the router and the
+            Maildir behind it) beside Postfix and aiosmtpd, 1/10/50 clients x 1 KB/100 KB,
+            one session per message and many per session; 250 -> Maildir new/ and 250 ->
+            visible over POP3 (pop3d; Dovecot reading Postfix's Maildir); peak RSS of
+            smtp_in under 50 sessions x 100 KB
+  pop3      pop3_bench.py beside the harness's Dovecot (started here, stopped by its PID):
+            4 KB msgs/s and 1 MB MB/s at 1 and 8 clients; peak RSS of pop3d, 10 x 50 MB
+  dns       dns_bench.py under a Python that has dnspython: mx_hosts cached and uncached,
+            and the dnsmx.py CLI process against dig
+  outbound  smtp_out_bench.py: messages/s to smtp-sink at 1 and 20 connections, beside
+            Postfix's smtp(8) client
+
+Everything listens on 127.0.0.1; each section is bounded by --section-timeout (its
+scripts bound every run inside); every process is ended by its PID (the scripts end
+theirs; Dovecot, started here, by its pid file). Needs root (Postfix, Dovecot) and a copy
+of the shared harness with its setup done:
+
+    cp -r /work/shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
+    python3 bench/run_bench.py --out bench/results/run            # about 25 minutes
+    python3 bench/run_bench.py --sections smtp --quick             # one section, fewer runs
+
+--summarize DIR prints the table again from a previous run's JSON files.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("smtp", "pop3", "dns", "outbound")
+DNSPYTHON_CANDIDATES = ("/tmp/dnsvenv/bin/python", "{harness}/.venv/bin/python")
+
+
+# --- helpers ---
+
+def median(values):
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value):
+    if value != value:
+        return "-"
+    if abs(value) >= 100:
+        return "%.0f" % value
+    return "%.1f" % value if abs(value) >= 10 else "%.2f" % value
+
+
+def figure(values, unit=""):
+    """'median (min-max)' of repeated runs."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    text = fmt(statistics.median(values)) + unit
+    return text + (" (%s-%s)" % (fmt(min(values)), fmt(max(values))) if len(values) > 1 else "")
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_section(name, command, out_dir, timeout):
+    """Run one script, its output shown and kept in OUT_DIR/NAME.txt; False on failure."""
+    print("\n=== %s: %s" % (name, " ".join(command)), flush=True)
+    started = time.monotonic()
+    with open(os.path.join(out_dir, name + ".txt"), "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        try:
+            deadline = started + timeout
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                if time.monotonic() > deadline:
+                    break
+            process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if process.poll() is None:
+                print("# %s passed its %d s bound; stopping it" % (name, timeout), flush=True)
+                # SIGINT to its own process group: the script's finally blocks stop the
+                # daemons it started, and our daemons stop on SIGINT as on SIGTERM.
+                os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+    print("# %s took %.0f s, exit status %s" % (name, time.monotonic() - started, process.returncode),
+          flush=True)
+    return process.returncode == 0
+
+
+class Dovecot:
+    """The harness's Dovecot with its 1000 x 4 KB + 100 x 1 MB Maildir, on a free port."""
+
+    def __init__(self, harness):
+        self.run = tempfile.mkdtemp(prefix="run-bench-dovecot-")
+        os.chmod(self.run, 0o755)
+        self.port = free_port()
+        subprocess.run([os.path.join(harness, "peers", "dovecot", "setup.sh"), self.run, str(self.port),
+                        "1000", "100"], check=True, capture_output=True, timeout=300)
+        with open(os.path.join(self.run, "start.log"), "ab") as log:   # it forks: no pipes
+            subprocess.run(["dovecot", "-c", os.path.join(self.run, "dovecot.conf")], check=True,
+                           stdout=log, stderr=log, timeout=60)
+        self.pid_file = os.path.join(self.run, "base", "master.pid")
+
+    def stop(self):
+        try:
+            with open(self.pid_file) as f:
+                pid = int(f.read().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.1)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.run, ignore_errors=True)
+
+
+def dnspython_interpreter(harness):
+    for candidate in DNSPYTHON_CANDIDATES:
+        path = candidate.format(harness=harness)
+        if os.path.exists(path) and subprocess.run([path, "-c", "import dns.resolver"],
+                                                   capture_output=True).returncode == 0:
+            return path
+    return sys.executable
+
+
+# --- the summary table ---
+
+def load(out_dir, name):
+    path = os.path.join(out_dir, name + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def verdict(value, target, higher_is_better=True):
+    if value != value:
+        return "not measured"
+    return "met" if (value >= target if higher_is_better else value <= target) else "MISSED"
+
+
+def smtp_rows(data):
+    rows = []
+    runs = {(r["target"], r.get("mode", "session"), r["size"], r["conc"]): r for r in data["runs"]}
+    order = lambda key: (key[1] != "session", key[2], key[3])     # one session per message first
+    for (target, mode, size, conc), run in sorted(runs.items(), key=lambda kv: order(kv[0])):
+        if target != "smtp_in":
+            continue
+        ours = run["accepted_per_s"]
+        label = "SMTP accepted/s, %s, %d clients, %s" % (
+            "1 KB" if size == 1024 else "%d KB" % (size // 1024), conc,
+            "1 msg/session" if mode == "session" else "many msgs/session")
+        postfix = runs.get(("postfix", mode, size, conc))
+        aiosmtpd = runs.get(("aiosmtpd", mode, size, conc))
+        ratio = median(ours) / median(postfix["accepted_per_s"]) if postfix else float("nan")
+        peers = []
+        if postfix:
+            peers.append("Postfix " + figure(postfix["accepted_per_s"]))
+        if aiosmtpd:
+            peers.append("aiosmtpd " + figure(aiosmtpd["accepted_per_s"]))
+        target_text, met = "", ""
+        if conc in (10, 50):
+            target_text, met = ">= 1.2x Postfix", verdict(ratio, 1.2)
+        rows.append((label, figure(ours), "; ".join(peers) or "-", fmt(ratio), target_text, met))
+        delivered = median(run["delivered_per_s"]) / median(ours) if median(ours) else float("nan")
+        rows.append(("  delivered/s of the same runs", figure(run["delivered_per_s"]),
+                     "Postfix " + figure(postfix["delivered_per_s"]) if postfix else "-",
+                     "%s of accepted" % fmt(delivered), ">= 0.95 of accepted", verdict(delivered, 0.95)))
+    e2e = {(row["target"], row["to"]): row for row in data.get("e2e", [])}
+    for where, label in (("new/", "250 -> Maildir new/, ms"), ("pop3", "250 -> visible over POP3, ms")):
+        ours, peer = e2e.get(("smtp_in", where)), e2e.get(("postfix", where))
+        if not ours:
+            continue
+        ms = sorted(v * 1000 for v in ours["latency_s"])
+        pick = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+        ours_text = "p50 %s, p99 %s, max %s" % (fmt(pick(ms, 0.5)), fmt(pick(ms, 0.99)), fmt(ms[-1] if ms else float("nan")))
+        peer_text, ratio = "-", float("nan")
+        if peer:
+            pms = sorted(v * 1000 for v in peer["latency_s"])
+            peer_text = "Postfix%s p50 %s, p99 %s, max %s" % (
+                "+Dovecot" if where == "pop3" else "", fmt(pick(pms, 0.5)), fmt(pick(pms, 0.99)),
+                fmt(pms[-1] if pms else float("nan")))
+            ratio = pick(ms, 0.5) / pick(pms, 0.5) if pms else float("nan")
+        if where == "pop3":
+            polls = sorted(ours["poll_s"])
+            ours_text += " (a poll session: %s)" % fmt(pick(polls, 0.5) * 1000)
+            if peer:
+                peer_text += " (a poll session: %s)" % fmt(pick(sorted(peer["poll_s"]), 0.5) * 1000)
+            rows.append((label, ours_text, peer_text, fmt(ratio), "", ""))
+            continue
+        rows.append((label, ours_text, peer_text, fmt(ratio), "p50 <= Postfix", verdict(ratio, 1.0, False)))
+        spread = pick(ms, 0.99) / pick(ms, 0.5) if ms else float("nan")
+        rows.append(("  p99 / p50 of ours", fmt(spread), "", "", "<= 3", verdict(spread, 3.0, False)))
+    memory = data.get("memory")
+    if memory:
+        rows.append(("peak RSS, smtp_in, 50 sessions x 100 KB", "%.1f MiB" % memory["peak_rss_mib"],
+                     "", "", "< 100 MB", verdict(memory["peak_rss_mib"] * 1.048576, 100, False)))
+    return rows
+
+
+def pop3_rows(data):
+    rows = []
+    series = {(r["class"], r["conc"], r["server"]): r["values"] for r in data["rows"]}
+    for (cls, conc, server), values in sorted(series.items()):
+        if server != "pop3d":
+            continue
+        peer = series.get((cls, conc, "dovecot"))
+        ratio = median(values) / median(peer) if peer else float("nan")
+        unit = " msgs/s" if cls == "small" else " MB/s"
+        label = "POP3 %s, %d client%s" % ("4 KB msgs/s" if cls == "small" else "1 MB MB/s", conc,
+                                         "" if conc == 1 else "s")
+        goal = 0.5 if cls == "small" else 1.0
+        rows.append((label, figure(values, unit), "Dovecot " + figure(peer, unit) if peer else "-",
+                     fmt(ratio), ">= %.1fx Dovecot" % goal, verdict(ratio, goal)))
+    memory = data.get("memory")
+    if memory:
+        rows.append(("peak RSS, pop3d, 10 clients x 50 MB", "%.1f MiB" % memory["peak_rss_mib"],
+                     "", "", "< 100 MB", verdict(memory["peak_rss_mib"] * 1.048576, 100, False)))
+    return rows
+
+
+def dns_rows(data):
+    rows = []
+    get = lambda name: data.get(name) or {}
+    cached = get("cached mx_hosts")
+    if cached:
+        rows.append(("DNS mx_hosts cached, us", figure(cached["values"]), "", "", "< 20 us",
+                     verdict(cached["median"], 20.0, False)))
+    ours = get("uncached MX+A, dnsmx")
+    peer_name = data.get("peer")
+    peer = get("uncached MX+A, " + peer_name) if peer_name else {}
+    if ours:
+        ratio = data.get("ratio", float("nan"))
+        rows.append(("DNS uncached MX + A, us", figure(ours["values"]),
+                     "%s %s" % (peer_name, figure(peer["values"])) if peer else "-", fmt(ratio),
+                     "<= 0.5x dnspython", verdict(ratio, 0.5, False)))
+    mx_hosts = get("uncached mx_hosts, dnsmx")
+    if mx_hosts:
+        rows.append(("DNS mx_hosts uncached (1 query), us", figure(mx_hosts["values"]), "", "", "", ""))
+    cli, dig = get("CLI process, dnsmx.py"), get("CLI process, dig")
+    if cli:
+        ratio = data.get("cli_ratio", float("nan"))
+        rows.append(("DNS CLI process, ms", figure([v / 1000 for v in cli["values"]]),
+                     "dig " + figure([v / 1000 for v in dig["values"]]) if dig else "-", fmt(ratio),
+                     "<= dig", verdict(ratio, 1.0, False)))
+    return rows
+
+
+def outbound_rows(data):
+    rows = []
+    times = {}
+    for run in data["runs"]:
+        times.setdefault((run["client"], run["conc"]), []).append(run["messages"] / run["seconds"])
+    for (client, conc), rates in sorted(times.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if client not in ("smtp_out", "smtp_out+spool"):
+            continue
+        peer = times.get(("postfix", conc))
+        ratio = median(rates) / median(peer) if peer else float("nan")
+        rows.append(("outbound msgs/s, %s, %d connection%s" % (client, conc, "" if conc == 1 else "s"),
+                     figure(rates), "Postfix " + figure(peer) if peer else "-", fmt(ratio), "", ""))
+    return rows
+
+
+def summarize(out_dir):
+    rows = []
+    for name, build in (("smtp", smtp_rows), ("pop3", pop3_rows), ("dns", dns_rows),
+                        ("outbound", outbound_rows)):
+        data = load(out_dir, name)
+        if data is not None:
+            rows.extend(build(data))
+    print("\n| measure | ours | peer, same run | ratio | target | |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return rows
+
+
+# --- main ---
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="any of " + ",".join(SECTIONS))
+    parser.add_argument("--peer-bench", default="/tmp/smtpin-peer-bench",
+                        help="a copy of the shared harness with ./setup_env.sh done")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and shorter runs (2 repeats, 2 s each; for a first look)")
+    parser.add_argument("--out", help="folder for the JSON and text of each section (default: a temp dir)")
+    parser.add_argument("--section-timeout", type=float, default=1500.0, help="seconds per section")
+    parser.add_argument("--summarize", metavar="DIR", help="only print the table of a previous run")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error("unknown sections: %s" % ", ".join(sorted(unknown)))
+    out_dir = os.path.abspath(args.out or tempfile.mkdtemp(prefix="run-bench-"))
+    os.makedirs(out_dir, exist_ok=True)
+    repeats = 2 if args.quick else args.repeats
+    seconds = "2" if args.quick else "3"
+    python = sys.executable
+    print("# run_bench %s, loadavg %s, %d cores, results in %s"
+          % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(), out_dir), flush=True)
+    failed = []
+    for section in sections:
+        json_path = os.path.join(out_dir, section + ".json")
+        if section == "smtp":
+            command = [python, os.path.join(HERE, "smtp_bench.py"), "--peer-bench", args.peer_bench,
+                       "--postfix", "--pop3", "--aiosmtpd-executor", "0", "--modes", "session,reuse",
+                       "--repeats", str(repeats), "--seconds", seconds,
+                       "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path]
+            ok = run_section(section, command, out_dir, args.section_timeout)
+        elif section == "pop3":
+            dovecot = None
+            try:
+                dovecot = Dovecot(args.peer_bench)
+                command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
+                           "--passes", "1" if args.quick else "2", "--conc", "1,8",
+                           "--target", "dovecot=127.0.0.1:%d" % dovecot.port, "--json", json_path]
+                ok = run_section(section, command, out_dir, args.section_timeout)
+            except (OSError, subprocess.SubprocessError) as exc:
+                print("# pop3: Dovecot did not start: %s" % exc, flush=True)
+                ok = False
+            finally:
+                if dovecot is not None:
+                    dovecot.stop()
+        elif section == "dns":
+            command = [dnspython_interpreter(args.peer_bench), os.path.join(HERE, "dns_bench.py"),
+                       "--repeats", str(max(repeats, 3) if args.quick else 7),
+                       "--count", "100" if args.quick else "200", "--cli-count", "10" if args.quick else "20",
+                       "--json"]
+            text_path = os.path.join(out_dir, "dns.txt")
+            ok = run_section(section, command, out_dir, args.section_timeout)
+            if ok:                     # dns_bench prints its JSON on stdout
+                shutil.copyfile(text_path, json_path)
+        else:
+            command = [python, os.path.join(HERE, "smtp_out_bench.py"), "--repeats", str(repeats),
+                       "--messages", "500" if args.quick else "1000", "--conc", "1,20", "--json", json_path]
+            ok = run_section(section, command, out_dir, args.section_timeout)
+        if not ok:
+            failed.append(section)
+    print("\n# run_bench done %s, loadavg %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg()))
+    summarize(out_dir)
+    if failed:
+        print("\nsections that failed: %s (see %s)" % (", ".join(failed), out_dir))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
