@@ -22,7 +22,7 @@ scripts bound every run inside); every process is ended by its PID (the scripts 
 theirs; Dovecot, started here, by its pid file). Needs root (Postfix, Dovecot) and a copy
 of the shared harness with its setup done:
 
-    cp -r /work/shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
+    cp -r ../shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
     python3 bench/run_bench.py --out bench/results/run            # about 25 minutes
     python3 bench/run_bench.py --sections smtp --quick             # one section, fewer runs
 
