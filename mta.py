@@ -188,6 +188,7 @@ RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedu
 NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
+LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
@@ -692,23 +693,55 @@ def wake(spool_dir: str, role: str = "mta") -> None:
     """Best effort: ring the doorbell of every running daemon of role (a datagram each)."""
     run = os.path.join(os.fspath(spool_dir), RUN_DIR)
     try:
-        names = [n for n in os.listdir(run) if n.startswith(role + ".") and n.endswith(".sock")]
+        names = [n for n in _doorbell_names(run) if n.startswith(role + ".") and n.endswith(".sock")]
     except OSError:
         return
     if not names:
         return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        for name in names:
-            try:
-                with _unix_address(run, name) as address:
-                    sock.sendto(b"!", address)
-            except BlockingIOError:
-                pass                   # its queue is full: it has wake-ups waiting already
-            except (ConnectionRefusedError, FileNotFoundError):
-                _unlink_quietly(os.path.join(run, name))   # its process is gone
-            except OSError:
-                pass
+    sock = _ringer()
+    for name in names:
+        try:
+            with _unix_address(run, name) as address:
+                sock.sendto(b"!", address)
+        except BlockingIOError:
+            pass                       # its queue is full: it has wake-ups waiting already
+        except (ConnectionRefusedError, FileNotFoundError):
+            _unlink_quietly(os.path.join(run, name))   # its process is gone
+        except OSError:
+            pass
+
+
+# wake() runs once per message queued: it lists SPOOL/run/ again only when that folder has
+# changed, and rings from one socket kept for the process (sendto() is thread-safe).
+DOORBELLS_SETTLE = 1.0             # seconds; a folder changed more recently is listed anew
+_doorbells_lock = threading.Lock()
+_doorbells = {}                    # run folder -> (its mtime_ns, names); _doorbells_lock
+_ringers = []                      # the process's ringing socket, once made; _doorbells_lock
+
+
+def _doorbell_names(run):
+    """The names in the run folder, from the last listing while its mtime is unchanged."""
+    st = os.stat(run)
+    with _doorbells_lock:
+        known = _doorbells.get(run)
+    if known is not None and known[0] == st.st_mtime_ns:
+        return known[1]
+    names = os.listdir(run)
+    # mtimes are coarse (a clock tick): a socket bound in the tick of the listing would
+    # not change it, so only a listing of a folder quiet for a while is kept.
+    if time.time() - st.st_mtime > DOORBELLS_SETTLE:
+        with _doorbells_lock:
+            _doorbells[run] = (st.st_mtime_ns, names)
+    return names
+
+
+def _ringer():
+    with _doorbells_lock:
+        if not _ringers:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            _ringers.append(sock)
+        return _ringers[0]
 
 
 _socket_serial = itertools.count()
@@ -1477,6 +1510,10 @@ class QueueRunner:
                             log.exception("periodic scan failed")
                 wait = self._dispatch(now)
                 self.doorbell.wait(min(next_scan - now, wait))
+                if self.backlogged():
+                    # Each listing is a pass over the whole folder, and every worker has
+                    # its next file waiting: let them catch up before listing again.
+                    self.stopping.wait(LIST_PAUSE)
         finally:
             for _ in self.threads:
                 self.work.put(None)
@@ -1484,6 +1521,10 @@ class QueueRunner:
                 thread.join()
             self.doorbell.close()
             self.stopped.set()
+
+    def backlogged(self) -> bool:
+        with self.pending_lock:
+            return len(self.pending) >= 2 * len(self.threads)
 
     def _dispatch(self, now):
         """Queue every name not pending or held; return seconds until a hold runs out."""
