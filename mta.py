@@ -1359,7 +1359,7 @@ class Router:
         claim = self.queue.claim(INCOMING, queue_id)
         if claim is None:
             return
-        with claim:
+        with claim, self.store.snapshot():     # one view of users and aliases per message
             self.route(claim)
 
     def periodic(self):
