@@ -4,7 +4,7 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 1. enqueue() (smtp_in after DATA, `mta.py sendmail`, and bounces) writes ONE file, the
    envelope then the message, to queue/tmp/, fsyncs it, links it to queue/incoming/ID,
-   fsyncs that directory and rings the router's doorbell. It returns only then, so a 250
+   rings the router's doorbell and fsyncs that directory. It returns only then, so a 250
    reply means the message is on disk.
 2. The router (this file's daemon) claims the file with flock(), expands each recipient
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
@@ -659,12 +659,18 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
                     raise
     except OSError as exc:
         raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
-    wake(spool_dir, "mta")
     return envelope.queue_id
 
 
 def _write_queue_file(spool_dir, envelope, message):
-    """tmp/ID: write, fsync; link to incoming/ID; fsync incoming/. Leaves nothing on error."""
+    """tmp/ID: write, fsync; link to incoming/ID; wake the router; fsync incoming/.
+
+    Leaves nothing on error. The router is woken before the fsync of incoming/: it reads
+    a whole, fsync'd file, and does its work while the directory's entry is made durable
+    (the caller's 250 still waits for that). Should that fsync fail, the file is removed
+    and the caller fails; a router already at work may still deliver it, so the message
+    may come twice (the client sends it again), never not at all.
+    """
     temporary = os.path.join(spool_dir, QUEUE_DIR, TMP, envelope.queue_id)
     incoming = os.path.join(spool_dir, QUEUE_DIR, INCOMING)
     final = os.path.join(incoming, envelope.queue_id)
@@ -682,6 +688,7 @@ def _write_queue_file(spool_dir, envelope, message):
         _unlink_quietly(temporary)
         raise
     _unlink_quietly(temporary)
+    wake(spool_dir, "mta")
     try:
         _fsync_dir(incoming)
     except BaseException:

@@ -660,6 +660,28 @@ def test_wake_removes_the_sockets_of_daemons_that_are_gone(spool):
     assert not os.path.exists(doorbell.path)
 
 
+def test_enqueue_rings_the_router_before_syncing_incoming_and_returns_after(spool, monkeypatch):
+    events = []
+    real_sync = mta._fsync_dir
+    monkeypatch.setattr(mta, "wake", lambda spool_dir, role="mta": events.append("wake " + role))
+    monkeypatch.setattr(mta, "_fsync_dir", lambda path: events.append("fsync " + os.path.basename(path))
+                        or real_sync(path))
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    events.append("returned")
+    assert events == ["wake mta", "fsync incoming", "returned"]
+
+
+def test_a_failed_sync_of_incoming_fails_enqueue_and_leaves_nothing(spool, monkeypatch):
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(mta, "_fsync_dir", broken)
+    with pytest.raises(mta.SpoolError) as caught:
+        mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    assert caught.value.errno == errno.EIO
+    assert queue_files(spool) == []
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
 def test_wake_lists_the_run_folder_again_only_when_it_changed(spool, monkeypatch):
     first = mta.WakeSocket(spool, "mta")
     run = os.path.dirname(first.path)
