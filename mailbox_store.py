@@ -23,6 +23,7 @@ Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import fcntl
 import getpass
 import hashlib
@@ -492,14 +493,21 @@ def maildir_deliver(maildir: str, message: bytes, hostname: Optional[str] = None
     across processes and hosts (hostname, default this host's name, is part of it) and
     ends in ",S=<file size>,W=<size with CRLF line ends>", what POP3 needs to know.
     """
-    make_maildir(maildir)
     now = time.time_ns() // 1000
     name = "%d.M%06dP%dQ%dR%s.%s,S=%d,W=%d" % (
         now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
         secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()),
         len(message), crlf_size(message))
-    final = os.path.join(maildir, "new", name)
-    _write_durably(os.path.join(maildir, "tmp", name), final, message, 0o600)
+    temporary, final = os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name)
+    try:
+        _write_durably(temporary, final, message, 0o600)
+    except FileNotFoundError:
+        # The mailbox's first message: make its folders, then write it. (Looking before
+        # each delivery would cost three stat() calls every time.)
+        if os.path.exists(final):
+            raise                      # it was written; what failed came after
+        make_maildir(maildir)
+        _write_durably(temporary, final, message, 0o600)
     return final
 
 
@@ -767,6 +775,7 @@ class Store:
         self.lock_path = os.path.join(self.spool_dir, STORE_LOCK)
         self.tables_lock = threading.Lock()
         self._tables_cache = _Tables()
+        self._snapshots = threading.local()    # .tables: this thread's view inside snapshot()
         self._dummy_hash = None
         # Password hashes are computed on a few long-lived threads: 200 logins at once then
         # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
@@ -776,7 +785,23 @@ class Store:
 
     # -- tables --
 
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Within the block, this thread sees users and aliases as they were when it began.
+
+        One look at the files (two stat() calls) then serves a whole routing decision -
+        expand(), is_local_domain(), deliver() - which also sees one consistent view.
+        """
+        self._snapshots.tables = self._tables()
+        try:
+            yield self
+        finally:
+            self._snapshots.tables = None
+
     def _tables(self):
+        pinned = getattr(self._snapshots, "tables", None)
+        if pinned is not None:
+            return pinned
         signature = (_file_signature(self.users_path), _file_signature(self.aliases_path))
         with self.tables_lock:
             tables = self._tables_cache

@@ -4,7 +4,7 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 1. enqueue() (smtp_in after DATA, `mta.py sendmail`, and bounces) writes ONE file, the
    envelope then the message, to queue/tmp/, fsyncs it, links it to queue/incoming/ID,
-   fsyncs that directory and rings the router's doorbell. It returns only then, so a 250
+   rings the router's doorbell and fsyncs that directory. It returns only then, so a 250
    reply means the message is on disk.
 2. The router (this file's daemon) claims the file with flock(), expands each recipient
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
@@ -188,6 +188,7 @@ RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedu
 NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
+LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
@@ -658,12 +659,18 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
                     raise
     except OSError as exc:
         raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
-    wake(spool_dir, "mta")
     return envelope.queue_id
 
 
 def _write_queue_file(spool_dir, envelope, message):
-    """tmp/ID: write, fsync; link to incoming/ID; fsync incoming/. Leaves nothing on error."""
+    """tmp/ID: write, fsync; link to incoming/ID; wake the router; fsync incoming/.
+
+    Leaves nothing on error. The router is woken before the fsync of incoming/: it reads
+    a whole, fsync'd file, and does its work while the directory's entry is made durable
+    (the caller's 250 still waits for that). Should that fsync fail, the file is removed
+    and the caller fails; a router already at work may still deliver it, so the message
+    may come twice (the client sends it again), never not at all.
+    """
     temporary = os.path.join(spool_dir, QUEUE_DIR, TMP, envelope.queue_id)
     incoming = os.path.join(spool_dir, QUEUE_DIR, INCOMING)
     final = os.path.join(incoming, envelope.queue_id)
@@ -681,6 +688,7 @@ def _write_queue_file(spool_dir, envelope, message):
         _unlink_quietly(temporary)
         raise
     _unlink_quietly(temporary)
+    wake(spool_dir, "mta")
     try:
         _fsync_dir(incoming)
     except BaseException:
@@ -692,23 +700,55 @@ def wake(spool_dir: str, role: str = "mta") -> None:
     """Best effort: ring the doorbell of every running daemon of role (a datagram each)."""
     run = os.path.join(os.fspath(spool_dir), RUN_DIR)
     try:
-        names = [n for n in os.listdir(run) if n.startswith(role + ".") and n.endswith(".sock")]
+        names = [n for n in _doorbell_names(run) if n.startswith(role + ".") and n.endswith(".sock")]
     except OSError:
         return
     if not names:
         return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        for name in names:
-            try:
-                with _unix_address(run, name) as address:
-                    sock.sendto(b"!", address)
-            except BlockingIOError:
-                pass                   # its queue is full: it has wake-ups waiting already
-            except (ConnectionRefusedError, FileNotFoundError):
-                _unlink_quietly(os.path.join(run, name))   # its process is gone
-            except OSError:
-                pass
+    sock = _ringer()
+    for name in names:
+        try:
+            with _unix_address(run, name) as address:
+                sock.sendto(b"!", address)
+        except BlockingIOError:
+            pass                       # its queue is full: it has wake-ups waiting already
+        except (ConnectionRefusedError, FileNotFoundError):
+            _unlink_quietly(os.path.join(run, name))   # its process is gone
+        except OSError:
+            pass
+
+
+# wake() runs once per message queued: it lists SPOOL/run/ again only when that folder has
+# changed, and rings from one socket kept for the process (sendto() is thread-safe).
+DOORBELLS_SETTLE = 1.0             # seconds; a folder changed more recently is listed anew
+_doorbells_lock = threading.Lock()
+_doorbells = {}                    # run folder -> (its mtime_ns, names); _doorbells_lock
+_ringers = []                      # the process's ringing socket, once made; _doorbells_lock
+
+
+def _doorbell_names(run):
+    """The names in the run folder, from the last listing while its mtime is unchanged."""
+    st = os.stat(run)
+    with _doorbells_lock:
+        known = _doorbells.get(run)
+    if known is not None and known[0] == st.st_mtime_ns:
+        return known[1]
+    names = os.listdir(run)
+    # mtimes are coarse (a clock tick): a socket bound in the tick of the listing would
+    # not change it, so only a listing of a folder quiet for a while is kept.
+    if time.time() - st.st_mtime > DOORBELLS_SETTLE:
+        with _doorbells_lock:
+            _doorbells[run] = (st.st_mtime_ns, names)
+    return names
+
+
+def _ringer():
+    with _doorbells_lock:
+        if not _ringers:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            _ringers.append(sock)
+        return _ringers[0]
 
 
 _socket_serial = itertools.count()
@@ -1326,7 +1366,7 @@ class Router:
         claim = self.queue.claim(INCOMING, queue_id)
         if claim is None:
             return
-        with claim:
+        with claim, self.store.snapshot():     # one view of users and aliases per message
             self.route(claim)
 
     def periodic(self):
@@ -1477,6 +1517,10 @@ class QueueRunner:
                             log.exception("periodic scan failed")
                 wait = self._dispatch(now)
                 self.doorbell.wait(min(next_scan - now, wait))
+                if self.backlogged():
+                    # Each listing is a pass over the whole folder, and every worker has
+                    # its next file waiting: let them catch up before listing again.
+                    self.stopping.wait(LIST_PAUSE)
         finally:
             for _ in self.threads:
                 self.work.put(None)
@@ -1484,6 +1528,10 @@ class QueueRunner:
                 thread.join()
             self.doorbell.close()
             self.stopped.set()
+
+    def backlogged(self) -> bool:
+        with self.pending_lock:
+            return len(self.pending) >= 2 * len(self.threads)
 
     def _dispatch(self, now):
         """Queue every name not pending or held; return seconds until a hold runs out."""

@@ -190,12 +190,14 @@ class LineReader:
                 return False
             if ready:
                 break
-        if self.sock.gettimeout() != self.idle_timeout:    # settimeout() is a system call
+        # A non-blocking socket (timeout 0) is read as it is: select() has waited already,
+        # and recv() then skips the poll() a socket with a timeout makes before each call.
+        if self.sock.gettimeout() not in (0.0, self.idle_timeout):    # a system call each
             self.sock.settimeout(self.idle_timeout)
         try:
             block = self.sock.recv(READ_BLOCK)
-        except ssl.SSLWantReadError:   # a TLS record not yet complete; go round again
-            return True
+        except (ssl.SSLWantReadError, BlockingIOError):    # a TLS record not yet complete
+            return True                                     # (or nothing after all): again
         except socket.timeout:
             raise ReadTimeout("idle") from None
         if not block:
@@ -249,6 +251,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             deadline = time.monotonic() + server.session_timeout
         self.reader = LineReader(self.sock, server.idle_timeout, deadline,
                                  server.stopping, self.flush)
+        # Non-blocking: the reader waits in select() (with its timeouts) before each recv(),
+        # and flush() sends without a poll() first; each would be one more system call,
+        # and one more hand-over of the GIL, per line.
+        self.sock.settimeout(0.0)
 
     @property
     def is_loopback(self):
@@ -284,7 +290,24 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if self.output:
             data = bytes(self.output)
             self.output.clear()
+            self.send_all(data)
+
+    def send_all(self, data):
+        """sendall(): on the non-blocking socket, one send() when the data fits the socket's
+        buffer (a reply always does), else the rest waiting at most the idle timeout."""
+        if self.sock.gettimeout() != 0.0:
             self.sock.sendall(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        if sent < len(data):
+            self.sock.settimeout(self.server.idle_timeout)
+            try:
+                self.sock.sendall(memoryview(data)[sent:])
+            finally:
+                self.sock.settimeout(0.0)
 
     def send_final(self, line):
         """Best effort: send a last line and stop; the client may already be gone."""
@@ -303,6 +326,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.sock.settimeout(self.server.idle_timeout)
         self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
         self.server.replace_socket(self.request, self.sock)
+        self.sock.settimeout(0.0)      # handshake done: non-blocking again, as in setup()
         self.reader.sock = self.sock
         self.tls = True
 

@@ -385,6 +385,30 @@ def test_store_delivery_goes_through_maildir_deliver(people, monkeypatch):
     assert calls == [(people.maildir_path("alice@example.com"), "mx.example.com")]
 
 
+def test_a_snapshot_gives_one_view_of_users_and_aliases_to_its_thread_only(people, tmp_path):
+    other = Store(people.spool_dir, ["example.com"])            # another process, say
+    seen_elsewhere = []
+    with people.snapshot():
+        other.add_user("dave@example.com", "pw")
+        with pytest.raises(UnknownUser):
+            people.expand("dave@example.com")                   # as it was when it began
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(people.expand("dave@example.com")))
+        thread.start()
+        thread.join(10)
+    assert seen_elsewhere == [["dave@example.com"]]
+    assert people.expand("dave@example.com") == ["dave@example.com"]
+
+
+def test_a_maildir_missing_a_folder_gets_it_back_with_the_next_delivery(people):
+    first = people.deliver("bob@example.com", b"Subject: 1\r\n\r\none\r\n", "")
+    maildir = people.maildir_path("bob@example.com")
+    os.rename(first, os.path.join(maildir, "cur", os.path.basename(first)))
+    os.rmdir(os.path.join(maildir, "new"))
+    second = people.deliver("bob@example.com", b"Subject: 2\r\n\r\ntwo\r\n", "")
+    assert os.listdir(os.path.join(maildir, "new")) == [os.path.basename(second)]
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+
+
 class FsyncLog:
     """Stands in for the directory fsync: slow enough for writers to pile up, and each
     begin and end stamped on one clock shared with the callers."""

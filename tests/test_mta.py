@@ -660,6 +660,82 @@ def test_wake_removes_the_sockets_of_daemons_that_are_gone(spool):
     assert not os.path.exists(doorbell.path)
 
 
+def test_enqueue_rings_the_router_before_syncing_incoming_and_returns_after(spool, monkeypatch):
+    events = []
+    real_sync = mta._fsync_dir
+    monkeypatch.setattr(mta, "wake", lambda spool_dir, role="mta": events.append("wake " + role))
+    monkeypatch.setattr(mta, "_fsync_dir", lambda path: events.append("fsync " + os.path.basename(path))
+                        or real_sync(path))
+    mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    events.append("returned")
+    assert events == ["wake mta", "fsync incoming", "returned"]
+
+
+def test_a_failed_sync_of_incoming_fails_enqueue_and_leaves_nothing(spool, monkeypatch):
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(mta, "_fsync_dir", broken)
+    with pytest.raises(mta.SpoolError) as caught:
+        mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+    assert caught.value.errno == errno.EIO
+    assert queue_files(spool) == []
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
+def test_wake_lists_the_run_folder_again_only_when_it_changed(spool, monkeypatch):
+    first = mta.WakeSocket(spool, "mta")
+    run = os.path.dirname(first.path)
+    old = time.time() - 60
+    os.utime(run, (old, old))          # a folder quiet for a while: its listing is kept
+    listings = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(mta.os, "listdir", lambda path: listings.append(path) or real_listdir(path))
+    try:
+        for _ in range(3):
+            mta.wake(spool, "mta")
+            assert first.wait(5)
+        assert listings.count(run) == 1
+        second = mta.WakeSocket(spool, "mta")          # a daemon starts: run/ changes
+        try:
+            mta.wake(spool, "mta")
+            assert first.wait(5) and second.wait(5)
+            assert listings.count(run) == 2
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_doorbell_bound_in_the_tick_of_a_listing_is_still_rung(spool):
+    first = mta.WakeSocket(spool, "mta")
+    try:
+        mta.wake(spool, "mta")         # lists run/ within the same clock tick as the bind
+        second = mta.WakeSocket(spool, "mta")
+        try:
+            mta.wake(spool, "mta")
+            assert second.wait(5)
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_backlogged_router_still_routes_every_message_promptly(spool, queue, store):
+    router = mta.Router(queue, store)
+    runner = mta.QueueRunner(queue, mta.INCOMING, "mta", router.handle, workers=1, scan_interval=60.0)
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: runner.doorbell is not None)
+        ids = [mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE) for _ in range(60)]
+        wait_for(lambda: len(maildir_files(spool, "bob@example.com")) == 60, timeout=30)
+        wait_for(lambda: queue_empty(spool))
+    finally:
+        runner.stop(grace=5)
+        thread.join(10)
+    assert len(set(ids)) == 60
+
+
 # --- A full disk ---
 
 def test_full_disk_enqueue_raises_enospc_and_leaves_nothing(tmp_path):

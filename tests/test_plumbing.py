@@ -44,6 +44,8 @@ class EchoHandler(plumbing.ConnectionHandler):
             elif verb == b"END":
                 self.reader.interruptible = True
                 self.write("+OK done")
+            elif verb == b"BIG":
+                self.write(b"y" * int(arg))
             elif verb == b"THREAD":
                 self.write("+OK %d" % threading.get_ident())
             elif verb == b"QUIT":
@@ -244,6 +246,18 @@ def test_stop_ends_every_worker_thread(start_server):
     assert server.workers == 4
     server.stop(grace=1)
     assert wait_for(lambda: server.workers == 0)
+
+
+def test_a_reply_larger_than_the_socket_buffer_waits_for_a_slow_reader(start_server):
+    server = start_server()
+    sock, f = connect(server)
+    f.readline()
+    size = 16 * 1024 * 1024
+    sock.sendall(b"BIG %d\r\nTHREAD\r\n" % size)
+    time.sleep(0.5)                    # the server's first send() fills the buffers; it waits
+    assert f.read(size + 2) == b"y" * size + b"\r\n"
+    assert f.readline().startswith(b"+OK ")
+    assert server.active_connections() == 1
 
 
 def test_ipv6_listener(start_server):
