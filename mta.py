@@ -160,6 +160,7 @@ DEFAULTS = {
     "delay_warning": 4 * 3600,
     "retry_schedule": "5m,10m,20m,40m,1h",
     "max_size": 35 * 1024 * 1024,
+    "cpus": "",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -1857,6 +1858,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         config = plumbing.load_config("mta", DEFAULTS, args)
         parse_retry_schedule(config["retry_schedule"])
+        plumbing.parse_cpus(config["cpus"])
+        if args.command is None:
+            plumbing.run_on_cpus(config["cpus"])   # the router daemon; the CLI runs anywhere
     except UsageError as exc:
         print("mta: %s (see --help)" % exc, file=sys.stderr)
         return EX_USAGE

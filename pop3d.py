@@ -31,6 +31,7 @@ DEFAULTS = {
     "allow_plaintext_auth": False,
     "max_connections": 200,
     "max_per_address": 50,
+    "cpus": "",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -425,6 +426,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("pop3d", DEFAULTS, args)
+        plumbing.run_on_cpus(config["cpus"])
     except ValueError as exc:
         print("pop3d: %s" % exc, file=sys.stderr)
         return 1

@@ -54,6 +54,7 @@ DEFAULTS = {
     "max_size": 35 * 1024 * 1024,
     "spf": "tag",
     "retry_schedule": "5m,10m,20m,40m,1h",
+    "cpus": "auto",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -70,11 +71,17 @@ HELP = {
                     "(default: SMTP 300, POP3 600)",
     "spf": "SPF check of MAIL FROM on the MX (RFC 7208): off; tag, adding Received-SPF and "
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23)",
+    "cpus": "CPUs to give the roles, one each in turn, e.g. 2-5 (auto: those run_all may "
+            "use; none: leave it to the system)",
 }
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
 SHARED_KEYS = ("spool", "domain", "hostname", "tls_cert", "tls_key", "dns", "idle_timeout",
                "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose")
+
+# The order in which roles are given CPUs: smtp_in and mta, which every inbound message
+# crosses, get one each first.
+CPU_ORDER = ("smtp_in", "mta", "smtp_out", "pop3d", "submission")
 
 RESTART_DELAYS = (1, 2, 5, 10, 30)   # seconds before restarting a role that died, growing
 STABLE_AFTER = 60                    # a role up this long has its backoff reset
@@ -85,6 +92,26 @@ log = logging.getLogger("run_all")
 
 
 # --- The children ---
+
+def cpu_plan(setting, names=CPU_ORDER):
+    """{role name: CPU number} for the cpus setting: one CPU per role, in CPU_ORDER, taken
+    in turn from the CPUs listed ("auto": those this process may use); {} for "none".
+
+    Each role keeps to one CPU (see plumbing.run_on_cpus); with two CPUs, smtp_in and mta
+    run side by side. Raises ValueError for a bad setting.
+    """
+    setting = setting.strip().lower()
+    if setting in ("none", ""):
+        return {}
+    if setting == "auto":
+        if not hasattr(os, "sched_getaffinity"):
+            return {}
+        cpus = sorted(os.sched_getaffinity(0))
+    else:
+        cpus = sorted(plumbing.parse_cpus(setting))
+    order = [name for name in CPU_ORDER if name in names]
+    return {name: cpus[number % len(cpus)] for number, name in enumerate(order)}
+
 
 def role_commands(config, ini_path):
     """(name, argv) of each child process the configuration asks for."""
@@ -108,7 +135,9 @@ def role_commands(config, ini_path):
         if config["pop3"] and config["pop3s"]:
             extra += ["--pop3s-listen", config["pop3s"]]
         commands.append(("pop3d", role("pop3d.py", *extra)))
-    return commands
+    plan = cpu_plan(config["cpus"], [name for name, _ in commands])
+    return [(name, argv + ["--cpus", str(plan[name])] if name in plan else argv)
+            for name, argv in commands]
 
 
 def write_role_config(config, path):
@@ -224,6 +253,10 @@ def check_config(config):
             plumbing.server_tls_context(config["tls_cert"], config["tls_key"])
         except (OSError, ssl.SSLError) as exc:
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
+    try:
+        cpu_plan(config["cpus"])
+    except ValueError as exc:
+        problems.append(str(exc))
     if config["spf"] not in ("off", "tag", "reject"):
         problems.append("spf: %r is not one of off, tag, reject" % config["spf"])
     try:

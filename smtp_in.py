@@ -97,6 +97,7 @@ DEFAULTS = {
     "reverse_dns": False,
     "spf": "tag",
     "spf_timeout": 10.0,
+    "cpus": "",
     "user": "",
     "syslog": False,
     "verbose": False,
@@ -1118,6 +1119,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_in", DEFAULTS, args)
+        plumbing.run_on_cpus(config["cpus"])
         parse_networks(config["relay_network"])
         spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
     except ValueError as exc:

@@ -101,6 +101,7 @@ DEFAULTS = {
     "rset_timeout": 20.0,
     "quit_timeout": 20.0,
     "once": False,
+    "cpus": "",
     "syslog": False,
     "verbose": False,
 }
@@ -1203,6 +1204,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_out", DEFAULTS, args)
+        plumbing.run_on_cpus(config["cpus"])
     except ValueError as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1

@@ -47,6 +47,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_all  # noqa: E402  (its cpu_plan places our roles as run_all does)
+
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 DOMAIN = "bench.test"
 RCPT = "user@bench.test"
@@ -298,7 +301,7 @@ def measure_memory(workdir, args):
     servers = Servers(os.path.join(workdir, "memory"))
     os.makedirs(servers.workdir)
     try:
-        servers.start_ours(args.smtp_in_arg, router=not args.no_router)
+        servers.start_ours(args.smtp_in_arg, router=not args.no_router, cpus=args.cpus)
         servers.wait_ready()
         target, process = servers.targets[0], servers.processes[0]
         idle = vm_kib(process.pid, "VmRSS")
@@ -332,7 +335,7 @@ class Servers:
         self.processes.append(process)
         return process
 
-    def start_ours(self, extra, router=True, pop3=False):
+    def start_ours(self, extra, router=True, pop3=False, cpus="auto"):
         spool = os.path.join(self.workdir, "smtp_in-spool")
         os.makedirs(spool)
         users = os.open(os.path.join(spool, "users"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -343,14 +346,21 @@ class Servers:
         # address needs the same headroom here, as a client's next session may be accepted
         # before its previous one has been counted out. Many messages per session need
         # more than the default 1000 commands a session (Postfix has no such limit). SPF
-        # is off, as in the peers: its DNS lookups would leave the loopback.
+        # is off, as in the peers: its DNS lookups would leave the loopback. Each role gets
+        # the CPU run_all would give it (--cpus none: wherever the system puts it).
+        plan = run_all.cpu_plan(cpus)
+
+        def on_cpu(role):
+            return ["--cpus", str(plan[role])] if role in plan else []
+
         self.spawn("smtp_in", [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
                     "127.0.0.1:%d" % port, "--domain", DOMAIN, "--hostname", "mx.bench.test",
-                    "--max-per-address", "200", "--max-commands", "10000000", "--spf", "off"] + extra)
+                    "--max-per-address", "200", "--max-commands", "10000000", "--spf", "off"]
+                   + on_cpu("smtp_in") + extra)
         maildir = None
         if router and os.path.exists(os.path.join(ROOT, "mta.py")):
             self.spawn("mta", [sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool,
-                        "--domain", DOMAIN, "--hostname", "mx.bench.test"])
+                        "--domain", DOMAIN, "--hostname", "mx.bench.test"] + on_cpu("mta"))
             maildir = os.path.join(spool, "mail", DOMAIN, "user", "Maildir")
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(maildir, sub), exist_ok=True)
@@ -359,7 +369,7 @@ class Servers:
             pop3_port = free_port()
             self.spawn("pop3d", [sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
                         "--listen", "127.0.0.1:%d" % pop3_port, "--hostname", "pop.bench.test",
-                        "--domain", DOMAIN])
+                        "--domain", DOMAIN] + on_cpu("pop3d"))
             self.targets[-1]["pop3"] = {"port": pop3_port, "user": RCPT, "password": POP3_PASSWORD}
 
     def start_aiosmtpd(self, harness, executor):
@@ -519,6 +529,9 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of a fresh smtp_in under 50 sessions x 100 KB")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
+    parser.add_argument("--cpus", default="auto",
+                        help="CPUs for our roles, as run_all's --cpus (auto: one each, as run_all "
+                             "gives them; none: no binding)")
     parser.add_argument("--no-router", action="store_true",
                         help="do not run mta.py's router beside smtp_in (acceptance alone)")
     parser.add_argument("--json", help="write every raw run here")
@@ -534,7 +547,8 @@ def main(argv=None):
     results, e2e, memory = [], [], None
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3)
+        servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3,
+                           cpus=args.cpus)
         if not args.no_aiosmtpd:
             servers.start_aiosmtpd(args.peer_bench, 0)
             if args.aiosmtpd_executor:

@@ -1,0 +1,128 @@
+"""--cpus: each daemon keeps to the CPUs it is given, and run_all gives each role one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import plumbing
+import run_all
+from conftest import ROOT
+from test_run_all import ports_args, start, stop, wait_for_text
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
+                                reason="this system cannot bind a process to CPUs")
+
+LAST_CPU = (os.cpu_count() or 1) - 1
+
+
+@pytest.mark.parametrize("text, cpus", [
+    ("", set()), ("0", {0}), (" 0 ", {0}), ("0,0", {0}), ("0-%d" % LAST_CPU, set(range(LAST_CPU + 1))),
+    ("%d,0" % LAST_CPU, {0, LAST_CPU}),
+])
+def test_a_cpu_list_is_read_as_linux_writes_it(text, cpus):
+    assert plumbing.parse_cpus(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["a", "-1", "0-", "1-0", "0;1", "0x1", str(LAST_CPU + 1), "0-4096"])
+def test_a_bad_cpu_list_is_refused_with_its_reason(text):
+    with pytest.raises(ValueError, match="cpus: "):
+        plumbing.parse_cpus(text)
+
+
+def test_run_all_gives_smtp_in_and_mta_a_cpu_each_first():
+    plan = run_all.cpu_plan("0-%d" % LAST_CPU)
+    assert plan["smtp_in"] == 0
+    assert plan["mta"] == (1 if LAST_CPU else 0)
+    assert set(plan) == set(run_all.CPU_ORDER)
+    assert run_all.cpu_plan("none") == {}
+    assert set(run_all.cpu_plan("0").values()) == {0}
+    allowed = sorted(os.sched_getaffinity(0))
+    assert run_all.cpu_plan("auto", ["pop3d", "mta"]) == {"mta": allowed[0],
+                                                          "pop3d": allowed[1 % len(allowed)]}
+
+
+def thread_cpus(pid):
+    """{thread id: its Cpus_allowed_list} of every thread of the process."""
+    found = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        found[tid] = line.split()[1]
+        except FileNotFoundError:
+            pass                       # a thread that ended meanwhile
+    return found
+
+
+DAEMONS = {
+    "smtp_in": ["--listen", "127.0.0.1:0", "--spf", "off", "--domain", "example.test"],
+    "pop3d": ["--listen", "127.0.0.1:0", "--domain", "example.test"],
+    "mta": ["--domain", "example.test"],
+    "smtp_out": ["--dns", "127.0.0.1:9"],
+}
+READY = {"smtp_in": "listening on", "pop3d": "listening on", "mta": "watching", "smtp_out": "watching"}
+
+
+@pytest.mark.parametrize("role", sorted(DAEMONS))
+def test_every_daemon_and_all_its_threads_keep_to_the_cpu_given(tmp_path, role):
+    cpu = str(LAST_CPU)
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, role + ".py"), "--spool", str(tmp_path / "spool"),
+             "--cpus", cpu] + DAEMONS[role],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_text(log_path, READY[role])
+        time.sleep(0.2)                # the worker threads start as the daemon comes up
+        threads = thread_cpus(process.pid)
+        assert len(threads) > 1
+        assert set(threads.values()) == {cpu}
+        assert "config: cpus=%s" % cpu in log_path.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+@pytest.mark.parametrize("role", sorted(DAEMONS))
+def test_a_cpu_the_machine_lacks_stops_the_daemon_with_one_line(tmp_path, role):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, role + ".py"), "--spool", str(tmp_path / "spool"),
+         "--cpus", str(LAST_CPU + 1)] + DAEMONS[role],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    assert done.stderr.strip() == "%s: cpus: this machine has CPUs 0-%d, not %d" % (
+        role, LAST_CPU, LAST_CPU + 1)
+
+
+def child_pids(log):
+    return {line.split("started ", 1)[1].split(",")[0]: int(line.rsplit("=", 1)[1])
+            for line in log.splitlines() if ", pid=" in line and "started " in line}
+
+
+def test_run_all_places_each_role_as_its_plan_says(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    try:
+        pids = child_pids(wait_for_text(tmp_path / "run_all.log", "Next steps:"))
+        plan = run_all.cpu_plan("auto")
+        assert set(pids) == set(plan)
+        for name, pid in pids.items():
+            assert os.sched_getaffinity(pid) == {plan[name]}, name
+    finally:
+        assert stop(process) == 0
+
+
+def test_run_all_cpus_none_leaves_placement_to_the_system(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--cpus", "none", *ports_args())
+    try:
+        pids = child_pids(wait_for_text(tmp_path / "run_all.log", "Next steps:"))
+        assert len(pids) == 5
+        for pid in pids.values():
+            assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+    finally:
+        assert stop(process) == 0
