@@ -454,11 +454,12 @@ def rfc5322_date(timestamp: float) -> str:
 
 def header_block(message: bytes) -> bytes:
     """The message's header section, without the blank line that ends it."""
-    ends = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
-    if not ends:
-        return message
-    end = min(ends)
-    return message[:end + (2 if message[end:end + 2] == b"\r\n" else 1)]
+    crlf = message.find(b"\r\n\r\n")
+    # A bare-LF blank line counts only before the first CRLF one (no search past it).
+    lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return message[:lf + 1]
+    return message if crlf < 0 else message[:crlf + 2]
 
 
 def header_fields(block: bytes) -> list:
@@ -701,15 +702,16 @@ def wake(spool_dir: str, role: str = "mta") -> None:
     """Best effort: ring the doorbell of every running daemon of role (a datagram each)."""
     run = os.path.join(os.fspath(spool_dir), RUN_DIR)
     try:
-        names = [n for n in _doorbell_names(run) if n.startswith(role + ".") and n.endswith(".sock")]
+        bells = _doorbells(run, role)
     except OSError:
         return
-    if not names:
-        return
     sock = _ringer()
-    for name in names:
+    for name, address in bells:
         try:
-            with _unix_address(run, name) as address:
+            if address is None:        # a path too long for a socket address
+                with _unix_address(run, name) as address:
+                    sock.sendto(b"!", address)
+            else:
                 sock.sendto(b"!", address)
         except BlockingIOError:
             pass                       # its queue is full: it has wake-ups waiting already
@@ -723,24 +725,29 @@ def wake(spool_dir: str, role: str = "mta") -> None:
 # changed, and rings from one socket kept for the process (sendto() is thread-safe).
 DOORBELLS_SETTLE = 1.0             # seconds; a folder changed more recently is listed anew
 _doorbells_lock = threading.Lock()
-_doorbells = {}                    # run folder -> (its mtime_ns, names); _doorbells_lock
+_doorbells_known = {}              # (run folder, role) -> (its mtime_ns, bells); _doorbells_lock
 _ringers = []                      # the process's ringing socket, once made; _doorbells_lock
 
 
-def _doorbell_names(run):
-    """The names in the run folder, from the last listing while its mtime is unchanged."""
+def _doorbells(run, role):
+    """[(name, socket address, or None when the path is too long for one)] of the doorbells
+    of role in the run folder, from the last listing while the folder's mtime is unchanged."""
     st = os.stat(run)
     with _doorbells_lock:
-        known = _doorbells.get(run)
+        known = _doorbells_known.get((run, role))
     if known is not None and known[0] == st.st_mtime_ns:
         return known[1]
-    names = os.listdir(run)
+    bells = []
+    for name in os.listdir(run):
+        if name.startswith(role + ".") and name.endswith(".sock"):
+            path = os.path.join(run, name)
+            bells.append((name, path if len(os.fsencode(path)) <= MAX_UNIX_PATH else None))
     # mtimes are coarse (a clock tick): a socket bound in the tick of the listing would
     # not change it, so only a listing of a folder quiet for a while is kept.
     if time.time() - st.st_mtime > DOORBELLS_SETTLE:
         with _doorbells_lock:
-            _doorbells[run] = (st.st_mtime_ns, names)
-    return names
+            _doorbells_known[(run, role)] = (st.st_mtime_ns, bells)
+    return bells
 
 
 def _ringer():

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mailbox_store  # noqa: E402
+import run_all  # noqa: E402  (its cpu_plan places pop3d as run_all does)
 
 PASSWORD = "benchpw"
 LINE = (b"abcdefghijklmnopqrstuvwxyz0123456789" * 3)[:76] + b"\n"
@@ -70,9 +71,12 @@ def build_spool(spool, users, small, large, mem_clients, mem_size):
             os.link(big, os.path.join(target, os.path.basename(big)))
 
 
-def start_pop3d(spool, timeout):
+def start_pop3d(spool, timeout, cpus="auto"):
+    """pop3d on a free port, on the CPU run_all would give it (cpus as run_all's --cpus)."""
+    plan = run_all.cpu_plan(cpus)
+    on_cpu = ["--cpus", str(plan["pop3d"])] if "pop3d" in plan else []
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
-                               "--listen", "127.0.0.1:0", "--hostname", "bench"],
+                               "--listen", "127.0.0.1:0", "--hostname", "bench"] + on_cpu,
                               stderr=subprocess.PIPE, cwd=spool)
     until = time.monotonic() + timeout
     while time.monotonic() < until:
@@ -194,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--target", action="append", default=[], metavar="NAME=HOST:PORT",
                         help="another POP3 server with users bench{i}/benchpw (loopback only)")
     parser.add_argument("--timeout", type=float, default=120.0, help="socket timeout, seconds")
+    parser.add_argument("--cpus", default="auto",
+                        help="CPUs for pop3d, as run_all's --cpus (auto: the one run_all gives it; "
+                             "none: no binding)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
@@ -209,7 +216,7 @@ def main(argv=None):
     try:
         spool = os.path.join(work, "spool")
         build_spool(spool, max(concs), args.small, args.large, args.mem_clients, args.mem_size)
-        server, port = start_pop3d(spool, 30)
+        server, port = start_pop3d(spool, 30, args.cpus)
         targets.insert(0, ("pop3d", port, "bench{i}@bench.test"))
         for name, port_, user in targets:       # untimed warm-up: page cache, logins
             measure(port_, user, "small", 1, 1, 65536, args.timeout)
@@ -231,7 +238,7 @@ def main(argv=None):
         if args.mem_clients:
             server.terminate()
             server.wait(10)
-            server, port = start_pop3d(spool, 30)       # fresh: VmHWM counts from its start
+            server, port = start_pop3d(spool, 30, args.cpus)   # fresh: VmHWM counts from its start
             idle, peak = memory_run(server, port, args.mem_clients, args.timeout)
             memory = {"clients": args.mem_clients, "message_bytes": args.mem_size,
                       "idle_rss_mib": round(idle, 1), "peak_rss_mib": round(peak, 1)}

@@ -720,6 +720,18 @@ def test_a_doorbell_bound_in_the_tick_of_a_listing_is_still_rung(spool):
         first.close()
 
 
+def test_a_doorbell_deeper_than_a_socket_address_allows_is_still_rung(tmp_path):
+    spool = str(tmp_path / ("d" * 60) / ("e" * 60) / "spool")
+    assert len(os.path.join(spool, "run", "mta.1.1.sock")) > mta.MAX_UNIX_PATH
+    bell = mta.WakeSocket(spool, "mta")                # bound through /proc/self/fd
+    try:
+        assert os.path.exists(bell.path)
+        mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
+        assert bell.wait(5)
+    finally:
+        bell.close()
+
+
 def test_a_backlogged_router_still_routes_every_message_promptly(spool, queue, store):
     router = mta.Router(queue, store)
     runner = mta.QueueRunner(queue, mta.INCOMING, "mta", router.handle, workers=1, scan_interval=60.0)
