@@ -13,15 +13,12 @@ Run: python3 dnsmx.py [--server HOST[:PORT]] [--tcp] [--timeout S] [--short] [--
 
 import itertools
 import os
-import random
 import socket
 import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
-from typing import Optional
 
 __all__ = [
     # errors
@@ -183,87 +180,129 @@ class DNSNameError(DNSPermanentError, ValueError):
     """Not a valid domain name (too long, empty label, bad IDNA); refused before sending."""
 
 
-@dataclass(frozen=True)
-class MX:
+class _Fields:
+    """What the data types below share, written out instead of @dataclass: importing
+    dataclasses (with inspect, ast, dis) and running it cost about 20 ms of a CLI run.
+
+    A type names its fields in __slots__ and its __init__ hands their values to _init() in
+    that order. Two values are equal when they are of the same type and their `_compared`
+    fields (all of them unless the type says otherwise) are equal; repr() shows the same
+    fields. pickle and copy rebuild a value through its constructor.
+    """
+
+    __slots__ = ()
+    _compared = None             # None: every field in __slots__
+
+    def _init(self, *values):
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def _key(self):
+        return tuple(getattr(self, name) for name in self._compared or self.__slots__)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self._compared or self.__slots__))
+
+    def __reduce__(self):
+        return type(self), tuple(getattr(self, name) for name in self.__slots__)
+
+
+class _Frozen(_Fields):
+    """A _Fields type whose values never change once made, so they can be hashed and shared
+    between threads and cache entries; assigning a field raises AttributeError."""
+
+    __slots__ = ()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __setattr__(self, name, value):
+        raise AttributeError("cannot assign to field %r of a frozen %s"
+                             % (name, type(self).__name__))
+
+    def __delattr__(self, name):
+        raise AttributeError("cannot delete field %r of a frozen %s"
+                             % (name, type(self).__name__))
+
+
+class MX(_Frozen):
     """RDATA of an MX record (RFC 1035 3.3.9); exchange "" is the root: a null MX."""
 
-    preference: int
-    exchange: str
+    __slots__ = ("preference", "exchange")
+
+    def __init__(self, preference: int, exchange: str):
+        self._init(preference, exchange)
 
 
-@dataclass(frozen=True)
-class SOA:
+class SOA(_Frozen):
     """RDATA of an SOA record (RFC 1035 3.3.13)."""
 
-    mname: str
-    rname: str
-    serial: int
-    refresh: int
-    retry: int
-    expire: int
-    minimum: int
+    __slots__ = ("mname", "rname", "serial", "refresh", "retry", "expire", "minimum")
+
+    def __init__(self, mname: str, rname: str, serial: int, refresh: int, retry: int,
+                 expire: int, minimum: int):
+        self._init(mname, rname, serial, refresh, retry, expire, minimum)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(_Frozen):
     """One resource record. Names are text without the trailing dot (the root is "").
 
     `data` is a str for A, AAAA, CNAME, PTR and NS; MX; SOA; a tuple of bytes for TXT (one
     item per character-string); raw bytes for OPT and unknown types (RFC 3597).
     """
 
-    name: str
-    rtype: int
-    rclass: int
-    ttl: int
-    data: object
+    __slots__ = ("name", "rtype", "rclass", "ttl", "data")
+
+    def __init__(self, name: str, rtype: int, rclass: int, ttl: int, data):
+        self._init(name, rtype, rclass, ttl, data)
 
     @property
     def type_name(self):
         return type_name(self.rtype)
 
 
-@dataclass(frozen=True)
-class Message:
-    """A parsed DNS message (RFC 1035 4.1). `rcode` includes the EDNS extended bits."""
+class Message(_Frozen):
+    """A parsed DNS message (RFC 1035 4.1). `rcode` includes the EDNS extended bits;
+    `additional` is without the OPT Record, which is kept in `opt` (None without EDNS)."""
 
-    id: int
-    flags: int
-    rcode: int
-    questions: tuple
-    answers: tuple
-    authority: tuple
-    additional: tuple            # without the OPT record, which is kept in `opt`
-    opt: Optional[Record] = None
+    __slots__ = ("id", "flags", "rcode", "questions", "answers", "authority", "additional",
+                 "opt")
+
+    def __init__(self, id: int, flags: int, rcode: int, questions: tuple, answers: tuple,
+                 authority: tuple, additional: tuple, opt=None):
+        self._init(id, flags, rcode, questions, answers, authority, additional, opt)
 
     @property
     def truncated(self):
         return bool(self.flags & FLAG_TC)
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(_Frozen):
     """A successful lookup: `records` of `rtype` owned by `canonical_name`, the end of the
     CNAME chain `cnames` that started at `name`. `ttl` is the lowest TTL involved, counted
     down while the answer sits in the cache; the records keep the TTLs they arrived with.
     """
 
-    name: str
-    rtype: int
-    canonical_name: str
-    records: tuple
-    cnames: tuple = ()
-    additional: tuple = ()
-    ttl: int = 0
-    from_cache: bool = False
+    __slots__ = ("name", "rtype", "canonical_name", "records", "cnames", "additional", "ttl",
+                 "from_cache")
+
+    def __init__(self, name: str, rtype: int, canonical_name: str, records: tuple,
+                 cnames: tuple = (), additional: tuple = (), ttl: int = 0,
+                 from_cache: bool = False):
+        self._init(name, rtype, canonical_name, records, cnames, additional, ttl, from_cache)
 
     @property
     def data(self):
         return [record.data for record in self.records]
 
 
-@dataclass(frozen=True)
-class MXHost:
+class MXHost(_Frozen):
     """A host to try for a domain's mail, in delivery order (RFC 5321 5.1).
 
     `addresses` holds the IPv4 addresses first, then the IPv6 ones, each family in the order
@@ -271,20 +310,22 @@ class MXHost:
     itself with preference 0.
     """
 
-    name: str
-    preference: int
-    addresses: tuple
-    implicit: bool = False
+    __slots__ = ("name", "preference", "addresses", "implicit")
+
+    def __init__(self, name: str, preference: int, addresses: tuple, implicit: bool = False):
+        self._init(name, preference, addresses, implicit)
 
 
-@dataclass(frozen=True)
-class Nameserver:
-    """A nameserver to ask; `sockaddr` and `family` are ready for socket calls."""
+class Nameserver(_Frozen):
+    """A nameserver to ask; `sockaddr` and `family` are ready for socket calls. Compared,
+    hashed and shown by host and port only: the other two follow from them."""
 
-    host: str
-    port: int = DNS_PORT
-    family: int = field(default=socket.AF_INET, compare=False, repr=False)
-    sockaddr: tuple = field(default=(), compare=False, repr=False)
+    __slots__ = ("host", "port", "family", "sockaddr")
+    _compared = ("host", "port")
+
+    def __init__(self, host: str, port: int = DNS_PORT, family: int = socket.AF_INET,
+                 sockaddr: tuple = ()):
+        self._init(host, port, family, sockaddr)
 
     def __str__(self):
         if ":" in self.host:
@@ -292,14 +333,14 @@ class Nameserver:
         return "%s:%d" % (self.host, self.port)
 
 
-@dataclass
-class ResolvConf:
+class ResolvConf(_Fields):
     """What read_resolv_conf() found: servers and the options timeout, attempts, rotate."""
 
-    servers: list
-    timeout: float = DEFAULT_TIMEOUT
-    attempts: int = DEFAULT_ATTEMPTS
-    rotate: bool = False
+    __slots__ = ("servers", "timeout", "attempts", "rotate")
+
+    def __init__(self, servers: list, timeout: float = DEFAULT_TIMEOUT,
+                 attempts: int = DEFAULT_ATTEMPTS, rotate: bool = False):
+        self._init(servers, timeout, attempts, rotate)
 
 
 # --- Names ---
@@ -736,6 +777,9 @@ def parse_server(text, default_port=DNS_PORT):
         raise ValueError("bad nameserver port in %r" % (text,)) from None
     if not 0 < port < 65536:
         raise ValueError("nameserver port out of range in %r" % (text,))
+    if isinstance(host, str) and host.isascii():
+        # Text makes getaddrinfo() import the IDNA codec (~4 ms); ASCII needs none of it.
+        host = host.encode("ascii")
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)[0]
@@ -1269,20 +1313,31 @@ def _from_cache(cached, name, rtype, explain):
                 % (_dotted(name), type_name(rtype), remaining))
     if isinstance(value, DNSError):
         raise type(value)(str(value), value.name, value.rtype, value.rcode, int(remaining))
-    return replace(value, ttl=int(remaining), from_cache=True)
+    return Answer(value.name, value.rtype, value.canonical_name, value.records, value.cnames,
+                  value.additional, int(remaining), from_cache=True)
 
 
 def _shuffle_equal_preferences(groups, explain):
     plan = []
     for group in groups:
         if len(group) > 1:
-            group = list(group)
-            random.shuffle(group)    # RFC 5321 5.1: spread load over equal preferences
+            group = _shuffled(group)     # RFC 5321 5.1: spread load over equal preferences
             if explain:
                 explain("shuffled equal preference %d: %s" % (
                     group[0].preference, ", ".join(_dotted(host.name) for host in group)))
         plan.extend(group)
     return plan
+
+
+def _shuffled(items):
+    """A list of ITEMS in random order (Fisher-Yates). os.urandom, not the random module,
+    which costs milliseconds to import; the bias of % is below 2**-28 for up to 16 hosts."""
+    items = list(items)
+    noise = os.urandom(4 * len(items))
+    for index in range(len(items) - 1, 0, -1):
+        other = int.from_bytes(noise[4 * index:4 * index + 4], "big") % (index + 1)
+        items[index], items[other] = items[other], items[index]
+    return items
 
 
 def _describe_addresses(records):
@@ -1365,8 +1420,12 @@ def _argument_parser():
             self.print_usage(sys.stderr)
             self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
+    # argparse makes a HelpFormatter at each add_argument() only to check the metavar, and
+    # each would ask the terminal's width, which imports shutil (with bz2 and lzma: ~3 ms).
+    # Those get a fixed width; usage and help text, made after, get the terminal's.
     parser = Parser(
         prog="dnsmx.py",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=80),
         description="Look up where mail for a domain goes (MX, RFC 5321 5.1), or any A, "
                     "AAAA, TXT, PTR, CNAME, NS or SOA record, like a small dig.",
         epilog="Exit status: 0 found, 1 no such name or record (NXDOMAIN, NODATA, null MX), "
@@ -1388,6 +1447,7 @@ def _argument_parser():
                         help="print only the data, like dig +short")
     parser.add_argument("--explain", action="store_true",
                         help="print each lookup and RFC 5321 5.1 decision as it is taken")
+    parser.formatter_class = argparse.HelpFormatter
     return parser
 
 

@@ -6,8 +6,10 @@ servers play only the peers that misbehave. Servers are always given explicitly:
 resolver is never asked.
 """
 
+import copy
 import json
 import os
+import pickle
 import random
 import socket
 import struct
@@ -189,6 +191,33 @@ def unused_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- Data types ---
+
+
+def test_data_types_are_frozen_values_compared_by_their_fields():
+    mx = dnsmx.MX(10, "mx.test")
+    assert mx == dnsmx.MX(10, "mx.test") and hash(mx) == hash(dnsmx.MX(10, "mx.test"))
+    assert mx != dnsmx.MX(20, "mx.test") and mx != (10, "mx.test")
+    assert repr(mx) == "MX(preference=10, exchange='mx.test')"
+    with pytest.raises(AttributeError):
+        mx.preference = 20
+    assert pickle.loads(pickle.dumps(mx)) == mx and copy.deepcopy(mx) == mx
+    answer = dnsmx.Answer("a.test", dnsmx.TYPE_A, "a.test", ())
+    assert (answer.cnames, answer.additional, answer.ttl, answer.from_cache) == ((), (), 0, False)
+    assert dnsmx.MXHost("mx.test", 10, ()).implicit is False
+
+
+def test_nameservers_compare_by_host_and_port_and_resolv_conf_is_mutable():
+    server = dnsmx.parse_server("127.0.0.1:5353")
+    assert server.sockaddr == ("127.0.0.1", 5353)
+    assert server == dnsmx.Nameserver("127.0.0.1", 5353)          # family, sockaddr left out
+    assert hash(server) == hash(dnsmx.Nameserver("127.0.0.1", 5353))
+    assert repr(server) == "Nameserver(host='127.0.0.1', port=5353)"
+    conf = dnsmx.ResolvConf([server])
+    conf.rotate = True
+    assert conf == dnsmx.ResolvConf([server], rotate=True)
 
 
 # --- Names ---
@@ -1158,3 +1187,36 @@ def test_main_returns_status_in_process(dns_local, capsys):
     assert dnsmx.main(["--server", dns_local.address, "--short", "mx2.example.test", "A"]) == 0
     assert capsys.readouterr().out == "127.0.0.12\n"
     assert dnsmx.main(["--server", dns_local.address, "nope.test"]) == 1
+
+
+# --- Start-up cost ---
+
+# What a CLI run must not import. dataclasses alone (inspect, ast, dis, tokenize) was 20 ms
+# of an 80 ms run; typing, random, argparse on a plain import, shutil (bz2, lzma) and the IDNA
+# codec that getaddrinfo() loads for a host given as text cost milliseconds each.
+HEAVY_MODULES = ("dataclasses", "inspect", "ast", "dis", "tokenize", "typing", "random",
+                 "argparse", "shutil", "encodings.idna")
+
+
+def heavy_modules_imported(code):
+    """The HEAVY_MODULES that CODE imports after it sets `before = set(sys.modules)`, in a
+    fresh interpreter without site hooks (-I -S): nothing this machine adds is counted."""
+    program = ("import sys\nsys.path.insert(0, %r)\n%s\n"
+               "sys.stderr.write('\\n' + ' '.join(sorted(set(%r) & set(sys.modules) - before)))"
+               % (ROOT, code, HEAVY_MODULES))
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", program], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stderr.rsplit("\n", 1)[-1].split()
+
+
+def test_importing_dnsmx_imports_no_heavy_module():
+    assert heavy_modules_imported("before = set(sys.modules)\nimport dnsmx") == []
+
+
+def test_a_cli_lookup_imports_nothing_heavy_beyond_argparse(dns_local):
+    # argparse and what it imports on its own are the CLI's to pay; shutil is not: argparse
+    # asks it for the terminal width at every add_argument() unless given a width.
+    code = ("import argparse\nbefore = set(sys.modules)\nimport dnsmx\n"
+            "assert dnsmx.main(['--server', %r, 'example.test', 'MX']) == 0" % dns_local.address)
+    assert heavy_modules_imported(code) == []
