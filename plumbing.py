@@ -896,7 +896,7 @@ def new_queue_id():
     return "%013X%05X" % (now, secrets.randbits(20))
 
 
-# --- Privileges ---
+# --- CPUs ---
 
 def parse_cpus(text: str) -> set:
     """The CPU numbers of a list such as "0", "0,2" or "0-3,6"; the empty set for "".
@@ -942,6 +942,8 @@ def run_on_cpus(text: str) -> None:
     except OSError as exc:
         raise ValueError("cpus: %s: %s" % (text, exc.strerror)) from None
 
+
+# --- Privileges ---
 
 def drop_privileges(user):
     """When running as root and user is given, become that user (after binding ports)."""

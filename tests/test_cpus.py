@@ -11,7 +11,7 @@ import pytest
 import plumbing
 import run_all
 from conftest import ROOT
-from test_run_all import ports_args, start, stop, wait_for_text
+from test_run_all import ports_args, run_all as run_all_command, start, stop, wait_for_text
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
                                 reason="this system cannot bind a process to CPUs")
@@ -126,3 +126,10 @@ def test_run_all_cpus_none_leaves_placement_to_the_system(tmp_path):
             assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
     finally:
         assert stop(process) == 0
+
+
+def test_run_all_check_reports_a_cpu_the_machine_lacks(tmp_path):
+    done = run_all_command("--check", "--spool", str(tmp_path / "spool"), "--cpus",
+                           "0-%d" % (LAST_CPU + 1), *ports_args())
+    assert done.returncode == 1
+    assert b"cpus: this machine has CPUs 0-%d, not %d" % (LAST_CPU, LAST_CPU + 1) in done.stderr
