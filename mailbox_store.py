@@ -552,7 +552,9 @@ def _crlf_blocks(f, block_size=READ_BLOCK):
             pending = b""
         if data:
             last = data[-1:]
-            yield data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if b"\r" in data:       # a memchr(): LF-only text skips a replace() pass
+                data = data.replace(b"\r\n", b"\n")
+            yield data.replace(b"\n", b"\r\n")
     if pending:
         last = pending
         yield pending

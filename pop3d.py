@@ -122,7 +122,8 @@ def stuff_blocks(blocks):
     for block in blocks:
         if not block:
             continue
-        stuffed = block.replace(b"\n.", b"\n..")
+        # "." in block is a memchr(); base64 attachments have no dots, so no replace() pass.
+        stuffed = block.replace(b"\n.", b"\n..") if b"." in block else block
         if at_line_start and block[:1] == b".":
             stuffed = b"." + stuffed
         at_line_start = block.endswith(b"\n")
