@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from pidfile import stop_by_pid_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("smtp", "pop3", "dns", "outbound")
 DNSPYTHON_CANDIDATES = ("/tmp/dnsvenv/bin/python", "{harness}/.venv/bin/python")
@@ -130,16 +132,7 @@ class Dovecot:
         self.pid_file = os.path.join(self.run, "base", "master.pid")
 
     def stop(self):
-        try:
-            with open(self.pid_file) as f:
-                pid = int(f.read().split()[0])
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.1)
-        except (OSError, ValueError):
-            pass
+        stop_by_pid_file(self.pid_file)
         shutil.rmtree(self.run, ignore_errors=True)
 
 
@@ -220,11 +213,16 @@ def smtp_rows(data):
         rows.append((label, ours_text, peer_text, fmt(ratio), "p50 <= Postfix", verdict(ratio, 1.0, False)))
         spread = pick(ms, 0.99) / pick(ms, 0.5) if ms else float("nan")
         rows.append(("  p99 / p50 of ours", fmt(spread), "", "", "<= 3", verdict(spread, 3.0, False)))
-    memory = data.get("memory")
-    if memory:
-        rows.append(("peak RSS, smtp_in, 50 sessions x 100 KB", "%.1f MiB" % memory["peak_rss_mib"],
-                     "", "", "< 100 MB", verdict(memory["peak_rss_mib"] * 1.048576, 100, False)))
+    rows.extend(rss_rows("peak RSS, smtp_in, 50 sessions x 100 KB", data.get("memory")))
     return rows
+
+
+def rss_rows(label, memory):
+    """The row of a peak-RSS measurement (target: under 100 MB), or none if it did not run."""
+    if not memory:
+        return []
+    mib = memory["peak_rss_mib"]
+    return [(label, "%.1f MiB" % mib, "", "", "< 100 MB", verdict(mib * 1.048576, 100, False))]
 
 
 def pop3_rows(data):
@@ -241,10 +239,7 @@ def pop3_rows(data):
         goal = 0.5 if cls == "small" else 1.0
         rows.append((label, figure(values, unit), "Dovecot " + figure(peer, unit) if peer else "-",
                      fmt(ratio), ">= %.1fx Dovecot" % goal, verdict(ratio, goal)))
-    memory = data.get("memory")
-    if memory:
-        rows.append(("peak RSS, pop3d, 10 clients x 50 MB", "%.1f MiB" % memory["peak_rss_mib"],
-                     "", "", "< 100 MB", verdict(memory["peak_rss_mib"] * 1.048576, 100, False)))
+    rows.extend(rss_rows("peak RSS, pop3d, 10 clients x 50 MB", data.get("memory")))
     return rows
 
 

@@ -49,6 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_all  # noqa: E402  (its cpu_plan places our roles as run_all does)
+from pidfile import stop_by_pid_file  # noqa: E402  (bench/, the script's own folder)
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 DOMAIN = "bench.test"
@@ -432,13 +433,8 @@ class Servers:
 
     def stop(self):
         for pid_file in [self.postfix_pid_file] + self.pid_files:
-            if pid_file and os.path.exists(pid_file):
-                with open(pid_file) as f:
-                    pid = int(f.read().split()[0])
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            if pid_file:
+                stop_by_pid_file(pid_file)
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         for process in self.processes:

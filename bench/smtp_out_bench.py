@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "tests"))
 
 import smtp_out  # noqa: E402
+from pidfile import stop_by_pid_file  # noqa: E402  (bench/, the script's own folder)
 
 HOST = "127.0.0.1"
 WAIT_LIMIT = 300.0                 # seconds any one run may take
@@ -268,17 +269,7 @@ class Postfix:
                        timeout=60)
 
     def stop(self):
-        pid_file = os.path.join(self.run, "queue", "pid", "master.pid")
-        try:
-            with open(pid_file) as handle:
-                pid = int(handle.read().strip())
-            os.kill(pid, 15)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.1)
-        except (OSError, ValueError):
-            pass
+        stop_by_pid_file(os.path.join(self.run, "queue", "pid", "master.pid"))
         shutil.rmtree(self.run, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ missing tool skips its test with the Debian package to install; with MAIL_REQUIR
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,22 @@ def wait_for(predicate, seconds=5.0):
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def listening_port(process, pattern, seconds=20.0):
+    """(port, log lines so far) of a daemon started with stderr=PIPE: its log is read line by
+    line until pattern (a regex whose group 1 is the port) matches; fails the test if not."""
+    lines = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return int(found.group(1)), lines
+        if not line and process.poll() is not None:
+            break
+    pytest.fail("no %r in the log:\n%s" % (pattern, "".join(lines)))
 
 
 def openssl_starttls(openssl, port, protocol, lines):

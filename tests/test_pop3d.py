@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mailbox_store
 import plumbing
 import pop3d
-from conftest import require_tool
+from conftest import listening_port, require_tool
 from conftest import openssl_starttls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,13 +205,7 @@ def test_large_message_streams_exactly_with_bounded_server_memory(tmp_path, stor
                               stderr=subprocess.PIPE, cwd=str(tmp_path),
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        port = None
-        for _ in range(50):
-            found = re.search(rb"listening on 127.0.0.1 port (\d+)", server.stderr.readline())
-            if found:
-                port = int(found.group(1))
-                break
-        assert port
+        port, _ = listening_port(server, r"listening on 127\.0\.0\.1 port (\d+)")
         client = poplib.POP3("127.0.0.1", port, timeout=30)
         client.user(ALICE)
         client.pass_(PASSWORD)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mta
 import smtp_in
-from conftest import openssl_starttls, require_tool, wait_for
+from conftest import listening_port, openssl_starttls, require_tool, wait_for
 from dnsmasq_server import host_record, ptr_record, start_dnsmasq
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message,
@@ -1076,15 +1076,7 @@ def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):
                                 str(ini), "--max-size", "5000"],
                                stderr=subprocess.PIPE)
     try:
-        port = None
-        deadline = time.monotonic() + 20
-        lines = []
-        while port is None and time.monotonic() < deadline:
-            line = process.stderr.readline().decode()
-            lines.append(line)
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(mx\)", line)
-            port = int(found.group(1)) if found else None
-        assert port, "".join(lines)
+        port, lines = listening_port(process, r"listening on 127\.0\.0\.1:(\d+) \(mx\)")
         assert "smtp_in[%d]: config: max_size=5000\n" % process.pid in lines
         with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
             assert client.ehlo()[1].decode().count("SIZE 5000") == 1

@@ -19,7 +19,7 @@ import pytest
 import plumbing
 import run_all
 import smtp_in
-from conftest import require_tool
+from conftest import listening_port, require_tool
 from dnsmasq_server import host_record, start_dnsmasq, txt_record
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, spool, spool_messages,
@@ -345,14 +345,7 @@ def test_command_line_reject_mode_with_dns(tmp_path, spool, dns):
          "127.0.0.1:0", "--domain", DOMAIN, "--hostname", HOSTNAME, "--spf", "reject",
          "--dns", dns.address], stderr=subprocess.PIPE)
     try:
-        port, lines = None, []
-        deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline:
-            line = process.stderr.readline().decode()
-            lines.append(line)
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(mx\)", line)
-            port = int(found.group(1)) if found else None
-        assert port, "".join(lines)
+        port, lines = listening_port(process, r"listening on 127\.0\.0\.1:(\d+) \(mx\)")
         assert "smtp_in[%d]: config: spf=reject\n" % process.pid in lines
         result = subprocess.run(swaks_command(port, "someone@forged.test"),
                                 capture_output=True, timeout=30)
