@@ -137,19 +137,29 @@ def null_mx(domain):
 # --- Start-up ---
 
 
+def udp_and_tcp_sockets(host="127.0.0.1"):
+    """(udp, tcp) sockets bound to one free port on host, as a DNS server needs: a port free
+    for UDP may be taken for TCP, so another is tried then."""
+    for _ in range(20):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((host, 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind((host, udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp
+    raise RuntimeError("no port free for both UDP and TCP on %s" % host)
+
+
 def _free_port(host):
     """A port free for both UDP and TCP right now (dnsmasq needs both)."""
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on %s" % host)
+    udp, tcp = udp_and_tcp_sockets(host)
+    with udp, tcp:
+        return udp.getsockname()[1]
 
 
 def _probe(host, port, timeout):

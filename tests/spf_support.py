@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import yaml
 
 import dnsmx
+from dnsmasq_server import udp_and_tcp_sockets
 
 SUITE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "data", "spf", "rfc7208-tests.yml")
@@ -186,11 +187,8 @@ class ZoneServer:
 
     def __init__(self, zone=None):
         self.zone = zone or ZoneResolver()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = udp_and_tcp_sockets()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", self.port))
         self.tcp.listen(16)
         self.udp.settimeout(0.05)
         self.tcp.settimeout(0.05)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import dnsmx
 from capture_dns_fixtures import BIG_TXT, ZONE
 from conftest import require_tool
-from dnsmasq_server import start_dnsmasq
+from dnsmasq_server import start_dnsmasq, udp_and_tcp_sockets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -83,17 +83,15 @@ class ScriptedServer:
         self.clients = []
         self.tcp_queries = []
         self._stop = threading.Event()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = udp_and_tcp_sockets()
         self.port = self.udp.getsockname()[1]
         self.wrong = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.wrong.bind(("127.0.0.1", 0))
         self.threads = [threading.Thread(target=self._serve_udp, daemon=True)]
-        self.tcp = None
-        if tcp_reply is not None:
-            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.tcp.bind(("127.0.0.1", self.port))
+        if tcp_reply is None:
+            self.tcp.close()
+            self.tcp = None
+        else:
             self.tcp.listen(8)
             self.threads.append(threading.Thread(target=self._serve_tcp, daemon=True))
         for thread in self.threads:
