@@ -22,7 +22,6 @@ Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
 
 import argparse
 import base64
-import concurrent.futures
 import contextlib
 import fcntl
 import getpass
@@ -37,8 +36,11 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
+
+import plumbing
 
 __all__ = [
     "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
@@ -47,7 +49,6 @@ __all__ = [
     "write_atomically",
 ]
 
-DEFAULT_SPOOL = "./mailspool"
 USERS_FILE = "users"
 ALIASES_FILE = "aliases"
 STORE_LOCK = "store.lock"
@@ -783,7 +784,7 @@ class Store:
         # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
         # reused by the next hash instead of staying behind in each connection thread's
         # malloc arena.
-        self.hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, "password-hash")
+        self.hash_pool = ThreadPoolExecutor(HASH_THREADS, "password-hash")
 
     # -- tables --
 
@@ -1217,28 +1218,59 @@ def _command(args, store):
     return 0
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(
         prog="mailbox_store.py", description="Manage the users, aliases and Maildirs of a mail spool.")
-    parser.add_argument("--spool", default=DEFAULT_SPOOL, help="spool directory (default: %(default)s)")
+    spool_help = ("spool directory (default: $%s, else %s or %s when it is a spool)"
+                  % (plumbing.SPOOL_ENV, plumbing.LOCAL_SPOOL, plumbing.SYSTEM_SPOOL))
+    parser.add_argument("--spool", default="", help=spool_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    def command(name, text):
+        # --spool again, so that it may follow the command too.
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--spool", default=argparse.SUPPRESS, help=spool_help)
+        return sub
+
     for name, text in (("add-user", "add a user; password from a prompt or one line of stdin"),
                        ("passwd", "change a user's password")):
-        commands.add_parser(name, help=text).add_argument("address")
-    delete = commands.add_parser("del-user", help="delete a user (mail kept unless --purge)")
+        command(name, text).add_argument("address")
+    delete = command("del-user", "delete a user (mail kept unless --purge)")
     delete.add_argument("address")
     delete.add_argument("--purge", action="store_true", help="also delete the user's Maildir")
-    commands.add_parser("list-users", help="users with message count and bytes")
-    alias = commands.add_parser("add-alias", help="add targets to an alias (created if new)")
+    command("list-users", "users with message count and bytes")
+    alias = command("add-alias", "add targets to an alias (created if new)")
     alias.add_argument("name", help="a bare local part (every local domain) or an address")
     alias.add_argument("targets", nargs="+", metavar="TARGET")
-    commands.add_parser("del-alias", help="delete an alias").add_argument("name")
-    commands.add_parser("list-aliases", help="aliases as in the aliases file")
-    args = parser.parse_args(argv)
+    command("del-alias", "delete an alias").add_argument("name")
+    command("list-aliases", "aliases as in the aliases file")
+    return parser
+
+
+def _spool_for(args):
+    """The spool to work on (plumbing.find_spool); add-user alone may start a new one."""
+    try:
+        return plumbing.find_spool(args.spool)
+    except ValueError:
+        if args.command != "add-user":
+            raise
+    spool = os.path.abspath(args.spool or os.environ.get(plumbing.SPOOL_ENV, "")
+                            or plumbing.LOCAL_SPOOL)
+    make_dirs(spool)
+    print("mailbox_store: created a new spool at %s" % spool, file=sys.stderr)
+    return spool
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     logging.basicConfig(format="mailbox_store: %(message)s", level=logging.WARNING)
     try:
-        return _command(args, Store(args.spool))
+        spool = _spool_for(args)
+        plumbing.become_spool_owner(spool)
+        return _command(args, Store(spool))
+    except BrokenPipeError:        # `list-users | head`: the reader had enough
+        return plumbing.reader_went_away()
     except (ValueError, LookupError) as exc:
         message = exc.args[0] if exc.args else str(exc)
         print("mailbox_store: %s" % message, file=sys.stderr)

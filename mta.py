@@ -113,6 +113,7 @@ Run: python3 mta.py --spool DIR --domain example.com [--hostname mail.example.co
 
 import argparse
 import contextlib
+import email.generator  # noqa: F401 - as_bytes() would load it on first use (see plumbing.drop_privileges)
 import email.utils
 import errno
 import fcntl
@@ -150,7 +151,7 @@ __all__ = [
 ]
 
 DEFAULTS = {
-    "spool": "./mailspool",
+    "spool": "",                   # daemon: plumbing.spool_path; admin: plumbing.find_spool
     "domain": [],
     "hostname": "",
     "workers": 4,
@@ -1660,21 +1661,33 @@ def prepare_submission(data: bytes, *, sender: str, queue_id: str, hostname: str
     return b"\r\n".join(out) + b"\r\n", recipients
 
 
-def sendmail(args, config) -> int:
-    """`sendmail`: queue a message from stdin; exit codes from sysexits.h."""
-    domains = config["domain"]
-    hostname = config["hostname"] or socket.gethostname()
-    local_domain = domains[0] if domains else hostname
+def invoking_user() -> tuple:
+    """(uid, login name) of whoever runs the command, before it becomes the spool's owner."""
+    uid = os.getuid()
     try:
-        login = getpass.getuser()
+        return uid, getpass.getuser()
     except (KeyError, OSError):
-        login = "uid%d" % os.getuid()
+        return uid, "uid%d" % uid
+
+
+def sendmail(args, config, invoker=None) -> int:
+    """`sendmail`: queue a message from stdin; exit codes from sysexits.h.
+
+    A bare name (no "@") gets the first local domain, as Postfix appends $myorigin. invoker
+    is (uid, login) of the user who ran it (the process may be the spool's owner since).
+    """
+    uid, login = invoker or invoking_user()
+    hostname = config["hostname"] or socket.gethostname()
+    local_domain = config["domain"][0] if config["domain"] else _store_domain(config["spool"])
 
     def qualify(address):
         address = address.strip()
         if address.startswith("<") and address.endswith(">"):
             address = address[1:-1]
         if address and "@" not in address:
+            if not local_domain:
+                raise UsageError("no local domain to add to %r: give --domain, or run "
+                                 "run_all once on this spool" % address)
             address = address + "@" + local_domain
         return address
 
@@ -1695,7 +1708,7 @@ def sendmail(args, config) -> int:
     queue_id = plumbing.new_queue_id()
     message, found = prepare_submission(
         data, sender=sender or "MAILER-DAEMON@" + hostname, queue_id=queue_id, hostname=hostname,
-        now=time.time(), extract=args.extract, full_name=args.full_name or "", uid=os.getuid())
+        now=time.time(), extract=args.extract, full_name=args.full_name or "", uid=uid)
     recipients = []
     for address in list(args.recipients) + found:
         address = qualify(address)
@@ -1715,9 +1728,15 @@ def sendmail(args, config) -> int:
     except SpoolError as exc:
         print("mta sendmail: %s" % exc.strerror, file=sys.stderr)
         return EX_TEMPFAIL
-    log.info("%s: uid=%d, from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, os.getuid(), sender,
+    log.info("%s: uid=%d, from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, uid, sender,
              len(message), len(recipients))
     return EX_OK
+
+
+def _store_domain(spool):
+    """The first domain of the store's users, for a sendmail run with no --domain."""
+    users = mailbox_store.Store(spool).list_users()
+    return users[0].split("@", 1)[1] if users else ""
 
 
 # --- The admin CLI ---
@@ -1839,14 +1858,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mta.py", description="The spool's router daemon (no command), "
                      "or an admin command on the queue.")
     plumbing.add_options(parser, DEFAULTS)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    listing = commands.add_parser("queue", help="list the queue, like mailq")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, text):
+        # The shared options again, so that they may follow the command too.
+        return plumbing.add_options(commands.add_parser(name, help=text), DEFAULTS, suppress=True)
+
+    listing = command("queue", "list the queue, like mailq")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser("flush", help="retry every deferred recipient now")
-    delete = commands.add_parser("delete", help="remove a message (or all) from the queue")
+    command("flush", "retry every deferred recipient now")
+    delete = command("delete", "remove a message (or all) from the queue")
     delete.add_argument("queue_id", nargs="?", metavar="ID")
     delete.add_argument("--all", action="store_true", help="remove every message")
-    submit = commands.add_parser("sendmail", help="queue a message read from stdin")
+    submit = command("sendmail", "queue a message read from stdin")
     submit.add_argument("-t", dest="extract", action="store_true",
                         help="also send to the To, Cc and Bcc addresses (Bcc is removed)")
     submit.add_argument("-f", dest="sender", metavar="FROM", help="envelope sender (\"\" for <>)")
@@ -1859,6 +1883,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def admin_config(args) -> dict:
+    """The settings of an admin command: as the daemon's, but the spool must exist already
+    (plumbing.find_spool), and without --config the settings run_all wrote for the router
+    into the spool (SPOOL/run/mta.ini) stand in for a config file: domains, host name."""
+    config = plumbing.load_config("mta", DEFAULTS, args)
+    spool = plumbing.find_spool(config["spool"])
+    written = os.path.join(spool, RUN_DIR, "mta.ini")
+    if not getattr(args, "config", None) and os.path.exists(written):
+        config = plumbing.load_config("mta", DEFAULTS, args, path=written)
+    config["spool"] = spool
+    return config
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -1866,24 +1903,32 @@ def main(argv=None) -> int:
         config = plumbing.load_config("mta", DEFAULTS, args)
         parse_retry_schedule(config["retry_schedule"])
         plumbing.parse_cpus(config["cpus"])
-        if args.command is None:
-            plumbing.run_on_cpus(config["cpus"])   # the router daemon; the CLI runs anywhere
     except UsageError as exc:
         print("mta: %s (see --help)" % exc, file=sys.stderr)
         return EX_USAGE
     except ValueError as exc:
         print("mta: %s" % exc, file=sys.stderr)
         return EX_CONFIG
-    config["spool"] = os.path.abspath(config["spool"])
+    try:
+        if args.command is None:
+            config["spool"] = plumbing.spool_path(config["spool"])
+            plumbing.run_on_cpus(config["cpus"])   # the router daemon; the CLI runs anywhere
+        else:
+            config = admin_config(args)
+    except ValueError as exc:
+        print("mta: %s" % exc, file=sys.stderr)
+        return EX_CONFIG if args.command in (None, "sendmail") else 1
     plumbing.setup_logging("mta", config["syslog"], config["verbose"])
     if args.command == "sendmail" and not config["verbose"]:
         logging.getLogger().setLevel(logging.WARNING)    # cron mails whatever lands on stderr
     if args.command is None:
         return serve(config)
+    invoker = invoking_user()
     queue = Queue(config["spool"], hostname=config["hostname"] or None)
     try:
+        plumbing.become_spool_owner(config["spool"])
         if args.command == "sendmail":
-            return sendmail(args, config)
+            return sendmail(args, config, invoker)
         if args.command == "queue":
             return print_queue(queue, args.json)
         if args.command == "flush":
@@ -1891,9 +1936,14 @@ def main(argv=None) -> int:
             print("%d deferred message%s flushed" % (flushed, "" if flushed == 1 else "s"))
             return 0
         return delete_command(queue, args)
+    except BrokenPipeError:        # `mta.py queue | head`: the reader had enough
+        return plumbing.reader_went_away()
     except UsageError as exc:
         print("mta: %s" % exc, file=sys.stderr)
         return EX_USAGE
+    except ValueError as exc:
+        print("mta: %s" % exc, file=sys.stderr)
+        return EX_TEMPFAIL if args.command == "sendmail" else 1
     except OSError as exc:
         print("mta: %s" % exc, file=sys.stderr)
         return EX_TEMPFAIL if args.command == "sendmail" else 1

@@ -16,9 +16,11 @@ This module knows no mail protocol: a role subclasses the server and the handler
 client connection.
 """
 
+import argparse
 import base64
 import binascii
 import configparser
+import encodings.idna  # noqa: F401 - loaded now: see drop_privileges
 import ipaddress
 import logging
 import logging.handlers
@@ -37,10 +39,12 @@ from dataclasses import dataclass
 
 __all__ = [
     "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
-    "ServerStopping", "ThreadedServer", "add_options", "auth_failure_delay", "config_text",
-    "config_value", "decode_base64", "decode_plain", "drop_privileges", "is_loopback",
-    "load_config", "log_config", "new_queue_id", "parse_cpus", "parse_hostport", "run_on_cpus",
-    "serve_until_signalled", "server_tls_context", "setup_logging",
+    "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ThreadedServer",
+    "add_options", "auth_failure_delay", "become_spool_owner", "config_text", "config_value",
+    "decode_base64", "decode_plain", "drop_privileges", "find_spool", "is_loopback", "is_spool",
+    "load_config", "log_config", "new_queue_id", "parse_cpus", "parse_hostport", "read_ini",
+    "reader_went_away", "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "setup_logging",
+    "spool_path", "stderr_is_journal",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -49,6 +53,15 @@ MAX_SASL_RESPONSE = 12288          # octets of base64; RFC 4954 4 lets a server 
 BUSY_SEND_TIMEOUT = 2.0            # seconds to hand a busy reply to a refused client
 DEFAULT_GRACE = 5.0                # seconds open sessions get on shutdown
 WORKER_IDLE_LIFETIME = 60.0        # seconds a pooled session thread waits for work, then ends
+PARENT_CHECK = 1.0                 # seconds between checks that run_all is still there
+
+# Where the spool is when no --spool or config names it (see find_spool).
+SPOOL_ENV = "MAILTOOLKIT_SPOOL"
+SYSTEM_SPOOL = "/var/spool/mailtoolkit"
+LOCAL_SPOOL = "./mailspool"
+SPOOL_MARKERS = ("queue", "users", "run", "mail", "aliases")   # what a spool folder holds
+# run_all sets this to its pid in each child: a child whose parent is gone stops.
+SUPERVISOR_ENV = "MAILTOOLKIT_SUPERVISOR"
 
 CRLF, LF, CR = b"\r\n", b"\n", b"\r"
 
@@ -507,24 +520,62 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
             self.work.put(None)
 
 
-def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE):
-    """Serve every server on its own thread until SIGTERM or SIGINT, then stop them all."""
-    stop = threading.Event()
+def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=None):
+    """Serve every server on its own thread until SIGTERM or SIGINT, then stop them all.
 
-    def request_stop(signum, frame):
-        stop.set()
+    SIGHUP calls on_reload() (from this thread, not the signal handler); without one it is
+    logged and ignored, never fatal. Under run_all (SUPERVISOR_ENV set), the servers also
+    stop once run_all is gone, whatever killed it: the parent pid changes.
+    """
+    wake = threading.Event()
+    asked = set()                  # "stop", "reload": what the signals asked for
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    def on_signal(signum, frame):
+        asked.add("reload" if signum == signal.SIGHUP else "stop")
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    while not stop.wait(1.0):
-        pass
+    while "stop" not in asked:
+        wake.wait(PARENT_CHECK)
+        wake.clear()
+        if "reload" in asked and "stop" not in asked:
+            asked.discard("reload")
+            _reload(on_reload)
+        if supervisor.isdigit() and os.getppid() != int(supervisor):
+            log.warning("run_all (pid %s) is gone: stopping", supervisor)
+            break
     if on_stop is not None:
         on_stop()
     for server in servers:
         server.stop(grace)
     return 0
+
+
+def _reload(on_reload):
+    if on_reload is None:
+        log.info("reload: nothing to reload (users and aliases are read again when they change)")
+        return
+    try:
+        on_reload()
+    except Exception as exc:       # a bad new file keeps the old settings: never fatal
+        log.error("reload failed, keeping the old settings: %s", exc)
+
+
+def reload_tls(servers, cert_file, key_file):
+    """SIGHUP: load the certificate and key again and give the new context to every TLS
+    server; sessions already in TLS keep theirs, the next handshake uses the new one."""
+    if not cert_file:
+        log.info("reload: no TLS certificate configured")
+        return
+    context = server_tls_context(cert_file, key_file or cert_file)
+    for server in servers:
+        if server.tls_context is not None:
+            server.tls_context = context
+    log.info("reload: TLS certificate %s loaded", cert_file)
 
 
 # --- TLS ---
@@ -714,7 +765,7 @@ def parse_hostport(text, default_port):
 # The options several roles share, defined once: key -> help text. A role lists the keys
 # it takes in its DEFAULTS; a list default makes a repeatable flag.
 SHARED_HELP = {
-    "spool": "spool directory shared by all roles",
+    "spool": "spool directory shared by all roles (default: $%s, else %s)" % (SPOOL_ENV, LOCAL_SPOOL),
     "domain": "a local mail domain (repeatable)",
     "hostname": "this host's name, used in greetings and headers",
     "listen": "HOST:PORT to listen on",
@@ -736,25 +787,29 @@ SHARED_HELP = {
 }
 
 
-def add_options(parser, defaults, help_texts=None):
+def add_options(parser, defaults, help_texts=None, suppress=False):
     """Add --config and one flag per key of defaults; unset flags stay None.
 
-    help_texts gives the help of the role's own keys; shared keys have theirs here.
+    help_texts gives the help of the role's own keys; shared keys have theirs here. With
+    suppress, an unset flag sets nothing at all: for a subcommand's parser, so that the
+    same flags may come before or after the subcommand.
     """
-    parser.add_argument("--config", metavar="FILE", help="INI file ([DEFAULT] and one section per role)")
+    unset = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="FILE", default=unset,
+                        help="INI file ([DEFAULT] and one section per role)")
     for key, default in defaults.items():
         flag = "--" + key.replace("_", "-")
         help_text = (help_texts or {}).get(key) or SHARED_HELP.get(key, key.replace("_", " "))
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None,
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=unset,
                                 help=help_text)
         elif isinstance(default, list):
-            parser.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE",
+            parser.add_argument(flag, dest=key, action="append", default=unset, metavar="VALUE",
                                 help=help_text)
         else:
             if default != "":
                 help_text = "%s (default: %s)" % (help_text, default)
-            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=help_text)
+            parser.add_argument(flag, dest=key, default=unset, metavar=key.upper(), help=help_text)
     return parser
 
 
@@ -781,23 +836,35 @@ def config_value(key, text, default):
     return text
 
 
-def load_config(section, defaults, args=None):
+def read_ini(path):
+    """{section: {key: text}} of an INI file as written, [DEFAULT] a section like the others
+    (not merged into each). Raises ValueError naming the file when it cannot be read."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise ValueError("cannot read config %s: %s" % (path, exc)) from None
+    return {name: dict(parser.items(name, raw=True)) for name in parser.sections()}
+
+
+def load_config(section, defaults, args=None, path=None):
     """Return the role's settings: its defaults, then the INI file's, then the flags given.
 
-    The INI file (args.config) has a [DEFAULT] section for shared settings and one section
-    per role named after its file; keys the role does not know are ignored. Raises
-    ValueError with a readable message for a bad value or an unreadable file.
+    The INI file (args.config, or path) has a [DEFAULT] section for shared settings and one
+    section per role named after its file. A key of the role's own section that the role
+    does not know is an error; [DEFAULT] may hold keys of other roles. Raises ValueError
+    with a readable message for a bad value, an unknown key or an unreadable file.
     """
     config = dict(defaults)
-    path = getattr(args, "config", None) if args is not None else None
+    path = (getattr(args, "config", None) if args is not None else None) or path
     if path:
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except (OSError, configparser.Error) as exc:
-            raise ValueError("cannot read config %s: %s" % (path, exc)) from None
-        values = parser[section] if parser.has_section(section) else parser.defaults()
+        sections = read_ini(path)
+        for key in sections.get(section, {}):
+            if key not in defaults:
+                raise ValueError("%s: [%s] %s: no such setting" % (path, section, key))
+        values = dict(sections.get("DEFAULT", {}))
+        values.update(sections.get(section, {}))
         for key, text in values.items():
             if key in defaults:
                 config[key] = config_value(key, text, defaults[key])
@@ -818,9 +885,14 @@ def config_text(value) -> str:
 
 
 def log_config(log, config) -> None:
-    """Log the effective settings at startup, one per line: "config: key=value", sorted."""
+    """Log the effective settings at startup, one per line: "config: key=value", sorted.
+
+    Under run_all they are logged only with --verbose: run_all --print-config shows them all,
+    and its summary of the listeners stays readable at the top of its output.
+    """
+    level = logging.DEBUG if os.environ.get(SUPERVISOR_ENV) else logging.INFO
     for key in sorted(config):
-        log.info("config: %s=%s", key, config_text(config[key]))
+        log.log(level, "config: %s=%s", key, config_text(config[key]))
 
 
 # --- Logging and queue ids ---
@@ -854,17 +926,38 @@ class _LineHandler(logging.Handler):
             self.handleError(record)
 
 
+def stderr_is_journal():
+    """True when stderr is systemd's journal, which stamps each line itself: systemd sets
+    JOURNAL_STREAM to the device and inode of the stream it connected (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return device.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+class _Formatter(logging.Formatter):
+    """ "role[pid]: message", after an ISO 8601 local time when stamped."""
+
+    def formatTime(self, record, datefmt=None):
+        when = time.localtime(record.created)
+        return "%s.%03d%s" % (time.strftime("%Y-%m-%dT%H:%M:%S", when), record.msecs,
+                              time.strftime("%z", when))
+
+
 def setup_logging(role, syslog=False, verbose=False):
     """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
 
     A process runs one role, so every line carries that role's name, the plumbing's too.
+    Lines on stderr start with the time, unless syslog or the journal adds its own.
     """
     # A daemon logs a few lines per message: skip the caller, thread and process look-ups
     # the format never shows (the logging HOWTO's "Optimization" settings).
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
-    formatter = logging.Formatter(role + "[%(process)d]: %(message)s")
+    plain = logging.Formatter(role + "[%(process)d]: %(message)s")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -872,14 +965,19 @@ def setup_logging(role, syslog=False, verbose=False):
         stderr = _LineHandler(sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):      # a stderr without a file descriptor
         stderr = logging.StreamHandler()
-    stderr.setFormatter(formatter)
+    has_syslog = syslog and os.path.exists("/dev/log")
+    if has_syslog or stderr_is_journal():
+        stderr.setFormatter(plain)
+    else:
+        stderr.setFormatter(_Formatter("%(asctime)s " + role + "[%(process)d]: %(message)s"))
     root.addHandler(stderr)
-    if syslog:
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address, logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(formatter)
+    if has_syslog:
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(plain)
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if syslog and not has_syslog:
+        log.warning("syslog: there is no /dev/log on this host; logging to stderr only")
     return logging.getLogger(role)
 
 
@@ -943,14 +1041,98 @@ def run_on_cpus(text: str) -> None:
         raise ValueError("cpus: %s: %s" % (text, exc.strerror)) from None
 
 
-# --- Privileges ---
+# --- Privileges and the spool's owner ---
 
 def drop_privileges(user):
-    """When running as root and user is given, become that user (after binding ports)."""
+    """When running as root and user is given, become that user (after binding ports), with
+    the user's groups (a group may grant the TLS key). Raises ValueError, naming the user
+    and the reason, when that fails.
+
+    The roles import every module they use at start, before this: once it has run, the
+    Python library itself may be out of the user's reach (an interpreter installed under
+    /root), and a module the standard library loads on first use (the IDNA codec behind
+    socket.getfqdn(), concurrent.futures' thread pool) would then fail to load.
+    """
     if not user or os.getuid() != 0:
         return
     import pwd
-    entry = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+    try:
+        entry = pwd.getpwnam(user)
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except KeyError:
+        raise ValueError("cannot become user %s: no such user" % user) from None
+    except OSError as exc:
+        raise ValueError("cannot become user %s: %s" % (user, exc.strerror or exc)) from None
+
+
+def become_spool_owner(spool):
+    """An admin tool run as root becomes the owner of the spool before it touches it.
+
+    Everything it then writes (users, aliases, queue files, doorbell rings) belongs to that
+    owner, the user the daemons run as, with the same modes a daemon would give it, and no
+    file is ever root's for a moment. A spool owned by root is left as root's.
+    Raises ValueError when the switch fails.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(spool)
+    except OSError:
+        return
+    if st.st_uid == 0:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+    except OSError as exc:
+        raise ValueError("cannot become the owner (uid %d) of %s: %s"
+                         % (st.st_uid, spool, exc.strerror or exc)) from None
+
+
+def spool_path(given=""):
+    """The spool a daemon uses: the one given, else $MAILTOOLKIT_SPOOL, else ./mailspool."""
+    return os.path.abspath(given or os.environ.get(SPOOL_ENV, "") or LOCAL_SPOOL)
+
+
+def reader_went_away():
+    """After a BrokenPipeError on stdout (`mta.py queue | head`): point stdout at /dev/null,
+    so that the interpreter's last flush at exit does not complain; the command then ends
+    quietly, with status 1 (the listing was cut short)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return 1
+
+
+def is_spool(path):
+    """True for a folder that looks like a spool: it holds a queue, users, mail or run/."""
+    try:
+        return any(os.path.exists(os.path.join(path, name)) for name in SPOOL_MARKERS)
+    except (OSError, ValueError):
+        return False
+
+
+def find_spool(given=""):
+    """The spool an admin tool works on: the one given (--spool or the config); else the
+    environment's MAILTOOLKIT_SPOOL; else ./mailspool when it is a spool; else
+    /var/spool/mailtoolkit when it is one. Raises ValueError when the folder is missing or
+    not a spool: an admin tool never makes a new spool by accident."""
+    candidates = [given or os.environ.get(SPOOL_ENV, "")]
+    if not candidates[0]:
+        candidates = [LOCAL_SPOOL, SYSTEM_SPOOL]
+    for candidate in candidates:
+        if is_spool(candidate):
+            return os.path.abspath(candidate)
+    if len(candidates) > 1:
+        raise ValueError("no spool in %s or %s: give --spool DIR or set %s"
+                         % (LOCAL_SPOOL, SYSTEM_SPOOL, SPOOL_ENV))
+    if not os.path.isdir(candidates[0]):
+        raise ValueError("no spool at %s (no such folder)" % candidates[0])
+    raise ValueError("%s is not a spool (it has none of %s)"
+                     % (candidates[0], ", ".join(SPOOL_MARKERS)))

@@ -20,7 +20,7 @@ import plumbing
 __all__ = ["DEFAULTS", "POP3Handler", "POP3Server", "main", "parse_message_number", "split_command"]
 
 DEFAULTS = {
-    "spool": "./mailspool",
+    "spool": "",                    # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
     "listen": "127.0.0.1:1110",
     "pop3s_listen": "",
     "domain": [],
@@ -427,6 +427,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("pop3d", DEFAULTS, args)
+        config["spool"] = plumbing.spool_path(config["spool"])
         plumbing.run_on_cpus(config["cpus"])
     except ValueError as exc:
         print("pop3d: %s" % exc, file=sys.stderr)
@@ -467,14 +468,15 @@ def main(argv=None):
         return 1
     try:
         plumbing.drop_privileges(config["user"])
-    except (OSError, KeyError) as exc:
-        print("pop3d: cannot become user %s: %s" % (config["user"], exc), file=sys.stderr)
+    except ValueError as exc:
+        print("pop3d: %s" % exc, file=sys.stderr)
         return 1
     plumbing.log_config(logger, config)
     for server in servers:
         logger.info("listening on %s port %d%s", server.server_address[0], server.port,
                     " (implicit TLS)" if server.implicit_tls else "")
-    return plumbing.serve_until_signalled(servers)
+    return plumbing.serve_until_signalled(servers, on_reload=lambda: plumbing.reload_tls(
+        servers, config["tls_cert"], config["tls_key"]))
 
 
 if __name__ == "__main__":

@@ -4,20 +4,36 @@ Each role runs as its own child process, the same file a user can run alone:
 
     smtp_in.py (MX)   smtp_in.py --submission   mta.py   smtp_out.py   pop3d.py
 
-run_all writes the effective settings to SPOOL/run/run_all.ini, starts each child with
-`--config` on that file (plus the one listen address that tells two smtp_in apart), merges
-their logs on its own stderr (every line carries the role's name), restarts a child that
-dies with a growing backoff, and on SIGTERM or SIGINT stops them all within a few seconds.
-Nothing acknowledged is lost on a stop: each role keeps its work in the spool.
+One INI file configures them all (`--config FILE`): [DEFAULT] for every role, [run_all] for
+the listeners and this supervisor, and one section per child ([smtp_in], [submission] on top
+of [smtp_in], [mta], [smtp_out], [pop3d]). Every key a role accepts may be set there; a key
+no role knows is an error. For each child, run_all resolves its settings (flags given to
+run_all first, then the child's own section, then [run_all] and [DEFAULT], then the role's
+defaults), writes them whole to SPOOL/run/CHILD.ini and starts the child with `--config` on
+that file. The admin tools read SPOOL/run/mta.ini too, to know the local domains.
+
+run_all merges the children's logs on its own stderr (every line carries the role's name),
+restarts a child that dies with a growing backoff, and on SIGTERM or SIGINT stops them all
+within a few seconds. SIGHUP reloads: the config file is read again, children whose
+settings changed are restarted, the others are told to load the TLS certificate again
+(users and aliases are read again by every role when they change). If run_all itself dies,
+even by SIGKILL, each child notices its parent is gone and stops within seconds. Nothing
+acknowledged is lost on a stop: each role keeps its work in the spool.
+
+Started as root with --user, run_all gives the spool to that user; each child binds its
+ports, then becomes the user. run_all stays root to restart them, and keeps a copy of the
+TLS certificate and key in SPOOL/run/tls/, readable by the user, so that a renewed
+certificate is loaded on SIGHUP without a restart.
 
 Run: python3 run_all.py                     (embedded defaults: ./mailspool, localhost, 2525/2587/1110)
-     python3 run_all.py --check             (validate the configuration and exit)
+     python3 run_all.py --check [--print-config]   (validate the configuration and exit)
 """
 
 import argparse
 import configparser
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -29,13 +45,16 @@ import time
 import mailbox_store
 import mta
 import plumbing
+import pop3d
+import smtp_in
+import smtp_out
 
-__all__ = ["DEFAULTS", "Supervisor", "check_config", "main"]
+__all__ = ["CHILDREN", "DEFAULTS", "Supervisor", "check_config", "child_settings", "main"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = {
-    "spool": "./mailspool",
+    "spool": "",                     # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
     "domain": ["localhost"],
     "hostname": "",
     "smtp": "127.0.0.1:2525",
@@ -75,9 +94,19 @@ HELP = {
             "use; none: leave it to the system)",
 }
 
-# Settings every role reads from the [DEFAULT] section of the generated file.
-SHARED_KEYS = ("spool", "domain", "hostname", "tls_cert", "tls_key", "dns", "idle_timeout",
-               "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose")
+# The children: name -> (file, INI section, the role's settings). The submission listener
+# is smtp_in again; its [submission] section is read on top of [smtp_in].
+CHILDREN = {
+    "smtp_in": ("smtp_in.py", "smtp_in", smtp_in.DEFAULTS),
+    "submission": ("smtp_in.py", "smtp_in", smtp_in.DEFAULTS),
+    "mta": ("mta.py", "mta", mta.DEFAULTS),
+    "smtp_out": ("smtp_out.py", "smtp_out", smtp_out.DEFAULTS),
+    "pop3d": ("pop3d.py", "pop3d", pop3d.DEFAULTS),
+}
+SECTIONS = ("run_all",) + tuple(CHILDREN)        # besides [DEFAULT]
+
+# Keys run_all sets in each child itself, from smtp, submission, smtps, pop3, pop3s and cpus.
+MANAGED_KEYS = ("listen", "smtps_listen", "pop3s_listen", "submission", "cpus")
 
 # The order in which roles are given CPUs: smtp_in and mta, which every inbound message
 # crosses, get one each first.
@@ -87,6 +116,7 @@ RESTART_DELAYS = (1, 2, 5, 10, 30)   # seconds before restarting a role that die
 STABLE_AFTER = 60                    # a role up this long has its backoff reset
 STOP_GRACE = 8                       # seconds a role gets to stop before SIGKILL
 READY_TIMEOUT = 10                   # seconds to wait for the listeners to open
+TLS_COPY_DIR = "tls"                 # SPOOL/run/tls/: the children's copy of cert and key
 
 log = logging.getLogger("run_all")
 
@@ -113,78 +143,177 @@ def cpu_plan(setting, names=CPU_ORDER):
     return {name: cpus[number % len(cpus)] for number, name in enumerate(order)}
 
 
-def role_commands(config, ini_path):
-    """(name, argv) of each child process the configuration asks for."""
-    python = sys.executable
-
-    def role(file_name, *extra):
-        return [python, os.path.join(HERE, file_name), "--config", ini_path] + list(extra)
-
-    commands = []
+def child_names(config):
+    """The children the configuration asks for, in start order."""
+    names = []
     if config["smtp"]:
-        commands.append(("smtp_in", role("smtp_in.py", "--listen", config["smtp"])))
+        names.append("smtp_in")
     if config["submission"] or config["smtps"]:
-        extra = ["--submission", "--listen", config["submission"] or config["smtps"]]
-        if config["submission"] and config["smtps"]:
-            extra += ["--smtps-listen", config["smtps"]]
-        commands.append(("submission", role("smtp_in.py", *extra)))
-    commands.append(("mta", role("mta.py")))
-    commands.append(("smtp_out", role("smtp_out.py")))
+        names.append("submission")
+    names += ["mta", "smtp_out"]
     if config["pop3"] or config["pop3s"]:
-        extra = ["--listen", config["pop3"] or config["pop3s"]]
-        if config["pop3"] and config["pop3s"]:
-            extra += ["--pop3s-listen", config["pop3s"]]
-        commands.append(("pop3d", role("pop3d.py", *extra)))
-    plan = cpu_plan(config["cpus"], [name for name, _ in commands])
-    return [(name, argv + ["--cpus", str(plan[name])] if name in plan else argv)
-            for name, argv in commands]
+        names.append("pop3d")
+    return names
 
 
-def write_role_config(config, path):
-    """Write the settings the roles read: shared ones in [DEFAULT], the rest per role."""
+def check_sections(sections, path):
+    """Problems with the config file's sections and keys: a section no child has, a key no
+    role knows, a key in a child's section that the child does not take."""
+    problems = []
+    known_anywhere = set(DEFAULTS).union(*(defaults for _, _, defaults in CHILDREN.values()))
+    for section, values in sections.items():
+        if section == "DEFAULT":
+            known, where = known_anywhere, "any role"
+        elif section == "run_all":
+            known, where = set(DEFAULTS), "run_all"
+        elif section in CHILDREN:
+            known, where = set(CHILDREN[section][2]) - set(MANAGED_KEYS), section
+        else:
+            problems.append("%s: [%s]: no such section (sections: DEFAULT, %s)"
+                            % (path, section, ", ".join(SECTIONS)))
+            continue
+        for key in values:
+            if key in MANAGED_KEYS and section in CHILDREN:
+                problems.append("%s: [%s] %s: run_all sets it from smtp, submission, smtps, "
+                                "pop3, pop3s and cpus" % (path, section, key))
+            elif key not in known:
+                problems.append("%s: [%s] %s: no such setting for %s" % (path, section, key, where))
+    return problems
+
+
+def child_settings(config, sections, given, tls_files=None):
+    """{child: {key: value}}: every setting of every child the configuration starts.
+
+    For each key of the role: a run_all flag given on the command line (given: their keys);
+    else the child's own section ([submission] over [smtp_in] for the submission listener);
+    else run_all's setting of that name (its defaults, [DEFAULT] and [run_all]); else
+    [DEFAULT]; else the role's default. Then the listeners and CPUs run_all decides, and
+    tls_files, a (cert, key) pair standing in for the certificate files. Raises ValueError
+    for a value that is not of its setting's type.
+    """
+    names = child_names(config)
+    cpus = cpu_plan(config["cpus"], names)
+    listeners = {
+        "smtp_in": {"listen": config["smtp"], "submission": False, "smtps_listen": ""},
+        "submission": {"listen": config["submission"], "submission": True,
+                       "smtps_listen": config["smtps"]},
+        "pop3d": {"listen": config["pop3"], "pop3s_listen": config["pop3s"]},
+    }
+    result = {}
+    for name in names:
+        _, section, defaults = CHILDREN[name]
+        own = dict(sections.get(section, {}))
+        if name == "submission":
+            own.update(sections.get("submission", {}))
+        settings = {}
+        for key, default in defaults.items():
+            if key in MANAGED_KEYS:
+                continue               # set below
+            if key in given:
+                value = config[key]
+            elif key in own:
+                value = own[key]
+            elif key in DEFAULTS and config[key] != "":
+                value = config[key]
+            else:
+                value = sections.get("DEFAULT", {}).get(key, default)
+            try:
+                settings[key] = plumbing.config_value(key, value, default)
+            except ValueError as exc:
+                raise ValueError("[%s] %s" % (name, exc)) from None
+        settings.update((key, value) for key, value in listeners.get(name, {}).items()
+                        if key in defaults)
+        settings["cpus"] = str(cpus[name]) if name in cpus else ""
+        if tls_files and settings.get("tls_cert"):
+            settings["tls_cert"], settings["tls_key"] = tls_files
+        result[name] = settings
+    return result
+
+
+def settings_text(name, settings):
+    """The INI text of one child's settings, in the section its role reads."""
     parser = configparser.ConfigParser(interpolation=None)
-    for key in SHARED_KEYS:
-        if config[key] not in ("", []):
-            parser["DEFAULT"][key] = plumbing.config_text(config[key])
-    parser["smtp_in"] = {"spf": config["spf"]}
-    parser["smtp_out"] = {"remote_port": plumbing.config_text(config["remote_port"])}
-    for key in ("relay_host", "relay_auth_file"):
-        if config[key]:
-            parser["smtp_out"][key] = config[key]
+    parser[CHILDREN[name][1]] = {key: plumbing.config_text(value) for key, value in settings.items()}
+    lines = []
+
+    class Lines:
+        write = lines.append
+    parser.write(Lines)
+    return "".join(lines)
+
+
+def write_child_config(path, text, owner=None):
+    """Write one child's settings file atomically; owned by the spool's user when given."""
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as f:
-        parser.write(f)
+        f.write(text)
+    if owner is not None:
+        os.chown(temporary, *owner)
     os.replace(temporary, path)
+
+
+def copy_tls_files(config, folder, owner):
+    """Copy the certificate and key where the children, once not root, can read them again
+    on SIGHUP (SPOOL/run/tls/, mode 0600, owned by the user); return the copies' paths."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chown(folder, *owner)
+    copies = []
+    for source, name in ((config["tls_cert"], "cert.pem"), (config["tls_key"], "key.pem")):
+        target = os.path.join(folder, name)
+        temporary = target + ".tmp"
+        with open(source, "rb") as f:
+            data = f.read()
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chown(temporary, *owner)
+        os.replace(temporary, target)
+        copies.append(target)
+    return tuple(copies)
 
 
 class Child:
     """One supervised role process."""
 
-    def __init__(self, name, argv):
+    def __init__(self, name, argv, settings_text=""):
         self.name = name
         self.argv = argv
+        self.settings_text = settings_text
         self.process = None
         self.started = 0.0
         self.failures = 0
         self.restart_at = 0.0
 
     def start(self):
-        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        environment = dict(os.environ, **{plumbing.SUPERVISOR_ENV: str(os.getpid())})
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=environment)
         self.started = time.monotonic()
         log.info("started %s, pid=%d", self.name, self.process.pid)
 
+    def signal(self, signum):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
 
 class Supervisor:
-    """Runs the children, restarts the ones that die, stops them all when asked."""
+    """Runs the children, restarts the ones that die, reloads, stops them all when asked.
 
-    def __init__(self, commands):
-        self.children = [Child(name, argv) for name, argv in commands]
+    commands is [(name, argv, settings text)]; reload(), when given, returns a new such list
+    (or None to keep the present one) and is called on SIGHUP.
+    """
 
-    def run(self, stop):
+    def __init__(self, commands, reload=None):
+        self.children = [Child(*command) for command in commands]
+        self.reload = reload
+
+    def run(self, stop, reload_requested=None):
         """Start every child; restart dead ones with backoff until the stop event is set."""
         for child in self.children:
             child.start()
         while not stop.wait(0.2):
+            if reload_requested is not None and reload_requested.is_set():
+                reload_requested.clear()
+                self.apply_reload()
             now = time.monotonic()
             for child in self.children:
                 if child.process is None:
@@ -203,9 +332,37 @@ class Supervisor:
                 log.warning("%s exited with status %s, restarting in %d s", child.name, status, delay)
         self.stop()
 
-    def stop(self):
-        """SIGTERM every child, then SIGKILL those still running after the grace."""
-        running = [c.process for c in self.children if c.process is not None]
+    def apply_reload(self):
+        """Restart the children whose command or settings changed, start new ones, stop
+        those no longer wanted, and send SIGHUP to the rest (TLS certificate again)."""
+        commands = self.reload() if self.reload is not None else None
+        if commands is None:
+            return
+        old = {child.name: child for child in self.children}
+        children = []
+        for name, argv, text in commands:
+            child = old.pop(name, None)
+            if child is not None and (child.argv, child.settings_text) == (argv, text):
+                child.signal(signal.SIGHUP)
+                children.append(child)
+                continue
+            if child is not None:
+                log.info("reload: restarting %s, its settings changed", name)
+                self.stop([child])
+            else:
+                log.info("reload: starting %s", name)
+            child = Child(name, argv, text)
+            child.start()
+            children.append(child)
+        for child in old.values():
+            log.info("reload: stopping %s, no longer configured", child.name)
+        self.stop(list(old.values()))
+        self.children = children
+
+    def stop(self, children=None):
+        """SIGTERM the children, then SIGKILL those still running after the grace."""
+        children = self.children if children is None else children
+        running = [c.process for c in children if c.process is not None]
         for process in running:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -229,14 +386,66 @@ def listen_addresses(config):
             for key, label, port in labels if config[key]]
 
 
-def check_config(config):
-    """Return a list of problems (empty when the configuration can run)."""
+def clashing_listeners(addresses):
+    """Problems for two listeners on one port where their hosts overlap (the same address,
+    or a wildcard such as 0.0.0.0 or :: and anything else of that port)."""
+    problems = []
+    wildcard = ("0.0.0.0", "::", "")
+    for number, (label, host, port) in enumerate(addresses):
+        for other_label, other_host, other_port in addresses[:number]:
+            if port == other_port and (host == other_host or host in wildcard
+                                       or other_host in wildcard):
+                problems.append("%s and %s both listen on %s:%d"
+                                % (other_label, label, host, port))
+    return problems
+
+
+def user_entry(user):
+    """The pwd entry of --user; ValueError when there is no such user."""
+    import pwd
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError("user: no such user %r" % user) from None
+
+
+def unreachable_folder(spool, entry):
+    """The first folder above the spool that the user cannot pass through, or None."""
+    folder = os.path.dirname(os.path.abspath(spool))
+    while True:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None                # made by os.makedirs below, as root: checked again
+        if st.st_uid == entry.pw_uid:
+            allowed = st.st_mode & 0o100
+        elif st.st_gid == entry.pw_gid:
+            allowed = st.st_mode & 0o010
+        else:
+            allowed = st.st_mode & 0o001
+        if not allowed:
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def check_config(config, held=()):
+    """Return a list of problems (empty when the configuration can run).
+
+    held are the (host, port) pairs this run_all listens on already (a reload): they are
+    not probed.
+    """
     problems = []
     try:
         addresses = listen_addresses(config)
     except ValueError as exc:
         return ["listen address: %s" % exc]
+    problems += clashing_listeners(addresses)
     for label, host, port in addresses:
+        if (host, port) in held:
+            continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         probe = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -257,8 +466,8 @@ def check_config(config):
         cpu_plan(config["cpus"])
     except ValueError as exc:
         problems.append(str(exc))
-    if config["spf"] not in ("off", "tag", "reject"):
-        problems.append("spf: %r is not one of off, tag, reject" % config["spf"])
+    if config["spf"] not in smtp_in.SPF_POLICIES:
+        problems.append("spf: %r is not one of %s" % (config["spf"], ", ".join(smtp_in.SPF_POLICIES)))
     try:
         mta.parse_retry_schedule(config["retry_schedule"])
     except ValueError as exc:
@@ -266,6 +475,16 @@ def check_config(config):
     if (config["smtps"] or config["pop3s"]) and not config["tls_cert"]:
         problems.append("tls: the SMTPS and POP3S listeners need --tls-cert and --tls-key")
     spool = config["spool"]
+    if config["user"]:
+        try:
+            entry = user_entry(config["user"])
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            blocked = unreachable_folder(spool, entry)
+            if os.getuid() == 0 and blocked:
+                problems.append("spool: user %s cannot reach %s: %s is closed to it (chmod o+x, "
+                                "or put the spool elsewhere)" % (config["user"], spool, blocked))
     try:
         os.makedirs(spool, exist_ok=True)
         probe_path = os.path.join(spool, ".write-test-%d" % os.getpid())
@@ -286,13 +505,15 @@ def check_config(config):
     return problems
 
 
-def give_spool_to(spool, user):
-    """Started as root with --user: the roles drop to that user, so it must own the spool."""
-    import pwd
-    entry = pwd.getpwnam(user)
+def give_spool_to(spool, entry):
+    """Started as root with --user: the roles drop to that user, so it must own the spool,
+    and everything in it (files an admin tool or an older version made as root)."""
+    owner = (entry.pw_uid, entry.pw_gid)
     for folder, dirs, files in os.walk(spool):
         for name in [folder] + [os.path.join(folder, n) for n in dirs + files]:
-            os.lchown(name, entry.pw_uid, entry.pw_gid)
+            st = os.lstat(name)
+            if (st.st_uid, st.st_gid) != owner:
+                os.lchown(name, *owner)
 
 
 def listening_ports():
@@ -353,22 +574,57 @@ def next_steps(config, addresses):
 
 # --- main ---
 
+def read_configuration(args):
+    """(run_all's settings, the file's sections, {child: settings}, problems) from the flags
+    and the config file. Raises ValueError for a bad value or an unreadable file."""
+    config = plumbing.load_config("run_all", DEFAULTS, args)
+    config["spool"] = plumbing.spool_path(config["spool"])
+    sections = plumbing.read_ini(args.config) if args.config else {}
+    problems = check_sections(sections, args.config)
+    given = {key for key in DEFAULTS if getattr(args, key, None) is not None}
+    return config, sections, given, problems
+
+
+def child_commands(children, run_dir, owner):
+    """[(name, argv, settings text)], each child's settings written to run_dir/NAME.ini."""
+    commands = []
+    for name, settings in children.items():
+        text = settings_text(name, settings)
+        path = os.path.join(run_dir, name + ".ini")
+        write_child_config(path, text, owner)
+        commands.append((name, [sys.executable, os.path.join(HERE, CHILDREN[name][0]),
+                                "--config", path], text))
+    return commands
+
+
+def print_settings(children, run_dir):
+    """--print-config: each child's effective settings, as its settings file will hold them."""
+    for name, settings in children.items():
+        print("# %s: %s" % (name, os.path.join(run_dir, name + ".ini")))
+        print(settings_text(name, settings))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="run_all.py", description="Run every mail role on this host from one config.")
     plumbing.add_options(parser, DEFAULTS, HELP)
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration (ports, certificate, spool, postmaster) and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every child's effective settings (with --check: then exit)")
     args = parser.parse_args(argv)
     try:
-        config = plumbing.load_config("run_all", DEFAULTS, args)
+        config, sections, given, problems = read_configuration(args)
+        children = child_settings(config, sections, given)
     except ValueError as exc:
         print("run_all: %s" % exc, file=sys.stderr)
         return 1
     plumbing.setup_logging("run_all", config["syslog"], config["verbose"])
-    config["spool"] = os.path.abspath(config["spool"])
-
-    problems = check_config(config)
+    run_dir = os.path.join(config["spool"], mta.RUN_DIR)
+    if args.print_config:
+        print_settings(children, run_dir)
+        sys.stdout.flush()
+    problems += check_config(config)
     for problem in problems:
         print("run_all: %s" % problem, file=sys.stderr)
     if args.check:
@@ -377,31 +633,76 @@ def main(argv=None):
     if any(not problem.startswith("postmaster@") for problem in problems):
         return 1
 
-    plumbing.log_config(log, config)
-    run_dir = os.path.join(config["spool"], "run")
-    os.makedirs(run_dir, exist_ok=True)
-    ini_path = os.path.join(run_dir, "run_all.ini")
-    write_role_config(config, ini_path)
-    if config["user"] and os.getuid() == 0:
-        give_spool_to(config["spool"], config["user"])
+    owner = entry = None
+    if config["user"]:
+        if os.getuid() == 0:
+            entry = user_entry(config["user"])
+            owner = (entry.pw_uid, entry.pw_gid)
+        else:
+            log.warning("user %s: not started as root; every role runs as uid %d",
+                        config["user"], os.getuid())
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tls_files = None
+        if owner and config["tls_cert"]:
+            tls_files = copy_tls_files(config, os.path.join(run_dir, TLS_COPY_DIR), owner)
+        commands = child_commands(child_settings(config, sections, given, tls_files), run_dir, owner)
+        if entry is not None:
+            give_spool_to(config["spool"], entry)
+    except OSError as exc:
+        print("run_all: cannot prepare the spool %s: %s" % (config["spool"], exc), file=sys.stderr)
+        return 1
+    addresses = listen_addresses(config)
+
+    def reload():
+        """SIGHUP: the new commands, or None (and why, in the log) to keep what runs."""
+        log.info("reload: reading the configuration again")
+        try:
+            new, new_sections, new_given, new_problems = read_configuration(args)
+            child_settings(new, new_sections, new_given)
+        except ValueError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+            return None
+        held = {(host, port) for _, host, port in addresses}
+        new_problems += check_config(new, held)
+        for key in ("spool", "user", "smtp", "submission", "smtps", "pop3", "pop3s"):
+            if new[key] != config[key]:
+                new_problems.append("%s: changes only with a restart of run_all" % key)
+        new_problems = [p for p in new_problems if not p.startswith("postmaster@")]
+        for problem in new_problems:
+            log.error("reload: %s", problem)
+        if new_problems:
+            log.error("reload: keeping the running configuration")
+            return None
+        try:
+            new_tls = None
+            if owner and new["tls_cert"]:
+                new_tls = copy_tls_files(new, os.path.join(run_dir, TLS_COPY_DIR), owner)
+            return child_commands(child_settings(new, new_sections, new_given, new_tls),
+                                  run_dir, owner)
+        except OSError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+            return None
 
     stop = threading.Event()
+    reload_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    supervisor = Supervisor(role_commands(config, ini_path))
-    addresses = listen_addresses(config)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+    supervisor = Supervisor(commands, reload)
 
     def announce():
         if wait_until_listening(addresses):
             listening = ", ".join("%s %s:%d" % a for a in addresses)
-            print("run_all: listening: %s; spool %s" % (listening, config["spool"]), file=sys.stderr)
+            log.info("listening: %s; spool %s", listening, config["spool"])
             print(next_steps(config, addresses), file=sys.stderr, flush=True)
         else:
             log.warning("not every listener opened within %d s; see the roles' messages",
                         READY_TIMEOUT)
+        plumbing.log_config(log, config)
 
     threading.Thread(target=announce, daemon=True).start()
-    supervisor.run(stop)
+    supervisor.run(stop, reload_requested)
     log.info("stopped")
     return 0
 

@@ -75,7 +75,7 @@ CRLF = b"\r\n"
 
 # Every setting, its default, and the flag or INI key that changes it (plumbing.add_options).
 DEFAULTS = {
-    "spool": "./mailspool",
+    "spool": "",                   # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
     "listen": "127.0.0.1:2525",
     "submission": False,
     "smtps_listen": "",
@@ -1077,7 +1077,7 @@ class SMTPServer(plumbing.ThreadedServer):
             if key in DEFAULTS:
                 value = plumbing.config_value(key, value, DEFAULTS[key])
             settings[key] = value
-        self.spool_dir = str(settings["spool"])
+        self.spool_dir = plumbing.spool_path(str(settings["spool"]))
         self.hostname = settings["hostname"] or socket.getfqdn()
         self.domains = [domain.lower() for domain in settings["domain"]]
         self.primary_domain = self.domains[0] if self.domains else self.hostname
@@ -1119,6 +1119,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_in", DEFAULTS, args)
+        config["spool"] = plumbing.spool_path(config["spool"])
         plumbing.run_on_cpus(config["cpus"])
         parse_networks(config["relay_network"])
         spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
@@ -1135,9 +1136,15 @@ def main(argv=None):
             return 1
     if config["submission"] and not config["tls_cert"]:
         log.warning("submission without --tls-cert: AUTH is offered on loopback connections only")
-    listeners = [(config["listen"], config["submission"], False)]
+    listeners = []
+    if config["listen"]:
+        listeners.append((config["listen"], config["submission"], False))
     if config["smtps_listen"]:
         listeners.append((config["smtps_listen"], True, True))   # RFC 8314 3.3: submission
+    if not listeners:
+        print("smtp_in: nothing to listen on (--listen and --smtps-listen are empty)",
+              file=sys.stderr)
+        return 1
     servers = []
     for where, submission, implicit_tls in listeners:
         default_port = SMTPS_PORT if implicit_tls else SUBMISSION_PORT if submission else SMTP_PORT
@@ -1151,13 +1158,18 @@ def main(argv=None):
             for server in servers:
                 server.server_close()
             return 1
-    plumbing.drop_privileges(config["user"])
+    try:
+        plumbing.drop_privileges(config["user"])
+    except ValueError as exc:
+        print("smtp_in: %s" % exc, file=sys.stderr)
+        return 1
     plumbing.log_config(log, config)
     for server in servers:
         log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
                  "smtps" if server.implicit_tls else
                  "submission" if server.submission else "mx")
-    return plumbing.serve_until_signalled(servers)
+    return plumbing.serve_until_signalled(servers, on_reload=lambda: plumbing.reload_tls(
+        servers, config["tls_cert"], config["tls_key"]))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ TLS_REQUIRED = "required"          # no TLS, no mail (deferred)
 TLS_MODES = (TLS_NONE, TLS_OPPORTUNISTIC, TLS_OPPORTUNISTIC_NO_DOWNGRADE, TLS_REQUIRED)
 
 DEFAULTS = {
-    "spool": "./mailspool",
+    "spool": "",                   # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
     "hostname": "",                # default: socket.getfqdn(); sent in EHLO
     "dns": "",                     # default: the nameservers of /etc/resolv.conf
     "remote_port": SMTP_PORT,
@@ -102,6 +102,7 @@ DEFAULTS = {
     "quit_timeout": 20.0,
     "once": False,
     "cpus": "",
+    "user": "",                    # started as root: run as this user (after reading the files)
     "syslog": False,
     "verbose": False,
 }
@@ -1204,6 +1205,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("smtp_out", DEFAULTS, args)
+        config["spool"] = plumbing.spool_path(config["spool"])
         plumbing.run_on_cpus(config["cpus"])
     except ValueError as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
@@ -1222,6 +1224,9 @@ def main(argv=None):
         if config["relay_auth_file"]:
             credentials = read_credentials(config["relay_auth_file"])
         resolver = dnsmx.Resolver([config["dns"]] if config["dns"] else None)
+        # Root is needed no further: the relay password file is read. Everything this
+        # process parses comes from other hosts (DNS answers, SMTP replies).
+        plumbing.drop_privileges(config["user"])
     except (OSError, ValueError) as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1

@@ -152,32 +152,49 @@ def test_sigterm_stops_every_role_within_seconds(tmp_path):
 
 
 def test_pop3_keeps_its_rfc_1939_autologout_unless_told_otherwise(tmp_path):
-    import configparser
     import run_all
     config = dict(run_all.DEFAULTS, spool=str(tmp_path))
-    path = str(tmp_path / "roles.ini")
-    run_all.write_role_config(config, path)
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(path)
-    assert "idle_timeout" not in parser["DEFAULT"]
-    run_all.write_role_config(dict(config, idle_timeout="120"), path)
-    parser.read(path)
-    assert parser["DEFAULT"]["idle_timeout"] == "120"
+    children = run_all.child_settings(config, {}, set())
+    assert children["pop3d"]["idle_timeout"] == 600.0
+    assert children["smtp_in"]["idle_timeout"] == 300.0
+    children = run_all.child_settings(dict(config, idle_timeout="120"), {}, {"idle_timeout"})
+    assert children["pop3d"]["idle_timeout"] == children["smtp_in"]["idle_timeout"] == 120.0
 
 
 def test_every_role_logs_its_settings_in_one_shape(tmp_path):
     process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--domain", "a.test",
-                    "--domain", "b.test", *ports_args())
+                    "--domain", "b.test", "--verbose", *ports_args())
     try:
         log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
         wait_for_text(tmp_path / "run_all.log", "smtp_out[")
+        log = wait_for_text(tmp_path / "run_all.log", "run_all[", timeout=5)
+        until = time.monotonic() + 10
+        while "pop3d" not in " ".join(re.findall(r"(\w+)\[\d+\]: config: verbose", log)):
+            assert time.monotonic() < until, log
+            time.sleep(0.1)
+            log = (tmp_path / "run_all.log").read_text()
     finally:
         stop(process)
-    settings = [line for line in log.splitlines() if re.match(r"\w+\[\d+\]: config", line)]
+    settings = [line.split(" ", 1)[1] for line in log.splitlines()
+                if re.match(r"\S+ \w+\[\d+\]: config", line)]
     assert all(re.match(r"\w+\[\d+\]: config: [a-z0-9_]+=", line) for line in settings), settings
     for role in ("run_all", "smtp_in", "mta", "smtp_out", "pop3d"):
-        assert any(re.match(r"%s\[\d+\]: config: verbose=no\Z" % role, line)
+        assert any(re.match(r"%s\[\d+\]: config: verbose=yes\Z" % role, line)
                    for line in settings), role
         if role != "smtp_out":
             assert any(re.match(r"%s\[\d+\]: config: domain=a.test, b.test\Z" % role, line)
                        for line in settings), role
+
+
+def test_the_listening_summary_comes_before_the_settings(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    try:
+        wait_for_text(tmp_path / "run_all.log", "config: verbose=no")
+        log = (tmp_path / "run_all.log").read_text()
+    finally:
+        stop(process)
+    assert log.index("listening: SMTP") < log.index("config: ")
+    children = [line for line in log.splitlines() if re.search(r"(smtp_in|mta|pop3d)\[\d+\]: config:", line)]
+    assert not children        # under run_all, each role's list only with --verbose
+
+

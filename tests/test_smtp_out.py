@@ -818,7 +818,7 @@ def test_smarthost_with_auth_over_verified_tls_from_the_command_line(tmp_path, s
     assert message.rcpt_to == ["x@two.test", "y@elsewhere.test"] and spool.queued() == 0
     assert "pa:ss w0rd" not in result.stderr
     line = [l for l in result.stderr.splitlines() if "to=<x@two.test>" in l][0]
-    assert re.fullmatch(r"smtp_out\[\d+\]: %s: to=<x@two\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
+    assert re.fullmatch(r"\S+ smtp_out\[\d+\]: %s: to=<x@two\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
                         r"delay=[\d.]+, dsn=2\.0\.0, status=sent \(250 2\.0\.0 OK queued\)" % queue_id, line)
 
 

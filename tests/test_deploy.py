@@ -1,0 +1,366 @@
+"""Deployed as an operator deploys it: started as root with --user, one config file, admin
+tools run as root, signals.
+
+These tests need root (CI runs as root): run_all binds as root, every role becomes the
+user, and whatever anyone writes under the spool must end up the user's. The spool lives
+in a folder of its own under /tmp that the user may pass through.
+"""
+
+import os
+import poplib
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import ROOT, require_tool
+
+USER = "nobody"
+DOMAIN = "example.com"
+PASSWORD = "s3cret-pass"
+ALICE = "alice@" + DOMAIN
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: run_all --user drops "
+                                "privileges only when started as root (CI runs as root)")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tool(*argv, stdin=b"", env=None):
+    """Run a role file as root, the way an operator types it."""
+    return subprocess.run([sys.executable] + list(argv), cwd=ROOT, input=stdin,
+                          capture_output=True, timeout=60, env=env)
+
+
+def wait_for(predicate, seconds=20.0, what="condition"):
+    until = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > until:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.05)
+
+
+class Deployment:
+    """run_all.py started as root with --user nobody and a config file, in its own group."""
+
+    def __init__(self, base, config_text, *extra):
+        self.base = base
+        self.spool = os.path.join(base, "spool")
+        self.smtp, self.submission, self.pop3 = free_port(), free_port(), free_port()
+        self.config = os.path.join(base, "mail.ini")
+        with open(self.config, "w") as f:
+            f.write(config_text)
+        self.log_path = os.path.join(base, "run_all.log")
+        self.argv = [sys.executable, os.path.join(ROOT, "run_all.py"), "--config", self.config,
+                     "--spool", self.spool, "--smtp", "127.0.0.1:%d" % self.smtp,
+                     "--submission", "127.0.0.1:%d" % self.submission,
+                     "--pop3", "127.0.0.1:%d" % self.pop3, "--user", USER, "--cpus", "none"]
+        self.argv += list(extra)
+        self.process = None
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, cwd=self.base, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.wait_for_log("Next steps:")
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, text, seconds=20.0, count=1):
+        wait_for(lambda: self.log().count(text) >= count, seconds, repr(text) + " in the log:\n"
+                 + self.log()[-3000:])
+
+    def child_pids(self):
+        """{role: pid} of the children running now, from run_all's "started" lines."""
+        pids = {}
+        for line in self.log().splitlines():
+            if "]: started " in line and ", pid=" in line:
+                name = line.split("]: started ", 1)[1].split(",")[0]
+                pids[name] = int(line.rsplit("=", 1)[1])
+        return pids
+
+    def stop(self):
+        lines = [line for line in self.log().splitlines()
+                 if "pop3d[" not in line and "config:" not in line]
+        print("\n".join(lines[-200:]))    # shown by pytest when the test failed
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        for pid in self.child_pids().values():     # a child left behind fails a test; end it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+
+@pytest.fixture
+def base():
+    """A folder under /tmp that the user may pass through (pytest's own tmp_path is 0700)."""
+    folder = tempfile.mkdtemp(prefix="mail-deploy-")
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_uid(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid line for pid %d" % pid)
+
+
+def not_owned_by(spool, uid):
+    """Every path under spool (itself included) that does not belong to uid."""
+    wrong = []
+    for folder, dirs, files in os.walk(spool):
+        for path in [folder] + [os.path.join(folder, n) for n in dirs + files]:
+            st = os.lstat(path)
+            if st.st_uid != uid:
+                wrong.append("%s (uid %d, mode %o)" % (path, st.st_uid, st.st_mode & 0o7777))
+    return wrong
+
+
+def pop3_count(port, user=ALICE):
+    client = poplib.POP3("127.0.0.1", port, timeout=10)
+    try:
+        client.user(user)
+        client.pass_(PASSWORD)
+        return client.stat()[0]
+    finally:
+        client.quit()
+
+
+def pop3_messages(port, user=ALICE):
+    client = poplib.POP3("127.0.0.1", port, timeout=10)
+    try:
+        client.user(user)
+        client.pass_(PASSWORD)
+        count = client.stat()[0]
+        return [b"\r\n".join(client.retr(n)[1]) for n in range(1, count + 1)]
+    finally:
+        client.quit()
+
+
+def test_a_day_in_the_life_leaves_every_process_and_file_to_the_user(base):
+    closed = free_port()            # the remote relay: nothing listens there, mail defers
+    deployment = Deployment(base, "\n".join([
+        "[DEFAULT]",
+        "domain = %s" % DOMAIN,
+        "hostname = mail.%s" % DOMAIN,
+        "[smtp_in]",
+        "max_recipients = 7",
+        "[smtp_out]",
+        "relay_host = 127.0.0.1:%d" % closed,
+        "relay_tls = none",
+        ""]))
+    nobody = pwd.getpwnam(USER).pw_uid
+    deployment.start()
+    try:
+        pids = deployment.child_pids()
+        assert set(pids) == {"smtp_in", "submission", "mta", "smtp_out", "pop3d"}
+        for name, pid in pids.items():
+            assert process_uid(pid) == nobody, name
+        spool = deployment.spool
+
+        # The admin tools, as root, as the README shows them.
+        result = tool("mailbox_store.py", "--spool", spool, "add-user", ALICE,
+                      stdin=(PASSWORD + "\n").encode())
+        assert result.returncode == 0, result.stderr
+        result = tool("mailbox_store.py", "add-alias", "postmaster", ALICE, "--spool", spool)
+        assert result.returncode == 0, result.stderr
+
+        # Inbound over SMTP, past the recipient limit of the config file's [smtp_in].
+        with smtplib.SMTP("127.0.0.1", deployment.smtp, timeout=10) as client:
+            client.ehlo("client.example.org")
+            client.mail("friend@example.org")
+            for n in range(7):
+                assert client.rcpt("alice+%d@%s" % (n, DOMAIN))[0] == 250
+            assert client.rcpt("alice+7@" + DOMAIN)[0] == 452
+            code, _ = client.data(b"Subject: inbound\r\n\r\nhello\r\n")
+            assert code == 250
+
+        # Submission with AUTH: one local, one remote recipient (deferred: nothing listens).
+        with smtplib.SMTP("127.0.0.1", deployment.submission, timeout=10) as client:
+            client.login(ALICE, PASSWORD)
+            client.sendmail(ALICE, [ALICE, "someone@remote.test"],
+                            b"Subject: submitted\r\n\r\nvia 587\r\n")
+
+        # sendmail as root: a bare name gets the local domain; an unknown user bounces.
+        result = tool("mta.py", "--spool", spool, "sendmail", "alice",
+                      stdin=b"Subject: from cron\n\nroot's mail\n")
+        assert result.returncode == 0, result.stderr
+        result = tool("mta.py", "sendmail", "-f", ALICE, "--spool", spool, "no-such-user",
+                      stdin=b"Subject: to nobody\n\nbounce me\n")
+        assert result.returncode == 0, result.stderr
+
+        wait_for(lambda: pop3_count(deployment.pop3) >= 4, 30, "four messages for alice")
+        messages = pop3_messages(deployment.pop3)
+        subjects = b"\n".join(messages)
+        for subject in (b"Subject: inbound", b"Subject: submitted", b"Subject: from cron",
+                        b"Undelivered Mail Returned to Sender"):
+            assert subject in subjects
+        bounce = next(m for m in messages if b"Undelivered Mail" in m)
+        assert b"no-such-user@example.com" in bounce
+
+        # The remote message waits; the admin deletes it as root.
+        def deferred_id():
+            listing = tool("mta.py", "--spool", spool, "queue").stdout.decode()
+            for line in listing.splitlines():
+                if line and line[0].isalnum() and "deferred" in line:
+                    return line.split()[0]
+            return None
+        wait_for(lambda: deferred_id() is not None, 30, "the remote message to be deferred")
+        queue_id = deferred_id()
+        result = tool("mta.py", "--spool", spool, "delete", queue_id)
+        assert result.returncode == 0 and b"1 message deleted" in result.stdout, result.stderr
+        assert b"Mail queue is empty" in tool("mta.py", "--spool", spool, "queue").stdout
+
+        wrong = not_owned_by(spool, nobody)
+        assert not wrong, wrong
+        assert oct(os.stat(os.path.join(spool, "users")).st_mode & 0o777) == "0o600"
+        assert "quarantined" not in deployment.log()
+        assert "Traceback" not in deployment.log()
+    finally:
+        deployment.stop()
+
+
+def make_certificate(folder, name):
+    openssl = require_tool("openssl")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=" + name, "-keyout", key + ".new", "-out", cert + ".new"],
+                   check=True, capture_output=True, timeout=60)
+    os.chmod(key + ".new", 0o600)                  # root's alone, as an ACME client leaves it
+    os.replace(key + ".new", key)
+    os.replace(cert + ".new", cert)
+    return cert, key
+
+
+def peer_name(client):
+    der = client.sock.getpeercert(binary_form=True)
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    decoded = subprocess.run([require_tool("openssl"), "x509", "-noout", "-subject"],
+                             input=pem.encode(), capture_output=True, check=True).stdout
+    return decoded.decode().strip()
+
+
+def starttls_client(port):
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client.starttls(context=context)
+    return client
+
+
+def test_sighup_loads_a_renewed_certificate_and_changed_settings(base):
+    tls = os.path.join(base, "tls")
+    os.mkdir(tls, 0o700)                           # closed to the user, as /etc/letsencrypt
+    cert, key = make_certificate(tls, "old.example.com")
+    deployment = Deployment(base, "[DEFAULT]\ndomain = %s\n[smtp_in]\nmax_recipients = 7\n"
+                            % DOMAIN, "--tls-cert", cert, "--tls-key", key)
+    deployment.start()
+    try:
+        before = deployment.child_pids()
+        old_session = starttls_client(deployment.smtp)
+        assert "old.example.com" in peer_name(old_session)
+
+        make_certificate(tls, "new.example.com")
+        os.kill(deployment.process.pid, signal.SIGHUP)
+        deployment.wait_for_log("reload: TLS certificate", count=3)   # smtp_in, submission, pop3d
+        new_session = starttls_client(deployment.smtp)
+        assert "new.example.com" in peer_name(new_session)
+        assert old_session.noop()[0] == 250        # a session begun before is not cut
+        old_session.quit()
+        new_session.quit()
+        assert deployment.child_pids() == before   # nothing restarted for a certificate
+
+        with open(deployment.config, "w") as f:
+            f.write("[DEFAULT]\ndomain = %s\n[smtp_in]\nmax_recipients = 2\n" % DOMAIN)
+        os.kill(deployment.process.pid, signal.SIGHUP)
+        deployment.wait_for_log("reload: restarting smtp_in")
+        deployment.wait_for_log("]: started smtp_in", count=2)
+        after = deployment.child_pids()
+        assert after["smtp_in"] != before["smtp_in"] and after["mta"] == before["mta"]
+
+        result = tool("mailbox_store.py", "--spool", deployment.spool, "add-user", ALICE,
+                      stdin=(PASSWORD + "\n").encode())
+        assert result.returncode == 0, result.stderr
+
+        def limit_applies():
+            try:
+                with smtplib.SMTP("127.0.0.1", deployment.smtp, timeout=10) as client:
+                    client.ehlo("client.example.org")
+                    client.mail("friend@example.org")
+                    assert client.rcpt("alice+1@" + DOMAIN)[0] == 250
+                    assert client.rcpt("alice+2@" + DOMAIN)[0] == 250
+                    return client.rcpt("alice+3@" + DOMAIN)[0] == 452
+            except (OSError, smtplib.SMTPException):
+                return False
+        wait_for(limit_applies, 20, "max_recipients = 2 after the reload")
+        assert process_uid(after["smtp_in"]) == pwd.getpwnam(USER).pw_uid
+    finally:
+        deployment.stop()
+
+
+def test_a_bad_config_on_sighup_keeps_the_running_one(base):
+    deployment = Deployment(base, "[DEFAULT]\ndomain = %s\n" % DOMAIN)
+    deployment.start()
+    try:
+        before = deployment.child_pids()
+        with open(deployment.config, "w") as f:
+            f.write("[smtp_in]\nmax_recipientz = 2\n")
+        os.kill(deployment.process.pid, signal.SIGHUP)
+        deployment.wait_for_log("reload: keeping the running configuration")
+        assert "max_recipientz: no such setting" in deployment.log()
+        assert deployment.child_pids() == before and deployment.process.poll() is None
+    finally:
+        deployment.stop()
+
+
+def test_a_user_that_cannot_reach_the_spool_is_refused_at_check():
+    closed = tempfile.mkdtemp(prefix="mail-closed-")      # 0700: nobody cannot pass
+    try:
+        result = tool("run_all.py", "--check", "--spool", os.path.join(closed, "spool"),
+                      "--user", USER, "--smtp", "127.0.0.1:%d" % free_port(),
+                      "--submission", "", "--pop3", "")
+        assert result.returncode == 1
+        assert b"user nobody cannot reach" in result.stderr
+        result = tool("run_all.py", "--check", "--spool", os.path.join(closed, "spool"),
+                      "--user", "no-such-user-here", "--smtp", "", "--submission", "", "--pop3", "")
+        assert result.returncode == 1 and b"no such user 'no-such-user-here'" in result.stderr
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)
+
+
+def test_a_daemon_that_cannot_become_its_user_says_so_in_one_line(base):
+    for role, extra in (("smtp_in.py", ["--listen", "127.0.0.1:%d" % free_port()]),
+                        ("pop3d.py", ["--listen", "127.0.0.1:%d" % free_port()]),
+                        ("mta.py", []), ("smtp_out.py", [])):
+        result = tool(role, "--spool", os.path.join(base, "spool"), "--user", "no-such-user-here",
+                      *extra)
+        err = result.stderr.decode()
+        assert result.returncode == 1, (role, err)
+        assert "no such user" in err and "Traceback" not in err, (role, err)
