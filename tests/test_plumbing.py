@@ -1,16 +1,19 @@
 """The shared server plumbing, over real sockets on 127.0.0.1 with ephemeral ports."""
 
 import logging
+import os
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 import plumbing
-from conftest import openssl_starttls, require_tool, wait_for
+from conftest import ROOT, openssl_starttls, require_tool, wait_for
 
 
 class EchoHandler(plumbing.ConnectionHandler):
@@ -554,3 +557,34 @@ def test_client_connection_bounds_each_step_and_fails_one_way(start_server, tls_
         port = unused.getsockname()[1]
     with pytest.raises(RuntimeError, match="connect"):
         client.open_socket("127.0.0.1", port, 5)
+
+
+def log_once(tmp_path, env, *setup_args):
+    """stderr of a process that logs one line, written to a file (so that its device and
+    inode can stand for systemd's journal stream)."""
+    path = tmp_path / "stderr.txt"
+    path.write_bytes(b"")
+    st = os.stat(path)
+    environment = {k: v.replace("DEV:INO", "%d:%d" % (st.st_dev, st.st_ino)) for k, v in env.items()}
+    code = ("import plumbing; log = plumbing.setup_logging('mta', %s); log.info('hello')"
+            % ", ".join(setup_args or ("False",)))
+    with open(path, "ab") as f:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stderr=f, timeout=30,
+                       env=dict(os.environ, **environment), check=True)
+    return path.read_text()
+
+
+def test_stderr_lines_carry_a_timestamp_unless_the_journal_stamps_them(tmp_path):
+    stamped = log_once(tmp_path, {"JOURNAL_STREAM": "1:1"})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} mta\[\d+\]: hello\n",
+                        stamped), stamped
+    journal = log_once(tmp_path, {"JOURNAL_STREAM": "DEV:INO"})
+    assert re.fullmatch(r"mta\[\d+\]: hello\n", journal), journal
+
+
+def test_syslog_without_dev_log_says_so(tmp_path):
+    if os.path.exists("/dev/log"):
+        pytest.skip("this host has /dev/log")
+    text = log_once(tmp_path, {}, "True")
+    assert "syslog: there is no /dev/log on this host; logging to stderr only" in text
+    assert text.rstrip().endswith("mta[%s]: hello" % text.split("mta[")[1].split("]")[0])

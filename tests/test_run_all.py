@@ -198,3 +198,144 @@ def test_the_listening_summary_comes_before_the_settings(tmp_path):
     assert not children        # under run_all, each role's list only with --verbose
 
 
+
+
+# --- One configuration for every role ---
+
+def write_config(tmp_path, text):
+    path = tmp_path / "mail.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_key_of_the_config_file_reaches_its_role(tmp_path):
+    import configparser
+    config = write_config(tmp_path, "\n".join([
+        "[DEFAULT]", "queue_lifetime = 86400", "delay_warning = 600", "domain = example.com",
+        "[smtp_in]", "max_recipients = 50", "max_per_address = 500",
+        "[submission]", "max_recipients = 20",
+        "[smtp_out]", "max_connections = 10",
+        "[pop3d]", "max_connections = 30", ""]))
+    result = run_all("--check", "--print-config", "--config", config, "--spool",
+                     str(tmp_path / "spool"), *ports_args())
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.decode()
+    children = {}
+    for block in printed.split("# ")[1:]:
+        name, _, text = block.partition(":")
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(text.split("\n", 1)[1])
+        children[name] = parser[parser.sections()[0]]
+    assert set(children) == {"smtp_in", "submission", "mta", "smtp_out", "pop3d"}
+    assert children["smtp_in"]["max_recipients"] == "50"
+    assert children["smtp_in"]["max_per_address"] == "500"
+    assert children["submission"]["max_recipients"] == "20"
+    assert children["submission"]["max_per_address"] == "500"      # [smtp_in] under it
+    assert children["smtp_out"]["max_connections"] == "10"
+    assert children["pop3d"]["max_connections"] == "30"
+    assert children["mta"]["queue_lifetime"] == "86400"
+    assert float(children["smtp_out"]["queue_lifetime"]) == 86400
+    assert float(children["smtp_out"]["delay_warning"]) == 600
+    assert children["pop3d"]["domain"] == "example.com"
+
+
+def test_a_flag_wins_over_the_config_file(tmp_path):
+    config = write_config(tmp_path, "[smtp_in]\nmax_size = 1000\n[DEFAULT]\nspf = off\n")
+    result = run_all("--check", "--print-config", "--config", config, "--max-size", "2000",
+                     "--spool", str(tmp_path / "spool"), *ports_args())
+    assert result.returncode == 0, result.stderr
+    assert "max_size = 1000" not in result.stdout.decode()
+    assert result.stdout.decode().count("max_size = 2000") == 3      # smtp_in twice, mta
+    assert "spf = off" in result.stdout.decode()
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[smtp_in]\nmax_recipientz = 5\n", "[smtp_in] max_recipientz: no such setting for smtp_in"),
+    ("[DEFAULT]\nqueue_lifetim = 5\n", "[DEFAULT] queue_lifetim: no such setting for any role"),
+    ("[smtpin]\nmax_recipients = 5\n", "[smtpin]: no such section"),
+    ("[pop3d]\nmax_recipients = 5\n", "[pop3d] max_recipients: no such setting for pop3d"),
+    ("[smtp_in]\nlisten = 0.0.0.0:25\n", "[smtp_in] listen: run_all sets it from smtp"),
+])
+def test_an_unknown_key_stops_check_and_start_naming_file_section_and_key(tmp_path, text, error):
+    config = write_config(tmp_path, text)
+    for argv in (["--check"], []):
+        result = run_all(*argv, "--config", config, "--spool", str(tmp_path / "spool"),
+                         *ports_args(), timeout=30)
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert "%s: %s" % (config, error) in err, err
+        assert "Traceback" not in err
+
+
+def test_a_bad_value_in_a_role_section_is_one_line(tmp_path):
+    config = write_config(tmp_path, "[smtp_out]\nmax_connections = many\n")
+    result = run_all("--check", "--config", config, "--spool", str(tmp_path / "spool"))
+    assert result.returncode == 1
+    assert result.stderr.decode() == "run_all: [smtp_out] max_connections: not a number: 'many'\n"
+
+
+def test_check_refuses_two_listeners_on_one_address(tmp_path):
+    port = free_port()
+    result = run_all("--check", "--spool", str(tmp_path / "spool"), "--smtp", "127.0.0.1:%d" % port,
+                     "--submission", "127.0.0.1:%d" % free_port(), "--pop3", "127.0.0.1:%d" % port)
+    assert result.returncode == 1
+    assert "SMTP and POP3 both listen on 127.0.0.1:%d" % port in result.stderr.decode()
+    result = run_all("--check", "--spool", str(tmp_path / "spool"), "--smtp", "0.0.0.0:%d" % port,
+                     "--submission", "127.0.0.1:%d" % port, "--pop3", "")
+    assert result.returncode == 1 and b"both listen on" in result.stderr
+
+
+def test_sighup_reloads_instead_of_killing_run_all(tmp_path):
+    config = write_config(tmp_path, "[smtp_out]\nmax_connections = 10\n")
+    process = start(tmp_path, "--config", config, "--spool", str(tmp_path / "spool"),
+                    *ports_args())
+    try:
+        log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        before = [int(l.rsplit("=", 1)[1]) for l in log.splitlines() if ", pid=" in l]
+        with open(config, "w") as f:
+            f.write("[smtp_out]\nmax_connections = 11\n")
+        process.send_signal(signal.SIGHUP)
+        wait_for_text(tmp_path / "run_all.log", "reload: restarting smtp_out")
+        wait_for_text(tmp_path / "run_all.log", "reload: nothing to reload")   # mta got a HUP
+        assert process.poll() is None
+        until = time.monotonic() + 20
+        while (tmp_path / "run_all.log").read_text().count("started smtp_out, pid=") < 2:
+            assert time.monotonic() < until, "smtp_out was not started again"
+            time.sleep(0.1)
+        log = (tmp_path / "run_all.log").read_text()
+        after = [int(l.rsplit("=", 1)[1]) for l in log.splitlines() if ", pid=" in l]
+        assert len(after) == 6 and set(before) < set(after)
+        with open(tmp_path / "spool" / "run" / "smtp_out.ini") as f:
+            assert "max_connections = 11" in f.read()
+    finally:
+        assert stop(process) == 0
+
+
+def test_children_stop_when_run_all_is_killed(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    log = wait_for_text(tmp_path / "run_all.log", "Next steps:")
+    pids = [int(l.rsplit("=", 1)[1]) for l in log.splitlines() if ", pid=" in l]
+    assert len(pids) == 5
+    process.kill()                    # SIGKILL: run_all can do nothing about it
+    process.wait(10)
+    until = time.monotonic() + 10
+    try:
+        while True:
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    with open("/proc/%d/status" % pid) as f:
+                        if "State:\tZ" not in f.read():
+                            alive.append(pid)
+                except (ProcessLookupError, FileNotFoundError):
+                    pass
+            if not alive:
+                break
+            assert time.monotonic() < until, "still running after run_all died: %s" % alive
+            time.sleep(0.1)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
