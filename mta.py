@@ -143,7 +143,7 @@ import mailbox_store
 import plumbing
 
 __all__ = [
-    "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
+    "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
     "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
     "parse_retry_schedule", "prepare_submission", "retry_delay",
@@ -165,6 +165,14 @@ DEFAULTS = {
     "user": "",
     "syslog": False,
     "verbose": False,
+}
+
+HELP = {                           # the help of the keys plumbing.SHARED_HELP does not know
+    "workers": "threads routing messages at once",
+    "scan_interval": "seconds between scans of the queue when no doorbell rings",
+    "hop_limit": "Received: fields before a message is bounced as a mail loop (5.4.6)",
+    "queue_lifetime": "seconds a message may stay queued before it bounces (4.4.7)",
+    "delay_warning": "seconds queued before the sender gets a delay notice (0: never)",
 }
 
 # Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
@@ -1857,12 +1865,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mta.py", description="The spool's router daemon (no command), "
                      "or an admin command on the queue.")
-    plumbing.add_options(parser, DEFAULTS)
+    plumbing.add_options(parser, DEFAULTS, HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name, text):
         # The shared options again, so that they may follow the command too.
-        return plumbing.add_options(commands.add_parser(name, help=text), DEFAULTS, suppress=True)
+        return plumbing.add_options(commands.add_parser(name, help=text), DEFAULTS, HELP,
+                                    suppress=True)
 
     listing = command("queue", "list the queue, like mailq")
     listing.add_argument("--json", action="store_true", help="machine-readable output")

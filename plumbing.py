@@ -816,7 +816,10 @@ def add_options(parser, defaults, help_texts=None, suppress=False):
 def config_value(key, text, default):
     """A setting given as text (INI file, flag) or as a value, made the type of its
     default: yes/no for a bool, a comma- or space-separated list for a list, a number.
+    Text "" (two double quotes, as one writes an empty value) is the empty text.
     Raises ValueError naming the key."""
+    if isinstance(text, str) and text.strip() == '""':
+        text = ""
     if isinstance(default, bool):
         value = str(text).strip().lower()
         if value in ("1", "yes", "true", "on"):

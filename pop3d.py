@@ -17,7 +17,7 @@ import time
 import mailbox_store
 import plumbing
 
-__all__ = ["DEFAULTS", "POP3Handler", "POP3Server", "main", "parse_message_number", "split_command"]
+__all__ = ["DEFAULTS", "HELP", "POP3Handler", "POP3Server", "main", "parse_message_number", "split_command"]
 
 DEFAULTS = {
     "spool": "",                    # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
@@ -35,6 +35,12 @@ DEFAULTS = {
     "user": "",
     "syslog": False,
     "verbose": False,
+}
+
+HELP = {                            # the help of the keys plumbing.SHARED_HELP does not know
+    "pop3s_listen": "HOST:PORT of an implicit-TLS POP3 listener (RFC 8314), e.g. 0.0.0.0:995",
+    "allow_plaintext_auth": "allow USER/PASS and AUTH without TLS from any address "
+                            "(default: only over TLS or from loopback)",
 }
 
 POP3_PORT = 110                    # RFC 1939 3
@@ -423,7 +429,8 @@ class POP3Server(plumbing.ThreadedServer):
 
 def main(argv=None):
     parser = plumbing.add_options(argparse.ArgumentParser(
-        prog="pop3d.py", description="POP3 server over the Maildir store (RFC 1939)."), DEFAULTS)
+        prog="pop3d.py", description="POP3 server over the Maildir store (RFC 1939)."), DEFAULTS,
+        HELP)
     args = parser.parse_args(argv)
     try:
         config = plumbing.load_config("pop3d", DEFAULTS, args)

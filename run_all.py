@@ -49,7 +49,8 @@ import pop3d
 import smtp_in
 import smtp_out
 
-__all__ = ["CHILDREN", "DEFAULTS", "Supervisor", "check_config", "child_settings", "main"]
+__all__ = ["CHILDREN", "DEFAULTS", "HELP", "Supervisor", "check_config", "child_settings", "main",
+           "settings_text"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -47,7 +47,7 @@ import plumbing
 import spf
 
 __all__ = [
-    "DEFAULTS", "Envelope", "MessageCollector", "SMTPHandler", "SMTPServer",
+    "DEFAULTS", "HELP", "SPF_POLICIES", "Envelope", "MessageCollector", "SMTPHandler", "SMTPServer",
     "address_literal", "authserv_id", "count_hops", "is_domain", "main", "make_reverse_lookup",
     "make_spf_resolver", "parse_mail_params", "parse_networks", "parse_path", "protocol_name",
     "received_header", "remove_authentication_results", "spf_header_fields", "split_address",
@@ -108,6 +108,14 @@ HELP = {                       # the help of the keys plumbing.SHARED_HELP does 
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23) and "
            "deferring a DNS failure (451 4.7.24)",
     "spf_timeout": "seconds one SPF check may spend asking the DNS; past it, temperror",
+    "submission": "a submission listener (RFC 6409): AUTH required before MAIL",
+    "smtps_listen": "HOST:PORT of an implicit-TLS submission listener (RFC 8314), e.g. 0.0.0.0:465",
+    "session_timeout": "seconds a whole session may last (0: no limit)",
+    "max_recipients": "recipients per message; past it 452 4.5.3",
+    "max_errors": "bad commands per session before 421 and a close",
+    "max_commands": "commands per session before 421 and a close",
+    "greet_pause": "seconds to wait before the greeting; a client that talks first is refused",
+    "reverse_dns": "look up the client's name for the Received: header (forward-confirmed)",
 }
 
 # --- Replies (RFC 5321 4.2; enhanced codes RFC 3463, on all but the greeting and HELO/EHLO

@@ -39,7 +39,7 @@ import mta
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
+    "DEFAULTS", "HELP", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
     "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
     "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts",
     "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
@@ -126,7 +126,17 @@ HELP = {
     "delay_warning": "seconds queued before the sender gets a delay notice (as mta's)",
     "retry_schedule": "waits between tries, e.g. 5m,10m,20m,40m,1h; the last repeats (as mta's)",
     "once": "deliver what is due now, then exit",
+    "user": "user to run as when started as root (after reading relay_auth_file)",
 }
+# RFC 5321 4.5.3.2: how long the client waits at each step of a session.
+HELP.update(("%s_timeout" % step, "seconds to wait for the %s (RFC 5321 4.5.3.2)" % what)
+            for step, what in (("connect", "TCP connection"), ("greeting", "220 greeting"),
+                               ("ehlo", "EHLO reply"), ("starttls", "STARTTLS reply and handshake"),
+                               ("auth", "AUTH replies"), ("mail", "MAIL reply"),
+                               ("rcpt", "RCPT reply"), ("data_start", "354 after DATA"),
+                               ("data_block", "server to take each block of the message"),
+                               ("data_end", "reply after the final dot"), ("rset", "RSET reply"),
+                               ("quit", "QUIT reply")))
 
 # --- Replies this side makes up (local reasons; the first word is the enhanced code) ---
 # They become Reply objects with remote=False, so nobody takes them for a server's words.

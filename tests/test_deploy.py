@@ -9,6 +9,7 @@ in a folder of its own under /tmp that the user may pass through.
 import os
 import poplib
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -17,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import pytest
@@ -152,11 +154,11 @@ def pop3_count(port, user=ALICE):
         client.quit()
 
 
-def pop3_messages(port, user=ALICE):
+def pop3_messages(port, user=ALICE, password=PASSWORD):
     client = poplib.POP3("127.0.0.1", port, timeout=10)
     try:
         client.user(user)
-        client.pass_(PASSWORD)
+        client.pass_(password)
         count = client.stat()[0]
         return [b"\r\n".join(client.retr(n)[1]) for n in range(1, count + 1)]
     finally:
@@ -364,3 +366,90 @@ def test_a_daemon_that_cannot_become_its_user_says_so_in_one_line(base):
         err = result.stderr.decode()
         assert result.returncode == 1, (role, err)
         assert "no such user" in err and "Traceback" not in err, (role, err)
+
+
+# --- The README's "Running on a real host", word for word ---
+
+README = os.path.join(ROOT, "README.md")
+UNIT = os.path.join(ROOT, "examples", "mailtoolkit.service")
+
+
+def readme_real_host_blocks():
+    """The shell blocks of the README's "Running on a real host", as a reader copies them."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## Running on a real host"):]
+    section = section[:section.index("\n## ", 1)]
+    return [textwrap.dedent(block) for block in re.findall(r"```sh\n(.*?\n)\s*```", section, re.S)]
+
+
+def test_the_readme_real_host_steps_work_as_written(base):
+    ports = {port: free_port() for port in (25, 587, 465, 110, 995)}
+    tls = os.path.join(base, "letsencrypt")
+    os.mkdir(tls, 0o700)
+    cert, key = make_certificate(tls, "mail.example.com")
+    spool, config = os.path.join(base, "spool"), os.path.join(base, "mailtoolkit.ini")
+
+    replacements = (("/opt/mailtoolkit", ROOT), ("/etc/mailtoolkit.ini", config),
+                    ("/var/spool/mailtoolkit", spool), ("user = mailtoolkit", "user = nobody"),
+                    ("/etc/letsencrypt/live/mail.example.com/fullchain.pem", cert),
+                    ("/etc/letsencrypt/live/mail.example.com/privkey.pem", key))
+
+    def localise(text):
+        """The same commands on loopback, in this test's folders, as nobody."""
+        text = re.sub(r"(?<![\w/])(/usr/bin/)?python3 ", lambda m: sys.executable + " ", text)
+        for old, new in replacements:
+            text = text.replace(old, new)
+        return re.sub(r"0\.0\.0\.0:(25|587|465|110|995)\b",
+                      lambda m: "127.0.0.1:%d" % ports[int(m.group(1))], text)
+
+    # /var/spool/mailtoolkit is where the admin tools look by default; here the environment
+    # names the test's spool instead.
+    environment = dict(os.environ, MAILTOOLKIT_SPOOL=spool)
+
+    def shell(script):
+        result = subprocess.run(["bash", "-e", "-c", script], cwd=base, env=environment,
+                                capture_output=True, timeout=120)
+        assert result.returncode == 0, (script, result.stdout, result.stderr)
+        return result
+
+    setup, start, use = readme_real_host_blocks()
+    useradd, rest = setup.split("\n", 1)
+    assert useradd.startswith("useradd --system ") and " mailtoolkit" in useradd
+    assert all(old in rest for old, _ in replacements)
+    assert all("0.0.0.0:%d" % port in rest for port in ports)
+    checked = shell(localise(rest))
+    assert b"configuration OK" in checked.stderr
+
+    # systemd: the unit's ExecStart is what `systemctl enable --now` runs.
+    assert start.splitlines() == [
+        "cp /opt/mailtoolkit/examples/mailtoolkit.service /etc/systemd/system/",
+        "systemctl daemon-reload && systemctl enable --now mailtoolkit"]
+    with open(UNIT) as f:
+        unit = f.read()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", unit, re.M)
+    log_path = os.path.join(base, "journal.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(localise(exec_start).split(), cwd=base, stdout=log, stderr=log,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    deployment = Deployment(base, "")
+    deployment.process, deployment.log_path = process, log_path
+    try:
+        deployment.wait_for_log("Next steps:")
+        nobody = pwd.getpwnam(USER).pw_uid
+        for name, pid in deployment.child_pids().items():
+            assert process_uid(pid) == nobody, name
+        assert use.splitlines()[-1] == "systemctl reload mailtoolkit"
+        shell(localise(use).replace("systemctl reload mailtoolkit", "kill -HUP %d" % process.pid))
+        deployment.wait_for_log("reload: TLS certificate", count=3)
+
+        def hello_arrived():
+            password = re.search(r"printf '%s\\n' '([^']+)'", setup).group(1)
+            return any(b"Subject: hello" in m for m in pop3_messages(ports[110], ALICE, password))
+        wait_for(hello_arrived, 30, "the README's message in alice's mailbox")
+        assert process.poll() is None
+        assert not not_owned_by(spool, nobody)
+        assert "Traceback" not in deployment.log()
+    finally:
+        deployment.stop()
