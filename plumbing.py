@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 
 __all__ = [
-    "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
+    "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE", "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
     "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ThreadedServer",
     "add_options", "auth_failure_delay", "become_spool_owner", "config_text", "config_value",
     "decode_base64", "decode_plain", "drop_privileges", "find_spool", "is_loopback", "is_spool",

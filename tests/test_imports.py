@@ -49,3 +49,35 @@ def test_every_role_file_imports_cleanly_on_its_own(path):
     result = subprocess.run([sys.executable, "-c", "import " + path.stem], cwd=ROOT,
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_every_name_a_file_uses_from_another_is_in_its_all():
+    local = {path.stem for path in ROLE_FILES}
+    exported = {}
+    for path in ROLE_FILES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                     for t in node.targets)):
+                exported[path.stem] = set(ast.literal_eval(node.value))
+    missing = set()
+    for path in ROLE_FILES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in local and node.value.id != path.stem):
+                if node.attr not in exported.get(node.value.id, set()):
+                    missing.add("%s uses %s.%s" % (path.name, node.value.id, node.attr))
+    assert not sorted(missing)
+
+
+def test_the_import_graph_has_no_cycle():
+    local = {path.stem for path in ROLE_FILES}
+    graph = {path.stem: {name for _, name in imported_roots(path) if name in local}
+             for path in ROLE_FILES}
+
+    def visit(node, trail):
+        assert node not in trail, "import cycle: " + " -> ".join(trail + [node])
+        for child in graph[node]:
+            visit(child, trail + [node])
+    for node in graph:
+        visit(node, [])
