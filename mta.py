@@ -123,7 +123,6 @@ import logging
 import math
 import os
 import re
-import select
 import socket
 import stat
 import sys
@@ -778,8 +777,7 @@ class WakeSocket:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to timeout seconds for a ring; swallow every ring waiting. True if rung."""
-        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0))
-        if not ready:
+        if not plumbing.wait_readable(self.sock, timeout):
             return False
         while True:
             try:

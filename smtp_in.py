@@ -32,7 +32,6 @@ import errno
 import ipaddress
 import logging
 import re
-import select
 import socket
 import sys
 import time
@@ -652,8 +651,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
 
     def talks_before_greeting(self):
         """True when the client sent data before the greeting (RFC 5321 3.1, 4.3.1)."""
-        ready, _, _ = select.select([self.sock], [], [], self.server.greet_pause)
-        return bool(ready) and self.sock.recv(1, socket.MSG_PEEK) != b""
+        ready = plumbing.wait_readable(self.sock, self.server.greet_pause)
+        return ready and self.sock.recv(1, socket.MSG_PEEK) != b""
 
     def handle_line(self, line):
         """Turn one raw command line into a reply, refusing what is not a clean command."""
