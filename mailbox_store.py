@@ -63,11 +63,15 @@ MAX_PASSWORD = 1024                # characters; longer is refused before hashin
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
 
-# Password hashes, in PHC-like strings with the parameters in the line.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
-SCRYPT_MAXMEM = 64 * 1024 * 1024
+# Password hashes, in PHC-like strings with the parameters in the line. New hashes use
+# these; a stored hash made with less (an older N, or PBKDF2) is replaced at the user's
+# next successful login. The test suite lowers SCRYPT_N (tests/conftest.py) for speed.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1     # OWASP 2023 figures for scrypt
+SCRYPT_MAXMEM = 256 * 1024 * 1024  # scrypt's limit per computation: N=2^17, r=8 takes
+                                   # 128 * r * N = 128 MiB and a little; a stored hash
+                                   # asking more than this never matches
 PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
-HASH_THREADS = 2                   # scrypt takes 16 MiB (128 * r * n) per computation
+HASH_THREADS = 2                   # hashes at once, per process: 2 x 128 MiB at most
 SALT_BYTES = 16
 KEY_BYTES = 32
 
@@ -94,6 +98,10 @@ class UnknownUser(LookupError):
 
 class AliasLoop(ValueError):
     """Alias expansion looped or went deeper than MAX_ALIAS_DEPTH."""
+
+
+class _HashChanged(Exception):
+    """The users line no longer holds the hash just verified: a password change won."""
 
 
 class MailboxBusy(Exception):
@@ -206,7 +214,7 @@ def _derive(secret, stored):
             if not (1 < n <= 2 ** 20 and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16
                     and 0 < len(key) <= 64):
                 return None
-            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024,
+            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM,
                                   dklen=len(key)), key
         if scheme == "pbkdf2-sha256":
             iterations = int(values["i"])
@@ -222,6 +230,23 @@ def verify_password(password: str, stored: str) -> bool:
     """True when password matches the stored hash; compared in constant time."""
     derived = _derive(password.encode("utf-8", "surrogateescape"), stored)
     return derived is not None and hmac.compare_digest(derived[0], derived[1])
+
+
+def _outdated(stored):
+    """True when stored was made with less than hash_password() would use now: PBKDF2
+    where scrypt exists, fewer PBKDF2 iterations, or a smaller scrypt N, r or p."""
+    try:
+        _, scheme, params, _, _ = stored.split("$")
+        values = {key: int(value) for key, value in
+                  (item.split("=", 1) for item in params.split(","))}
+        if scheme == "scrypt":
+            return (values["n"] < SCRYPT_N or values["r"] < SCRYPT_R
+                    or values["p"] < SCRYPT_P)
+        if scheme == "pbkdf2-sha256":
+            return hasattr(hashlib, "scrypt") or values["i"] < PBKDF2_ITERATIONS
+    except (ValueError, KeyError):
+        return False
+    return False
 
 
 def _check_password(password):
@@ -780,7 +805,7 @@ class Store:
         self._snapshots = threading.local()    # .tables: this thread's view inside snapshot()
         self._dummy_hash = None
         # Password hashes are computed on a few long-lived threads: 200 logins at once then
-        # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
+        # wait their turn instead of taking 128 MiB each, and the memory scrypt frees is
         # reused by the next hash instead of staying behind in each connection thread's
         # malloc arena.
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, "password-hash")
@@ -989,7 +1014,32 @@ class Store:
         if stored is None or not password or len(password) > MAX_PASSWORD:
             self.hash_pool.submit(verify_password, password[:MAX_PASSWORD], self._dummy()).result()
             return None
-        return user if self.hash_pool.submit(verify_password, password, stored).result() else None
+        if not self.hash_pool.submit(verify_password, password, stored).result():
+            return None
+        if _outdated(stored):
+            self._upgrade_hash(user, password, stored)
+        return user
+
+    def _upgrade_hash(self, user, password, stored):
+        """Replace user's outdated hash with one of today's parameters, now that the
+        password is known to be right. Best effort: a failure is logged, and the login
+        it follows succeeds all the same."""
+        def change(lines):
+            for index, line in enumerate(lines):
+                if _parse_users([line]).get(user) == stored:
+                    lines[index] = "%s:%s" % (user, fresh)
+                    return
+            raise _HashChanged(user)
+
+        try:
+            fresh = self.hash_pool.submit(hash_password, password).result()
+            self._locked_rewrite(self.users_path, 0o600, change)
+        except _HashChanged:
+            return
+        except (OSError, ValueError, MemoryError) as exc:
+            log.warning("<%s>: cannot upgrade the password hash: %s", user, exc)
+            return
+        log.info("<%s>: password hash upgraded to %s", user, fresh.rsplit("$", 2)[0])
 
     def _find_login(self, tables, login):
         login = login.strip()
