@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 __all__ = [
-    "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
+    "AddressError", "AliasLoop", "AliasTooBig", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
     "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
     "write_atomically",
@@ -59,6 +59,8 @@ MAX_LOCAL_PART = 64                # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255                   # RFC 5321 4.5.3.1.2
 MAX_LABEL = 63                     # RFC 1035 2.3.4
 MAX_ALIAS_DEPTH = 20               # nested alias expansions before AliasLoop
+MAX_ALIAS_RECIPIENTS = 1000        # final recipients of one address before AliasTooBig
+                                   # (Postfix's virtual_alias_expansion_limit)
 MAX_PASSWORD = 1024                # characters; longer is refused before hashing
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
@@ -97,7 +99,13 @@ class UnknownUser(LookupError):
 
 
 class AliasLoop(ValueError):
-    """Alias expansion looped or went deeper than MAX_ALIAS_DEPTH."""
+    """Alias expansion that cannot end well: a chain deeper than MAX_ALIAS_DEPTH, or a loop
+    of aliases that reaches no mailbox at all (a loop with members just delivers to them)."""
+
+
+class AliasTooBig(AliasLoop):
+    """Alias expansion reaching more than MAX_ALIAS_RECIPIENTS addresses. An AliasLoop, so
+    that every caller refusing a runaway expansion refuses this one too."""
 
 
 class _HashChanged(Exception):
@@ -118,6 +126,16 @@ class MessageInfo:
     file_size: int                 # octets in the file (may differ from size: LF ends)
     deleted: bool = False
     retrieved: bool = False
+
+
+@dataclass
+class _Expansion:
+    """The running state of one address's alias expansion."""
+    out: list = field(default_factory=list)          # final addresses, as found
+    skipped: list = field(default_factory=list)      # (alias, target) without a mailbox
+    cycles: list = field(default_factory=list)       # paths cut where an alias came round
+    done: set = field(default_factory=set)           # local addresses expanded already
+    strict: bool = False                             # a cycle raises AliasLoop (add-alias)
 
 
 @dataclass
@@ -866,59 +884,79 @@ class Store:
 
         Aliases are expanded recursively; "user+tag@d" reaches "user@d" when "user+tag"
         itself is not a user or alias; postmaster and abuse always have a destination.
-        Raises AddressError, UnknownUser, AliasLoop.
+        Each alias is expanded once, as sendmail and Postfix do: in a loop of aliases
+        (a: b, x; b: a, y) every member gets one copy, and an alias reached again adds
+        nothing. Raises AddressError, UnknownUser, AliasLoop (deeper than MAX_ALIAS_DEPTH,
+        or a loop with no mailbox in it), AliasTooBig (over MAX_ALIAS_RECIPIENTS).
         """
         tables = self._tables()
         if "@" not in address and address.lower() in ROLE_ACCOUNTS:
             address = address + "@" + self._primary_domain(tables)  # RFC 5321 4.5.1
-        out, skipped = [], []
-        self._expand(tables, address, (), out, skipped)
-        for alias, target in skipped:
+        expansion = _Expansion()
+        self._expand(tables, address, (), expansion)
+        for alias, target in expansion.skipped:
             log.warning("alias %s: target <%s> has no mailbox, skipped", alias, target)
-        return list(dict.fromkeys(out))
+        finals = list(dict.fromkeys(expansion.out))
+        if not finals:                 # nothing raised: every way led round a loop
+            raise AliasLoop("alias loop without a mailbox: %s" % " -> ".join(expansion.cycles[0]))
+        for cycle in expansion.cycles:
+            log.warning("alias loop %s cut: its members get one copy each", " -> ".join(cycle))
+        if len(finals) > MAX_ALIAS_RECIPIENTS:
+            raise AliasTooBig("alias %s reaches %d addresses, more than %d"
+                              % (address, len(finals), MAX_ALIAS_RECIPIENTS))
+        return finals
 
-    def _quiet_expand(self, tables, address):
-        out = []
-        self._expand(tables, address, (), out, [])
-        return out
+    def _quiet_expand(self, tables, address, strict=False):
+        expansion = _Expansion(strict=strict)
+        self._expand(tables, address, (), expansion)
+        return expansion.out
 
-    def _expand(self, tables, address, path, out, skipped):
+    def _expand(self, tables, address, path, expansion):
         if len(path) > MAX_ALIAS_DEPTH:
             raise AliasLoop("alias expansion deeper than %d: %s" % (MAX_ALIAS_DEPTH, " -> ".join(path)))
         local, domain = _split_address(address)
         if not (domain in self.domains or domain in tables.user_domains):
-            out.append(local + "@" + domain)
+            expansion.out.append(local + "@" + domain)
             return
         local = local.lower()
         address = local + "@" + domain
         if address in path:
             # sendmail semantics: "alice: alice, bob" keeps a copy in alice's own mailbox.
             if address in tables.users:
-                out.append(address)
+                expansion.out.append(address)
                 return
-            raise AliasLoop("alias loop: %s" % " -> ".join(path + (address,)))
+            if expansion.strict:
+                raise AliasLoop("alias loop: %s" % " -> ".join(path + (address,)))
+            expansion.cycles.append(path + (address,))
+            return                     # its members come from its first expansion
+        if address in expansion.done:
+            return                     # reached another way already; out holds its members
         path += (address,)
         for candidate in self._candidates(local):
             targets = tables.aliases.get(candidate + "@" + domain) or tables.aliases.get(candidate)
             if targets is not None:
-                found = len(out)
+                reached = False
                 for target in targets:
                     if "@" not in target:
                         target = target + "@" + domain
                     try:
-                        self._expand(tables, target, path, out, skipped)
+                        self._expand(tables, target, path, expansion)
+                        reached = True
                     except UnknownUser:
                         # Like Postfix, a stale target fails alone; the others still get mail.
-                        skipped.append((address, target))
-                if len(out) == found:
+                        expansion.skipped.append((address, target))
+                if not reached:
                     raise UnknownUser("alias %s has no target with a mailbox" % address)
+                expansion.done.add(address)
                 return
             if candidate + "@" + domain in tables.users:
-                out.append(candidate + "@" + domain)
+                expansion.out.append(candidate + "@" + domain)
+                expansion.done.add(address)
                 return
         role = local.split("+", 1)[0]
         if role in ROLE_ACCOUNTS:
-            self._route_role(tables, role, domain, path, out, skipped)
+            self._route_role(tables, role, domain, path, expansion)
+            expansion.done.add(address)
             return
         raise UnknownUser("no such user: %s" % address)
 
@@ -928,7 +966,7 @@ class Store:
         base = local.split("+", 1)[0]
         return (local, base) if base and base != local else (local,)
 
-    def _route_role(self, tables, role, domain, path, out, skipped):
+    def _route_role(self, tables, role, domain, path, expansion):
         """Route postmaster or abuse mail when no alias or user of that name exists.
 
         abuse goes where postmaster goes; postmaster goes to the first user of the domain
@@ -936,13 +974,13 @@ class Store:
         "postmaster" mailbox of the domain, kept until someone adds that user.
         """
         if role == "abuse":
-            self._expand(tables, "postmaster@" + domain, path, out, skipped)
+            self._expand(tables, "postmaster@" + domain, path, expansion)
             return
         for address in tables.users:
             if address.endswith("@" + domain):
-                out.append(address)
+                expansion.out.append(address)
                 return
-        out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
+        expansion.out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
 
     def recipient_exists(self, address: str) -> bool:
         """True when expand(address) finds a destination (used at RCPT time); False for
@@ -1173,7 +1211,12 @@ class Store:
         return list(self._tables().aliases.items())
 
     def add_alias(self, name: str, targets: Iterable[str]) -> list:
-        """Add targets to alias name (creating it); refuses a change that makes a loop."""
+        """Add targets to alias name (creating it); refuses a change that makes a loop.
+
+        Delivery copes with a loop written into the aliases file by hand (each member
+        gets one copy, see expand()); this tool still refuses to make one, which is
+        nearly always a typing mistake.
+        """
         name = _check_alias_name(name)
         targets = [_check_alias_target(t) for t in targets]
         if not targets:
@@ -1203,7 +1246,7 @@ class Store:
         for domain in domains:
             address = name if "@" in name else name + "@" + domain
             try:
-                self._quiet_expand(trial, address)
+                self._quiet_expand(trial, address, strict=True)
             except (UnknownUser, AddressError):
                 continue
 

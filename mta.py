@@ -204,6 +204,7 @@ R553_BAD_ADDRESS = "553 5.1.3 Bad destination mailbox address syntax"
 R554_TOO_MANY_HOPS = "554 5.4.6 Too many hops (%d Received: fields), mail loop?"
 R554_DELIVERED_TO_LOOP = "554 5.4.6 Mail loop: Delivered-To: already names this recipient"
 R554_ALIAS_LOOP = "554 5.4.6 Alias expansion loop"
+R554_ALIAS_TOO_BIG = "554 5.2.4 Alias expansion too large"      # RFC 3463 3.3: list expansion
 DSN_EXPIRED = "4.4.7"              # RFC 3463 3.5: delivery time expired
 
 # sysexits.h, the exit codes of `sendmail` that scripts and cron act on.
@@ -1436,6 +1437,8 @@ class Router:
             return [("error", address, R553_BAD_ADDRESS)]
         except mailbox_store.UnknownUser:
             return [("error", address, R550_USER_UNKNOWN)]
+        except mailbox_store.AliasTooBig:
+            return [("error", address, R554_ALIAS_TOO_BIG)]
         except mailbox_store.AliasLoop:
             return [("error", address, R554_ALIAS_LOOP)]
         routes = []

@@ -162,6 +162,7 @@ R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R538_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
 R550_UNKNOWN_USER = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
 R550_ALIAS_LOOP = "550 5.4.6 <%s>: Recipient address rejected: Alias expansion loop"
+R550_ALIAS_TOO_BIG = "550 5.2.4 <%s>: Recipient address rejected: Alias expansion too large"
 R550_BARE_LINE_ENDING = "550 5.6.0 Message refused: bare CR or LF in text (RFC 5321 2.3.8); use CRLF"
 R550_NUL = "550 5.6.0 Message refused: NUL octet in text"
 R552_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -859,6 +860,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
         try:
             if store.recipient_exists(recipient):      # aliases, sub-addresses, postmaster
                 return None
+        except mailbox_store.AliasTooBig:              # RFC 3463 X.2.4: list expansion
+            return R550_ALIAS_TOO_BIG % recipient
         except mailbox_store.AliasLoop:                # RFC 3463 X.4.6: routing loop
             return R550_ALIAS_LOOP % recipient
         return R550_UNKNOWN_USER % recipient

@@ -267,7 +267,7 @@ def test_alias_that_names_its_user_keeps_a_copy(people):
     assert people.expand("alice@example.com") == ["alice@example.com", "bob@example.com"]
 
 
-def test_alias_loops_and_deep_chains_raise_alias_loop(people):
+def test_alias_loops_without_a_mailbox_and_deep_chains_raise_alias_loop(people):
     write_aliases(people, "a: b\nb: c\nc: a\n")
     with pytest.raises(AliasLoop):
         people.expand("a@example.com")
@@ -277,6 +277,40 @@ def test_alias_loops_and_deep_chains_raise_alias_loop(people):
     with pytest.raises(AliasLoop):
         people.expand("l0@example.com")
     assert people.expand("l15@example.com") == ["alice@example.com"]
+
+
+def test_aliases_that_list_each_other_reach_every_member_once(people, caplog):
+    write_aliases(people, "a: b, alice, x@remote.example\nb: a, bob, y@remote.example\n"
+                          "c: a, b, carol@example.org\n")
+    with caplog.at_level("WARNING", logger="mailbox_store"):
+        assert sorted(people.expand("a@example.com")) == [
+            "alice@example.com", "bob@example.com", "x@remote.example", "y@remote.example"]
+    assert "alias loop a@example.com -> b@example.com -> a@example.com cut" in caplog.text
+    assert sorted(people.expand("b@example.com")) == sorted(people.expand("a@example.com"))
+    assert sorted(people.expand("c@example.com")) == [
+        "alice@example.com", "bob@example.com", "carol@example.org", "x@remote.example",
+        "y@remote.example"]
+    assert people.recipient_exists("a@example.com")
+    assert "a@example.com" in people.sender_addresses("alice@example.com")
+
+
+def test_an_alias_reached_twice_is_expanded_once_without_false_warnings(people, caplog):
+    write_aliases(people, "all: left, right\nleft: team\nright: team\nteam: alice, gone\n")
+    with caplog.at_level("WARNING", logger="mailbox_store"):
+        assert people.expand("all@example.com") == ["alice@example.com"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["alias team@example.com: target <gone@example.com> has no mailbox, skipped"]
+
+
+def test_alias_expansion_past_the_recipient_bound_raises_alias_too_big(people, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "MAX_ALIAS_RECIPIENTS", 5)
+    write_aliases(people, "five: %s\nsix: five, z@remote.example\n"
+                  % ", ".join("u%d@remote.example" % n for n in range(5)))
+    assert len(people.expand("five@example.com")) == 5
+    with pytest.raises(mailbox_store.AliasTooBig, match="more than 5"):
+        people.expand("six@example.com")
+    with pytest.raises(AliasLoop):                # callers refusing loops refuse it too
+        people.recipient_exists("six@example.com")
 
 
 def test_unknown_local_user_raises_and_remote_passes(people):

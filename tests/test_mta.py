@@ -261,6 +261,17 @@ def test_alias_loop_bounces_with_5_4_6(spool, router):
     assert (block["Status"], block["Final-Recipient"]) == ("5.4.6", "rfc822; ping@example.com")
 
 
+def test_aliases_listing_each_other_deliver_once_and_a_huge_one_bounces_5_2_4(spool, router, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "MAX_ALIAS_RECIPIENTS", 3)
+    write_aliases(spool, "ping: pong, bob\npong: ping, carol\n"
+                         "crowd: %s\n" % ", ".join("u%d@remote.example" % n for n in range(4)))
+    mta.enqueue(spool, "alice@example.com", ["ping@example.com", "crowd@example.com"], MESSAGE)
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    _, (block,), _ = dsn_fields(dsn)
+    assert (block["Status"], block["Final-Recipient"]) == ("5.2.4", "rfc822; crowd@example.com")
+    assert len(read_mail(spool, "bob@example.com")) == len(read_mail(spool, "carol@example.com")) == 1
+
+
 def test_more_received_fields_than_the_hop_limit_bounce_with_5_4_6(spool, router):
     looping = b"".join(b"Received: from hop%d.test by mx.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % n
                        for n in range(51)) + MESSAGE
