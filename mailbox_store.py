@@ -13,6 +13,8 @@ rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. NAME is
 "SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>":
 sizes come from the name, without a stat of each file. A message keeps the bytes it came
 with (CRLF or LF line ends); W= is the size POP3 sends (RFC 1939 11: CRLF line ends).
+A delivery that dies half-way leaves its file in tmp/; remove_stale_tmp() (run hourly by
+mta's router) removes those untouched for MAILDIR_TMP_AGE (36 hours, the Maildir rule).
 
 Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
      python3 mailbox_store.py --spool DIR passwd ADDRESS | del-user ADDRESS [--purge]
@@ -64,6 +66,9 @@ MAX_ALIAS_RECIPIENTS = 1000        # final recipients of one address before Alia
 MAX_PASSWORD = 1024                # characters; longer is refused before hashing
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
+# Maildir spec (cr.yp.to/proto/maildir.html): a tmp/ file not accessed for 36 hours is a
+# dead delivery's, safe to delete (Dovecot does so too). A live one is written in seconds.
+MAILDIR_TMP_AGE = 36 * 3600
 
 # Password hashes, in PHC-like strings with the parameters in the line. New hashes use
 # these; a stored hash made with less (an older N, or PBKDF2) is replaced at the user's
@@ -409,6 +414,15 @@ def _file_signature(path):
     except FileNotFoundError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _subfolders(path):
+    """Names of the folders in path (symbolic links not followed); [] when it is missing."""
+    try:
+        with os.scandir(path) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _read_lines(path):
@@ -1120,6 +1134,43 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
+
+    def remove_stale_tmp(self, max_age: float = MAILDIR_TMP_AGE) -> int:
+        """Remove the files in every Maildir's tmp/ under SPOOL/mail/ neither written nor
+        read for max_age seconds: deliveries that died half-way. Logs each; returns how
+        many went. One pass lists every mailbox: call it now and then, not per message."""
+        root = os.path.join(self.spool_dir, MAIL_DIR)
+        now = time.time()
+        removed = 0
+        for domain in _subfolders(root):
+            for local in _subfolders(os.path.join(root, domain)):
+                tmp = os.path.join(root, domain, local, "Maildir", "tmp")
+                try:
+                    entries = list(os.scandir(tmp))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    log.warning("cannot list %s: %s", tmp, exc.strerror)
+                    continue
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        age = now - max(st.st_mtime, st.st_atime)
+                        if age <= max_age:
+                            continue
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        log.warning("cannot remove %s: %s", entry.path, exc.strerror)
+                        continue
+                    removed += 1
+                    log.info("user=<%s@%s>, file=%s, age=%dh, status=removed (stale tmp file)",
+                             local, domain, os.path.relpath(entry.path, self.spool_dir),
+                             age // 3600)
+        return removed
 
     def mailbox_usage(self, user: str) -> tuple:
         """(messages, octets on disk) in user's Maildir, from the sizes in the file names."""
