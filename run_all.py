@@ -148,6 +148,9 @@ def write_role_config(config, path):
             parser["DEFAULT"][key] = plumbing.config_text(config[key])
     parser["smtp_in"] = {"spf": config["spf"]}
     parser["smtp_out"] = {"remote_port": plumbing.config_text(config["remote_port"])}
+    if config["smtp"]:
+        # smtp_out must know our own MX listener: an MX pointing at it is a mail loop.
+        parser["smtp_out"]["my_listeners"] = config["smtp"]
     for key in ("relay_host", "relay_auth_file"):
         if config[key]:
             parser["smtp_out"][key] = config[key]
