@@ -813,16 +813,33 @@ def is_local_address(address):
         return False
 
 
+def parse_listener(text):
+    """[(address, port)] of a my_listeners entry HOST:PORT; a host name stands for each of
+    its addresses (looked up once, at start). Raises ValueError for a bad entry."""
+    host, port = plumbing.parse_hostport(text, SMTP_PORT)
+    try:
+        ipaddress.ip_address(host)
+        return [(host, port)]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError("my_listeners: cannot resolve %r: %s" % (host, exc)) from None
+    return list(dict.fromkeys((info[4][0], port) for info in found))
+
+
 def listener_matches(listener, address, port):
-    """True when a connection to address:port would reach listener, a (host, port) pair
-    whose host 0.0.0.0, :: or "" stands for every address of this machine."""
+    """True when a connection to address:port would reach listener, an (address, port)
+    pair whose address 0.0.0.0 or :: stands for every address of this machine."""
     host, listen_port = listener
     if listen_port != port:
         return False
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        return is_local_address(address)
     try:
-        return ipaddress.ip_address(host.strip("[]")) == ipaddress.ip_address(address)
+        wanted = ipaddress.ip_address(host)
+        if wanted.is_unspecified:
+            return is_local_address(address)
+        return wanted == ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return False
 
@@ -883,8 +900,8 @@ class Deliverer:
         self.helo_name = config.get("hostname") or socket.getfqdn()
         self.my_names = [self.helo_name] + list(config.get("my_names") or [])
         self.my_addresses = list(config.get("my_addresses") or [])
-        self.my_listeners = [plumbing.parse_hostport(listener, SMTP_PORT)
-                             for listener in config.get("my_listeners") or []]
+        self.my_listeners = [pair for listener in config.get("my_listeners") or []
+                             for pair in parse_listener(listener)]
         if self.relay:
             verify = not config.get("relay_insecure", False)
             self.tls = config.get("relay_tls", TLS_REQUIRED)
@@ -1312,6 +1329,8 @@ def main(argv=None):
             raise ValueError("relay_tls: one of %s" % ", ".join(TLS_MODES))
         if config["relay_host"]:
             plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
+        for listener in config["my_listeners"]:
+            parse_listener(listener)
         queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
                           lifetime=float(config["queue_lifetime"]),
                           delay_warning=float(config["delay_warning"]),

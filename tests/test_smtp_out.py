@@ -584,6 +584,13 @@ def test_local_addresses_are_found_without_binding():
     assert smtp_out.is_local_address(mine)
 
 
+def test_my_listeners_take_addresses_or_names_and_refuse_garbage():
+    assert smtp_out.parse_listener("[::]:25") == [("::", 25)]
+    assert ("127.0.0.1", 2525) in smtp_out.parse_listener("localhost:2525")   # /etc/hosts
+    with pytest.raises(ValueError):
+        smtp_out.parse_listener("127.0.0.1:port")
+
+
 # --- The worker pool, over in-memory claims ---
 
 from smtp_out_support import MemoryClaim  # noqa: E402
