@@ -20,7 +20,8 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
-    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris
+    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris,
+                                  removed by the router's hourly sweep (with the Maildirs')
     SPOOL/queue/incoming/ID       the router's work: new mail, or a local retry now due
     SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
     SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
