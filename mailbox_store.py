@@ -13,6 +13,8 @@ rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. NAME is
 "SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>":
 sizes come from the name, without a stat of each file. A message keeps the bytes it came
 with (CRLF or LF line ends); W= is the size POP3 sends (RFC 1939 11: CRLF line ends).
+A delivery that dies half-way leaves its file in tmp/; remove_stale_tmp() (run hourly by
+mta's router) removes those untouched for MAILDIR_TMP_AGE (36 hours, the Maildir rule).
 
 Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
      python3 mailbox_store.py --spool DIR passwd ADDRESS | del-user ADDRESS [--purge]
@@ -43,7 +45,7 @@ from typing import Iterable, Iterator, Optional
 import plumbing
 
 __all__ = [
-    "AddressError", "AliasLoop", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
+    "AddressError", "AliasLoop", "AliasTooBig", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
     "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
     "write_atomically",
@@ -60,15 +62,24 @@ MAX_LOCAL_PART = 64                # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255                   # RFC 5321 4.5.3.1.2
 MAX_LABEL = 63                     # RFC 1035 2.3.4
 MAX_ALIAS_DEPTH = 20               # nested alias expansions before AliasLoop
+MAX_ALIAS_RECIPIENTS = 1000        # final recipients of one address before AliasTooBig
+                                   # (Postfix's virtual_alias_expansion_limit)
 MAX_PASSWORD = 1024                # characters; longer is refused before hashing
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
+# Maildir spec (cr.yp.to/proto/maildir.html): a tmp/ file not accessed for 36 hours is a
+# dead delivery's, safe to delete (Dovecot does so too). A live one is written in seconds.
+MAILDIR_TMP_AGE = 36 * 3600
 
-# Password hashes, in PHC-like strings with the parameters in the line.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
-SCRYPT_MAXMEM = 64 * 1024 * 1024
+# Password hashes, in PHC-like strings with the parameters in the line. New hashes use
+# these; a stored hash made with less (an older N, or PBKDF2) is replaced at the user's
+# next successful login. The test suite lowers SCRYPT_N (tests/conftest.py) for speed.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1     # OWASP 2023 figures for scrypt
+SCRYPT_MAXMEM = 256 * 1024 * 1024  # scrypt's limit per computation: N=2^17, r=8 takes
+                                   # 128 * r * N = 128 MiB and a little; a stored hash
+                                   # asking more than this never matches
 PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
-HASH_THREADS = 2                   # scrypt takes 16 MiB (128 * r * n) per computation
+HASH_THREADS = 2                   # hashes at once, per process: 2 x 128 MiB at most
 SALT_BYTES = 16
 KEY_BYTES = 32
 
@@ -94,7 +105,17 @@ class UnknownUser(LookupError):
 
 
 class AliasLoop(ValueError):
-    """Alias expansion looped or went deeper than MAX_ALIAS_DEPTH."""
+    """Alias expansion that cannot end well: a chain deeper than MAX_ALIAS_DEPTH, or a loop
+    of aliases that reaches no mailbox at all (a loop with members just delivers to them)."""
+
+
+class AliasTooBig(AliasLoop):
+    """Alias expansion reaching more than MAX_ALIAS_RECIPIENTS addresses. An AliasLoop, so
+    that every caller refusing a runaway expansion refuses this one too."""
+
+
+class _HashChanged(Exception):
+    """The users line no longer holds the hash just verified: a password change won."""
 
 
 class MailboxBusy(Exception):
@@ -111,6 +132,16 @@ class MessageInfo:
     file_size: int                 # octets in the file (may differ from size: LF ends)
     deleted: bool = False
     retrieved: bool = False
+
+
+@dataclass
+class _Expansion:
+    """The running state of one address's alias expansion."""
+    out: list = field(default_factory=list)          # final addresses, as found
+    skipped: list = field(default_factory=list)      # (alias, target) without a mailbox
+    cycles: list = field(default_factory=list)       # paths cut where an alias came round
+    done: set = field(default_factory=set)           # local addresses expanded already
+    strict: bool = False                             # a cycle raises AliasLoop (add-alias)
 
 
 @dataclass
@@ -207,7 +238,7 @@ def _derive(secret, stored):
             if not (1 < n <= 2 ** 20 and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16
                     and 0 < len(key) <= 64):
                 return None
-            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024,
+            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM,
                                   dklen=len(key)), key
         if scheme == "pbkdf2-sha256":
             iterations = int(values["i"])
@@ -223,6 +254,23 @@ def verify_password(password: str, stored: str) -> bool:
     """True when password matches the stored hash; compared in constant time."""
     derived = _derive(password.encode("utf-8", "surrogateescape"), stored)
     return derived is not None and hmac.compare_digest(derived[0], derived[1])
+
+
+def _outdated(stored):
+    """True when stored was made with less than hash_password() would use now: PBKDF2
+    where scrypt exists, fewer PBKDF2 iterations, or a smaller scrypt N, r or p."""
+    try:
+        _, scheme, params, _, _ = stored.split("$")
+        values = {key: int(value) for key, value in
+                  (item.split("=", 1) for item in params.split(","))}
+        if scheme == "scrypt":
+            return (values["n"] < SCRYPT_N or values["r"] < SCRYPT_R
+                    or values["p"] < SCRYPT_P)
+        if scheme == "pbkdf2-sha256":
+            return hasattr(hashlib, "scrypt") or values["i"] < PBKDF2_ITERATIONS
+    except (ValueError, KeyError):
+        return False
+    return False
 
 
 def _check_password(password):
@@ -367,6 +415,15 @@ def _file_signature(path):
     except FileNotFoundError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _subfolders(path):
+    """Names of the folders in path (symbolic links not followed); [] when it is missing."""
+    try:
+        with os.scandir(path) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _read_lines(path):
@@ -781,7 +838,7 @@ class Store:
         self._snapshots = threading.local()    # .tables: this thread's view inside snapshot()
         self._dummy_hash = None
         # Password hashes are computed on a few long-lived threads: 200 logins at once then
-        # wait their turn instead of taking 16 MiB each, and the memory scrypt frees is
+        # wait their turn instead of taking 128 MiB each, and the memory scrypt frees is
         # reused by the next hash instead of staying behind in each connection thread's
         # malloc arena.
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, "password-hash")
@@ -842,59 +899,79 @@ class Store:
 
         Aliases are expanded recursively; "user+tag@d" reaches "user@d" when "user+tag"
         itself is not a user or alias; postmaster and abuse always have a destination.
-        Raises AddressError, UnknownUser, AliasLoop.
+        Each alias is expanded once, as sendmail and Postfix do: in a loop of aliases
+        (a: b, x; b: a, y) every member gets one copy, and an alias reached again adds
+        nothing. Raises AddressError, UnknownUser, AliasLoop (deeper than MAX_ALIAS_DEPTH,
+        or a loop with no mailbox in it), AliasTooBig (over MAX_ALIAS_RECIPIENTS).
         """
         tables = self._tables()
         if "@" not in address and address.lower() in ROLE_ACCOUNTS:
             address = address + "@" + self._primary_domain(tables)  # RFC 5321 4.5.1
-        out, skipped = [], []
-        self._expand(tables, address, (), out, skipped)
-        for alias, target in skipped:
+        expansion = _Expansion()
+        self._expand(tables, address, (), expansion)
+        for alias, target in expansion.skipped:
             log.warning("alias %s: target <%s> has no mailbox, skipped", alias, target)
-        return list(dict.fromkeys(out))
+        finals = list(dict.fromkeys(expansion.out))
+        if not finals:                 # nothing raised: every way led round a loop
+            raise AliasLoop("alias loop without a mailbox: %s" % " -> ".join(expansion.cycles[0]))
+        for cycle in expansion.cycles:
+            log.warning("alias loop %s cut: its members get one copy each", " -> ".join(cycle))
+        if len(finals) > MAX_ALIAS_RECIPIENTS:
+            raise AliasTooBig("alias %s reaches %d addresses, more than %d"
+                              % (address, len(finals), MAX_ALIAS_RECIPIENTS))
+        return finals
 
-    def _quiet_expand(self, tables, address):
-        out = []
-        self._expand(tables, address, (), out, [])
-        return out
+    def _quiet_expand(self, tables, address, strict=False):
+        expansion = _Expansion(strict=strict)
+        self._expand(tables, address, (), expansion)
+        return expansion.out
 
-    def _expand(self, tables, address, path, out, skipped):
+    def _expand(self, tables, address, path, expansion):
         if len(path) > MAX_ALIAS_DEPTH:
             raise AliasLoop("alias expansion deeper than %d: %s" % (MAX_ALIAS_DEPTH, " -> ".join(path)))
         local, domain = _split_address(address)
         if not (domain in self.domains or domain in tables.user_domains):
-            out.append(local + "@" + domain)
+            expansion.out.append(local + "@" + domain)
             return
         local = local.lower()
         address = local + "@" + domain
         if address in path:
             # sendmail semantics: "alice: alice, bob" keeps a copy in alice's own mailbox.
             if address in tables.users:
-                out.append(address)
+                expansion.out.append(address)
                 return
-            raise AliasLoop("alias loop: %s" % " -> ".join(path + (address,)))
+            if expansion.strict:
+                raise AliasLoop("alias loop: %s" % " -> ".join(path + (address,)))
+            expansion.cycles.append(path + (address,))
+            return                     # its members come from its first expansion
+        if address in expansion.done:
+            return                     # reached another way already; out holds its members
         path += (address,)
         for candidate in self._candidates(local):
             targets = tables.aliases.get(candidate + "@" + domain) or tables.aliases.get(candidate)
             if targets is not None:
-                found = len(out)
+                reached = False
                 for target in targets:
                     if "@" not in target:
                         target = target + "@" + domain
                     try:
-                        self._expand(tables, target, path, out, skipped)
+                        self._expand(tables, target, path, expansion)
+                        reached = True
                     except UnknownUser:
                         # Like Postfix, a stale target fails alone; the others still get mail.
-                        skipped.append((address, target))
-                if len(out) == found:
+                        expansion.skipped.append((address, target))
+                if not reached:
                     raise UnknownUser("alias %s has no target with a mailbox" % address)
+                expansion.done.add(address)
                 return
             if candidate + "@" + domain in tables.users:
-                out.append(candidate + "@" + domain)
+                expansion.out.append(candidate + "@" + domain)
+                expansion.done.add(address)
                 return
         role = local.split("+", 1)[0]
         if role in ROLE_ACCOUNTS:
-            self._route_role(tables, role, domain, path, out, skipped)
+            self._route_role(tables, role, domain, path, expansion)
+            expansion.done.add(address)
             return
         raise UnknownUser("no such user: %s" % address)
 
@@ -904,7 +981,7 @@ class Store:
         base = local.split("+", 1)[0]
         return (local, base) if base and base != local else (local,)
 
-    def _route_role(self, tables, role, domain, path, out, skipped):
+    def _route_role(self, tables, role, domain, path, expansion):
         """Route postmaster or abuse mail when no alias or user of that name exists.
 
         abuse goes where postmaster goes; postmaster goes to the first user of the domain
@@ -912,13 +989,13 @@ class Store:
         "postmaster" mailbox of the domain, kept until someone adds that user.
         """
         if role == "abuse":
-            self._expand(tables, "postmaster@" + domain, path, out, skipped)
+            self._expand(tables, "postmaster@" + domain, path, expansion)
             return
         for address in tables.users:
             if address.endswith("@" + domain):
-                out.append(address)
+                expansion.out.append(address)
                 return
-        out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
+        expansion.out.append(next(iter(tables.users)) if tables.users else "postmaster@" + domain)
 
     def recipient_exists(self, address: str) -> bool:
         """True when expand(address) finds a destination (used at RCPT time); False for
@@ -990,7 +1067,32 @@ class Store:
         if stored is None or not password or len(password) > MAX_PASSWORD:
             self.hash_pool.submit(verify_password, password[:MAX_PASSWORD], self._dummy()).result()
             return None
-        return user if self.hash_pool.submit(verify_password, password, stored).result() else None
+        if not self.hash_pool.submit(verify_password, password, stored).result():
+            return None
+        if _outdated(stored):
+            self._upgrade_hash(user, password, stored)
+        return user
+
+    def _upgrade_hash(self, user, password, stored):
+        """Replace user's outdated hash with one of today's parameters, now that the
+        password is known to be right. Best effort: a failure is logged, and the login
+        it follows succeeds all the same."""
+        def change(lines):
+            for index, line in enumerate(lines):
+                if _parse_users([line]).get(user) == stored:
+                    lines[index] = "%s:%s" % (user, fresh)
+                    return
+            raise _HashChanged(user)
+
+        try:
+            fresh = self.hash_pool.submit(hash_password, password).result()
+            self._locked_rewrite(self.users_path, 0o600, change)
+        except _HashChanged:
+            return
+        except (OSError, ValueError, MemoryError) as exc:
+            log.warning("<%s>: cannot upgrade the password hash: %s", user, exc)
+            return
+        log.info("<%s>: password hash upgraded to %s", user, fresh.rsplit("$", 2)[0])
 
     def _find_login(self, tables, login):
         login = login.strip()
@@ -1033,6 +1135,43 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
+
+    def remove_stale_tmp(self, max_age: float = MAILDIR_TMP_AGE) -> int:
+        """Remove the files in every Maildir's tmp/ under SPOOL/mail/ neither written nor
+        read for max_age seconds: deliveries that died half-way. Logs each; returns how
+        many went. One pass lists every mailbox: call it now and then, not per message."""
+        root = os.path.join(self.spool_dir, MAIL_DIR)
+        now = time.time()
+        removed = 0
+        for domain in _subfolders(root):
+            for local in _subfolders(os.path.join(root, domain)):
+                tmp = os.path.join(root, domain, local, "Maildir", "tmp")
+                try:
+                    entries = list(os.scandir(tmp))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    log.warning("cannot list %s: %s", tmp, exc.strerror)
+                    continue
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        age = now - max(st.st_mtime, st.st_atime)
+                        if age <= max_age:
+                            continue
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        log.warning("cannot remove %s: %s", entry.path, exc.strerror)
+                        continue
+                    removed += 1
+                    log.info("user=<%s@%s>, file=%s, age=%dh, status=removed (stale tmp file)",
+                             local, domain, os.path.relpath(entry.path, self.spool_dir),
+                             age // 3600)
+        return removed
 
     def mailbox_usage(self, user: str) -> tuple:
         """(messages, octets on disk) in user's Maildir, from the sizes in the file names."""
@@ -1124,7 +1263,12 @@ class Store:
         return list(self._tables().aliases.items())
 
     def add_alias(self, name: str, targets: Iterable[str]) -> list:
-        """Add targets to alias name (creating it); refuses a change that makes a loop."""
+        """Add targets to alias name (creating it); refuses a change that makes a loop.
+
+        Delivery copes with a loop written into the aliases file by hand (each member
+        gets one copy, see expand()); this tool still refuses to make one, which is
+        nearly always a typing mistake.
+        """
         name = _check_alias_name(name)
         targets = [_check_alias_target(t) for t in targets]
         if not targets:
@@ -1154,7 +1298,7 @@ class Store:
         for domain in domains:
             address = name if "@" in name else name + "@" + domain
             try:
-                self._quiet_expand(trial, address)
+                self._quiet_expand(trial, address, strict=True)
             except (UnknownUser, AddressError):
                 continue
 

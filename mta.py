@@ -20,7 +20,8 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
-    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris
+    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris,
+                                  removed by the router's hourly sweep (with the Maildirs')
     SPOOL/queue/incoming/ID       the router's work: new mail, or a local retry now due
     SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
     SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
@@ -124,7 +125,6 @@ import logging
 import math
 import os
 import re
-import select
 import socket
 import stat
 import sys
@@ -201,6 +201,7 @@ BUSY_RETRY = 0.2                   # look again at a file another process holds
 LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
+TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
 DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 # Replies recorded for recipients the router fails or defers; the enhanced status code
@@ -214,6 +215,7 @@ R553_BAD_ADDRESS = "553 5.1.3 Bad destination mailbox address syntax"
 R554_TOO_MANY_HOPS = "554 5.4.6 Too many hops (%d Received: fields), mail loop?"
 R554_DELIVERED_TO_LOOP = "554 5.4.6 Mail loop: Delivered-To: already names this recipient"
 R554_ALIAS_LOOP = "554 5.4.6 Alias expansion loop"
+R554_ALIAS_TOO_BIG = "554 5.2.4 Alias expansion too large"      # RFC 3463 3.3: list expansion
 DSN_EXPIRED = "4.4.7"              # RFC 3463 3.5: delivery time expired
 
 # sysexits.h, the exit codes of `sendmail` that scripts and cron act on.
@@ -787,8 +789,7 @@ class WakeSocket:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to timeout seconds for a ring; swallow every ring waiting. True if rung."""
-        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0))
-        if not ready:
+        if not plumbing.wait_readable(self.sock, timeout):
             return False
         while True:
             try:
@@ -1291,20 +1292,28 @@ class Queue:
         wake(self.spool_dir, "smtp_out")
         return moved
 
-    def clean_tmp(self):
-        """Remove tmp/ files left by writers that died (older than TMP_DEBRIS_AGE)."""
-        limit = time.time() - TMP_DEBRIS_AGE
+    def clean_tmp(self) -> int:
+        """Remove tmp/ files left by writers that died (not written for TMP_DEBRIS_AGE);
+        log each and return how many went."""
+        now = time.time()
         try:
             entries = list(os.scandir(self.path(TMP)))
         except FileNotFoundError:
-            return
+            return 0
+        removed = 0
         for entry in entries:
             try:
-                if entry.stat(follow_symlinks=False).st_mtime < limit:
-                    os.unlink(entry.path)
-                    log.info("%r: removed debris from tmp/", entry.name)
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                if age <= TMP_DEBRIS_AGE:
+                    continue
+                os.unlink(entry.path)
             except OSError:
                 continue
+            removed += 1
+            name = clean_text(entry.name, MAX_INFO)
+            log.info("%s: file=%s/%s/%s, age=%dh, status=removed (stale tmp file)",
+                     name, QUEUE_DIR, TMP, name, age // 3600)
+        return removed
 
     # -- the admin's view --
 
@@ -1377,6 +1386,8 @@ class Router:
         self.queue = queue
         self.store = store
         self.hop_limit = hop_limit
+        self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
+        self.sweeper = None            # the thread of the last sweep_tmp()
 
     def handle(self, queue_id: str):
         """Route one incoming message (the QueueRunner's handler)."""
@@ -1387,9 +1398,26 @@ class Router:
             self.route(claim)
 
     def periodic(self):
-        """The slow scan's extra work: due retries back to incoming/, tmp/ debris."""
+        """The slow scan's extra work: due retries back to incoming/, and every
+        TMP_SWEEP_INTERVAL the tmp/ debris of the queue and of every Maildir."""
         self.queue.requeue_due()
-        self.queue.clean_tmp()
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + TMP_SWEEP_INTERVAL
+            # On a thread of its own: listing every Maildir of a large spool takes a while
+            # (0.1 s for 10,000 with a warm cache), and the runner that calls periodic()
+            # must go on handing out new mail meanwhile.
+            self.sweeper = threading.Thread(target=self.sweep_tmp, name="mta-tmp-sweep",
+                                            daemon=True)
+            self.sweeper.start()
+
+    def sweep_tmp(self):
+        """Remove what writers that died left in tmp/ folders: queue/tmp/ files older than
+        TMP_DEBRIS_AGE, Maildir tmp/ files older than mailbox_store.MAILDIR_TMP_AGE."""
+        try:
+            self.queue.clean_tmp()
+            self.store.remove_stale_tmp()
+        except Exception:
+            log.exception("tmp/ sweep failed")
 
     def route(self, claim: Claim):
         claim.autocommit = False
@@ -1447,6 +1475,8 @@ class Router:
             return [("error", address, R553_BAD_ADDRESS)]
         except mailbox_store.UnknownUser:
             return [("error", address, R550_USER_UNKNOWN)]
+        except mailbox_store.AliasTooBig:
+            return [("error", address, R554_ALIAS_TOO_BIG)]
         except mailbox_store.AliasLoop:
             return [("error", address, R554_ALIAS_LOOP)]
         routes = []

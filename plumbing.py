@@ -38,13 +38,14 @@ import time
 from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE", "ClientConnection", "ConnectionHandler", "Line", "LineReader", "ReadTimeout", "SASLError",
-    "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ThreadedServer",
-    "add_options", "auth_failure_delay", "become_spool_owner", "config_text", "config_value",
-    "decode_base64", "decode_plain", "drop_privileges", "find_spool", "is_loopback", "is_spool",
-    "load_config", "log_config", "new_queue_id", "parse_cpus", "parse_hostport", "read_ini",
-    "reader_went_away", "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "setup_logging",
-    "spool_path", "stderr_is_journal",
+    "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE", "ClientConnection", "ConnectionHandler",
+    "Line", "LineReader", "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV",
+    "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ThreadedServer", "add_options", "auth_failure_delay",
+    "become_spool_owner", "config_text", "config_value", "decode_base64", "decode_plain",
+    "drop_privileges", "find_spool", "is_loopback", "is_spool", "load_config", "log_config",
+    "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away", "reload_tls",
+    "run_on_cpus", "serve_until_signalled", "server_tls_context", "setup_logging", "spool_path",
+    "stderr_is_journal", "wait_readable",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -101,6 +102,18 @@ class Line:
 
 # --- Bounded line reader ---
 
+def wait_readable(sock, timeout: float) -> bool:
+    """Wait up to timeout seconds until sock (or any object with fileno()) has data to
+    read, or its peer closed; True if so. poll(), not select(): select() cannot watch a
+    descriptor above 1023. A closed socket is "readable" (its next read fails at once)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0) * 1000))
+
+
 class LineReader:
     """Reads lines from a socket in blocks, bounded in length and in time.
 
@@ -118,6 +131,8 @@ class LineReader:
         self.before_wait = before_wait
         self.interruptible = True              # False while a transaction is in flight
         self.eof = False
+        self._poller = None                    # select.poll() watching _polled_fd
+        self._polled_fd = -1
 
     def discard_buffer(self):
         """Forget what is buffered (RFC 3207 5: nothing sent before TLS may be used after)."""
@@ -197,13 +212,12 @@ class LineReader:
             wait = min(WAIT_SLICE, idle_until - now)
             if self.deadline is not None:
                 wait = min(wait, self.deadline - now)
-            try:
-                ready, _, _ = select.select([self.sock], [], [], max(wait, 0))
-            except ValueError:         # the socket was closed under us by a forced shutdown
+            ready = self._wait(wait)
+            if ready is None:          # the socket was closed under us by a forced shutdown
                 return False
             if ready:
                 break
-        # A non-blocking socket (timeout 0) is read as it is: select() has waited already,
+        # A non-blocking socket (timeout 0) is read as it is: poll() has waited already,
         # and recv() then skips the poll() a socket with a timeout makes before each call.
         if self.sock.gettimeout() not in (0.0, self.idle_timeout):    # a system call each
             self.sock.settimeout(self.idle_timeout)
@@ -218,8 +232,25 @@ class LineReader:
         self.buffer += block
         return True
 
+    def _wait(self, seconds):
+        """Wait up to seconds for the socket to be readable: True, False, or None when it
+        is closed. poll() has no FD_SETSIZE limit: select() fails for descriptors above
+        1023, which a process with many connections reaches. One poll object serves the
+        reader while its descriptor stays the same (TLS keeps it)."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return None
+        if fd != self._polled_fd:
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+            self._polled_fd = fd
+        events = self._poller.poll(max(seconds, 0) * 1000)
+        if events and events[0][1] & select.POLLNVAL:
+            return None
+        return bool(events)
+
     def _readable_now(self):
-        """True when a TLS socket already holds decrypted bytes select() cannot see."""
+        """True when a TLS socket already holds decrypted bytes poll() cannot see."""
         pending = getattr(self.sock, "pending", None)
         return bool(pending and pending())
 
@@ -264,7 +295,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             deadline = time.monotonic() + server.session_timeout
         self.reader = LineReader(self.sock, server.idle_timeout, deadline,
                                  server.stopping, self.flush)
-        # Non-blocking: the reader waits in select() (with its timeouts) before each recv(),
+        # Non-blocking: the reader waits in poll() (with its timeouts) before each recv(),
         # and flush() sends without a poll() first; each would be one more system call,
         # and one more hand-over of the GIL, per line.
         self.sock.settimeout(0.0)

@@ -225,6 +225,9 @@ def child_settings(config, sections, given, tls_files=None):
         settings.update((key, value) for key, value in listeners.get(name, {}).items()
                         if key in defaults)
         settings["cpus"] = str(cpus[name]) if name in cpus else ""
+        if name == "smtp_out" and config["smtp"] and config["smtp"] not in settings["my_listeners"]:
+            # smtp_out must know our own MX listener: an MX that reaches it is a mail loop.
+            settings["my_listeners"] = settings["my_listeners"] + [config["smtp"]]
         if tls_files and settings.get("tls_cert"):
             settings["tls_cert"], settings["tls_key"] = tls_files
         result[name] = settings

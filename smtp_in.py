@@ -32,7 +32,6 @@ import errno
 import ipaddress
 import logging
 import re
-import select
 import socket
 import sys
 import time
@@ -171,6 +170,7 @@ R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R538_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
 R550_UNKNOWN_USER = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
 R550_ALIAS_LOOP = "550 5.4.6 <%s>: Recipient address rejected: Alias expansion loop"
+R550_ALIAS_TOO_BIG = "550 5.2.4 <%s>: Recipient address rejected: Alias expansion too large"
 R550_BARE_LINE_ENDING = "550 5.6.0 Message refused: bare CR or LF in text (RFC 5321 2.3.8); use CRLF"
 R550_NUL = "550 5.6.0 Message refused: NUL octet in text"
 R552_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -660,8 +660,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
 
     def talks_before_greeting(self):
         """True when the client sent data before the greeting (RFC 5321 3.1, 4.3.1)."""
-        ready, _, _ = select.select([self.sock], [], [], self.server.greet_pause)
-        return bool(ready) and self.sock.recv(1, socket.MSG_PEEK) != b""
+        ready = plumbing.wait_readable(self.sock, self.server.greet_pause)
+        return ready and self.sock.recv(1, socket.MSG_PEEK) != b""
 
     def handle_line(self, line):
         """Turn one raw command line into a reply, refusing what is not a clean command."""
@@ -868,6 +868,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
         try:
             if store.recipient_exists(recipient):      # aliases, sub-addresses, postmaster
                 return None
+        except mailbox_store.AliasTooBig:              # RFC 3463 X.2.4: list expansion
+            return R550_ALIAS_TOO_BIG % recipient
         except mailbox_store.AliasLoop:                # RFC 3463 X.4.6: routing loop
             return R550_ALIAS_LOOP % recipient
         return R550_UNKNOWN_USER % recipient

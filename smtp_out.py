@@ -12,6 +12,15 @@ report whose Diagnostic-Code is the remote reply). It writes nothing else.
 A result is appended to the queue file the moment the server has answered, so a crash
 delivers a recipient twice only if it falls between the remote 250 and that one write().
 
+Mail never goes to this host itself (RFC 5321 5.1). An MX host is this host when its name
+is our hostname, one of its addresses is in my_addresses, or one of its addresses with the
+remote port is one of my_listeners, our own MX listeners (run_all sets it from --smtp; a
+0.0.0.0 or :: listener stands for every address of this machine). Only MX hosts preferred
+to it are tried, and when it is the best, the recipients bounce at once: 5.4.6 "mail for
+DOMAIN loops back to myself". A server we do connect to is this host when its greeting or
+its EHLO reply begins with our hostname (Postfix's check): 5.4.6 again when it is the best
+MX or the relay host, 4.4.6 (and no server after it) when it is a backup.
+
 The SMTPClient class is public and reusable on its own (a submission client uses it too):
 connect, EHLO with HELO fallback, STARTTLS (opportunistic or required, verified or not),
 implicit TLS on port 465, AUTH PLAIN/LOGIN, pipelined MAIL/RCPT/DATA, per-recipient results.
@@ -24,6 +33,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -39,11 +49,11 @@ import mta
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "HELP", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "Outcome",
+    "DEFAULTS", "HELP", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "LoopBack", "Outcome",
     "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
     "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts",
-    "client_tls_context", "encode_data", "main", "needs_smtputf8", "plan_hops",
-    "read_credentials",
+    "client_tls_context", "encode_data", "is_local_address", "main", "needs_smtputf8",
+    "plan_hops", "read_credentials",
 ]
 
 log = logging.getLogger("smtp_out")
@@ -79,6 +89,7 @@ DEFAULTS = {
     "tls_verify": False,           # MX delivery: require TLS and a verified certificate
     "tls_ca_file": "",             # CA bundle for verification instead of the system's
     "my_addresses": [],            # this host's public addresses, for self-MX detection
+    "my_listeners": [],            # HOST:PORT of this host's own MX listeners (smtp_in)
     "max_connections": 20,
     "max_per_destination": 10,
     "max_rcpt": MAX_RCPT,
@@ -116,6 +127,9 @@ HELP = {
     "tls_verify": "MX delivery: require STARTTLS with a verified certificate, else defer",
     "tls_ca_file": "PEM CA bundle to verify certificates with (default: the system's)",
     "my_addresses": "an address of this host, for self-MX detection (repeatable)",
+    "my_listeners": "HOST:PORT where this host's own MX (smtp_in) listens, for self-MX "
+                    "detection; HOST 0.0.0.0 or :: means every address of this machine "
+                    "(repeatable; run_all sets it from --smtp)",
     "max_connections": "outbound SMTP sessions at once, in total",
     "max_per_destination": "outbound SMTP sessions at once per destination domain",
     "max_rcpt": "recipients per transaction",
@@ -157,6 +171,7 @@ R_NEED_8BITMIME = "5.6.3 the message has 8-bit data and %s does not support 8BIT
 R_BAD_ADDRESS = "5.1.3 bad address syntax <%s>"
 R_BAD_SENDER = "5.1.7 bad sender address syntax <%s>"
 R_MX_LOOP = "5.4.6 mail for %s loops back to myself"
+R_MX_LOOP_LATER = "4.4.6 mail for %s loops back to myself"     # a backup MX was this host
 R_DNS = "%s %s"                    # the resolver's status and reason
 
 
@@ -286,6 +301,15 @@ class Outcome:
         return "bounced" if self.reply.permanent else "deferred"
 
 
+class LoopBack(DeliveryError):
+    """The server named itself with this host's own name (in its greeting or its reply to
+    EHLO): talking to it is talking to ourselves. Deliverer makes it R_MX_LOOP."""
+
+    def __init__(self, peer, name):
+        super().__init__("4.4.6 %s greeted me with my own hostname %s" % (peer, name))
+        self.name = name
+
+
 class HandshakeError(DeliveryError):
     """The TLS handshake failed (temporary, 4.7.5); the connection is closed and unusable.
 
@@ -384,11 +408,14 @@ class SMTPClient(plumbing.ClientConnection):
     without it).
     tls_verify checks the certificate against server_name (system CAs, or tls_ca_file).
     implicit_tls (default: port 465) starts TLS before the greeting (RFC 8314).
+    my_name, when given, is this host's own name: a server whose greeting or EHLO reply
+    names it is this host, and open() raises LoopBack (what Postfix checks against
+    myhostname). A submission client leaves it out: there the server may be this host.
     """
 
     def __init__(self, host, port=SMTP_PORT, *, helo_name, server_name=None,
                  tls=TLS_OPPORTUNISTIC, tls_verify=False, tls_ca_file=None, tls_context=None,
-                 implicit_tls=None, timeouts=None, source_address=None):
+                 implicit_tls=None, timeouts=None, source_address=None, my_name=None):
         if tls not in TLS_MODES:
             raise ValueError("tls must be one of %s" % ", ".join(TLS_MODES))
         self.host = host
@@ -401,6 +428,7 @@ class SMTPClient(plumbing.ClientConnection):
         self.tls_context = tls_context or client_tls_context(tls_verify, tls_ca_file)
         self.timeouts = timeouts or Timeouts()
         self.source_address = source_address
+        self.my_name = (my_name or "").lower().rstrip(".")
         self.address = host            # the IP address once connected
         self.extensions = {}           # EHLO keyword -> parameters; empty after HELO
         self.esmtp = False
@@ -484,18 +512,29 @@ class SMTPClient(plumbing.ClientConnection):
         if reply.code != 220:
             self.quit()
             raise DeliveryError(Reply.local(R_GREETING_REFUSED % (self.peer, reply.text)))
+        self.check_loop(reply)
         return reply
+
+    def check_loop(self, reply):
+        """RFC 5321 4.2 and 4.1.1.1: the greeting and the EHLO reply begin with the server's
+        domain. When that is my_name, the server is this host: QUIT, raise LoopBack."""
+        words = reply.lines[0].split(None, 1) if reply.lines else []
+        if self.my_name and words and words[0].lower().rstrip(".") == self.my_name:
+            self.quit()
+            raise LoopBack(self.peer, words[0])
 
     def ehlo(self):
         """EHLO, falling back to HELO when the server does not know it (RFC 5321 4.1.4)."""
         reply = self.command("EHLO " + self.helo_name, self.timeouts.ehlo, "sending EHLO")
         if reply.code == 250:
+            self.check_loop(reply)
             self.esmtp = True
             self.extensions = parse_ehlo(reply)
             return reply
         if reply.code >= 500:
             reply = self.command("HELO " + self.helo_name, self.timeouts.ehlo, "sending HELO")
             if reply.code == 250:
+                self.check_loop(reply)
                 self.esmtp = False
                 self.extensions = {}
                 return reply
@@ -761,17 +800,79 @@ def recipient_domain(address):
     return address.rpartition("@")[2].rstrip(".").lower()
 
 
-def plan_hops(mx_hosts, port, my_names=(), my_addresses=()):
+def is_local_address(address):
+    """True when address belongs to this machine: loopback, the unspecified address, or
+    an address of one of its interfaces.
+
+    An interface address is found by the route to it: a UDP socket "connected" to an
+    address of this machine (no packet is sent) takes that very address as its source.
+    (Binding to it would be simpler, but succeeds for any address where the
+    ip_nonlocal_bind sysctl is set.)
+    """
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))
+            return ipaddress.ip_address(probe.getsockname()[0].partition("%")[0]) == ip
+    except OSError:
+        return False
+
+
+def parse_listener(text):
+    """[(address, port)] of a my_listeners entry HOST:PORT; a host name stands for each of
+    its addresses (looked up once, at start). Raises ValueError for a bad entry."""
+    host, port = plumbing.parse_hostport(text, SMTP_PORT)
+    try:
+        ipaddress.ip_address(host)
+        return [(host, port)]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError("my_listeners: cannot resolve %r: %s" % (host, exc)) from None
+    return list(dict.fromkeys((info[4][0], port) for info in found))
+
+
+def listener_matches(listener, address, port):
+    """True when a connection to address:port would reach listener, an (address, port)
+    pair whose address 0.0.0.0 or :: stands for every address of this machine."""
+    host, listen_port = listener
+    if listen_port != port:
+        return False
+    try:
+        wanted = ipaddress.ip_address(host)
+        if wanted.is_unspecified:
+            return is_local_address(address)
+        return wanted == ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+
+
+def plan_hops(mx_hosts, port, my_names=(), my_addresses=(), my_listeners=()):
     """The addresses to try, in order, from dnsmx MXHosts (RFC 5321 5.1).
 
-    If this host is one of the MX hosts (by name or address), it must not deliver to
-    itself or to anything it prefers less: only better-preference hosts remain, and when
-    it is the best there is, the mail loops (raises DeliveryError 5.4.6).
+    If this host is one of the MX hosts, it must not deliver to itself or to anything it
+    prefers less: only better-preference hosts remain, and when it is the best there is,
+    the mail loops (none remain; the caller bounces with 5.4.6). An MX host is this host
+    when its name is one of my_names, one of its addresses is in my_addresses, or one of
+    its addresses with port reaches one of my_listeners ((host, port) pairs, see
+    listener_matches()).
     """
     names = {name.lower().rstrip(".") for name in my_names if name}
     own = set(my_addresses)
-    mine = [mx.preference for mx in mx_hosts
-            if mx.name.lower().rstrip(".") in names or own.intersection(mx.addresses)]
+
+    def is_me(mx):
+        return (mx.name.lower().rstrip(".") in names or bool(own.intersection(mx.addresses))
+                or any(listener_matches(listener, address, port)
+                       for listener in my_listeners for address in mx.addresses))
+    mine = [mx.preference for mx in mx_hosts if is_me(mx)]
     if mine:
         limit = min(mine)
         mx_hosts = [mx for mx in mx_hosts if mx.preference < limit]
@@ -810,6 +911,8 @@ class Deliverer:
         self.helo_name = config.get("hostname") or socket.getfqdn()
         self.my_names = [self.helo_name] + list(config.get("my_names") or [])
         self.my_addresses = list(config.get("my_addresses") or [])
+        self.my_listeners = [pair for listener in config.get("my_listeners") or []
+                             for pair in parse_listener(listener)]
         if self.relay:
             verify = not config.get("relay_insecure", False)
             self.tls = config.get("relay_tls", TLS_REQUIRED)
@@ -835,7 +938,7 @@ class Deliverer:
         except dnsmx.DNSError as exc:
             raise DeliveryError(dns_error_reply(exc)) from None
         hops = plan_hops(mx_hosts, int(self.config.get("remote_port") or SMTP_PORT),
-                         self.my_names, self.my_addresses)
+                         self.my_names, self.my_addresses, self.my_listeners)
         if not hops:
             raise DeliveryError(R_MX_LOOP % destination)
         return hops
@@ -843,7 +946,7 @@ class Deliverer:
     def client(self, hop):
         return SMTPClient(hop.address, hop.port, helo_name=self.helo_name, server_name=hop.name,
                           tls=self.tls, tls_verify=self.tls_verify, tls_context=self.tls_context,
-                          timeouts=self.timeouts)
+                          timeouts=self.timeouts, my_name=self.helo_name)
 
     def open(self, hop):
         """A ready session with hop (STARTTLS and AUTH done); raises DeliveryError."""
@@ -905,6 +1008,18 @@ class Deliverer:
         for hop in hops[:max(1, int(self.config.get("max_mx_addresses", 5)))]:
             try:
                 client = self.open(hop)
+            except LoopBack as exc:
+                # Postfix's rule: the best MX (or the relay host) being this host is a loop
+                # to bounce now; a backup MX, one to wait out while the better ones are down.
+                # Either way no server after it may be tried (RFC 5321 5.1).
+                best = hop.preference == hops[0].preference
+                log.warning("%s", exc.reply.text)
+                reply = Reply.local((R_MX_LOOP if best else R_MX_LOOP_LATER) % destination)
+                relay = "%s[%s]:%d" % (hop.name, hop.address, hop.port)
+                fail_all(reply, relay, hop.name)
+                if best:
+                    settle([RecipientResult(r, reply) for r in list(pending)], relay, hop.name)
+                return None
             except DeliveryError as exc:
                 relay = "%s[%s]:%d" % (hop.name, hop.address, hop.port)
                 fail_all(exc.reply, relay, hop.name)
@@ -1226,6 +1341,8 @@ def main(argv=None):
             raise ValueError("relay_tls: one of %s" % ", ".join(TLS_MODES))
         if config["relay_host"]:
             plumbing.parse_hostport(config["relay_host"], SMTP_PORT)
+        for listener in config["my_listeners"]:
+            parse_listener(listener)
         queue = mta.Queue(config["spool"], hostname=config["hostname"] or None,
                           lifetime=float(config["queue_lifetime"]),
                           delay_warning=float(config["delay_warning"]),

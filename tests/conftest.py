@@ -80,6 +80,21 @@ def tls_files(tmp_path_factory):
     return cert, key
 
 
+TEST_SCRYPT_N = 2 ** 14                # the suite's password hashes: 40 ms each, not 400
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quick_password_hashes():
+    """Hashes made in this process use scrypt N=TEST_SCRYPT_N instead of the production
+    2^17 (mailbox_store.SCRYPT_N): the suite makes and checks many. The format is the same,
+    and roles started as processes keep the production value (upgrading on login)."""
+    import mailbox_store
+    production = mailbox_store.SCRYPT_N
+    mailbox_store.SCRYPT_N = TEST_SCRYPT_N
+    yield
+    mailbox_store.SCRYPT_N = production
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_system_resolver(tmp_path_factory):
     """No test asks the system's resolver. In this process, a resolver built without servers

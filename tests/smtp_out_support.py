@@ -31,6 +31,7 @@ class Received:
 class Script:
     """What the sink answers; every field may be changed while it runs."""
     greeting: str = "220 sink.test ESMTP"
+    name: str = "sink.test"            # the domain that begins the reply to EHLO or HELO
     ehlo: bool = True
     extensions: list = field(default_factory=lambda: [
         "PIPELINING", "SIZE 10485760", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"])
@@ -82,7 +83,7 @@ class SinkHandler(plumbing.ConnectionHandler):
             verb = text.split(" ", 1)[0].upper()
             if verb == "EHLO" and script.ehlo:
                 self.helo = text[5:]
-                lines = ["sink.test"] + list(script.extensions)
+                lines = [script.name] + list(script.extensions)
                 if server.tls_context is not None and not self.tls:
                     lines.append("STARTTLS")
                 if script.users:
@@ -91,7 +92,7 @@ class SinkHandler(plumbing.ConnectionHandler):
                     self.write("250%s%s" % ("-" if i < len(lines) - 1 else " ", item))
             elif verb == "HELO":
                 self.helo = text[5:]
-                self.write("250 sink.test")
+                self.write("250 " + script.name)
             elif verb == "STARTTLS" and server.tls_context is not None:
                 if script.starttls_reply:
                     self.write(script.starttls_reply)

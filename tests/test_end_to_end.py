@@ -9,6 +9,7 @@ and Maildir, and out again over POP3: the classic path of Internet mail.
 import os
 import poplib
 import random
+import re
 import signal
 import smtplib
 import socket
@@ -44,7 +45,7 @@ def run_tool(*argv, stdin=None):
 class Host:
     """One mail host: a run_all.py process group with its own spool and addresses."""
 
-    def __init__(self, tmp_path, name, ip, domains, dns, mx_port):
+    def __init__(self, tmp_path, name, ip, domains, dns, mx_port, extra=()):
         self.name = name
         self.ip = ip
         self.domains = domains
@@ -54,6 +55,7 @@ class Host:
         self.pop3_port = free_port(ip)
         self.dns = dns
         self.log_path = str(tmp_path / (name + ".log"))
+        self.extra = list(extra)           # more run_all.py options
         self.process = None
 
     def start(self):
@@ -65,6 +67,7 @@ class Host:
                 "--dns", self.dns, "--remote-port", str(self.smtp_port)]
         for domain in self.domains:
             argv += ["--domain", domain]
+        argv += self.extra
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -236,6 +239,33 @@ def test_mail_goes_to_the_backup_mx_when_the_preferred_one_is_down(internet):
     submit(host_a, "alice@bendcable.com", "gregoryway@backup.test", "Via the backup")
     messages = host_b.wait_for_messages("gregoryway@backup.test", 1)
     assert [headers_of(m)["Subject"] for m in messages] == ["Via the backup"]
+
+
+def test_mx_pointing_back_at_this_host_bounces_at_once_instead_of_looping(tmp_path):
+    """loop.test's MX, under a name of its own, is this host's MX listener, which relays
+    for 127.0.0.0/8: smtp_out knows that listener (run_all hands it --smtp), so the mail
+    bounces with 5.4.6 before any connection, instead of going round 50 times."""
+    require_tool("dnsmasq", "dnsmasq-base")
+    with start_dnsmasq([mx_host("loop.test", "mx.loop.test", 10),
+                        host_record("mx.loop.test", "127.0.0.2")]) as dns:
+        host = Host(tmp_path, "A", "127.0.0.2", ["bendcable.com"], dns.address,
+                    free_port("127.0.0.2"), extra=["--relay-network", "127.0.0.0/8"])
+        host.add_user("alice@bendcable.com")
+        host.start()
+        try:
+            sent = run_tool("mta.py", "--spool", host.spool, "sendmail", "-f",
+                            "alice@bendcable.com", "u@loop.test",
+                            stdin=b"Subject: round and round\n\nhi\n")
+            assert sent.returncode == 0, sent.stderr.decode()
+            (bounce,) = host.wait_for_messages("alice@bendcable.com", 1)
+        finally:
+            host.stop()
+    text = bounce.decode("utf-8", "replace")
+    assert "Status: 5.4.6" in text and "mail for loop.test loops back to myself" in text
+    assert text.count("Subject: round and round") == 1
+    returned = text.split("Subject: round and round")[0].rsplit("text/rfc822-headers", 1)[1]
+    assert returned.count("Received:") == 1        # only sendmail's: it never went round
+    assert not re.search(r"smtp_in\[\d+\]: \w+: client=", host.log())   # no message came in
 
 
 # --- Crash safety ---

@@ -1,6 +1,7 @@
 """The Maildir store: addresses, users, aliases, delivery, the POP3 mailbox and the CLI."""
 
 import io
+import logging
 import os
 import signal
 import stat
@@ -75,7 +76,67 @@ def test_users_file_holds_scrypt_hashes_with_their_parameters_and_mode_0600(stor
     assert "correct horse" not in text
     address, _, hashed = text.strip().rpartition(":")
     assert address == "alice@example.com"
-    assert hashed.startswith("$scrypt$n=16384,r=8,p=1$")
+    assert hashed.startswith("$scrypt$n=%d,r=8,p=1$" % mailbox_store.SCRYPT_N)
+
+
+def test_new_hashes_use_scrypt_n_2_17_outside_the_test_suite(tmp_path):
+    assert cli(tmp_path / "spool", "add-user", "alice@example.com", stdin="pw\n").returncode == 0
+    hashed = open(os.path.join(str(tmp_path / "spool"), "users")).read().strip().split(":", 1)[1]
+    assert hashed.startswith("$scrypt$n=131072,r=8,p=1$")
+    assert mailbox_store.verify_password("pw", hashed)
+
+
+def users_line(store, address):
+    with open(os.path.join(store.spool_dir, "users")) as f:
+        return [line.rstrip("\n") for line in f if line.startswith(address + ":")]
+
+
+def test_pbkdf2_hash_becomes_scrypt_at_the_next_login_and_a_wrong_password_changes_nothing(store):
+    salt = b"0123456789abcdef"
+    key = mailbox_store.hashlib.pbkdf2_hmac("sha256", b"secret", salt, 1000, 32)
+    old = "$pbkdf2-sha256$i=1000$%s$%s" % (mailbox_store._b64(salt), mailbox_store._b64(key))
+    os.makedirs(store.spool_dir)
+    with open(os.path.join(store.spool_dir, "users"), "w") as f:
+        f.write("# users\nalice@example.com:%s\nbob@example.com:%s\n" % (old, old))
+    assert store.authenticate("alice@example.com", "wrong") is None
+    assert users_line(store, "alice@example.com") == ["alice@example.com:" + old]
+    assert store.authenticate("alice", "secret") == "alice@example.com"
+    (line,) = users_line(store, "alice@example.com")
+    assert line.startswith("alice@example.com:$scrypt$n=%d,r=8,p=1$" % mailbox_store.SCRYPT_N)
+    assert store.authenticate("alice@example.com", "secret") == "alice@example.com"
+    assert users_line(store, "bob@example.com") == ["bob@example.com:" + old]    # untouched
+    assert open(os.path.join(store.spool_dir, "users")).read().startswith("# users\n")
+
+
+def test_a_failed_hash_upgrade_does_not_fail_the_login(store, monkeypatch, caplog):
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 4)
+    store.add_user("alice@example.com", "secret")
+    (before,) = users_line(store, "alice@example.com")
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 5)
+
+    def broken(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(mailbox_store, "write_atomically", broken)
+    with caplog.at_level(logging.WARNING, logger="mailbox_store"):
+        assert store.authenticate("alice@example.com", "secret") == "alice@example.com"
+    assert users_line(store, "alice@example.com") == [before]
+    assert "cannot upgrade the password hash" in caplog.text and "secret" not in caplog.text
+
+
+def test_hash_upgrade_leaves_a_password_changed_meanwhile_alone(store, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 4)
+    store.add_user("alice@example.com", "old")
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 5)
+    real = mailbox_store.hash_password
+
+    def change_first(password):            # an admin's passwd lands before the rewrite
+        monkeypatch.setattr(mailbox_store, "hash_password", real)
+        store.set_password("alice@example.com", "new")
+        return real(password)
+    monkeypatch.setattr(mailbox_store, "hash_password", change_first)
+    assert store.authenticate("alice@example.com", "old") == "alice@example.com"
+    assert store.authenticate("alice@example.com", "new") == "alice@example.com"
+    assert store.authenticate("alice@example.com", "old") is None
 
 
 def test_same_password_gets_a_different_salt(store):
@@ -206,7 +267,7 @@ def test_alias_that_names_its_user_keeps_a_copy(people):
     assert people.expand("alice@example.com") == ["alice@example.com", "bob@example.com"]
 
 
-def test_alias_loops_and_deep_chains_raise_alias_loop(people):
+def test_alias_loops_without_a_mailbox_and_deep_chains_raise_alias_loop(people):
     write_aliases(people, "a: b\nb: c\nc: a\n")
     with pytest.raises(AliasLoop):
         people.expand("a@example.com")
@@ -216,6 +277,40 @@ def test_alias_loops_and_deep_chains_raise_alias_loop(people):
     with pytest.raises(AliasLoop):
         people.expand("l0@example.com")
     assert people.expand("l15@example.com") == ["alice@example.com"]
+
+
+def test_aliases_that_list_each_other_reach_every_member_once(people, caplog):
+    write_aliases(people, "a: b, alice, x@remote.example\nb: a, bob, y@remote.example\n"
+                          "c: a, b, carol@example.org\n")
+    with caplog.at_level("WARNING", logger="mailbox_store"):
+        assert sorted(people.expand("a@example.com")) == [
+            "alice@example.com", "bob@example.com", "x@remote.example", "y@remote.example"]
+    assert "alias loop a@example.com -> b@example.com -> a@example.com cut" in caplog.text
+    assert sorted(people.expand("b@example.com")) == sorted(people.expand("a@example.com"))
+    assert sorted(people.expand("c@example.com")) == [
+        "alice@example.com", "bob@example.com", "carol@example.org", "x@remote.example",
+        "y@remote.example"]
+    assert people.recipient_exists("a@example.com")
+    assert "a@example.com" in people.sender_addresses("alice@example.com")
+
+
+def test_an_alias_reached_twice_is_expanded_once_without_false_warnings(people, caplog):
+    write_aliases(people, "all: left, right\nleft: team\nright: team\nteam: alice, gone\n")
+    with caplog.at_level("WARNING", logger="mailbox_store"):
+        assert people.expand("all@example.com") == ["alice@example.com"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["alias team@example.com: target <gone@example.com> has no mailbox, skipped"]
+
+
+def test_alias_expansion_past_the_recipient_bound_raises_alias_too_big(people, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "MAX_ALIAS_RECIPIENTS", 5)
+    write_aliases(people, "five: %s\nsix: five, z@remote.example\n"
+                  % ", ".join("u%d@remote.example" % n for n in range(5)))
+    assert len(people.expand("five@example.com")) == 5
+    with pytest.raises(mailbox_store.AliasTooBig, match="more than 5"):
+        people.expand("six@example.com")
+    with pytest.raises(AliasLoop):                # callers refusing loops refuse it too
+        people.recipient_exists("six@example.com")
 
 
 def test_unknown_local_user_raises_and_remote_passes(people):

@@ -261,6 +261,17 @@ def test_alias_loop_bounces_with_5_4_6(spool, router):
     assert (block["Status"], block["Final-Recipient"]) == ("5.4.6", "rfc822; ping@example.com")
 
 
+def test_aliases_listing_each_other_deliver_once_and_a_huge_one_bounces_5_2_4(spool, router, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "MAX_ALIAS_RECIPIENTS", 3)
+    write_aliases(spool, "ping: pong, bob\npong: ping, carol\n"
+                         "crowd: %s\n" % ", ".join("u%d@remote.example" % n for n in range(4)))
+    mta.enqueue(spool, "alice@example.com", ["ping@example.com", "crowd@example.com"], MESSAGE)
+    (dsn,) = wait_for(lambda: read_mail(spool, "alice@example.com"))
+    _, (block,), _ = dsn_fields(dsn)
+    assert (block["Status"], block["Final-Recipient"]) == ("5.2.4", "rfc822; crowd@example.com")
+    assert len(read_mail(spool, "bob@example.com")) == len(read_mail(spool, "carol@example.com")) == 1
+
+
 def test_more_received_fields_than_the_hop_limit_bounce_with_5_4_6(spool, router):
     looping = b"".join(b"Received: from hop%d.test by mx.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % n
                        for n in range(51)) + MESSAGE
@@ -334,6 +345,52 @@ def test_local_disk_error_defers_then_flush_delivers(spool, queue, router, caplo
 
 
 # --- The outbound queue (smtp_out's side) ---
+
+def tmp_file(folder, name, hours_old):
+    """A file in folder, last written and read hours_old hours ago."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(b"half a message")
+    then = time.time() - hours_old * 3600
+    os.utime(path, (then, then))
+    return path
+
+
+def test_router_removes_stale_tmp_files_of_the_queue_and_every_maildir_hourly(spool, queue, store, caplog):
+    store.deliver("bob@example.com", MESSAGE, "")          # a real Maildir with new/ mail
+    maildirs = [store.maildir_path(a) for a in ("alice@example.com", "bob@example.com")]
+    queue.create()
+    queue_tmp = os.path.join(spool, "queue", "tmp")
+    old = [tmp_file(os.path.join(maildirs[0], "tmp"), "1.M1P1.dead", 37),
+           tmp_file(os.path.join(maildirs[1], "tmp"), "2.M2P2.dead", 100),
+           tmp_file(queue_tmp, "0000DEADBEEF", 2)]
+    kept = [tmp_file(os.path.join(maildirs[0], "tmp"), "3.M3P3.slow", 35),
+            tmp_file(os.path.join(maildirs[1], "tmp"), "4.M4P4.live", 0),
+            tmp_file(queue_tmp, "0000CAFEF00D", 0.5)] + maildir_files(spool, "bob@example.com")
+    router = mta.Router(queue, store)
+    caplog.set_level(logging.INFO)
+    router.periodic()
+    router.sweeper.join(10)
+    assert [os.path.exists(p) for p in old] == [False] * 3
+    assert [os.path.exists(p) for p in kept] == [True] * 4
+    removals = sorted(r.getMessage() for r in caplog.records if "status=removed" in r.getMessage())
+    assert removals == [
+        "0000DEADBEEF: file=queue/tmp/0000DEADBEEF, age=2h, status=removed (stale tmp file)",
+        "user=<alice@example.com>, file=mail/example.com/alice/Maildir/tmp/1.M1P1.dead, "
+        "age=37h, status=removed (stale tmp file)",
+        "user=<bob@example.com>, file=mail/example.com/bob/Maildir/tmp/2.M2P2.dead, "
+        "age=100h, status=removed (stale tmp file)"]
+    # The backup scan runs every few seconds; the sweep, at most once an hour.
+    again = tmp_file(os.path.join(maildirs[0], "tmp"), "5.M5P5.dead", 40)
+    sweeper = router.sweeper
+    router.periodic()
+    assert router.sweeper is sweeper and os.path.exists(again)
+    router.next_sweep = time.monotonic()                     # an hour later
+    router.periodic()
+    router.sweeper.join(10)
+    assert not os.path.exists(again)
+
 
 def test_remote_recipients_wait_in_outbound_grouped_by_domain_and_wake_smtp_out(spool, queue, router):
     doorbell = mta.WakeSocket(spool, "smtp_out")

@@ -150,6 +150,54 @@ def test_partial_line_at_eof_is_returned_without_ending():
     right.close()
 
 
+HIGH_FD = 1500                         # above select()'s FD_SETSIZE of 1024
+
+
+@pytest.fixture
+def high_socketpair():
+    """A socketpair whose reading end is descriptor HIGH_FD (RLIMIT_NOFILE raised if need be)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= HIGH_FD:
+        if hard != resource.RLIM_INFINITY and hard <= HIGH_FD:
+            pytest.skip("RLIMIT_NOFILE hard limit %d is too low" % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (HIGH_FD + 1, hard))
+    left, right = socket.socketpair()
+    with pytest.raises(OSError):
+        os.fstat(HIGH_FD)                  # free, so that the test owns it
+    os.dup2(right.fileno(), HIGH_FD)
+    right.close()
+    high = socket.socket(fileno=HIGH_FD)
+    yield left, high
+    left.close()
+    high.close()
+    if soft <= HIGH_FD:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_reader_waits_on_a_descriptor_above_1023(high_socketpair):
+    left, high = high_socketpair
+    high.settimeout(0.0)                   # as ConnectionHandler.setup() leaves it
+    reader = plumbing.LineReader(high, idle_timeout=5)
+    sender = threading.Timer(0.2, left.sendall, args=(b"HELO high\r\n",))
+    sender.start()
+    try:
+        assert reader.readline(100) == plumbing.Line(b"HELO high", b"\r\n")
+    finally:
+        sender.join()
+    left.sendall(b"tail")
+    left.shutdown(socket.SHUT_WR)
+    assert reader.readline(100) == plumbing.Line(b"tail", b"")
+    assert reader.readline(100) is None
+
+
+def test_wait_readable_on_a_descriptor_above_1023(high_socketpair):
+    left, high = high_socketpair
+    assert plumbing.wait_readable(high, 0.05) is False
+    left.sendall(b"x")
+    assert plumbing.wait_readable(high, 5) is True
+
+
 def test_connection_cap_sends_busy_reply(start_server):
     server = start_server(max_connections=2)
     first, f1 = connect(server)

@@ -8,6 +8,7 @@ import poplib
 import re
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -209,6 +210,10 @@ def test_large_message_streams_exactly_with_bounded_server_memory(tmp_path, stor
         client = poplib.POP3("127.0.0.1", port, timeout=30)
         client.user(ALICE)
         client.pass_(PASSWORD)
+        # The login's scrypt (128 MiB at N=2^17, freed since) is not the streaming's:
+        # reset the peak RSS before RETR (Linux proc(5), clear_refs "5").
+        with open("/proc/%d/clear_refs" % server.pid, "w") as clear:
+            clear.write("5")
         size = int(client.list(1).split()[2])
         assert size == len(expected) > 20_000_000
         sock, f = client.sock, client.file
@@ -356,6 +361,34 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(start, caplog):
     assert len(failures) == 3
     assert failures[0] == ("login failed: client=[127.0.0.1], user='alice@example.com', "
                            "method=USER, failures=1 (bad credentials)")
+
+
+def test_an_old_n_2_14_hash_becomes_n_2_17_at_the_next_pop3_login(tmp_path, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 14)     # what users hold from before
+    old = mailbox_store.hash_password(PASSWORD)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    users = spool / "users"
+    users.write_text("%s:%s\n" % (ALICE, old))
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 17)     # the production default
+    store = mailbox_store.Store(str(spool), ["example.com"], hostname="mx.example.com")
+    server = pop3d.POP3Server(("127.0.0.1", 0), store, failure_delay=lambda failures: 0,
+                              idle_timeout=10)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with pytest.raises(poplib.error_proto):
+            login(server, password="wrong")
+        assert users.read_text() == "%s:%s\n" % (ALICE, old)     # a wrong password: untouched
+        client = login(server)
+        assert client.stat() == (0, 0)
+        client.quit()
+    finally:
+        server.stop(grace=0.2)
+    address, _, fresh = users.read_text().strip().partition(":")
+    assert address == ALICE and fresh.startswith("$scrypt$n=131072,r=8,p=1$")
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    assert mailbox_store.verify_password(PASSWORD, fresh)
+    assert not mailbox_store.verify_password("wrong", fresh)
 
 
 def test_each_failed_login_waits_longer(start):

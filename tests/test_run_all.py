@@ -237,6 +237,7 @@ def test_every_key_of_the_config_file_reaches_its_role(tmp_path):
     assert float(children["smtp_out"]["queue_lifetime"]) == 86400
     assert float(children["smtp_out"]["delay_warning"]) == 600
     assert children["pop3d"]["domain"] == "example.com"
+    assert children["smtp_out"]["my_listeners"] == children["smtp_in"]["listen"]   # loop check
 
 
 def test_a_flag_wins_over_the_config_file(tmp_path):

@@ -18,6 +18,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import mailbox_store
 import mta
 import smtp_in
 from conftest import listening_port, openssl_starttls, require_tool, wait_for
@@ -349,6 +350,32 @@ def test_looping_alias_is_refused_at_rcpt_with_550_5_4_6(start_smtp, spool):
     assert client.command("RCPT TO:<nobody@example.com>") == (
         550, [smtp_in.R550_UNKNOWN_USER % "nobody@example.com"])
     assert client.command("RCPT TO:<sales@example.com>")[0] == 250
+
+
+def test_aliases_listing_each_other_are_accepted_and_each_member_gets_one_copy(start_smtp, spool):
+    with open(os.path.join(str(spool), "aliases"), "a") as aliases:
+        aliases.write("ping: pong, alice\npong: ping, bob, alice\n")
+    server = start_smtp()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.example.org")
+        client.mail("someone@example.org")
+        assert client.rcpt("ping@example.com")[0] == 250
+        assert client.rcpt("pong@example.com")[0] == 250
+        assert client.data(message("round", to="ping@example.com"))[0] == 250
+    route_all(spool)
+    for user in ("alice@example.com", "bob@example.com"):
+        (delivered,) = maildir_messages(spool, user)
+        assert b"Subject: round\r\n" in delivered
+
+
+def test_alias_expanding_past_the_recipient_bound_is_refused_at_rcpt(start_smtp, spool, monkeypatch):
+    monkeypatch.setattr(mailbox_store, "MAX_ALIAS_RECIPIENTS", 3)
+    with open(os.path.join(str(spool), "aliases"), "a") as aliases:
+        aliases.write("crowd: %s\n" % ", ".join("u%d@remote.example" % n for n in range(4)))
+    client = greeted(start_smtp())
+    client.command("MAIL FROM:<a@example.org>")
+    assert client.command("RCPT TO:<crowd@example.com>") == (
+        550, [smtp_in.R550_ALIAS_TOO_BIG % "crowd@example.com"])
 
 
 def test_aliases_and_sub_addresses_are_accepted_at_rcpt(start_smtp, spool):

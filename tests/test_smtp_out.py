@@ -425,6 +425,8 @@ def dns():
         mx_host("self.test", HOSTNAME, 10), mx_host("self.test", "mx2.two.test", 20),
         mx_host("backup.test", "mx1.two.test", 5), mx_host("backup.test", HOSTNAME, 10),
         mx_host("backup.test", "mx2.two.test", 20), host_record(HOSTNAME, "127.0.0.9"),
+        # An MX under another name whose address is this host's own MX listener.
+        mx_host("loop.test", "mx.loop.test", 10), host_record("mx.loop.test", "127.0.0.1"),
     ]
     with start_dnsmasq(records) as server:
         yield server
@@ -527,6 +529,66 @@ def test_self_detected_by_address_too(dns, sinks):
     d = deliverer(dns, port, hostname="other.test", my_addresses=["127.0.0.9"])
     (outcome,), _ = d.deliver("self.test", "a@b.test", ["u@self.test"], b"m\r\n")
     assert outcome.reply.status == "5.4.6"
+
+
+def test_a_server_greeting_with_my_own_hostname_is_a_loop_5_4_6(dns, sinks):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
+                                       script=Script(greeting="220 OUT.test ESMTP ready"))
+    (outcome,), client = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert (outcome.status, outcome.reply.status, outcome.reply.text) == (
+        "bounced", "5.4.6", "mail for two.test loops back to myself")
+    assert outcome.relay == "mx1.two.test[127.0.0.2]:%d" % port and client is None
+    assert mx1.commands[-1:] == ["QUIT"] and mx1.received == [] and mx2.sessions == 0
+
+
+def test_an_ehlo_reply_with_my_own_hostname_is_a_loop_too_but_a_submission_client_does_not_care(dns, sinks):
+    port, (mx1,) = same_port_sinks(sinks, ["127.0.0.2"], script=Script(name="out.test."))
+    (outcome,), _ = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert (outcome.status, outcome.reply.status) == ("bounced", "5.4.6")
+    assert send(mx1, "a@b.test", ["u@two.test"], b"m\r\n")[0].delivered   # no my_name given
+
+
+def test_a_backup_mx_greeting_as_myself_defers_4_4_6_and_tries_nothing_after_it(dns, sinks):
+    port, (mx2,) = same_port_sinks(sinks, ["127.0.0.3"], script=Script(greeting="220 out.test"))
+    (outcome,), _ = deliverer(dns, port).deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+    assert (outcome.status, outcome.reply.status) == ("deferred", "4.4.6")
+    assert outcome.relay.startswith("mx2.two.test[127.0.0.3]") and mx2.received == []
+
+
+def test_an_mx_address_and_port_of_my_own_listener_is_a_loop_without_connecting(dns, sinks):
+    port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"])
+    for listener in ("127.0.0.2:%d" % port, "0.0.0.0:%d" % port, "[::]:%d" % port):
+        d = deliverer(dns, port, my_listeners=[listener])
+        (outcome,), _ = d.deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+        assert (outcome.status, outcome.reply.status) == ("bounced", "5.4.6"), listener
+    assert mx1.sessions == mx2.sessions == 0
+    # The same port on another address, or another port, is another server.
+    for listener in ("127.0.0.9:%d" % port, "127.0.0.2:%d" % (port + 1 if port < 65535 else 1)):
+        d = deliverer(dns, port, my_listeners=[listener])
+        (outcome,), client = d.deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
+        assert outcome.status == "sent" and outcome.relay.startswith("mx1."), listener
+        client.quit()
+
+
+def test_local_addresses_are_found_without_binding():
+    assert smtp_out.is_local_address("127.0.0.1") and smtp_out.is_local_address("127.3.2.1")
+    assert smtp_out.is_local_address("0.0.0.0") and smtp_out.is_local_address("::1")
+    assert not smtp_out.is_local_address("203.0.113.254")     # RFC 5737 TEST-NET-3
+    assert not smtp_out.is_local_address("not an address")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+        try:
+            plain.connect(("203.0.113.254", 9))     # no packet: just the route's source
+        except OSError:
+            pytest.skip("no route beyond loopback")
+        mine = plain.getsockname()[0]              # an interface address of this machine
+    assert smtp_out.is_local_address(mine)
+
+
+def test_my_listeners_take_addresses_or_names_and_refuse_garbage():
+    assert smtp_out.parse_listener("[::]:25") == [("::", 25)]
+    assert ("127.0.0.1", 2525) in smtp_out.parse_listener("localhost:2525")   # /etc/hosts
+    with pytest.raises(ValueError):
+        smtp_out.parse_listener("127.0.0.1:port")
 
 
 # --- The worker pool, over in-memory claims ---
@@ -899,6 +961,29 @@ def test_kill_9_during_delivery_then_restart_delivers_every_message(tmp_path, si
 
 
 # --- Our own smtp_in as the remote MX: two hosts, end to end ---
+
+def test_mx_pointing_at_our_own_smtp_in_bounces_once_with_5_4_6_instead_of_looping(tmp_path, resolver):
+    """loop.test's MX is 127.0.0.1, where our own smtp_in (same hostname, relaying for
+    127.0.0.0/8, on the same spool) listens: it greets with our name, and the sender gets
+    one bounce at once instead of the message going round until the hop limit."""
+    import smtp_in
+    spool = Spool(tmp_path, clock=time.time)
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {
+        "spool": spool.path, "domain": ["local.test"], "hostname": HOSTNAME, "spf": "off",
+        "relay_network": ["127.0.0.0/8"]}, store=spool.store)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        spool.send(["u@loop.test"], b"Subject: round and round\r\n\r\nhi\r\n")
+        for _ in range(3):                 # what went round would be routed out again
+            spool.deliver(mx_config(server.server_address[1]), resolver)
+    finally:
+        server.stop(grace=0.5)
+    assert spool.queued() == 0
+    (bounce,) = spool.sender_mail()
+    _, (fields,) = dsn_fields(bounce)
+    assert (fields["Status"], fields["Final-Recipient"]) == ("5.4.6", "rfc822; u@loop.test")
+    assert "mail for loop.test loops back to myself" in fields["Diagnostic-Code"]
+
 
 def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     import smtp_in
