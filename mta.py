@@ -189,7 +189,7 @@ MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
 MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
 
 # Timing, in seconds.
-HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
+HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (Postfix: 50)
 QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
 DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
 # Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).

@@ -10,7 +10,7 @@ Written once and imported by every daemon (smtp_in, pop3d, mta, smtp_out, run_al
 - ClientConnection: the same bounded reads, and TLS, for a protocol client;
 - TLS contexts, strict SASL PLAIN and LOGIN decoding (RFC 4616, RFC 4954);
 - configuration (defaults, then an INI file, then flags), logging in the shape of
-  DESIGN.md, queue ids, and dropping root privileges.
+  Postfix (docs/operating.md), queue ids, and dropping root privileges.
 
 This module knows no mail protocol: a role subclasses the server and the handler, or the
 client connection.

@@ -56,14 +56,14 @@ __all__ = [
 # --- Constants ---
 
 MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF
-MAX_COMMAND_LENIENT = 2048     # longer command lines get 500 5.5.2 (DESIGN.md: lenient to 2 KiB)
+MAX_COMMAND_LENIENT = 2048     # longer command lines get 500 5.5.2 (lenient to 2 KiB, as Postfix)
 MAX_TEXT_LINE = 65536          # RFC 5321 4.5.3.1.6 asks for 1000 with CRLF; longer lines pass up to this
 MAX_SASL_LINE = plumbing.MAX_SASL_RESPONSE
 MAX_LOCAL_PART = 64            # RFC 5321 4.5.3.1.1, octets
 MAX_DOMAIN = 255               # RFC 5321 4.5.3.1.2, octets
 MAX_PATH = 256                 # RFC 5321 4.5.3.1.3, octets with the angle brackets
 MAX_HOPS = 50                  # Received: headers before we call it a mail loop (RFC 5321 6.3)
-MAX_AUTH_FAILURES = 3          # failed logins before the connection is closed (DESIGN.md)
+MAX_AUTH_FAILURES = 3          # failed logins before the connection is closed (docs/security.md)
 REVERSE_DNS_TIMEOUT = 2.0      # seconds for the optional PTR lookup of the Received: header
 SPF_POLICIES = ("off", "tag", "reject")
 SPF_DNS_TRY = 2.0              # seconds per try of one SPF lookup; two tries per nameserver

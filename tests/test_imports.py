@@ -1,4 +1,4 @@
-"""The role files import only the standard library and each other (DESIGN.md)."""
+"""The role files import only the standard library and each other."""
 
 import ast
 import pathlib
