@@ -150,16 +150,33 @@ __all__ = [
     "wake",
 ]
 
+# Timing, in seconds.
+HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (Postfix: 50)
+QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
+DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
+# Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).
+RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedule setting
+NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
+SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
+BUSY_RETRY = 0.2                   # look again at a file another process holds
+LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
+ERROR_RETRY = 60.0                 # look again at a file whose handling raised
+TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
+TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
+DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
+
 DEFAULTS = {
     "spool": "",                   # daemon: plumbing.spool_path; admin: plumbing.find_spool
     "domain": [],
     "hostname": "",
     "workers": 4,
-    "scan_interval": 10.0,
-    "hop_limit": 50,
-    "queue_lifetime": 5 * 86400,
-    "delay_warning": 4 * 3600,
-    "retry_schedule": "5m,10m,20m,40m,1h",
+    "scan_interval": SCAN_INTERVAL,
+    "hop_limit": HOP_LIMIT,
+    "queue_lifetime": QUEUE_LIFETIME,
+    "delay_warning": DELAY_WARNING,
+    "retry_schedule": ",".join("%dh" % (wait // 3600) if wait % 3600 == 0 else "%dm" % (wait // 60)
+                               for wait in RETRY_SCHEDULE),
     "max_size": 35 * 1024 * 1024,
     "cpus": "",
     "user": "",
@@ -188,21 +205,6 @@ MAX_REPLY = 1000                   # characters of a reply kept in a state recor
 MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
 MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
 
-# Timing, in seconds.
-HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (Postfix: 50)
-QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
-DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
-# Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).
-RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
-RETRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}     # of the retry_schedule setting
-NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
-SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
-BUSY_RETRY = 0.2                   # look again at a file another process holds
-LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
-ERROR_RETRY = 60.0                 # look again at a file whose handling raised
-TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
-TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
-DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 # Replies recorded for recipients the router fails or defers; the enhanced status code
 # (RFC 3463) in each becomes the DSN's Status field.

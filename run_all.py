@@ -33,7 +33,6 @@ import argparse
 import configparser
 import logging
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -68,13 +67,13 @@ DEFAULTS = {
     "dns": "",
     "relay_host": "",
     "relay_auth_file": "",
-    "remote_port": 25,
+    "remote_port": smtp_out.DEFAULTS["remote_port"],
     "relay_network": [],
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
-    "max_size": 35 * 1024 * 1024,
-    "spf": "tag",
-    "retry_schedule": "5m,10m,20m,40m,1h",
-    "cpus": "auto",
+    "max_size": smtp_in.DEFAULTS["max_size"],
+    "spf": smtp_in.DEFAULTS["spf"],
+    "retry_schedule": mta.DEFAULTS["retry_schedule"],
+    "cpus": "none",                  # leave placement to the system, as every peer does
     "user": "",
     "syslog": False,
     "verbose": False,

@@ -55,8 +55,8 @@ __all__ = [
 
 # --- Constants ---
 
-MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF
-MAX_COMMAND_LENIENT = 2048     # longer command lines get 500 5.5.2 (lenient to 2 KiB, as Postfix)
+MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF: what a client may count on
+MAX_COMMAND_LENIENT = 4 * MAX_COMMAND_LINE   # what is taken; longer lines get 500 5.5.2
 MAX_TEXT_LINE = 65536          # RFC 5321 4.5.3.1.6 asks for 1000 with CRLF; longer lines pass up to this
 MAX_SASL_LINE = plumbing.MAX_SASL_RESPONSE
 MAX_LOCAL_PART = 64            # RFC 5321 4.5.3.1.1, octets

@@ -99,18 +99,19 @@ DEFAULTS = {
     "queue_lifetime": float(mta.QUEUE_LIFETIME),   # as mta's: a deferral past it bounces (4.4.7)
     "delay_warning": float(mta.DELAY_WARNING),     # first delay notice to the sender
     "retry_schedule": mta.DEFAULTS["retry_schedule"],  # as mta's: waits between tries
-    "connect_timeout": 30.0,
-    "greeting_timeout": 300.0,
-    "ehlo_timeout": 300.0,
-    "starttls_timeout": 300.0,
+    # Seconds allowed per stage of a session (Timeouts); RFC 5321 4.5.3.2 where it gives one.
+    "connect_timeout": 30.0,       # not in the RFC; Postfix's smtp_connect_timeout
+    "greeting_timeout": 300.0,     # 4.5.3.2.1 initial 220 message: 5 minutes
+    "ehlo_timeout": 300.0,         # as for MAIL
+    "starttls_timeout": 300.0,     # the 220 to STARTTLS and the handshake
     "auth_timeout": 300.0,
-    "mail_timeout": 300.0,
-    "rcpt_timeout": 300.0,
-    "data_start_timeout": 120.0,
-    "data_block_timeout": 180.0,
-    "data_end_timeout": 600.0,
-    "rset_timeout": 20.0,
-    "quit_timeout": 20.0,
+    "mail_timeout": 300.0,         # 4.5.3.2.2 MAIL command: 5 minutes
+    "rcpt_timeout": 300.0,         # 4.5.3.2.3 RCPT command: 5 minutes
+    "data_start_timeout": 120.0,   # 4.5.3.2.4 DATA initiation: 2 minutes
+    "data_block_timeout": 180.0,   # 4.5.3.2.5 each data block sent: 3 minutes
+    "data_end_timeout": 600.0,     # 4.5.3.2.6 DATA termination: 10 minutes
+    "rset_timeout": 20.0,          # not in the RFC; Postfix's smtp_rset_timeout
+    "quit_timeout": 20.0,          # likewise, we only wait to be polite
     "once": False,
     "cpus": "",
     "user": "",                    # started as root: run as this user (after reading the files)
@@ -257,19 +258,19 @@ class RecipientResult:
 
 @dataclass
 class Timeouts:
-    """Seconds allowed per stage; defaults from RFC 5321 4.5.3.2 where it gives one."""
-    connect: float = 30.0          # not in the RFC; Postfix's smtp_connect_timeout
-    greeting: float = 300.0        # 4.5.3.2.1 initial 220 message: 5 minutes
-    ehlo: float = 300.0            # as for MAIL
-    starttls: float = 300.0        # the 220 to STARTTLS and the handshake
-    auth: float = 300.0
-    mail: float = 300.0            # 4.5.3.2.2 MAIL command: 5 minutes
-    rcpt: float = 300.0            # 4.5.3.2.3 RCPT command: 5 minutes
-    data_start: float = 120.0      # 4.5.3.2.4 DATA initiation: 2 minutes
-    data_block: float = 180.0      # 4.5.3.2.5 each data block sent: 3 minutes
-    data_end: float = 600.0        # 4.5.3.2.6 DATA termination: 10 minutes
-    rset: float = 20.0             # not in the RFC; Postfix's smtp_rset_timeout
-    quit: float = 20.0             # likewise, we only wait to be polite
+    """Seconds allowed per stage; the defaults are DEFAULTS' NAME_timeout keys."""
+    connect: float = DEFAULTS["connect_timeout"]
+    greeting: float = DEFAULTS["greeting_timeout"]
+    ehlo: float = DEFAULTS["ehlo_timeout"]
+    starttls: float = DEFAULTS["starttls_timeout"]
+    auth: float = DEFAULTS["auth_timeout"]
+    mail: float = DEFAULTS["mail_timeout"]
+    rcpt: float = DEFAULTS["rcpt_timeout"]
+    data_start: float = DEFAULTS["data_start_timeout"]
+    data_block: float = DEFAULTS["data_block_timeout"]
+    data_end: float = DEFAULTS["data_end_timeout"]
+    rset: float = DEFAULTS["rset_timeout"]
+    quit: float = DEFAULTS["quit_timeout"]
 
     @classmethod
     def scaled(cls, factor):

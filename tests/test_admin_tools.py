@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import plumbing
-from conftest import ROOT
+from support import ROOT
 
 PASSWORD = "s3cret-pass"
 

@@ -10,7 +10,7 @@ import pytest
 
 import plumbing
 import run_all
-from conftest import ROOT
+from support import ROOT
 from test_run_all import ports_args, run_all as run_all_command, start, stop, wait_for_text
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
@@ -106,7 +106,7 @@ def child_pids(log):
 
 
 def test_run_all_places_each_role_as_its_plan_says(tmp_path):
-    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--cpus", "auto", *ports_args())
     try:
         pids = child_pids(wait_for_text(tmp_path / "run_all.log", "Next steps:"))
         plan = run_all.cpu_plan("auto")
@@ -117,8 +117,8 @@ def test_run_all_places_each_role_as_its_plan_says(tmp_path):
         assert stop(process) == 0
 
 
-def test_run_all_cpus_none_leaves_placement_to_the_system(tmp_path):
-    process = start(tmp_path, "--spool", str(tmp_path / "spool"), "--cpus", "none", *ports_args())
+def test_run_all_leaves_placement_to_the_system_by_default(tmp_path):
+    process = start(tmp_path, "--spool", str(tmp_path / "spool"), *ports_args())
     try:
         pids = child_pids(wait_for_text(tmp_path / "run_all.log", "Next steps:"))
         assert len(pids) == 5

@@ -13,17 +13,15 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 import pytest
 
-from conftest import ROOT, require_tool
+from support import ROOT, free_port, require_tool, wait_for
 
 USER = "nobody"
 DOMAIN = "example.com"
@@ -34,24 +32,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: run_all -
                                 "privileges only when started as root (CI runs as root)")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tool(*argv, stdin=b"", env=None):
     """Run a role file as root, the way an operator types it."""
     return subprocess.run([sys.executable] + list(argv), cwd=ROOT, input=stdin,
                           capture_output=True, timeout=60, env=env)
-
-
-def wait_for(predicate, seconds=20.0, what="condition"):
-    until = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > until:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.05)
 
 
 class Deployment:
@@ -83,8 +67,7 @@ class Deployment:
             return f.read().decode("utf-8", "replace")
 
     def wait_for_log(self, text, seconds=20.0, count=1):
-        wait_for(lambda: self.log().count(text) >= count, seconds, repr(text) + " in the log:\n"
-                 + self.log()[-3000:])
+        wait_for(lambda: self.log().count(text) >= count, seconds, repr(text) + " in the log")
 
     def child_pids(self):
         """{role: pid} of the children running now, from run_all's "started" lines."""

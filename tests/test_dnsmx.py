@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import dnsmx
 from capture_dns_fixtures import BIG_TXT, ZONE
-from conftest import require_tool
+from support import require_tool
 from dnsmasq_server import start_dnsmasq, udp_and_tcp_sockets
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -23,17 +23,11 @@ from email.parser import BytesParser
 
 import pytest
 
-from conftest import ROOT, require_tool
+from support import ROOT, free_port, require_tool
 from dnsmasq_server import host_record, mx_host, start_dnsmasq
 
 PASSWORD = "correct horse battery"
 DELIVERY_WAIT = 30.0       # seconds a message may take to cross both hosts
-
-
-def free_port(host):
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def run_tool(*argv, stdin=None):

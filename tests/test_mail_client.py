@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import mail_client
-from conftest import wait_for
+from support import wait_for
 from smtp_out_support import Script, Sink
 from mail_client_support import (  # noqa: F401 (fixtures)
     CuttingProxy, ScriptedPOP3, USERS, fill_mailbox, maildir_subjects, mbox_subjects,

@@ -21,8 +21,8 @@ import pytest
 
 import mailbox_store
 import mta
+from support import ROOT, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAIN = "example.com"
 HOSTNAME = "mail.example.com"
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.com\r\nSubject: hello\r\n"
@@ -41,16 +41,6 @@ def write_users(spool, addresses):
 def write_aliases(spool, text):
     with open(os.path.join(spool, "aliases"), "w") as f:
         f.write(text)
-
-
-def wait_for(predicate, timeout=20.0, interval=0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met within %.0f s" % timeout)
 
 
 def maildir_files(spool, address):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import plumbing
-from conftest import ROOT, openssl_starttls, require_tool, wait_for
+from support import ROOT, openssl_starttls, require_tool, wait_for
 
 
 class EchoHandler(plumbing.ConnectionHandler):

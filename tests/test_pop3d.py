@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mailbox_store
 import plumbing
 import pop3d
-from conftest import listening_port, require_tool
-from conftest import openssl_starttls
+from support import listening_port, require_tool
+from support import openssl_starttls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALICE, PASSWORD = "alice@example.com", "alice pw"

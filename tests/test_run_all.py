@@ -10,13 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support import ROOT, free_port
 
 
 def run_all(*argv, cwd=ROOT, timeout=60):

@@ -19,7 +19,7 @@ import pytest
 import plumbing
 import run_all
 import smtp_in
-from conftest import listening_port, require_tool
+from support import listening_port, require_tool
 from dnsmasq_server import host_record, start_dnsmasq, txt_record
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, spool, spool_messages,

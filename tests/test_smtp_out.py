@@ -7,7 +7,6 @@ import re
 import pathlib
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -408,7 +407,7 @@ def test_client_delivers_to_postfix_smtp_sink():
 # --- Destinations: MX routing with a real dnsmasq ---
 
 import dnsmx  # noqa: E402
-from conftest import require_tool  # noqa: E402
+from support import require_tool  # noqa: E402
 from dnsmasq_server import host_record, mx_host, null_mx, start_dnsmasq  # noqa: E402
 
 HOSTNAME = "out.test"                  # this host, for self-MX detection

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import dnsmx
 import spf
-from conftest import ROOT, require_tool
+from support import ROOT, require_tool
 from dnsmasq_server import host_record, mx_host, start_dnsmasq, txt_record
 from spf_support import ZoneResolver, ZoneServer, load_suite
 

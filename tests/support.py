@@ -1,0 +1,82 @@
+"""Helpers the tests share: the repository root, outside tools, waiting, daemons' logs.
+
+Interop tests use real outside tools (curl, swaks, openssl, dnsmasq, dig). Outside CI a
+missing tool skips its test with the Debian package to install; with MAIL_REQUIRE_TOOLS=1
+(set by .ci/run) a missing tool fails the test instead. Fixtures live in conftest.py.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def require_tool(name, package=None):
+    """Return the path of NAME; skip (fail under MAIL_REQUIRE_TOOLS=1) when it is missing."""
+    path = shutil.which(name) or next(
+        (p for p in ("/usr/sbin/" + name, "/sbin/" + name) if os.access(p, os.X_OK)), None)
+    if path:
+        return path
+    message = "%s not installed (apt-get install %s)" % (name, package or name)
+    if os.environ.get("MAIL_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_for(predicate, timeout=10.0, what="", interval=0.02):
+    """Poll predicate until it returns something true, and return that; after timeout
+    seconds fail the test, saying what was awaited."""
+    until = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > until:
+            raise AssertionError("timed out after %.0f s waiting for %s"
+                                 % (timeout, what or getattr(predicate, "__name__", "a condition")))
+        time.sleep(interval)
+
+
+def free_port(host="127.0.0.1"):
+    """A port free on host now. Only for run_all, whose listeners are given before it starts
+    (and may race another process for the port); a daemon started alone listens on port 0
+    and its port is read back with listening_port()."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def listening_port(process, pattern, seconds=20.0):
+    """(port, log lines so far) of a daemon started with stderr=PIPE: its log is read line by
+    line until pattern (a regex whose group 1 is the port) matches; fails the test if not."""
+    lines = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return int(found.group(1)), lines
+        if not line and process.poll() is not None:
+            break
+    pytest.fail("no %r in the log:\n%s" % (pattern, "".join(lines)))
+
+
+def openssl_starttls(openssl, port, protocol, lines):
+    """Run `openssl s_client -starttls PROTOCOL` and type lines once the handshake is done."""
+    client = subprocess.Popen(
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", protocol,
+         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
+    stdout, _ = client.communicate(lines, timeout=20)
+    return stdout
