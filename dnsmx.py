@@ -180,6 +180,22 @@ class DNSNameError(DNSPermanentError, ValueError):
     """Not a valid domain name (too long, empty label, bad IDNA); refused before sending."""
 
 
+# --- Speed: the data types without dataclasses; about 20 ms off every `python3 dnsmx.py`
+#     run (importing dataclasses pulls in inspect, ast and dis), measured by
+#     bench/dns_bench.py's one-process-per-query row ---
+#
+# The plain form of each type below is a frozen dataclass with the same fields in the same
+# order, for example
+#
+#     @dataclass(frozen=True)
+#     class MX:
+#         preference: int
+#         exchange: str
+#
+# (Nameserver compares, hashes and shows only host and port: field(compare=False, repr=False)
+# for the other two; ResolvConf is not frozen.) tests/test_dnsmx.py checks that every type
+# behaves as that dataclass does: construction, equality, hashing, repr, immutability, pickle.
+
 class _Fields:
     """What the data types below share, written out instead of @dataclass: importing
     dataclasses (with inspect, ast, dis) and running it cost about 20 ms of a CLI run.
@@ -229,6 +245,8 @@ class _Frozen(_Fields):
     def __delattr__(self, name):
         raise AttributeError("cannot delete field %r of a frozen %s"
                              % (name, type(self).__name__))
+
+# --- End of the speed section ---
 
 
 class MX(_Frozen):

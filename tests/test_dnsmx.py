@@ -1218,3 +1218,47 @@ def test_a_cli_lookup_imports_nothing_heavy_beyond_argparse(dns_local):
     code = ("import argparse\nbefore = set(sys.modules)\nimport dnsmx\n"
             "assert dnsmx.main(['--server', %r, 'example.test', 'MX']) == 0" % dns_local.address)
     assert heavy_modules_imported(code) == []
+
+
+# --- The hand-written data types behave as the frozen dataclasses they stand for ---
+
+DATA_TYPE_SAMPLES = {
+    "MX": (10, "mx.example.com"),
+    "SOA": ("ns.example.com", "admin.example.com", 1, 2, 3, 4, 5),
+    "Record": ("example.com", dnsmx.TYPE_A, dnsmx.CLASS_IN, 300, "192.0.2.1"),
+    "Message": (7, 0x8180, 0, (), (), (), (), None),
+    "Answer": ("example.com", dnsmx.TYPE_A, "example.com", (), (), (), 60, False),
+    "MXHost": ("mx.example.com", 10, ("192.0.2.1",), False),
+    "Nameserver": ("127.0.0.1", 5353, socket.AF_INET, ("127.0.0.1", 5353)),
+    "ResolvConf": (["127.0.0.1"], 5.0, 2, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_TYPE_SAMPLES))
+def test_each_data_type_behaves_as_its_plain_dataclass(name):
+    import dataclasses
+    import pickle
+    fast = getattr(dnsmx, name)
+    compared = fast._compared or fast.__slots__
+    frozen = issubclass(fast, dnsmx._Frozen)
+    plain = dataclasses.make_dataclass(
+        name, [(field, object, dataclasses.field(compare=field in compared, repr=field in compared))
+               for field in fast.__slots__], frozen=frozen, eq=True)
+    values = DATA_TYPE_SAMPLES[name]
+    a, b = fast(*values), plain(*values)
+    assert repr(a) == repr(b)
+    assert a == fast(*values) and (b == plain(*values))
+    assert all(getattr(a, field) == getattr(b, field) for field in fast.__slots__)
+    changed = list(values)
+    changed[fast.__slots__.index(compared[0])] = "changed"
+    assert (a == fast(*changed)) == (b == plain(*changed)) is False
+    if not compared == fast.__slots__:             # a field left out of comparison
+        other = list(values)
+        other[fast.__slots__.index(next(f for f in fast.__slots__ if f not in compared))] = "x"
+        assert (a == fast(*other)) == (b == plain(*other)) is True
+    if frozen:
+        assert hash(a) == hash(fast(*values)) and hash(b) == hash(plain(*values))
+        for value in (a, b):
+            with pytest.raises(AttributeError):
+                setattr(value, fast.__slots__[0], None)
+    assert pickle.loads(pickle.dumps(a)) == a
