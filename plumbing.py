@@ -931,6 +931,73 @@ def log_config(log, config) -> None:
 
 # --- Logging and queue ids ---
 
+def stderr_is_journal():
+    """True when stderr is systemd's journal, which stamps each line itself: systemd sets
+    JOURNAL_STREAM to the device and inode of the stream it connected (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return device.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+class _Formatter(logging.Formatter):
+    """ "role[pid]: message", after an ISO 8601 local time when stamped."""
+
+    def formatTime(self, record, datefmt=None):
+        when = time.localtime(record.created)
+        return "%s.%03d%s" % (time.strftime("%Y-%m-%dT%H:%M:%S", when), record.msecs,
+                              time.strftime("%z", when))
+
+
+def setup_logging(role, syslog=False, verbose=False):
+    """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
+
+    A process runs one role, so every line carries that role's name, the plumbing's too.
+    Lines on stderr start with the time, unless syslog or the journal adds its own.
+    """
+    plain = logging.Formatter(role + "[%(process)d]: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = _stderr_handler()
+    has_syslog = syslog and os.path.exists("/dev/log")
+    if has_syslog or stderr_is_journal():
+        stderr.setFormatter(plain)
+    else:
+        stderr.setFormatter(_Formatter("%(asctime)s " + role + "[%(process)d]: %(message)s"))
+    root.addHandler(stderr)
+    if has_syslog:
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(plain)
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if syslog and not has_syslog:
+        log.warning("syslog: there is no /dev/log on this host; logging to stderr only")
+    return logging.getLogger(role)
+
+
+# --- Speed: log lines written without a lock, and records made without looking up the
+#     caller; measured by bench/smtp_bench.py (50 clients: every session thread logs a few
+#     lines per message, and behind StreamHandler's lock they queued up as a convoy) ---
+#
+# The plain form is logging.StreamHandler(sys.stderr) with logging's default settings;
+# tests/test_plumbing.py checks that both write the same lines.
+
+def _stderr_handler():
+    """The handler of stderr: _LineHandler, or a StreamHandler where stderr has no fd."""
+    # A daemon logs a few lines per message: skip the caller, thread and process look-ups
+    # the format never shows (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    try:
+        return _LineHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):      # a stderr without a file descriptor
+        return logging.StreamHandler()
+
+
 class _LineHandler(logging.Handler):
     """Writes each record as one line, with one write() and no lock.
 
@@ -959,60 +1026,7 @@ class _LineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
-
-def stderr_is_journal():
-    """True when stderr is systemd's journal, which stamps each line itself: systemd sets
-    JOURNAL_STREAM to the device and inode of the stream it connected (systemd.exec(5))."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False
-    return device.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(device), int(inode))
-
-
-class _Formatter(logging.Formatter):
-    """ "role[pid]: message", after an ISO 8601 local time when stamped."""
-
-    def formatTime(self, record, datefmt=None):
-        when = time.localtime(record.created)
-        return "%s.%03d%s" % (time.strftime("%Y-%m-%dT%H:%M:%S", when), record.msecs,
-                              time.strftime("%z", when))
-
-
-def setup_logging(role, syslog=False, verbose=False):
-    """Log one line per event as "role[pid]: message" on stderr (and syslog when asked).
-
-    A process runs one role, so every line carries that role's name, the plumbing's too.
-    Lines on stderr start with the time, unless syslog or the journal adds its own.
-    """
-    # A daemon logs a few lines per message: skip the caller, thread and process look-ups
-    # the format never shows (the logging HOWTO's "Optimization" settings).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    plain = logging.Formatter(role + "[%(process)d]: %(message)s")
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    try:
-        stderr = _LineHandler(sys.stderr.fileno())
-    except (AttributeError, OSError, ValueError):      # a stderr without a file descriptor
-        stderr = logging.StreamHandler()
-    has_syslog = syslog and os.path.exists("/dev/log")
-    if has_syslog or stderr_is_journal():
-        stderr.setFormatter(plain)
-    else:
-        stderr.setFormatter(_Formatter("%(asctime)s " + role + "[%(process)d]: %(message)s"))
-    root.addHandler(stderr)
-    if has_syslog:
-        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(plain)
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if syslog and not has_syslog:
-        log.warning("syslog: there is no /dev/log on this host; logging to stderr only")
-    return logging.getLogger(role)
+# --- End of the speed section ---
 
 
 _queue_id_lock = threading.Lock()

@@ -636,3 +636,23 @@ def test_syslog_without_dev_log_says_so(tmp_path):
     text = log_once(tmp_path, {}, "True")
     assert "syslog: there is no /dev/log on this host; logging to stderr only" in text
     assert text.rstrip().endswith("mta[%s]: hello" % text.split("mta[")[1].split("]")[0])
+
+
+def test_the_lock_free_log_handler_writes_what_a_stream_handler_writes(tmp_path):
+    import logging
+    formatter = logging.Formatter("mta[%(process)d]: %(message)s")
+    records = [logging.LogRecord("mta", logging.INFO, __file__, 1, message, args, None)
+               for message, args in (("%s: to=<%s>, status=sent", ("Q1", "a@b.test")),
+                                     ("caf\u00e9 \udcff %r", ("x",)), ("plain", None))]
+    fast_path, plain_path = tmp_path / "fast.log", tmp_path / "plain.log"
+    with open(fast_path, "ab") as fast_file, open(plain_path, "a", encoding="utf-8",
+                                                  errors="backslashreplace") as plain_file:
+        fast = plumbing._LineHandler(fast_file.fileno())
+        plain = logging.StreamHandler(plain_file)
+        for handler in (fast, plain):
+            handler.setFormatter(formatter)
+            for record in records:
+                handler.handle(record)
+        plain.flush()
+    assert fast_path.read_bytes() == plain_path.read_bytes()
+    assert fast_path.read_bytes().count(b"\n") == 3
