@@ -349,10 +349,9 @@ def test_under_stress_idle_sessions_get_the_short_timeout(start_smtp, caplog):
         assert client.reply()[0] == 220
     started = time.monotonic()
     assert first.reply() == (421, [smtp_in.R421_TIMEOUT])          # the waiting one, too
-    assert time.monotonic() - started < 2.0
-    assert others[0].reply() == (421, [smtp_in.R421_TIMEOUT])      # 4 -> 2 of 5: stress ends
-    for client in others:
-        client.close()
+    assert time.monotonic() - started < 3.0                          # not 30 s
+    for client in others:                      # one more times out, or is closed here:
+        client.close()                         # under 3 of 5 in use, stress ends
     assert wait_for(lambda: not server.stressed)
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stress:")]
     assert len(messages) == 2
@@ -375,7 +374,7 @@ def test_under_stress_the_session_limit_shrinks(start_smtp):
         if code != 250:
             break
         time.sleep(0.1)
-    assert code == 421 and time.monotonic() - started < 2.0
+    assert code == 421 and time.monotonic() - started < 3.0
 
 
 # --- Early talkers ---
