@@ -53,6 +53,14 @@ DEFAULTS = {
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": 35 * 1024 * 1024,
     "spf": "tag",
+    "anvil_penalty": 0.5,            # the anvil and stress mode of smtp_in and pop3d
+    "anvil_max_penalty": 15.0,
+    "anvil_soft_errors": 10,
+    "anvil_forget": 600.0,
+    "anvil_exempt": [],
+    "stress_threshold": 0.8,
+    "stress_idle_timeout": 10.0,
+    "stress_session_timeout": 120.0,
     "retry_schedule": "5m,10m,20m,40m,1h",
     "cpus": "auto",
     "user": "",
@@ -61,6 +69,7 @@ DEFAULTS = {
 }
 
 HELP = {
+    **plumbing.ANVIL_HELP,
     "smtp": "HOST:PORT of the MX listener (\"\" turns it off)",
     "submission": "HOST:PORT of the submission listener, AUTH required (\"\" turns it off)",
     "smtps": "HOST:PORT of an implicit-TLS submission listener, e.g. 0.0.0.0:465",
@@ -77,7 +86,8 @@ HELP = {
 
 # Settings every role reads from the [DEFAULT] section of the generated file.
 SHARED_KEYS = ("spool", "domain", "hostname", "tls_cert", "tls_key", "dns", "idle_timeout",
-               "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose")
+               "max_size", "relay_network", "retry_schedule", "user", "syslog", "verbose",
+               *plumbing.ANVIL_HELP)
 
 # The order in which roles are given CPUs: smtp_in and mta, which every inbound message
 # crosses, get one each first.
@@ -255,6 +265,10 @@ def check_config(config):
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
     try:
         cpu_plan(config["cpus"])
+    except ValueError as exc:
+        problems.append(str(exc))
+    try:
+        plumbing.Anvil.from_config(config)
     except ValueError as exc:
         problems.append(str(exc))
     if config["spf"] not in ("off", "tag", "reject"):
