@@ -730,14 +730,17 @@ class SMTPHandler(plumbing.ConnectionHandler):
     def discard_rest_of_line(self):
         """RFC 5321 2.3.8: a bare CR ends no line. What follows it, up to the next LF, is
         part of the same refused command and never runs as a command of its own."""
-        while self.commands <= self.server.max_commands:
+        while True:
             line = self.reader.readline(MAX_COMMAND_LENIENT)
             if line is None or not line.ending:
                 self.closing = True
                 return
             if line.ending != b"\r":
                 return
-            self.commands += 1
+            self.commands += 1                         # each piece counts: the loop ends
+            if self.commands > self.server.max_commands:
+                self.closing = True
+                return
 
     def dispatch(self, text):
         verb, arg = split_command(text)

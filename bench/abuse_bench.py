@@ -14,9 +14,12 @@ Builds a throw-away spool with one user (bench@bench.test, real password hashes)
            latency from the command to the success reply (target: under 100 ms)
 
 Prints failed guesses per second overall and after the first ten (target: at most 1/s).
+--target rcpt probes smtp_in as MX instead: the connections ask RCPT TO for unknown local
+addresses, and a guess is a 550 5.1.1; the probe is a delivery from 127.0.0.2 (MAIL, RCPT of
+the real user, RSET).
 Loopback only; every loop is bounded by --duration, and the servers are stopped at the end.
 
-    python3 bench/abuse_bench.py [--duration 20] [--connections 50] [--target smtp,pop3]
+    python3 bench/abuse_bench.py [--duration 20] [--connections 50] [--target smtp,pop3,rcpt]
     python3 bench/abuse_bench.py --server-flag=--anvil-penalty=0     # without the anvil
 """
 
@@ -151,6 +154,34 @@ class SMTP:
         return (session.reply() or "").startswith("235")
 
 
+class RCPT:
+    name = "smtp_in MX, RCPT TO unknown recipients"
+
+    @staticmethod
+    def open(port, source, deadline):
+        session = SMTP.open(port, source, deadline)
+        if session is not None and not (session.send("MAIL FROM:<probe@example.org>")
+                                        and (session.reply() or "").startswith("250")):
+            session.close()
+            return None
+        return session
+
+    @staticmethod
+    def guess(session, number):
+        if not session.send("RCPT TO:<nobody%d@%s>" % (number, DOMAIN)):
+            return None
+        reply = session.reply()
+        return None if reply is None or reply.startswith("421") else reply
+
+    failed = staticmethod(lambda reply: reply.startswith("550"))
+    refused = staticmethod(lambda reply: reply.startswith("4"))
+
+    @staticmethod
+    def login(session):
+        session.send("RCPT TO:<%s>" % USER)
+        return (session.reply() or "").startswith("250")
+
+
 class POP3:
     name = "pop3d, USER/PASS"
 
@@ -254,15 +285,16 @@ def attack(protocol, port, connections, duration, probe_every):
 
 def report(protocol, figures):
     print("%s: %d failed guesses in %.1f s: %.2f/s overall, %s after the first ten "
-          "(target <= 1/s); %d refused unchecked"
+          "(target <= 1/s); %d refused unchecked or deferred"
           % (protocol.name, figures["guesses"], figures["elapsed"], figures["per_second"],
              "%.3f/s" % figures["after_ten"] if figures["after_ten"] is not None else "none",
              figures["refused"]))
     latencies = figures["latencies"]
     if latencies:
-        print("  correct login from %s: %d logins, median %.0f ms, max %.0f ms "
+        print("  correct %s from %s: %d, median %.0f ms, max %.0f ms "
               "(target < 100 ms); %d failed"
-              % (PROBE, len(latencies), 1000 * statistics.median(latencies),
+              % ("recipient" if protocol is RCPT else "login", PROBE, len(latencies),
+                 1000 * statistics.median(latencies),
                  1000 * max(latencies), figures["probe_failures"]))
     else:
         print("  correct login from %s: none succeeded (%d failed)"
@@ -277,25 +309,27 @@ def main(argv=None):
                         help="attacking connections from one address (default 50)")
     parser.add_argument("--probe-every", type=float, default=2.0,
                         help="seconds between correct logins from %s (default 2)" % PROBE)
-    parser.add_argument("--target", default="smtp,pop3", help="smtp, pop3 or both (default)")
+    parser.add_argument("--target", default="smtp,pop3",
+                        help="a comma-separated list of smtp, pop3, rcpt (default smtp,pop3)")
     parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                         help="a flag given to both servers, e.g. --server-flag=--anvil-penalty=0 "
                              "(repeatable)")
     args = parser.parse_args(argv)
     targets = [name.strip() for name in args.target.split(",") if name.strip()]
-    if not targets or set(targets) - {"smtp", "pop3"}:
-        parser.error("--target takes smtp and/or pop3")
+    if not targets or set(targets) - {"smtp", "pop3", "rcpt"}:
+        parser.error("--target takes smtp, pop3 and rcpt")
     if not 0 < args.duration <= 600 or not 0 < args.connections <= 500:
         parser.error("--duration must be in (0, 600] and --connections in (0, 500]")
     spool = tempfile.mkdtemp(prefix="abuse-bench-")
     try:
         mailbox_store.Store(spool, [DOMAIN], hostname="bench").add_user(USER, PASSWORD)
         for name in targets:
-            if name == "smtp":
-                protocol, argv, pattern = SMTP, [
-                    os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--submission",
-                    "--listen", "127.0.0.1:0", "--domain", DOMAIN, "--hostname", "bench",
-                    "--spf", "off"], r"listening on 127\.0\.0\.1:(\d+)"
+            if name in ("smtp", "rcpt"):
+                protocol, argv, pattern = SMTP if name == "smtp" else RCPT, [
+                    os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
+                    "127.0.0.1:0", "--domain", DOMAIN, "--hostname", "bench", "--spf", "off"
+                ] + (["--submission"] if name == "smtp" else []), \
+                    r"listening on 127\.0\.0\.1:(\d+)"
             else:
                 protocol, argv, pattern = POP3, [
                     os.path.join(ROOT, "pop3d.py"), "--spool", spool, "--listen",
