@@ -45,9 +45,8 @@ __all__ = [
     "LoginThrottled", "ReadTimeout", "SASLError", "ServerStopping", "ThreadedServer",
     "add_options", "auth_failure_delay", "config_text", "config_value", "decode_base64",
     "decode_plain", "drop_privileges", "is_loopback", "load_config", "log_config",
-    "log_internal_error",
-    "new_queue_id", "parse_cpus", "parse_hostport", "run_on_cpus", "serve_until_signalled",
-    "server_tls_context", "setup_logging", "wait_readable",
+    "log_internal_error", "new_queue_id", "parse_cpus", "parse_hostport", "run_on_cpus",
+    "serve_until_signalled", "server_tls_context", "setup_logging", "wait_readable",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
