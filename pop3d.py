@@ -282,6 +282,9 @@ class POP3Handler(plumbing.ConnectionHandler):
             if line is None:
                 self.closing = True
                 return None
+            if line.ending == b"\r":
+                self.discard_rest_of_line()
+                return self.error(ERR_AUTH_MALFORMED)
             if line.too_long:
                 return self.error(ERR_AUTH_MALFORMED)
             response = line.data.decode("ascii", "replace").strip()

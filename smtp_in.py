@@ -7,10 +7,7 @@ Accepts mail from other MTAs (MX, port 25) and from users' mail programs (submis
 
 Policy is applied while the client talks: relaying only after AUTH or from --relay-network,
 unknown local recipients refused at RCPT time (mailbox_store), size, line, recipient, error,
-command and time limits. The process's anvil (plumbing.Anvil) counts failed logins and
-refused commands per client address across sessions: a penalised address waits its turn
-before its password is checked, and past anvil_soft_errors every reply to it is slowed.
-A command line holding a bare CR is one bad command up to its LF, refused whole. Only <CRLF>.<CRLF> ends DATA; a message holding a bare CR, a bare
+command and time limits. Only <CRLF>.<CRLF> ends DATA; a message holding a bare CR, a bare
 LF or a NUL is refused whole, so no smuggled second message can exist (see MessageCollector).
 Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names) and is
 written to the spool by mta.enqueue; 250 is sent only once it is durable.
@@ -21,6 +18,12 @@ once per transaction, unless the client authenticated or is in --relay-network. 
 (RFC 8601); --spf reject also refuses a fail (550 5.7.23) and defers a temperror (451
 4.7.24) at MAIL. Authentication-Results fields that claim this host's name arrive forged
 and are removed (RFC 8601 5).
+
+Abuse: the process's anvil (plumbing.Anvil) counts failed logins and refused commands per
+client address across sessions; a penalised address waits its turn before its password is
+checked (454 4.7.0 when that turn is too far away), and past anvil_soft_errors every reply
+to it is slowed. A command line holding a bare CR is one bad command up to its LF, refused
+whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
 
 Reads: users and aliases through mailbox_store; SPF records through spf and dnsmx.
 Writes: the spool, through mta.

@@ -332,6 +332,9 @@ def test_pop3_bare_cr_makes_one_refused_line(start_pop3):
     client = Pop3Raw(server)
     assert client.command(b"XXXX\rUSER " + ALICE.encode() + b"\r\n") == pop3d.ERR_BARE_CR
     assert client.command("PASS alice pw") == pop3d.ERR_NEED_USER      # no USER ran
+    assert client.command("AUTH PLAIN") == "+ "
+    assert client.command(b"*\rUSER " + ALICE.encode() + b"\r\n") == pop3d.ERR_AUTH_MALFORMED
+    assert client.command("PASS alice pw") == pop3d.ERR_NEED_USER
     client.close()
 
 
