@@ -160,6 +160,11 @@ def _split_address(address):
     """Validate an address; return (local part as written, lower-cased domain)."""
     if not isinstance(address, str):
         raise AddressError("address must be text")
+    if not address.isascii():
+        try:
+            address.encode("utf-8")
+        except UnicodeEncodeError:             # surrogates: bytes that were not UTF-8
+            raise AddressError("address is not valid UTF-8: %r" % address) from None
     if address.count("@") != 1:
         raise AddressError("address needs exactly one @: %r" % address)
     local, domain = address.split("@")
@@ -1099,7 +1104,7 @@ class Store:
         if "@" in login:
             try:
                 return canonical_address(login)
-            except AddressError:
+            except (AddressError, UnicodeError):   # UnicodeError: a name from bad UTF-8
                 return None
         matches = tables.by_local.get(login.lower(), [])
         return matches[0] if len(matches) == 1 else None

@@ -4,6 +4,9 @@ Reads mailboxes through mailbox_store: logs a user in (USER/PASS or AUTH PLAIN),
 exclusive maildrop lock for the session, lists, streams and deletes messages. Deletions
 happen only on QUIT (the UPDATE state); a dropped connection deletes nothing.
 STLS upgrades a connection to TLS (RFC 2595); --pop3s-listen adds an implicit-TLS listener.
+The process's anvil (plumbing.Anvil) counts failed logins and bad commands per client
+address across sessions: a penalised address waits its turn before its password is
+checked. A user name that is not valid UTF-8 is an ordinary failed login.
 
 Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 """
@@ -12,7 +15,6 @@ import argparse
 import logging
 import socket
 import sys
-import time
 
 import mailbox_store
 import plumbing
@@ -31,17 +33,18 @@ DEFAULTS = {
     "allow_plaintext_auth": False,
     "max_connections": 200,
     "max_per_address": 50,
+    **plumbing.ANVIL_DEFAULTS,     # failed logins and errors slowed, stress mode
     "cpus": "",
     "user": "",
     "syslog": False,
     "verbose": False,
 }
 
-HELP = {                            # the help of the keys plumbing.SHARED_HELP does not know
+HELP = dict(plumbing.ANVIL_HELP, **{   # the help of the keys plumbing.SHARED_HELP does not know
     "pop3s_listen": "HOST:PORT of an implicit-TLS POP3 listener (RFC 8314), e.g. 0.0.0.0:995",
     "allow_plaintext_auth": "allow USER/PASS and AUTH without TLS from any address "
                             "(default: only over TLS or from loopback)",
-}
+})
 
 POP3_PORT = 110                    # RFC 1939 3
 POP3S_PORT = 995                   # RFC 8314 7.3
@@ -75,12 +78,14 @@ ERR_UNKNOWN = "-ERR unknown command"
 ERR_WRONG_STATE = "-ERR command not valid in this state"
 ERR_SYNTAX = "-ERR syntax error"
 ERR_LINE_TOO_LONG = "-ERR command line too long"
+ERR_BARE_CR = "-ERR command line ends in a bare CR; use CRLF"
 ERR_TOO_MANY_ERRORS = "-ERR too many errors, closing connection"
 ERR_NO_SUCH_MESSAGE = "-ERR no such message"
 ERR_NEED_USER = "-ERR send USER first"
 ERR_PLAINTEXT = "-ERR [AUTH] plaintext authentication disallowed without TLS, use STLS"
 ERR_AUTH_FAILED = "-ERR [AUTH] authentication failed"
 ERR_AUTH_CLOSING = "-ERR [AUTH] authentication failed, closing connection"
+ERR_AUTH_THROTTLED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 ERR_AUTH_CANCELLED = "-ERR authentication cancelled"
 ERR_AUTH_MALFORMED = "-ERR malformed SASL response"
 ERR_MECHANISM = "-ERR unsupported authentication mechanism"
@@ -166,6 +171,7 @@ class POP3Handler(plumbing.ConnectionHandler):
                     return
                 reply = self.dispatch(line)
                 if reply is not None:
+                    self.pause(self.reply_delay())     # the anvil slows an erring address
                     self.write(reply)
         finally:
             if self.mailbox is not None:
@@ -177,6 +183,9 @@ class POP3Handler(plumbing.ConnectionHandler):
         return self.tls or self.is_loopback or self.server.allow_plaintext_auth
 
     def dispatch(self, line):
+        if line.ending == b"\r":
+            self.discard_rest_of_line()
+            return self.error(ERR_BARE_CR)
         verb, arg = split_command(line.data)
         if line.too_long or (len(line.data) + 2 > MAX_COMMAND_LINE and verb != "AUTH"):
             return self.error(ERR_LINE_TOO_LONG)
@@ -188,7 +197,18 @@ class POP3Handler(plumbing.ConnectionHandler):
             return self.error(ERR_WRONG_STATE)
         return handler(arg)
 
+    def discard_rest_of_line(self):
+        """A bare CR ends no command (RFC 1939 3: CRLF does): what follows it up to the
+        next LF is part of the same refused line, never a command of its own."""
+        while not self.closing:
+            line = self.reader.readline(MAX_AUTH_LINE)
+            if line is None or not line.ending:
+                self.closing = True
+            elif line.ending != b"\r":
+                return
+
     def error(self, reply):
+        self.count_error()
         self.errors += 1
         if self.errors >= MAX_ERRORS:
             self.closing = True
@@ -259,6 +279,9 @@ class POP3Handler(plumbing.ConnectionHandler):
             if line is None:
                 self.closing = True
                 return None
+            if line.ending == b"\r":
+                self.discard_rest_of_line()
+                return self.error(ERR_AUTH_MALFORMED)
             if line.too_long:
                 return self.error(ERR_AUTH_MALFORMED)
             response = line.data.decode("ascii", "replace").strip()
@@ -269,12 +292,21 @@ class POP3Handler(plumbing.ConnectionHandler):
         except plumbing.SASLError:
             return self.error(ERR_AUTH_MALFORMED)
         if authzid and authzid.lower() != authcid.lower():
+            self.checked_login(authcid, lambda: None)  # counted as a failure all the same
             return self.fail_login(authcid, "PLAIN", "authorization identity not allowed")
         return self.login(authcid, password, "PLAIN")
 
     def login(self, name, password, method):
         """Authenticate, then take the maildrop lock and enter the TRANSACTION state."""
-        user = self.server.store.authenticate(name, password)
+        try:
+            user = self.checked_login(
+                name, lambda: self.server.store.authenticate(name, password))
+        except plumbing.LoginThrottled:
+            log.warning("login refused unchecked: client=[%s], user=%r, method=%s "
+                        "(anvil: too many failed logins from this address)",
+                        self.client_ip, name, method)
+            self.closing = True
+            return ERR_AUTH_THROTTLED
         if user is None:
             return self.fail_login(name, method, "bad credentials")
         try:
@@ -299,7 +331,7 @@ class POP3Handler(plumbing.ConnectionHandler):
         log.warning("login failed: client=[%s], user=%r, method=%s, failures=%d (%s)",
                     self.client_ip, name, method, self.auth_failures, reason)
         self.flush()
-        time.sleep(self.server.failure_delay(self.auth_failures))
+        self.pause(self.server.failure_delay(self.auth_failures))
         if self.auth_failures >= self.server.max_auth_failures:
             self.closing = True
             return ERR_AUTH_CLOSING
@@ -415,7 +447,11 @@ class POP3Server(plumbing.ThreadedServer):
                  max_connections=DEFAULTS["max_connections"],
                  max_per_address=DEFAULTS["max_per_address"],
                  max_auth_failures=MAX_AUTH_FAILURES,
-                 failure_delay=plumbing.auth_failure_delay, bind_and_activate=True):
+                 failure_delay=plumbing.auth_failure_delay, anvil=None,
+                 stress_threshold=DEFAULTS["stress_threshold"],
+                 stress_idle_timeout=DEFAULTS["stress_idle_timeout"],
+                 stress_session_timeout=DEFAULTS["stress_session_timeout"],
+                 bind_and_activate=True):
         self.store = store
         self.hostname = hostname or store.hostname
         self.allow_plaintext_auth = allow_plaintext_auth
@@ -424,6 +460,9 @@ class POP3Server(plumbing.ThreadedServer):
         super().__init__(address, self.handler_class, max_connections=max_connections,
                          max_per_address=max_per_address, idle_timeout=idle_timeout,
                          tls_context=tls_context, implicit_tls=implicit_tls,
+                         stress_threshold=stress_threshold,
+                         stress_idle_timeout=stress_idle_timeout,
+                         stress_session_timeout=stress_session_timeout, anvil=anvil,
                          bind_and_activate=bind_and_activate)
 
 
@@ -436,6 +475,7 @@ def main(argv=None):
         config = plumbing.load_config("pop3d", DEFAULTS, args)
         config["spool"] = plumbing.spool_path(config["spool"])
         plumbing.run_on_cpus(config["cpus"])
+        anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process
     except ValueError as exc:
         print("pop3d: %s" % exc, file=sys.stderr)
         return 1
@@ -457,7 +497,10 @@ def main(argv=None):
     options = dict(tls_context=tls_context, idle_timeout=config["idle_timeout"],
                    allow_plaintext_auth=config["allow_plaintext_auth"],
                    max_connections=config["max_connections"],
-                   max_per_address=config["max_per_address"])
+                   max_per_address=config["max_per_address"], anvil=anvil,
+                   stress_threshold=config["stress_threshold"],
+                   stress_idle_timeout=config["stress_idle_timeout"],
+                   stress_session_timeout=config["stress_session_timeout"])
     servers = []
     for key, port, implicit in (("listen", POP3_PORT, False), ("pop3s_listen", POP3S_PORT, True)):
         if not config[key]:

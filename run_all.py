@@ -72,6 +72,7 @@ DEFAULTS = {
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": smtp_in.DEFAULTS["max_size"],
     "spf": smtp_in.DEFAULTS["spf"],
+    **plumbing.ANVIL_DEFAULTS,        # the anvil and stress mode of smtp_in and pop3d
     "retry_schedule": mta.DEFAULTS["retry_schedule"],
     "cpus": "none",                  # leave placement to the system, as every peer does
     "user": "",
@@ -80,6 +81,7 @@ DEFAULTS = {
 }
 
 HELP = {
+    **plumbing.ANVIL_HELP,
     "smtp": "HOST:PORT of the MX listener (\"\" turns it off)",
     "submission": "HOST:PORT of the submission listener, AUTH required (\"\" turns it off)",
     "smtps": "HOST:PORT of an implicit-TLS submission listener, e.g. 0.0.0.0:465",
@@ -467,6 +469,10 @@ def check_config(config, held=()):
             problems.append("tls: cannot load %s / %s: %s" % (config["tls_cert"], config["tls_key"], exc))
     try:
         cpu_plan(config["cpus"])
+    except ValueError as exc:
+        problems.append(str(exc))
+    try:
+        plumbing.Anvil.from_config(config)
     except ValueError as exc:
         problems.append(str(exc))
     if config["spf"] not in smtp_in.SPF_POLICIES:

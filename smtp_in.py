@@ -19,6 +19,12 @@ once per transaction, unless the client authenticated or is in --relay-network. 
 4.7.24) at MAIL. Authentication-Results fields that claim this host's name arrive forged
 and are removed (RFC 8601 5).
 
+Abuse: the process's anvil (plumbing.Anvil) counts failed logins and refused commands per
+client address across sessions; a penalised address waits its turn before its password is
+checked (454 4.7.0 when that turn is too far away), and past anvil_soft_errors every reply
+to it is slowed. A command line holding a bare CR is one bad command up to its LF, refused
+whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
+
 Reads: users and aliases through mailbox_store; SPF records through spf and dnsmx.
 Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
@@ -64,6 +70,7 @@ MAX_DOMAIN = 255               # RFC 5321 4.5.3.1.2, octets
 MAX_PATH = 256                 # RFC 5321 4.5.3.1.3, octets with the angle brackets
 MAX_HOPS = 50                  # Received: headers before we call it a mail loop (RFC 5321 6.3)
 MAX_AUTH_FAILURES = 3          # failed logins before the connection is closed (docs/security.md)
+EARLY_TALKER_LINGER = 1.0      # seconds to read and drop an early talker's lines before closing
 REVERSE_DNS_TIMEOUT = 2.0      # seconds for the optional PTR lookup of the Received: header
 SPF_POLICIES = ("off", "tag", "reject")
 SPF_DNS_TRY = 2.0              # seconds per try of one SPF lookup; two tries per nameserver
@@ -92,6 +99,7 @@ DEFAULTS = {
     "max_connections": 200,
     "max_per_address": 50,
     "greet_pause": 0.0,
+    **plumbing.ANVIL_DEFAULTS,     # failed logins and errors slowed, stress mode
     "dns": "",
     "reverse_dns": False,
     "spf": "tag",
@@ -103,6 +111,9 @@ DEFAULTS = {
 }
 
 HELP = {                       # the help of the keys plumbing.SHARED_HELP does not know
+    **plumbing.ANVIL_HELP,
+    "greet_pause": "seconds to wait before the greeting; a client that talks first is "
+                   "refused with 554 (0: no wait and no check)",
     "spf": "SPF check of MAIL FROM (RFC 7208): off; tag, adding Received-SPF and "
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23) and "
            "deferring a DNS failure (451 4.7.24)",
@@ -141,6 +152,7 @@ R421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing connection"
 R421_INTERNAL_ERROR = "421 4.3.0 Internal error, closing connection"
 R421_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 R421_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands, closing connection"
+R454_AUTH_THROTTLED = "454 4.7.0 Temporary authentication failure: too many failed logins, try again later"
 R451_SPOOL_ERROR = "451 4.3.0 Cannot store the message now, try again later"
 R452_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -645,6 +657,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
         if not self.tls and self.talks_before_greeting():
             self.refuse("CONNECT", R554_EARLY_TALKER)
             self.write(R554_EARLY_TALKER)
+            self.linger()
             return
         self.write(R220_GREETING % self.server.hostname)
         while not self.closing:
@@ -653,15 +666,52 @@ class SMTPHandler(plumbing.ConnectionHandler):
                 return                 # the client closed, perhaps in mid-line
             reply = self.handle_line(line)
             if reply:
+                self.pause(self.reply_delay())         # the anvil slows an erring address
                 self.write(reply)
             if self.errors >= self.server.max_errors and not self.closing:
                 self.write(R421_TOO_MANY_ERRORS)
                 self.closing = True
 
     def talks_before_greeting(self):
-        """True when the client sent data before the greeting (RFC 5321 3.1, 4.3.1)."""
+        """True when the client sent data before the greeting (RFC 5321 3.1, 4.3.1).
+
+        With greet_pause 0 there is no check: a look without a wait would catch only the
+        talkers whose bytes happen to have arrived already.
+        """
+        if self.server.greet_pause <= 0:
+            return False
         ready = plumbing.wait_readable(self.sock, self.server.greet_pause)
-        return ready and self.sock.recv(1, socket.MSG_PEEK) != b""
+        if ready is None:
+            return False
+        try:
+            return bool(ready) and self.sock.recv(1, socket.MSG_PEEK) != b""
+        except (BlockingIOError, InterruptedError):
+            return False
+
+    def linger(self):
+        """Send what is queued, then read and drop the client's lines until it closes, for
+        at most EARLY_TALKER_LINGER seconds: closing on unread input would reset the
+        connection, and the client might never read the reply."""
+        self.flush()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        until = time.monotonic() + EARLY_TALKER_LINGER
+        dropped = 0
+        while dropped < MAX_COMMAND_LENIENT * 32:
+            left = until - time.monotonic()
+            if left <= 0 or not plumbing.wait_readable(self.sock, left):
+                return
+            try:
+                block = self.sock.recv(plumbing.READ_BLOCK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            if not block:
+                return
+            dropped += len(block)
 
     def handle_line(self, line):
         """Turn one raw command line into a reply, refusing what is not a clean command."""
@@ -669,10 +719,11 @@ class SMTPHandler(plumbing.ConnectionHandler):
         if self.commands > self.server.max_commands:
             self.closing = True
             return R421_TOO_MANY_COMMANDS
+        if line.ending == b"\r":                      # long or not: refused whole
+            self.discard_rest_of_line()
+            return self.refuse("?", R500_BARE_CR)
         if line.too_long:
             return self.refuse("?", R500_LINE_TOO_LONG)
-        if line.ending == b"\r":
-            return self.refuse("?", R500_BARE_CR)
         try:
             text = line.data.decode("utf-8")
         except UnicodeDecodeError:
@@ -680,6 +731,21 @@ class SMTPHandler(plumbing.ConnectionHandler):
         if not text.isprintable():                     # NUL, TAB, C0/C1 controls, U+2028 ...
             return self.refuse("?", R500_BAD_CHARACTERS)
         return self.dispatch(text)
+
+    def discard_rest_of_line(self):
+        """RFC 5321 2.3.8: a bare CR ends no line. What follows it, up to the next LF, is
+        part of the same refused command and never runs as a command of its own."""
+        while True:
+            line = self.reader.readline(MAX_COMMAND_LENIENT)
+            if line is None or not line.ending:
+                self.closing = True
+                return
+            if line.ending != b"\r":
+                return
+            self.commands += 1                         # each piece counts: the loop ends
+            if self.commands > self.server.max_commands:
+                self.closing = True
+                return
 
     def dispatch(self, text):
         verb, arg = split_command(text)
@@ -699,6 +765,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
         """Log a refused command (who, which, the reply) and count 5xx errors; return reply."""
         if reply[0] == "5":
             self.errors += 1
+            if verb != "AUTH":                         # failed logins are counted apart
+                self.count_error()
         self.rejected += 1
         detail = ", arg=%r" % arg[:200] if verb in ("MAIL", "RCPT") and arg else ""
         sender = ", from=<%s>" % envelope.mail_from if envelope is not None else ""
@@ -1011,9 +1079,21 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return R501_BAD_SASL
         except _Cancelled:
             return R501_AUTH_CANCELLED
-        user = self.server.store.authenticate(login, password)
-        if user is not None and authzid and authzid.lower() != user.lower():
-            user = None                                # RFC 4616 2: no proxy authorization
+
+        def verify():
+            user = self.server.store.authenticate(login, password)
+            if user is not None and authzid and authzid.lower() != user.lower():
+                return None                            # RFC 4616 2: no proxy authorization
+            return user
+
+        try:
+            user = self.checked_login(login, verify)
+        except plumbing.LoginThrottled:
+            self.log.warning("auth refused unchecked: client=[%s], mechanism=%s, login=%r "
+                             "(anvil: too many failed logins from this address)",
+                             self.client_ip, mechanism, login)
+            self.closing = True
+            return R454_AUTH_THROTTLED
         if user is None:
             return self.auth_failed(mechanism, login)
         self.auth_user = user
@@ -1045,6 +1125,9 @@ class SMTPHandler(plumbing.ConnectionHandler):
         line = self.reader.readline(MAX_SASL_LINE)
         if line is None or not line.ending:
             raise ConnectionError("client closed during AUTH")
+        if line.ending == b"\r":
+            self.discard_rest_of_line()
+            raise plumbing.SASLError("bare CR")
         if line.too_long:
             raise plumbing.SASLError("response too long")
         if line.data.strip() == b"*":
@@ -1080,7 +1163,7 @@ class SMTPServer(plumbing.ThreadedServer):
     busy_reply = R421_BUSY
 
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
-                 implicit_tls=False, reverse_lookup=None, spf_resolver=None,
+                 implicit_tls=False, reverse_lookup=None, spf_resolver=None, anvil=None,
                  bind_and_activate=True):
         settings = dict(DEFAULTS)
         for key, value in (config or {}).items():      # values, or text as in the INI file
@@ -1117,6 +1200,10 @@ class SMTPServer(plumbing.ThreadedServer):
                          idle_timeout=float(settings["idle_timeout"]),
                          session_timeout=float(settings["session_timeout"]) or None,
                          tls_context=tls_context, implicit_tls=implicit_tls,
+                         stress_threshold=float(settings["stress_threshold"]),
+                         stress_idle_timeout=float(settings["stress_idle_timeout"]),
+                         stress_session_timeout=float(settings["stress_session_timeout"]),
+                         anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
 
 
@@ -1133,6 +1220,7 @@ def main(argv=None):
         plumbing.run_on_cpus(config["cpus"])
         parse_networks(config["relay_network"])
         spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
+        anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process
     except ValueError as exc:
         print("smtp_in: %s" % exc, file=sys.stderr)
         return 1
@@ -1162,7 +1250,7 @@ def main(argv=None):
             host, port = plumbing.parse_hostport(where, default_port)
             servers.append(SMTPServer((host, port), config, submission=submission,
                                       implicit_tls=implicit_tls, reverse_lookup=reverse_lookup,
-                                      spf_resolver=spf_resolver))
+                                      spf_resolver=spf_resolver, anvil=anvil))
         except (OSError, ValueError) as exc:           # ssl.SSLError is an OSError
             print("smtp_in: cannot listen on %s: %s" % (where, exc), file=sys.stderr)
             for server in servers:

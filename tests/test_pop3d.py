@@ -42,6 +42,8 @@ def start(store):
 
     def start(server_class=pop3d.POP3Server, **options):
         options.setdefault("failure_delay", lambda failures: 0)
+        # Tests make many failures from 127.0.0.1; tests/test_anvil.py covers the anvil.
+        options.setdefault("anvil", plumbing.Anvil(exempt=["127.0.0.1"]))
         options.setdefault("idle_timeout", 10)
         server = server_class(("127.0.0.1", 0), store, **options)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()

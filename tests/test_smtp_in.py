@@ -525,9 +525,23 @@ def test_nul_and_control_characters_in_commands_are_refused(start_smtp, line):
 def test_bare_cr_ends_no_command_and_bare_lf_is_tolerated(start_smtp):
     client = greeted(start_smtp())
     client.send(b"NOOP\rNOOP\r\nNOOP\n")
+    assert client.reply() == (500, [smtp_in.R500_BARE_CR])     # "NOOP\rNOOP" is one line
+    assert client.reply()[0] == 250
+    assert client.command("QUIT")[0] == 221
+
+
+def test_a_command_line_with_a_bare_cr_is_refused_whole(start_smtp, spool):
+    client = greeted(start_smtp())
+    assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+    client.send(b"XXXX\rRCPT TO:<bob@example.com>\r\nNOOP\r\n")
     assert client.reply() == (500, [smtp_in.R500_BARE_CR])
-    assert client.reply()[0] == 250
-    assert client.reply()[0] == 250
+    assert client.reply() == (250, [smtp_in.R250_OK])          # the NOOP: nothing between
+    assert client.command("DATA") == (503, [smtp_in.R503_NEED_RCPT])   # no RCPT ran
+    client.send(b"RCPT TO:<bob@example.com>\rX\rRCPT TO:<alice@example.com>\n")
+    assert client.reply() == (500, [smtp_in.R500_BARE_CR])
+    client.send(b"A" * 5000 + b"\rRCPT TO:<bob@example.com>\r\n")     # past the limit too
+    assert client.reply() == (500, [smtp_in.R500_BARE_CR])
+    assert client.command("DATA") == (503, [smtp_in.R503_NEED_RCPT])
 
 
 # --- Pipelining, early talkers, smuggling ---
@@ -1021,7 +1035,7 @@ def random_input_server(tmp_path_factory, store_template):
     shutil.copytree(str(store_template), str(spool))
     server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "domain": [DOMAIN],
                                                    "hostname": HOSTNAME, "max_errors": 1000,
-                                                   "spf": "off"})
+                                                   "spf": "off", "anvil_exempt": ["127.0.0.1"]})
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.stop(grace=0.1)
