@@ -124,7 +124,6 @@ HELP = {                       # the help of the keys plumbing.SHARED_HELP does 
     "max_recipients": "recipients per message; past it 452 4.5.3",
     "max_errors": "bad commands per session before 421 and a close",
     "max_commands": "commands per session before 421 and a close",
-    "greet_pause": "seconds to wait before the greeting; a client that talks first is refused",
     "reverse_dns": "look up the client's name for the Received: header (forward-confirmed)",
 }
 
