@@ -57,7 +57,7 @@ APT_PACKAGES = {
     "dovecot-pop3d": ["dovecot"],
     "dnsmasq-base": ["dnsmasq"],
     "bind9-dnsutils": ["dig"],
-    "util-linux": ["script"],
+    "bsdutils": ["script"],
 }
 PIP_PACKAGES = ["aiosmtpd", "dnspython"]
 
