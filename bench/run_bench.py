@@ -31,6 +31,7 @@ and Dovecot need root:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -312,12 +313,12 @@ def main(argv=None):
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
         elif section == "dns":
-            # dnspython, the peer, lives in bench/peers.py's venv; without it the script
-            # measures dnsmx alone and says so.
-            interpreter = peers.venv_python("dns.resolver")
-            if not interpreter:
+            # dnspython, the peer, lives in bench/peers.py's venv (or in this Python);
+            # without it the script measures dnsmx alone and says so.
+            interpreter = peers.venv_python("dns.resolver") or python
+            if interpreter == python and importlib.util.find_spec("dns") is None:
                 print("# dns: dnspython skipped: %s" % peers.missing("dnspython"), flush=True)
-            command = [interpreter or python, os.path.join(HERE, "dns_bench.py"),
+            command = [interpreter, os.path.join(HERE, "dns_bench.py"),
                        "--repeats", str(max(repeats, 3) if args.quick else 7),
                        "--count", "100" if args.quick else "200", "--cli-count", "10" if args.quick else "20",
                        "--json"]
