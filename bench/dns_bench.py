@@ -13,8 +13,8 @@ and CLI/dig ratios. Bounded: --repeats x --count calls at most, and never longer
 dnsmasq is stopped by its own process id.
 
 Run: python3 bench/dns_bench.py [--repeats 7] [--count 200] [--cli-count 20] [--json]
-     (dnspython as the peer: python3 -m venv /tmp/dnsvenv && /tmp/dnsvenv/bin/pip install
-      dnspython && /tmp/dnsvenv/bin/python bench/dns_bench.py)
+     (dnspython as the peer: python3 bench/peers.py install --no-apt, then
+      bench/run/venv/bin/python bench/dns_bench.py)
 """
 
 import argparse

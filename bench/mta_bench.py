@@ -6,7 +6,7 @@ spool with one local user, then measures, for each message size:
 
 - latency: one message at a time; `enqueue` is the time mta.enqueue() takes (the part
   smtp_in spends before its 250), `to_maildir` the time from enqueue()'s return until the
-  file is in the user's Maildir new/ (what the peer harness calls 250 -> new/), p50/p99;
+  file is in the user's Maildir new/ (what smtp_bench.py calls 250 -> new/), p50/p99;
 - throughput: --messages messages enqueued by --threads threads at once; accepted/s is
   messages / time to enqueue them all, delivered/s messages / time until all are in new/.
 

@@ -11,8 +11,8 @@ client per process (each RETR read up to CRLF.CRLF):
   memory          --mem-clients clients each RETR a --mem-size message at once (users mem0..);
                   the server's peak RSS (VmHWM) and its growth over the idle server
 
-Other servers with the same mailboxes (Dovecot, from the shared harness) are measured in the same
-run, interleaved, with --target NAME=HOST:PORT (users bench{i}, password benchpw); the ratio
+Other servers with the same mailboxes (Dovecot: python3 bench/peers.py start dovecot) are measured
+in the same run, interleaved, with --target NAME=HOST:PORT (users bench{i}, password benchpw); the ratio
 column compares each to pop3d. Loopback only; every run is bounded by --timeout.
 
     python3 bench/pop3_bench.py --repeats 3 [--target dovecot=127.0.0.1:PORT] [--json FILE]

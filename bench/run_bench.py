@@ -10,7 +10,7 @@ and whether it was met. Sections (--sections, default all, in this order):
             one session per message and many per session; 250 -> Maildir new/ and 250 ->
             visible over POP3 (pop3d; Dovecot reading Postfix's Maildir); peak RSS of
             smtp_in under 50 sessions x 100 KB
-  pop3      pop3_bench.py beside the harness's Dovecot (started here, stopped by its PID):
+  pop3      pop3_bench.py beside Dovecot (bench/peers.py, started here, stopped by its PID):
             4 KB msgs/s and 1 MB MB/s at 1 and 8 clients; peak RSS of pop3d, 10 x 50 MB
   dns       dns_bench.py under a Python that has dnspython: mx_hosts cached and uncached,
             and the dnsmx.py CLI process against dig
@@ -19,10 +19,11 @@ and whether it was met. Sections (--sections, default all, in this order):
 
 Everything listens on 127.0.0.1; each section is bounded by --section-timeout (its
 scripts bound every run inside); every process is ended by its PID (the scripts end
-theirs; Dovecot, started here, by its pid file). Needs root (Postfix, Dovecot) and a copy
-of the shared harness with its setup done:
+theirs; Dovecot, started here, by its pid file). The peers come from bench/peers.py; one
+that is not installed is skipped with a one-line note and its column stays empty. Postfix
+and Dovecot need root:
 
-    cp -r ../shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
+    python3 bench/peers.py install                                  # once: apt-get and a venv
     python3 bench/run_bench.py --out bench/results/run            # about 25 minutes
     python3 bench/run_bench.py --sections smtp --quick             # one section, fewer runs
 
@@ -30,6 +31,7 @@ of the shared harness with its setup done:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -40,11 +42,10 @@ import sys
 import tempfile
 import time
 
-from pidfile import stop_by_pid_file
+import peers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("smtp", "pop3", "dns", "outbound")
-DNSPYTHON_CANDIDATES = ("/tmp/dnsvenv/bin/python", "{harness}/.venv/bin/python")
 
 
 # --- helpers ---
@@ -74,13 +75,6 @@ def figure(values, unit=""):
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
-
-
-def free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_section(name, command, out_dir, timeout):
@@ -115,34 +109,6 @@ def run_section(name, command, out_dir, timeout):
     print("# %s took %.0f s, exit status %s" % (name, time.monotonic() - started, process.returncode),
           flush=True)
     return process.returncode == 0
-
-
-class Dovecot:
-    """The harness's Dovecot with its 1000 x 4 KB + 100 x 1 MB Maildir, on a free port."""
-
-    def __init__(self, harness):
-        self.run = tempfile.mkdtemp(prefix="run-bench-dovecot-")
-        os.chmod(self.run, 0o755)
-        self.port = free_port()
-        subprocess.run([os.path.join(harness, "peers", "dovecot", "setup.sh"), self.run, str(self.port),
-                        "1000", "100"], check=True, capture_output=True, timeout=300)
-        with open(os.path.join(self.run, "start.log"), "ab") as log:   # it forks: no pipes
-            subprocess.run(["dovecot", "-c", os.path.join(self.run, "dovecot.conf")], check=True,
-                           stdout=log, stderr=log, timeout=60)
-        self.pid_file = os.path.join(self.run, "base", "master.pid")
-
-    def stop(self):
-        stop_by_pid_file(self.pid_file)
-        shutil.rmtree(self.run, ignore_errors=True)
-
-
-def dnspython_interpreter(harness):
-    for candidate in DNSPYTHON_CANDIDATES:
-        path = candidate.format(harness=harness)
-        if os.path.exists(path) and subprocess.run([path, "-c", "import dns.resolver"],
-                                                   capture_output=True).returncode == 0:
-            return path
-    return sys.executable
 
 
 # --- the summary table ---
@@ -304,8 +270,6 @@ def summarize(out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help="any of " + ",".join(SECTIONS))
-    parser.add_argument("--peer-bench", default="/tmp/smtpin-peer-bench",
-                        help="a copy of the shared harness with ./setup_env.sh done")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="fewer and shorter runs (2 repeats, 2 s each; for a first look)")
@@ -331,27 +295,30 @@ def main(argv=None):
     for section in sections:
         json_path = os.path.join(out_dir, section + ".json")
         if section == "smtp":
-            command = [python, os.path.join(HERE, "smtp_bench.py"), "--peer-bench", args.peer_bench,
-                       "--postfix", "--pop3", "--aiosmtpd-executor", "0", "--modes", "session,reuse",
+            command = [python, os.path.join(HERE, "smtp_bench.py"), "--postfix", "--pop3", "--aiosmtpd-executor", "0", "--modes", "session,reuse",
                        "--repeats", str(repeats), "--seconds", seconds,
                        "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path]
             ok = run_section(section, command, out_dir, args.section_timeout)
         elif section == "pop3":
-            dovecot = None
+            command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
+                       "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path]
+            workdir = tempfile.mkdtemp(prefix="run-bench-dovecot-")
             try:
-                dovecot = Dovecot(args.peer_bench)
-                command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
-                           "--passes", "1" if args.quick else "2", "--conc", "1,8",
-                           "--target", "dovecot=127.0.0.1:%d" % dovecot.port, "--json", json_path]
+                with peers.Dovecot(workdir, small=1000, large=100) as dovecot:
+                    command += ["--target", "dovecot=127.0.0.1:%d" % dovecot.port]
+                    ok = run_section(section, command, out_dir, args.section_timeout)
+            except peers.PeerMissing as exc:
+                print("# pop3: dovecot skipped: %s" % exc, flush=True)
                 ok = run_section(section, command, out_dir, args.section_timeout)
-            except (OSError, subprocess.SubprocessError) as exc:
-                print("# pop3: Dovecot did not start: %s" % exc, flush=True)
-                ok = False
             finally:
-                if dovecot is not None:
-                    dovecot.stop()
+                shutil.rmtree(workdir, ignore_errors=True)
         elif section == "dns":
-            command = [dnspython_interpreter(args.peer_bench), os.path.join(HERE, "dns_bench.py"),
+            # dnspython, the peer, lives in bench/peers.py's venv (or in this Python);
+            # without it the script measures dnsmx alone and says so.
+            interpreter = peers.venv_python("dns.resolver") or python
+            if interpreter == python and importlib.util.find_spec("dns") is None:
+                print("# dns: dnspython skipped: %s" % peers.missing("dnspython"), flush=True)
+            command = [interpreter, os.path.join(HERE, "dns_bench.py"),
                        "--repeats", str(max(repeats, 3) if args.quick else 7),
                        "--count", "100" if args.quick else "200", "--cli-count", "10" if args.quick else "20",
                        "--json"]
@@ -359,6 +326,9 @@ def main(argv=None):
             ok = run_section(section, command, out_dir, args.section_timeout)
             if ok:                     # dns_bench prints its JSON on stdout
                 shutil.copyfile(text_path, json_path)
+        elif peers.missing("smtp-sink"):
+            print("\n# outbound skipped: %s" % peers.missing("smtp-sink"), flush=True)
+            ok = True
         else:
             command = [python, os.path.join(HERE, "smtp_out_bench.py"), "--repeats", str(repeats),
                        "--messages", "500" if args.quick else "1000", "--conc", "1,20", "--json", json_path]

@@ -2,9 +2,9 @@
 """smtp_bench.py - accepted messages per second of smtp_in.py, beside peers, in one run.
 
 Starts smtp_in.py (and mta.py's router, when present, so that mail flows on into the
-Maildir as it would in production), the peer aiosmtpd (a durable Maildir handler, from the
-shared bench harness and its venv) and, with --postfix, a separate benchmark Postfix
-instance; then sends N messages with Postfix's smtp-source for every message size, client
+Maildir as it would in production), the peer aiosmtpd (a durable Maildir handler, from
+bench/peers.py and its venv) and, with --postfix, a separate benchmark Postfix instance
+(bench/peers.py; a peer that is not installed is skipped with a one-line note); then sends N messages with Postfix's smtp-source for every message size, client
 count and mode (--modes: "session" is one SMTP session per message, "reuse" many messages
 per session, smtp-source -d), visiting the targets in turn in each repeat so that the
 ratios come from the same minutes of a noisy machine. Every server is durable: fsync
@@ -13,18 +13,18 @@ before the 250 (smtp_in through mta.enqueue, aiosmtpd in its handler, Postfix by
 accepted/s = N / wall time of smtp-source (every 250 received). deliv/s = N / time until
 N files are in the target's Maildir new/ (Postfix and our router deliver after the 250).
 
---e2e-count N then sends N messages one at a time to each target and measures, with the
-harness's own client and poller (smtp_load.py), the time from the 250 after DATA to the
-file in new/; and, with --pop3, the time until a fresh POP3 session's STAT counts it (our
+--e2e-count N then sends N messages one at a time to each target and measures, with a
+raw-socket client and a poller of new/ (every 0.5 ms), the time from the 250 after DATA to
+the file in new/ (0 when it was there before the 250); and, with --pop3, the time until a fresh POP3 session's STAT counts it (our
 pop3d on smtp_in's spool; for Postfix, a Dovecot reading Postfix's Maildir). Every POP3
 poll is a whole session (connect, USER/PASS, STAT, QUIT), so its own cost is printed too.
 
 --memory runs a fresh smtp_in (and router) alone under 50 concurrent smtp-source sessions
 sending 100 KB messages and prints its peak RSS (VmHWM).
 
-Run (as root for --postfix; the harness copy needs ./setup_env.sh run once):
-    cp -r ../shared/bench /tmp/smtpin-peer-bench && (cd /tmp/smtpin-peer-bench && ./setup_env.sh)
-    python3 bench/smtp_bench.py --peer-bench /tmp/smtpin-peer-bench --postfix --json bench/results/smtp.json
+Run (as root for --postfix; the peers are installed once with bench/peers.py):
+    python3 bench/peers.py install
+    python3 bench/smtp_bench.py --postfix --json bench/results/smtp.json
     python3 bench/smtp_bench.py --postfix --pop3 --modes session,reuse --e2e-count 200 --memory
 Every server listens on 127.0.0.1 only; every run is bounded by --timeout.
 """
@@ -45,17 +45,18 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_all  # noqa: E402  (its cpu_plan places our roles as run_all does)
-from pidfile import stop_by_pid_file  # noqa: E402  (bench/, the script's own folder)
+import peers  # noqa: E402  (bench/, the script's own folder)
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 DOMAIN = "bench.test"
 RCPT = "user@bench.test"
 SENDER = "sender@bench.test"
-POP3_USER, POP3_PASSWORD = "bench0", "benchpw"     # the harness's Dovecot users
+POP3_USER, POP3_PASSWORD = "bench0", peers.POP3_PASSWORD     # peers.Dovecot's users
 MEMORY_CLIENTS, MEMORY_SIZE, MEMORY_MESSAGES = 50, 102400, 500
 
 
@@ -205,11 +206,108 @@ def run_load(target, count, conc, size, timeout, reuse=False):
 
 def cheap_password_hash(password):
     """A valid scrypt line with the smallest cost: a POP3 poll then measures the mailbox,
-    not the password hash (the harness's Dovecot compares PLAIN passwords)."""
+    not the password hash (peers.Dovecot compares PLAIN passwords)."""
     salt = os.urandom(16)
     key = hashlib.scrypt(password.encode(), salt=salt, n=2, r=1, p=1, dklen=32)
     b64 = lambda data: base64.b64encode(data).decode().rstrip("=")
     return "$scrypt$n=2,r=1,p=1$%s$%s" % (b64(salt), b64(key))
+
+
+def smtp_transaction(port, message, timeout=30.0):
+    """One session, one message, over a raw socket: (time of connect, time of the 250 after
+    DATA), both time.perf_counter(). message ends with CRLF and has no line starting with "."."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        replies = sock.makefile("rb")
+
+        def expect(code, command=None):
+            if command:
+                sock.sendall(command)
+            while True:
+                line = replies.readline(1024)
+                if not line:
+                    raise OSError("connection closed waiting for %d" % code)
+                if line[3:4] != b"-":
+                    break
+            if int(line[:3]) != code:
+                raise OSError("%r answered %r" % (command, line))
+            return time.perf_counter()
+
+        expect(220)
+        expect(250, b"HELO bench-client.test\r\n")
+        expect(250, b"MAIL FROM:<%s>\r\n" % SENDER.encode())
+        expect(250, b"RCPT TO:<%s>\r\n" % RCPT.encode())
+        expect(354, b"DATA\r\n")
+        accepted = expect(250, message + b".\r\n")
+        try:
+            expect(221, b"QUIT\r\n")
+        except OSError:
+            pass
+    return started, accepted
+
+
+class NewWatch(threading.Thread):
+    """Polls a Maildir's new/ every interval seconds and notes when each X-Bench-Id first
+    appears there (seen: id -> time.perf_counter())."""
+
+    def __init__(self, maildir, interval=0.0005):
+        super().__init__(daemon=True)
+        self.folder = os.path.join(maildir, "new")
+        self.interval = interval
+        self.known = set(os.listdir(self.folder))
+        self.seen = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def scan(self, stamp=None):
+        """Read the files new since the last scan; date what they carry stamp (default now)."""
+        with self.lock:
+            now = time.perf_counter() if stamp is None else stamp
+            for name in set(os.listdir(self.folder)) - self.known:
+                self.known.add(name)
+                try:
+                    with open(os.path.join(self.folder, name), "rb") as f:
+                        head = f.read(16384)
+                except OSError:
+                    continue
+                start = head.find(b"X-Bench-Id: ")
+                if start >= 0:
+                    end = head.find(b"\n", start)
+                    self.seen.setdefault(head[start + 12:end].strip().decode(), now)
+
+    def run(self):
+        while not self.done.is_set():
+            self.scan()
+            time.sleep(self.interval)
+
+
+def new_latency(port, maildir, count, size, wait=10.0):
+    """[seconds from the 250 after DATA to the file in new/], [seconds connect .. 250], missing."""
+    body = (b"X" * 76 + b"\r\n") * max(1, size // 78)
+    watch = NewWatch(maildir)
+    watch.start()
+    latency, transaction, missing = [], [], 0
+    try:
+        for number in range(count):
+            bench_id = uuid.uuid4().hex
+            message = b"From: <%s>\r\nTo: <%s>\r\nSubject: e2e %d\r\nX-Bench-Id: %s\r\n\r\n" % (
+                SENDER.encode(), RCPT.encode(), number, bench_id.encode()) + body
+            started, accepted = smtp_transaction(port, message)
+            transaction.append(accepted - started)
+            watch.scan(stamp=accepted)         # there already when the 250 came: latency 0
+            until = time.perf_counter() + wait
+            while bench_id not in watch.seen and time.perf_counter() < until:
+                time.sleep(0.0002)
+            if bench_id in watch.seen:
+                # The poller may date the file a little before our read of the 250 returned:
+                # it was there when the 250 came, latency 0.
+                latency.append(max(0.0, watch.seen[bench_id] - accepted))
+            else:
+                missing += 1
+    finally:
+        watch.done.set()
+        watch.join()
+    return latency, transaction, missing
 
 
 def pop3_count(port, user, password, timeout):
@@ -226,7 +324,7 @@ def pop3_count(port, user, password, timeout):
             client.close()
 
 
-def pop3_visibility(smtp_load, target, count, size, timeout=10.0):
+def pop3_visibility(target, count, size, timeout=10.0):
     """[seconds from the 250 after DATA until a fresh POP3 session counts the message],
     missing count, [seconds one poll session takes]."""
     pop3 = target["pop3"]
@@ -237,7 +335,7 @@ def pop3_visibility(smtp_load, target, count, size, timeout=10.0):
     for number in range(count):
         message = b"From: <%s>\r\nTo: <%s>\r\nSubject: e2e %d\r\n\r\n" % (
             SENDER.encode(), RCPT.encode(), number) + body
-        _, t250 = smtp_load.smtp_txn("127.0.0.1", target["port"], message, SENDER, RCPT)
+        _, t250 = smtp_transaction(target["port"], message)
         until = t250 + timeout
         while True:
             started = time.perf_counter()
@@ -260,9 +358,7 @@ def percentile(values, fraction):
 
 
 def measure_e2e(targets, args, results):
-    """250 -> new/ (the harness's e2e) and 250 -> visible over POP3, one message at a time."""
-    sys.path.insert(0, args.peer_bench)
-    import smtp_load                                   # the shared harness's client and poller
+    """250 -> new/ and 250 -> visible over POP3, one message at a time."""
     print("\n# end-to-end, %d sequential %d B messages, one session each (ms)" % (args.e2e_count, args.e2e_size))
     print("%-12s %-8s %9s %9s %9s %8s %12s" % ("target", "to", "p50", "p99", "max", "missing", "poll p50"),
           flush=True)
@@ -271,12 +367,11 @@ def measure_e2e(targets, args, results):
             continue
         wait_quiet(target["maildir"])
         clean_maildir(target["maildir"])
-        host_target = {"host": "127.0.0.1", "port": target["port"], "maildir": target["maildir"]}
-        lat, txn, missing = smtp_load.e2e(host_target, args.e2e_count, args.e2e_size, SENDER, RCPT)
+        lat, txn, missing = new_latency(target["port"], target["maildir"], args.e2e_count, args.e2e_size)
         rows = [("new/", lat, missing, [])]
         if target.get("pop3"):
             wait_quiet(target["maildir"])
-            seen, lost, polls = pop3_visibility(smtp_load, target, args.e2e_count, args.e2e_size)
+            seen, lost, polls = pop3_visibility(target, args.e2e_count, args.e2e_size)
             rows.append(("pop3", seen, lost, polls))
         for where, values, lost, polls in rows:
             ms = [v * 1000 for v in values]
@@ -326,8 +421,7 @@ class Servers:
     def __init__(self, workdir):
         self.workdir = workdir
         self.processes = []
-        self.postfix_pid_file = None
-        self.pid_files = []            # other daemons that write their own pid file (Dovecot)
+        self.peers = []                # bench/peers.py's servers, each stops its own
         self.targets = []
 
     def spawn(self, name, command):
@@ -373,51 +467,36 @@ class Servers:
                         "--domain", DOMAIN] + on_cpu("pop3d"))
             self.targets[-1]["pop3"] = {"port": pop3_port, "user": RCPT, "password": POP3_PASSWORD}
 
-    def start_aiosmtpd(self, harness, executor):
-        python = os.path.join(harness, ".venv", "bin", "python")
-        script = os.path.join(harness, "peers", "aiosmtpd", "maildir_server.py")
-        if not (os.path.exists(python) and os.path.exists(script)):
-            print("# aiosmtpd skipped: no %s (run the harness's setup_env.sh)" % python)
+    def start_peer(self, name, make):
+        """Start the peer make() builds; a peer that cannot run is skipped with a note."""
+        try:
+            peer = make()
+            self.peers.append(peer)
+            return peer.start()
+        except peers.PeerMissing as exc:
+            print("# %s skipped: %s" % (name, exc), flush=True)
+            return None
+
+    def start_aiosmtpd(self, executor):
+        name = "aiosmtpd" + ("-ex%d" % executor if executor else "")
+        folder = os.path.join(self.workdir, name)
+        aiosmtpd = self.start_peer(name, lambda: peers.Aiosmtpd(folder, executor=executor))
+        if aiosmtpd:
+            self.add(name, aiosmtpd.port, aiosmtpd.maildir)
+
+    def start_postfix(self, pop3=False):
+        folder = os.path.join(self.workdir, "postfix")
+        postfix = self.start_peer("postfix", lambda: peers.Postfix(folder))
+        if not postfix:
             return
-        port = free_port()
-        maildir = os.path.join(self.workdir, "aiosmtpd-%d" % executor, "Maildir")
-        command = [python, script, "--port", str(port), "--maildir", maildir]
-        if executor:
-            command += ["--executor", str(executor)]
-        self.spawn("aiosmtpd-%d" % executor, command)
-        self.add("aiosmtpd" + ("-ex%d" % executor if executor else ""), port, maildir)
-
-    def start_postfix(self, harness, pop3=False):
-        run = os.path.join(self.workdir, "postfix")
-        port, sink = free_port(), free_port()
-        subprocess.run([os.path.join(harness, "peers", "postfix", "setup.sh"), run, str(port), str(sink)],
-                       check=True, capture_output=True)
-        # "postfix start" exits 1 silently without a tty when it cannot log; script(1) gives one.
-        subprocess.run(["script", "-qc", "postfix -c %s start" % os.path.join(run, "conf"), "/dev/null"],
-                       check=True, capture_output=True, timeout=60)
-        self.postfix_pid_file = os.path.join(run, "queue", "pid", "master.pid")
-        maildir = os.path.join(run, "vmail", "user", "Maildir")
-        self.add("postfix", port, maildir)
+        self.add("postfix", postfix.port, postfix.maildir)
         if pop3:
-            self.targets[-1]["pop3"] = self.start_dovecot(harness, maildir)
-
-    def start_dovecot(self, harness, maildir):
-        """The harness's Dovecot, reading maildir (Postfix's) instead of its own messages."""
-        run = os.path.join(self.workdir, "dovecot")
-        port = free_port()
-        subprocess.run([os.path.join(harness, "peers", "dovecot", "setup.sh"), run, str(port), "0", "0"],
-                       check=True, capture_output=True, timeout=60)
-        config = os.path.join(run, "dovecot.conf")
-        with open(config) as f:
-            text = f.read()
-        with open(config, "w") as f:
-            f.write(text.replace("mail_location = maildir:%s/mail/Maildir" % run,
-                                 "mail_location = maildir:%s" % maildir))
-        # Dovecot forks into the background: no pipes to it, or run() waits for its end.
-        with open(os.path.join(self.workdir, "dovecot.log"), "ab") as log:
-            subprocess.run(["dovecot", "-c", config], check=True, stdout=log, stderr=log, timeout=60)
-        self.pid_files.append(os.path.join(run, "base", "master.pid"))
-        return {"port": port, "user": POP3_USER, "password": POP3_PASSWORD}
+            # Dovecot reads Postfix's Maildir: 250 -> visible over POP3 for the peers.
+            folder = os.path.join(self.workdir, "dovecot")
+            dovecot = self.start_peer("dovecot", lambda: peers.Dovecot(folder, maildir=postfix.maildir))
+            if dovecot:
+                self.targets[-1]["pop3"] = {"port": dovecot.port, "user": POP3_USER,
+                                            "password": POP3_PASSWORD}
 
     def add(self, name, port, maildir):
         self.targets.append({"name": name, "port": port, "maildir": maildir})
@@ -432,9 +511,8 @@ class Servers:
                 del target["pop3"]
 
     def stop(self):
-        for pid_file in [self.postfix_pid_file] + self.pid_files:
-            if pid_file:
-                stop_by_pid_file(pid_file)
+        for peer in reversed(self.peers):
+            peer.stop()
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         for process in self.processes:
@@ -510,8 +588,6 @@ def main(argv=None):
     parser.add_argument("--min-n", type=int, default=50)
     parser.add_argument("--max-n", type=int, default=5000)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
-    parser.add_argument("--peer-bench", default="/tmp/smtpin-peer-bench",
-                        help="a writable copy of the shared bench harness (with .venv)")
     parser.add_argument("--no-aiosmtpd", action="store_true")
     parser.add_argument("--aiosmtpd-executor", type=int, default=8,
                         help="also run aiosmtpd with a thread pool of this size (0: no)")
@@ -546,11 +622,11 @@ def main(argv=None):
         servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3,
                            cpus=args.cpus)
         if not args.no_aiosmtpd:
-            servers.start_aiosmtpd(args.peer_bench, 0)
+            servers.start_aiosmtpd(0)
             if args.aiosmtpd_executor:
-                servers.start_aiosmtpd(args.peer_bench, args.aiosmtpd_executor)
+                servers.start_aiosmtpd(args.aiosmtpd_executor)
         if args.postfix:
-            servers.start_postfix(args.peer_bench, pop3=args.pop3)
+            servers.start_postfix(pop3=args.pop3)
         servers.wait_ready()
         print("# smtp_bench %s, loadavg %s, client %s, %d repeats, durable (fsync before 250)"
               % (started, open("/proc/loadavg").read().split()[0],

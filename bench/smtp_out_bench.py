@@ -9,10 +9,10 @@ run, at 1 and 20 concurrent connections, with connection reuse:
 - smtp_out+spool: the same over the real spool: N messages routed into outbound/ by
                mta.py first, then one --once pass (claim with flock, read, deliver,
                append each result, file away). This is the row to compare with Postfix.
-- postfix:     Postfix's qmgr + smtp(8) client (a separate instance built from
-               ../shared/bench/peers/postfix, relayhost = the sink). The N messages are put
-               in its queue first (defer_transports = smtp), then released with a flush;
-               the time runs from the flush to the N-th message at the sink.
+- postfix:     Postfix's qmgr + smtp(8) client (a separate instance from bench/peers.py,
+               relayhost = the sink; needs root, skipped with a note otherwise). The N
+               messages are put in its queue first (defer_transports = smtp), then released
+               with a flush; the time runs from the flush to the N-th message at the sink.
 - smtp-source: Postfix's load client (-d: many messages per session), protocol only.
 - smtplib:     a plain Python smtplib loop (sendmail per message, one SMTP per thread).
 
@@ -42,11 +42,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "tests"))
 
 import smtp_out  # noqa: E402
-from pidfile import stop_by_pid_file  # noqa: E402  (bench/, the script's own folder)
+import peers  # noqa: E402  (bench/, the script's own folder)
 
 HOST = "127.0.0.1"
 WAIT_LIMIT = 300.0                 # seconds any one run may take
-POSTFIX_PEER = ["../shared/bench/peers/postfix", "/work/shared/bench/peers/postfix"]
 
 
 def free_port():
@@ -206,25 +205,23 @@ def run_smtp_source(sink, messages, conc, size):
 class Postfix:
     """A throwaway Postfix instance whose only way out is smtp(8) to the sink."""
 
-    def __init__(self, sink, peer_dir):
+    def __init__(self, sink):
         self.run = tempfile.mkdtemp(prefix="smtp-out-bench-postfix-")
-        os.chmod(self.run, 0o755)
-        self.port = free_port()
-        self.conf = os.path.join(self.run, "conf")
-        subprocess.run(["bash", os.path.join(peer_dir, "setup.sh"), self.run, str(self.port),
-                        str(sink.port)], check=True, capture_output=True, timeout=120)
-        self.settings({
-            "default_transport": "smtp", "relay_transport": "smtp",
-            "smtp_tls_security_level": "none", "smtp_connection_cache_on_demand": "yes",
-            "defer_transports": "smtp", "default_destination_recipient_limit": "50",
-            "queue_run_delay": "3600s", "minimal_backoff_time": "3600s",
-            "maximal_backoff_time": "3600s"})
-        subprocess.run(["postfix", "-c", self.conf, "start"], check=True, capture_output=True,
-                       timeout=60)
+        try:
+            self.instance = peers.Postfix(self.run, relay_port=sink.port)
+            self.port = self.instance.port
+            self.instance.settings({
+                "smtp_tls_security_level": "none", "smtp_connection_cache_on_demand": "yes",
+                "defer_transports": "smtp", "default_destination_recipient_limit": "50",
+                "queue_run_delay": "3600s", "minimal_backoff_time": "3600s",
+                "maximal_backoff_time": "3600s"})
+            self.instance.start()
+        except BaseException:
+            shutil.rmtree(self.run, ignore_errors=True)
+            raise
 
     def settings(self, values):
-        subprocess.run(["postconf", "-c", self.conf, "-e"] + ["%s=%s" % kv for kv in values.items()],
-                       check=True, capture_output=True, timeout=30)
+        self.instance.settings(values)
 
     def queued(self):
         total = 0
@@ -253,7 +250,7 @@ class Postfix:
         before = sink.count
         start = time.perf_counter()
         self.reload()
-        subprocess.run(["postqueue", "-c", self.conf, "-f"], check=True, timeout=60)
+        self.instance.flush()
         if not sink.wait_for(before + len(messages)):
             raise RuntimeError("postfix delivered %d" % (sink.count - before))
         return time.perf_counter() - start
@@ -265,19 +262,11 @@ class Postfix:
         return total
 
     def reload(self):
-        subprocess.run(["postfix", "-c", self.conf, "reload"], check=True, capture_output=True,
-                       timeout=60)
+        self.instance.reload()
 
     def stop(self):
-        stop_by_pid_file(os.path.join(self.run, "queue", "pid", "master.pid"))
+        self.instance.stop()
         shutil.rmtree(self.run, ignore_errors=True)
-
-
-def find_postfix_peer(option):
-    for candidate in ([option] if option else []) + [os.path.join(ROOT, p) for p in POSTFIX_PEER]:
-        if candidate and os.path.exists(os.path.join(candidate, "setup.sh")):
-            return candidate
-    return None
 
 
 # --- Main ---
@@ -294,25 +283,22 @@ def main(argv=None):
     parser.add_argument("--conc", default="1,20")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-postfix", action="store_true")
-    parser.add_argument("--postfix-peer", help="folder with Postfix's setup.sh, main.cf.in")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     if not (shutil.which("smtp-sink") or os.path.exists("/usr/sbin/smtp-sink")):
-        print("smtp_out_bench: needs Postfix's smtp-sink (apt-get install postfix)", file=sys.stderr)
+        print("smtp_out_bench: needs Postfix's smtp-sink (python3 bench/peers.py install)",
+              file=sys.stderr)
         return 1
     levels = [int(c) for c in args.conc.split(",")]
     messages = [message_bytes(i, args.size) for i in range(args.messages)]
     sink = SmtpSink()
     postfix = None
     notes = []
-    peer = None if args.no_postfix else find_postfix_peer(args.postfix_peer)
-    if peer and os.geteuid() == 0 and shutil.which("postfix"):
+    if not args.no_postfix:
         try:
-            postfix = Postfix(sink, peer)
-        except (OSError, subprocess.SubprocessError) as exc:
-            notes.append("postfix peer not started: %s" % exc)
-    elif not args.no_postfix:
-        notes.append("postfix peer skipped (needs root, postfix and %s)" % POSTFIX_PEER[0])
+            postfix = Postfix(sink)
+        except (peers.PeerMissing, OSError, subprocess.SubprocessError) as exc:
+            notes.append("postfix peer skipped: %s" % exc)
     runners = [("smtp_out", lambda c: run_smtp_out(sink, messages, c))]
     try:
         import mta  # noqa: F401

@@ -15,7 +15,7 @@ import mailbox_store
 import plumbing
 import pop3d
 import smtp_in
-from conftest import wait_for
+from support import wait_for
 from smtpin_support import RawClient, USERS
 from smtpin_support import spool, start_smtp, store_template  # noqa: F401  (fixtures)
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import smtp_out
+from support import require_tool
 from smtp_out import SMTPClient, Timeouts
 from smtp_out_support import Script, Sink
 
@@ -364,9 +365,7 @@ def test_auth_is_not_sent_in_clear_to_a_remote_address():
 # --- A real SMTP server as the peer ---
 
 def test_client_delivers_to_postfix_smtp_sink():
-    sink_bin = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    if not os.access(sink_bin, os.X_OK):
-        pytest.skip("smtp-sink not installed (apt-get install postfix)")
+    sink_bin = require_tool("smtp-sink", "postfix")
     # smtp-sink runs as nobody, who cannot enter pytest's private tmp_path.
     tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="smtp-sink-"))
     os.chmod(tmp_path, 0o777)
@@ -408,7 +407,6 @@ def test_client_delivers_to_postfix_smtp_sink():
 # --- Destinations: MX routing with a real dnsmasq ---
 
 import dnsmx  # noqa: E402
-from support import require_tool  # noqa: E402
 from dnsmasq_server import host_record, mx_host, null_mx, start_dnsmasq  # noqa: E402
 
 HOSTNAME = "out.test"                  # this host, for self-MX detection
