@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -82,6 +83,8 @@ PBKDF2_ITERATIONS = 600_000        # OWASP 2023 figure for PBKDF2-HMAC-SHA256
 HASH_THREADS = 2                   # hashes at once, per process: 2 x 128 MiB at most
 SALT_BYTES = 16
 KEY_BYTES = 32
+LOGIN_CACHE_TTL = 3600.0           # seconds a verified password is remembered (Dovecot's
+LOGIN_CACHE_SIZE = 10000           # auth_cache_ttl); logins remembered per process
 
 # RFC 2142 and RFC 5321 4.5.1: these local parts of every local domain reach a person.
 ROLE_ACCOUNTS = ("postmaster", "abuse")
@@ -142,6 +145,50 @@ class _Expansion:
     cycles: list = field(default_factory=list)       # paths cut where an alias came round
     done: set = field(default_factory=set)           # local addresses expanded already
     strict: bool = False                             # a cycle raises AliasLoop (add-alias)
+
+
+class _LoginCache:
+    """Logins whose password was verified lately, so that a mail client that logs in every
+    minute costs one password hash an hour instead of one a login (as Dovecot's auth_cache).
+
+    An entry is keyed by an HMAC of the user and the password under a key made at start and
+    never written anywhere: the cache holds no password, nor anything to guess one from
+    offline. It is valid while the user's stored hash is the one it was verified against (a
+    new password voids it) and for LOGIN_CACHE_TTL seconds. Failed logins are never
+    remembered: every guess still costs a full hash.
+    """
+
+    def __init__(self, ttl=LOGIN_CACHE_TTL, size=LOGIN_CACHE_SIZE, clock=time.monotonic):
+        self.key = secrets.token_bytes(32)
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.entries = OrderedDict()   # HMAC -> (stored hash, expiry), oldest first; lock
+
+    def _digest(self, user, password):
+        text = (user + "\0" + password).encode("utf-8", "surrogatepass")
+        return hmac.new(self.key, text, hashlib.sha256).digest()
+
+    def verified(self, user, password, stored) -> bool:
+        """True when this user logged in with this password lately, against stored."""
+        digest = self._digest(user, password)
+        with self.lock:
+            entry = self.entries.get(digest)
+            if entry is None:
+                return False
+            if entry[0] != stored or entry[1] <= self.clock():
+                del self.entries[digest]
+                return False
+            return True
+
+    def remember(self, user, password, stored):
+        digest = self._digest(user, password)
+        with self.lock:
+            self.entries.pop(digest, None)
+            self.entries[digest] = (stored, self.clock() + self.ttl)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
 @dataclass
@@ -847,6 +894,7 @@ class Store:
         # reused by the next hash instead of staying behind in each connection thread's
         # malloc arena.
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, "password-hash")
+        self.login_cache = _LoginCache()
 
     # -- tables --
 
@@ -1072,16 +1120,19 @@ class Store:
         if stored is None or not password or len(password) > MAX_PASSWORD:
             self.hash_pool.submit(verify_password, password[:MAX_PASSWORD], self._dummy()).result()
             return None
+        if self.login_cache.verified(user, password, stored):
+            return user
         if not self.hash_pool.submit(verify_password, password, stored).result():
             return None
         if _outdated(stored):
-            self._upgrade_hash(user, password, stored)
+            stored = self._upgrade_hash(user, password, stored) or stored
+        self.login_cache.remember(user, password, stored)
         return user
 
     def _upgrade_hash(self, user, password, stored):
         """Replace user's outdated hash with one of today's parameters, now that the
-        password is known to be right. Best effort: a failure is logged, and the login
-        it follows succeeds all the same."""
+        password is known to be right, and return it. Best effort: a failure is logged and
+        returns None, and the login it follows succeeds all the same."""
         def change(lines):
             for index, line in enumerate(lines):
                 if _parse_users([line]).get(user) == stored:
@@ -1093,11 +1144,12 @@ class Store:
             fresh = self.hash_pool.submit(hash_password, password).result()
             self._locked_rewrite(self.users_path, 0o600, change)
         except _HashChanged:
-            return
+            return None
         except (OSError, ValueError, MemoryError) as exc:
             log.warning("<%s>: cannot upgrade the password hash: %s", user, exc)
-            return
+            return None
         log.info("<%s>: password hash upgraded to %s", user, fresh.rsplit("$", 2)[0])
+        return fresh
 
     def _find_login(self, tables, login):
         login = login.strip()

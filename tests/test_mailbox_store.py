@@ -766,3 +766,52 @@ def test_cli_prompts_twice_on_a_terminal(monkeypatch, tmp_path, capsys):
     assert "do not match" in capsys.readouterr().err
     assert mailbox_store.main(["--spool", spool, "add-user", "t@example.com"]) == 0
     assert Store(spool).authenticate("t@example.com", "same") == "t@example.com"
+
+
+# --- The cache of verified logins ---
+
+def counting_verifications(monkeypatch):
+    calls = []
+    real = mailbox_store.verify_password
+
+    def verify(password, stored):
+        calls.append(password)
+        return real(password, stored)
+    monkeypatch.setattr(mailbox_store, "verify_password", verify)
+    return calls
+
+
+def test_a_repeated_login_is_verified_once_and_a_wrong_password_every_time(people, monkeypatch):
+    calls = counting_verifications(monkeypatch)
+    assert people.authenticate("alice@example.com", "pw") == "alice@example.com"
+    assert people.authenticate("alice", "pw") == "alice@example.com"
+    assert len(calls) == 1
+    for _ in range(3):
+        assert people.authenticate("alice@example.com", "wrong") is None
+    assert len(calls) == 4                 # every guess pays a full hash
+    assert people.authenticate("bob@example.com", "pw") == "bob@example.com"
+    assert len(calls) == 5                 # the same password, another user: not cached
+
+
+def test_a_new_password_voids_the_cached_login(people, monkeypatch):
+    assert people.authenticate("alice@example.com", "pw")
+    people.set_password("alice@example.com", "new-pw")
+    calls = counting_verifications(monkeypatch)
+    assert people.authenticate("alice@example.com", "pw") is None
+    assert people.authenticate("alice@example.com", "new-pw") == "alice@example.com"
+    assert len(calls) == 2
+
+
+def test_a_cached_login_expires():
+    now = [1000.0]
+    cache = mailbox_store._LoginCache(ttl=60, size=2, clock=lambda: now[0])
+    cache.remember("a@x.test", "pw", "HASH")
+    assert cache.verified("a@x.test", "pw", "HASH")
+    assert not cache.verified("a@x.test", "pw", "OTHER HASH")
+    cache.remember("a@x.test", "pw", "HASH")
+    now[0] += 61
+    assert not cache.verified("a@x.test", "pw", "HASH")
+    for user in ("b@x.test", "c@x.test", "d@x.test"):
+        cache.remember(user, "pw", "HASH")
+    assert len(cache.entries) == 2 and not cache.verified("b@x.test", "pw", "HASH")
+    assert all(b"pw" not in key for key in cache.entries)     # HMACs, not passwords
