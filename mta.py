@@ -2,10 +2,11 @@
 
 mta.py owns the queue that every role writes to or reads from. The life of a message:
 
-1. enqueue() (smtp_in after DATA, `mta.py sendmail`, and bounces) writes ONE file, the
-   envelope then the message, to queue/tmp/, fsyncs it, links it to queue/incoming/ID,
-   rings the router's doorbell and fsyncs that directory. It returns only then, so a 250
-   reply means the message is on disk.
+1. A QueueWriter (smtp_in during DATA, block by block as the message arrives) or
+   enqueue() (`mta.py sendmail` and bounces, a message in memory; the same code) writes
+   ONE file, the envelope then the message, to queue/tmp/, fsyncs it, links it to
+   queue/incoming/ID, rings the router's doorbell and fsyncs that directory. It returns
+   only then, so a 250 reply means the message is on disk.
 2. The router (this file's daemon) claims the file with flock(), expands each recipient
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
    fails unknown users and mail loops, and records each result in the file before it
@@ -29,7 +30,13 @@ Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
 A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
 octets of message as received (CRLF line ends), then state records, one JSON object per
-line, only ever appended:
+line, only ever appended. The message is written as it arrives, after the envelope, so
+Message-Size is written as SIZE_WIDTH spaces and filled in (number, then spaces) with
+pwrite() once the message is complete, before the fsync; readers strip the spaces. No
+role holds a whole message in memory: the router and smtp_out read it from the file in
+COPY_BLOCK blocks (claim.message is a MessageFile), and the header alone, at most
+MAX_HEADER octets, for routing (Received: hops, Delivered-To:) and MAX_DSN_HEADERS for a
+bounce.
 
     MTA-Queue-File: 1
     Queue-ID: 018A5F3C2B1D04E7A2
@@ -40,7 +47,7 @@ line, only ever appended:
     Auth-User:
     Protocol: ESMTP
     Recipient: <list@example.com>
-    Message-Size: 2048
+    Message-Size: 2048                (padded with spaces to 20 characters)
 
     ...the message...
     {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
@@ -92,7 +99,7 @@ The API smtp_out uses (all in __all__):
             return
         with claim:                               # leaving it releases the claim
             for domain, recipients in claim.groups.items():
-                ... send claim.message from claim.envelope.sender ...
+                ... send claim.message (len(), blocks()) from claim.envelope.sender ...
                 claim.delivered(rcpt, reply, remote_mta="mx.example.org",
                                 relay="mx.example.org[192.0.2.7]:25")
                 claim.deferred(rcpt, reply, dsn="4.4.1")
@@ -142,8 +149,9 @@ import mailbox_store
 import plumbing
 
 __all__ = [
-    "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
-    "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
+    "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue",
+    "QueueBusy", "QueueFileError", "QueueRunner", "QueueWriter", "Recipient", "Router",
+    "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
     "parse_retry_schedule", "prepare_submission", "retry_delay",
     "wake",
@@ -178,6 +186,9 @@ MAX_INFO = 255                     # client address, HELO, auth user, protocol
 MAX_REPLY = 1000                   # characters of a reply kept in a state record
 MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
 MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
+MAX_HEADER = 1024 * 1024           # octets of a message's header the router reads (hops, loops)
+SIZE_WIDTH = 20                    # Message-Size digits, space-padded (2**64 has 20)
+COPY_BLOCK = 64 * 1024             # octets of message read from a queue file at a time
 
 # Timing, in seconds.
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
@@ -487,8 +498,14 @@ def envelope_bytes(envelope: Envelope) -> bytes:
              "Auth-User: " + envelope.auth_user,
              "Protocol: " + envelope.protocol]
     lines += ["Recipient: <%s>" % address for address in envelope.recipients]
-    lines += ["Message-Size: %d" % envelope.size, "", ""]
+    lines += ["Message-Size: %s" % _size_field(envelope.size), "", ""]
     return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _size_field(size):
+    """Message-Size's value: the number, then spaces to SIZE_WIDTH characters, so that
+    QueueWriter can fill it in with pwrite() once the message is written."""
+    return ("%d" % size).ljust(SIZE_WIDTH)
 
 
 def _unbracket(value, key):
@@ -588,6 +605,22 @@ def _read_all(fd, size, offset=0):
     return b"".join(chunks)
 
 
+def _read_state(fd, file_size, name):
+    """The QueueState of an open queue file, reading its envelope and its state records
+    but not its message. Raises QueueFileError when it is not a queue file."""
+    head = os.pread(fd, min(file_size, COPY_BLOCK), 0)
+    if b"\n\n" not in head and len(head) < file_size:
+        head = _read_all(fd, min(file_size, MAX_ENVELOPE + 2))
+    envelope, offset = parse_envelope(head, name)
+    end = offset + envelope.size
+    if end > file_size:
+        raise QueueFileError("message truncated: %d of %d octets"
+                             % (file_size - offset, envelope.size))
+    state = QueueState(envelope, offset)
+    parse_records(state, _read_all(fd, file_size - end, end))
+    return state
+
+
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -634,68 +667,150 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
     recipient, an address that is empty (a recipient), not printable, longer than
     MAX_ADDRESS or with white space at its ends, or a malformed queue_id; callers check
     addresses first. Raises SpoolError (an OSError with the cause's errno) when the
-    message could not be made durable, leaving nothing behind.
+    message could not be made durable, leaving nothing behind. A message that arrives in
+    blocks goes through QueueWriter instead, the same code.
     """
-    spool_dir = os.fspath(spool_dir)
-    recipients = [check_address_text(address) for address in recipients]
-    if not recipients:
-        raise ValueError("no recipients")
-    check_address_text(sender, allow_empty=True)
-    if queue_id is not None and not valid_queue_id(queue_id):
-        raise ValueError("bad queue id %r" % queue_id)
-    envelope = Envelope(
-        queue_id="", sender=sender, recipients=recipients,
-        arrival=time.time() if arrival is None else arrival, size=len(message),
-        client_address=clean_text(client_address, MAX_INFO),
-        client_helo=clean_text(client_helo, MAX_INFO),
-        auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
-    try:
-        make_spool(spool_dir)
-        while True:
-            envelope.queue_id = queue_id or plumbing.new_queue_id()
-            try:
-                _write_queue_file(spool_dir, envelope, message)
-                break
-            except FileExistsError:
-                if queue_id is not None:
-                    raise
-    except OSError as exc:
-        raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
-    return envelope.queue_id
-
-
-def _write_queue_file(spool_dir, envelope, message):
-    """tmp/ID: write, fsync; link to incoming/ID; wake the router; fsync incoming/.
-
-    Leaves nothing on error. The router is woken before the fsync of incoming/: it reads
-    a whole, fsync'd file, and does its work while the directory's entry is made durable
-    (the caller's 250 still waits for that). Should that fsync fail, the file is removed
-    and the caller fails; a router already at work may still deliver it, so the message
-    may come twice (the client sends it again), never not at all.
-    """
-    temporary = os.path.join(spool_dir, QUEUE_DIR, TMP, envelope.queue_id)
-    incoming = os.path.join(spool_dir, QUEUE_DIR, INCOMING)
-    final = os.path.join(incoming, envelope.queue_id)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    while True:
+        writer = QueueWriter(spool_dir, sender, recipients, queue_id=queue_id,
+                             client_address=client_address, client_helo=client_helo,
+                             auth_user=auth_user, protocol=protocol, arrival=arrival)
         try:
-            _write_all(fd, envelope_bytes(envelope))
-            _write_all(fd, message)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # link(), unlike rename(), never replaces a queued message that has the same id.
-        os.link(temporary, final)
-    except BaseException:
-        _unlink_quietly(temporary)
-        raise
-    _unlink_quietly(temporary)
-    wake(spool_dir, "mta")
-    try:
-        _fsync_dir(incoming)
-    except BaseException:
-        _unlink_quietly(final)
-        raise
+            writer.write(message)
+            return writer.commit()
+        except SpoolError as exc:
+            # A queue id of our own making already in incoming/: make another one.
+            if queue_id is not None or exc.errno != errno.EEXIST:
+                raise
+
+
+class QueueWriter:
+    """One queue file written as its message arrives: the constructor opens it, write()
+    appends message octets, commit() makes it durable and returns the queue id, abort()
+    (or leaving a `with` block without commit) removes it. smtp_in streams each message
+    through one; enqueue() is the same for a message already in memory.
+
+    The file is tmp/ID until commit(). The envelope is written first with a blank
+    Message-Size of SIZE_WIDTH characters; commit() fills it in with pwrite(), then:
+    fsync the file, link it to incoming/ID, wake the router, fsync incoming/. Only then
+    does it return, so a 250 sent after it means the message is on disk.
+
+    The constructor raises ValueError as enqueue() does; every method raises SpoolError
+    (an OSError with the cause's errno) when the file cannot be written, and then leaves
+    nothing behind.
+    """
+
+    def __init__(self, spool_dir: str, sender: str, recipients: list, *,
+                 queue_id: Optional[str] = None, client_address: Optional[str] = None,
+                 client_helo: Optional[str] = None, auth_user: Optional[str] = None,
+                 protocol: Optional[str] = None, arrival: Optional[float] = None):
+        self.spool_dir = os.fspath(spool_dir)
+        recipients = [check_address_text(address) for address in recipients]
+        if not recipients:
+            raise ValueError("no recipients")
+        check_address_text(sender, allow_empty=True)
+        if queue_id is not None and not valid_queue_id(queue_id):
+            raise ValueError("bad queue id %r" % queue_id)
+        self.envelope = Envelope(
+            queue_id="", sender=sender, recipients=recipients,
+            arrival=time.time() if arrival is None else arrival,
+            client_address=clean_text(client_address, MAX_INFO),
+            client_helo=clean_text(client_helo, MAX_INFO),
+            auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
+        self.size = 0                  # octets of message written so far
+        self.fd = None
+        self.temporary = None
+        self.committed = False
+        try:
+            make_spool(self.spool_dir)
+            while self.fd is None:
+                self.envelope.queue_id = queue_id or plumbing.new_queue_id()
+                temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.envelope.queue_id)
+                try:
+                    self.fd = os.open(temporary,
+                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except FileExistsError:
+                    if queue_id is not None:
+                        raise          # another writer's file: not ours to remove
+                    continue
+                self.temporary = temporary
+            head = envelope_bytes(self.envelope)
+            self.size_offset = len(head) - 2 - SIZE_WIDTH      # Message-Size's value
+            _write_all(self.fd, head)
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.committed:
+            self.abort()
+
+    def _fail(self, exc):
+        self.abort()
+        raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
+
+    def write(self, data: bytes):
+        """Append octets of the message."""
+        if self.fd is None:
+            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
+        try:
+            _write_all(self.fd, data)
+        except OSError as exc:
+            self._fail(exc)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Fill in Message-Size, then the write-fsync-link rule; return the queue id.
+
+        The router is woken before the fsync of incoming/: it reads a whole, fsync'd file,
+        and does its work while the directory's entry is made durable (the caller's 250
+        still waits for that). Should that fsync fail, the file is removed and commit()
+        fails; a router already at work may still deliver it, so the message may come
+        twice (the client sends it again), never not at all.
+        """
+        if self.fd is None:
+            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
+        incoming = os.path.join(self.spool_dir, QUEUE_DIR, INCOMING)
+        final = os.path.join(incoming, self.queue_id)
+        try:
+            field = _size_field(self.size).encode("ascii")
+            if len(field) != SIZE_WIDTH or os.pwrite(self.fd, field, self.size_offset) != SIZE_WIDTH:
+                raise OSError(errno.EFBIG, "message size does not fit its field")
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            # link(), unlike rename(), never replaces a queued message that has the same id.
+            os.link(self.temporary, final)
+        except OSError as exc:
+            self._fail(exc)
+        _unlink_quietly(self.temporary)
+        self.committed = True
+        wake(self.spool_dir, "mta")
+        try:
+            _fsync_dir(incoming)
+        except OSError as exc:
+            _unlink_quietly(final)
+            raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
+        except BaseException:
+            _unlink_quietly(final)
+            raise
+        return self.queue_id
+
+    def abort(self):
+        """Close and remove the file being written; nothing is left behind."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        if self.temporary is not None and not self.committed:
+            _unlink_quietly(self.temporary)
 
 
 def wake(spool_dir: str, role: str = "mta") -> None:
@@ -877,8 +992,54 @@ def build_dsn(envelope: Envelope, original_headers: bytes, recipients: list, *, 
 
 # --- The queue: claims, state changes, DSNs, filing away ---
 
+class MessageFile:
+    """The message inside a claimed queue file, read from the file when asked (in blocks),
+    never held whole: len() is its size, blocks() copies it, header() is its header.
+
+    It reads through its claim's descriptor, so it works only while the claim is held.
+    """
+
+    def __init__(self, claim):
+        self.claim = claim
+
+    def __len__(self):
+        return self.claim.envelope.size
+
+    def _pread(self, size, offset):
+        fd = self.claim.fd
+        if fd is None:
+            raise ValueError("%s: the claim is released" % self.claim.queue_id)
+        data = os.pread(fd, size, self.claim.state.message_offset + offset)
+        if len(data) < size:
+            raise OSError(errno.EIO, "queue file %s shorter than its Message-Size"
+                          % self.claim.queue_id)
+        return data
+
+    def blocks(self, block_size: int = COPY_BLOCK):
+        """Yield the message in blocks of at most block_size octets."""
+        size = len(self)
+        for offset in range(0, size, block_size):
+            yield self._pread(min(block_size, size - offset), offset)
+
+    def header(self, limit: int = MAX_HEADER) -> bytes:
+        """The message's header section (see header_block()), of at most limit octets read."""
+        size = min(len(self), limit)
+        data = b""
+        while len(data) < size:
+            data += self._pread(min(COPY_BLOCK, size - len(data)), len(data))
+            if b"\n\n" in data or b"\r\n\r\n" in data:
+                break
+        return header_block(data)
+
+    def read(self) -> bytes:
+        """The whole message at once: for tests and small tools, not for the daemons."""
+        return b"".join(self.blocks())
+
+
 class Claim:
     """A queue file this process has locked (flock) for as long as it handles it.
+
+    claim.message is a MessageFile: the message stays in the file and is read in blocks.
 
     Record results with delivered(), deferred() and failed(); they are thread-safe, so
     smtp_out may work on several domains of one message at once, and each is written to
@@ -891,7 +1052,7 @@ class Claim:
     without a single append.
     """
 
-    def __init__(self, queue, folder, queue_id, fd, state, message):
+    def __init__(self, queue, folder, queue_id, fd, state):
         self.queue = queue
         self.folder = folder
         self.queue_id = queue_id
@@ -899,7 +1060,7 @@ class Claim:
         self.state = state
         self.envelope = state.envelope
         self.recipients = state.recipients
-        self.message = message
+        self.message = MessageFile(self)
         self.groups = {}               # claim_outbound(): domain -> [Recipient] due now
         self.autocommit = True
         self.staged = []               # records applied but not written yet; state_lock
@@ -1104,12 +1265,11 @@ class Queue:
             self.quarantine(folder, queue_id, str(exc))
             return None
         try:
-            data = _read_all(fd, st.st_size)
-            state = parse_queue_file(data, queue_id)
+            state = _read_state(fd, st.st_size, queue_id)
             if state.torn_tail:
                 # An append cut short (a crash mid-write): drop it before appending more.
                 log.warning("%s: cut an incomplete state record of %d octets", queue_id, state.torn_tail)
-                os.ftruncate(fd, len(data) - state.torn_tail)
+                os.ftruncate(fd, st.st_size - state.torn_tail)
             if state.bad_records:
                 log.warning("%s: skipped %d unreadable state records", queue_id, state.bad_records)
         except QueueFileError as exc:
@@ -1119,8 +1279,7 @@ class Queue:
         except BaseException:
             os.close(fd)
             raise
-        offset = state.message_offset
-        return Claim(self, folder, queue_id, fd, state, data[offset:offset + state.envelope.size])
+        return Claim(self, folder, queue_id, fd, state)
 
     def claim_outbound(self, queue_id: str) -> Optional[Claim]:
         """Claim outbound/QUEUE_ID for delivery; claim.groups maps each destination domain
@@ -1192,7 +1351,8 @@ class Queue:
             subject = "Postmaster Copy: Undelivered Mail"
         dsn_id = plumbing.new_queue_id()
         header_to = to if "@" in to else "%s@%s" % (to, self.hostname)
-        message = build_dsn(envelope, header_block(claim.message), recipients, action=action,
+        original_headers = claim.message.header(MAX_DSN_HEADERS + 1)
+        message = build_dsn(envelope, original_headers, recipients, action=action,
                             hostname=self.hostname, to=header_to, now=self.clock(),
                             retry_until=envelope.arrival + self.lifetime,
                             message_id="<%s@%s>" % (dsn_id, self.hostname), subject=subject)
@@ -1343,11 +1503,7 @@ class Queue:
                 size = 0
                 try:
                     size = os.fstat(fd).st_size
-                    head = os.pread(fd, min(size, MAX_ENVELOPE + 2), 0)
-                    envelope, offset = parse_envelope(head, name)
-                    state = QueueState(envelope, offset)
-                    parse_records(state, _read_all(fd, size - offset - envelope.size,
-                                                   offset + envelope.size))
+                    state = _read_state(fd, size, name)
                 except (OSError, QueueFileError):
                     state = None
                 finally:
@@ -1399,7 +1555,7 @@ class Router:
 
     def expand_recipients(self, claim: Claim):
         """Record one route record per envelope recipient not routed yet."""
-        fields = header_fields(header_block(claim.message))
+        fields = header_fields(claim.message.header())
         hops = sum(1 for name, _ in fields if name == "received")
         delivered_to = {value.strip(" <>").lower() for name, value in fields if name == "delivered-to"}
         seen = {(r.kind, r.address.lower()) for r in claim.recipients if r.kind != "error"}
@@ -1453,7 +1609,8 @@ class Router:
     def deliver(self, claim: Claim, recipient: Recipient):
         """Maildir delivery through mailbox_store, then the recipient's state record."""
         try:
-            self.store.deliver(recipient.address, claim.message, claim.envelope.sender)
+            # Copied from the queue file in blocks: the message is never whole in memory.
+            self.store.deliver(recipient.address, claim.message.blocks(), claim.envelope.sender)
         except mailbox_store.UnknownUser:
             claim.failed(recipient, R550_USER_UNKNOWN)     # removed since it was routed
         except mailbox_store.AddressError:

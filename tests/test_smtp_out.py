@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import smtp_out
 from smtp_out import SMTPClient, Timeouts
@@ -60,6 +61,32 @@ def test_encode_data_turns_bare_lf_and_cr_into_crlf_so_nothing_smuggles_an_end()
     wire = smtp_out.encode_data(b"a\n.\nMAIL FROM:<x@y>\r.\rb\r\n.\n")
     assert wire == b"a\r\n..\r\nMAIL FROM:<x@y>\r\n..\r\nb\r\n..\r\n.\r\n"
     assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+
+
+def whole_message_encoding(message):
+    """encode_data() as it was written for a message in memory: the contract of the
+    block-by-block encoder."""
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if text.startswith(b"."):
+        text = b"." + text
+    text = text.replace(b"\n.", b"\n..")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return text.replace(b"\n", b"\r\n") + b".\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b"\r\n."]), max_size=30),
+       st.lists(st.integers(0, 60), max_size=6))
+def test_encode_data_blocks_agrees_with_the_whole_message_encoding_however_split(parts, cuts):
+    message = b"".join(parts)
+    blocks, start = [], 0
+    for cut in sorted(cuts):
+        blocks.append(message[start:cut])
+        start = max(start, cut)
+    blocks.append(message[start:])
+    wire = b"".join(smtp_out.encode_data_blocks(blocks))
+    assert wire == whole_message_encoding(message) == smtp_out.encode_data(message)
 
 
 def test_reply_status_comes_from_the_enhanced_code_or_the_class():
