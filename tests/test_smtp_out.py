@@ -712,6 +712,23 @@ def test_spool_message_reaches_the_mx_and_leaves_the_queue(tmp_path, sinks, reso
     assert message.data == body and spool.queued() == 0
 
 
+def test_a_large_message_goes_from_the_queue_file_to_the_relay_byte_exact(tmp_path, sinks):
+    # Dot lines, and a CRLF, straddling the queue file's block boundaries: each is
+    # stuffed and ended as in one piece.
+    block = mta.COPY_BLOCK
+    line = b"x" * 998 + b"\r\n"
+    body = (line * (3 * block // len(line)))[:3 * block - 3]
+    body = body[:block - 1] + b"\r\n.dot at a block start\r\n" + body[block + 24:]
+    message = b"Subject: large\r\n\r\n" + body + b"\r\n..\r\n" + line * 20000   # ~20 MB
+    sink = sinks(script=Script(extensions=["PIPELINING", "SIZE 52428800", "8BITMIME"]))
+    spool = Spool(tmp_path)
+    spool.send(["far@two.test"], message)
+    assert spool.deliver(relay_config(sink)) == 1
+    (received,) = sink.wait_for(1)
+    assert len(received.data) == len(message) and received.data == message
+    assert spool.queued() == 0
+
+
 def test_4xx_defers_and_succeeds_after_flush(tmp_path, sinks, resolver):
     port, (mx1, mx2) = same_port_sinks(sinks, ["127.0.0.2", "127.0.0.3"],
                                        script=Script(rcpt_default="451 4.7.1 greylisted"))
