@@ -541,7 +541,7 @@ def test_body_past_the_limit_is_read_to_its_end_refused_and_the_session_goes_on(
     client = greeted(start_smtp(max_size=10_000))
     body = (b"y" * 98 + b"\r\n") * 2000                  # 200 KB, 20 times the limit
     assert send_transaction(client, data=message(body=body.decode()))[0] == 552
-    assert spool_messages(spool) == []
+    assert spool_is_empty(spool)
     assert send_transaction(client, data=message(body="small\r\n"))[0] == 250
     assert len(spool_messages(spool)) == 1
 
@@ -566,6 +566,7 @@ def test_text_lines_of_998_pass_and_lines_past_the_limit_get_552(start_smtp, spo
     code, lines = send_transaction(client, data=message(body=long_line))
     assert (code, lines) == (552, [smtp_in.R552_LINE_TOO_LONG % smtp_in.MAX_TEXT_LINE])
     assert len(spool_messages(spool)) == 1
+    assert os.listdir(os.path.join(str(spool), "queue", "tmp")) == []
 
 
 def test_command_line_past_2_kib_gets_500_and_the_session_goes_on(start_smtp):
@@ -659,7 +660,7 @@ def test_smuggled_second_message_never_becomes_a_message(start_smtp, spool, vari
     assert code == 550 and lines[0] in (smtp_in.R550_BARE_LINE_ENDING, smtp_in.R550_NUL)
     assert client.reply() == (250, [smtp_in.R250_OK])            # the NOOP, nothing between
     assert client.command("RCPT TO:<bob@example.com>")[0] == 503  # no transaction survived
-    assert spool_messages(spool) == []
+    assert spool_is_empty(spool)                                  # nor a file in queue/tmp
 
 
 def test_smuggling_with_a_clean_first_message_still_gives_one_message(start_smtp, spool):
@@ -935,6 +936,17 @@ def test_a_message_cut_off_mid_data_leaves_nothing_in_the_spool(start_smtp, spoo
     assert spool_is_empty(spool)
 
 
+def test_a_message_that_times_out_mid_data_leaves_nothing_in_the_spool(start_smtp, spool):
+    client = greeted(start_smtp(idle_timeout=0.5))
+    assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+    assert client.command("RCPT TO:<bob@example.com>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(message(body="more to come\r\n" * 10000))
+    assert client.reply() == (421, [smtp_in.R421_TIMEOUT])
+    assert client.at_eof()
+    assert spool_is_empty(spool)
+
+
 def test_a_large_message_arrives_byte_exact_in_the_maildir(start_smtp, spool):
     line = b"0123456789" * 7 + b"..\r\n"
     text = b"Subject: large\r\n\r\n" + b"".join(
@@ -1076,6 +1088,7 @@ def test_message_with_too_many_received_headers_is_refused_as_a_loop(start_smtp,
     hops = b"".join(b"Received: from a%d.example by b.example; Mon, 6 May 2024 07:08:09 +0000\r\n"
                     % n for n in range(smtp_in.MAX_HOPS))
     assert send_transaction(client, data=hops + message()) == (554, [smtp_in.R554_TOO_MANY_HOPS])
+    assert spool_is_empty(spool)
     assert send_transaction(client, data=hops[:-80] + message())[0] == 250
 
 
