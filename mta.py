@@ -21,7 +21,8 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
-    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris
+    SPOOL/queue/tmp/ID            being written (QueueWriter); older than an hour is debris
+                                  (a writer whose file was removed fails at commit: 451)
     SPOOL/queue/incoming/ID       the router's work: new mail, or a local retry now due
     SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
     SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
@@ -31,8 +32,9 @@ Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
 octets of message as received (CRLF line ends), then state records, one JSON object per
 line, only ever appended. The message is written as it arrives, after the envelope, so
-Message-Size is written as SIZE_WIDTH spaces and filled in (number, then spaces) with
-pwrite() once the message is complete, before the fsync; readers strip the spaces. No
+Message-Size is first written as a field of SIZE_WIDTH characters (0, then spaces) and
+filled in (the number, then spaces) with pwrite() once the message is complete, before
+the fsync; readers strip the spaces. No
 role holds a whole message in memory: the router and smtp_out read it from the file in
 COPY_BLOCK blocks (claim.message is a MessageFile), and the header alone, at most
 MAX_HEADER octets, for routing (Received: hops, Delivered-To:) and MAX_DSN_HEADERS for a
