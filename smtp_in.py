@@ -527,11 +527,14 @@ class MessageCollector:
         data = self.tail + block
         end = data.find(END_OF_DATA, max(len(self.tail) - 4, 0))
         if self.too_big or self.line_too_long:
-            # Only the end matters now; keep what a split terminator may need.
+            # Only the end and the size matter now; keep what a split terminator may need.
+            # (The tail was counted as text; the octets of it that turn out to begin the
+            # terminator are taken off again.)
+            self.size += len(block) if end < 0 else end + 2 - len(self.tail)
+            self.too_big = self.too_big or self.size > self.max_size
             if end >= 0:
                 self.done = True
                 return data[end + 5:]
-            self.size += len(block)
             self.tail = data[-4:]
             return b""
         if end >= 0:
@@ -544,12 +547,13 @@ class MessageCollector:
             self._take(data[2:last + 1])
             data = data[last - 1:]
         self.tail = data
-        # The line not ended yet: one longer than max_line and its dot and CR can be refused now.
-        if len(data) - 2 > self.max_line + 2:
-            self.line_too_long = True
-        if self.size + len(data) - 2 > self.max_size:
+        pending = len(data) - 2        # octets of the line not ended yet
+        if pending > self.max_line + 2:
+            self.line_too_long = True  # longer than max_line with its dot and CR aside
+        if self.size + pending > self.max_size:
             self.too_big = True
         if self.too_big or self.line_too_long:
+            self.size += pending       # from now on counted as they come
             self.data = bytearray()
             self.tail = data[-4:]
         return b""

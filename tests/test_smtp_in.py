@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import mta
 import smtp_in
@@ -237,6 +237,7 @@ MESSAGE_PIECES = [b"a", b".", b"\r\n", b"\r", b"\n", b"\0", b"\r\n.\r\n", b"..",
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(MESSAGE_PIECES), max_size=25), st.lists(st.integers(0, 200), max_size=6))
+@example(pieces=[b"x" * 30] * 5, cuts=[23])     # a line too long, and then too big
 def test_collector_gives_the_same_text_end_and_verdict_however_the_blocks_fall(pieces, cuts):
     data = b"".join(pieces) + b"\r\n.\r\nQUIT\r\n"
     whole, leftover = collect([data], max_size=150, max_line=20)
