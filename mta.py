@@ -190,7 +190,8 @@ MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
 MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
 MAX_HEADER = 1024 * 1024           # octets of a message's header the router reads (hops, loops)
 SIZE_WIDTH = 20                    # Message-Size digits, space-padded (2**64 has 20)
-COPY_BLOCK = 64 * 1024             # octets of message read from a queue file at a time
+COPY_BLOCK = 64 * 1024             # octets of message read or written at a time
+MAX_PENDING_PIECES = 64            # a QueueWriter writes once this many pieces wait (IOV_MAX 1024)
 
 # Timing, in seconds.
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (DESIGN.md: 50)
@@ -686,15 +687,19 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
 
 
 class QueueWriter:
-    """One queue file written as its message arrives: the constructor opens it, write()
+    """One queue file written as its message arrives: the constructor starts it, write()
     appends message octets, commit() makes it durable and returns the queue id, abort()
     (or leaving a `with` block without commit) removes it. smtp_in streams each message
     through one; enqueue() is the same for a message already in memory.
 
-    The file is tmp/ID until commit(). The envelope is written first with a blank
-    Message-Size of SIZE_WIDTH characters; commit() fills it in with pwrite(), then:
-    fsync the file, link it to incoming/ID, wake the router, fsync incoming/. Only then
-    does it return, so a 250 sent after it means the message is on disk.
+    Octets go to tmp/ID in blocks: they wait in memory (by reference, so pass bytes) until
+    COPY_BLOCK of them are pending, and the file is created with the first block. Memory
+    stays bounded by about two blocks whatever the message size, and a small message is
+    written as enqueue() always wrote one: created, one write(), at commit. The envelope
+    goes first; when the message outgrows the first block, Message-Size (SIZE_WIDTH
+    characters, space-padded) is filled in with pwrite() at commit. Then: fsync the file,
+    link it to incoming/ID, wake the router, fsync incoming/. Only then does commit()
+    return, so a 250 sent after it means the message is on disk.
 
     The constructor raises ValueError as enqueue() does; every method raises SpoolError
     (an OSError with the cause's errno) when the file cannot be written, and then leaves
@@ -713,31 +718,21 @@ class QueueWriter:
         if queue_id is not None and not valid_queue_id(queue_id):
             raise ValueError("bad queue id %r" % queue_id)
         self.envelope = Envelope(
-            queue_id="", sender=sender, recipients=recipients,
+            queue_id=queue_id or plumbing.new_queue_id(), sender=sender, recipients=recipients,
             arrival=time.time() if arrival is None else arrival,
             client_address=clean_text(client_address, MAX_INFO),
             client_helo=clean_text(client_helo, MAX_INFO),
             auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
+        self.own_id = queue_id is None         # another id may be picked when it is taken
         self.size = 0                  # octets of message written so far
-        self.fd = None
+        self.fd = None                 # tmp/ID once created
         self.temporary = None
+        self.pending = [envelope_bytes(self.envelope)]     # not written yet, envelope first
+        self.pending_size = 0          # octets of message in pending
+        self.closed = False
         self.committed = False
         try:
             make_spool(self.spool_dir)
-            while self.fd is None:
-                self.envelope.queue_id = queue_id or plumbing.new_queue_id()
-                temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.envelope.queue_id)
-                try:
-                    self.fd = os.open(temporary,
-                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                except FileExistsError:
-                    if queue_id is not None:
-                        raise          # another writer's file: not ours to remove
-                    continue
-                self.temporary = temporary
-            head = envelope_bytes(self.envelope)
-            self.size_offset = len(head) - 2 - SIZE_WIDTH      # Message-Size's value
-            _write_all(self.fd, head)
         except OSError as exc:
             self._fail(exc)
 
@@ -756,15 +751,48 @@ class QueueWriter:
         self.abort()
         raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
 
+    def _check_open(self):
+        if self.closed:
+            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
+
     def write(self, data: bytes):
         """Append octets of the message."""
-        if self.fd is None:
-            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
-        try:
-            _write_all(self.fd, data)
-        except OSError as exc:
-            self._fail(exc)
+        self._check_open()
         self.size += len(data)
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= COPY_BLOCK or len(self.pending) >= MAX_PENDING_PIECES:
+            try:
+                self._flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _flush(self):
+        if self.fd is None:
+            self._create()
+        pieces, self.pending, self.pending_size = self.pending, [], 0
+        while pieces:                  # writev() may take only a part
+            written = os.writev(self.fd, pieces)
+            while pieces and written >= len(pieces[0]):
+                written -= len(pieces.pop(0))
+            if written:
+                pieces[0] = memoryview(pieces[0])[written:]
+
+    def _create(self):
+        """Create tmp/ID; pending[0] is the envelope still (nothing is written before)."""
+        while True:
+            temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.queue_id)
+            try:
+                self.fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o600)
+            except FileExistsError:
+                if not self.own_id:
+                    raise              # another writer's file: not ours to remove
+                self.envelope.queue_id = plumbing.new_queue_id()
+                self.pending[0] = envelope_bytes(self.envelope)
+                continue
+            self.temporary = temporary
+            return
 
     def commit(self) -> str:
         """Fill in Message-Size, then the write-fsync-link rule; return the queue id.
@@ -775,36 +803,43 @@ class QueueWriter:
         fails; a router already at work may still deliver it, so the message may come
         twice (the client sends it again), never not at all.
         """
-        if self.fd is None:
-            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
+        self._check_open()
         incoming = os.path.join(self.spool_dir, QUEUE_DIR, INCOMING)
-        final = os.path.join(incoming, self.queue_id)
         try:
-            field = _size_field(self.size).encode("ascii")
-            if len(field) != SIZE_WIDTH or os.pwrite(self.fd, field, self.size_offset) != SIZE_WIDTH:
-                raise OSError(errno.EFBIG, "message size does not fit its field")
+            self.envelope.size = self.size
+            if self.fd is None:        # the envelope is still in memory: write it whole
+                self.pending[0] = envelope_bytes(self.envelope)
+                self._flush()
+            else:
+                self._flush()
+                head = envelope_bytes(self.envelope)
+                at = len(head) - 2 - SIZE_WIDTH        # Message-Size's value
+                if os.pwrite(self.fd, head[at:at + SIZE_WIDTH], at) != SIZE_WIDTH:
+                    raise OSError(errno.EIO, "short write of Message-Size")
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
             # link(), unlike rename(), never replaces a queued message that has the same id.
-            os.link(self.temporary, final)
+            os.link(self.temporary, os.path.join(incoming, self.queue_id))
         except OSError as exc:
             self._fail(exc)
+        self.committed = self.closed = True
         _unlink_quietly(self.temporary)
-        self.committed = True
         wake(self.spool_dir, "mta")
         try:
             _fsync_dir(incoming)
-        except OSError as exc:
-            _unlink_quietly(final)
-            raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
-        except BaseException:
-            _unlink_quietly(final)
+        except BaseException as exc:
+            _unlink_quietly(os.path.join(incoming, self.queue_id))
+            if isinstance(exc, OSError):
+                raise SpoolError(exc.errno, "cannot queue the message: %s"
+                                 % (exc.strerror or exc)) from exc
             raise
         return self.queue_id
 
     def abort(self):
         """Close and remove the file being written; nothing is left behind."""
+        self.closed = True
+        self.pending, self.pending_size = [], 0
         if self.fd is not None:
             try:
                 os.close(self.fd)

@@ -12,10 +12,10 @@ LF or a NUL is refused whole, so no smuggled second message can exist (see Messa
 Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names).
 
 The message is streamed to the spool as it arrives, never held whole in memory: at DATA a
-queue file is opened (mta.QueueWriter) with our trace fields at its top, each block read
+queue file is started (mta.QueueWriter) with our trace fields at its top, each block read
 from the socket goes through MessageCollector (end of data, smuggling and size checks, dot
-un-stuffing) and HeaderFilter (hop count, forged Authentication-Results removed) into that
-file, and the 250 is sent only once commit() has made it durable. A refused, cut-off or
+un-stuffing) and HeaderFilter (hop count, forged Authentication-Results removed) into it,
+and the 250 is sent only once commit() has made it durable. A refused, cut-off or
 timed-out message leaves no file behind. Memory per session is a socket block, one text
 line and at most one held header field (MAX_HELD_FIELD), whatever the message size.
 
@@ -1079,8 +1079,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
         """A SpooledMessage in a new queue file, our trace fields already at its top.
 
         They are known before the text comes: Received: (RFC 5321 4.4), and above it the
-        SPF fields when MAIL FROM was checked. A spool that cannot open the file gives a
-        SpooledMessage with its error set.
+        SPF fields when MAIL FROM was checked. A spool that cannot take a file gives a
+        SpooledMessage with its error set (an error writing it comes later, in write()).
         """
         envelope = self.envelope
         queue_id = plumbing.new_queue_id()

@@ -205,6 +205,31 @@ def test_a_queue_writer_streams_the_message_and_fills_in_its_size_at_commit(spoo
     assert queue_empty(spool)
 
 
+def test_a_small_message_is_written_whole_at_commit(spool, queue):
+    writer = mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"])
+    writer.write(MESSAGE[:10])
+    writer.write(MESSAGE[10:])
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []     # nothing on disk yet
+    queue_id = writer.commit()
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        state = mta.parse_queue_file(f.read(), queue_id)
+    assert state.envelope.size == len(MESSAGE) and os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
+def test_a_queue_writer_takes_another_id_when_its_own_is_taken(spool, monkeypatch):
+    ids = iter(["0000000000000000B1", "0000000000000000B2"])
+    monkeypatch.setattr(mta.plumbing, "new_queue_id", lambda: next(ids))
+    mta.make_spool(spool)
+    taken = os.path.join(spool, "queue", "tmp", "0000000000000000B1")
+    with open(taken, "wb") as f:
+        f.write(b"another writer's file")
+    assert mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE) == "0000000000000000B2"
+    with open(taken, "rb") as f:
+        assert f.read() == b"another writer's file"
+    with open(os.path.join(spool, "queue", "incoming", "0000000000000000B2"), "rb") as f:
+        assert b"Queue-ID: 0000000000000000B2\n" in f.read()
+
+
 def test_an_aborted_queue_writer_leaves_nothing(spool):
     writer = mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"])
     writer.write(b"Subject: half\r\n")
