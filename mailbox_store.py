@@ -1025,7 +1025,8 @@ class Store:
         clean_path = "".join(c for c in return_path if c.isprintable() and c not in "<>")
         header = (b"Return-Path: <" + clean_path.encode("utf-8", "replace") + b">" + eol
                   + b"Delivered-To: " + user.encode("utf-8") + eol)
-        content = header + message if whole else itertools.chain((header, first), blocks)
+        # With the first block: a message of one block is written with one write().
+        content = header + message if whole else itertools.chain((header + first,), blocks)
         return maildir_deliver(self.maildir_path(user), content, self.hostname)
 
     # -- authentication --

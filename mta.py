@@ -609,8 +609,9 @@ def _read_all(fd, size, offset=0):
 
 
 def _read_state(fd, file_size, name):
-    """The QueueState of an open queue file, reading its envelope and its state records
-    but not its message. Raises QueueFileError when it is not a queue file."""
+    """(QueueState, the file's first octets) of an open queue file, reading its envelope
+    and its state records; of its message only what the first read of COPY_BLOCK octets
+    holds. Raises QueueFileError when it is not a queue file."""
     head = os.pread(fd, min(file_size, COPY_BLOCK), 0)
     if b"\n\n" not in head and len(head) < file_size:
         head = _read_all(fd, min(file_size, MAX_ENVELOPE + 2))
@@ -621,7 +622,7 @@ def _read_state(fd, file_size, name):
                              % (file_size - offset, envelope.size))
     state = QueueState(envelope, offset)
     parse_records(state, _read_all(fd, file_size - end, end))
-    return state
+    return state, head
 
 
 def _unlink_quietly(path):
@@ -1033,16 +1034,21 @@ class MessageFile:
     """The message inside a claimed queue file, read from the file when asked (in blocks),
     never held whole: len() is its size, blocks() copies it, header() is its header.
 
-    It reads through its claim's descriptor, so it works only while the claim is held.
+    It reads through its claim's descriptor, so it works only while the claim is held;
+    start is the message's first octets when they were read already (the claim reads the
+    file's first COPY_BLOCK octets with the envelope), not read again.
     """
 
-    def __init__(self, claim):
+    def __init__(self, claim, start=b""):
         self.claim = claim
+        self.start = start
 
     def __len__(self):
         return self.claim.envelope.size
 
     def _pread(self, size, offset):
+        if offset + size <= len(self.start) and self.claim.fd is not None:
+            return self.start[offset:offset + size]
         fd = self.claim.fd
         if fd is None:
             raise ValueError("%s: the claim is released" % self.claim.queue_id)
@@ -1089,7 +1095,7 @@ class Claim:
     without a single append.
     """
 
-    def __init__(self, queue, folder, queue_id, fd, state):
+    def __init__(self, queue, folder, queue_id, fd, state, head=b""):
         self.queue = queue
         self.folder = folder
         self.queue_id = queue_id
@@ -1097,7 +1103,9 @@ class Claim:
         self.state = state
         self.envelope = state.envelope
         self.recipients = state.recipients
-        self.message = MessageFile(self)
+        # The file's first octets, read with the envelope: often the whole message.
+        self.message = MessageFile(self, head[state.message_offset:
+                                              state.message_offset + state.envelope.size])
         self.groups = {}               # claim_outbound(): domain -> [Recipient] due now
         self.autocommit = True
         self.staged = []               # records applied but not written yet; state_lock
@@ -1302,7 +1310,7 @@ class Queue:
             self.quarantine(folder, queue_id, str(exc))
             return None
         try:
-            state = _read_state(fd, st.st_size, queue_id)
+            state, head = _read_state(fd, st.st_size, queue_id)
             if state.torn_tail:
                 # An append cut short (a crash mid-write): drop it before appending more.
                 log.warning("%s: cut an incomplete state record of %d octets", queue_id, state.torn_tail)
@@ -1316,7 +1324,7 @@ class Queue:
         except BaseException:
             os.close(fd)
             raise
-        return Claim(self, folder, queue_id, fd, state)
+        return Claim(self, folder, queue_id, fd, state, head)
 
     def claim_outbound(self, queue_id: str) -> Optional[Claim]:
         """Claim outbound/QUEUE_ID for delivery; claim.groups maps each destination domain
@@ -1540,7 +1548,7 @@ class Queue:
                 size = 0
                 try:
                     size = os.fstat(fd).st_size
-                    state = _read_state(fd, size, name)
+                    state, _ = _read_state(fd, size, name)
                 except (OSError, QueueFileError):
                     state = None
                 finally:
