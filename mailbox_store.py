@@ -9,9 +9,10 @@ The store every other role reads and writes through. Its files, all under the sp
     SPOOL/mail/DOMAIN/LOCAL/maildrop.lock  flock()ed by the POP3 session holding the maildrop
 
 Delivery writes tmp/NAME, fsyncs it, renames it into new/ and fsyncs new/ (the Maildir
-rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. NAME is
+rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. In new/ the name is
 "SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>":
-sizes come from the name, without a stat of each file. A message keeps the bytes it came
+sizes come from the name, without a stat of each file; they are counted while the message
+is copied in blocks, so a message is never held whole in memory to be delivered. A message keeps the bytes it came
 with (CRLF or LF line ends); W= is the size POP3 sends (RFC 1939 11: CRLF line ends).
 A delivery that dies half-way leaves its file in tmp/; remove_stale_tmp() (run hourly by
 mta's router) removes those untouched for MAILDIR_TMP_AGE (36 hours, the Maildir rule).
@@ -46,7 +47,8 @@ from typing import Iterable, Iterator, Optional
 import plumbing
 
 __all__ = [
-    "AddressError", "AliasLoop", "AliasTooBig", "Mailbox", "MailboxBusy", "MessageInfo", "Store",
+    "AddressError", "AliasLoop", "AliasTooBig", "CRLFSize", "Mailbox", "MailboxBusy",
+    "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
     "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
     "write_atomically",
@@ -433,18 +435,42 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_durably(temporary, final, data, mode):
+def _write_durably(temporary, final, data, mode, make_folders=None):
     """The write-fsync-rename rule: data into the new file temporary (mode exactly, whatever
-    the umask), fsync, rename to final, fsync final's directory. A failure leaves nothing."""
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    the umask), fsync, rename to final, fsync final's directory. A failure leaves nothing.
+
+    data is bytes or an iterable of bytes blocks, copied as they come (never joined).
+    final is a path, or a function (octets written, their size with CRLF line ends) -> path
+    for a name that holds the sizes. make_folders, when given, is called once a folder
+    turns out to be missing (at the open or at the rename), and that step is tried again.
+    Returns the final path.
+    """
     try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileNotFoundError:
+        if make_folders is None:
+            raise
+        make_folders()
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        sizes = CRLFSize()
         try:
             os.fchmod(fd, mode)
-            write_all(fd, data)
+            for block in ((data,) if isinstance(data, (bytes, bytearray)) else data):
+                write_all(fd, block)
+                sizes.add(block)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(temporary, final)
+        if callable(final):
+            final = final(sizes.size, sizes.crlf_size)
+        try:
+            os.rename(temporary, final)
+        except FileNotFoundError:
+            if make_folders is None or not os.path.exists(temporary):
+                raise
+            make_folders()
+            os.rename(temporary, final)
     except BaseException:
         try:
             os.unlink(temporary)
@@ -452,6 +478,7 @@ def _write_durably(temporary, final, data, mode):
             pass
         raise
     fsync_dir(os.path.dirname(os.path.abspath(final)))
+    return final
 
 
 def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
@@ -579,14 +606,39 @@ def _maildir_host(hostname):
     return hostname.replace("/", "\\057").replace(":", "\\072")
 
 
+class CRLFSize:
+    """Counts the octets of text fed in blocks, and what they come to once every line ends
+    in CRLF and a final CRLF is added if missing (the Maildir W= size, RFC 1939 11).
+
+    A CRLF split between two blocks counts once, as it does in one block.
+    """
+
+    def __init__(self):
+        self.size = 0
+        self._crlf = 0
+        self._last = b""
+
+    def add(self, block: bytes) -> None:
+        if not block:
+            return
+        self.size += len(block)
+        self._crlf += len(block) + block.count(b"\n")
+        if b"\r" in block:            # a count costs per line; LF-only text needs one
+            self._crlf -= block.count(b"\r\n")
+        if self._last == b"\r" and block[:1] == b"\n":
+            self._crlf -= 1
+        self._last = block[-1:]
+
+    @property
+    def crlf_size(self) -> int:
+        return self._crlf + (2 if self._last and self._last != b"\n" else 0)
+
+
 def crlf_size(data: bytes) -> int:
     """Octets of data once every line ends in CRLF and a final CRLF is added if missing."""
-    size = len(data) + data.count(b"\n")
-    if b"\r" in data:                 # a count costs per line; LF-only text needs one
-        size -= data.count(b"\r\n")
-    if data and not data.endswith(b"\n"):
-        size += 2
-    return size
+    sizes = CRLFSize()
+    sizes.add(data)
+    return sizes.crlf_size
 
 
 def make_maildir(path: str) -> None:
@@ -595,30 +647,26 @@ def make_maildir(path: str) -> None:
         make_dirs(os.path.join(path, sub))
 
 
-def maildir_deliver(maildir: str, message: bytes, hostname: Optional[str] = None) -> str:
+def maildir_deliver(maildir: str, message, hostname: Optional[str] = None) -> str:
     """Write message durably into the Maildir at maildir; return the path of the new file.
 
-    The Maildir rule: tmp/NAME written and fsync'd, renamed into new/, new/ fsync'd; a
-    failure leaves nothing behind. The Maildir is created when missing. NAME is unique
-    across processes and hosts (hostname, default this host's name, is part of it) and
-    ends in ",S=<file size>,W=<size with CRLF line ends>", what POP3 needs to know.
+    message is bytes, or an iterable of bytes blocks copied one at a time (a message
+    streamed from the queue file is never whole in memory). The Maildir rule: tmp/NAME
+    written and fsync'd, renamed into new/NAME,S=<file size>,W=<size with CRLF line ends>
+    (the sizes POP3 needs, counted while copying), new/ fsync'd; a failure leaves nothing
+    behind. The Maildir is created when missing. NAME is unique across processes and hosts
+    (hostname, default this host's name, is part of it).
     """
     now = time.time_ns() // 1000
-    name = "%d.M%06dP%dQ%dR%s.%s,S=%d,W=%d" % (
+    base = "%d.M%06dP%dQ%dR%s.%s" % (
         now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
-        secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()),
-        len(message), crlf_size(message))
-    temporary, final = os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name)
-    try:
-        _write_durably(temporary, final, message, 0o600)
-    except FileNotFoundError:
-        # The mailbox's first message: make its folders, then write it. (Looking before
-        # each delivery would cost three stat() calls every time.)
-        if os.path.exists(final):
-            raise                      # it was written; what failed came after
-        make_maildir(maildir)
-        _write_durably(temporary, final, message, 0o600)
-    return final
+        secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()))
+    new = os.path.join(maildir, "new")
+    # The mailbox's first message makes its folders. (Looking before each delivery would
+    # cost three stat() calls every time.)
+    return _write_durably(os.path.join(maildir, "tmp", base),
+                          lambda size, crlf: os.path.join(new, "%s,S=%d,W=%d" % (base, size, crlf)),
+                          message, 0o600, make_folders=lambda: make_maildir(maildir))
 
 
 def _name_fields(name):
@@ -1088,23 +1136,30 @@ class Store:
         return (local == "postmaster" and not tables.users
                 and (domain in self.domains or domain in tables.user_domains))
 
-    def deliver(self, user: str, message: bytes, return_path: str) -> str:
+    def deliver(self, user: str, message, return_path: str) -> str:
         """Deliver durably into user's Maildir; return the path of the new file.
 
-        Prepends Return-Path and Delivered-To (RFC 5321 4.4) in the message's own line
-        ending. Raises UnknownUser when user has no mailbox, OSError on disk trouble.
+        message is bytes or an iterable of bytes blocks (see maildir_deliver). Prepends
+        Return-Path and Delivered-To (RFC 5321 4.4) in the line ending of the message's
+        first line (LF when its first block holds no line end). Raises UnknownUser when
+        user has no mailbox, OSError on disk trouble.
         """
         user = canonical_address(user)
         tables = self._tables()
         if not self._may_receive(tables, user):
             raise UnknownUser("no such user: %s" % user)
-        first_line_end = message.find(b"\n")
-        crlf = first_line_end > 0 and message[first_line_end - 1] == 0x0D
+        whole = isinstance(message, (bytes, bytearray))
+        blocks = iter((message,) if whole else message)
+        first = next(blocks, b"")
+        first_line_end = first.find(b"\n")
+        crlf = first_line_end > 0 and first[first_line_end - 1] == 0x0D
         eol = b"\r\n" if crlf else b"\n"
         clean_path = "".join(c for c in return_path if c.isprintable() and c not in "<>")
         header = (b"Return-Path: <" + clean_path.encode("utf-8", "replace") + b">" + eol
                   + b"Delivered-To: " + user.encode("utf-8") + eol)
-        return maildir_deliver(self.maildir_path(user), header + message, self.hostname)
+        # With the first block: a message of one block is written with one write().
+        content = header + message if whole else itertools.chain((header + first,), blocks)
+        return maildir_deliver(self.maildir_path(user), content, self.hostname)
 
     # -- authentication --
 

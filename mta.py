@@ -2,10 +2,11 @@
 
 mta.py owns the queue that every role writes to or reads from. The life of a message:
 
-1. enqueue() (smtp_in after DATA, `mta.py sendmail`, and bounces) writes ONE file, the
-   envelope then the message, to queue/tmp/, fsyncs it, links it to queue/incoming/ID,
-   rings the router's doorbell and fsyncs that directory. It returns only then, so a 250
-   reply means the message is on disk.
+1. A QueueWriter (smtp_in during DATA, block by block as the message arrives) or
+   enqueue() (`mta.py sendmail` and bounces, a message in memory; the same code) writes
+   ONE file, the envelope then the message, to queue/tmp/, fsyncs it, links it to
+   queue/incoming/ID, rings the router's doorbell and fsyncs that directory. It returns
+   only then, so a 250 reply means the message is on disk.
 2. The router (this file's daemon) claims the file with flock(), expands each recipient
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
    fails unknown users and mail loops, and records each result in the file before it
@@ -20,8 +21,9 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
 
 Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
-    SPOOL/queue/tmp/ID            being written by enqueue(); older than an hour is debris,
-                                  removed by the router's hourly sweep (with the Maildirs')
+    SPOOL/queue/tmp/ID            being written (QueueWriter); older than an hour is debris,
+                                  removed by the router's hourly sweep (with the Maildirs'; a
+                                  writer whose file was removed fails at commit: 451)
     SPOOL/queue/incoming/ID       the router's work: new mail, or a local retry now due
     SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
     SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
@@ -30,7 +32,14 @@ Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
 
 A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
 octets of message as received (CRLF line ends), then state records, one JSON object per
-line, only ever appended:
+line, only ever appended. The message is written as it arrives, after the envelope, so
+Message-Size is first written as a field of SIZE_WIDTH characters (0, then spaces) and
+filled in (the number, then spaces) with pwrite() once the message is complete, before
+the fsync; readers strip the spaces. No
+role holds a whole message in memory: the router and smtp_out read it from the file in
+COPY_BLOCK blocks (claim.message is a MessageFile), and the header alone, at most
+MAX_HEADER octets, for routing (Received: hops, Delivered-To:) and MAX_DSN_HEADERS for a
+bounce.
 
     MTA-Queue-File: 1
     Queue-ID: 018A5F3C2B1D04E7A2
@@ -41,7 +50,7 @@ line, only ever appended:
     Auth-User:
     Protocol: ESMTP
     Recipient: <list@example.com>
-    Message-Size: 2048
+    Message-Size: 2048                (padded with spaces to 20 characters)
 
     ...the message...
     {"event": "route", "from": 0, "rcpt": 0, "at": 1700000000.1, "to": [
@@ -93,7 +102,7 @@ The API smtp_out uses (all in __all__):
             return
         with claim:                               # leaving it releases the claim
             for domain, recipients in claim.groups.items():
-                ... send claim.message from claim.envelope.sender ...
+                ... send claim.message (len(), blocks()) from claim.envelope.sender ...
                 claim.delivered(rcpt, reply, remote_mta="mx.example.org",
                                 relay="mx.example.org[192.0.2.7]:25")
                 claim.deferred(rcpt, reply, dsn="4.4.1")
@@ -143,8 +152,9 @@ import mailbox_store
 import plumbing
 
 __all__ = [
-    "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING", "OUTBOUND", "Claim", "Envelope", "Queue", "QueueBusy",
-    "QueueFileError", "QueueRunner", "Recipient", "Router", "SpoolError", "WakeSocket",
+    "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING",
+    "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
+    "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
     "parse_retry_schedule", "prepare_submission", "retry_delay",
     "wake",
@@ -204,6 +214,10 @@ MAX_INFO = 255                     # client address, HELO, auth user, protocol
 MAX_REPLY = 1000                   # characters of a reply kept in a state record
 MAX_UNIX_PATH = 107                # sun_path is 108 octets with its NUL
 MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a DSN
+MAX_HEADER = 1024 * 1024           # octets of a message's header the router reads (hops, loops)
+SIZE_WIDTH = 20                    # Message-Size digits, space-padded (2**64 has 20)
+COPY_BLOCK = 64 * 1024             # octets of message read or written at a time
+MAX_PENDING_PIECES = 64            # a QueueWriter writes once this many pieces wait (IOV_MAX 1024)
 
 
 # Replies recorded for recipients the router fails or defers; the enhanced status code
@@ -500,8 +514,14 @@ def envelope_bytes(envelope: Envelope) -> bytes:
              "Auth-User: " + envelope.auth_user,
              "Protocol: " + envelope.protocol]
     lines += ["Recipient: <%s>" % address for address in envelope.recipients]
-    lines += ["Message-Size: %d" % envelope.size, "", ""]
+    lines += ["Message-Size: %s" % _size_field(envelope.size), "", ""]
     return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _size_field(size):
+    """Message-Size's value: the number, then spaces to SIZE_WIDTH characters, so that
+    QueueWriter can fill it in with pwrite() once the message is written."""
+    return ("%d" % size).ljust(SIZE_WIDTH)
 
 
 def _unbracket(value, key):
@@ -601,6 +621,23 @@ def _read_all(fd, size, offset=0):
     return b"".join(chunks)
 
 
+def _read_state(fd, file_size, name):
+    """(QueueState, the file's first octets) of an open queue file, reading its envelope
+    and its state records; of its message only what the first read of COPY_BLOCK octets
+    holds. Raises QueueFileError when it is not a queue file."""
+    head = os.pread(fd, min(file_size, COPY_BLOCK), 0)
+    if b"\n\n" not in head and len(head) < file_size:
+        head = _read_all(fd, min(file_size, MAX_ENVELOPE + 2))
+    envelope, offset = parse_envelope(head, name)
+    end = offset + envelope.size
+    if end > file_size:
+        raise QueueFileError("message truncated: %d of %d octets"
+                             % (file_size - offset, envelope.size))
+    state = QueueState(envelope, offset)
+    parse_records(state, _read_all(fd, file_size - end, end))
+    return state, head
+
+
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -647,68 +684,184 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
     recipient, an address that is empty (a recipient), not printable, longer than
     MAX_ADDRESS or with white space at its ends, or a malformed queue_id; callers check
     addresses first. Raises SpoolError (an OSError with the cause's errno) when the
-    message could not be made durable, leaving nothing behind.
+    message could not be made durable, leaving nothing behind. A message that arrives in
+    blocks goes through QueueWriter instead, the same code.
     """
-    spool_dir = os.fspath(spool_dir)
-    recipients = [check_address_text(address) for address in recipients]
-    if not recipients:
-        raise ValueError("no recipients")
-    check_address_text(sender, allow_empty=True)
-    if queue_id is not None and not valid_queue_id(queue_id):
-        raise ValueError("bad queue id %r" % queue_id)
-    envelope = Envelope(
-        queue_id="", sender=sender, recipients=recipients,
-        arrival=time.time() if arrival is None else arrival, size=len(message),
-        client_address=clean_text(client_address, MAX_INFO),
-        client_helo=clean_text(client_helo, MAX_INFO),
-        auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
-    try:
-        make_spool(spool_dir)
-        while True:
-            envelope.queue_id = queue_id or plumbing.new_queue_id()
-            try:
-                _write_queue_file(spool_dir, envelope, message)
-                break
-            except FileExistsError:
-                if queue_id is not None:
-                    raise
-    except OSError as exc:
-        raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
-    return envelope.queue_id
-
-
-def _write_queue_file(spool_dir, envelope, message):
-    """tmp/ID: write, fsync; link to incoming/ID; wake the router; fsync incoming/.
-
-    Leaves nothing on error. The router is woken before the fsync of incoming/: it reads
-    a whole, fsync'd file, and does its work while the directory's entry is made durable
-    (the caller's 250 still waits for that). Should that fsync fail, the file is removed
-    and the caller fails; a router already at work may still deliver it, so the message
-    may come twice (the client sends it again), never not at all.
-    """
-    temporary = os.path.join(spool_dir, QUEUE_DIR, TMP, envelope.queue_id)
-    incoming = os.path.join(spool_dir, QUEUE_DIR, INCOMING)
-    final = os.path.join(incoming, envelope.queue_id)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    while True:
+        writer = QueueWriter(spool_dir, sender, recipients, queue_id=queue_id,
+                             client_address=client_address, client_helo=client_helo,
+                             auth_user=auth_user, protocol=protocol, arrival=arrival)
         try:
-            _write_all(fd, envelope_bytes(envelope))
-            _write_all(fd, message)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # link(), unlike rename(), never replaces a queued message that has the same id.
-        os.link(temporary, final)
-    except BaseException:
-        _unlink_quietly(temporary)
-        raise
-    _unlink_quietly(temporary)
-    wake(spool_dir, "mta")
-    try:
-        _fsync_dir(incoming)
-    except BaseException:
-        _unlink_quietly(final)
-        raise
+            writer.write(message)
+            return writer.commit()
+        except SpoolError as exc:
+            # A queue id of our own making already in incoming/: make another one.
+            if queue_id is not None or exc.errno != errno.EEXIST:
+                raise
+
+
+class QueueWriter:
+    """One queue file written as its message arrives: the constructor starts it, write()
+    appends message octets, commit() makes it durable and returns the queue id, abort()
+    (or leaving a `with` block without commit) removes it. smtp_in streams each message
+    through one; enqueue() is the same for a message already in memory.
+
+    Octets go to tmp/ID in blocks: they wait in memory (by reference, so pass bytes) until
+    COPY_BLOCK of them are pending, and the file is created with the first block. Memory
+    stays bounded by about two blocks whatever the message size, and a small message is
+    written as enqueue() always wrote one: created, one write(), at commit. The envelope
+    goes first; when the message outgrows the first block, Message-Size (SIZE_WIDTH
+    characters, space-padded) is filled in with pwrite() at commit. Then: fsync the file,
+    link it to incoming/ID, wake the router, fsync incoming/. Only then does commit()
+    return, so a 250 sent after it means the message is on disk.
+
+    The constructor raises ValueError as enqueue() does; every method raises SpoolError
+    (an OSError with the cause's errno) when the file cannot be written, and then leaves
+    nothing behind.
+    """
+
+    def __init__(self, spool_dir: str, sender: str, recipients: list, *,
+                 queue_id: Optional[str] = None, client_address: Optional[str] = None,
+                 client_helo: Optional[str] = None, auth_user: Optional[str] = None,
+                 protocol: Optional[str] = None, arrival: Optional[float] = None):
+        self.spool_dir = os.fspath(spool_dir)
+        recipients = [check_address_text(address) for address in recipients]
+        if not recipients:
+            raise ValueError("no recipients")
+        check_address_text(sender, allow_empty=True)
+        if queue_id is not None and not valid_queue_id(queue_id):
+            raise ValueError("bad queue id %r" % queue_id)
+        self.envelope = Envelope(
+            queue_id=queue_id or plumbing.new_queue_id(), sender=sender, recipients=recipients,
+            arrival=time.time() if arrival is None else arrival,
+            client_address=clean_text(client_address, MAX_INFO),
+            client_helo=clean_text(client_helo, MAX_INFO),
+            auth_user=clean_text(auth_user, MAX_INFO), protocol=clean_text(protocol, MAX_INFO))
+        self.own_id = queue_id is None         # another id may be picked when it is taken
+        self.size = 0                  # octets of message written so far
+        self.fd = None                 # tmp/ID once created
+        self.temporary = None
+        self.pending = [envelope_bytes(self.envelope)]     # not written yet, envelope first
+        self.pending_size = 0          # octets of message in pending
+        self.closed = False
+        self.committed = False
+        try:
+            make_spool(self.spool_dir)
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.committed:
+            self.abort()
+
+    def _fail(self, exc):
+        self.abort()
+        raise SpoolError(exc.errno, "cannot queue the message: %s" % (exc.strerror or exc)) from exc
+
+    def _check_open(self):
+        if self.closed:
+            raise SpoolError(errno.EBADF, "cannot queue the message: the queue file is closed")
+
+    def write(self, data: bytes):
+        """Append octets of the message."""
+        self._check_open()
+        self.size += len(data)
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= COPY_BLOCK or len(self.pending) >= MAX_PENDING_PIECES:
+            try:
+                self._flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _flush(self):
+        if self.fd is None:
+            self._create()
+        pieces, self.pending, self.pending_size = self.pending, [], 0
+        while pieces:                  # writev() may take only a part
+            written = os.writev(self.fd, pieces)
+            while pieces and written >= len(pieces[0]):
+                written -= len(pieces.pop(0))
+            if written:
+                pieces[0] = memoryview(pieces[0])[written:]
+
+    def _create(self):
+        """Create tmp/ID; pending[0] is the envelope still (nothing is written before)."""
+        while True:
+            temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.queue_id)
+            try:
+                self.fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o600)
+            except FileExistsError:
+                if not self.own_id:
+                    raise              # another writer's file: not ours to remove
+                self.envelope.queue_id = plumbing.new_queue_id()
+                self.pending[0] = envelope_bytes(self.envelope)
+                continue
+            self.temporary = temporary
+            return
+
+    def commit(self) -> str:
+        """Fill in Message-Size, then the write-fsync-link rule; return the queue id.
+
+        The router is woken before the fsync of incoming/: it reads a whole, fsync'd file,
+        and does its work while the directory's entry is made durable (the caller's 250
+        still waits for that). Should that fsync fail, the file is removed and commit()
+        fails; a router already at work may still deliver it, so the message may come
+        twice (the client sends it again), never not at all.
+        """
+        self._check_open()
+        incoming = os.path.join(self.spool_dir, QUEUE_DIR, INCOMING)
+        try:
+            self.envelope.size = self.size
+            if self.fd is None:        # the envelope is still in memory: write it whole
+                self.pending[0] = envelope_bytes(self.envelope)
+                self._flush()
+            else:
+                self._flush()
+                head = envelope_bytes(self.envelope)
+                at = len(head) - 2 - SIZE_WIDTH        # Message-Size's value
+                if os.pwrite(self.fd, head[at:at + SIZE_WIDTH], at) != SIZE_WIDTH:
+                    raise OSError(errno.EIO, "short write of Message-Size")
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            # link(), unlike rename(), never replaces a queued message that has the same id.
+            os.link(self.temporary, os.path.join(incoming, self.queue_id))
+        except OSError as exc:
+            self._fail(exc)
+        self.committed = self.closed = True
+        _unlink_quietly(self.temporary)
+        wake(self.spool_dir, "mta")
+        try:
+            _fsync_dir(incoming)
+        except BaseException as exc:
+            _unlink_quietly(os.path.join(incoming, self.queue_id))
+            if isinstance(exc, OSError):
+                raise SpoolError(exc.errno, "cannot queue the message: %s"
+                                 % (exc.strerror or exc)) from exc
+            raise
+        return self.queue_id
+
+    def abort(self):
+        """Close and remove the file being written; nothing is left behind."""
+        self.closed = True
+        self.pending, self.pending_size = [], 0
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        if self.temporary is not None and not self.committed:
+            _unlink_quietly(self.temporary)
 
 
 def wake(spool_dir: str, role: str = "mta") -> None:
@@ -889,8 +1042,59 @@ def build_dsn(envelope: Envelope, original_headers: bytes, recipients: list, *, 
 
 # --- The queue: claims, state changes, DSNs, filing away ---
 
+class MessageFile:
+    """The message inside a claimed queue file, read from the file when asked (in blocks),
+    never held whole: len() is its size, blocks() copies it, header() is its header.
+
+    It reads through its claim's descriptor, so it works only while the claim is held;
+    start is the message's first octets when they were read already (the claim reads the
+    file's first COPY_BLOCK octets with the envelope), not read again.
+    """
+
+    def __init__(self, claim, start=b""):
+        self.claim = claim
+        self.start = start
+
+    def __len__(self):
+        return self.claim.envelope.size
+
+    def _pread(self, size, offset):
+        if offset + size <= len(self.start) and self.claim.fd is not None:
+            return self.start[offset:offset + size]
+        fd = self.claim.fd
+        if fd is None:
+            raise ValueError("%s: the claim is released" % self.claim.queue_id)
+        data = os.pread(fd, size, self.claim.state.message_offset + offset)
+        if len(data) < size:
+            raise OSError(errno.EIO, "queue file %s shorter than its Message-Size"
+                          % self.claim.queue_id)
+        return data
+
+    def blocks(self, block_size: int = COPY_BLOCK):
+        """Yield the message in blocks of at most block_size octets."""
+        size = len(self)
+        for offset in range(0, size, block_size):
+            yield self._pread(min(block_size, size - offset), offset)
+
+    def header(self, limit: int = MAX_HEADER) -> bytes:
+        """The message's header section (see header_block()), of at most limit octets read."""
+        size = min(len(self), limit)
+        data = b""
+        while len(data) < size:
+            data += self._pread(min(COPY_BLOCK, size - len(data)), len(data))
+            if b"\n\n" in data or b"\r\n\r\n" in data:
+                break
+        return header_block(data)
+
+    def read(self) -> bytes:
+        """The whole message at once: for tests and small tools, not for the daemons."""
+        return b"".join(self.blocks())
+
+
 class Claim:
     """A queue file this process has locked (flock) for as long as it handles it.
+
+    claim.message is a MessageFile: the message stays in the file and is read in blocks.
 
     Record results with delivered(), deferred() and failed(); they are thread-safe, so
     smtp_out may work on several domains of one message at once, and each is written to
@@ -903,7 +1107,7 @@ class Claim:
     without a single append.
     """
 
-    def __init__(self, queue, folder, queue_id, fd, state, message):
+    def __init__(self, queue, folder, queue_id, fd, state, head=b""):
         self.queue = queue
         self.folder = folder
         self.queue_id = queue_id
@@ -911,7 +1115,9 @@ class Claim:
         self.state = state
         self.envelope = state.envelope
         self.recipients = state.recipients
-        self.message = message
+        # The file's first octets, read with the envelope: often the whole message.
+        self.message = MessageFile(self, head[state.message_offset:
+                                              state.message_offset + state.envelope.size])
         self.groups = {}               # claim_outbound(): domain -> [Recipient] due now
         self.autocommit = True
         self.staged = []               # records applied but not written yet; state_lock
@@ -1116,12 +1322,11 @@ class Queue:
             self.quarantine(folder, queue_id, str(exc))
             return None
         try:
-            data = _read_all(fd, st.st_size)
-            state = parse_queue_file(data, queue_id)
+            state, head = _read_state(fd, st.st_size, queue_id)
             if state.torn_tail:
                 # An append cut short (a crash mid-write): drop it before appending more.
                 log.warning("%s: cut an incomplete state record of %d octets", queue_id, state.torn_tail)
-                os.ftruncate(fd, len(data) - state.torn_tail)
+                os.ftruncate(fd, st.st_size - state.torn_tail)
             if state.bad_records:
                 log.warning("%s: skipped %d unreadable state records", queue_id, state.bad_records)
         except QueueFileError as exc:
@@ -1131,8 +1336,7 @@ class Queue:
         except BaseException:
             os.close(fd)
             raise
-        offset = state.message_offset
-        return Claim(self, folder, queue_id, fd, state, data[offset:offset + state.envelope.size])
+        return Claim(self, folder, queue_id, fd, state, head)
 
     def claim_outbound(self, queue_id: str) -> Optional[Claim]:
         """Claim outbound/QUEUE_ID for delivery; claim.groups maps each destination domain
@@ -1204,7 +1408,8 @@ class Queue:
             subject = "Postmaster Copy: Undelivered Mail"
         dsn_id = plumbing.new_queue_id()
         header_to = to if "@" in to else "%s@%s" % (to, self.hostname)
-        message = build_dsn(envelope, header_block(claim.message), recipients, action=action,
+        original_headers = claim.message.header(MAX_DSN_HEADERS + 1)
+        message = build_dsn(envelope, original_headers, recipients, action=action,
                             hostname=self.hostname, to=header_to, now=self.clock(),
                             retry_until=envelope.arrival + self.lifetime,
                             message_id="<%s@%s>" % (dsn_id, self.hostname), subject=subject)
@@ -1363,11 +1568,7 @@ class Queue:
                 size = 0
                 try:
                     size = os.fstat(fd).st_size
-                    head = os.pread(fd, min(size, MAX_ENVELOPE + 2), 0)
-                    envelope, offset = parse_envelope(head, name)
-                    state = QueueState(envelope, offset)
-                    parse_records(state, _read_all(fd, size - offset - envelope.size,
-                                                   offset + envelope.size))
+                    state, _ = _read_state(fd, size, name)
                 except (OSError, QueueFileError):
                     state = None
                 finally:
@@ -1438,7 +1639,7 @@ class Router:
 
     def expand_recipients(self, claim: Claim):
         """Record one route record per envelope recipient not routed yet."""
-        fields = header_fields(header_block(claim.message))
+        fields = header_fields(claim.message.header())
         hops = sum(1 for name, _ in fields if name == "received")
         delivered_to = {value.strip(" <>").lower() for name, value in fields if name == "delivered-to"}
         seen = {(r.kind, r.address.lower()) for r in claim.recipients if r.kind != "error"}
@@ -1494,7 +1695,8 @@ class Router:
     def deliver(self, claim: Claim, recipient: Recipient):
         """Maildir delivery through mailbox_store, then the recipient's state record."""
         try:
-            self.store.deliver(recipient.address, claim.message, claim.envelope.sender)
+            # Copied from the queue file in blocks: the message is never whole in memory.
+            self.store.deliver(recipient.address, claim.message.blocks(), claim.envelope.sender)
         except mailbox_store.UnknownUser:
             claim.failed(recipient, R550_USER_UNKNOWN)     # removed since it was routed
         except mailbox_store.AddressError:

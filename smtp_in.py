@@ -9,8 +9,15 @@ Policy is applied while the client talks: relaying only after AUTH or from --rel
 unknown local recipients refused at RCPT time (mailbox_store), size, line, recipient, error,
 command and time limits. Only <CRLF>.<CRLF> ends DATA; a message holding a bare CR, a bare
 LF or a NUL is refused whole, so no smuggled second message can exist (see MessageCollector).
-Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names) and is
-written to the spool by mta.enqueue; 250 is sent only once it is durable.
+Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names).
+
+The message is streamed to the spool as it arrives, never held whole in memory: at DATA a
+queue file is started (mta.QueueWriter) with our trace fields at its top, each block read
+from the socket goes through MessageCollector (end of data, smuggling and size checks, dot
+un-stuffing) and HeaderFilter (hop count, forged Authentication-Results removed) into it,
+and the 250 is sent only once commit() has made it durable. A refused, cut-off or
+timed-out message leaves no file behind. Memory per session is a socket block, one text
+line and at most one held header field (MAX_HELD_FIELD), whatever the message size.
 
 SPF (RFC 7208, through spf.py): MAIL FROM (the HELO name for the null sender) is checked
 once per transaction, unless the client authenticated or is in --relay-network. --spf tag
@@ -52,7 +59,8 @@ import plumbing
 import spf
 
 __all__ = [
-    "DEFAULTS", "HELP", "SPF_POLICIES", "Envelope", "MessageCollector", "SMTPHandler", "SMTPServer",
+    "DEFAULTS", "HELP", "SPF_POLICIES", "Envelope", "HeaderFilter", "MessageCollector",
+    "SMTPHandler", "SMTPServer", "SpooledMessage",
     "address_literal", "authserv_id", "count_hops", "is_domain", "main", "make_reverse_lookup",
     "make_spf_resolver", "parse_mail_params", "parse_networks", "parse_path", "protocol_name",
     "received_header", "remove_authentication_results", "spf_header_fields", "split_address",
@@ -63,7 +71,11 @@ __all__ = [
 
 MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF: what a client may count on
 MAX_COMMAND_LENIENT = 4 * MAX_COMMAND_LINE   # what is taken; longer lines get 500 5.5.2
-MAX_TEXT_LINE = 65536          # RFC 5321 4.5.3.1.6 asks for 1000 with CRLF; longer lines pass up to this
+# RFC 5321 4.5.3.1.6: a text line may hold 1000 octets with its CRLF, not counting a leading
+# dot doubled for transparency. Longer lines pass up to MAX_TEXT_LINE octets, counted the
+# same way but without the CRLF: 65,536 octets and CRLF pass, 65,537 get 552 5.3.4.
+MAX_TEXT_LINE = 65536
+MAX_HELD_FIELD = 128 * 1024    # octets of one Authentication-Results field held to read it
 MAX_SASL_LINE = plumbing.MAX_SASL_RESPONSE
 MAX_LOCAL_PART = 64            # RFC 5321 4.5.3.1.1, octets
 MAX_DOMAIN = 255               # RFC 5321 4.5.3.1.2, octets
@@ -437,6 +449,9 @@ def spf_header_fields(result, hostname):
                               spf.received_spf_header(result, hostname))).encode("utf-8")
 
 
+# A header line that starts a Received: field, one that starts an Authentication-Results field.
+RECEIVED_FIELD_RE = re.compile(rb"(?i)received:")
+AUTH_RESULTS_NAME_RE = re.compile(rb"(?i)authentication-results[ \t]*:")
 # An Authentication-Results field in the header section, its value with continuation lines
 # (mail data holds only CRLF line ends: MessageCollector refuses the rest).
 AUTH_RESULTS_FIELD_RE = re.compile(rb"(?im)^authentication-results[ \t]*:"
@@ -501,53 +516,95 @@ class MessageCollector:
     whole (550 5.6.0) rather than normalised: RFC 5321 2.3.8 forbids them, and whatever a
     bare "\\n.\\n" or "\\r.\\r" was meant to end stays inside the one refused message, so a
     second MAIL/RCPT/DATA behind it is never run, and no such byte reaches a later hop that
-    might read it differently. Text past max_size is read to its end but not kept.
+    might read it differently. Text past max_size, or past a line longer than max_line
+    (see MAX_TEXT_LINE), is read to its end but not kept.
+
+    The text goes on as it comes, dot-stuffing undone, in chunks of whole lines, to
+    sink(bytes) (smtp_in's queue file); with no sink it is kept for message() (tests).
+    Nothing more is held than the line not yet ended: memory stays bounded by a block and
+    a line, whatever the message size. Once the text is found bad the sink gets nothing
+    more; a caller discards what it got when refusal() is not None.
     """
 
-    def __init__(self, max_size, max_line=MAX_TEXT_LINE):
-        self.data = bytearray(CRLF)    # the CRLF that ended "DATA" begins the first line
+    def __init__(self, max_size, max_line=MAX_TEXT_LINE, sink=None):
         self.max_size = max_size
         self.max_line = max_line
-        self.line_length = 0           # octets of the line not yet ended
-        self.size = 0                  # octets of text received
+        self.sink = sink
+        self.data = bytearray()        # the text so far, when there is no sink
+        # The end of the last line passed on, then the line not ended yet: "\r\n" first,
+        # the CRLF that ended "DATA", which begins the first line.
+        self.tail = CRLF
+        self.size = 0                  # octets of text received (dot-stuffed, as sent)
         self.too_big = False
         self.line_too_long = False
+        self.nul = False
+        self.bare_line_ending = False
         self.done = False
 
     def feed(self, block):
         """Take the next block; once the end is found, return the bytes that follow it."""
-        start = len(self.data)
-        self.data += block
-        end = self.data.find(END_OF_DATA, max(start - 4, 0))
-        text_end = len(self.data) if end < 0 else end + 2
-        self.size += max(text_end - start, 0)
-        leftover = b""
+        data = self.tail + block
+        end = data.find(END_OF_DATA, max(len(self.tail) - 4, 0))
+        if self.too_big or self.line_too_long:
+            # Only the end and the size matter now; keep what a split terminator may need.
+            # (The tail was counted as text; the octets of it that turn out to begin the
+            # terminator are taken off again.)
+            self.size += len(block) if end < 0 else end + 2 - len(self.tail)
+            self.too_big = self.too_big or self.size > self.max_size
+            if end >= 0:
+                self.done = True
+                return data[end + 5:]
+            self.tail = data[-4:]
+            return b""
         if end >= 0:
             self.done = True
-            leftover = bytes(self.data[end + 5:])
-            del self.data[text_end:]
+            self._take(data[2:end + 2])
+            self.tail = b""
+            return data[end + 5:]
+        last = data.rfind(b"\n", 2)
+        if last >= 0:
+            self._take(data[2:last + 1])
+            data = data[last - 1:]
+        self.tail = data
+        pending = len(data) - 2        # octets of the line not ended yet
+        if pending > self.max_line + 2:
+            self.line_too_long = True  # longer than max_line with its dot and CR aside
+        if self.size + pending > self.max_size:
+            self.too_big = True
+        if self.too_big or self.line_too_long:
+            self.size += pending       # from now on counted as they come
+            self.data = bytearray()
+            self.tail = data[-4:]
+        return b""
+
+    def _take(self, text):
+        """Check whole lines of text, then undo the dot-stuffing and pass them on."""
+        if not text:
+            return
+        self.size += len(text)
         if self.size > self.max_size:
             self.too_big = True
-        if not self.too_big:
-            self._check_lines(min(start, text_end), text_end)
-        else:
-            del self.data[:-4]         # keep only what a split terminator may need
-        return leftover
-
-    def _check_lines(self, start, end):
-        data = self.data
-        first = data.find(b"\n", start, end)
-        if first < 0:
-            self.line_length += end - start
-            longest = self.line_length
-        else:
-            longest = self.line_length + first - start
-            last = data.rfind(b"\n", start, end)
-            if last - first > self.max_line:   # only then can a line in between be too long
-                longest = max(longest, max(map(len, bytes(data[first + 1:last]).split(b"\n"))))
-            self.line_length = end - last - 1
-        if max(longest, self.line_length) > self.max_line:
+            self.data = bytearray()
+            return
+        if len(text) >= self.max_line + 2 and _line_too_long(text, self.max_line):
             self.line_too_long = True
+            self.data = bytearray()
+            return
+        if b"\0" in text:
+            self.nul = True
+        crlf = text.count(CRLF)
+        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+            self.bare_line_ending = True
+        if self.nul or self.bare_line_ending:
+            return
+        # RFC 5321 4.5.2: the client doubled a leading "."; remove one. text begins a line.
+        if text[:1] == b".":
+            text = text[1:]
+        text = text.replace(b"\r\n.", CRLF)
+        if self.sink is None:
+            self.data += text
+        else:
+            self.sink(text)
 
     def refusal(self):
         """The reply refusing the message once done, or None when it may be accepted."""
@@ -555,19 +612,146 @@ class MessageCollector:
             return R552_TOO_BIG
         if self.line_too_long:
             return R552_LINE_TOO_LONG % self.max_line
-        data = self.data
-        if data.find(b"\0") >= 0:
+        if self.nul:
             return R550_NUL
-        crlf = data.count(CRLF)
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        if self.bare_line_ending:
             return R550_BARE_LINE_ENDING
         return None
 
     def message(self):
-        """The message text with the dot-stuffing undone (RFC 5321 4.5.2)."""
-        text = self.data.replace(b"\r\n.", CRLF)
-        del text[:2]
-        return bytes(text)
+        """The message text with the dot-stuffing undone (without a sink)."""
+        return bytes(self.data)
+
+
+def _line_length(text, start, end):
+    """The length MAX_TEXT_LINE limits, of the line of text from start to its LF at end:
+    without its CRLF (or bare LF) and without a leading dot doubled for transparency."""
+    length = end - start
+    if length and text[end - 1] == 0x0D:
+        length -= 1
+    if length and text[start] == 0x2E:
+        length -= 1
+    return length
+
+
+def _line_too_long(text, max_line):
+    """True when a line of text (whole lines, each ending in LF) is longer than max_line,
+    as _line_length counts. Only the first and the last line are measured, unless the
+    lines in between span more than max_line octets (rare: a block is about that size)."""
+    first = text.find(b"\n")
+    if _line_length(text, 0, first) > max_line:
+        return True
+    last = text.rfind(b"\n", 0, len(text) - 1)
+    if last < first:
+        return False                   # one line only
+    if _line_length(text, last + 1, len(text) - 1) > max_line:
+        return True
+    if last - first - 1 <= max_line:
+        return False
+    return any(len(line) > max_line and _line_length(line, 0, len(line)) > max_line
+               for line in text[first + 1:last].split(b"\n"))
+
+
+class HeaderFilter:
+    """The checks smtp_in makes on a message's header, made as the text streams by:
+    counts the Received: fields (the hop limit, RFC 5321 6.3) and removes the
+    Authentication-Results fields that claim HOSTNAME (RFC 8601 5), passing all the rest
+    on to sink(bytes) at once. The header is the lines before the first empty one, as
+    count_hops() and remove_authentication_results() read it.
+
+    Fed whole lines (MessageCollector's chunks, CRLF line ends). Memory is bounded: only
+    an Authentication-Results field is held, until its last continuation line, and one
+    longer than MAX_HELD_FIELD is removed whatever it claims (RFC 8601 5 lets a border
+    MTA remove any); everything else, header or body, goes on as it comes.
+    """
+
+    def __init__(self, hostname, sink):
+        self.ours = hostname.lower().rstrip(".")
+        self.sink = sink
+        self.hops = 0                  # Received: fields seen
+        self.in_body = False
+        self.held = None               # the Authentication-Results field being read
+        self.dropping = False          # skipping the rest of an over-long held field
+
+    def feed(self, text):
+        if self.in_body:
+            self.sink(text)
+            return
+        out, start, size = [], 0, len(text)
+        while start < size:
+            end = text.find(b"\n", start) + 1 or size
+            if text[start] in b" \t":                  # a continuation line (RFC 5322 2.2.3)
+                if self.held is not None:
+                    self.held += text[start:end]
+                    if len(self.held) > MAX_HELD_FIELD:
+                        self.held, self.dropping = None, True
+                elif not self.dropping:
+                    out.append(text[start:end])
+                start = end
+                continue
+            self._settle(out)
+            if end - start <= 2 and text[start:end] in (CRLF, b"\n"):
+                self.in_body = True
+                out.append(text[start:])
+                break
+            if RECEIVED_FIELD_RE.match(text, start):
+                self.hops += 1
+            if AUTH_RESULTS_NAME_RE.match(text, start):
+                self.held = bytearray(text[start:end])
+            else:
+                out.append(text[start:end])
+            start = end
+        if out:
+            self.sink(b"".join(out))
+
+    def finish(self):
+        """The end of the message: pass on a field still held (a header without a body)."""
+        out = []
+        self._settle(out)
+        if out:
+            self.sink(out[0])
+
+    def _settle(self, out):
+        """Decide on the held field, if any: out gets it unless it claims our name."""
+        self.dropping = False
+        if self.held is None:
+            return
+        field, self.held = bytes(self.held), None
+        value = field.partition(b":")[2]
+        if authserv_id(value.decode("latin-1")) != self.ours:
+            out.append(field)
+
+
+class SpooledMessage:
+    """A message on its way into the spool during DATA: our trace fields first, then the
+    text as HeaderFilter passes it on, into an mta.QueueWriter (see SMTPHandler.open_message).
+
+    Writing stops at the first spool error (kept in error, answered after the data) and
+    once the hop limit is reached; abort() removes the file unless it was committed.
+    """
+
+    def __init__(self, queue_id, protocol, hostname):
+        self.queue_id = queue_id
+        self.protocol = protocol
+        self.header = HeaderFilter(hostname, self.write)
+        self.writer = None             # the mta.QueueWriter, once opened
+        self.error = None              # the OSError that stopped the writing
+
+    def open(self, writer, prefix):
+        self.writer = writer
+        self.write(prefix)
+
+    def write(self, data):
+        if self.writer is None or self.error is not None or self.header.hops >= MAX_HOPS:
+            return
+        try:
+            self.writer.write(data)
+        except OSError as exc:         # mta.SpoolError: the writer removed its file
+            self.error = exc
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()        # a committed file stays
 
 
 # --- DNS: the optional reverse lookup, and SPF's resolver ---
@@ -949,25 +1133,55 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return R501_NO_ARGUMENTS
         if not envelope.rcpt_to:
             return R554_NO_VALID_RECIPIENTS if envelope.rejected else R503_NEED_RCPT
-        self.write(R354_START_INPUT)
-        self.reader.interruptible = False              # let a shutdown wait for this message
+        spooled = self.open_message()
         try:
-            collector = self.receive_message()
+            if spooled.error is not None:
+                return self.spool_failed(spooled)      # RFC 5321 4.3.2: 451 or 452 to DATA
+            self.write(R354_START_INPUT)
+            self.reader.interruptible = False          # let a shutdown wait for this message
+            try:
+                collector = self.receive_message(spooled)
+            finally:
+                self.reader.interruptible = True
+            if collector is None:
+                self.log.info("lost connection from [%s] during DATA", self.client_ip)
+                self.closing = True
+                return None
+            return collector.refusal() or self.queue_message(spooled)
         finally:
-            self.reader.interruptible = True
-        if collector is None:
-            self.log.info("lost connection from [%s] during DATA", self.client_ip)
-            self.closing = True
-            self.reset_transaction()
-            return None
-        try:
-            return collector.refusal() or self.queue_message(collector.message())
-        finally:
+            spooled.abort()                            # a message not queued leaves nothing
             self.reset_transaction()
 
-    def receive_message(self):
-        """Read the mail data in blocks; None when the client went away before its end."""
-        collector = MessageCollector(self.server.max_size)
+    def open_message(self):
+        """A SpooledMessage in a new queue file, our trace fields already at its top.
+
+        They are known before the text comes: Received: (RFC 5321 4.4), and above it the
+        SPF fields when MAIL FROM was checked. A spool that cannot take a file gives a
+        SpooledMessage with its error set (an error writing it comes later, in write()).
+        """
+        envelope = self.envelope
+        queue_id = plumbing.new_queue_id()
+        protocol = protocol_name(self.esmtp, self.tls, self.auth_user is not None,
+                                 envelope.smtputf8)
+        recipient = envelope.rcpt_to[0] if len(envelope.rcpt_to) == 1 else None
+        prefix = received_header(self.helo, self.client_ip, self.reverse_name(),
+                                 self.server.hostname, protocol, queue_id, recipient)
+        if envelope.spf_result is not None:
+            prefix = spf_header_fields(envelope.spf_result, self.server.hostname) + prefix
+        spooled = SpooledMessage(queue_id, protocol, self.server.hostname)
+        try:
+            spooled.open(mta.QueueWriter(
+                self.server.spool_dir, envelope.mail_from, list(envelope.rcpt_to),
+                queue_id=queue_id, client_address=self.client_ip, client_helo=self.helo,
+                auth_user=self.auth_user, protocol=protocol), prefix)
+        except OSError as exc:                         # mta.SpoolError, or worse
+            spooled.error = exc
+        return spooled
+
+    def receive_message(self, spooled):
+        """Read the mail data in blocks into spooled as it comes; None when the client went
+        away before its end."""
+        collector = MessageCollector(self.server.max_size, sink=spooled.header.feed)
         while not collector.done:
             block = self.reader.read_block()
             if not block:
@@ -976,37 +1190,35 @@ class SMTPHandler(plumbing.ConnectionHandler):
         self.reader.buffer += leftover                 # pipelined commands after the "."
         return collector
 
-    def queue_message(self, body):
-        """Prepend Received:, hand the message to the spool; 250 only once it is durable."""
-        if count_hops(body) >= MAX_HOPS:
+    def queue_message(self, spooled):
+        """Make the spooled message durable; 250 only once it is (mta.QueueWriter.commit)."""
+        if spooled.header.hops >= MAX_HOPS:
             return R554_TOO_MANY_HOPS
-        envelope = self.envelope
-        queue_id = plumbing.new_queue_id()
-        protocol = protocol_name(self.esmtp, self.tls, self.auth_user is not None,
-                                 envelope.smtputf8)
-        recipient = envelope.rcpt_to[0] if len(envelope.rcpt_to) == 1 else None
-        header = received_header(self.helo, self.client_ip, self.reverse_name(),
-                                 self.server.hostname, protocol, queue_id, recipient)
-        spf_result = envelope.spf_result
-        if spf_result is not None:
-            header = spf_header_fields(spf_result, self.server.hostname) + header
-        body = remove_authentication_results(body, self.server.hostname)
-        try:
-            mta.enqueue(self.server.spool_dir, envelope.mail_from, list(envelope.rcpt_to),
-                        header + body, queue_id=queue_id, client_address=self.client_ip,
-                        client_helo=self.helo, auth_user=self.auth_user, protocol=protocol)
-        except OSError as exc:                         # mta.SpoolError, or worse
-            self.log.error("%s: client=[%s], from=<%s>, status=deferred (spool: %s)",
-                           queue_id, self.client_ip, envelope.mail_from, exc)
-            return R452_SPOOL_FULL if exc.errno == errno.ENOSPC else R451_SPOOL_ERROR
+        spooled.header.finish()
+        if spooled.error is None:
+            try:
+                spooled.writer.commit()
+            except OSError as exc:                     # mta.SpoolError, or worse
+                spooled.error = exc
+        if spooled.error is not None:
+            return self.spool_failed(spooled)
+        envelope, spf_result = self.envelope, self.envelope.spf_result
         self.log.info("%s: client=%s[%s], helo=%r, from=<%s>, size=%d, nrcpt=%d, proto=%s, "
-                      "tls=%s, auth=%s, spf=%s", queue_id, self.client_name or "", self.client_ip,
-                      self.helo, envelope.mail_from, len(header) + len(body),
-                      len(envelope.rcpt_to), protocol, self.sock.version() if self.tls else "none",
-                      self.auth_user or "none", spf_result.result if spf_result else "unchecked")
+                      "tls=%s, auth=%s, spf=%s", spooled.queue_id, self.client_name or "",
+                      self.client_ip, self.helo, envelope.mail_from, spooled.writer.size,
+                      len(envelope.rcpt_to), spooled.protocol,
+                      self.sock.version() if self.tls else "none", self.auth_user or "none",
+                      spf_result.result if spf_result else "unchecked")
         self.accepted += 1
         self.errors = 0                                # Postfix counts errors between messages
-        return R250_QUEUED % queue_id
+        return R250_QUEUED % spooled.queue_id
+
+    def spool_failed(self, spooled):
+        """Log a message the spool could not take; the reply asking the client to retry."""
+        exc = spooled.error
+        self.log.error("%s: client=[%s], from=<%s>, status=deferred (spool: %s)",
+                       spooled.queue_id, self.client_ip, self.envelope.mail_from, exc)
+        return R452_SPOOL_FULL if exc.errno == errno.ENOSPC else R451_SPOOL_ERROR
 
     def reverse_name(self):
         """The client's forward-confirmed host name, looked up once per session if enabled."""

@@ -52,8 +52,8 @@ __all__ = [
     "DEFAULTS", "HELP", "Deliverer", "DeliveryError", "HandshakeError", "Hop", "LoopBack", "Outcome",
     "OutboundDaemon", "RecipientResult", "Reply", "SMTPClient", "TLS_MODES", "TLS_NONE",
     "TLS_OPPORTUNISTIC", "TLS_OPPORTUNISTIC_NO_DOWNGRADE", "TLS_REQUIRED", "Timeouts",
-    "client_tls_context", "encode_data", "is_local_address", "main", "needs_smtputf8",
-    "plan_hops", "read_credentials",
+    "client_tls_context", "encode_data", "encode_data_blocks", "is_local_address", "main",
+    "message_blocks", "needs_smtputf8", "plan_hops", "read_credentials",
 ]
 
 log = logging.getLogger("smtp_out")
@@ -330,13 +330,47 @@ def encode_data(message):
     a relayed message can end the DATA early at the next hop (SMTP smuggling); RFC 5321
     4.5.2: a line starting with "." gets a second one.
     """
-    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if text.startswith(b"."):
-        text = b"." + text
-    text = text.replace(b"\n.", b"\n..")
-    if text and not text.endswith(b"\n"):
-        text += b"\n"
-    return text.replace(b"\n", b"\r\n") + b".\r\n"
+    return b"".join(encode_data_blocks([message]))
+
+
+def encode_data_blocks(blocks):
+    """encode_data() for a message given as an iterable of bytes blocks: yields the
+    payload block by block, never joining them.
+
+    What straddles two blocks is carried over: a CR at the end of a block (the first half
+    of a CRLF, or a bare CR), and whether the next block begins a line (its "." is doubled).
+    """
+    carry = b""
+    line_start = True              # the next octet begins a line
+    sent = False
+    for block in blocks:
+        text = carry + block if carry else block
+        carry = b""
+        if text.endswith(b"\r"):
+            text, carry = text[:-1], b"\r"
+        if not text:
+            continue
+        if b"\r" in text:         # a memchr(): text without CR skips two replace() passes
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if line_start and text[:1] == b".":
+            text = b"." + text
+        text = text.replace(b"\n.", b"\n..")
+        line_start = text.endswith(b"\n")
+        sent = True
+        yield text.replace(b"\n", b"\r\n")
+    if carry:                      # a CR at the very end: a line end
+        yield b"\r\n"
+    elif sent and not line_start:
+        yield b"\r\n"
+    yield b".\r\n"
+
+
+def message_blocks(message):
+    """The message as an iterable of bytes blocks: message is bytes, or an mta.MessageFile
+    (any object with len() and blocks()), read from its queue file as it is sent."""
+    if isinstance(message, (bytes, bytearray)):
+        return (message,)
+    return message.blocks()
 
 
 def needs_smtputf8(address):
@@ -345,8 +379,9 @@ def needs_smtputf8(address):
 
 
 def has_8bit(message):
-    """True when message bytes need 8BITMIME (RFC 6152): any octet above 127."""
-    return not message.isascii()
+    """True when a message (see message_blocks) needs 8BITMIME (RFC 6152): any octet
+    above 127."""
+    return not all(block.isascii() for block in message_blocks(message))
 
 
 def valid_path(address):
@@ -608,7 +643,7 @@ class SMTPClient(plumbing.ClientConnection):
         reply = self.command("DATA", self.timeouts.data_start, "sending DATA")
         if reply.code != 354:
             return reply
-        return self.send_data(encode_data(message))
+        return self.send_data(encode_data_blocks(message_blocks(message)))
 
     def rset(self):
         return self.command("RSET", self.timeouts.rset, "sending RSET")
@@ -695,7 +730,7 @@ class SMTPClient(plumbing.ClientConnection):
         if data.code == 354 and not accepted:
             # RFC 2920 3.1: DATA was accepted with no valid recipient; end an empty
             # message at once (the server must refuse it) to keep the session in step.
-            self.send_data(b".\r\n")
+            self.send_data([b".\r\n"])
             data = Reply.local(R_PROTOCOL % (self.peer, "sending DATA"))
         final = self._finish(accepted, data, message)
         for recipient in recipients:
@@ -727,7 +762,7 @@ class SMTPClient(plumbing.ClientConnection):
     def _finish(self, accepted, data, message):
         """Send the message after a 354, or bring the session back to a clean state."""
         if accepted and data.code == 354:
-            return self.send_data(encode_data(message))
+            return self.send_data(encode_data_blocks(message_blocks(message)))
         if data.ok:                    # a 2xx to DATA itself makes no sense
             data = Reply.local(R_PROTOCOL % (self.peer, "sending DATA"))
         self.rset()
@@ -760,12 +795,14 @@ class SMTPClient(plumbing.ClientConnection):
         self.send_bytes(data, timeout, stage)
 
     def send_data(self, payload):
-        """Send an encoded DATA payload in blocks, each under the data-block timeout, and
-        return the reply to its end (RFC 5321 4.5.3.2.5, 4.5.3.2.6)."""
-        view = memoryview(payload)
-        for start in range(0, len(view), SEND_BLOCK):
-            self.send_bytes(view[start:start + SEND_BLOCK], self.timeouts.data_block,
-                            "sending message body")
+        """Send an encoded DATA payload (an iterable of bytes blocks) in blocks, each under
+        the data-block timeout, and return the reply to its end (RFC 5321 4.5.3.2.5,
+        4.5.3.2.6)."""
+        for block in payload:
+            view = memoryview(block)
+            for start in range(0, len(view), SEND_BLOCK):
+                self.send_bytes(view[start:start + SEND_BLOCK], self.timeouts.data_block,
+                                "sending message body")
         return self.read_reply(self.timeouts.data_end, "waiting for the end of data reply")
 
     def read_reply(self, timeout, stage):

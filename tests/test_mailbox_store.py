@@ -468,6 +468,50 @@ def test_maildir_deliver_writes_any_maildir_durably_with_both_sizes_in_the_name(
     assert name.endswith(",S=%d,W=%d" % (len(message), mailbox_store.crlf_size(message)))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"a", b"\r\n", b"."]), max_size=30),
+       st.lists(st.integers(0, 40), max_size=5))
+def test_crlf_size_counted_in_blocks_agrees_with_the_whole_count(parts, cuts):
+    data = b"".join(parts)
+    sizes, start = mailbox_store.CRLFSize(), 0
+    for cut in sorted(cuts):
+        sizes.add(data[start:cut])
+        start = max(start, cut)
+    sizes.add(data[start:])
+    assert (sizes.size, sizes.crlf_size) == (len(data), mailbox_store.crlf_size(data))
+    assert mailbox_store.crlf_size(data) == len(data.replace(b"\r\n", b"\n").replace(
+        b"\n", b"\r\n")) + (2 if data and not data.endswith(b"\n") else 0)
+
+
+def test_maildir_deliver_copies_blocks_and_names_the_file_with_their_sizes(tmp_path):
+    maildir = str(tmp_path / "Maildir")
+    blocks = [b"Subject: split\r", b"\n\r\nbody\n", b"last line without an end"]
+    path = mailbox_store.maildir_deliver(maildir, iter(blocks), hostname="h")
+    message = b"".join(blocks)
+    assert open(path, "rb").read() == message
+    assert path.endswith(",S=%d,W=%d" % (len(message), mailbox_store.crlf_size(message)))
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+
+
+def test_a_failed_block_delivery_leaves_nothing_in_the_maildir(tmp_path):
+    maildir = str(tmp_path / "Maildir")
+
+    def blocks():
+        yield b"Subject: cut\r\n\r\n"
+        raise OSError(5, "the queue file went away")
+    with pytest.raises(OSError):
+        mailbox_store.maildir_deliver(maildir, blocks(), hostname="h")
+    assert os.listdir(os.path.join(maildir, "tmp")) == os.listdir(os.path.join(maildir, "new")) == []
+
+
+def test_store_delivers_blocks_with_return_path_in_the_first_line_ending(people):
+    path = people.deliver("alice@example.com", iter([b"Subject: x\r\n\r\nbo", b"dy\r\n"]),
+                          "carol@example.com")
+    assert open(path, "rb").read() == (b"Return-Path: <carol@example.com>\r\n"
+                                       b"Delivered-To: alice@example.com\r\n"
+                                       b"Subject: x\r\n\r\nbody\r\n")
+
+
 def test_store_delivery_goes_through_maildir_deliver(people, monkeypatch):
     calls = []
     real = mailbox_store.maildir_deliver

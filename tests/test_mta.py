@@ -162,13 +162,91 @@ def test_enqueue_writes_one_readable_file_and_returns_its_queue_id(spool):
         "MTA-Queue-File: 1", "Queue-ID: " + queue_id, head.decode().split("\n")[2],
         "Sender: <alice@example.com>", "Client-Address: 192.0.2.7", "Client-HELO: client.test",
         "Auth-User: alice@example.com", "Protocol: ESMTPSA", "Recipient: <bob@example.com>",
-        "Recipient: <x@remote.test>", "Message-Size: %d" % len(MESSAGE)]
+        "Recipient: <x@remote.test>", "Message-Size: %-20d" % len(MESSAGE)]
     assert rest == MESSAGE
     state = mta.parse_queue_file(data, queue_id)
     assert state.envelope.recipients == ["bob@example.com", "x@remote.test"]
     assert abs(state.envelope.arrival - time.time()) < 60
     assert os.listdir(os.path.join(spool, "queue", "tmp")) == []
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_queue_writer_streams_the_message_and_fills_in_its_size_at_commit(spool, queue, store):
+    blocks = [b"Subject: streamed\r\n\r\n"] + [b"%06d........\r\n" % n for n in range(20000)]
+    with mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"], protocol="ESMTP") as writer:
+        tmp = os.path.join(spool, "queue", "tmp", writer.queue_id)
+        for block in blocks:
+            writer.write(block)
+        assert os.path.exists(tmp) and queue_empty(spool)       # nothing visible before commit
+        queue_id = writer.commit()
+    assert not os.path.exists(tmp)
+    message = b"".join(blocks)
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        data = f.read()
+    assert b"\nMessage-Size: %-20d\n\n" % len(message) in data
+    state = mta.parse_queue_file(data, queue_id)
+    assert state.envelope.size == len(message) == writer.size
+    assert data[state.message_offset:] == message
+    mta.Router(queue, store).handle(queue_id)
+    delivered, = maildir_files(spool, "bob@example.com")
+    with open(delivered, "rb") as f:
+        assert f.read() == (b"Return-Path: <alice@example.com>\r\n"
+                            b"Delivered-To: bob@example.com\r\n" + message)
+    assert queue_empty(spool)
+
+
+def test_a_small_message_is_written_whole_at_commit(spool, queue):
+    writer = mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"])
+    writer.write(MESSAGE[:10])
+    writer.write(MESSAGE[10:])
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == []     # nothing on disk yet
+    queue_id = writer.commit()
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        state = mta.parse_queue_file(f.read(), queue_id)
+    assert state.envelope.size == len(MESSAGE) and os.listdir(os.path.join(spool, "queue", "tmp")) == []
+
+
+def test_a_queue_writer_takes_another_id_when_its_own_is_taken(spool, monkeypatch):
+    ids = iter(["0000000000000000B1", "0000000000000000B2"])
+    monkeypatch.setattr(mta.plumbing, "new_queue_id", lambda: next(ids))
+    mta.make_spool(spool)
+    taken = os.path.join(spool, "queue", "tmp", "0000000000000000B1")
+    with open(taken, "wb") as f:
+        f.write(b"another writer's file")
+    assert mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE) == "0000000000000000B2"
+    with open(taken, "rb") as f:
+        assert f.read() == b"another writer's file"
+    with open(os.path.join(spool, "queue", "incoming", "0000000000000000B2"), "rb") as f:
+        assert b"Queue-ID: 0000000000000000B2\n" in f.read()
+
+
+def test_an_aborted_queue_writer_leaves_nothing(spool):
+    writer = mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"])
+    writer.write(b"Subject: half\r\n")
+    writer.abort()
+    with pytest.raises(mta.SpoolError):
+        writer.write(b"more")
+    with pytest.raises(RuntimeError):
+        with mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"]) as writer:
+            writer.write(b"Subject: interrupted\r\n")
+            raise RuntimeError("the client went away")
+    assert os.listdir(os.path.join(spool, "queue", "tmp")) == [] and queue_empty(spool)
+
+
+def test_a_claimed_message_is_read_from_its_file_in_blocks_and_its_header_alone(spool, queue):
+    header = b"Received: one\r\nSubject: big\r\n\r\n"
+    message = header + b"x" * (3 * mta.COPY_BLOCK + 5)
+    queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], message)
+    with queue.claim(mta.INCOMING, queue_id) as claim:
+        assert len(claim.message) == len(message)
+        blocks = list(claim.message.blocks())
+        assert [len(b) for b in blocks] == [mta.COPY_BLOCK] * 3 + [len(header) + 5]
+        assert b"".join(blocks) == message == claim.message.read()
+        assert claim.message.header() == header[:-2]
+        assert claim.message.header(10) == header[:10]
+        claim.close()
+    with pytest.raises(ValueError):
+        claim.message.read()                   # only while the claim is held
 
 
 def test_enqueue_refuses_addresses_that_cannot_be_queued(spool):
@@ -396,7 +474,7 @@ def test_remote_recipients_wait_in_outbound_grouped_by_domain_and_wake_smtp_out(
     with pytest.raises(mta.QueueBusy):
         queue.claim_outbound(queue_id)
     with claim:
-        assert claim.message == MESSAGE and claim.envelope.sender == "alice@example.com"
+        assert claim.message.read() == MESSAGE and claim.envelope.sender == "alice@example.com"
         assert {d: [r.address for r in rs] for d, rs in claim.groups.items()} == {
             "remote.test": ["x@remote.test", "Y@remote.test"], "other.test": ["z@other.test"]}
         x, y = claim.groups["remote.test"]
@@ -420,7 +498,7 @@ def test_an_outbound_runner_gets_remote_work_as_smtp_out_would(spool, queue, rou
         with claim:
             for domain, recipients in claim.groups.items():
                 for recipient in recipients:
-                    sent.append((claim.envelope.sender, recipient.address, claim.message))
+                    sent.append((claim.envelope.sender, recipient.address, claim.message.read()))
                     claim.delivered(recipient, "250 2.0.0 OK", remote_mta="mx." + domain)
 
     runner = mta.QueueRunner(queue, mta.OUTBOUND, "smtp_out", handle, workers=2, scan_interval=60)

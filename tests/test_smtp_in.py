@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import mailbox_store
 import mta
@@ -206,6 +206,97 @@ def test_collector_line_limit():
     collector, _ = collect([b"ok\r\n" + b"c" * 3000 + b"\r\nok\r\n" * 300 + b".\r\n"],
                            max_size=10 ** 6, max_line=1000)
     assert collector.refusal() == smtp_in.R552_LINE_TOO_LONG % 1000
+
+
+def test_collector_line_limit_counts_octets_without_the_crlf_or_a_doubled_dot():
+    for line, refused in ((b"a" * 1000, False), (b"a" * 1001, True),
+                          (b".." + b"a" * 999, False), (b".." + b"a" * 1000, True)):
+        collector, _ = collect([b"x\r\n" + line + b"\r\ny\r\n.\r\n"], max_line=1000)
+        assert (collector.refusal() is not None) == refused, line[:3]
+        # the same line split across blocks, and as the only line
+        collector, _ = collect([line[:500], line[500:] + b"\r\n.\r\n"], max_line=1000)
+        assert (collector.refusal() is not None) == refused, line[:3]
+
+
+def test_collector_passes_whole_lines_on_and_holds_only_the_unended_one():
+    lines = b"".join(b".%d stuffed\r\n" % n for n in range(60000))     # about 800 KB
+    chunks = []
+    collector = smtp_in.MessageCollector(10 ** 7, sink=chunks.append)
+    held = 0
+    for start in range(0, len(lines), 65536):
+        collector.feed(lines[start:start + 65536])
+        held = max(held, len(collector.tail))
+    assert collector.feed(b".\r\n") == b"" and collector.done
+    assert collector.refusal() is None and collector.data == bytearray()
+    assert all(chunk.endswith(b"\r\n") for chunk in chunks)
+    assert b"".join(chunks) == lines.replace(b"\r\n.", b"\r\n")[1:]
+    assert held < 40
+
+
+MESSAGE_PIECES = [b"a", b".", b"\r\n", b"\r", b"\n", b"\0", b"\r\n.\r\n", b"..", b"x" * 30]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(MESSAGE_PIECES), max_size=25), st.lists(st.integers(0, 200), max_size=6))
+@example(pieces=[b"x" * 30] * 5, cuts=[23])     # a line too long, and then too big
+def test_collector_gives_the_same_text_end_and_verdict_however_the_blocks_fall(pieces, cuts):
+    data = b"".join(pieces) + b"\r\n.\r\nQUIT\r\n"
+    whole, leftover = collect([data], max_size=150, max_line=20)
+    blocks, start = [], 0
+    for cut in sorted(cuts):
+        blocks.append(data[start:cut])
+        start = max(start, cut)
+    blocks.append(data[start:])
+    chunks = []
+    split = smtp_in.MessageCollector(150, 20, sink=chunks.append)
+    rest = b""
+    for block in blocks:
+        if split.done:
+            rest += block
+        elif block:
+            rest += split.feed(block)
+    assert split.done and rest == leftover
+    assert split.refusal() == whole.refusal()
+    if whole.refusal() is None:
+        assert b"".join(chunks) == whole.message()
+
+
+HEADER_SAMPLES = [
+    b"Received: a\r\nreceived: b\r\nSubject: x\r\n\r\nReceived: in the body\r\n",
+    b"Authentication-Results: mx.example.com; spf=pass\r\nSubject: x\r\n\r\nbody\r\n",
+    b"Subject: x\r\nAuthentication-Results : (c) MX.example.com.;\r\n\tdkim=pass\r\n"
+    b"Authentication-Results: other.example; spf=fail\r\n\r\n"
+    b"Authentication-Results: mx.example.com; in the body\r\n",
+    b"\r\nReceived: after an empty header\r\n",
+    b"Received: only a header\r\nAuthentication-Results: mx.example.com; x=y\r\n",
+]
+
+
+@pytest.mark.parametrize("sample", HEADER_SAMPLES)
+def test_header_filter_agrees_with_count_hops_and_remove_authentication_results(sample):
+    lines = sample.splitlines(keepends=True)
+    for cut in range(len(lines) + 1):          # fed in whole lines, as the collector gives them
+        out = []
+        headers = smtp_in.HeaderFilter(HOSTNAME, out.append)
+        for chunk in (b"".join(lines[:cut]), b"".join(lines[cut:])):
+            if chunk:
+                headers.feed(chunk)
+        headers.finish()
+        assert b"".join(out) == smtp_in.remove_authentication_results(sample, HOSTNAME)
+        if not sample.startswith(b"\r\n"):
+            assert headers.hops == smtp_in.count_hops(sample)
+
+
+def test_header_filter_holds_at_most_one_bounded_authentication_results_field():
+    out = []
+    headers = smtp_in.HeaderFilter(HOSTNAME, out.append)
+    headers.feed(b"Subject: x\r\nAuthentication-Results: other.example;\r\n")
+    for _ in range(200):
+        headers.feed(b"\t" + b"c" * 1000 + b"\r\n")     # one field of 200 KB, folded
+        assert headers.held is None or len(headers.held) <= smtp_in.MAX_HELD_FIELD
+    headers.feed(b"To: y\r\n\r\nbody\r\n")
+    headers.finish()
+    assert b"".join(out) == b"Subject: x\r\nTo: y\r\n\r\nbody\r\n"     # removed: too long
 
 
 def test_parse_networks_and_membership():
@@ -478,7 +569,7 @@ def test_body_past_the_limit_is_read_to_its_end_refused_and_the_session_goes_on(
     client = greeted(start_smtp(max_size=10_000))
     body = (b"y" * 98 + b"\r\n") * 2000                  # 200 KB, 20 times the limit
     assert send_transaction(client, data=message(body=body.decode()))[0] == 552
-    assert spool_messages(spool) == []
+    assert spool_is_empty(spool)
     assert send_transaction(client, data=message(body="small\r\n"))[0] == 250
     assert len(spool_messages(spool)) == 1
 
@@ -503,6 +594,7 @@ def test_text_lines_of_998_pass_and_lines_past_the_limit_get_552(start_smtp, spo
     code, lines = send_transaction(client, data=message(body=long_line))
     assert (code, lines) == (552, [smtp_in.R552_LINE_TOO_LONG % smtp_in.MAX_TEXT_LINE])
     assert len(spool_messages(spool)) == 1
+    assert os.listdir(os.path.join(str(spool), "queue", "tmp")) == []
 
 
 def test_command_line_past_2_kib_gets_500_and_the_session_goes_on(start_smtp):
@@ -610,7 +702,7 @@ def test_smuggled_second_message_never_becomes_a_message(start_smtp, spool, vari
     assert code == 550 and lines[0] in (smtp_in.R550_BARE_LINE_ENDING, smtp_in.R550_NUL)
     assert client.reply() == (250, [smtp_in.R250_OK])            # the NOOP, nothing between
     assert client.command("RCPT TO:<bob@example.com>")[0] == 503  # no transaction survived
-    assert spool_messages(spool) == []
+    assert spool_is_empty(spool)                                  # nor a file in queue/tmp
 
 
 def test_smuggling_with_a_clean_first_message_still_gives_one_message(start_smtp, spool):
@@ -857,17 +949,129 @@ def test_implicit_tls_listener_is_a_submission_port(start_smtp, spool, tls_files
 
 # --- The spool: 250 only once durable ---
 
-def test_250_comes_only_after_enqueue_has_returned(start_smtp, spool, monkeypatch):
-    real_enqueue = mta.enqueue
+def test_a_text_line_of_65536_octets_passes_and_one_of_65537_gets_552(start_smtp, spool):
+    client = greeted(start_smtp())
+    exact = "v" * smtp_in.MAX_TEXT_LINE + "\r\n"
+    stuffed = ".." + "d" * (smtp_in.MAX_TEXT_LINE - 1) + "\r\n"   # the doubled dot is not counted
+    assert send_transaction(client, data=message(body=exact + stuffed))[0] == 250
+    longer = "w" * (smtp_in.MAX_TEXT_LINE + 1) + "\r\n"
+    assert send_transaction(client, data=message(body=longer)) == (
+        552, [smtp_in.R552_LINE_TOO_LONG % smtp_in.MAX_TEXT_LINE])
+    (_, _, queued), = spool_messages(spool)
+    assert queued.endswith(exact.encode() + stuffed[1:].encode())
+
+
+def test_a_message_cut_off_mid_data_leaves_nothing_in_the_spool(start_smtp, spool):
+    server = start_smtp()
+    for cut_after in (0, 10, 3 * 65536 + 7):
+        client = greeted(server)
+        assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+        assert client.command("RCPT TO:<bob@example.com>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(message(body="partial line\r\n" * 20000)[:cut_after])
+        tmp = os.path.join(str(spool), "queue", "tmp")
+        if cut_after > 65536:
+            assert wait_for(lambda: os.listdir(tmp) != [])   # it was being written
+        client.file.close()            # the connection closes with its last reference
+        client.close()
+        assert wait_for(lambda: os.listdir(tmp) == [])
+    assert spool_is_empty(spool)
+
+
+def test_a_message_that_times_out_mid_data_leaves_nothing_in_the_spool(start_smtp, spool):
+    client = greeted(start_smtp(idle_timeout=0.5))
+    assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+    assert client.command("RCPT TO:<bob@example.com>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(message(body="more to come\r\n" * 10000))
+    assert client.reply() == (421, [smtp_in.R421_TIMEOUT])
+    assert client.at_eof()
+    assert spool_is_empty(spool)
+
+
+def test_a_large_message_arrives_byte_exact_in_the_maildir(start_smtp, spool):
+    line = b"0123456789" * 7 + b"..\r\n"
+    text = b"Subject: large\r\n\r\n" + b"".join(
+        (b"." if n % 1000 == 0 else b"") + line for n in range(300000))      # about 25 MB
+    server = start_smtp()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as client:
+        client.sendmail("a@example.org", ["bob@example.com"], text)
+    route_all(spool)
+    (delivered,) = maildir_messages(spool, "bob@example.com")
+    assert delivered.endswith(b"\r\n" + text) and delivered.count(b"\r\nReceived: ") == 1
+    assert delivered.startswith(b"Return-Path: <a@example.org>\r\nDelivered-To: bob@example.com\r\n"
+                                b"Received: from ")
+
+
+def smtp_in_process(tmp_path, spool, *flags):
+    """smtp_in.py as its own process on 127.0.0.1 (its log in a file), and its port."""
+    log_path = str(tmp_path / "smtp_in.log")
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", str(spool), "--listen",
+         "127.0.0.1:0", "--domain", DOMAIN, "--hostname", HOSTNAME, "--spf", "off"] + list(flags),
+        stderr=log_file)
+    log_file.close()
+    found = []
+
+    def listening():
+        with open(log_path) as f:
+            found[:] = re.findall(r"listening on 127\.0\.0\.1:(\d+)", f.read())
+        return found or process.poll() is not None
+    wait_for(listening, 20)
+    assert found, open(log_path).read()
+    return process, int(found[0])
+
+
+def vm_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def test_memory_stays_bounded_while_sessions_send_30_mb_messages(tmp_path, spool):
+    # A correctness bound, not a speed figure: the message never sits whole in memory.
+    sessions, size = 4, 30 * 1024 * 1024
+    line = b"z" * 78 + b"\r\n"
+    payload = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
+    process, port = smtp_in_process(tmp_path, spool, "--max-size", str(40 * 1024 * 1024))
+    try:
+        def send(_):
+            client = RawClient(port, timeout=60)
+            assert client.reply()[0] == 220
+            assert client.command("EHLO load.example.org")[0] == 250
+            assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+            assert client.command("RCPT TO:<bob@example.com>")[0] == 250
+            assert client.command("DATA")[0] == 354
+            view = memoryview(payload)
+            for start in range(0, len(view), 1 << 20):
+                client.sock.sendall(view[start:start + (1 << 20)])
+            reply = client.reply()
+            client.close()
+            return reply[0]
+        with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
+            assert list(pool.map(send, range(sessions))) == [250] * sessions
+        peak = vm_kib(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert len(spool_messages(spool)) == sessions
+    assert peak < 100 * 1024, "smtp_in peaked at %d KiB" % peak
+
+
+def test_250_comes_only_after_the_queue_file_is_committed(start_smtp, spool, monkeypatch):
+    real_commit = mta.QueueWriter.commit
     returned = []
 
-    def slow_enqueue(*args, **kwargs):
+    def slow_commit(self):
         time.sleep(0.3)
-        queue_id = real_enqueue(*args, **kwargs)
+        queue_id = real_commit(self)
         returned.append(time.monotonic())
         return queue_id
 
-    monkeypatch.setattr(mta, "enqueue", slow_enqueue)
+    monkeypatch.setattr(mta.QueueWriter, "commit", slow_commit)
     client = greeted(start_smtp())
     assert send_transaction(client)[0] == 250
     seen = time.monotonic()
@@ -875,18 +1079,50 @@ def test_250_comes_only_after_enqueue_has_returned(start_smtp, spool, monkeypatc
     assert len(spool_messages(spool)) == 1
 
 
+def spool_is_empty(spool):
+    """Nothing queued and nothing being written (queue/tmp/ empty)."""
+    tmp = os.path.join(str(spool), "queue", "tmp")
+    return spool_messages(spool) == [] and (not os.path.isdir(tmp) or os.listdir(tmp) == [])
+
+
+@pytest.mark.parametrize("stage", ["open", "write", "commit"])
 @pytest.mark.parametrize("error, reply", [
     (errno.EIO, smtp_in.R451_SPOOL_ERROR), (errno.ENOSPC, smtp_in.R452_SPOOL_FULL)])
 def test_spool_failure_is_a_temporary_error_and_nothing_is_acknowledged(
-        start_smtp, spool, monkeypatch, error, reply):
-    def failing_enqueue(*args, **kwargs):
-        raise mta.SpoolError(error, os.strerror(error))
+        start_smtp, spool, monkeypatch, error, reply, stage):
+    class FailingWriter(mta.QueueWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.writes = 0
+            if stage == "open":
+                self.fail()
 
-    monkeypatch.setattr(mta, "enqueue", failing_enqueue)
+        def fail(self):
+            self.abort()               # what the real one does when the disk fails it
+            raise mta.SpoolError(error, os.strerror(error))
+
+        def write(self, data):
+            self.writes += 1
+            if stage == "write" and self.writes == 2:
+                self.fail()
+            super().write(data)
+
+        def commit(self):
+            if stage == "commit":
+                self.fail()
+            return super().commit()
+
+    monkeypatch.setattr(mta, "QueueWriter", FailingWriter)
     client = greeted(start_smtp())
-    assert send_transaction(client) == (int(reply[:3]), [reply])
+    if stage == "open":                # RFC 5321 4.3.2: DATA itself gets the 451 or 452
+        assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+        assert client.command("RCPT TO:<bob@example.com>")[0] == 250
+        assert client.command("DATA") == (int(reply[:3]), [reply])
+    else:
+        assert send_transaction(client, data=message(body="line\r\n" * 20000)) == (
+            int(reply[:3]), [reply])
     assert client.command("NOOP")[0] == 250
-    assert spool_messages(spool) == []
+    assert spool_is_empty(spool)
 
 
 def test_message_with_too_many_received_headers_is_refused_as_a_loop(start_smtp, spool):
@@ -894,6 +1130,7 @@ def test_message_with_too_many_received_headers_is_refused_as_a_loop(start_smtp,
     hops = b"".join(b"Received: from a%d.example by b.example; Mon, 6 May 2024 07:08:09 +0000\r\n"
                     % n for n in range(smtp_in.MAX_HOPS))
     assert send_transaction(client, data=hops + message()) == (554, [smtp_in.R554_TOO_MANY_HOPS])
+    assert spool_is_empty(spool)
     assert send_transaction(client, data=hops[:-80] + message())[0] == 250
 
 

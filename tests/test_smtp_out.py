@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import smtp_out
 from support import require_tool
@@ -60,6 +61,32 @@ def test_encode_data_turns_bare_lf_and_cr_into_crlf_so_nothing_smuggles_an_end()
     wire = smtp_out.encode_data(b"a\n.\nMAIL FROM:<x@y>\r.\rb\r\n.\n")
     assert wire == b"a\r\n..\r\nMAIL FROM:<x@y>\r\n..\r\nb\r\n..\r\n.\r\n"
     assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+
+
+def whole_message_encoding(message):
+    """encode_data() as it was written for a message in memory: the contract of the
+    block-by-block encoder."""
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if text.startswith(b"."):
+        text = b"." + text
+    text = text.replace(b"\n.", b"\n..")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return text.replace(b"\n", b"\r\n") + b".\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b"\r\n."]), max_size=30),
+       st.lists(st.integers(0, 60), max_size=6))
+def test_encode_data_blocks_agrees_with_the_whole_message_encoding_however_split(parts, cuts):
+    message = b"".join(parts)
+    blocks, start = [], 0
+    for cut in sorted(cuts):
+        blocks.append(message[start:cut])
+        start = max(start, cut)
+    blocks.append(message[start:])
+    wire = b"".join(smtp_out.encode_data_blocks(blocks))
+    assert wire == whole_message_encoding(message) == smtp_out.encode_data(message)
 
 
 def test_reply_status_comes_from_the_enhanced_code_or_the_class():
@@ -743,6 +770,23 @@ def test_spool_message_reaches_the_mx_and_leaves_the_queue(tmp_path, sinks, reso
     (message,) = mx1.wait_for(1)
     assert message.rcpt_to == ["a@two.test", "b@two.test"] and message.mail_from == SENDER
     assert message.data == body and spool.queued() == 0
+
+
+def test_a_large_message_goes_from_the_queue_file_to_the_relay_byte_exact(tmp_path, sinks):
+    # Dot lines, and a CRLF, straddling the queue file's block boundaries: each is
+    # stuffed and ended as in one piece.
+    block = mta.COPY_BLOCK
+    line = b"x" * 998 + b"\r\n"
+    body = (line * (3 * block // len(line)))[:3 * block - 3]
+    body = body[:block - 1] + b"\r\n.dot at a block start\r\n" + body[block + 24:]
+    message = b"Subject: large\r\n\r\n" + body + b"\r\n..\r\n" + line * 20000   # ~20 MB
+    sink = sinks(script=Script(extensions=["PIPELINING", "SIZE 52428800", "8BITMIME"]))
+    spool = Spool(tmp_path)
+    spool.send(["far@two.test"], message)
+    assert spool.deliver(relay_config(sink)) == 1
+    (received,) = sink.wait_for(1)
+    assert len(received.data) == len(message) and received.data == message
+    assert spool.queued() == 0
 
 
 def test_4xx_defers_and_succeeds_after_flush(tmp_path, sinks, resolver):
