@@ -46,7 +46,7 @@ from dataclasses import dataclass
 __all__ = [
     "ANVIL_DEFAULTS", "ANVIL_HELP", "Anvil", "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE",
     "ClientConnection", "ConnectionHandler", "Line", "LineReader", "LoginThrottled",
-    "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL",
+    "READ_BLOCK", "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL",
     "ThreadedServer", "add_options", "auth_failure_delay", "become_spool_owner", "config_text",
     "config_value", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
     "is_loopback", "is_spool", "load_config", "log_config", "log_internal_error",
