@@ -103,7 +103,7 @@ MAX_TAG_VALUE = 4096              # characters of one tag's value
 MAX_BASE64 = 2048                 # base64 characters of b= (8192-bit RSA: 1368) or of bh=
 MAX_SIGNED_FIELDS = 100           # names in h=
 MAX_HEADER_SECTION = 1 << 20      # octets of header section kept for signing and verifying
-MAX_HEADER_FIELDS = 1000          # header fields of one message
+MAX_HEADER_FIELDS = 5000          # header fields of one message
 MAX_KEY_FILE = 64 * 1024          # octets of a PEM or DER private key file
 MAX_DER_DEPTH = 8                 # nesting of ASN.1 constructed values
 MAX_DOMAIN_LENGTH = 253           # RFC 1035 2.3.4, in text form without the final dot
@@ -1128,14 +1128,14 @@ def _without_b_value(raw):
 def _header_hash_input(fields, names, signature_field, method):
     """RFC 6376 5.4.2, 3.7: the signed fields, each instance taken from the bottom up,
     then the signature field without b='s value and without its final CRLF."""
-    used = set()
+    instances = {}
+    for name, raw in fields:
+        instances.setdefault(name.lower(), []).append(raw)
     pieces = []
     for name in names:
-        for index in range(len(fields) - 1, -1, -1):
-            if index not in used and fields[index][0].lower() == name:
-                used.add(index)
-                pieces.append(canonicalize_header(fields[index][1], method))
-                break
+        left = instances.get(name)
+        if left:                              # none left: an over-signed name adds nothing
+            pieces.append(canonicalize_header(left.pop(), method))
     signature = canonicalize_header(_without_b_value(signature_field), method)
     pieces.append(signature[:-2] if signature.endswith(b"\r\n") else signature)
     return b"".join(pieces)
@@ -1396,7 +1396,12 @@ def _fill_from_raw(result, raw):
 def _key_for(signature, lookups):
     """The usable key record for SIGNATURE (RFC 6376 6.1.2); DKIMError or _Outcome."""
     name = "%s._domainkey.%s" % (signature.selector, signature.domain)
-    records = lookups.ask(name)
+    try:
+        records = lookups.ask(name)
+    except _Outcome as outcome:
+        if outcome.result == "permerror" and name in outcome.reason:
+            raise _Outcome("permerror", "no key record: %s" % outcome.reason) from None
+        raise
     if not records:
         raise _Outcome("permerror", "no key record at %s" % name)
     try:
