@@ -1748,9 +1748,9 @@ def _argument_parser():
     keygen.add_argument("--selector", required=True, help="the selector (s=)")
     keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
                         help="key type (default rsa)")
-    keygen.add_argument("--bits", type=int, default=DEFAULT_RSA_BITS,
+    keygen.add_argument("--bits", type=int, default=DEFAULT_RSA_BITS, metavar="N",
                         help="RSA key size (default %d)" % DEFAULT_RSA_BITS)
-    keygen.add_argument("--spool", default="", help=spool_help)
+    keygen.add_argument("--spool", default="", metavar="DIR", help=spool_help)
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
 
     signer = commands.add_parser("sign", help="sign the message on stdin",
@@ -1760,7 +1760,7 @@ def _argument_parser():
     signer.add_argument("--selector", required=True, help="the selector (s=)")
     signer.add_argument("--key", metavar="FILE", help="the private key (PEM); default "
                         "SPOOL/dkim/DOMAIN/SELECTOR.key")
-    signer.add_argument("--spool", default="", help=spool_help)
+    signer.add_argument("--spool", default="", metavar="DIR", help=spool_help)
     signer.add_argument("--canonicalization", default="relaxed/relaxed", metavar="H/B",
                         help="header/body canonicalization (default relaxed/relaxed)")
 
@@ -1772,8 +1772,10 @@ def _argument_parser():
                                             "the SPF and DKIM results.")
     dmarc.add_argument("--from", dest="from_domain", required=True, metavar="DOMAIN",
                        help="the RFC5322.From domain")
-    dmarc.add_argument("--spf-result", default="none", help="the SPF result (default none)")
-    dmarc.add_argument("--spf-domain", default="", help="the domain SPF checked")
+    dmarc.add_argument("--spf-result", default="none", metavar="RESULT",
+                       help="the SPF result: pass, fail, ... (default none)")
+    dmarc.add_argument("--spf-domain", default="", metavar="DOMAIN",
+                       help="the domain SPF checked (MAIL FROM or HELO)")
     dmarc.add_argument("--dkim-domain", action="append", default=[], metavar="DOMAIN",
                        help="d= of a passing DKIM signature; may be repeated")
     for sub in (verifier, dmarc):
