@@ -155,6 +155,7 @@ ED_SCALAR_BITS = 256              # ladder steps: every scalar is below 2^255
 # --- Grammar ---
 
 _WSP = re.compile(rb"[ \t]+")
+_WSP_AT_LINE_END = re.compile(rb"[ \t]+\r\n")
 _FWS = re.compile(r"[ \t\r\n]+")
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")                         # RFC 6376 3.2
 _TAG_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]*(?:[ \t\r\n]+[\x21-\x3a\x3c-\x7e]+)*\Z")
@@ -219,8 +220,9 @@ class Ed25519PublicKey:
 class Ed25519PrivateKey:
     seed: bytes = field(repr=False)   # the 32-octet private key of RFC 8032 5.1.5
 
-    @property
+    @functools.cached_property
     def public(self):
+        """Worked out once per key object: it costs as much as a signature."""
         return Ed25519PublicKey(ed25519_public_key(self.seed))
 
     algorithm = "ed25519-sha256"
@@ -966,27 +968,29 @@ def split_message(message):
     iterator that yields the rest as it comes, never joined.
     """
     if isinstance(message, (bytes, bytearray, memoryview)):
-        data = memoryview(message)
-        if bytes(data[:2]) == b"\r\n":
-            return b"", iter([data[2:]])
-        end = bytes(data[:MAX_HEADER_SECTION + 4]).find(b"\r\n\r\n")
+        if isinstance(message, memoryview):
+            message = message.tobytes()
+        if message[:2] == b"\r\n":
+            return b"", iter([memoryview(message)[2:]])
+        end = message.find(b"\r\n\r\n", 0, MAX_HEADER_SECTION + 4)   # searched, not copied
         if end < 0:
-            if len(data) > MAX_HEADER_SECTION:
+            if len(message) > MAX_HEADER_SECTION:
                 raise DKIMError("header section longer than %d octets" % MAX_HEADER_SECTION)
-            return bytes(data), iter(())
-        return bytes(data[:end + 2]), iter([data[end + 4:]])
+            return bytes(message), iter(())
+        return bytes(message[:end + 2]), iter([memoryview(message)[end + 4:]])
     blocks = iter(message)
-    header = b""
+    header = bytearray()
     for block in blocks:
-        header += bytes(block)
-        if header.startswith(b"\r\n"):
-            return b"", _chain(header[2:], blocks)
-        end = header.find(b"\r\n\r\n")
+        start = max(0, len(header) - 3)       # a CRLFCRLF may straddle two blocks
+        header += block
+        if header[:2] == b"\r\n":
+            return b"", _chain(bytes(header[2:]), blocks)
+        end = header.find(b"\r\n\r\n", start)
         if end >= 0:
-            return header[:end + 2], _chain(header[end + 4:], blocks)
+            return bytes(header[:end + 2]), _chain(bytes(header[end + 4:]), blocks)
         if len(header) > MAX_HEADER_SECTION:
             raise DKIMError("header section longer than %d octets" % MAX_HEADER_SECTION)
-    return header, iter(())
+    return bytes(header), iter(())
 
 
 def _chain(first, rest):
@@ -1060,7 +1064,7 @@ class BodyHasher:
         self.pending = data[cut + 2:]
         lines = data[:cut + 2]
         if self.method == "relaxed":
-            lines = re.sub(rb"[ \t]+\r\n", b"\r\n", _WSP.sub(b" ", lines))
+            lines = _WSP_AT_LINE_END.sub(b"\r\n", _WSP.sub(b" ", lines))
         if self.midline:                      # the first CRLF ends the line already begun
             end = lines.find(b"\r\n") + 2
             self._emit(lines[:end])
@@ -1211,7 +1215,8 @@ def complete_signature(header, unsigned_field, key):
     digest = hashlib.sha256(data).digest()
     if isinstance(key, RSAPrivateKey):
         return rsa_sign(key, digest)
-    return ed25519_sign(key.seed, digest)      # RFC 8463 3: Ed25519 over the SHA-256 hash
+    # RFC 8463 3: Ed25519 signs the SHA-256 hash, not the data itself.
+    return ed25519_sign(key.seed, digest, key.public.key)
 
 
 def _fold_tags(head, tags):

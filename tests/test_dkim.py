@@ -898,3 +898,49 @@ def test_keygen_as_root_gives_the_key_to_the_spool_owner():
             assert path.stat().st_uid == 65534
     finally:
         shutil.rmtree(top)
+
+
+def test_header_read_from_tiny_blocks_and_from_a_memoryview(ed_key):
+    message = signed(MESSAGE, ed_key, "sel")
+    records = records_for(sel=ed_key)
+    tiny = (message[i:i + 1] for i in range(len(message)))
+    assert [r.result for r in dkim.verify(tiny, DictResolver(records))] == ["pass"]
+    assert [r.result for r in dkim.verify(memoryview(message), DictResolver(records))] == ["pass"]
+    header, body = dkim.split_message(b"\r\nbody only\r\n")
+    assert header == b"" and b"".join(bytes(b) for b in body) == b"body only\r\n"
+
+
+def test_key_lookups_per_message_are_bounded_even_when_more_signatures_are_checked(ed_key):
+    field = dkim.sign(MESSAGE, ed_key, "example.test", "sel")
+    fields = b"".join(field.replace(b"s=sel", b"s=sel%d" % n) for n in range(8))
+    resolver = DictResolver({})
+    found = dkim.verify(fields + MESSAGE, resolver, max_signatures=8)
+    assert len(resolver.asked) == dkim.MAX_KEY_LOOKUPS
+    assert "more than 5 DNS lookups" in found[-1].reason
+
+
+def test_signed_field_count_and_unknown_tags(ed_key):
+    field = dkim.sign(MESSAGE, ed_key, "example.test", "sel").replace(b"\r\n\t", b" ")
+    many = field.replace(b"h=from:", b"h=" + b"x-a:" * dkim.MAX_SIGNED_FIELDS + b"from:")
+    with pytest.raises(dkim.DKIMError, match="more than 100"):
+        dkim.parse_signature(many)
+    unknown = field.replace(b"v=1;", b"v=1; zz=whatever;")
+    assert dkim.parse_signature(unknown).selector == "sel"          # RFC 6376 3.2: ignored
+
+
+@pytest.mark.parametrize("key,problem", [
+    (dkim.RSAPublicKey((1 << 8200) + 1, 65537), "over 8192"),
+    (dkim.RSAPublicKey((1 << 2047) + 1, (1 << 70) + 1), "exponent"),
+    (dkim.RSAPublicKey((1 << 2047) + 1, 4), "exponent"),
+])
+def test_unusable_rsa_keys_are_permerror(key, problem, ed_key):
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(dkim.public_key_der(key)).decode()
+    field = dkim.sign(MESSAGE, ed_key, "example.test", "sel").replace(b"ed25519-sha256",
+                                                                      b"rsa-sha256")
+    found = dkim.verify(field + MESSAGE, DictResolver({"sel._domainkey.example.test": record}))
+    assert found[0].result == "permerror" and problem in found[0].reason
+
+
+def test_key_files_are_bounded():
+    with pytest.raises(dkim.DKIMError, match="larger than"):
+        dkim.read_private_key(b"\x30" * (dkim.MAX_KEY_FILE + 1))
