@@ -1170,6 +1170,8 @@ def sign(message, key, domain, selector, *, headers=None, canonicalization="rela
     domain = domain.lower().rstrip(".")
     if not _is_domain(domain) or not _is_domain(selector):
         raise ValueError("bad domain %r or selector %r" % (domain, selector))
+    if identity and not _is_subdomain(identity.rpartition("@")[2], domain):
+        raise ValueError("i=%s is not in the domain %s (RFC 6376 3.5)" % (identity, domain))
     header, body = split_message(message)
     fields = parse_header(header)
     counts = {}

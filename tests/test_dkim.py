@@ -377,6 +377,8 @@ def test_signing_covers_the_default_fields_present_and_over_signs_from(rsa_key):
 def test_signing_a_message_without_from_is_refused(ed_key):
     with pytest.raises(dkim.DKIMError):
         dkim.sign(b"To: x@example.org\r\n\r\nbody\r\n", ed_key, "example.test", "sel")
+    with pytest.raises(ValueError, match="i="):
+        dkim.sign(MESSAGE, ed_key, "example.test", "sel", identity="a@elsewhere.test")
 
 
 def test_signing_with_l_and_x(ed_key):
