@@ -67,8 +67,8 @@ __all__ = [
     "generate_rsa_key", "generate_ed25519_key", "private_key_pem", "public_key_der",
     "rsa_sign", "rsa_verify", "ed25519_public_key", "ed25519_sign", "ed25519_verify",
     # canonicalisation, signing, verifying
-    "BodyHasher", "canonicalize_header", "complete_signature", "sign", "verify", "DNSResolver", "key_record_text",
-    "dns_records",
+    "BodyHasher", "canonicalize_header", "complete_signature", "sign", "verify", "DNSResolver",
+    "key_record_text", "dns_records",
     # DMARC and reporting
     "organizational_domain", "from_domain", "evaluate_dmarc", "aligned",
     "authentication_results_fragments", "authentication_results_header",
@@ -107,7 +107,6 @@ MAX_HEADER_FIELDS = 5000          # header fields of one message
 MAX_KEY_FILE = 64 * 1024          # octets of a PEM or DER private key file
 MAX_DER_DEPTH = 8                 # nesting of ASN.1 constructed values
 MAX_DOMAIN_LENGTH = 253           # RFC 1035 2.3.4, in text form without the final dot
-MAX_LABEL_LENGTH = 63             # RFC 1035 2.3.4
 MAX_BODY_LENGTH_TAG = 10 ** 15    # l= values past this are refused (RFC 6376 3.5: 76 digits)
 MAX_TIMESTAMP = 10 ** 12          # t= and x= (RFC 6376 3.5: at least 40 bits; 12 digits kept)
 BLOCK_SIZE = 64 * 1024            # octets canonicalised at a time by BodyHasher
@@ -162,7 +161,7 @@ _FWS = re.compile(r"[ \t\r\n]+")
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")                         # RFC 6376 3.2
 _TAG_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]*(?:[ \t\r\n]+[\x21-\x3a\x3c-\x7e]+)*\Z")
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
-_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")   # RFC 1035 2.3.4: 63
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")                     # RFC 5322 2.2
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 _PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
@@ -1387,7 +1386,8 @@ def verify(message, resolver=None, *, now=None, timeout=DEFAULT_TIMEOUT,
         result.result, result.reason = _check(signature, record, fields, hasher,
                                               digests[(signature.body_canon, signature.length)])
         if record.testing:
-            result.reason = (result.reason + "; " if result.reason else "") + "key in testing mode (t=y)"
+            note = "key in testing mode (t=y)"
+            result.reason = "%s; %s" % (result.reason, note) if result.reason else note
     return [result for result, _, _ in checks]
 
 

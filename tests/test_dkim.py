@@ -100,6 +100,7 @@ def test_rfc8463_example_signed_again_with_its_key_gives_the_same_b():
     header, _ = dkim.split_message(message)
     fields = dkim.parse_header(header)
     example = fields[0][1]
+    assert dkim.parse_signature(example).timestamp == RFC8463_TIME
     unsigned = re.sub(rb"b=[^;]*\Z", b"b=", example[:-2]) + b"\r\n"
     key = dkim.Ed25519PrivateKey(base64.b64decode(RFC8463_ED25519_SEED))
     value = dkim.complete_signature(fields[2:], unsigned, key)
