@@ -1333,8 +1333,10 @@ def verify(message, resolver=None, *, now=None, timeout=DEFAULT_TIMEOUT,
     signature checked (the first MAX_SIGNATURES from the top; the rest are ignored), or
     [DKIMResult("none")] when there is none.
 
-    MESSAGE is bytes with CRLF line ends, or an iterable of such blocks; it is read once
-    and its body streamed. RESOLVER: a DNSResolver, a dnsmx.Resolver or anything with
+    MESSAGE is bytes with CRLF line ends, or an iterable of such blocks (a spooled file
+    read in blocks, say); it is read once, and its body streamed only when some signature
+    got as far as its key (a caller feeding blocks must not count on the body being read).
+    RESOLVER: a DNSResolver, a dnsmx.Resolver or anything with
     txt(name); None asks dnsmx's default resolver. NOW is the time for x= (default the
     clock); TIMEOUT the DNS time for the whole message. Nothing in the message or in DNS
     makes this raise, but a header section past MAX_HEADER_SECTION is a permerror."""
