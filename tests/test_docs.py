@@ -20,6 +20,8 @@ COMMANDS = [
     ["mta.py", "delete"], ["mta.py", "sendmail"], ["smtp_out.py"], ["pop3d.py"],
     ["mailbox_store.py"], ["mailbox_store.py", "del-user"], ["dnsmx.py"], ["spf.py"],
     ["mail_client.py", "send"], ["mail_client.py", "fetch"],
+    ["dkim.py"], ["dkim.py", "keygen"], ["dkim.py", "sign"], ["dkim.py", "verify"],
+    ["dkim.py", "dmarc"],
 ]
 
 
