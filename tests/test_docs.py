@@ -98,3 +98,15 @@ def test_no_stray_patch_or_backup_files_are_tracked():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                              timeout=30).stdout.split()
     assert not [name for name in tracked if name.endswith((".orig", ".rej", ".bak", "~"))]
+
+
+def test_every_test_named_in_rfc_coverage_exists():
+    with open(os.path.join(ROOT, "RFC-COVERAGE.md"), encoding="utf-8") as f:
+        named = set(re.findall(r"tests/(test_\w+)\.py::(test_\w+)", f.read()))
+    assert len(named) > 100
+    missing = []
+    for module, test in sorted(named):
+        with open(os.path.join(ROOT, "tests", module + ".py"), encoding="utf-8") as f:
+            if not re.search(r"(?m)^def %s\(" % test, f.read()):
+                missing.append("%s::%s" % (module, test))
+    assert not missing
