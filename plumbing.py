@@ -1317,6 +1317,18 @@ def load_config(section, defaults, args=None, path=None):
     return config
 
 
+def settings_of(defaults, config=None):
+    """A server's settings from config, a dict with any keys of defaults, each a value or
+    the text an INI file holds; the other keys keep their defaults. Keys defaults does not
+    have pass through unchanged (for a caller's own)."""
+    settings = dict(defaults)
+    for key, value in (config or {}).items():
+        if key in defaults:
+            value = config_value(key, value, defaults[key])
+        settings[key] = value
+    return settings
+
+
 def config_text(value) -> str:
     """A setting as the INI file writes it: yes/no, a comma-separated list, or the text."""
     if isinstance(value, bool):

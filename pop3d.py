@@ -437,32 +437,45 @@ class POP3Handler(plumbing.ConnectionHandler):
 # --- Server ---
 
 class POP3Server(plumbing.ThreadedServer):
-    """A POP3 listener over a mailbox_store.Store; start it on port 0 in tests."""
+    """A POP3 listener over a mailbox_store.Store; start it on port 0 in tests.
+
+    POP3Server((host, port), config) takes a dict with any keys of DEFAULTS (the rest keep
+    their defaults), as smtp_in.SMTPServer does: POP3Server(("127.0.0.1", 0), {"spool": DIR,
+    "idle_timeout": 10}). store is a mailbox_store.Store (made from the config when None);
+    tls_context overrides tls_cert/tls_key; implicit_tls makes a POP3S listener (RFC 8314);
+    anvil is shared between listeners; failure_delay(failures) gives the pause before a
+    failed login's reply.
+    """
 
     busy_reply = BUSY
     handler_class = POP3Handler
 
-    def __init__(self, address, store, *, hostname=None, tls_context=None, implicit_tls=False,
-                 allow_plaintext_auth=False, idle_timeout=DEFAULTS["idle_timeout"],
-                 max_connections=DEFAULTS["max_connections"],
-                 max_per_address=DEFAULTS["max_per_address"],
-                 max_auth_failures=MAX_AUTH_FAILURES,
-                 failure_delay=plumbing.auth_failure_delay, anvil=None,
-                 stress_threshold=DEFAULTS["stress_threshold"],
-                 stress_idle_timeout=DEFAULTS["stress_idle_timeout"],
-                 stress_session_timeout=DEFAULTS["stress_session_timeout"],
-                 bind_and_activate=True):
+    def __init__(self, address, config=None, *, store=None, tls_context=None,
+                 implicit_tls=False, anvil=None, failure_delay=plumbing.auth_failure_delay,
+                 max_auth_failures=MAX_AUTH_FAILURES, bind_and_activate=True):
+        settings = plumbing.settings_of(DEFAULTS, config)
+        if store is None:
+            store = mailbox_store.Store(plumbing.spool_path(settings["spool"]),
+                                        settings["domain"], settings["hostname"] or None)
+        if tls_context is None and settings["tls_cert"]:
+            tls_context = plumbing.server_tls_context(settings["tls_cert"],
+                                                      settings["tls_key"] or settings["tls_cert"])
+        if implicit_tls and tls_context is None:
+            raise ValueError("an implicit TLS listener needs tls_cert and tls_key")
         self.store = store
-        self.hostname = hostname or store.hostname
-        self.allow_plaintext_auth = allow_plaintext_auth
+        self.hostname = settings["hostname"] or store.hostname
+        self.allow_plaintext_auth = bool(settings["allow_plaintext_auth"])
         self.max_auth_failures = max_auth_failures
         self.failure_delay = failure_delay
-        super().__init__(address, self.handler_class, max_connections=max_connections,
-                         max_per_address=max_per_address, idle_timeout=idle_timeout,
+        super().__init__(address, self.handler_class,
+                         max_connections=int(settings["max_connections"]),
+                         max_per_address=int(settings["max_per_address"]),
+                         idle_timeout=float(settings["idle_timeout"]),
                          tls_context=tls_context, implicit_tls=implicit_tls,
-                         stress_threshold=stress_threshold,
-                         stress_idle_timeout=stress_idle_timeout,
-                         stress_session_timeout=stress_session_timeout, anvil=anvil,
+                         stress_threshold=float(settings["stress_threshold"]),
+                         stress_idle_timeout=float(settings["stress_idle_timeout"]),
+                         stress_session_timeout=float(settings["stress_session_timeout"]),
+                         anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
 
 
@@ -494,20 +507,14 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print("pop3d: %s" % exc, file=sys.stderr)
         return 1
-    options = dict(tls_context=tls_context, idle_timeout=config["idle_timeout"],
-                   allow_plaintext_auth=config["allow_plaintext_auth"],
-                   max_connections=config["max_connections"],
-                   max_per_address=config["max_per_address"], anvil=anvil,
-                   stress_threshold=config["stress_threshold"],
-                   stress_idle_timeout=config["stress_idle_timeout"],
-                   stress_session_timeout=config["stress_session_timeout"])
     servers = []
     for key, port, implicit in (("listen", POP3_PORT, False), ("pop3s_listen", POP3S_PORT, True)):
         if not config[key]:
             continue
         try:
-            servers.append(POP3Server(plumbing.parse_hostport(config[key], port), store,
-                                      implicit_tls=implicit, **options))
+            servers.append(POP3Server(plumbing.parse_hostport(config[key], port), config,
+                                      store=store, tls_context=tls_context,
+                                      implicit_tls=implicit, anvil=anvil))
         except (OSError, ValueError) as exc:
             print("pop3d: cannot listen on %s: %s" % (config[key], exc), file=sys.stderr)
             for server in servers:

@@ -1376,11 +1376,7 @@ class SMTPServer(plumbing.ThreadedServer):
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
                  implicit_tls=False, reverse_lookup=None, spf_resolver=None, anvil=None,
                  bind_and_activate=True):
-        settings = dict(DEFAULTS)
-        for key, value in (config or {}).items():      # values, or text as in the INI file
-            if key in DEFAULTS:
-                value = plumbing.config_value(key, value, DEFAULTS[key])
-            settings[key] = value
+        settings = plumbing.settings_of(DEFAULTS, config)
         self.spool_dir = plumbing.spool_path(str(settings["spool"]))
         self.hostname = settings["hostname"] or socket.getfqdn()
         self.domains = [domain.lower() for domain in settings["domain"]]

@@ -68,9 +68,9 @@ def start_pop3(store, servers, tls_files):
 
     def start(tls=True, implicit_tls=False):
         context = plumbing.server_tls_context(*tls_files) if tls else None
-        server = pop3d.POP3Server(("127.0.0.1", 0), store, hostname=HOSTNAME,
-                                  tls_context=context, implicit_tls=implicit_tls,
-                                  idle_timeout=10.0, failure_delay=lambda failures: 0.0,
+        server = pop3d.POP3Server(("127.0.0.1", 0), {"hostname": HOSTNAME, "idle_timeout": 10.0},
+                                  store=store, tls_context=context, implicit_tls=implicit_tls,
+                                  failure_delay=lambda failures: 0.0,
                                   anvil=plumbing.Anvil(exempt=["127.0.0.1"]))
         return serve(server, servers)
 

@@ -267,7 +267,8 @@ def start_pop3(pop3_store):
     def start(**options):
         options.setdefault("failure_delay", lambda failures: 0)
         options.setdefault("idle_timeout", 10)
-        server = pop3d.POP3Server(("127.0.0.1", 0), pop3_store, **options)
+        keywords = {key: options.pop(key) for key in list(options) if key not in pop3d.DEFAULTS}
+        server = pop3d.POP3Server(("127.0.0.1", 0), options, store=pop3_store, **keywords)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
         return server

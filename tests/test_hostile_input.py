@@ -96,7 +96,7 @@ def pop3_server(tmp_path_factory):
     store = mailbox_store.Store(str(tmp_path_factory.mktemp("hostile-pop3") / "spool"),
                                 ["example.com"], hostname="mx.example.com")
     store.add_user("alice@example.com", "alice pw")
-    server = start(pop3d.POP3Server(("127.0.0.1", 0), store, idle_timeout=10,
+    server = start(pop3d.POP3Server(("127.0.0.1", 0), {"idle_timeout": 10}, store=store,
                                     failure_delay=lambda failures: 0,
                                     anvil=pop3d.plumbing.Anvil(penalty=0)))
     yield server

@@ -45,7 +45,8 @@ def start(store):
         # Tests make many failures from 127.0.0.1; tests/test_anvil.py covers the anvil.
         options.setdefault("anvil", plumbing.Anvil(exempt=["127.0.0.1"]))
         options.setdefault("idle_timeout", 10)
-        server = server_class(("127.0.0.1", 0), store, **options)
+        keywords = {key: options.pop(key) for key in list(options) if key not in pop3d.DEFAULTS}
+        server = server_class(("127.0.0.1", 0), options, store=store, **keywords)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
         return server
@@ -374,8 +375,8 @@ def test_an_old_n_2_14_hash_becomes_n_2_17_at_the_next_pop3_login(tmp_path, monk
     users.write_text("%s:%s\n" % (ALICE, old))
     monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 17)     # the production default
     store = mailbox_store.Store(str(spool), ["example.com"], hostname="mx.example.com")
-    server = pop3d.POP3Server(("127.0.0.1", 0), store, failure_delay=lambda failures: 0,
-                              idle_timeout=10)
+    server = pop3d.POP3Server(("127.0.0.1", 0), {"idle_timeout": 10}, store=store,
+                              failure_delay=lambda failures: 0)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         with pytest.raises(poplib.error_proto):
