@@ -656,3 +656,34 @@ def test_the_lock_free_log_handler_writes_what_a_stream_handler_writes(tmp_path)
         plain.flush()
     assert fast_path.read_bytes() == plain_path.read_bytes()
     assert fast_path.read_bytes().count(b"\n") == 3
+
+
+class PlainEchoServer(EchoServer):
+    worker_pool = False
+
+
+@pytest.mark.parametrize("server_class", [EchoServer, PlainEchoServer], ids=["pool", "plain"])
+def test_the_worker_pool_serves_sessions_as_a_thread_per_connection_does(server_class):
+    server = server_class(("127.0.0.1", 0), EchoHandler, max_connections=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seen = []
+        for round_ in range(2):                      # a second round reuses pooled workers
+            clients = [connect(server) for _ in range(4)]
+            for sock, f in clients:                  # all four at once: one thread each
+                assert f.readline() == b"+OK ready\r\n"
+                sock.sendall(b"THREAD\r\nx %d\r\n" % round_)
+            for sock, f in clients:
+                seen.append(f.readline())
+                assert f.readline() == b"LINE CRLF x %d\r\n" % round_
+            assert len(set(seen[-4:])) == 4
+            sock5, f5 = connect(server)              # a fifth is over the cap either way
+            assert f5.readline() == b"-ERR [SYS/TEMP] busy\r\n"
+            sock5.close()
+            for sock, f in clients:
+                sock.sendall(b"QUIT\r\n")
+                assert f.readline() == b"+OK bye\r\n"
+                sock.close()
+            wait_for(lambda: server.active_connections() == 0, 5, "the sessions to end")
+    finally:
+        server.stop(grace=0.2)
