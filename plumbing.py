@@ -51,7 +51,8 @@ __all__ = [
     "config_value", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
     "is_loopback", "is_spool", "load_config", "log_config", "log_internal_error",
     "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
-    "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "setup_logging",
+    "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
+    "setup_logging",
     "spool_path", "stderr_is_journal", "wait_readable",
 ]
 

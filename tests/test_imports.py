@@ -81,3 +81,10 @@ def test_the_import_graph_has_no_cycle():
             visit(child, trail + [node])
     for node in graph:
         visit(node, [])
+
+
+def test_tests_take_their_helpers_from_support_not_conftest():
+    tests = pathlib.Path(__file__).resolve().parent
+    offenders = [path.name for path in tests.glob("*.py")
+                 if any(root == "conftest" for _, root in imported_roots(path))]
+    assert not offenders
