@@ -218,9 +218,17 @@ def test_a_day_in_the_life_leaves_every_process_and_file_to_the_user(base):
             return None
         wait_for(lambda: deferred_id() is not None, 30, "the remote message to be deferred")
         queue_id = deferred_id()
+        result = tool("mta.py", "--spool", spool, "flush")
+        assert result.returncode == 0 and b"1 deferred message flushed" in result.stdout, result
+        wait_for(lambda: deferred_id() is not None, 30, "the flushed message to be deferred again")
         result = tool("mta.py", "--spool", spool, "delete", queue_id)
         assert result.returncode == 0 and b"1 message deleted" in result.stdout, result.stderr
         assert b"Mail queue is empty" in tool("mta.py", "--spool", spool, "queue").stdout
+
+        result = tool("mailbox_store.py", "passwd", ALICE, "--spool", spool,
+                      stdin=b"another-pass\n")
+        assert result.returncode == 0, result.stderr
+        assert pop3_messages(deployment.pop3, ALICE, "another-pass")
 
         wrong = not_owned_by(spool, nobody)
         assert not wrong, wrong
