@@ -31,6 +31,7 @@ Run: python3 run_all.py                     (embedded defaults: ./mailspool, loc
 
 import argparse
 import configparser
+import io
 import logging
 import os
 import signal
@@ -239,12 +240,9 @@ def settings_text(name, settings):
     """The INI text of one child's settings, in the section its role reads."""
     parser = configparser.ConfigParser(interpolation=None)
     parser[CHILDREN[name][1]] = {key: plumbing.config_text(value) for key, value in settings.items()}
-    lines = []
-
-    class Lines:
-        write = lines.append
-    parser.write(Lines)
-    return "".join(lines)
+    text = io.StringIO()
+    parser.write(text)
+    return text.getvalue()
 
 
 def write_child_config(path, text, owner=None):
