@@ -48,7 +48,7 @@ __all__ = [
     "ClientConnection", "ConnectionHandler", "Line", "LineReader", "LoginThrottled",
     "READ_BLOCK", "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL",
     "ThreadedServer", "add_options", "auth_failure_delay", "become_spool_owner", "config_text",
-    "config_value", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
+    "config_value", "daemon_settings", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
     "is_loopback", "is_spool", "load_config", "log_config", "log_internal_error",
     "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
     "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
@@ -1293,6 +1293,19 @@ def config_value(key, text, default):
         except ValueError:
             raise ValueError("%s: not a number: %r" % (key, text)) from None
     return text
+
+
+def daemon_settings(role, description, defaults, help_texts, argv=None):
+    """The opening every daemon's main() shares: its command line (--help and usage errors
+    end the process, as argparse does), then its settings (defaults, config file, flags)
+    with the spool found (spool_path), and the process kept to its CPUs. Raises ValueError
+    with a line for the role to print."""
+    parser = argparse.ArgumentParser(prog=role + ".py", description=description)
+    args = add_options(parser, defaults, help_texts).parse_args(argv)
+    config = load_config(role, defaults, args)
+    config["spool"] = spool_path(config["spool"])
+    run_on_cpus(config["cpus"])
+    return config
 
 
 def read_ini(path):

@@ -11,7 +11,6 @@ checked. A user name that is not valid UTF-8 is an ordinary failed login.
 Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 """
 
-import argparse
 import logging
 import socket
 import sys
@@ -480,14 +479,9 @@ class POP3Server(plumbing.ThreadedServer):
 
 
 def main(argv=None):
-    parser = plumbing.add_options(argparse.ArgumentParser(
-        prog="pop3d.py", description="POP3 server over the Maildir store (RFC 1939)."), DEFAULTS,
-        HELP)
-    args = parser.parse_args(argv)
     try:
-        config = plumbing.load_config("pop3d", DEFAULTS, args)
-        config["spool"] = plumbing.spool_path(config["spool"])
-        plumbing.run_on_cpus(config["cpus"])
+        config = plumbing.daemon_settings(
+            "pop3d", "POP3 server over the Maildir store (RFC 1939).", DEFAULTS, HELP, argv)
         anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process
     except ValueError as exc:
         print("pop3d: %s" % exc, file=sys.stderr)

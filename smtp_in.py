@@ -39,7 +39,6 @@ Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain exa
          --tls-cert cert.pem --tls-key key.pem --smtps-listen 0.0.0.0:465 --domain example.com
 """
 
-import argparse
 import datetime
 import errno
 import ipaddress
@@ -1417,14 +1416,9 @@ class SMTPServer(plumbing.ThreadedServer):
 # --- Command line ---
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="smtp_in.py", description="Inbound SMTP server: MX and submission (RFC 5321).")
-    plumbing.add_options(parser, DEFAULTS, HELP)
-    args = parser.parse_args(argv)
     try:
-        config = plumbing.load_config("smtp_in", DEFAULTS, args)
-        config["spool"] = plumbing.spool_path(config["spool"])
-        plumbing.run_on_cpus(config["cpus"])
+        config = plumbing.daemon_settings(
+            "smtp_in", "Inbound SMTP server: MX and submission (RFC 5321).", DEFAULTS, HELP, argv)
         parse_networks(config["relay_network"])
         spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
         anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process

@@ -29,7 +29,6 @@ Run: python3 smtp_out.py --spool /var/spool/mail [--dns 127.0.0.1:53] [--remote-
      python3 smtp_out.py --spool DIR --relay-host smtp.example.net:587 --relay-auth-file F
 """
 
-import argparse
 import base64
 import collections
 import dataclasses
@@ -1362,14 +1361,10 @@ def read_credentials(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="smtp_out.py", description="Deliver the outbound queue through DNS MX or a relay host.")
-    plumbing.add_options(parser, DEFAULTS, HELP)
-    args = parser.parse_args(argv)
     try:
-        config = plumbing.load_config("smtp_out", DEFAULTS, args)
-        config["spool"] = plumbing.spool_path(config["spool"])
-        plumbing.run_on_cpus(config["cpus"])
+        config = plumbing.daemon_settings(
+            "smtp_out", "Deliver the outbound queue through DNS MX or a relay host.", DEFAULTS,
+            HELP, argv)
     except ValueError as exc:
         print("smtp_out: %s" % exc, file=sys.stderr)
         return 1
