@@ -38,7 +38,6 @@ Run: python3 dkim.py keygen --domain D --selector S [--algorithm rsa|ed25519] [-
      python3 dkim.py dmarc --from DOMAIN [--spf-result R --spf-domain D] [--dkim-domain D]
 """
 
-import argparse
 import base64
 import functools
 import hashlib
@@ -1738,17 +1737,12 @@ def authentication_results_header(hostname, fragments):
 
 
 def _argument_parser():
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.print_usage(sys.stderr)
-            self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
-
-    parser = Parser(prog="dkim.py",
+    parser = dnsmx.usage_parser(prog="dkim.py",
                     description="DKIM keys, signing and verifying (RFC 6376, 8463) and DMARC "
                                 "checks (RFC 7489).",
                     epilog="Exit status: 0 success (verify: every signature passed; dmarc: "
                            "pass), 1 otherwise, 64 bad command line.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=type(parser))
     commands.required = True
     spool_help = "the spool whose dkim/ folder holds the keys (default: $%s, else %s)" % (
         plumbing.SPOOL_ENV, plumbing.LOCAL_SPOOL)

@@ -34,7 +34,7 @@ __all__ = [
     "normalize_name", "reverse_name", "type_code", "type_name",
     "build_query", "parse_message", "PacketReader", "format_record", "format_rdata",
     "TTLCache",
-    "parse_server", "read_resolv_conf", "main",
+    "parse_server", "read_resolv_conf", "usage_parser", "main",
 ]
 
 # --- Constants ---
@@ -1430,7 +1430,11 @@ def resolve_mx(name, server=None, port=DNS_PORT):
 # --- Command line ---
 
 
-def _argument_parser():
+def usage_parser(**options):
+    """An argparse.ArgumentParser(**options) whose usage errors exit with EXIT_USAGE (64,
+    sysexits.h EX_USAGE) instead of argparse's 2; its subcommands' parsers do too. The
+    CLIs of dnsmx, spf and dkim use it. argparse is imported here, not at the top: only the
+    command line needs it."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -1438,10 +1442,16 @@ def _argument_parser():
             self.print_usage(sys.stderr)
             self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
+    return Parser(**options)
+
+
+def _argument_parser():
+    import argparse
+
     # argparse makes a HelpFormatter at each add_argument() only to check the metavar, and
     # each would ask the terminal's width, which imports shutil (with bz2 and lzma: ~3 ms).
     # Those get a fixed width; usage and help text, made after, get the terminal's.
-    parser = Parser(
+    parser = usage_parser(
         prog="dnsmx.py",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, width=80),
         description="Look up where mail for a domain goes (MX, RFC 5321 5.1), or any A, "

@@ -15,7 +15,6 @@ A library and an admin CLI, not a daemon; reads DNS only, writes nothing.
 Run: python3 spf.py --ip ADDR --sender ADDR [--helo NAME] [--dns HOST[:PORT]] [--explain]
 """
 
-import argparse
 import functools
 import ipaddress
 import re
@@ -888,12 +887,7 @@ class DNSResolver:
 
 
 def _argument_parser():
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.print_usage(sys.stderr)
-            self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
-
-    parser = Parser(
+    parser = dnsmx.usage_parser(
         prog="spf.py",
         description="Check whether a client address may send mail for a sender's domain "
                     "(SPF, RFC 7208), as a receiving mail server would.",
