@@ -88,3 +88,19 @@ def test_tests_take_their_helpers_from_support_not_conftest():
     offenders = [path.name for path in tests.glob("*.py")
                  if any(root == "conftest" for _, root in imported_roots(path))]
     assert not offenders
+
+
+def test_the_import_graph_is_the_one_the_readme_shows():
+    import re
+    local = {path.stem for path in ROLE_FILES}
+    actual = {path.stem: {name for _, name in imported_roots(path) if name in local} - {path.stem}
+              for path in ROLE_FILES}
+    table = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and re.fullmatch(r"`\w+\.py`", cells[0]):
+            named = set(re.findall(r"`(\w+)`", cells[2]))
+            table[cells[0].strip("`")[:-3]] = named
+    assert set(table) == local
+    assert {name: sorted(table[name]) for name in local} == {
+        name: sorted(actual[name]) for name in local}
