@@ -110,3 +110,23 @@ def test_every_test_named_in_rfc_coverage_exists():
             if not re.search(r"(?m)^def %s\(" % test, f.read()):
                 missing.append("%s::%s" % (module, test))
     assert not missing
+
+
+# Flags the documents name that belong to other programs (certbot, py-spy, swaks, curl,
+# useradd, systemctl, aiosmtpd's peer), or are arrows in the README's picture.
+OTHER_PROGRAMS_FLAGS = {"--deploy-hook", "--gil", "--header", "--mail-from", "--mail-rcpt",
+                        "--upload-file", "--home-dir", "--shell", "--system", "--now",
+                        "--executor", "--password", "--spool--", "--stdin--"}
+
+
+def test_every_flag_the_documents_name_exists():
+    import glob
+    known = set()
+    commands = COMMANDS + [["dkim.py", name] for name in ("keygen", "sign", "verify", "dmarc")]
+    commands += [[os.path.relpath(path, ROOT)] for path in glob.glob(os.path.join(ROOT, "bench", "*.py"))
+                 if "def main" in open(path, encoding="utf-8").read()]
+    commands.append(["bench/peers.py", "install"])
+    for command in commands:
+        known |= help_flags(command)
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", documents()))
+    assert sorted(named - known - OTHER_PROGRAMS_FLAGS - {"--help"}) == []
