@@ -529,6 +529,7 @@ def measure(targets, sizes, concs, modes, args, results):
     header = "%-12s %-7s %7s %4s %6s %10s %14s %10s %14s" % (
         "target", "mode", "size", "conc", "N", "accepted/s", "(min-max)", "deliv/s", "(min-max)")
     peers = [t["name"] for t in targets if t["name"] != "smtp_in"]
+    print("# our roles: --cpus %s (run_all's default is none)" % args.cpus, flush=True)
     print(header + "".join(" %12s" % ("vs " + name) for name in peers), flush=True)
     for mode in modes:
         reuse = mode == "reuse"
@@ -602,8 +603,9 @@ def main(argv=None):
                         help="peak RSS of a fresh smtp_in under 50 sessions x 100 KB")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
     parser.add_argument("--cpus", default="auto",
-                        help="CPUs for our roles, as run_all's --cpus (auto: one each, as run_all "
-                             "gives them; none: no binding)")
+                        help="CPUs for our roles, as run_all's --cpus (default auto: one each, "
+                             "as run_all --cpus auto gives them; none: no binding, run_all's "
+                             "default)")
     parser.add_argument("--no-router", action="store_true",
                         help="do not run mta.py's router beside smtp_in (acceptance alone)")
     parser.add_argument("--json", help="write every raw run here")
