@@ -7,7 +7,6 @@ into each test's spool.
 
 import mailbox
 import os
-import shutil
 import socket
 import threading
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 import mailbox_store
+from support import spool_copy, spool_template
 import plumbing
 import pop3d
 import smtp_in
@@ -28,18 +28,12 @@ USERS = {"alice@example.com": "alice-secret", "bob@example.com": "bob-secret",
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory):
     """A spool with the users above; copy it, never change it."""
-    spool = tmp_path_factory.mktemp("template-spool")
-    store = mailbox_store.Store(str(spool), [DOMAIN], HOSTNAME)
-    for address, password in USERS.items():
-        store.add_user(address, password)
-    return spool
+    return spool_template(tmp_path_factory, DOMAIN, HOSTNAME, USERS)
 
 
 @pytest.fixture
 def spool(tmp_path, store_template):
-    path = tmp_path / "spool"
-    shutil.copytree(str(store_template), str(path))
-    return path
+    return spool_copy(store_template, tmp_path)
 
 
 @pytest.fixture

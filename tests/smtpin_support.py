@@ -5,7 +5,6 @@ slow on purpose) and copied into each test's spool.
 """
 
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -13,6 +12,7 @@ import threading
 import pytest
 
 import mailbox_store
+from support import spool_copy, spool_template
 import mta
 import smtp_in
 
@@ -25,20 +25,12 @@ ALIASES = {"sales": ["alice@example.com"]}
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory):
     """A spool with the users and aliases above; copy it, never change it."""
-    spool = tmp_path_factory.mktemp("template-spool")
-    store = mailbox_store.Store(str(spool), [DOMAIN], HOSTNAME)
-    for address, password in USERS.items():
-        store.add_user(address, password)
-    for name, targets in ALIASES.items():
-        store.add_alias(name, targets)
-    return spool
+    return spool_template(tmp_path_factory, DOMAIN, HOSTNAME, USERS, ALIASES)
 
 
 @pytest.fixture
 def spool(tmp_path, store_template):
-    path = tmp_path / "spool"
-    shutil.copytree(str(store_template), str(path))
-    return path
+    return spool_copy(store_template, tmp_path)
 
 
 @pytest.fixture

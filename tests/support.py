@@ -80,3 +80,24 @@ def openssl_starttls(openssl, port, protocol, lines):
     time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
     stdout, _ = client.communicate(lines, timeout=20)
     return stdout
+
+
+def spool_template(tmp_path_factory, domain, hostname, users, aliases=None):
+    """A spool holding users ({address: password}) and aliases ({name: [targets]}), made
+    once per test session (each password costs a hash): copy it with spool_copy(), never
+    change it."""
+    import mailbox_store
+    spool = tmp_path_factory.mktemp("template-spool")
+    store = mailbox_store.Store(str(spool), [domain], hostname)
+    for address, password in users.items():
+        store.add_user(address, password)
+    for name, targets in (aliases or {}).items():
+        store.add_alias(name, targets)
+    return spool
+
+
+def spool_copy(template, tmp_path):
+    """A test's own copy of a spool_template() at tmp_path/spool."""
+    path = tmp_path / "spool"
+    shutil.copytree(str(template), str(path))
+    return path
