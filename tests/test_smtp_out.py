@@ -1053,3 +1053,17 @@ def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     (key,) = box.keys()
     delivered = box.get_bytes(key)
     assert delivered.endswith(message) and b"Received: from " in delivered
+
+
+def test_prepended_header_fields_are_sent_on_top_and_counted_in_size(tmp_path, sinks):
+    fields = "DKIM-Signature: v=1; d=local.test;\r\n\tb=c2lnbmF0dXJl\r\n"
+    message = b"From: sender@local.test\r\nSubject: signed\r\n\r\nbody\r\n"
+    sink = sinks()
+    spool = Spool(tmp_path)
+    spool.queue.enqueue(SENDER, ["far@two.test"], message, prepend=fields)
+    spool.route()
+    assert spool.deliver(relay_config(sink)) == 1
+    (received,) = sink.wait_for(1)
+    assert received.data == fields.encode() + message
+    assert "SIZE=%d" % len(received.data) in received.mail_params
+    assert spool.queued() == 0
