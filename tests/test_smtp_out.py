@@ -1011,7 +1011,7 @@ def test_mx_pointing_at_our_own_smtp_in_bounces_once_with_5_4_6_instead_of_loopi
     import smtp_in
     spool = Spool(tmp_path, clock=time.time)
     server = smtp_in.SMTPServer(("127.0.0.1", 0), {
-        "spool": spool.path, "domain": ["local.test"], "hostname": HOSTNAME, "spf": "off",
+        "spool": spool.path, "domain": ["local.test"], "hostname": HOSTNAME, "spf": "off", "dmarc": "off",
         "relay_network": ["127.0.0.0/8"]}, store=spool.store)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
@@ -1033,7 +1033,8 @@ def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     remote_store = mailbox_store.Store(str(remote), ["two.test"], "mx1.two.test")
     remote_store.add_user("u@two.test", "password-2")
     server = smtp_in.SMTPServer(("127.0.0.2", 0), {"spool": str(remote), "domain": ["two.test"],
-                                                    "hostname": "mx1.two.test", "spf": "off"},
+                                                    "hostname": "mx1.two.test", "spf": "off",
+                                                    "dmarc": "off"},
                                 store=remote_store)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
