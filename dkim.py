@@ -74,6 +74,8 @@ __all__ = [
     "organizational_domain", "from_domain", "evaluate_dmarc", "aligned",
     "authentication_results_fragments", "authentication_results_header",
     "to_crlf", "spool_key", "main",
+    # constants
+    "DEFAULT_TIMEOUT",
 ]
 
 # --- Constants ---
