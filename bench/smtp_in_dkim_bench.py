@@ -31,6 +31,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import dkim  # noqa: E402
+import mailbox_store  # noqa: E402
 import smtp_in  # noqa: E402
 from dnsmasq_server import start_dnsmasq, txt_record  # noqa: E402
 
@@ -86,8 +87,11 @@ def main(argv=None):
     try:
         with start_dnsmasq(zone) as dns:
             for name, settings in SETTINGS.items():
+                where = os.path.join(spool, name)
+                mailbox_store.Store(where, ["example.test"]).add_user("bob@example.test",
+                                                                      "bench-password")
                 server = smtp_in.SMTPServer(("127.0.0.1", 0), dict(
-                    settings, spool=os.path.join(spool, name), domain=["example.test"],
+                    settings, spool=where, domain=["example.test"],
                     hostname="mx.example.test", spf="off", dns=dns.address,
                     max_commands=10 * args.count + 10, anvil_exempt=["127.0.0.1"]))
                 threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
