@@ -47,6 +47,7 @@ import random
 import re
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -71,7 +72,9 @@ __all__ = [
     # DMARC and reporting
     "organizational_domain", "from_domain", "evaluate_dmarc", "aligned",
     "authentication_results_fragments", "authentication_results_header",
-    "to_crlf", "main",
+    "to_crlf", "spool_key", "main",
+    # constants
+    "DEFAULT_TIMEOUT",
 ]
 
 # --- Constants ---
@@ -118,6 +121,7 @@ MAX_CLI_MESSAGE = 64 << 20        # octets `sign` reads from stdin (it must prin
 PEM_LINE = 64                     # RFC 7468 2: base64 characters per PEM line
 
 DKIM_SUBDIR = "dkim"              # SPOOL/dkim/DOMAIN/SELECTOR.key
+KEY_SUFFIX = ".key"
 KEY_FILE_MODE = 0o600
 KEY_DIR_MODE = 0o700
 RECOMMENDED_SPF = "v=spf1 mx -all"
@@ -1481,6 +1485,56 @@ def dns_records(key, domain, selector):
         "%s. IN TXT %s" % (domain, _zone_strings(RECOMMENDED_SPF)),
         "_dmarc.%s. IN TXT %s" % (domain, _zone_strings(RECOMMENDED_DMARC)),
     ]
+
+
+# --- Signing keys in the spool ---
+
+_spool_keys = {}                  # path -> (mtime_ns, size, key): keys read, by path and mtime
+_spool_keys_lock = threading.Lock()
+
+
+def spool_key(spool, domain):
+    """(selector, private key) to sign mail from DOMAIN with, or None when it has no key:
+    the newest SPOOL/dkim/DOMAIN/SELECTOR.key by mtime (a key just made by keygen takes
+    over at once; the older ones stay for their records to be withdrawn later). A key is
+    read once per path and mtime. Raises DKIMError for a broken key, OSError when the
+    folder or file cannot be read."""
+    domain = (domain or "").lower().rstrip(".")
+    if not _is_domain(domain):
+        return None
+    folder = os.path.join(spool, DKIM_SUBDIR, domain)
+    candidates = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return None
+    for name in names:
+        selector = name[:-len(KEY_SUFFIX)]
+        if name.endswith(KEY_SUFFIX) and _is_domain(selector):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            candidates.append((st.st_mtime_ns, selector, st))
+    if not candidates:
+        return None
+    _, selector, st = max(candidates)
+    path = os.path.join(folder, selector + KEY_SUFFIX)
+    with _spool_keys_lock:
+        cached = _spool_keys.get(path)
+    if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
+        return selector, cached[2]
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise DKIMError("%s: longer than %d octets" % (path, MAX_KEY_FILE))
+    try:
+        key = read_private_key(data)
+    except ValueError as exc:             # DKIMError, or base64 and text decoding
+        raise DKIMError("%s: %s" % (path, exc)) from None
+    with _spool_keys_lock:
+        _spool_keys[path] = (st.st_mtime_ns, st.st_size, key)
+    return selector, key
 
 
 # --- DMARC (RFC 7489) ---

@@ -64,6 +64,17 @@ bounce.
     {"event": "notified", "rcpt": 1, "action": "failed", "dsn_id": "018A5F..."}
     {"event": "flush", "at": ...}
 
+A "prepend" record, {"event": "prepend", "text": "DKIM-Signature: ...\r\n\tb=...\r\n"},
+holds header fields known only once the whole message was read (smtp_in's DKIM and DMARC
+results, a DKIM-Signature): QueueWriter.commit() writes it as the first record, right
+after the message and before the fsync, so the message is never rewritten. Every reader
+goes through MessageFile, which puts its text on top of the message (blocks(), len(),
+header()): local delivery, smtp_out, a DSN's returned header. Message-Size stays the
+octets as received; `mta.py queue` shows the file's size on disk, record included. Its
+text must be whole header fields with CRLF line ends, at most MAX_PREPEND octets
+(check_prepend()); one that is not, or that comes after another record, is a bad record,
+skipped. A file without one reads as the message alone, as before.
+
 Each record is one line (the long ones above are folded to fit the page). A "route"
 record turns one envelope recipient (from) into final recipients numbered from rcpt on; kind is
 local, remote or error (an error carries its "reply" and is failed at once). "mta" is the
@@ -148,6 +159,7 @@ from email.policy import compat32
 from queue import SimpleQueue
 from typing import Callable, Optional
 
+import dkim
 import mailbox_store
 import plumbing
 
@@ -155,7 +167,8 @@ __all__ = [
     "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING",
     "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
-    "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
+    "RETRY_SCHEDULE", "build_dsn", "check_prepend", "dkim_signature", "enqueue", "main",
+    "parse_queue_file",
     "parse_retry_schedule", "prepare_submission", "retry_delay",
     "wake",
 ]
@@ -188,6 +201,7 @@ DEFAULTS = {
     "retry_schedule": ",".join("%dh" % (wait // 3600) if wait % 3600 == 0 else "%dm" % (wait // 60)
                                for wait in RETRY_SCHEDULE),
     "max_size": 35 * 1024 * 1024,
+    "dkim_sign": "yes",
     "cpus": "",
     "user": "",
     "syslog": False,
@@ -200,6 +214,8 @@ HELP = {                           # the help of the keys plumbing.SHARED_HELP d
     "hop_limit": "Received: fields before a message is bounced as a mail loop (5.4.6)",
     "queue_lifetime": "seconds a message may stay queued before it bounces (4.4.7)",
     "delay_warning": "seconds queued before the sender gets a delay notice (0: never)",
+    "dkim_sign": "yes or no: `sendmail` signs mail whose From domain is local and has a key "
+                 "in SPOOL/dkim/DOMAIN/ (DKIM, RFC 6376)",
 }
 
 # Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
@@ -217,6 +233,7 @@ MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a
 MAX_HEADER = 1024 * 1024           # octets of a message's header the router reads (hops, loops)
 SIZE_WIDTH = 20                    # Message-Size digits, space-padded (2**64 has 20)
 COPY_BLOCK = 64 * 1024             # octets of message read or written at a time
+MAX_PREPEND = 64 * 1024            # octets of header fields a "prepend" record may put on top
 MAX_PENDING_PIECES = 64            # a QueueWriter writes once this many pieces wait (IOV_MAX 1024)
 
 
@@ -242,6 +259,9 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{1,64}\Z")
+# A "prepend" record's text: whole header fields (RFC 5322 2.2: a name of printable
+# characters but colon, then folded lines each ending in CRLF), no other CR, LF or NUL.
+PREPEND_PATTERN = re.compile(r"(?:[!-9;-~]+:[^\r\n\x00]*\r\n(?:[ \t][^\r\n\x00]*\r\n)*)+\Z")
 RETRY_STEP_PATTERN = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)\Z")
 STATUS_PATTERN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 REPLY_STATUS_PATTERN = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
@@ -320,6 +340,8 @@ class QueueState:
     routed: set = field(default_factory=set)           # envelope recipient numbers routed
     torn_tail: int = 0             # octets of an incomplete last record
     bad_records: int = 0
+    prepend: bytes = b""           # header fields read before the message (a "prepend" record)
+    applied: int = 0               # records applied
 
     @property
     def unrouted(self) -> list:
@@ -328,6 +350,15 @@ class QueueState:
     def apply(self, record: dict):
         """Change the state as record says; raises KeyError, IndexError, ValueError, TypeError."""
         event = record["event"]
+        if event == "prepend":
+            # Written by QueueWriter.commit() as the first record; anywhere else it would
+            # change a message already (partly) delivered.
+            if self.applied:
+                raise ValueError("prepend record after another record")
+            self.prepend = check_prepend(record["text"]).encode("utf-8")
+            self.applied += 1
+            return
+        self.applied += 1
         if event == "flush":
             at = float(record["at"])
             for recipient in self.recipients:
@@ -389,6 +420,16 @@ def _index(value, length):
     if not isinstance(value, int) or not 0 <= value < length:
         raise ValueError("recipient number %r out of range" % (value,))
     return value
+
+
+def check_prepend(text: str) -> str:
+    """TEXT when it may go on top of a message: whole header fields with CRLF line ends,
+    at most MAX_PREPEND octets; raises ValueError otherwise."""
+    if not isinstance(text, str) or len(text) > MAX_PREPEND or not PREPEND_PATTERN.match(text):
+        raise ValueError("prepended text is not header fields ending in CRLF, or too long")
+    if len(text.encode("utf-8")) > MAX_PREPEND:
+        raise ValueError("prepended text longer than %d octets" % MAX_PREPEND)
+    return text
 
 
 def valid_queue_id(name: str) -> bool:
@@ -677,8 +718,10 @@ def make_spool(spool_dir: str):
 def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
             queue_id: Optional[str] = None, client_address: Optional[str] = None,
             client_helo: Optional[str] = None, auth_user: Optional[str] = None,
-            protocol: Optional[str] = None, arrival: Optional[float] = None) -> str:
+            protocol: Optional[str] = None, arrival: Optional[float] = None,
+            prepend: str = "") -> str:
     """Write message and envelope durably into queue/incoming/, wake the router, return the id.
+    PREPEND: header fields to go on top of the message (QueueWriter.prepend()).
 
     Raises ValueError, before anything is written, when the message cannot be queued: no
     recipient, an address that is empty (a recipient), not printable, longer than
@@ -692,6 +735,8 @@ def enqueue(spool_dir: str, sender: str, recipients: list, message: bytes, *,
                              client_address=client_address, client_helo=client_helo,
                              auth_user=auth_user, protocol=protocol, arrival=arrival)
         try:
+            if prepend:
+                writer.prepend(prepend)
             writer.write(message)
             return writer.commit()
         except SpoolError as exc:
@@ -714,6 +759,11 @@ class QueueWriter:
     characters, space-padded) is filled in with pwrite() at commit. Then: fsync the file,
     link it to incoming/ID, wake the router, fsync incoming/. Only then does commit()
     return, so a 250 sent after it means the message is on disk.
+
+    Before commit, blocks() reads back what was written so far (for DKIM, which needs the
+    whole message), and prepend() adds header fields to go on top of the message: they
+    are written at commit, right after the message, as the file's first state record
+    ({"event": "prepend", "text": ...}), so the message itself is never rewritten.
 
     The constructor raises ValueError as enqueue() does; every method raises SpoolError
     (an OSError with the cause's errno) when the file cannot be written, and then leaves
@@ -743,6 +793,8 @@ class QueueWriter:
         self.temporary = None
         self.pending = [envelope_bytes(self.envelope)]     # not written yet, envelope first
         self.pending_size = 0          # octets of message in pending
+        self.message_offset = 0        # where the message starts in the file, once created
+        self.prepended = ""            # header fields for the "prepend" record
         self.closed = False
         self.committed = False
         try:
@@ -781,6 +833,30 @@ class QueueWriter:
             except OSError as exc:
                 self._fail(exc)
 
+    def prepend(self, text: str):
+        """Put header fields (CRLF line ends) on top of the message, above any prepended
+        before; ValueError when they are not header fields or too long (check_prepend())."""
+        self._check_open()
+        self.prepended = check_prepend(check_prepend(text) + self.prepended)
+
+    def blocks(self, block_size: int = COPY_BLOCK):
+        """Yield the message written so far, in blocks, as it will be queued (without
+        what prepend() adds); for use before commit()."""
+        self._check_open()
+        pending = self.pending[1:] if self.fd is None else list(self.pending)
+        on_disk = self.size - self.pending_size
+        try:
+            for offset in range(0, on_disk, block_size):
+                size = min(block_size, on_disk - offset)
+                data = os.pread(self.fd, size, self.message_offset + offset)
+                if len(data) < size:
+                    raise OSError(errno.EIO, "queue file shorter than what was written")
+                yield data
+        except OSError as exc:
+            self._fail(exc)
+        for piece in pending:
+            yield bytes(piece)
+
     def _flush(self):
         if self.fd is None:
             self._create()
@@ -797,7 +873,7 @@ class QueueWriter:
         while True:
             temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.queue_id)
             try:
-                self.fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                self.fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                   0o600)
             except FileExistsError:
                 if not self.own_id:
@@ -806,6 +882,7 @@ class QueueWriter:
                 self.pending[0] = envelope_bytes(self.envelope)
                 continue
             self.temporary = temporary
+            self.message_offset = len(self.pending[0])
             return
 
     def commit(self) -> str:
@@ -821,6 +898,8 @@ class QueueWriter:
         incoming = os.path.join(self.spool_dir, QUEUE_DIR, INCOMING)
         try:
             self.envelope.size = self.size
+            if self.prepended:         # the first state record, right after the message
+                self.pending.append(record_bytes({"event": "prepend", "text": self.prepended}))
             if self.fd is None:        # the envelope is still in memory: write it whole
                 self.pending[0] = envelope_bytes(self.envelope)
                 self._flush()
@@ -1046,6 +1125,10 @@ class MessageFile:
     """The message inside a claimed queue file, read from the file when asked (in blocks),
     never held whole: len() is its size, blocks() copies it, header() is its header.
 
+    The header fields of a "prepend" record (claim.state.prepend) come first: they are
+    part of the message as every reader sees it (counted in len(), yielded first by
+    blocks(), the top of header()), while Message-Size stays the octets as received.
+
     It reads through its claim's descriptor, so it works only while the claim is held;
     start is the message's first octets when they were read already (the claim reads the
     file's first COPY_BLOCK octets with the envelope), not read again.
@@ -1054,11 +1137,13 @@ class MessageFile:
     def __init__(self, claim, start=b""):
         self.claim = claim
         self.start = start
+        self.prefix = claim.state.prepend
 
     def __len__(self):
-        return self.claim.envelope.size
+        return len(self.prefix) + self.claim.envelope.size
 
     def _pread(self, size, offset):
+        """SIZE octets of the message as received, from OFFSET (the prefix not counted)."""
         if offset + size <= len(self.start) and self.claim.fd is not None:
             return self.start[offset:offset + size]
         fd = self.claim.fd
@@ -1071,17 +1156,23 @@ class MessageFile:
         return data
 
     def blocks(self, block_size: int = COPY_BLOCK):
-        """Yield the message in blocks of at most block_size octets."""
-        size = len(self)
+        """Yield the message in blocks of at most block_size octets, the prefix first."""
+        if self.prefix:
+            if self.claim.fd is None:
+                raise ValueError("%s: the claim is released" % self.claim.queue_id)
+            yield self.prefix
+        size = self.claim.envelope.size
         for offset in range(0, size, block_size):
             yield self._pread(min(block_size, size - offset), offset)
 
     def header(self, limit: int = MAX_HEADER) -> bytes:
-        """The message's header section (see header_block()), of at most limit octets read."""
+        """The message's header section (see header_block()), of at most limit octets read,
+        the prefix's fields first."""
         size = min(len(self), limit)
-        data = b""
+        data = self.prefix[:size]
         while len(data) < size:
-            data += self._pread(min(COPY_BLOCK, size - len(data)), len(data))
+            offset = len(data) - len(self.prefix)
+            data += self._pread(min(COPY_BLOCK, size - len(data)), offset)
             if b"\n\n" in data or b"\r\n\r\n" in data:
                 break
         return header_block(data)
@@ -1903,6 +1994,45 @@ def prepare_submission(data: bytes, *, sender: str, queue_id: str, hostname: str
     return b"\r\n".join(out) + b"\r\n", recipients
 
 
+def _header_of(blocks, limit=MAX_HEADER) -> bytes:
+    """The header section at the start of an iterable of blocks, reading no further."""
+    data = b""
+    for block in blocks:
+        data += block
+        if b"\r\n\r\n" in data or len(data) >= limit:
+            break
+    return header_block(data[:limit])
+
+
+def dkim_signature(message, spool_dir: str, is_local_domain: Callable[[str], bool], *,
+                   queue_id: str = "", logger: logging.Logger = log) -> Optional[str]:
+    """The DKIM-Signature field (RFC 6376, text ending in CRLF) for a message whose From
+    domain is local and has a key in SPOOL/dkim/DOMAIN/ (dkim.spool_key()), or None.
+
+    MESSAGE is bytes, or a function giving its blocks anew (read twice: the header for
+    From, then all of it to sign). Relaxed/relaxed, dkim.DEFAULT_SIGNED_HEADERS, From
+    signed once more than it occurs. A broken key is one log line, and no signature:
+    the mail goes unsigned rather than not at all.
+    """
+    blocks = (lambda: (message,)) if isinstance(message, (bytes, bytearray)) else message
+    try:
+        domain = dkim.from_domain(_header_of(blocks()))
+    except dkim.DKIMError:
+        return None                    # no single From address: nothing to sign for
+    if not is_local_domain(domain):
+        return None                    # mail relayed for others is theirs to sign
+    try:
+        found = dkim.spool_key(spool_dir, domain)
+        if found is None:
+            return None
+        selector, key = found
+        return dkim.sign(blocks(), key, domain, selector).decode("ascii")
+    except (OSError, ValueError) as exc:               # dkim.DKIMError is a ValueError
+        logger.error("%s: dkim: cannot sign for %s, sent unsigned (%s)", queue_id or "-",
+                     domain, exc)
+        return None
+
+
 def invoking_user() -> tuple:
     """(uid, login name) of whoever runs the command, before it becomes the spool's owner."""
     uid = os.getuid()
@@ -1964,14 +2094,19 @@ def sendmail(args, config, invoker=None) -> int:
     if not recipients:
         print("mta sendmail: no recipients (give them as arguments, or use -t)", file=sys.stderr)
         return EX_USAGE
+    signature = None
+    if plumbing.config_value("dkim_sign", config["dkim_sign"], False):
+        store = mailbox_store.Store(config["spool"], config["domain"], hostname)
+        signature = dkim_signature(message, config["spool"], store.is_local_domain,
+                                   queue_id=queue_id)
     try:
         enqueue(config["spool"], sender, recipients, message, queue_id=queue_id,
-                auth_user=login, protocol="local")
+                auth_user=login, protocol="local", prepend=signature or "")
     except SpoolError as exc:
         print("mta sendmail: %s" % exc.strerror, file=sys.stderr)
         return EX_TEMPFAIL
-    log.info("%s: uid=%d, from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, uid, sender,
-             len(message), len(recipients))
+    log.info("%s: uid=%d, from=<%s>, size=%d, nrcpt=%d, dkim=%s (queued)", queue_id, uid,
+             sender, len(message), len(recipients), "signed" if signature else "none")
     return EX_OK
 
 
@@ -2145,6 +2280,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         config = plumbing.load_config("mta", DEFAULTS, args)
         parse_retry_schedule(config["retry_schedule"])
+        plumbing.config_value("dkim_sign", config["dkim_sign"], False)
         plumbing.parse_cpus(config["cpus"])
     except UsageError as exc:
         print("mta: %s (see --help)" % exc, file=sys.stderr)

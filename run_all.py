@@ -73,6 +73,7 @@ DEFAULTS = {
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": smtp_in.DEFAULTS["max_size"],
     "spf": smtp_in.DEFAULTS["spf"],
+    "dmarc": smtp_in.DEFAULTS["dmarc"],
     **plumbing.ANVIL_DEFAULTS,        # the anvil and stress mode of smtp_in and pop3d
     "retry_schedule": mta.DEFAULTS["retry_schedule"],
     "cpus": "none",                  # leave placement to the system, as every peer does
@@ -93,6 +94,9 @@ HELP = {
                     "(default: SMTP 300, POP3 600)",
     "spf": "SPF check of MAIL FROM on the MX (RFC 7208): off; tag, adding Received-SPF and "
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23)",
+    "dmarc": "DMARC check of the From domain on the MX (RFC 7489): off; tag, reporting it in "
+             "Authentication-Results; or enforce, also refusing a fail under p=reject "
+             "(550 5.7.1) and marking one under p=quarantine",
     "cpus": "CPUs to give the roles, one each in turn, e.g. 2-5 (auto: those run_all may "
             "use; none: leave it to the system)",
 }
@@ -475,6 +479,10 @@ def check_config(config, held=()):
         problems.append(str(exc))
     if config["spf"] not in smtp_in.SPF_POLICIES:
         problems.append("spf: %r is not one of %s" % (config["spf"], ", ".join(smtp_in.SPF_POLICIES)))
+    try:
+        smtp_in.check_dmarc_policy(config["dmarc"])
+    except ValueError as exc:
+        problems.append(str(exc))
     try:
         mta.parse_retry_schedule(config["retry_schedule"])
     except ValueError as exc:

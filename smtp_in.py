@@ -26,13 +26,27 @@ once per transaction, unless the client authenticated or is in --relay-network. 
 4.7.24) at MAIL. Authentication-Results fields that claim this host's name arrive forged
 and are removed (RFC 8601 5).
 
+DKIM and DMARC (RFC 6376, RFC 7489, through dkim.py) need the whole message, so they run
+after its end, before commit(): the message is read back from the queue file (QueueWriter
+.blocks()), and header fields that go on top of it are written with QueueWriter.prepend()
+(a state record after the message, see mta.py), never by rewriting it. On the MX, for a
+client that may not relay, --dkim-verify checks its signatures and --dmarc evaluates the
+From domain's policy with the SPF result of MAIL; ONE Authentication-Results field then
+holds spf=, dkim= and dmarc= (the Received-SPF and Received fields stay in the text
+written first). --dmarc enforce refuses a fail whose policy is reject (550 5.7.1) and
+marks one whose policy is quarantine with X-Spam-Flag: YES; tag only records. DNS time is
+bounded by dkim_timeout, and a DNS failure is a temperror, never a refusal. Mail from an
+authenticated user whose From domain is local and has a key in SPOOL/dkim/DOMAIN/ gets a
+DKIM-Signature (--dkim-sign, mta.dkim_signature()).
+
 Abuse: the process's anvil (plumbing.Anvil) counts failed logins and refused commands per
 client address across sessions; a penalised address waits its turn before its password is
 checked (454 4.7.0 when that turn is too far away), and past anvil_soft_errors every reply
 to it is slowed. A command line holding a bare CR is one bad command up to its LF, refused
 whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
 
-Reads: users and aliases through mailbox_store; SPF records through spf and dnsmx.
+Reads: users and aliases through mailbox_store; SPF records through spf, DKIM keys and
+DMARC records through dkim, both over dnsmx; signing keys in SPOOL/dkim/.
 Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
      python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:587 --submission \\
@@ -51,6 +65,7 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime
 from typing import Optional
 
+import dkim
 import dnsmx
 import mailbox_store
 import mta
@@ -58,12 +73,13 @@ import plumbing
 import spf
 
 __all__ = [
-    "DEFAULTS", "HELP", "SPF_POLICIES", "Envelope", "HeaderFilter", "MessageCollector",
-    "SMTPHandler", "SMTPServer", "SpooledMessage",
-    "address_literal", "authserv_id", "count_hops", "is_domain", "main", "make_reverse_lookup",
-    "make_spf_resolver", "parse_mail_params", "parse_networks", "parse_path", "protocol_name",
-    "received_header", "remove_authentication_results", "spf_header_fields", "split_address",
-    "split_command",
+    "DEFAULTS", "DMARC_POLICIES", "HELP", "SPF_POLICIES", "Envelope", "HeaderFilter",
+    "MessageCollector", "SMTPHandler", "SMTPServer", "SpooledMessage",
+    "address_literal", "authentication_results_field", "authserv_id", "check_dmarc_policy",
+    "count_hops", "is_domain", "main", "make_dkim_resolver", "make_reverse_lookup",
+    "make_spf_resolver", "message_authentication", "parse_mail_params", "parse_networks",
+    "parse_path", "protocol_name", "received_header", "remove_authentication_results",
+    "spf_trace_fields", "split_address", "split_command",
 ]
 
 # --- Constants ---
@@ -85,6 +101,9 @@ EARLY_TALKER_LINGER = 1.0      # seconds to read and drop an early talker's line
 REVERSE_DNS_TIMEOUT = 2.0      # seconds for the optional PTR lookup of the Received: header
 SPF_POLICIES = ("off", "tag", "reject")
 SPF_DNS_TRY = 2.0              # seconds per try of one SPF lookup; two tries per nameserver
+DMARC_POLICIES = ("off", "tag", "enforce")
+DKIM_DNS_TRY = 2.0             # seconds per try of one DKIM key or DMARC lookup; two tries
+QUARANTINE_FIELD = "X-Spam-Flag: YES\r\n"    # a DMARC quarantine under --dmarc enforce
 SMTP_PORT, SUBMISSION_PORT, SMTPS_PORT = 25, 587, 465
 
 END_OF_DATA = b"\r\n.\r\n"     # RFC 5321 4.1.1.4: the only end of the mail data
@@ -115,6 +134,10 @@ DEFAULTS = {
     "reverse_dns": False,
     "spf": "tag",
     "spf_timeout": 10.0,
+    "dkim_verify": "yes",
+    "dmarc": "tag",
+    "dkim_timeout": dkim.DEFAULT_TIMEOUT,
+    "dkim_sign": "yes",
     "cpus": "",
     "user": "",
     "syslog": False,
@@ -129,6 +152,15 @@ HELP = {                       # the help of the keys plumbing.SHARED_HELP does 
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23) and "
            "deferring a DNS failure (451 4.7.24)",
     "spf_timeout": "seconds one SPF check may spend asking the DNS; past it, temperror",
+    "dkim_verify": "yes or no: on the MX, check the DKIM signatures of each message (RFC 6376) "
+                   "and report them in Authentication-Results",
+    "dmarc": "DMARC check of the From domain on the MX (RFC 7489): off; tag, reporting it in "
+             "Authentication-Results; or enforce, also refusing a fail under p=reject "
+             "(550 5.7.1) and marking one under p=quarantine with X-Spam-Flag: YES",
+    "dkim_timeout": "seconds DKIM and DMARC together may spend asking the DNS per message; "
+                    "past it, temperror",
+    "dkim_sign": "yes or no: sign mail from authenticated users whose From domain is local "
+                 "and has a key in SPOOL/dkim/DOMAIN/ (DKIM, RFC 6376)",
     "submission": "a submission listener (RFC 6409): AUTH required before MAIL",
     "smtps_listen": "HOST:PORT of an implicit-TLS submission listener (RFC 8314), e.g. 0.0.0.0:465",
     "session_timeout": "seconds a whole session may last (0: no limit)",
@@ -195,6 +227,7 @@ R550_ALIAS_LOOP = "550 5.4.6 <%s>: Recipient address rejected: Alias expansion l
 R550_ALIAS_TOO_BIG = "550 5.2.4 <%s>: Recipient address rejected: Alias expansion too large"
 R550_BARE_LINE_ENDING = "550 5.6.0 Message refused: bare CR or LF in text (RFC 5321 2.3.8); use CRLF"
 R550_NUL = "550 5.6.0 Message refused: NUL octet in text"
+R550_DMARC_REJECT = "550 5.7.1 Message refused: %s asks to reject mail that fails DMARC (RFC 7489)"
 R552_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 R552_LINE_TOO_LONG = "552 5.3.4 Message text line longer than %d octets"
 R553_NEED_DOMAIN = "553 5.1.3 <%s>: Address needs a fully qualified domain"
@@ -440,12 +473,26 @@ def count_hops(message):
     return len(re.findall(rb"(?im)^received:", header))
 
 
-def spf_header_fields(result, hostname):
-    """The SPF trace fields for a message, CRLF-terminated bytes to go above our Received:
-    Authentication-Results (RFC 8601 2.2, HOSTNAME as authserv-id) over Received-SPF (RFC
-    7208 9.1), as each of the two asks to be on top of the trace fields before it."""
-    return ("%s\r\n%s\r\n" % (spf.authentication_results_header(hostname, result),
-                              spf.received_spf_header(result, hostname))).encode("utf-8")
+def spf_trace_fields(result, hostname):
+    """The Received-SPF field (RFC 7208 9.1) to go above our Received:, CRLF-terminated
+    bytes; its Authentication-Results part goes on top at the end (see
+    authentication_results_field())."""
+    return (spf.received_spf_header(result, hostname) + "\r\n").encode("utf-8")
+
+
+def authentication_results_field(hostname, spf_result=None, dkim_results=None,
+                                 dmarc_result=None):
+    """ONE Authentication-Results field (RFC 8601 2.2, HOSTNAME as authserv-id) for what
+    was checked: spf= (an spf.SPFResult), dkim= for each signature (dkim.verify()'s list),
+    dmarc= (a dkim.DMARCResult); None for what was not. CRLF-terminated text, "" when
+    nothing was checked at all."""
+    fragments = []
+    if spf_result is not None:
+        fragments.append(spf.authentication_results_fragment(spf_result))
+    fragments += dkim.authentication_results_fragments(dkim_results or (), dmarc_result)
+    if not fragments:
+        return ""
+    return dkim.authentication_results_header(hostname, fragments) + "\r\n"
 
 
 # A header line that starts a Received: field, one that starts an Authentication-Results field.
@@ -735,6 +782,7 @@ class SpooledMessage:
         self.header = HeaderFilter(hostname, self.write)
         self.writer = None             # the mta.QueueWriter, once opened
         self.error = None              # the OSError that stopped the writing
+        self.verdict = ""              # DKIM and DMARC, or signing, for the log line
 
     def open(self, writer, prefix):
         self.writer = writer
@@ -795,6 +843,55 @@ def make_spf_resolver(policy, dns_server="", timeout=DEFAULTS["spf_timeout"]):
     resolver = dnsmx.Resolver([dns_server] if dns_server else None,
                               timeout=min(SPF_DNS_TRY, timeout), attempts=2, lifetime=timeout)
     return spf.DNSResolver(resolver)
+
+
+def check_dmarc_policy(policy):
+    """POLICY when it is one of DMARC_POLICIES; ValueError otherwise."""
+    if policy not in DMARC_POLICIES:
+        raise ValueError("dmarc: %r is not one of %s" % (policy, ", ".join(DMARC_POLICIES)))
+    return policy
+
+
+def make_dkim_resolver(dns_server="", timeout=DEFAULTS["dkim_timeout"]):
+    """The resolver DKIM key and DMARC policy lookups use: a dkim.DNSResolver over dnsmx.
+
+    dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. Each lookup waits DKIM_DNS_TRY
+    seconds per try, two tries, and never more than TIMEOUT (dkim.verify() and
+    dkim.evaluate_dmarc() bound the whole message on top). Raises ValueError for a bad
+    timeout or nameserver.
+    """
+    if not 0 < timeout <= 3600:
+        raise ValueError("dkim_timeout: %g is not between 0 and 3600 seconds" % timeout)
+    resolver = dnsmx.Resolver([dns_server] if dns_server else None,
+                              timeout=min(DKIM_DNS_TRY, timeout), attempts=2, lifetime=timeout)
+    return dkim.DNSResolver(resolver)
+
+
+def message_authentication(blocks, spf_result, resolver, *, verify=True, dmarc=True,
+                           timeout=DEFAULTS["dkim_timeout"]):
+    """(DKIM results or None, DMARC result or None) of a whole message on the MX.
+
+    BLOCKS is a function giving the message's blocks anew (read once for DKIM, once more
+    for the From field). With VERIFY, dkim.verify() checks its signatures; with DMARC,
+    dkim.evaluate_dmarc() judges its From domain (RFC 7489 6.6) with SPF_RESULT (an
+    spf.SPFResult, None when SPF was not checked: spf=none) and the DKIM results. Both
+    share one DNS budget of TIMEOUT seconds; a DNS failure is a temperror, never raised.
+    """
+    deadline = time.monotonic() + timeout
+    dkim_results = dmarc_result = None
+    if verify:
+        dkim_results = dkim.verify(blocks(), resolver, timeout=timeout)
+    if dmarc:
+        try:
+            author_domain = dkim.from_domain(blocks())
+        except dkim.DKIMError as exc:
+            dmarc_result = dkim.DMARCResult("none", reason=str(exc))
+        else:
+            dmarc_result = dkim.evaluate_dmarc(
+                author_domain, spf_result.result if spf_result else "none",
+                spf_result.domain if spf_result else "", dkim_results or [], resolver,
+                timeout=max(0.0, deadline - time.monotonic()))
+    return dkim_results, dmarc_result
 
 
 # --- Protocol handler ---
@@ -1154,8 +1251,9 @@ class SMTPHandler(plumbing.ConnectionHandler):
     def open_message(self):
         """A SpooledMessage in a new queue file, our trace fields already at its top.
 
-        They are known before the text comes: Received: (RFC 5321 4.4), and above it the
-        SPF fields when MAIL FROM was checked. A spool that cannot take a file gives a
+        They are known before the text comes: Received: (RFC 5321 4.4), and above it
+        Received-SPF when MAIL FROM was checked (its Authentication-Results part waits for
+        DKIM and DMARC: see authenticate()). A spool that cannot take a file gives a
         SpooledMessage with its error set (an error writing it comes later, in write()).
         """
         envelope = self.envelope
@@ -1166,7 +1264,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
         prefix = received_header(self.helo, self.client_ip, self.reverse_name(),
                                  self.server.hostname, protocol, queue_id, recipient)
         if envelope.spf_result is not None:
-            prefix = spf_header_fields(envelope.spf_result, self.server.hostname) + prefix
+            prefix = spf_trace_fields(envelope.spf_result, self.server.hostname) + prefix
         spooled = SpooledMessage(queue_id, protocol, self.server.hostname)
         try:
             spooled.open(mta.QueueWriter(
@@ -1196,6 +1294,9 @@ class SMTPHandler(plumbing.ConnectionHandler):
         spooled.header.finish()
         if spooled.error is None:
             try:
+                refusal = self.authenticate(spooled)
+                if refusal:
+                    return refusal
                 spooled.writer.commit()
             except OSError as exc:                     # mta.SpoolError, or worse
                 spooled.error = exc
@@ -1203,14 +1304,53 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return self.spool_failed(spooled)
         envelope, spf_result = self.envelope, self.envelope.spf_result
         self.log.info("%s: client=%s[%s], helo=%r, from=<%s>, size=%d, nrcpt=%d, proto=%s, "
-                      "tls=%s, auth=%s, spf=%s", spooled.queue_id, self.client_name or "",
+                      "tls=%s, auth=%s, spf=%s, %s", spooled.queue_id, self.client_name or "",
                       self.client_ip, self.helo, envelope.mail_from, spooled.writer.size,
                       len(envelope.rcpt_to), spooled.protocol,
                       self.sock.version() if self.tls else "none", self.auth_user or "none",
-                      spf_result.result if spf_result else "unchecked")
+                      spf_result.result if spf_result else "unchecked", spooled.verdict)
         self.accepted += 1
         self.errors = 0                                # Postfix counts errors between messages
         return R250_QUEUED % spooled.queue_id
+
+    def authenticate(self, spooled):
+        """DKIM, DMARC or signing once the whole message is written (not committed yet):
+        header fields go on top of it through QueueWriter.prepend(). Returns the reply
+        refusing it (--dmarc enforce, p=reject), or None to queue it."""
+        server, envelope, writer = self.server, self.envelope, spooled.writer
+        if self.auth_user is not None:
+            signature = None
+            if server.dkim_sign:
+                signature = mta.dkim_signature(writer.blocks, server.spool_dir,
+                                               server.store.is_local_domain,
+                                               queue_id=spooled.queue_id, logger=self.log)
+            if signature:
+                writer.prepend(signature)
+            spooled.verdict = "dkim=%s" % ("signed" if signature else "unsigned")
+            return None
+        checked = not self.may_relay
+        dkim_results, dmarc_result = message_authentication(
+            writer.blocks, envelope.spf_result, server.dkim_resolver,
+            verify=checked and server.dkim_verify, dmarc=checked and server.dmarc_policy != "off",
+            timeout=server.dkim_timeout)
+        field = authentication_results_field(server.hostname, envelope.spf_result,
+                                             dkim_results, dmarc_result)
+        spooled.verdict = "dkim=%s, dmarc=%s" % (
+            ",".join(r.result for r in dkim_results) if dkim_results else "unchecked",
+            dmarc_result.result if dmarc_result else "unchecked")
+        if field:
+            writer.prepend(field)
+        if (server.dmarc_policy == "enforce" and dmarc_result is not None
+                and dmarc_result.result == "fail"):
+            if dmarc_result.disposition == "reject":
+                self.log.info("%s: client=[%s], from=<%s>, %s, status=rejected (DMARC policy "
+                              "of %s)", spooled.queue_id, self.client_ip, envelope.mail_from,
+                              spooled.verdict, dmarc_result.from_domain)
+                return R550_DMARC_REJECT % dmarc_result.from_domain
+            if dmarc_result.disposition == "quarantine":
+                writer.prepend(QUARANTINE_FIELD)
+                spooled.verdict += " (quarantine: %s)" % QUARANTINE_FIELD.strip()
+        return None
 
     def spool_failed(self, spooled):
         """Log a message the spool could not take; the reply asking the client to retry."""
@@ -1367,14 +1507,15 @@ class SMTPServer(plumbing.ThreadedServer):
     tls_cert/tls_key; implicit_tls makes an SMTPS listener (RFC 8314); reverse_lookup is a
     function ip -> host name or None for the Received: header (see make_reverse_lookup);
     spf_resolver, shared between listeners, overrides the one made from spf and dns (see
-    make_spf_resolver; any object with spf.DNSResolver's methods).
+    make_spf_resolver; any object with spf.DNSResolver's methods); dkim_resolver likewise
+    for DKIM and DMARC (make_dkim_resolver; anything with a txt(name) method).
     """
 
     busy_reply = R421_BUSY
 
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
-                 implicit_tls=False, reverse_lookup=None, spf_resolver=None, anvil=None,
-                 bind_and_activate=True):
+                 implicit_tls=False, reverse_lookup=None, spf_resolver=None,
+                 dkim_resolver=None, anvil=None, bind_and_activate=True):
         settings = plumbing.settings_of(DEFAULTS, config)
         self.spool_dir = plumbing.spool_path(str(settings["spool"]))
         self.hostname = settings["hostname"] or socket.getfqdn()
@@ -1395,6 +1536,13 @@ class SMTPServer(plumbing.ThreadedServer):
         if spf_resolver is None:
             spf_resolver = make_spf_resolver(self.spf_policy, settings["dns"], self.spf_timeout)
         self.spf_resolver = spf_resolver
+        self.dkim_verify = plumbing.config_value("dkim_verify", settings["dkim_verify"], False)
+        self.dkim_sign = plumbing.config_value("dkim_sign", settings["dkim_sign"], False)
+        self.dmarc_policy = check_dmarc_policy(settings["dmarc"])
+        self.dkim_timeout = float(settings["dkim_timeout"])
+        if dkim_resolver is None:
+            dkim_resolver = make_dkim_resolver(settings["dns"], self.dkim_timeout)
+        self.dkim_resolver = dkim_resolver
         if tls_context is None and settings["tls_cert"]:
             tls_context = plumbing.server_tls_context(settings["tls_cert"],
                                                       settings["tls_key"] or settings["tls_cert"])
@@ -1421,6 +1569,10 @@ def main(argv=None):
             "smtp_in", "Inbound SMTP server: MX and submission (RFC 5321).", DEFAULTS, HELP, argv)
         parse_networks(config["relay_network"])
         spf_resolver = make_spf_resolver(config["spf"], config["dns"], config["spf_timeout"])
+        dkim_resolver = make_dkim_resolver(config["dns"], float(config["dkim_timeout"]))
+        check_dmarc_policy(config["dmarc"])
+        for key in ("dkim_verify", "dkim_sign"):
+            plumbing.config_value(key, config[key], False)
         anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process
     except ValueError as exc:
         print("smtp_in: %s" % exc, file=sys.stderr)
@@ -1451,7 +1603,8 @@ def main(argv=None):
             host, port = plumbing.parse_hostport(where, default_port)
             servers.append(SMTPServer((host, port), config, submission=submission,
                                       implicit_tls=implicit_tls, reverse_lookup=reverse_lookup,
-                                      spf_resolver=spf_resolver, anvil=anvil))
+                                      spf_resolver=spf_resolver, dkim_resolver=dkim_resolver,
+                                      anvil=anvil))
         except (OSError, ValueError) as exc:           # ssl.SSLError is an OSError
             print("smtp_in: cannot listen on %s: %s" % (where, exc), file=sys.stderr)
             for server in servers:

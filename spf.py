@@ -29,7 +29,7 @@ import dnsmx
 
 __all__ = [
     "DNSResolver", "Directive", "Record", "SPFIdentity", "SPFResult", "SPFSyntaxError",
-    "authentication_results_header", "check_host", "check_sender", "describe",
+    "authentication_results_fragment", "authentication_results_header", "check_host", "check_sender", "describe",
     "expand_macros", "main", "parse_record", "received_spf_header", "smtp_reply",
     "spf_identity",
 ]
@@ -399,15 +399,22 @@ def received_spf_header(result, receiver=None):
                  ["%s=%s;" % (key, _header_value(value)) for key, value in pairs])
 
 
-def authentication_results_header(hostname, result):
-    """The Authentication-Results header field (RFC 8601 2.2, 2.7.2) for RESULT, with
-    HOSTNAME as authserv-id: spf=RESULT smtp.mailfrom=ADDRESS, or smtp.helo=NAME for the
-    HELO identity. Folded with CRLF + tab, without the final CRLF."""
+def authentication_results_fragment(result):
+    """The spf= part of an Authentication-Results field (RFC 8601 2.7.2) for RESULT:
+    spf=RESULT smtp.mailfrom=ADDRESS, or smtp.helo=NAME for the HELO identity."""
     if result.identity == "mailfrom":
         prop = "smtp.mailfrom=" + _property_value(result.sender)
     else:
         prop = "smtp.helo=" + _property_value(result.helo or result.domain)
-    return _fold("Authentication-Results: %s;" % _clip(hostname), ["spf=" + result.result, prop])
+    return "spf=%s %s" % (result.result, prop)
+
+
+def authentication_results_header(hostname, result):
+    """The Authentication-Results header field (RFC 8601 2.2, 2.7.2) for RESULT, with
+    HOSTNAME as authserv-id and authentication_results_fragment() as its only part.
+    Folded with CRLF + tab, without the final CRLF."""
+    return _fold("Authentication-Results: %s;" % _clip(hostname),
+                 authentication_results_fragment(result).split(" ", 1))
 
 
 def smtp_reply(result):

@@ -327,7 +327,7 @@ def main(argv=None):
             if name in ("smtp", "rcpt"):
                 protocol, argv, pattern = SMTP if name == "smtp" else RCPT, [
                     os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
-                    "127.0.0.1:0", "--domain", DOMAIN, "--hostname", "bench", "--spf", "off"
+                    "127.0.0.1:0", "--domain", DOMAIN, "--hostname", "bench", "--spf", "off", "--dkim-verify", "no", "--dmarc", "off"
                 ] + (["--submission"] if name == "smtp" else []), \
                     r"listening on 127\.0\.0\.1:(\d+)"
             else:

@@ -47,7 +47,7 @@ class System:
 
     def start(self):
         argv = [sys.executable, os.path.join(ROOT, "run_all.py"), "--spool", self.spool,
-                "--domain", DOMAIN, "--hostname", "mail." + DOMAIN, "--spf", "off",
+                "--domain", DOMAIN, "--hostname", "mail." + DOMAIN, "--spf", "off", "--dmarc", "off",
                 "--dns", "127.0.0.1:9"]
         for name, port in self.ports.items():
             argv += ["--" + name, "%s:%d" % (HOST, port)]

@@ -121,7 +121,7 @@ def start_daemons(base, args):
     with open(logs["smtp_in"], "wb") as log:
         smtp_in = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "smtp_in.py")] + common
-            + ["--listen", "127.0.0.1:0", "--spf", "off",
+            + ["--listen", "127.0.0.1:0", "--spf", "off", "--dkim-verify", "no", "--dmarc", "off",
                "--max-per-address", str(args.sessions + 10),
                "--max-connections", str(args.sessions + 10),
                "--max-size", str(args.size_mib * 1024 * 1024 + 1024 * 1024)],

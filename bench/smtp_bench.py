@@ -450,7 +450,8 @@ class Servers:
 
         self.spawn("smtp_in", [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
                     "127.0.0.1:%d" % port, "--domain", DOMAIN, "--hostname", "mx.bench.test",
-                    "--max-per-address", "200", "--max-commands", "10000000", "--spf", "off"]
+                    "--max-per-address", "200", "--max-commands", "10000000", "--spf", "off",
+                    "--dkim-verify", "no", "--dmarc", "off"]
                    + on_cpu("smtp_in") + extra)
         maildir = None
         if router and os.path.exists(os.path.join(ROOT, "mta.py")):

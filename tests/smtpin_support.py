@@ -44,6 +44,7 @@ def start_smtp(spool):
         # 127.0.0.1 is exempt from the anvil: tests make many errors from it (tests/test_anvil.py
         # covers the anvil).
         settings = {"spool": str(spool), "domain": [DOMAIN], "hostname": HOSTNAME, "spf": "off",
+                    "dkim_verify": "no", "dmarc": "off",
                     "anvil_exempt": ["127.0.0.1"]}
         settings.update(config)
         server = smtp_in.SMTPServer(("127.0.0.1", 0), settings, **(server_options or {}))
@@ -115,7 +116,8 @@ def message(subject="test", body="Hello.\r\n", sender="someone@example.org", to=
 
 def spool_messages(spool_dir):
     """Every message waiting in the spool's queue, oldest first, read with mta's own parser:
-    a list of (sender, recipients, message bytes)."""
+    a list of (sender, recipients, message bytes), the fields of a "prepend" record on top
+    as every reader of the queue sees them (mta.MessageFile)."""
     found = []
     for folder in (mta.INCOMING, mta.OUTBOUND, mta.DEFERRED):
         path = os.path.join(str(spool_dir), "queue", folder)
@@ -124,7 +126,7 @@ def spool_messages(spool_dir):
                 data = f.read()
             state = mta.parse_queue_file(data, name)
             envelope = state.envelope
-            message = data[state.message_offset:state.message_offset + envelope.size]
+            message = state.prepend + data[state.message_offset:state.message_offset + envelope.size]
             found.append((name, (envelope.sender, envelope.recipients, message)))
     return [entry for _, entry in sorted(found)]
 

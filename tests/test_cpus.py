@@ -60,7 +60,7 @@ def thread_cpus(pid):
 
 
 DAEMONS = {
-    "smtp_in": ["--listen", "127.0.0.1:0", "--spf", "off", "--domain", "example.test"],
+    "smtp_in": ["--listen", "127.0.0.1:0", "--spf", "off", "--dmarc", "off", "--domain", "example.test"],
     "pop3d": ["--listen", "127.0.0.1:0", "--domain", "example.test"],
     "mta": ["--domain", "example.test"],
     "smtp_out": ["--dns", "127.0.0.1:9"],

@@ -72,6 +72,7 @@ def smtp_server(tmp_path_factory, store_template, **config):
     shutil.copytree(str(store_template), str(spool))
     # The anvil counts, but penalties of 0 keep the test quick.
     settings = {"spool": str(spool), "domain": [DOMAIN], "hostname": HOSTNAME, "spf": "off",
+                "dkim_verify": "no", "dmarc": "off",
                 "max_errors": 1000, "anvil_penalty": 0}
     settings.update(config)
     return start(smtp_in.SMTPServer(("127.0.0.1", 0), settings))

@@ -1092,3 +1092,114 @@ def test_build_dsn_status_codes_lose_leading_zeros_and_reject_garbage():
     assert mta.reply_status("garbage", "5.0.0") == "5.0.0"
     with pytest.raises(ValueError):
         mta.normal_status("5.1")
+
+
+# --- Header fields prepended at commit (the "prepend" record) ---
+
+SIGNATURE_FIELDS = ("DKIM-Signature: v=1; a=ed25519-sha256; d=example.com; s=sel;\r\n"
+                    "\tb=c2lnbmF0dXJl\r\nAuthentication-Results: mail.example.com; none\r\n")
+
+
+def test_prepend_is_a_record_after_the_message_and_message_size_stays_as_received(spool, queue):
+    with mta.QueueWriter(spool, "alice@example.com", ["x@remote.test"]) as writer:
+        writer.write(MESSAGE)
+        writer.prepend(SIGNATURE_FIELDS.split("Authentication")[0])
+        writer.prepend("Authentication" + SIGNATURE_FIELDS.split("Authentication")[1])
+        queue_id = writer.commit()
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        data = f.read()
+    state = mta.parse_queue_file(data, queue_id)
+    assert state.envelope.size == len(MESSAGE)
+    assert data[state.message_offset:state.message_offset + len(MESSAGE)] == MESSAGE
+    record = json.loads(data[state.message_offset + len(MESSAGE):].split(b"\n")[0])
+    # Each prepend() goes on top of the ones before it.
+    assert record["event"] == "prepend"
+    assert record["text"] == ("Authentication" + SIGNATURE_FIELDS.split("Authentication")[1]
+                              + SIGNATURE_FIELDS.split("Authentication")[0])
+    with queue.claim(mta.INCOMING, queue_id) as claim:
+        assert len(claim.message) == len(record["text"]) + len(MESSAGE)
+        assert claim.message.read() == record["text"].encode() + MESSAGE
+        assert claim.message.header().startswith(record["text"].encode())
+        assert claim.message.header().endswith(b"Message-ID: <m1@example.com>\r\n")
+        assert claim.message.header(20) == record["text"].encode()[:20]
+
+
+def test_a_queue_writer_reads_back_what_it_wrote_before_commit(spool, queue):
+    big = b"Subject: big\r\n\r\n" + b"y" * (2 * mta.COPY_BLOCK + 7) + b"\r\n"
+    for message in (MESSAGE, big):
+        with mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"]) as writer:
+            for offset in range(0, len(message), 1000):
+                writer.write(message[offset:offset + 1000])
+            assert b"".join(writer.blocks()) == message
+            assert b"".join(writer.blocks(7)) == message
+            writer.commit()
+
+
+def test_a_prepended_message_is_delivered_locally_with_the_fields_on_top(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE,
+                             prepend=SIGNATURE_FIELDS)
+    mta.Router(queue, store).handle(queue_id)
+    delivered, = maildir_files(spool, "bob@example.com")
+    with open(delivered, "rb") as f:
+        assert f.read() == (b"Return-Path: <alice@example.com>\r\n"
+                            b"Delivered-To: bob@example.com\r\n"
+                            + SIGNATURE_FIELDS.encode() + MESSAGE)
+    assert queue_empty(spool)
+
+
+def test_a_dsn_returns_the_prepended_fields_with_the_header(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["ghost@example.com"], MESSAGE,
+                             prepend=SIGNATURE_FIELDS)
+    router = mta.Router(queue, store)
+    router.handle(queue_id)
+    for dsn_id in queue.ids(mta.INCOMING):
+        router.handle(dsn_id)
+    (dsn,) = read_mail(spool, "alice@example.com")
+    _, _, headers = dsn_fields(dsn)
+    assert headers.startswith(b"DKIM-Signature: v=1;") and b"Subject: hello" in headers
+
+
+@pytest.mark.parametrize("text", [
+    "", "no colon here\r\n", "Subject: no line end", "Subject: bare\nLF\r\n",
+    "Subject: bare\rCR\r\n", "Subject: x\r\n\r\nbody\r\n", " continued: first\r\n",
+    "Subject: nul\x00\r\n", "X-Big: " + "x" * mta.MAX_PREPEND + "\r\n", b"Subject: bytes\r\n"])
+def test_prepend_refuses_what_is_not_header_fields(spool, text):
+    with mta.QueueWriter(spool, "alice@example.com", ["bob@example.com"]) as writer:
+        writer.write(MESSAGE)
+        with pytest.raises(ValueError):
+            writer.prepend(text)
+        writer.prepend("X-Fine: yes\r\n\tfolded\r\n")
+
+
+@pytest.mark.parametrize("record", [
+    b'{"event": "prepend", "text": "no colon\\r\\n"}\n',
+    b'{"event": "prepend", "text": 5}\n',
+    b'{"event": "prepend"}\n',
+    b'{"event": "prepend", "text": "X-A: 1\\r\\nX-B',                  # torn
+])
+def test_a_bad_or_torn_prepend_record_is_skipped_like_any_bad_record(spool, queue, store, record):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "ab") as f:
+        f.write(record)
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        state = mta.parse_queue_file(f.read(), queue_id)
+    assert state.prepend == b"" and (state.bad_records or state.torn_tail)
+    mta.Router(queue, store).handle(queue_id)
+    delivered, = maildir_files(spool, "bob@example.com")
+    with open(delivered, "rb") as f:
+        assert f.read().endswith(b"Delivered-To: bob@example.com\r\n" + MESSAGE)
+
+
+def test_a_prepend_record_after_other_records_is_not_obeyed(spool, queue):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "ab") as f:
+        f.write(b'{"event": "flush", "at": 1}\n{"event": "prepend", "text": "X-Late: 1\\r\\n"}\n')
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        state = mta.parse_queue_file(f.read(), queue_id)
+    assert state.prepend == b"" and state.bad_records == 1
+
+
+def test_an_old_queue_file_without_a_prepend_record_reads_as_before(spool, queue):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with queue.claim(mta.INCOMING, queue_id) as claim:
+        assert claim.message.read() == MESSAGE and len(claim.message) == len(MESSAGE)

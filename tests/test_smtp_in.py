@@ -1009,7 +1009,8 @@ def smtp_in_process(tmp_path, spool, *flags):
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", str(spool), "--listen",
-         "127.0.0.1:0", "--domain", DOMAIN, "--hostname", HOSTNAME, "--spf", "off"] + list(flags),
+         "127.0.0.1:0", "--domain", DOMAIN, "--hostname", HOSTNAME, "--spf", "off",
+         "--dkim-verify", "no", "--dmarc", "off"] + list(flags),
         stderr=log_file)
     log_file.close()
     found = []
@@ -1272,7 +1273,8 @@ def random_input_server(tmp_path_factory, store_template):
     shutil.copytree(str(store_template), str(spool))
     server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(spool), "domain": [DOMAIN],
                                                    "hostname": HOSTNAME, "max_errors": 1000,
-                                                   "spf": "off", "anvil_exempt": ["127.0.0.1"]})
+                                                   "spf": "off", "dkim_verify": "no", "dmarc": "off",
+                                                   "anvil_exempt": ["127.0.0.1"]})
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.stop(grace=0.1)
@@ -1327,7 +1329,7 @@ def test_logs_connect_accept_reject_and_disconnect(start_smtp, caplog):
                for line in lines)
     assert any(re.match(r"%s: client=\[127\.0\.0\.1\], helo='client.example.org', "
                         r"from=<a@example.org>, size=\d+, nrcpt=1, proto=ESMTP, tls=none, "
-                        r"auth=none, spf=unchecked$" % queue_id, line) for line in lines)
+                        r"auth=none, spf=unchecked, dkim=unchecked, dmarc=unchecked$" % queue_id, line) for line in lines)
     assert re.match(r"disconnect from \[127\.0\.0\.1\]: ehlo=1, mail=1, rcpt=1/2, data=1, "
                     r"quit=1, commands=6, accepted=1, rejected=1, time=", lines[-1])
 
@@ -1351,7 +1353,8 @@ def test_server_settings_may_be_given_as_the_ini_file_writes_them(spool):
 def test_main_serves_from_a_config_file_and_stops_on_sigterm(spool, tmp_path):
     ini = tmp_path / "mail.ini"
     ini.write_text("[DEFAULT]\nspool = %s\n[smtp_in]\nlisten = 127.0.0.1:0\ndomain = %s\n"
-                   "hostname = %s\nidle_timeout = 30\nspf = off\n" % (spool, DOMAIN, HOSTNAME))
+                   "hostname = %s\nidle_timeout = 30\nspf = off\ndkim_verify = no\ndmarc = off\n"
+                   % (spool, DOMAIN, HOSTNAME))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--config",
                                 str(ini), "--max-size", "5000"],
                                stderr=subprocess.PIPE)

@@ -148,8 +148,8 @@ def test_a_message_without_our_fields_is_returned_as_is_not_copied():
 def test_pass_is_marked_above_our_received_header(start_smtp, dns):
     server = start_smtp(spf="tag", dns=dns.address)
     auth_results, received_spf, received = trace_fields(send(server, "user@allowed.test"))
-    assert auth_results == ("Authentication-Results: mx.example.com; spf=pass"
-                            "\tsmtp.mailfrom=user@allowed.test")
+    assert auth_results == ("Authentication-Results: mx.example.com;"
+                            "\tspf=pass smtp.mailfrom=user@allowed.test")
     assert received_spf.startswith(
         "Received-SPF: pass (mx.example.com: domain of user@allowed.test designates 127.0.0.1"
         " as permitted sender)")
@@ -168,7 +168,7 @@ def test_fail_in_tag_mode_is_accepted_and_marked(start_smtp, dns):
     assert result.returncode == 0, result.stdout.decode()
     [(_, _, data)] = spool_messages(server.spool_dir)
     auth_results, received_spf, _ = trace_fields(data)
-    assert "spf=fail\tsmtp.mailfrom=someone@forged.test" in auth_results
+    assert "spf=fail smtp.mailfrom=someone@forged.test" in auth_results
     assert received_spf.startswith("Received-SPF: fail (mx.example.com: domain of "
                                    "someone@forged.test does not designate 127.0.0.1 ")
     assert "mechanism=-all;" in received_spf
@@ -190,7 +190,8 @@ def test_temperror_in_tag_mode_only_adds_headers(start_smtp, dead_dns, caplog):
     assert any(line.startswith("spf: client=[127.0.0.1], helo='client.example.org', "
                                "from=<someone@allowed.test>, result=temperror (TXT ")
                for line in logged)
-    assert any(re.search(r", auth=none, spf=temperror$", line) for line in logged)
+    assert any(re.search(r", auth=none, spf=temperror, dkim=unchecked, dmarc=unchecked$", line)
+               for line in logged)
 
 
 def test_null_sender_is_checked_against_the_helo_name(start_smtp, dns):
@@ -205,7 +206,7 @@ def test_null_sender_is_checked_against_the_helo_name(start_smtp, dns):
     [(sender, _, data)] = spool_messages(server.spool_dir)
     auth_results, received_spf, _ = trace_fields(data)
     assert sender == ""
-    assert auth_results == "Authentication-Results: mx.example.com; spf=pass smtp.helo=helo.test"
+    assert auth_results == "Authentication-Results: mx.example.com;\tspf=pass smtp.helo=helo.test"
     assert 'envelope-from="";' in received_spf and "identity=helo;" in received_spf
 
 
@@ -220,7 +221,7 @@ def test_smtputf8_sender_is_checked_and_marked(start_smtp, dns):
     client.close()
     [(_, _, data)] = spool_messages(server.spool_dir)
     auth_results, received_spf, _ = trace_fields(data)
-    assert 'spf=pass\tsmtp.mailfrom="d\u00f6rte@allowed.test"' in auth_results
+    assert 'spf=pass smtp.mailfrom="d\u00f6rte@allowed.test"' in auth_results
     assert received_spf.startswith("Received-SPF: pass ")
 
 
@@ -330,7 +331,7 @@ def test_forged_authentication_results_with_our_hostname_are_removed(start_smtp,
     fields = header_fields(data)
     claims = [f for f in fields if f.lower().startswith("authentication-results:")]
     if policy == "tag":
-        assert fields[0].startswith("Authentication-Results: mx.example.com; spf=fail")
+        assert fields[0].startswith("Authentication-Results: mx.example.com;\tspf=fail")
         assert claims == [fields[0], "Authentication-Results: relay.other.example; spf=pass"]
     else:
         assert claims == ["Authentication-Results: relay.other.example; spf=pass"]
@@ -361,7 +362,7 @@ def test_command_line_reject_mode_with_dns(tmp_path, spool, dns):
     assert re.search(r"cmd=MAIL, arg='FROM:<someone@forged\.test>', status=rejected "
                      r"\(550 5\.7\.23 forged\.test says: ", log)
     assert re.search(r"from=<user@allowed\.test>, size=\d+, nrcpt=1, proto=ESMTP, tls=none, "
-                     r"auth=none, spf=pass\n", log)
+                     r"auth=none, spf=pass, dkim=none, dmarc=none\n", log)
 
 
 @pytest.mark.parametrize("argv, error", [

@@ -1011,7 +1011,7 @@ def test_mx_pointing_at_our_own_smtp_in_bounces_once_with_5_4_6_instead_of_loopi
     import smtp_in
     spool = Spool(tmp_path, clock=time.time)
     server = smtp_in.SMTPServer(("127.0.0.1", 0), {
-        "spool": spool.path, "domain": ["local.test"], "hostname": HOSTNAME, "spf": "off",
+        "spool": spool.path, "domain": ["local.test"], "hostname": HOSTNAME, "spf": "off", "dmarc": "off",
         "relay_network": ["127.0.0.0/8"]}, store=spool.store)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
@@ -1033,7 +1033,8 @@ def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     remote_store = mailbox_store.Store(str(remote), ["two.test"], "mx1.two.test")
     remote_store.add_user("u@two.test", "password-2")
     server = smtp_in.SMTPServer(("127.0.0.2", 0), {"spool": str(remote), "domain": ["two.test"],
-                                                    "hostname": "mx1.two.test", "spf": "off"},
+                                                    "hostname": "mx1.two.test", "spf": "off",
+                                                    "dmarc": "off"},
                                 store=remote_store)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
@@ -1053,3 +1054,17 @@ def test_dotted_body_crosses_to_our_smtp_in_byte_identical(tmp_path, resolver):
     (key,) = box.keys()
     delivered = box.get_bytes(key)
     assert delivered.endswith(message) and b"Received: from " in delivered
+
+
+def test_prepended_header_fields_are_sent_on_top_and_counted_in_size(tmp_path, sinks):
+    fields = "DKIM-Signature: v=1; d=local.test;\r\n\tb=c2lnbmF0dXJl\r\n"
+    message = b"From: sender@local.test\r\nSubject: signed\r\n\r\nbody\r\n"
+    sink = sinks()
+    spool = Spool(tmp_path)
+    spool.queue.enqueue(SENDER, ["far@two.test"], message, prepend=fields)
+    spool.route()
+    assert spool.deliver(relay_config(sink)) == 1
+    (received,) = sink.wait_for(1)
+    assert received.data == fields.encode() + message
+    assert "SIZE=%d" % len(received.data) in received.mail_params
+    assert spool.queued() == 0
