@@ -10,8 +10,13 @@ is warm after the first message, which is what a busy MX mostly sees. Client and
 share one process (and its GIL): compare the settings, not the absolute figures with
 bench/smtp_bench.py's.
 
+With --postfix (root; bench/peers.py installs it), a benchmark Postfix instance takes the
+same messages in the same rounds (it checks no signature), and each setting's ratio to it is
+printed: what verification costs against a peer that does none.
+
 Printed: accepted messages per second, median (min-max) over the repeats.
 Run: python3 bench/smtp_in_dkim_bench.py [--count 300] [--repeats 5] [--algorithm rsa|ed25519]
+                                         [--postfix]
 """
 
 import argparse
@@ -32,6 +37,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import dkim  # noqa: E402
 import mailbox_store  # noqa: E402
+import peers  # noqa: E402
 import smtp_in  # noqa: E402
 from dnsmasq_server import start_dnsmasq, txt_record  # noqa: E402
 
@@ -55,13 +61,13 @@ def signed_message(key, size=1024):
     return dkim.sign(text, key, DOMAIN, SELECTOR) + text
 
 
-def one_run(port, count, message):
+def one_run(port, count, message, recipient="bob@example.test"):
     """Accepted messages per second over COUNT messages in one session."""
     with smtplib.SMTP("127.0.0.1", port, timeout=RUN_TIMEOUT) as client:
         client.ehlo("client.bench.test")
         started = time.perf_counter()
         for _ in range(count):
-            client.sendmail("bench@" + DOMAIN, ["bob@example.test"], message)
+            client.sendmail("bench@" + DOMAIN, [recipient], message)
         elapsed = time.perf_counter() - started
     return count / elapsed
 
@@ -72,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=300, help="messages per run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    parser.add_argument("--postfix", action="store_true",
+                        help="also a benchmark Postfix instance, for ratios (needs root)")
     parser.add_argument("--json", help="write every run here")
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)
@@ -84,7 +92,17 @@ def main(argv=None):
     spool = tempfile.mkdtemp(prefix="smtp-in-dkim-bench-")
     servers = {}
     runs = {name: [] for name in SETTINGS}
+    postfix = None
     try:
+        if args.postfix:
+            try:
+                os.chmod(spool, 0o755)             # Postfix's own users must get in
+                postfix = peers.Postfix(os.path.join(spool, "postfix"))
+                postfix.start()
+                runs["postfix"] = []
+            except peers.PeerMissing as exc:
+                print("# postfix skipped: %s" % exc)
+                postfix = None
         with start_dnsmasq(zone) as dns:
             for name, settings in SETTINGS.items():
                 where = os.path.join(spool, name)
@@ -99,17 +117,24 @@ def main(argv=None):
             for _ in range(args.repeats):
                 for name in SETTINGS:
                     runs[name].append(one_run(servers[name].port, args.count, message))
+                if postfix is not None:
+                    runs["postfix"].append(one_run(postfix.port, args.count, message,
+                                                   "user@bench.test"))
     finally:
         for server in servers.values():
             server.stop(grace=0.5)
+        if postfix is not None:
+            postfix.stop()
         shutil.rmtree(spool, ignore_errors=True)
     print("# smtp_in_dkim_bench, loadavg %s, %d runs of %d %d-octet messages signed with %s"
           % (open("/proc/loadavg").read().split()[0], args.repeats, args.count, len(message),
              args.algorithm))
-    for name in SETTINGS:
+    peer = statistics.median(runs["postfix"]) if runs.get("postfix") else None
+    for name in runs:
         values = runs[name]
-        print("%-11s %7.1f accepted/s (%.1f-%.1f)"
-              % (name, statistics.median(values), min(values), max(values)))
+        ratio = "  %.2fx postfix" % (statistics.median(values) / peer) if peer else ""
+        print("%-11s %7.1f accepted/s (%.1f-%.1f)%s"
+              % (name, statistics.median(values), min(values), max(values), ratio))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "accepted_per_second": runs}, f, indent=1)
