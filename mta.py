@@ -146,7 +146,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from queue import SimpleQueue
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import mailbox_store
 import plumbing
@@ -156,7 +156,7 @@ __all__ = [
     "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
-    "parse_retry_schedule", "prepare_submission", "retry_delay",
+    "parse_retry_schedule", "prepare_submission", "relay_domain_set", "retry_delay",
     "wake",
 ]
 
@@ -178,7 +178,9 @@ DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 DEFAULTS = {
     "spool": "",                   # daemon: plumbing.spool_path; admin: plumbing.find_spool
+    "store": "",                   # plumbing.store_path: the spool itself
     "domain": [],
+    "relay_domain": [],
     "hostname": "",
     "workers": 4,
     "scan_interval": SCAN_INTERVAL,
@@ -200,6 +202,8 @@ HELP = {                           # the help of the keys plumbing.SHARED_HELP d
     "hop_limit": "Received: fields before a message is bounced as a mail loop (5.4.6)",
     "queue_lifetime": "seconds a message may stay queued before it bounces (4.4.7)",
     "delay_warning": "seconds queued before the sender gets a delay notice (0: never)",
+    "relay_domain": "a domain this host is a backup MX for (repeatable): its mail goes on "
+                    "to the domain's better MX hosts, never into a local Maildir",
 }
 
 # Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
@@ -1585,10 +1589,12 @@ class Queue:
 class Router:
     """Routes queue/incoming/: aliases, local delivery, the outbound queue, bounces."""
 
-    def __init__(self, queue: Queue, store, *, hop_limit: int = HOP_LIMIT):
+    def __init__(self, queue: Queue, store, *, hop_limit: int = HOP_LIMIT,
+                 relay_domains: Iterable[str] = ()):
         self.queue = queue
         self.store = store
         self.hop_limit = hop_limit
+        self.relay_domains = relay_domain_set(relay_domains)
         self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
         self.sweeper = None            # the thread of the last sweep_tmp()
 
@@ -1672,6 +1678,10 @@ class Router:
         if hops > self.hop_limit:
             # RFC 5321 6.3: counting Received: fields catches loops between systems.
             return [("error", address, R554_TOO_MANY_HOPS % hops)]
+        if address.rpartition("@")[2].lower().rstrip(".") in self.relay_domains:
+            # RFC 5321 5.1: a backup MX keeps the mail only until a better MX takes it;
+            # even a store that knows the domain's users is not where it is delivered.
+            return [("remote", address, "")]
         try:
             finals = self.store.expand(address)
         except mailbox_store.AddressError:
@@ -1705,6 +1715,11 @@ class Router:
             claim.deferred(recipient, local_error_reply(exc))
         else:
             claim.delivered(recipient, R250_DELIVERED)
+
+
+def relay_domain_set(domains: Iterable[str]) -> frozenset:
+    """The relay_domain setting as a set of lower-case names without a trailing dot."""
+    return frozenset(d.strip().lower().rstrip(".") for d in domains if d.strip())
 
 
 def local_error_reply(exc: OSError) -> str:
@@ -1920,7 +1935,7 @@ def sendmail(args, config, invoker=None) -> int:
     """
     uid, login = invoker or invoking_user()
     hostname = config["hostname"] or socket.gethostname()
-    local_domain = config["domain"][0] if config["domain"] else _store_domain(config["spool"])
+    local_domain = config["domain"][0] if config["domain"] else _store_domain(config["store"])
 
     def qualify(address):
         address = address.strip()
@@ -1975,9 +1990,9 @@ def sendmail(args, config, invoker=None) -> int:
     return EX_OK
 
 
-def _store_domain(spool):
+def _store_domain(store):
     """The first domain of the store's users, for a sendmail run with no --domain."""
-    users = mailbox_store.Store(spool).list_users()
+    users = mailbox_store.Store(store).list_users()
     return users[0].split("@", 1)[1] if users else ""
 
 
@@ -2075,13 +2090,14 @@ def serve(config) -> int:
     domains = config["domain"]
     try:
         plumbing.drop_privileges(config["user"])
-        store = mailbox_store.Store(config["spool"], domains, hostname)
+        store = mailbox_store.Store(config["store"], domains, hostname)
         queue = Queue(config["spool"], hostname=hostname, lifetime=config["queue_lifetime"],
                       delay_warning=config["delay_warning"],
                       retry_schedule=config["retry_schedule"],
                       postmaster=("postmaster@" + domains[0]) if domains else "postmaster")
         queue.create()
-        router = Router(queue, store, hop_limit=config["hop_limit"])
+        router = Router(queue, store, hop_limit=config["hop_limit"],
+                        relay_domains=config["relay_domain"])
         runner = QueueRunner(queue, INCOMING, "mta", router.handle, workers=config["workers"],
                              scan_interval=config["scan_interval"], on_scan=router.periodic)
     except (OSError, KeyError, ValueError) as exc:
@@ -2136,6 +2152,7 @@ def admin_config(args) -> dict:
     if not getattr(args, "config", None) and os.path.exists(written):
         config = plumbing.load_config("mta", DEFAULTS, args, path=written)
     config["spool"] = spool
+    config["store"] = plumbing.store_path(config["store"], spool)
     return config
 
 
@@ -2155,6 +2172,7 @@ def main(argv=None) -> int:
     try:
         if args.command is None:
             config["spool"] = plumbing.spool_path(config["spool"])
+            config["store"] = plumbing.store_path(config["store"], config["spool"])
             plumbing.run_on_cpus(config["cpus"])   # the router daemon; the CLI runs anywhere
         else:
             config = admin_config(args)

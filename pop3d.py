@@ -22,6 +22,7 @@ __all__ = ["DEFAULTS", "HELP", "POP3Handler", "POP3Server", "main", "parse_messa
 
 DEFAULTS = {
     "spool": "",                    # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
+    "store": "",                    # plumbing.store_path: the spool itself
     "listen": "127.0.0.1:1110",
     "pop3s_listen": "",
     "domain": [],
@@ -454,8 +455,9 @@ class POP3Server(plumbing.ThreadedServer):
                  max_auth_failures=MAX_AUTH_FAILURES, bind_and_activate=True):
         settings = plumbing.settings_of(DEFAULTS, config)
         if store is None:
-            store = mailbox_store.Store(plumbing.spool_path(settings["spool"]),
-                                        settings["domain"], settings["hostname"] or None)
+            store = mailbox_store.Store(
+                plumbing.store_path(settings["store"], plumbing.spool_path(settings["spool"])),
+                settings["domain"], settings["hostname"] or None)
         if tls_context is None and settings["tls_cert"]:
             tls_context = plumbing.server_tls_context(settings["tls_cert"],
                                                       settings["tls_key"] or settings["tls_cert"])
@@ -494,7 +496,7 @@ def main(argv=None):
         print("pop3d: --pop3s-listen needs --tls-cert and --tls-key", file=sys.stderr)
         return 1
     try:
-        store = mailbox_store.Store(config["spool"], config["domain"], config["hostname"] or None)
+        store = mailbox_store.Store(config["store"], config["domain"], config["hostname"] or None)
         tls_context = None
         if config["tls_cert"]:
             tls_context = plumbing.server_tls_context(config["tls_cert"], config["tls_key"])
