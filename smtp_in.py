@@ -44,6 +44,7 @@ import datetime
 import errno
 import ipaddress
 import logging
+import os
 import re
 import socket
 import sys
@@ -170,6 +171,7 @@ R421_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 R421_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands, closing connection"
 R454_AUTH_THROTTLED = "454 4.7.0 Temporary authentication failure: too many failed logins, try again later"
 R451_SPOOL_ERROR = "451 4.3.0 Cannot store the message now, try again later"
+R451_STORE_UNAVAILABLE = "451 4.3.0 <%s>: Mailbox store unavailable, try again later"
 R452_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 R500_UNKNOWN = "500 5.5.2 Command not recognized"
@@ -1123,7 +1125,11 @@ class SMTPHandler(plumbing.ConnectionHandler):
             if not store.is_local_domain(domain):
                 return None
         elif domain.startswith("[") or not store.is_local_domain(domain):
-            return None if self.may_relay else R554_RELAY_DENIED % recipient
+            if self.may_relay:
+                return None
+            if self.server.store_unavailable():
+                return R451_STORE_UNAVAILABLE % recipient
+            return R554_RELAY_DENIED % recipient
         # "%" and "!" hacks and quoted "@" ask us to route onwards (RFC 5321 3.6.1, 4.1.1.3)
         if not self.may_relay and any(char in local for char in "%!@"):
             return R554_ROUTING_DENIED % recipient
@@ -1134,6 +1140,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return R550_ALIAS_TOO_BIG % recipient
         except mailbox_store.AliasLoop:                # RFC 3463 X.4.6: routing loop
             return R550_ALIAS_LOOP % recipient
+        if self.server.store_unavailable():
+            return R451_STORE_UNAVAILABLE % recipient
         return R550_UNKNOWN_USER % recipient
 
     def smtp_DATA(self, arg):
@@ -1394,6 +1402,7 @@ class SMTPServer(plumbing.ThreadedServer):
         self.primary_domain = self.domains[0] if self.domains else self.hostname
         self.store = store if store is not None else mailbox_store.Store(
             plumbing.store_path(str(settings["store"]), self.spool_dir), self.domains, self.hostname)
+        self.store_apart = os.path.abspath(self.store.spool_dir) != self.spool_dir
         self.submission = bool(settings["submission"] if submission is None else submission)
         self.relay_networks = parse_networks(settings["relay_network"])
         self.relay_domains = mta.relay_domain_set(settings["relay_domain"])
@@ -1424,6 +1433,13 @@ class SMTPServer(plumbing.ThreadedServer):
                          stress_session_timeout=float(settings["stress_session_timeout"]),
                          anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
+
+
+    def store_unavailable(self):
+        """True when the store lives apart from the spool (an NFS mount, say) and its users
+        file is missing: the mount is gone, so an unknown recipient or domain is answered
+        4xx, to be tried again, rather than refused for good."""
+        return self.store_apart and not os.path.exists(self.store.users_path)
 
 
 # --- Command line ---
