@@ -11,9 +11,9 @@ through dnsmasq. B is also the backup MX (preference 20) of backup.test, whose p
 import email
 import os
 import poplib
-import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -136,17 +136,12 @@ def wait_for_port(ip, port, host, timeout=20.0):
     until = time.monotonic() + timeout
     while True:
         try:
-            socket_probe(ip, port)
+            socket.create_connection((ip, port), timeout=1).close()
             return
         except OSError:
             if host.process.poll() is not None or time.monotonic() > until:
                 raise AssertionError("%s did not open %s:%d\n%s" % (host.name, ip, port, host.log()))
             time.sleep(0.05)
-
-
-def socket_probe(ip, port):
-    import socket
-    socket.create_connection((ip, port), timeout=1).close()
 
 
 def log_count(host, recipient, status):
