@@ -9,13 +9,16 @@ through dnsmasq. B is also the backup MX (preference 20) of backup.test, whose p
 """
 
 import email
+import importlib.util
 import os
 import poplib
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from email.message import EmailMessage
@@ -389,3 +392,60 @@ def test_router_sends_relay_domain_mail_on_even_when_the_store_knows_the_users(t
     store.add_user("known@backup.test", PASSWORD)
     router = mta.Router(mta.Queue(str(tmp_path)), store, relay_domains=["Backup.Test."])
     assert router.resolve("known@backup.test", 1, set()) == [("remote", "known@backup.test", "")]
+
+
+# --- A real Postfix as the sender ---
+
+def load_peers():
+    """bench/peers.py, which knows how to run a private Postfix instance (and imports
+    bench/pidfile.py)."""
+    bench = os.path.join(ROOT, "bench")
+    spec = importlib.util.spec_from_file_location("bench_peers", os.path.join(bench, "peers.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, bench)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+    return module
+
+
+def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
+    """Postfix reads MX records only through the system resolver, which tests never touch:
+    here it gets both hosts as a relayhost list (Postfix 3.5+), in one order, then the other."""
+    require_tool("postfix", "postfix")
+    host_a, host_b, _, _ = cluster
+    peers = load_peers()
+    if peers.missing("postfix"):
+        pytest.skip(peers.missing("postfix"))
+    host_a.add_user("postfix@shared.test")
+    # Postfix's own users must reach its folders: pytest's tmp_path is closed to them.
+    workdir = tempfile.mkdtemp(prefix="multihost-postfix-")
+    os.chmod(workdir, 0o755)
+    postfix = peers.Postfix(workdir, relay_port=host_a.smtp_port)
+    order = ["[%s]:%d" % (host.ip, host.smtp_port) for host in (host_a, host_b)]
+    postfix.settings({"relayhost": ", ".join(order), "smtp_helo_name": "postfix.sender.test"})
+    subjects = ["postfix %02d" % n for n in range(40)]
+    try:
+        postfix.start()
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+            for subject in subjects[:20]:
+                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
+        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 20, 40,
+                 "Postfix's first half")
+        postfix.settings({"relayhost": ", ".join(reversed(order))})
+        postfix.reload()
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+            for subject in subjects[20:]:
+                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
+        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 40, 40,
+                 "Postfix's second half")
+    finally:
+        postfix.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    time.sleep(1)
+    found = maildir_subjects(host_a.store, "postfix@shared.test")
+    assert sorted(found) == subjects
+    assert log_count(host_a, "postfix@shared.test", "delivered") > 0
+    assert log_count(host_b, "postfix@shared.test", "delivered") > 0
+    assert host_a.uidls("postfix@shared.test") == host_b.uidls("postfix@shared.test")
