@@ -11,6 +11,7 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
    fails unknown users and mail loops, and records each result in the file before it
    delivers the next recipient. Failures are reported in one DSN (RFC 3464) to the sender.
+   A recipient in a --relay-domain (this host is a backup MX for it) is always remote.
 3. Remote recipients wait in queue/outbound/ for smtp_out, which claims the file the same
    way, takes the due recipients grouped by domain, records each result and releases it.
 4. A message with recipients to retry waits in queue/deferred/ with its mtime set to its
@@ -19,7 +20,9 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    QUEUE_LIFETIME the recipient fails with 4.4.7 and is bounced.
 5. When every recipient is delivered, or failed and reported, the file is removed.
 
-Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
+Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/, which move to
+the folder --store names when the store is kept apart, shared by several hosts; the queue
+and run/ are this host's own):
 
     SPOOL/queue/tmp/ID            being written (QueueWriter); older than an hour is debris,
                                   removed by the router's hourly sweep (with the Maildirs'; a
@@ -1678,7 +1681,7 @@ class Router:
         if hops > self.hop_limit:
             # RFC 5321 6.3: counting Received: fields catches loops between systems.
             return [("error", address, R554_TOO_MANY_HOPS % hops)]
-        if address.rpartition("@")[2].lower().rstrip(".") in self.relay_domains:
+        if self.relays(address):
             # RFC 5321 5.1: a backup MX keeps the mail only until a better MX takes it;
             # even a store that knows the domain's users is not where it is delivered.
             return [("remote", address, "")]
@@ -1696,11 +1699,15 @@ class Router:
         for final in finals:
             if final.lower() in delivered_to or address.lower() in delivered_to:
                 routes.append(("error", final, R554_DELIVERED_TO_LOOP))
-            elif self.store.is_local_domain(final.rpartition("@")[2]):
+            elif self.store.is_local_domain(final.rpartition("@")[2]) and not self.relays(final):
                 routes.append(("local", final, ""))
             else:
                 routes.append(("remote", final, ""))
         return routes
+
+    def relays(self, address: str) -> bool:
+        """True when address is in a relay_domain: mail this host is a backup MX for."""
+        return address.rpartition("@")[2].lower().rstrip(".") in self.relay_domains
 
     def deliver(self, claim: Claim, recipient: Recipient):
         """Maildir delivery through mailbox_store, then the recipient's state record."""

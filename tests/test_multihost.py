@@ -449,3 +449,23 @@ def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
     assert log_count(host_a, "postfix@shared.test", "delivered") > 0
     assert log_count(host_b, "postfix@shared.test", "delivered") > 0
     assert host_a.uidls("postfix@shared.test") == host_b.uidls("postfix@shared.test")
+
+
+def test_an_alias_into_a_relay_domain_is_sent_on_too(tmp_path):
+    store = mailbox_store.Store(str(tmp_path), ["here.test"])
+    store.add_user("known@backup.test", PASSWORD)
+    store.add_alias("team@here.test", ["known@backup.test"])
+    router = mta.Router(mta.Queue(str(tmp_path)), store, relay_domains=["backup.test"])
+    assert router.resolve("team@here.test", 1, set()) == [("remote", "known@backup.test", "")]
+
+
+def test_maildir_names_carry_each_hosts_name(tmp_path):
+    """Two hosts on one store, even with the same pid, never pick the same name."""
+    mailbox_store.Store(str(tmp_path)).add_user("user@shared.test", PASSWORD)
+    names = set()
+    for hostname in ("mx-a.shared.test", "mx-b.shared.test"):
+        store = mailbox_store.Store(str(tmp_path), ["shared.test"], hostname)
+        path = store.deliver("user@shared.test", b"Subject: x\r\n\r\nbody\r\n", "a@b.test")
+        assert os.path.basename(path).split(",")[0].endswith("." + hostname)
+        names.add(os.path.basename(path))
+    assert len(names) == 2
