@@ -1,7 +1,8 @@
 """pop3d.py - POP3 access to local Maildirs (RFC 1939, 2449, 2595, 3206, 5034).
 
-Reads mailboxes through mailbox_store (in --store, by default the spool): logs a user in (USER/PASS or AUTH PLAIN), holds the
-exclusive maildrop lock for the session, lists, streams and deletes messages. Deletions
+Reads mailboxes through mailbox_store (in --store, by default the spool): logs a user in
+(USER/PASS or AUTH PLAIN), holds the exclusive maildrop lock for the session (a lock other
+hosts sharing the store see too), lists, streams and deletes messages. Deletions
 happen only on QUIT (the UPDATE state); a dropped connection deletes nothing.
 STLS upgrades a connection to TLS (RFC 2595); --pop3s-listen adds an implicit-TLS listener.
 The process's anvil (plumbing.Anvil) counts failed logins and bad commands per client

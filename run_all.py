@@ -591,6 +591,8 @@ def read_configuration(args):
     and the config file. Raises ValueError for a bad value or an unreadable file."""
     config = plumbing.load_config("run_all", DEFAULTS, args)
     config["spool"] = plumbing.spool_path(config["spool"])
+    if config["store"]:
+        config["store"] = os.path.abspath(config["store"])    # the children may start elsewhere
     sections = plumbing.read_ini(args.config) if args.config else {}
     problems = check_sections(sections, args.config)
     given = {key for key in DEFAULTS if getattr(args, key, None) is not None}
