@@ -475,3 +475,51 @@ def test_maildir_names_carry_each_hosts_name(tmp_path):
         assert os.path.basename(path).split(",")[0].endswith("." + hostname)
         names.add(os.path.basename(path))
     assert len(names) == 2
+
+
+# --- The store's locks ---
+
+@pytest.mark.parametrize("ofd", [True, False], ids=["ofd", "flock-fallback"])
+def test_lock_file_conflicts_between_two_opens_and_frees_on_close(tmp_path, monkeypatch, ofd):
+    if not ofd:
+        monkeypatch.setattr(mailbox_store, "_OFD_SETLK", None)
+    elif mailbox_store._OFD_SETLK is None:
+        pytest.skip("no open file description locks here")
+    path = str(tmp_path / "maildrop.lock")
+    first = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    second = os.open(path, os.O_RDWR)
+    try:
+        assert mailbox_store.lock_file(first)
+        assert not mailbox_store.lock_file(second)     # same process, another open file
+        os.close(first)
+        first = None
+        assert mailbox_store.lock_file(second)
+    finally:
+        for fd in (first, second):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_the_maildrop_lock_is_a_posix_lock_other_hosts_see(tmp_path):
+    """What an NFS client passes to the server is a POSIX (fcntl) lock: a lockf() probe from
+    another process sees the maildrop lock, as a flock() probe would not on NFS."""
+    if mailbox_store._OFD_SETLK is None:
+        pytest.skip("no open file description locks here")
+    store = mailbox_store.Store(str(tmp_path), ["shared.test"])
+    store.add_user("user@shared.test", PASSWORD)
+    probe = ("import fcntl, sys\n"
+             "fd = open(sys.argv[1], 'r+')\n"
+             "try:\n"
+             "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except OSError:\n"
+             "    print('held')\n"
+             "else:\n"
+             "    print('free')\n")
+    lock_path = os.path.join(os.path.dirname(store.maildir_path("user@shared.test")),
+                             "maildrop.lock")
+    with store.open_mailbox("user@shared.test"):
+        held = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                              text=True, timeout=30)
+    free = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                          text=True, timeout=30)
+    assert (held.stdout.strip(), free.stdout.strip()) == ("held", "free")
