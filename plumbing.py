@@ -53,7 +53,7 @@ __all__ = [
     "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
     "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
     "setup_logging",
-    "spool_path", "stderr_is_journal", "store_path", "wait_readable",
+    "spool_path", "stderr_is_journal", "store_is_apart", "store_path", "wait_readable",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -1605,6 +1605,11 @@ def store_path(given, spool):
     Several hosts may share one store (an NFS mount); each keeps its own spool, whose queue
     and run/ folder must never be shared."""
     return os.path.abspath(given) if given else spool
+
+
+def store_is_apart(store, spool):
+    """True when the store setting names a folder other than the spool's (spool_path)."""
+    return bool(store) and os.path.abspath(store) != spool_path(spool)
 
 
 def reader_went_away():

@@ -13,6 +13,7 @@ Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 """
 
 import logging
+import os
 import socket
 import sys
 
@@ -92,6 +93,7 @@ ERR_AUTH_MALFORMED = "-ERR malformed SASL response"
 ERR_MECHANISM = "-ERR unsupported authentication mechanism"
 ERR_IN_USE = "-ERR [IN-USE] maildrop is locked by another session"
 ERR_MAILDROP = "-ERR [SYS/TEMP] cannot open maildrop, try again later"
+ERR_STORE_UNAVAILABLE = "-ERR [SYS/TEMP] mailbox store unavailable, try again later"
 ERR_MAILDROP_BROKEN = "-ERR [SYS/PERM] maildrop is damaged, contact the administrator"
 ERR_MESSAGE_GONE = "-ERR [SYS/TEMP] message is unavailable, try again later"
 ERR_UPDATE_FAILED = "-ERR [SYS/TEMP] some deleted messages were not removed"
@@ -299,6 +301,11 @@ class POP3Handler(plumbing.ConnectionHandler):
 
     def login(self, name, password, method):
         """Authenticate, then take the maildrop lock and enter the TRANSACTION state."""
+        if self.server.store_unavailable():
+            # Not the user's fault: no failed login is counted against the address.
+            log.error("login refused unchecked: client=[%s], user=%r, method=%s "
+                      "(the store's users file is missing)", self.client_ip, name, method)
+            return ERR_STORE_UNAVAILABLE
         try:
             user = self.checked_login(
                 name, lambda: self.server.store.authenticate(name, password))
@@ -465,6 +472,7 @@ class POP3Server(plumbing.ThreadedServer):
         if implicit_tls and tls_context is None:
             raise ValueError("an implicit TLS listener needs tls_cert and tls_key")
         self.store = store
+        self.store_apart = plumbing.store_is_apart(settings["store"], settings["spool"])
         self.hostname = settings["hostname"] or store.hostname
         self.allow_plaintext_auth = bool(settings["allow_plaintext_auth"])
         self.max_auth_failures = max_auth_failures
@@ -479,6 +487,12 @@ class POP3Server(plumbing.ThreadedServer):
                          stress_session_timeout=float(settings["stress_session_timeout"]),
                          anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
+
+
+    def store_unavailable(self):
+        """True when the store lives apart from the spool (an NFS mount, say) and its users
+        file is missing: the mount is gone, and no login can be checked (RFC 3206 SYS/TEMP)."""
+        return self.store_apart and not os.path.exists(self.store.users_path)
 
 
 def main(argv=None):

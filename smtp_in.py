@@ -1402,7 +1402,7 @@ class SMTPServer(plumbing.ThreadedServer):
         self.primary_domain = self.domains[0] if self.domains else self.hostname
         self.store = store if store is not None else mailbox_store.Store(
             plumbing.store_path(str(settings["store"]), self.spool_dir), self.domains, self.hostname)
-        self.store_apart = os.path.abspath(self.store.spool_dir) != self.spool_dir
+        self.store_apart = plumbing.store_is_apart(settings["store"], settings["spool"])
         self.submission = bool(settings["submission"] if submission is None else submission)
         self.relay_networks = parse_networks(settings["relay_network"])
         self.relay_domains = mta.relay_domain_set(settings["relay_domain"])

@@ -30,6 +30,7 @@ from dnsmasq_server import host_record, mx_host, start_dnsmasq
 
 import mailbox_store
 import mta
+import pop3d
 import smtp_in
 
 PASSWORD = "correct horse battery"
@@ -320,6 +321,7 @@ def test_mail_waits_in_the_local_queue_while_the_store_is_away(cluster):
     mail = os.path.join(host_a.store, "mail")
     users = os.path.join(host_a.store, "users")
     # The mail folder becomes a file: no Maildir can be made or written, even by root.
+    os.makedirs(mail, exist_ok=True)
     os.rename(mail, mail + ".away")
     try:
         with open(mail, "w") as f:
@@ -336,6 +338,9 @@ def test_mail_waits_in_the_local_queue_while_the_store_is_away(cluster):
                 code, reply = client.rcpt("waiting@shared.test")
                 assert code == 451, reply
                 assert reply.decode() in smtp_in.R451_STORE_UNAVAILABLE % "waiting@shared.test"
+            with pytest.raises(poplib.error_proto) as refused:
+                host_a.pop3("waiting@shared.test")
+            assert refused.value.args[0].decode() == pop3d.ERR_STORE_UNAVAILABLE
         finally:
             os.rename(users + ".away", users)
     finally:
