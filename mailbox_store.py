@@ -1,12 +1,13 @@
 """mailbox_store.py - Maildir mailboxes, users with hashed passwords, and aliases.
 
-The store every other role reads and writes through. Its files, all under the spool:
+The store every other role reads and writes through. Its files, all under the spool, or
+under the folder the roles' `store` setting names (one store several hosts share):
 
     SPOOL/users                          one line per user: ADDRESS:HASH (mode 0600)
     SPOOL/aliases                        /etc/aliases shape: "name: target, target"
-    SPOOL/store.lock                     flock()ed while users or aliases is rewritten
+    SPOOL/store.lock                     locked (lock_file) while users or aliases is rewritten
     SPOOL/mail/DOMAIN/LOCAL/Maildir/     the user's Maildir: tmp/, new/, cur/
-    SPOOL/mail/DOMAIN/LOCAL/maildrop.lock  flock()ed by the POP3 session holding the maildrop
+    SPOOL/mail/DOMAIN/LOCAL/maildrop.lock  locked by the POP3 session holding the maildrop
 
 Delivery writes tmp/NAME, fsyncs it, renames it into new/ and fsyncs new/ (the Maildir
 rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. In new/ the name is
@@ -18,6 +19,7 @@ A delivery that dies half-way leaves its file in tmp/; remove_stale_tmp() (run h
 mta's router) removes those untouched for MAILDIR_TMP_AGE (36 hours, the Maildir rule).
 
 Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
+     python3 mailbox_store.py --store DIR add-user ...  (a store kept apart from the spool)
      python3 mailbox_store.py --spool DIR passwd ADDRESS | del-user ADDRESS [--purge]
      python3 mailbox_store.py --spool DIR list-users | list-aliases
      python3 mailbox_store.py --spool DIR add-alias NAME TARGET... | del-alias NAME
@@ -36,6 +38,7 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import sys
 import threading
 import time
@@ -50,7 +53,8 @@ __all__ = [
     "AddressError", "AliasLoop", "AliasTooBig", "CRLFSize", "Mailbox", "MailboxBusy",
     "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
-    "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password", "write_all",
+    "lock_file", "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password",
+    "write_all",
     "write_atomically",
 ]
 
@@ -334,6 +338,42 @@ def _check_password(password):
         raise ValueError("the password is longer than %d characters" % MAX_PASSWORD)
     if any(c in password for c in "\0\r\n"):
         raise ValueError("the password contains NUL, CR or LF")
+
+
+# --- Locks: one kind for every lock of the store, seen by every host that shares it ---
+
+# struct flock (fcntl(2)): l_type, l_whence, l_start, l_len (0: to the end), l_pid (0 for
+# an open file description lock).
+_FLOCK = struct.Struct("hhqqi")
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)      # Linux 3.15+, Python 3.9+
+_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def lock_file(fd: int, wait: bool = False) -> bool:
+    """Lock the whole file open at fd for writing; False when another holds it and not wait.
+
+    An open file description lock (F_OFD_SETLK): a POSIX record lock, which an NFS client
+    passes on to the server (NLM, NFSv4), so hosts sharing the store see each other's
+    locks; owned, as a flock() is, by the open file rather than the process, so two POP3
+    sessions of one process conflict too; dropped by the kernel when the descriptor is
+    closed or its process dies (kill -9 included). flock() and POSIX locks do not see each
+    other on a local Linux file system, so every lock of the store is taken here, one kind.
+    Where there are no OFD locks (not Linux) it falls back to flock(), local to one host.
+    """
+    if _OFD_SETLK is None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK, request)
+        return True
+    except (BlockingIOError, PermissionError):     # EAGAIN or EACCES: held elsewhere
+        if wait:
+            raise
+        return False
 
 
 # --- Files: directory fsync, directories, atomic rewrite ---
@@ -913,7 +953,7 @@ class Mailbox:
 
     def close(self):
         if self._lock_fd is not None:
-            os.close(self._lock_fd)    # closing the descriptor drops the flock
+            os.close(self._lock_fd)    # closing the descriptor drops the lock
             self._lock_fd = None
 
 
@@ -1233,15 +1273,16 @@ class Store:
         lock_path = os.path.join(os.path.dirname(maildir), MAILDROP_LOCK)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            # flock() belongs to this open file: a second open() in the same process
-            # conflicts too, and the kernel drops the lock when the process dies.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MailboxBusy("maildrop of %s is locked by another session" % user) from None
+            # lock_file: held by this open file (a second session of this process conflicts
+            # too) and seen by other hosts sharing the store; the kernel drops it when the
+            # process dies.
+            locked = lock_file(fd)
         except BaseException:
             os.close(fd)
             raise
+        if not locked:
+            os.close(fd)
+            raise MailboxBusy("maildrop of %s is locked by another session" % user)
         try:
             return Mailbox(user, maildir, fd)
         except BaseException:
@@ -1318,7 +1359,7 @@ class Store:
         os.makedirs(self.spool_dir, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_file(fd, wait=True)
             lines = _read_lines(path)
             result = change(lines)
             write_atomically(path, "".join(line + "\n" for line in lines), mode)
@@ -1479,14 +1520,18 @@ def _parser():
         prog="mailbox_store.py", description="Manage the users, aliases and Maildirs of a mail spool.")
     spool_help = ("spool directory (default: $%s, else %s or %s when it is a spool)"
                   % (plumbing.SPOOL_ENV, plumbing.LOCAL_SPOOL, plumbing.SYSTEM_SPOOL))
+    store_help = ("the store's folder (users, aliases, mail/), when it is not the spool: "
+                  "the folder several hosts share")
     parser.add_argument("--spool", default="", help=spool_help)
+    parser.add_argument("--store", default="", help=store_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     def command(name, text):
-        # --spool again, so that it may follow the command too.
+        # --spool and --store again, so that they may follow the command too.
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--spool", default=argparse.SUPPRESS, help=spool_help)
+        sub.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
         return sub
 
     for name, text in (("add-user", "add a user; password from a prompt or one line of stdin"),
@@ -1505,7 +1550,15 @@ def _parser():
 
 
 def _spool_for(args):
-    """The spool to work on (plumbing.find_spool); add-user alone may start a new one."""
+    """The store to work on: --store, else the spool (plumbing.find_spool); add-user alone
+    may start a new one."""
+    if args.store:
+        store = os.path.abspath(args.store)
+        if not os.path.isdir(store):
+            if args.command != "add-user":
+                raise ValueError("no store at %s (no such folder)" % store)
+            make_dirs(store)
+        return store
     try:
         return plumbing.find_spool(args.spool)
     except ValueError:

@@ -11,6 +11,7 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    through mailbox_store (aliases, user+tag), delivers local ones into their Maildirs,
    fails unknown users and mail loops, and records each result in the file before it
    delivers the next recipient. Failures are reported in one DSN (RFC 3464) to the sender.
+   A recipient in a --relay-domain (this host is a backup MX for it) is always remote.
 3. Remote recipients wait in queue/outbound/ for smtp_out, which claims the file the same
    way, takes the due recipients grouped by domain, records each result and releases it.
 4. A message with recipients to retry waits in queue/deferred/ with its mtime set to its
@@ -19,7 +20,9 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    QUEUE_LIFETIME the recipient fails with 4.4.7 and is bounced.
 5. When every recipient is delivered, or failed and reported, the file is removed.
 
-Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/):
+Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/, which move to
+the folder --store names when the store is kept apart, shared by several hosts; the queue
+and run/ are this host's own):
 
     SPOOL/queue/tmp/ID            being written (QueueWriter); older than an hour is debris,
                                   removed by the router's hourly sweep (with the Maildirs'; a
@@ -157,7 +160,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from queue import SimpleQueue
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import dkim
 import mailbox_store
@@ -168,8 +171,8 @@ __all__ = [
     "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "check_prepend", "dkim_signature", "enqueue", "main",
-    "parse_queue_file",
-    "parse_retry_schedule", "prepare_submission", "retry_delay",
+    "parse_queue_file", "parse_retry_schedule", "prepare_submission", "relay_domain_set",
+    "retry_delay",
     "wake",
 ]
 
@@ -191,7 +194,9 @@ DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 DEFAULTS = {
     "spool": "",                   # daemon: plumbing.spool_path; admin: plumbing.find_spool
+    "store": "",                   # plumbing.store_path: the spool itself
     "domain": [],
+    "relay_domain": [],
     "hostname": "",
     "workers": 4,
     "scan_interval": SCAN_INTERVAL,
@@ -216,6 +221,8 @@ HELP = {                           # the help of the keys plumbing.SHARED_HELP d
     "delay_warning": "seconds queued before the sender gets a delay notice (0: never)",
     "dkim_sign": "yes or no: `sendmail` signs mail whose From domain is local and has a key "
                  "in SPOOL/dkim/DOMAIN/ (DKIM, RFC 6376)",
+    "relay_domain": "a domain this host is a backup MX for (repeatable): its mail goes on "
+                    "to the domain's better MX hosts, never into a local Maildir",
 }
 
 # Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
@@ -1676,10 +1683,12 @@ class Queue:
 class Router:
     """Routes queue/incoming/: aliases, local delivery, the outbound queue, bounces."""
 
-    def __init__(self, queue: Queue, store, *, hop_limit: int = HOP_LIMIT):
+    def __init__(self, queue: Queue, store, *, hop_limit: int = HOP_LIMIT,
+                 relay_domains: Iterable[str] = ()):
         self.queue = queue
         self.store = store
         self.hop_limit = hop_limit
+        self.relay_domains = relay_domain_set(relay_domains)
         self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
         self.sweeper = None            # the thread of the last sweep_tmp()
 
@@ -1763,6 +1772,10 @@ class Router:
         if hops > self.hop_limit:
             # RFC 5321 6.3: counting Received: fields catches loops between systems.
             return [("error", address, R554_TOO_MANY_HOPS % hops)]
+        if self.relays(address):
+            # RFC 5321 5.1: a backup MX keeps the mail only until a better MX takes it;
+            # even a store that knows the domain's users is not where it is delivered.
+            return [("remote", address, "")]
         try:
             finals = self.store.expand(address)
         except mailbox_store.AddressError:
@@ -1777,11 +1790,15 @@ class Router:
         for final in finals:
             if final.lower() in delivered_to or address.lower() in delivered_to:
                 routes.append(("error", final, R554_DELIVERED_TO_LOOP))
-            elif self.store.is_local_domain(final.rpartition("@")[2]):
+            elif self.store.is_local_domain(final.rpartition("@")[2]) and not self.relays(final):
                 routes.append(("local", final, ""))
             else:
                 routes.append(("remote", final, ""))
         return routes
+
+    def relays(self, address: str) -> bool:
+        """True when address is in a relay_domain: mail this host is a backup MX for."""
+        return address.rpartition("@")[2].lower().rstrip(".") in self.relay_domains
 
     def deliver(self, claim: Claim, recipient: Recipient):
         """Maildir delivery through mailbox_store, then the recipient's state record."""
@@ -1796,6 +1813,11 @@ class Router:
             claim.deferred(recipient, local_error_reply(exc))
         else:
             claim.delivered(recipient, R250_DELIVERED)
+
+
+def relay_domain_set(domains: Iterable[str]) -> frozenset:
+    """The relay_domain setting as a set of lower-case names without a trailing dot."""
+    return frozenset(d.strip().lower().rstrip(".") for d in domains if d.strip())
 
 
 def local_error_reply(exc: OSError) -> str:
@@ -2050,7 +2072,7 @@ def sendmail(args, config, invoker=None) -> int:
     """
     uid, login = invoker or invoking_user()
     hostname = config["hostname"] or socket.gethostname()
-    local_domain = config["domain"][0] if config["domain"] else _store_domain(config["spool"])
+    local_domain = config["domain"][0] if config["domain"] else _store_domain(config["store"])
 
     def qualify(address):
         address = address.strip()
@@ -2110,9 +2132,9 @@ def sendmail(args, config, invoker=None) -> int:
     return EX_OK
 
 
-def _store_domain(spool):
+def _store_domain(store):
     """The first domain of the store's users, for a sendmail run with no --domain."""
-    users = mailbox_store.Store(spool).list_users()
+    users = mailbox_store.Store(store).list_users()
     return users[0].split("@", 1)[1] if users else ""
 
 
@@ -2210,13 +2232,14 @@ def serve(config) -> int:
     domains = config["domain"]
     try:
         plumbing.drop_privileges(config["user"])
-        store = mailbox_store.Store(config["spool"], domains, hostname)
+        store = mailbox_store.Store(config["store"], domains, hostname)
         queue = Queue(config["spool"], hostname=hostname, lifetime=config["queue_lifetime"],
                       delay_warning=config["delay_warning"],
                       retry_schedule=config["retry_schedule"],
                       postmaster=("postmaster@" + domains[0]) if domains else "postmaster")
         queue.create()
-        router = Router(queue, store, hop_limit=config["hop_limit"])
+        router = Router(queue, store, hop_limit=config["hop_limit"],
+                        relay_domains=config["relay_domain"])
         runner = QueueRunner(queue, INCOMING, "mta", router.handle, workers=config["workers"],
                              scan_interval=config["scan_interval"], on_scan=router.periodic)
     except (OSError, KeyError, ValueError) as exc:
@@ -2271,6 +2294,7 @@ def admin_config(args) -> dict:
     if not getattr(args, "config", None) and os.path.exists(written):
         config = plumbing.load_config("mta", DEFAULTS, args, path=written)
     config["spool"] = spool
+    config["store"] = plumbing.store_path(config["store"], spool)
     return config
 
 
@@ -2291,6 +2315,7 @@ def main(argv=None) -> int:
     try:
         if args.command is None:
             config["spool"] = plumbing.spool_path(config["spool"])
+            config["store"] = plumbing.store_path(config["store"], config["spool"])
             plumbing.run_on_cpus(config["cpus"])   # the router daemon; the CLI runs anywhere
         else:
             config = admin_config(args)

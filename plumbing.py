@@ -53,7 +53,7 @@ __all__ = [
     "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
     "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
     "setup_logging",
-    "spool_path", "stderr_is_journal", "wait_readable",
+    "spool_path", "stderr_is_journal", "store_is_apart", "store_path", "wait_readable",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -1222,6 +1222,8 @@ def parse_hostport(text, default_port):
 # it takes in its DEFAULTS; a list default makes a repeatable flag.
 SHARED_HELP = {
     "spool": "spool directory shared by all roles (default: $%s, else %s)" % (SPOOL_ENV, LOCAL_SPOOL),
+    "store": "folder of the mailbox store (users, aliases, mail/), e.g. an NFS mount shared "
+             "by several hosts (default: the spool itself)",
     "domain": "a local mail domain (repeatable)",
     "hostname": "this host's name, used in greetings and headers",
     "listen": "HOST:PORT to listen on",
@@ -1304,6 +1306,8 @@ def daemon_settings(role, description, defaults, help_texts, argv=None):
     args = add_options(parser, defaults, help_texts).parse_args(argv)
     config = load_config(role, defaults, args)
     config["spool"] = spool_path(config["spool"])
+    if "store" in config:
+        config["store"] = store_path(config["store"], config["spool"])
     run_on_cpus(config["cpus"])
     return config
 
@@ -1593,6 +1597,19 @@ def become_spool_owner(spool):
 def spool_path(given=""):
     """The spool a daemon uses: the one given, else $MAILTOOLKIT_SPOOL, else ./mailspool."""
     return os.path.abspath(given or os.environ.get(SPOOL_ENV, "") or LOCAL_SPOOL)
+
+
+def store_path(given, spool):
+    """The mailbox store's folder (users, aliases, mail/): the one given, else the spool.
+
+    Several hosts may share one store (an NFS mount); each keeps its own spool, whose queue
+    and run/ folder must never be shared."""
+    return os.path.abspath(given) if given else spool
+
+
+def store_is_apart(store, spool):
+    """True when the store setting names a folder other than the spool's (spool_path)."""
+    return bool(store) and os.path.abspath(store) != spool_path(spool)
 
 
 def reader_went_away():

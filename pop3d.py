@@ -1,7 +1,8 @@
 """pop3d.py - POP3 access to local Maildirs (RFC 1939, 2449, 2595, 3206, 5034).
 
-Reads mailboxes through mailbox_store: logs a user in (USER/PASS or AUTH PLAIN), holds the
-exclusive maildrop lock for the session, lists, streams and deletes messages. Deletions
+Reads mailboxes through mailbox_store (in --store, by default the spool): logs a user in
+(USER/PASS or AUTH PLAIN), holds the exclusive maildrop lock for the session (a lock other
+hosts sharing the store see too), lists, streams and deletes messages. Deletions
 happen only on QUIT (the UPDATE state); a dropped connection deletes nothing.
 STLS upgrades a connection to TLS (RFC 2595); --pop3s-listen adds an implicit-TLS listener.
 The process's anvil (plumbing.Anvil) counts failed logins and bad commands per client
@@ -12,6 +13,7 @@ Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 """
 
 import logging
+import os
 import socket
 import sys
 
@@ -22,6 +24,7 @@ __all__ = ["DEFAULTS", "HELP", "POP3Handler", "POP3Server", "main", "parse_messa
 
 DEFAULTS = {
     "spool": "",                    # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
+    "store": "",                    # plumbing.store_path: the spool itself
     "listen": "127.0.0.1:1110",
     "pop3s_listen": "",
     "domain": [],
@@ -90,6 +93,7 @@ ERR_AUTH_MALFORMED = "-ERR malformed SASL response"
 ERR_MECHANISM = "-ERR unsupported authentication mechanism"
 ERR_IN_USE = "-ERR [IN-USE] maildrop is locked by another session"
 ERR_MAILDROP = "-ERR [SYS/TEMP] cannot open maildrop, try again later"
+ERR_STORE_UNAVAILABLE = "-ERR [SYS/TEMP] mailbox store unavailable, try again later"
 ERR_MAILDROP_BROKEN = "-ERR [SYS/PERM] maildrop is damaged, contact the administrator"
 ERR_MESSAGE_GONE = "-ERR [SYS/TEMP] message is unavailable, try again later"
 ERR_UPDATE_FAILED = "-ERR [SYS/TEMP] some deleted messages were not removed"
@@ -297,6 +301,11 @@ class POP3Handler(plumbing.ConnectionHandler):
 
     def login(self, name, password, method):
         """Authenticate, then take the maildrop lock and enter the TRANSACTION state."""
+        if self.server.store_unavailable():
+            # Not the user's fault: no failed login is counted against the address.
+            log.error("login refused unchecked: client=[%s], user=%r, method=%s "
+                      "(the store's users file is missing)", self.client_ip, name, method)
+            return ERR_STORE_UNAVAILABLE
         try:
             user = self.checked_login(
                 name, lambda: self.server.store.authenticate(name, password))
@@ -454,14 +463,16 @@ class POP3Server(plumbing.ThreadedServer):
                  max_auth_failures=MAX_AUTH_FAILURES, bind_and_activate=True):
         settings = plumbing.settings_of(DEFAULTS, config)
         if store is None:
-            store = mailbox_store.Store(plumbing.spool_path(settings["spool"]),
-                                        settings["domain"], settings["hostname"] or None)
+            store = mailbox_store.Store(
+                plumbing.store_path(settings["store"], plumbing.spool_path(settings["spool"])),
+                settings["domain"], settings["hostname"] or None)
         if tls_context is None and settings["tls_cert"]:
             tls_context = plumbing.server_tls_context(settings["tls_cert"],
                                                       settings["tls_key"] or settings["tls_cert"])
         if implicit_tls and tls_context is None:
             raise ValueError("an implicit TLS listener needs tls_cert and tls_key")
         self.store = store
+        self.store_apart = plumbing.store_is_apart(settings["store"], settings["spool"])
         self.hostname = settings["hostname"] or store.hostname
         self.allow_plaintext_auth = bool(settings["allow_plaintext_auth"])
         self.max_auth_failures = max_auth_failures
@@ -476,6 +487,12 @@ class POP3Server(plumbing.ThreadedServer):
                          stress_session_timeout=float(settings["stress_session_timeout"]),
                          anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
+
+
+    def store_unavailable(self):
+        """True when the store lives apart from the spool (an NFS mount, say) and its users
+        file is missing: the mount is gone, and no login can be checked (RFC 3206 SYS/TEMP)."""
+        return self.store_apart and not os.path.exists(self.store.users_path)
 
 
 def main(argv=None):
@@ -494,7 +511,7 @@ def main(argv=None):
         print("pop3d: --pop3s-listen needs --tls-cert and --tls-key", file=sys.stderr)
         return 1
     try:
-        store = mailbox_store.Store(config["spool"], config["domain"], config["hostname"] or None)
+        store = mailbox_store.Store(config["store"], config["domain"], config["hostname"] or None)
         tls_context = None
         if config["tls_cert"]:
             tls_context = plumbing.server_tls_context(config["tls_cert"], config["tls_key"])

@@ -56,6 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = {
     "spool": "",                     # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
+    "store": "",                     # plumbing.store_path: the spool itself
     "domain": ["localhost"],
     "hostname": "",
     "smtp": "127.0.0.1:2525",
@@ -70,6 +71,7 @@ DEFAULTS = {
     "relay_auth_file": "",
     "remote_port": smtp_out.DEFAULTS["remote_port"],
     "relay_network": [],
+    "relay_domain": [],
     "idle_timeout": "",              # each role's own: SMTP 300 s, POP3 600 s (RFC 1939 3)
     "max_size": smtp_in.DEFAULTS["max_size"],
     "spf": smtp_in.DEFAULTS["spf"],
@@ -90,6 +92,8 @@ HELP = {
     "pop3": "HOST:PORT of the POP3 listener (\"\" turns it off)",
     "pop3s": "HOST:PORT of an implicit-TLS POP3 listener, e.g. 0.0.0.0:995",
     "relay_auth_file": "file with the smarthost's user name and password",
+    "relay_domain": "a domain this host is a backup MX for (repeatable): accepted, queued, "
+                    "and sent on to the domain's better MX hosts",
     "idle_timeout": "seconds to wait for a client's next command, for every server "
                     "(default: SMTP 300, POP3 600)",
     "spf": "SPF check of MAIL FROM on the MX (RFC 7208): off; tag, adding Received-SPF and "
@@ -509,7 +513,8 @@ def check_config(config, held=()):
     except OSError as exc:
         problems.append("spool: %s is not writable: %s" % (spool, exc.strerror or exc))
         return problems
-    store = mailbox_store.Store(spool, config["domain"], config["hostname"] or None)
+    store = mailbox_store.Store(plumbing.store_path(config["store"], spool), config["domain"],
+                                config["hostname"] or None)
     for domain in config["domain"]:
         try:
             if not store.expand("postmaster@" + domain):
@@ -594,6 +599,8 @@ def read_configuration(args):
     and the config file. Raises ValueError for a bad value or an unreadable file."""
     config = plumbing.load_config("run_all", DEFAULTS, args)
     config["spool"] = plumbing.spool_path(config["spool"])
+    if config["store"]:
+        config["store"] = os.path.abspath(config["store"])    # the children may start elsewhere
     sections = plumbing.read_ini(args.config) if args.config else {}
     problems = check_sections(sections, args.config)
     given = {key for key in DEFAULTS if getattr(args, key, None) is not None}

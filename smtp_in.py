@@ -6,7 +6,8 @@ Accepts mail from other MTAs (MX, port 25) and from users' mail programs (submis
 (RFC 6531), STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954, RFC 4616).
 
 Policy is applied while the client talks: relaying only after AUTH or from --relay-network,
-unknown local recipients refused at RCPT time (mailbox_store), size, line, recipient, error,
+or to a --relay-domain this host is a backup MX for (RFC 5321 5.1), unknown local
+recipients refused at RCPT time (mailbox_store), size, line, recipient, error,
 command and time limits. Only <CRLF>.<CRLF> ends DATA; a message holding a bare CR, a bare
 LF or a NUL is refused whole, so no smuggled second message can exist (see MessageCollector).
 Each accepted message gets a Received: header (RFC 5321 4.4, RFC 3848 protocol names).
@@ -45,8 +46,9 @@ checked (454 4.7.0 when that turn is too far away), and past anvil_soft_errors e
 to it is slowed. A command line holding a bare CR is one bad command up to its LF, refused
 whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
 
-Reads: users and aliases through mailbox_store; SPF records through spf, DKIM keys and
-DMARC records through dkim, both over dnsmx; signing keys in SPOOL/dkim/.
+Reads: users and aliases through mailbox_store (in --store, by default the spool); SPF
+records through spf, DKIM keys and DMARC records through dkim, both over dnsmx; signing keys
+in SPOOL/dkim/.
 Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
      python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:587 --submission \\
@@ -57,6 +59,7 @@ import datetime
 import errno
 import ipaddress
 import logging
+import os
 import re
 import socket
 import sys
@@ -112,6 +115,7 @@ CRLF = b"\r\n"
 # Every setting, its default, and the flag or INI key that changes it (plumbing.add_options).
 DEFAULTS = {
     "spool": "",                   # plumbing.spool_path: $MAILTOOLKIT_SPOOL, else ./mailspool
+    "store": "",                   # plumbing.store_path: the spool itself
     "listen": "127.0.0.1:2525",
     "submission": False,
     "smtps_listen": "",
@@ -120,6 +124,7 @@ DEFAULTS = {
     "tls_cert": "",
     "tls_key": "",
     "relay_network": [],
+    "relay_domain": [],
     "idle_timeout": 300.0,
     "session_timeout": 1800.0,
     "max_size": 35 * 1024 * 1024,
@@ -164,6 +169,9 @@ HELP = {                       # the help of the keys plumbing.SHARED_HELP does 
     "submission": "a submission listener (RFC 6409): AUTH required before MAIL",
     "smtps_listen": "HOST:PORT of an implicit-TLS submission listener (RFC 8314), e.g. 0.0.0.0:465",
     "session_timeout": "seconds a whole session may last (0: no limit)",
+    "relay_domain": "a domain this host is a backup MX for (repeatable): its mail is accepted "
+                    "and queued for the better MX; unknown recipients are refused when the "
+                    "store knows the domain's users",
     "max_recipients": "recipients per message; past it 452 4.5.3",
     "max_errors": "bad commands per session before 421 and a close",
     "max_commands": "commands per session before 421 and a close",
@@ -196,6 +204,7 @@ R421_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 R421_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands, closing connection"
 R454_AUTH_THROTTLED = "454 4.7.0 Temporary authentication failure: too many failed logins, try again later"
 R451_SPOOL_ERROR = "451 4.3.0 Cannot store the message now, try again later"
+R451_STORE_UNAVAILABLE = "451 4.3.0 <%s>: Mailbox store unavailable, try again later"
 R452_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 R500_UNKNOWN = "500 5.5.2 Command not recognized"
@@ -1207,8 +1216,18 @@ class SMTPHandler(plumbing.ConnectionHandler):
         """The reply refusing recipient under the relay and mailbox policy, or None."""
         local, domain = split_address(recipient)
         store = self.server.store
-        if domain.startswith("[") or not store.is_local_domain(domain):
-            return None if self.may_relay else R554_RELAY_DENIED % recipient
+        if domain.lower().rstrip(".") in self.server.relay_domains:
+            # A backup MX (RFC 5321 5.1) takes the domain's mail from anyone. It can refuse
+            # unknown recipients only when its store knows the domain's users (a shared or
+            # copied users file); else it takes them all, and the primary bounces later.
+            if not store.is_local_domain(domain):
+                return None
+        elif domain.startswith("[") or not store.is_local_domain(domain):
+            if self.may_relay:
+                return None
+            if self.server.store_unavailable():
+                return R451_STORE_UNAVAILABLE % recipient
+            return R554_RELAY_DENIED % recipient
         # "%" and "!" hacks and quoted "@" ask us to route onwards (RFC 5321 3.6.1, 4.1.1.3)
         if not self.may_relay and any(char in local for char in "%!@"):
             return R554_ROUTING_DENIED % recipient
@@ -1219,6 +1238,8 @@ class SMTPHandler(plumbing.ConnectionHandler):
             return R550_ALIAS_TOO_BIG % recipient
         except mailbox_store.AliasLoop:                # RFC 3463 X.4.6: routing loop
             return R550_ALIAS_LOOP % recipient
+        if self.server.store_unavailable():
+            return R451_STORE_UNAVAILABLE % recipient
         return R550_UNKNOWN_USER % recipient
 
     def smtp_DATA(self, arg):
@@ -1522,9 +1543,11 @@ class SMTPServer(plumbing.ThreadedServer):
         self.domains = [domain.lower() for domain in settings["domain"]]
         self.primary_domain = self.domains[0] if self.domains else self.hostname
         self.store = store if store is not None else mailbox_store.Store(
-            self.spool_dir, self.domains, self.hostname)
+            plumbing.store_path(str(settings["store"]), self.spool_dir), self.domains, self.hostname)
+        self.store_apart = plumbing.store_is_apart(settings["store"], settings["spool"])
         self.submission = bool(settings["submission"] if submission is None else submission)
         self.relay_networks = parse_networks(settings["relay_network"])
+        self.relay_domains = mta.relay_domain_set(settings["relay_domain"])
         self.max_size = int(settings["max_size"])
         self.max_recipients = int(settings["max_recipients"])
         self.max_errors = int(settings["max_errors"])
@@ -1559,6 +1582,13 @@ class SMTPServer(plumbing.ThreadedServer):
                          stress_session_timeout=float(settings["stress_session_timeout"]),
                          anvil=anvil if anvil is not None else plumbing.Anvil.from_config(settings),
                          bind_and_activate=bind_and_activate)
+
+
+    def store_unavailable(self):
+        """True when the store lives apart from the spool (an NFS mount, say) and its users
+        file is missing: the mount is gone, so an unknown recipient or domain is answered
+        4xx, to be tried again, rather than refused for good."""
+        return self.store_apart and not os.path.exists(self.store.users_path)
 
 
 # --- Command line ---

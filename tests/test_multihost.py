@@ -1,0 +1,530 @@
+"""Past one host: two MX hosts on one shared mailbox store, and a backup MX, end to end.
+
+Hosts A (127.0.0.2) and B (127.0.0.3) each run a complete run_all.py on a spool of their
+own, and share one store folder (users, aliases, mail/), as two hosts share an NFS mount.
+dnsmasq publishes shared.test with two MX records of equal preference, one per host. Host S
+(127.0.0.4) is the sender: its own run_all.py, whose smtp_out finds shared.test's MX hosts
+through dnsmasq. B is also the backup MX (preference 20) of backup.test, whose primary P
+(127.0.0.5) starts only once B has held its mail for a while.
+"""
+
+import email
+import importlib.util
+import os
+import poplib
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from email.message import EmailMessage
+
+import pytest
+
+from support import ROOT, free_port, require_tool, wait_for
+from dnsmasq_server import host_record, mx_host, start_dnsmasq
+
+import mailbox_store
+import mta
+import pop3d
+import smtp_in
+
+PASSWORD = "correct horse battery"
+LOAD = 200                 # messages the sender sends to the shared store in the main run
+KILL_AFTER = 50            # delivered messages before host B is killed
+# A crash may cost one duplicate per transaction in flight at that moment (RFC 5321 6.1: a
+# 250 lost with the host): S's sessions to B, and B's mta workers between the Maildir
+# rename and the record of it. More than this many means something else is wrong.
+MAX_CRASH_DUPLICATES = 10
+DELIVERY_WAIT = 60.0       # seconds the whole load may take to arrive
+SETTINGS = """\
+[DEFAULT]
+delay_warning = 3
+[mta]
+scan_interval = 1
+[smtp_out]
+poll_interval = 1
+"""
+
+
+def run_tool(*argv, stdin=None):
+    """Run one of the role files as a command; return its CompletedProcess."""
+    return subprocess.run([sys.executable] + list(argv), cwd=ROOT, input=stdin,
+                          capture_output=True, timeout=60)
+
+
+class Host:
+    """One mail host: a run_all.py process group with its own spool (and maybe a shared store)."""
+
+    def __init__(self, tmp_path, name, ip, hostname, domains, dns, mx_port, store=None, extra=()):
+        self.name = name
+        self.ip = ip
+        self.hostname = hostname
+        self.domains = domains
+        self.spool = str(tmp_path / name)
+        self.store = store or self.spool
+        self.smtp_port = mx_port
+        self.submission_port = free_port(ip)
+        self.pop3_port = free_port(ip)
+        self.dns = dns
+        self.log_path = str(tmp_path / (name + ".log"))
+        self.config_path = str(tmp_path / (name + ".ini"))
+        self.extra = list(extra)
+        self.process = None
+        with open(self.config_path, "w") as f:
+            f.write(SETTINGS)
+
+    def start(self):
+        argv = [sys.executable, os.path.join(ROOT, "run_all.py"), "--config", self.config_path,
+                "--spool", self.spool, "--store", self.store, "--hostname", self.hostname,
+                "--smtp", "%s:%d" % (self.ip, self.smtp_port),
+                "--submission", "%s:%d" % (self.ip, self.submission_port),
+                "--pop3", "%s:%d" % (self.ip, self.pop3_port),
+                "--dns", self.dns, "--remote-port", str(self.smtp_port),
+                "--retry-schedule", "2s"]
+        for domain in self.domains:
+            argv += ["--domain", domain]
+        argv += self.extra
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        for port in (self.smtp_port, self.submission_port, self.pop3_port):
+            wait_for_port(self.ip, port, self)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def kill(self):
+        """kill -9 of run_all and every role it started (they share its process group)."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
+        self.process = None
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def add_user(self, address):
+        result = run_tool("mailbox_store.py", "--store", self.store, "add-user", address,
+                          stdin=(PASSWORD + "\n").encode())
+        assert result.returncode == 0, result.stderr.decode()
+
+    def mta(self, *argv):
+        return run_tool("mta.py", "--spool", self.spool, *argv)
+
+    def pop3(self, user):
+        client = poplib.POP3(self.ip, self.pop3_port, timeout=10)
+        client.user(user)
+        client.pass_(PASSWORD)
+        return client
+
+    def uidls(self, user):
+        client = self.pop3(user)
+        try:
+            return [line.split()[1] for line in client.uidl()[1]]
+        finally:
+            client.quit()
+
+
+def wait_for_port(ip, port, host, timeout=20.0):
+    until = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            return
+        except OSError:
+            if host.process.poll() is not None or time.monotonic() > until:
+                raise AssertionError("%s did not open %s:%d\n%s" % (host.name, ip, port, host.log()))
+            time.sleep(0.05)
+
+
+def log_count(host, recipient, status):
+    """Lines of host's log with a result of status for recipient."""
+    return sum(1 for line in host.log().splitlines()
+               if "to=<%s>" % recipient in line and "status=%s " % status in line)
+
+
+def maildir_subjects(store, address):
+    """The Subject of every message in address's Maildir (new/ and cur/) of store."""
+    local, domain = address.split("@")
+    maildir = os.path.join(store, "mail", domain, local, "Maildir")
+    subjects = []
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(os.path.join(maildir, sub))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(maildir, sub, name), "rb") as f:
+                    subjects.append(email.message_from_binary_file(f)["Subject"])
+            except FileNotFoundError:
+                continue               # moved to cur/ meanwhile; seen on the next look
+    return subjects
+
+
+def new_message(sender, recipient, subject):
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = recipient
+    message["Subject"] = subject
+    message.set_content("A message for a store two hosts share.\n")
+    return message
+
+
+def submit(host, sender, recipient, subjects):
+    """Send one message per subject through host's submission port, on one connection."""
+    with smtplib.SMTP(host.ip, host.submission_port, timeout=30) as client:
+        client.login(sender, PASSWORD)
+        for subject in subjects:
+            client.send_message(new_message(sender, recipient, subject))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """dnsmasq, hosts A and B on one store, the sender S; P (backup.test) made, not started."""
+    require_tool("dnsmasq", "dnsmasq-base")
+    tmp_path = tmp_path_factory.mktemp("multihost")
+    mx_port = free_port("127.0.0.2")
+    records = [
+        mx_host("shared.test", "mx-a.shared.test", 10),
+        mx_host("shared.test", "mx-b.shared.test", 10),
+        host_record("mx-a.shared.test", "127.0.0.2"),
+        host_record("mx-b.shared.test", "127.0.0.3"),
+        mx_host("sender.test", "mail.sender.test", 10),
+        host_record("mail.sender.test", "127.0.0.4"),
+        mx_host("backup.test", "primary.backup.test", 10),
+        mx_host("backup.test", "mx-b.shared.test", 20),
+        host_record("primary.backup.test", "127.0.0.5"),
+    ]
+    store = str(tmp_path / "store")
+    with start_dnsmasq(records) as dns:
+        host_a = Host(tmp_path, "A", "127.0.0.2", "mx-a.shared.test", ["shared.test"],
+                      dns.address, mx_port, store)
+        host_b = Host(tmp_path, "B", "127.0.0.3", "mx-b.shared.test", ["shared.test"],
+                      dns.address, mx_port, store, extra=["--relay-domain", "backup.test"])
+        sender = Host(tmp_path, "S", "127.0.0.4", "mail.sender.test", ["sender.test"],
+                      dns.address, mx_port)
+        primary = Host(tmp_path, "P", "127.0.0.5", "primary.backup.test", ["backup.test"],
+                       dns.address, mx_port)
+        for address in ("crowd@shared.test", "reader@shared.test", "waiting@shared.test"):
+            host_a.add_user(address)
+        sender.add_user("sender@sender.test")
+        primary.add_user("owner@backup.test")
+        hosts = (host_a, host_b, sender)
+        try:
+            for host in hosts:
+                host.start()
+            yield host_a, host_b, sender, primary
+        finally:
+            for host in hosts + (primary,):
+                host.stop()
+
+
+def test_two_hosts_share_one_store_and_a_killed_host_loses_nothing(cluster):
+    host_a, host_b, sender, _ = cluster
+    subjects = ["load %03d" % n for n in range(LOAD)]
+    first, second = subjects[:LOAD * 3 // 5], subjects[LOAD * 3 // 5:]
+    submit(sender, "sender@sender.test", "crowd@shared.test", first)
+    wait_for(lambda: len(maildir_subjects(host_a.store, "crowd@shared.test")) >= KILL_AFTER,
+             DELIVERY_WAIT, "the first deliveries")
+    host_b.kill()              # kill -9 in the middle of the run
+    held = sum(len(os.listdir(os.path.join(host_b.spool, "queue", folder)))
+               for folder in ("incoming", "deferred"))
+    submit(sender, "sender@sender.test", "crowd@shared.test", second)
+    time.sleep(2)
+    host_b.start()             # its queue holds what it acknowledged before it died
+    wait_for(lambda: set(maildir_subjects(host_a.store, "crowd@shared.test")) >= set(subjects),
+             DELIVERY_WAIT, "every message in the one Maildir")
+    time.sleep(3)              # retries that might still land twice
+    found = maildir_subjects(host_a.store, "crowd@shared.test")
+    duplicates = len(found) - len(set(found))
+    a_took = log_count(host_a, "crowd@shared.test", "delivered")
+    b_took = log_count(host_b, "crowd@shared.test", "delivered")
+    print("multihost: sent %d, delivered %d, distinct %d, duplicates %d; A %d, B %d; "
+          "left in B's queue by the kill %d" % (LOAD, len(found), len(set(found)), duplicates,
+                                                a_took, b_took, held))
+    assert set(found) == set(subjects)
+    assert duplicates <= MAX_CRASH_DUPLICATES
+    assert a_took > 0 and b_took > 0, "both MX hosts of equal preference took some"
+    assert host_a.uidls("crowd@shared.test") == host_b.uidls("crowd@shared.test")
+    assert len(host_a.uidls("crowd@shared.test")) == len(found)
+
+
+def send_direct(host, recipient, subjects):
+    with smtplib.SMTP(host.ip, host.smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        for subject in subjects:
+            client.send_message(new_message("someone@elsewhere.test", recipient, subject))
+
+
+def test_pop3_sessions_on_either_host_see_one_maildrop(cluster):
+    host_a, host_b, _, _ = cluster
+    send_direct(host_a, "reader@shared.test", ["one", "two"])
+    send_direct(host_b, "reader@shared.test", ["three"])
+    wait_for(lambda: len(maildir_subjects(host_a.store, "reader@shared.test")) == 3, 20,
+             "three messages")
+    holder = host_a.pop3("reader@shared.test")
+    try:
+        with pytest.raises(poplib.error_proto) as refused:
+            host_b.pop3("reader@shared.test")
+        assert b"[IN-USE]" in refused.value.args[0]
+    finally:
+        holder.quit()
+    uidls = host_a.uidls("reader@shared.test")
+    assert uidls == host_b.uidls("reader@shared.test")
+    client = host_b.pop3("reader@shared.test")
+    client.dele(1)
+    client.quit()
+    assert host_a.uidls("reader@shared.test") == uidls[1:]
+    # A user added on A logs in on B at once: the users file is read again when it changes.
+    host_a.add_user("newcomer@shared.test")
+    assert host_b.uidls("newcomer@shared.test") == []
+
+
+def test_a_killed_pop3_session_frees_the_maildrop_for_the_other_host(cluster, tmp_path):
+    host_a, host_b, _, _ = cluster
+    script = ("import mailbox_store, sys, time\n"
+              "box = mailbox_store.Store(sys.argv[1]).open_mailbox('reader@shared.test')\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, host_a.store], cwd=ROOT,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(poplib.error_proto) as refused:
+            host_b.pop3("reader@shared.test")
+        assert b"[IN-USE]" in refused.value.args[0]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()
+    host_b.pop3("reader@shared.test").quit()
+
+
+def test_mail_waits_in_the_local_queue_while_the_store_is_away(cluster):
+    host_a, _, _, _ = cluster
+    mail = os.path.join(host_a.store, "mail")
+    users = os.path.join(host_a.store, "users")
+    # The mail folder becomes a file: no Maildir can be made or written, even by root.
+    os.makedirs(mail, exist_ok=True)
+    os.rename(mail, mail + ".away")
+    try:
+        with open(mail, "w") as f:
+            f.write("not a folder\n")
+        send_direct(host_a, "waiting@shared.test", ["queued %d" % n for n in range(5)])
+        wait_for(lambda: log_count(host_a, "waiting@shared.test", "deferred") >= 5, 20,
+                 "five deferred deliveries")
+        # The whole store gone (an unmounted NFS share): recipients get 4xx, not 5xx.
+        os.rename(users, users + ".away")
+        try:
+            with smtplib.SMTP(host_a.ip, host_a.smtp_port, timeout=30) as client:
+                client.ehlo("client.test")
+                client.mail("someone@elsewhere.test")
+                code, reply = client.rcpt("waiting@shared.test")
+                assert code == 451, reply
+                assert reply.decode() in smtp_in.R451_STORE_UNAVAILABLE % "waiting@shared.test"
+            with pytest.raises(poplib.error_proto) as refused:
+                host_a.pop3("waiting@shared.test")
+            assert refused.value.args[0].decode() == pop3d.ERR_STORE_UNAVAILABLE
+        finally:
+            os.rename(users + ".away", users)
+    finally:
+        if os.path.isfile(mail):
+            os.unlink(mail)
+        os.rename(mail + ".away", mail)
+    assert maildir_subjects(host_a.store, "waiting@shared.test") == []
+    host_a.mta("flush")
+    wait_for(lambda: len(maildir_subjects(host_a.store, "waiting@shared.test")) >= 5, 20,
+             "the queued messages")
+    time.sleep(3)
+    found = maildir_subjects(host_a.store, "waiting@shared.test")
+    assert sorted(found) == ["queued %d" % n for n in range(5)]
+
+
+def test_backup_mx_keeps_the_mail_until_the_primary_returns(cluster):
+    _, host_b, sender, primary = cluster
+    subjects = ["held %d" % n for n in range(5)]
+    submit(sender, "sender@sender.test", "owner@backup.test", subjects)
+    # The primary is down: S gives the mail to B, the backup, which holds it.
+    wait_for(lambda: log_count(host_b, "owner@backup.test", "queued") >= 5, 20,
+             "the backup MX taking the mail")
+    wait_for(lambda: any("delayed" in s.lower() for s in
+                         maildir_subjects(sender.store, "sender@sender.test")), 30,
+             "a delay notice to the sender")
+    assert not os.path.exists(os.path.join(host_b.store, "mail", "backup.test"))
+    primary.start()
+    wait_for(lambda: len(maildir_subjects(primary.store, "owner@backup.test")) >= 5, 30,
+             "the held mail at the primary")
+    time.sleep(3)
+    assert sorted(maildir_subjects(primary.store, "owner@backup.test")) == subjects
+    assert "loops back to myself" not in host_b.log()
+
+
+# --- The backup MX's policy, without the network ---
+
+def test_backup_mx_refuses_unknown_recipients_when_its_store_knows_the_domain(tmp_path):
+    store = mailbox_store.Store(str(tmp_path))
+    store.add_user("known@backup.test", PASSWORD)
+    server = smtp_in.SMTPServer(("127.0.0.1", 0), {"spool": str(tmp_path / "spool"),
+                                                   "store": str(tmp_path),
+                                                   "domain": ["here.test"],
+                                                   "relay_domain": ["backup.test", "other.test"]})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with smtplib.SMTP(*server.server_address, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("someone@elsewhere.test")
+            assert client.rcpt("known@backup.test")[0] == 250
+            assert client.rcpt("nobody@backup.test")[0] == 550
+            assert client.rcpt("anyone@other.test")[0] == 250     # cannot know: takes all
+            assert client.rcpt("someone@third.test")[0] == 554    # still no open relay
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_router_sends_relay_domain_mail_on_even_when_the_store_knows_the_users(tmp_path):
+    store = mailbox_store.Store(str(tmp_path))
+    store.add_user("known@backup.test", PASSWORD)
+    router = mta.Router(mta.Queue(str(tmp_path)), store, relay_domains=["Backup.Test."])
+    assert router.resolve("known@backup.test", 1, set()) == [("remote", "known@backup.test", "")]
+
+
+# --- A real Postfix as the sender ---
+
+def load_peers():
+    """bench/peers.py, which knows how to run a private Postfix instance (and imports
+    bench/pidfile.py)."""
+    bench = os.path.join(ROOT, "bench")
+    spec = importlib.util.spec_from_file_location("bench_peers", os.path.join(bench, "peers.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, bench)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+    return module
+
+
+def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
+    """Postfix reads MX records only through the system resolver, which tests never touch:
+    here it gets both hosts as a relayhost list (Postfix 3.5+), in one order, then the other."""
+    require_tool("postfix", "postfix")
+    host_a, host_b, _, _ = cluster
+    peers = load_peers()
+    if peers.missing("postfix"):
+        pytest.skip(peers.missing("postfix"))
+    host_a.add_user("postfix@shared.test")
+    # Postfix's own users must reach its folders: pytest's tmp_path is closed to them.
+    workdir = tempfile.mkdtemp(prefix="multihost-postfix-")
+    os.chmod(workdir, 0o755)
+    postfix = peers.Postfix(workdir, relay_port=host_a.smtp_port)
+    order = ["[%s]:%d" % (host.ip, host.smtp_port) for host in (host_a, host_b)]
+    postfix.settings({"relayhost": ", ".join(order), "smtp_helo_name": "postfix.sender.test"})
+    subjects = ["postfix %02d" % n for n in range(40)]
+    try:
+        postfix.start()
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+            for subject in subjects[:20]:
+                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
+        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 20, 40,
+                 "Postfix's first half")
+        postfix.settings({"relayhost": ", ".join(reversed(order))})
+        postfix.reload()
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+            for subject in subjects[20:]:
+                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
+        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 40, 40,
+                 "Postfix's second half")
+    finally:
+        postfix.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    time.sleep(1)
+    found = maildir_subjects(host_a.store, "postfix@shared.test")
+    assert sorted(found) == subjects
+    assert log_count(host_a, "postfix@shared.test", "delivered") > 0
+    assert log_count(host_b, "postfix@shared.test", "delivered") > 0
+    assert host_a.uidls("postfix@shared.test") == host_b.uidls("postfix@shared.test")
+
+
+def test_an_alias_into_a_relay_domain_is_sent_on_too(tmp_path):
+    store = mailbox_store.Store(str(tmp_path), ["here.test"])
+    store.add_user("known@backup.test", PASSWORD)
+    store.add_alias("team@here.test", ["known@backup.test"])
+    router = mta.Router(mta.Queue(str(tmp_path)), store, relay_domains=["backup.test"])
+    assert router.resolve("team@here.test", 1, set()) == [("remote", "known@backup.test", "")]
+
+
+def test_maildir_names_carry_each_hosts_name(tmp_path):
+    """Two hosts on one store, even with the same pid, never pick the same name."""
+    mailbox_store.Store(str(tmp_path)).add_user("user@shared.test", PASSWORD)
+    names = set()
+    for hostname in ("mx-a.shared.test", "mx-b.shared.test"):
+        store = mailbox_store.Store(str(tmp_path), ["shared.test"], hostname)
+        path = store.deliver("user@shared.test", b"Subject: x\r\n\r\nbody\r\n", "a@b.test")
+        assert os.path.basename(path).split(",")[0].endswith("." + hostname)
+        names.add(os.path.basename(path))
+    assert len(names) == 2
+
+
+# --- The store's locks ---
+
+@pytest.mark.parametrize("ofd", [True, False], ids=["ofd", "flock-fallback"])
+def test_lock_file_conflicts_between_two_opens_and_frees_on_close(tmp_path, monkeypatch, ofd):
+    if not ofd:
+        monkeypatch.setattr(mailbox_store, "_OFD_SETLK", None)
+    elif mailbox_store._OFD_SETLK is None:
+        pytest.skip("no open file description locks here")
+    path = str(tmp_path / "maildrop.lock")
+    first = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    second = os.open(path, os.O_RDWR)
+    try:
+        assert mailbox_store.lock_file(first)
+        assert not mailbox_store.lock_file(second)     # same process, another open file
+        os.close(first)
+        first = None
+        assert mailbox_store.lock_file(second)
+    finally:
+        for fd in (first, second):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_the_maildrop_lock_is_a_posix_lock_other_hosts_see(tmp_path):
+    """What an NFS client passes to the server is a POSIX (fcntl) lock: a lockf() probe from
+    another process sees the maildrop lock, as a flock() probe would not on NFS."""
+    if mailbox_store._OFD_SETLK is None:
+        pytest.skip("no open file description locks here")
+    store = mailbox_store.Store(str(tmp_path), ["shared.test"])
+    store.add_user("user@shared.test", PASSWORD)
+    probe = ("import fcntl, sys\n"
+             "fd = open(sys.argv[1], 'r+')\n"
+             "try:\n"
+             "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except OSError:\n"
+             "    print('held')\n"
+             "else:\n"
+             "    print('free')\n")
+    lock_path = os.path.join(os.path.dirname(store.maildir_path("user@shared.test")),
+                             "maildrop.lock")
+    with store.open_mailbox("user@shared.test"):
+        held = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                              text=True, timeout=30)
+    free = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                          text=True, timeout=30)
+    assert (held.stdout.strip(), free.stdout.strip()) == ("held", "free")
