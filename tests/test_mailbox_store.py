@@ -212,6 +212,97 @@ def test_store_sees_users_and_aliases_changed_by_another_process(store, fast_has
     assert not store.recipient_exists("carol@example.com")
 
 
+def tables_of(store):
+    """What a store knows of users: users, by_local, user_domains."""
+    tables = store._tables()
+    return tables.users, tables.by_local, tables.user_domains
+
+
+def test_add_user_appends_and_a_running_store_reads_only_the_new_line(store, fast_hash,
+                                                                      monkeypatch):
+    for i in range(20):
+        store.add_user("user%d@example.com" % i, "pw")
+    tables_of(store)
+    other = Store(store.spool_dir)                       # another process writing
+    inode = os.stat(store.users_path).st_ino
+    other.add_user("late@example.org", "pw")
+    assert os.stat(store.users_path).st_ino == inode      # appended, not rewritten
+    parsed = []
+    plain = mailbox_store._parse_users
+    monkeypatch.setattr(mailbox_store, "_parse_users",
+                        lambda lines, first=1: parsed.extend(lines) or plain(lines, first))
+    assert store.recipient_exists("late@example.org") and store.is_local_domain("example.org")
+    assert store.authenticate("late", "pw") == "late@example.org"
+    assert len(parsed) == 1                                # the new line only
+    monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+    assert tables_of(store) == tables_of(Store(store.spool_dir))    # same as a full parse
+
+
+def test_users_read_in_steps_agree_with_one_full_parse(store, fast_hash):
+    """Appends, duplicates in other case, comments, bad lines, a shared local part."""
+    store.add_user("alice@example.com", "pw")
+    steps = ["# a comment\n", "ALICE@example.com:$x$\n", "alice@example.org:$y$\n",
+             "not an address:$z$\n", "bob@example.net:nohash\n", "\n", "bob@example.net:$b$\n"]
+    for step in steps:
+        tables_of(store)
+        with open(store.users_path, "a") as f:
+            f.write(step)
+        assert tables_of(store) == tables_of(Store(store.spool_dir))
+    users, by_local, _ = tables_of(store)
+    assert users["alice@example.com"].startswith("$scrypt$")          # the first line wins
+    assert by_local["alice"] == ["alice@example.com", "alice@example.org"]
+
+
+def test_a_rewrite_or_an_edit_in_place_is_read_whole(store, fast_hash):
+    store.add_user("alice@example.com", "old")
+    store.add_user("bob@example.com", "pw")
+    assert store.authenticate("alice", "old")
+    other = Store(store.spool_dir)
+    other.set_password("alice@example.com", "new")                    # rename: new inode
+    assert store.authenticate("alice", "new") and not store.authenticate("alice", "old")
+    other.delete_user("bob@example.com")
+    assert not store.recipient_exists("bob@example.com")
+    # An editor writing in place: same inode, the file grows, but its start changed.
+    with open(store.users_path, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("alice@", "carol@") + "dave@example.com:$d$\n")
+    assert not store.recipient_exists("alice@example.com")
+    assert store.recipient_exists("carol@example.com") and store.recipient_exists("dave@example.com")
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+def test_a_torn_last_line_is_ignored_and_cut_off_by_the_next_writer(store, fast_hash, caplog):
+    store.add_user("alice@example.com", "pw")
+    assert store.recipient_exists("alice@example.com")
+    with open(store.users_path, "a") as f:                # a crash in the middle of a write
+        f.write("bob@example.com:$scrypt$n=16")
+    assert not store.recipient_exists("bob@example.com")
+    assert "no line end" in caplog.text
+    assert not Store(store.spool_dir).recipient_exists("bob@example.com")
+    store.add_user("carol@example.com", "pw")
+    with open(store.users_path) as f:
+        lines = f.read().split("\n")
+    assert [line.split(":")[0] for line in lines] == ["alice@example.com", "carol@example.com", ""]
+    assert store.recipient_exists("carol@example.com") and not store.recipient_exists("bob@example.com")
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+    with open(store.users_path, "a") as f:
+        f.write("bob@example.com:$scrypt$n=16")
+    store.set_password("alice@example.com", "new")        # a rewrite drops it too
+    assert "bob@" not in open(store.users_path).read()
+    store.add_user("bob@example.com", "pw")               # the name was never taken
+    assert store.authenticate("bob", "pw") == "bob@example.com"
+
+
+def test_add_user_refuses_an_existing_user_whatever_its_case_in_the_file(store, fast_hash):
+    os.makedirs(store.spool_dir)
+    with open(store.users_path, "w") as f:
+        f.write("  Alice@Example.COM:$x$\n")
+    with pytest.raises(ValueError, match="already exists"):
+        store.add_user("alice@example.com", "pw")
+    store.add_user("alice@example.co", "pw")              # a prefix of a line is not a user
+
+
 def test_store_is_local_for_configured_and_user_domains(store, fast_hash):
     assert store.is_local_domain("EXAMPLE.com")
     assert not store.is_local_domain("example.org")
