@@ -128,6 +128,7 @@ import email.utils
 import errno
 import fcntl
 import getpass
+import heapq
 import itertools
 import json
 import logging
@@ -153,7 +154,8 @@ import plumbing
 
 __all__ = [
     "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING",
-    "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
+    "OUTBOUND", "Claim", "DeferredSchedule", "Envelope", "MessageFile", "Queue", "QueueBusy",
+    "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "enqueue", "main", "parse_queue_file",
     "parse_retry_schedule", "prepare_submission", "retry_delay",
@@ -174,6 +176,8 @@ LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at mos
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
+RESCAN_INTERVAL = 600.0            # the router stats every deferred/ file this often anyway
+RECENT_CHANGE = 2.0                # a folder changed this recently is listed again next time
 DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 DEFAULTS = {
@@ -1580,6 +1584,113 @@ class Queue:
         return self.ids(QUARANTINE)
 
 
+# --- Speed: the idle router does not stat every deferred file, measured by bench/queue_bench.py ---
+# The plain form is Queue.requeue_due(): every SCAN_INTERVAL, stat each file of deferred/
+# and move those due (50,000 deferred messages: 1.2 CPU-s a minute, idle). The schedule
+# remembers each file's next attempt (its mtime) from one stat, in a heap. A file in
+# deferred/ is not changed in place (it is moved in with its mtime set, and moved out);
+# so the folder is listed again only when its mtime changed (or changed within
+# RECENT_CHANGE seconds: a second change in the same timestamp tick shows no difference),
+# and only names not seen before are stat()ed. A file the router claims from incoming/ is
+# forgotten: when it comes back to deferred/, it is a new name to the schedule. A due entry
+# is stat()ed again before it moves, so an entry that is early costs one stat; every
+# RESCAN_INTERVAL seconds everything is stat()ed anyway (what the plain form does each
+# time), so nothing the schedule missed waits longer than that. tests/test_mta.py checks
+# that it moves what the plain form moves.
+
+class DeferredSchedule:
+    """When each file of queue/deferred/ is due, for Router.periodic(); thread-safe."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.lock = threading.Lock()
+        self.due = {}                  # name -> next attempt (the mtime seen); lock
+        self.heap = []                 # (next attempt, name), stale ones skipped; lock
+        self.folder_seen = None        # (mtime_ns, inode) of deferred/ when last listed
+        self.next_rescan = 0.0         # time.monotonic() of the next stat of every file
+
+    def forget(self, name: str):
+        with self.lock:
+            self.due.pop(name, None)
+
+    def _add(self, name, when):
+        with self.lock:
+            self.due[name] = when
+            heapq.heappush(self.heap, (when, name))
+
+    def _look(self, name, entry=None):
+        """stat one deferred file into the schedule; False when it is gone."""
+        if not valid_queue_id(name):
+            self.queue.quarantine(DEFERRED, name, "not a queue id")
+            return False
+        try:
+            st = (entry.stat(follow_symlinks=False) if entry is not None
+                  else os.stat(self.queue.path(DEFERRED, name), follow_symlinks=False))
+        except FileNotFoundError:
+            self.forget(name)
+            return False
+        self._add(name, st.st_mtime)
+        return True
+
+    def _refresh(self):
+        """List deferred/ when it changed: stat new names, drop names gone."""
+        folder = self.queue.path(DEFERRED)
+        rescan = time.monotonic() >= self.next_rescan
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return
+        seen = (st.st_mtime_ns, st.st_ino)
+        if not rescan and seen == self.folder_seen:
+            return
+        recent = time.time() - st.st_mtime < RECENT_CHANGE
+        self.folder_seen = None if recent else seen
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+        names = {entry.name for entry in entries}
+        with self.lock:
+            for name in [n for n in self.due if n not in names]:
+                del self.due[name]
+            if rescan:
+                self.due.clear()
+                self.heap = []
+            known = set(self.due)
+        for entry in entries:
+            if entry.name not in known:
+                self._look(entry.name, entry)
+        with self.lock:
+            if len(self.heap) > 2 * len(self.due) + 64:       # mostly stale entries
+                self.heap = [(when, name) for name, when in self.due.items()]
+                heapq.heapify(self.heap)
+        if rescan:
+            self.next_rescan = time.monotonic() + RESCAN_INTERVAL
+
+    def requeue_due(self) -> int:
+        """Move the deferred messages whose next attempt has come to incoming/."""
+        self._refresh()
+        now = self.queue.clock()
+        moved = 0
+        while True:
+            with self.lock:
+                if not self.heap or self.heap[0][0] > now:
+                    break
+                when, name = heapq.heappop(self.heap)
+                if self.due.get(name) != when:
+                    continue                   # stale: moved, forgotten or seen again
+                del self.due[name]
+            try:
+                st = os.stat(self.queue.path(DEFERRED, name), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime > now:
+                self._add(name, st.st_mtime)   # its time changed: wait for it
+            elif self.queue._move_locked(DEFERRED, name, INCOMING):
+                moved += 1
+            elif os.path.exists(self.queue.path(DEFERRED, name)):
+                self._add(name, now + SCAN_INTERVAL)     # busy: look again next time
+        return moved
+
+
 # --- The router ---
 
 class Router:
@@ -1591,19 +1702,22 @@ class Router:
         self.hop_limit = hop_limit
         self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
         self.sweeper = None            # the thread of the last sweep_tmp()
+        self.schedule = DeferredSchedule(queue)
 
     def handle(self, queue_id: str):
         """Route one incoming message (the QueueRunner's handler)."""
         claim = self.queue.claim(INCOMING, queue_id)
         if claim is None:
             return
+        self.schedule.forget(queue_id)         # its next stay in deferred/ is a new one
         with claim, self.store.snapshot():     # one view of users and aliases per message
             self.route(claim)
 
     def periodic(self):
-        """The slow scan's extra work: due retries back to incoming/, and every
-        TMP_SWEEP_INTERVAL the tmp/ debris of the queue and of every Maildir."""
-        self.queue.requeue_due()
+        """The slow scan's extra work: due retries back to incoming/ (what
+        Queue.requeue_due() does, from the schedule), and every TMP_SWEEP_INTERVAL the
+        tmp/ debris of the queue and of every Maildir."""
+        self.schedule.requeue_due()
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + TMP_SWEEP_INTERVAL
             # On a thread of its own: listing every Maildir of a large spool takes a while
@@ -1756,6 +1870,8 @@ class QueueRunner:
         for thread in self.threads:
             thread.start()
         next_scan = 0.0
+        # New mail first: the first periodic scan (on_scan) may take a while on a large queue.
+        self._dispatch(time.monotonic())
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
