@@ -147,7 +147,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from queue import SimpleQueue
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import mailbox_store
 import plumbing
@@ -452,7 +452,9 @@ def checked_status(text) -> str:
 
 def clean_text(text, limit: int) -> str:
     """One line of printable text: CR, LF and control characters become spaces."""
-    text = "".join(c if c.isprintable() else " " for c in str(text or ""))
+    text = str(text or "")
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
     return text[:limit]
 
 
@@ -1560,9 +1562,9 @@ class Queue:
                 raise QueueBusy(queue_id)
             time.sleep(0.05)
 
-    def listing(self) -> list:
-        """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
-        entries = []
+    def entries(self) -> Iterator[tuple]:
+        """(folder, name, file size, QueueState or None if unreadable) of each queue file,
+        one at a time as it is read (a large queue is never held whole), without locking."""
         for folder in QUEUE_FOLDERS:
             for name in self.ids(folder):
                 try:
@@ -1577,8 +1579,11 @@ class Queue:
                     state = None
                 finally:
                     os.close(fd)
-                entries.append((folder, name, size, state))
-        return entries
+                yield folder, name, size, state
+
+    def listing(self) -> list:
+        """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
+        return list(self.entries())
 
     def quarantined(self) -> list:
         return self.ids(QUARANTINE)
@@ -2104,11 +2109,15 @@ def _time_text(timestamp):
 
 
 def queue_report(queue: Queue) -> list:
-    """The queue as plain data (the `queue --json` output)."""
-    report = []
-    for folder, name, size, state in queue.listing():
+    """The queue as plain data (the "messages" of the `queue --json` output)."""
+    return list(queue_entries(queue))
+
+
+def queue_entries(queue: Queue) -> Iterator[dict]:
+    """queue_report()'s entries one at a time, as the files are read."""
+    for folder, name, size, state in queue.entries():
         if state is None:
-            report.append({"queue_id": name, "folder": folder, "size": size, "error": "unreadable"})
+            yield {"queue_id": name, "folder": folder, "size": size, "error": "unreadable"}
             continue
         envelope = state.envelope
         recipients = [{"address": envelope.recipients[n], "original": envelope.recipients[n],
@@ -2119,51 +2128,63 @@ def queue_report(queue: Queue) -> list:
                 "attempts": r.attempts, "last_attempt": r.last_attempt or None,
                 "next_attempt": r.next_attempt if r.status == "deferred" else None,
                 "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
-        report.append({"queue_id": name, "folder": folder, "size": size,
-                       "arrival": envelope.arrival, "sender": envelope.sender,
-                       "client_address": envelope.client_address, "client_helo": envelope.client_helo,
-                       "auth_user": envelope.auth_user, "protocol": envelope.protocol,
-                       "recipients": recipients})
-    return report
+        yield {"queue_id": name, "folder": folder, "size": size,
+               "arrival": envelope.arrival, "sender": envelope.sender,
+               "client_address": envelope.client_address, "client_helo": envelope.client_helo,
+               "auth_user": envelope.auth_user, "protocol": envelope.protocol,
+               "recipients": recipients}
 
 
 def print_queue(queue: Queue, as_json: bool) -> int:
-    report = queue_report(queue)
-    quarantined = queue.quarantined()
+    """Print the queue, each message as soon as its file is read (`postqueue -p` does so)."""
+    write = sys.stdout.write
     if as_json:
-        json.dump({"messages": report, "quarantined": quarantined}, sys.stdout, indent=1)
-        print()
+        # One object, {"messages": [...], "quarantined": [...]}, one message a line.
+        write('{"messages": [')
+        separator = "\n"
+        for entry in queue_entries(queue):
+            write(separator + json.dumps(entry))
+            separator = ",\n"
+        write('],\n "quarantined": %s}\n' % json.dumps(queue.quarantined()))
         return 0
-    if not report:
-        print("Mail queue is empty")
+    count = total = 0
+    for entry in queue_entries(queue):
+        if not count:
+            write("%-20s %-9s %9s  %-19s  %s\n" % ("-Queue ID-", "-Folder-", "-Size-",
+                                                  "-Arrival Time-", "-Sender/Recipients-"))
+        count += 1
+        total += entry["size"]
+        write(_entry_text(entry))
+    if not count:
+        write("Mail queue is empty\n")
     else:
-        print("%-20s %-9s %9s  %-19s  %s" % ("-Queue ID-", "-Folder-", "-Size-", "-Arrival Time-",
-                                             "-Sender/Recipients-"))
-    for entry in report:
-        if "error" in entry:
-            print("%-20s %-9s %9d  (unreadable)" % (entry["queue_id"], entry["folder"], entry["size"]))
-            continue
-        print("%-20s %-9s %9d  %-19s  <%s>" % (entry["queue_id"], entry["folder"], entry["size"],
-                                               _time_text(entry["arrival"]), entry["sender"]))
-        for r in entry["recipients"]:
-            line = "    <%s> %s %s" % (r["address"], r["kind"], r["status"])
-            if r["original"] != r["address"]:
-                line += " (for <%s>)" % r["original"]
-            if r.get("attempts"):
-                line += ", %d attempt%s" % (r["attempts"], "" if r["attempts"] == 1 else "s")
-            if r.get("next_attempt"):
-                line += ", next %s" % _time_text(r["next_attempt"])
-            if r.get("reply") and r["status"] != "delivered":
-                line += " (%s)" % r["reply"]
-            print(line)
-    if report:
-        total = sum(entry["size"] for entry in report)
-        print("-- %d KiB in %d message%s" % ((total + 1023) // 1024, len(report),
-                                            "" if len(report) == 1 else "s"))
+        write("-- %d KiB in %d message%s\n" % ((total + 1023) // 1024, count,
+                                              "" if count == 1 else "s"))
+    quarantined = queue.quarantined()
     if quarantined:
-        print("-- %d file%s in %s" % (len(quarantined), "" if len(quarantined) == 1 else "s",
-                                      queue.path(QUARANTINE)))
+        write("-- %d file%s in %s\n" % (len(quarantined), "" if len(quarantined) == 1 else "s",
+                                        queue.path(QUARANTINE)))
     return 0
+
+
+def _entry_text(entry):
+    """The lines `mta.py queue` prints for one message."""
+    if "error" in entry:
+        return "%-20s %-9s %9d  (unreadable)\n" % (entry["queue_id"], entry["folder"], entry["size"])
+    lines = ["%-20s %-9s %9d  %-19s  <%s>" % (entry["queue_id"], entry["folder"], entry["size"],
+                                             _time_text(entry["arrival"]), entry["sender"])]
+    for r in entry["recipients"]:
+        line = "    <%s> %s %s" % (r["address"], r["kind"], r["status"])
+        if r["original"] != r["address"]:
+            line += " (for <%s>)" % r["original"]
+        if r.get("attempts"):
+            line += ", %d attempt%s" % (r["attempts"], "" if r["attempts"] == 1 else "s")
+        if r.get("next_attempt"):
+            line += ", next %s" % _time_text(r["next_attempt"])
+        if r.get("reply") and r["status"] != "delivered":
+            line += " (%s)" % r["reply"]
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def delete_command(queue: Queue, args) -> int:

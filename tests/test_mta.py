@@ -1042,6 +1042,28 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     assert report["quarantined"] == []
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_queue_listing_prints_each_message_before_reading_the_next(spool, queue, monkeypatch,
+                                                                  capsys, as_json):
+    ids = [queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE) for _ in range(3)]
+    real_entries = queue.entries
+    printed = []
+
+    def entries():
+        for entry in real_entries():
+            printed.append(capsys.readouterr().out)       # what was out before this file
+            yield entry
+    monkeypatch.setattr(queue, "entries", entries)
+    assert mta.print_queue(queue, as_json) == 0
+    rest = capsys.readouterr().out
+    assert ids[0] in printed[1] and ids[1] in printed[2]          # streamed, not gathered
+    whole = "".join(printed) + rest
+    if as_json:
+        assert json.loads(whole) == {"messages": mta.queue_report(queue), "quarantined": []}
+    else:
+        assert whole.endswith(" in 3 messages\n")
+
+
 def test_flush_makes_deferred_recipients_due_and_wakes_smtp_out(spool, queue, store):
     queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
     router = mta.Router(queue, store)
