@@ -421,8 +421,7 @@ class POP3Handler(plumbing.ConnectionHandler):
         self.closing = True
         if self.mailbox is None:
             return OK_QUIT % self.server.hostname
-        deleted = sum(1 for info in self.mailbox.messages if info.deleted)
-        retrieved = sum(1 for info in self.mailbox.messages if info.retrieved)
+        deleted, retrieved = self.mailbox.marked()
         try:
             self.mailbox.commit()
         except OSError as exc:

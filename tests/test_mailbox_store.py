@@ -791,6 +791,128 @@ def test_foreign_maildir_files_get_measured_sizes_and_stable_uids(people):
         assert [i.uid for i in mailbox.listing()] == uids
 
 
+def settle(maildir):
+    """new/ and cur/ last changed a minute ago, as in a Maildir nobody wrote to lately."""
+    past = time.time() - 60
+    for sub in ("new", "cur"):
+        os.utime(os.path.join(maildir, sub), (past, past))
+
+
+def opened(store, user="alice@example.com"):
+    """(names with folder, sizes, file sizes, uids) an open mailbox lists."""
+    with store.open_mailbox(user) as mailbox:
+        return [(os.path.basename(os.path.dirname(i.path)), os.path.basename(i.path), i.size,
+                 i.file_size, i.uid) for i in mailbox.listing()]
+
+
+def plain(maildir):
+    listing = mailbox_store._scan(maildir)
+    return [("cur" if listing.in_cur[n] else "new", name, listing.sizes[n], listing.file_sizes[n],
+             mailbox_store._uid_for(mailbox_store._unique_part(name)))
+            for n, name in enumerate(listing.names)]
+
+
+def foreign_file(maildir, sub, name, data):
+    """A message another Maildir writer (procmail, Dovecot) leaves: no sizes in the name."""
+    with open(os.path.join(maildir, sub, name), "wb") as f:
+        f.write(data)
+
+
+def test_a_settled_maildir_is_listed_from_its_index_without_reading_a_file(people, monkeypatch):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(5):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    foreign_file(maildir, "new", "100.foreign", b"a\nb\n")
+    settle(maildir)
+    first = opened(people)                                  # lists, measures, writes the index
+    assert first == plain(maildir) and len(first) == 6
+    assert os.path.exists(os.path.join(maildir, mailbox_store.INDEX_FILE))
+    monkeypatch.setattr(mailbox_store, "_scan", lambda *a: pytest.fail("listed again"))
+    monkeypatch.setattr(mailbox_store, "_measure", lambda *a: pytest.fail("read a file"))
+    assert opened(people) == first
+
+
+def test_the_index_follows_every_change_another_maildir_writer_makes(people, monkeypatch):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(4):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    foreign_file(maildir, "new", "100.foreign", b"a\nb\n")
+    foreign_file(maildir, "cur", "101.foreign:2,S", b"c\n")
+    settle(maildir)
+    assert opened(people) == plain(maildir)
+    reads = []
+    real_measure = mailbox_store._measure
+    monkeypatch.setattr(mailbox_store, "_measure", lambda path: reads.append(path) or real_measure(path))
+    new = sorted(n for n in os.listdir(os.path.join(maildir, "new")) if ",W=" in n)
+    changes = [
+        lambda: people.deliver("alice@example.com", b"late\n", ""),                    # adds
+        lambda: foreign_file(maildir, "new", "102.foreign", b"new\r\n"),              # adds, no W=
+        lambda: os.rename(os.path.join(maildir, "new", new[0]),                         # reads
+                          os.path.join(maildir, "cur", new[0] + ":2,S")),
+        lambda: os.rename(os.path.join(maildir, "cur", "101.foreign:2,S"),              # flags
+                          os.path.join(maildir, "cur", "101.foreign:2,RS")),
+        lambda: os.unlink(os.path.join(maildir, "new", new[1])),                        # deletes
+        lambda: os.rename(os.path.join(maildir, "new", "100.foreign"),                  # no W=,
+                          os.path.join(maildir, "cur", "100.foreign:2,S")),             # moved
+    ]
+    ours = []
+    for change in changes:
+        change()
+        settle(maildir)
+        expected = plain(maildir)                           # reads every foreign file
+        del reads[:]
+        assert opened(people) == expected
+        assert opened(people) == expected                   # from the index this time
+        ours += reads
+    assert [os.path.basename(p) for p in ours] == ["102.foreign"]     # read once, when new
+    # Same name, other content (a writer that broke the Maildir rule): measured again.
+    foreign_file(maildir, "new", "102.foreign", b"longer\nthan before\n")
+    settle(maildir)
+    listed = opened(people)
+    assert listed == plain(maildir)
+    assert [i[2] for i in listed if i[1] == "102.foreign"] == [len(b"longer\r\nthan before\r\n")]
+
+
+def test_a_maildir_changed_twice_in_one_timestamp_tick_is_listed_again(people):
+    maildir = people.maildir_path("alice@example.com")
+    people.deliver("alice@example.com", b"one\n", "")
+    assert len(opened(people)) == 1                 # new/ changed just now: index not trusted
+    before = os.stat(os.path.join(maildir, "new"))
+    people.deliver("alice@example.com", b"two\n", "")
+    os.utime(os.path.join(maildir, "new"), ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert len(opened(people)) == 2 and opened(people) == plain(maildir)
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbage", "empty", "other count"])
+def test_a_damaged_index_is_ignored(people, damage):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(3):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    settle(maildir)
+    expected = opened(people)
+    path = os.path.join(maildir, mailbox_store.INDEX_FILE)
+    data = open(path, "rb").read()
+    damaged = {"torn": data[:-5], "garbage": b"\x00" * len(data), "empty": b"",
+               "other count": data.replace(b" 3 ", b" 2 ", 1)}[damage]
+    with open(path, "wb") as f:
+        f.write(damaged)
+    assert opened(people) == expected
+
+
+def test_messages_take_a_view_each_and_the_marks_live_in_the_mailbox(people):
+    for number in range(3):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        assert mailbox.delete(2) and not mailbox.delete(2) and mailbox.message(2) is None
+        b"".join(mailbox.read(1))
+        assert mailbox.marked() == (1, 1)
+        assert [(i.number, i.deleted, i.retrieved) for i in mailbox.messages] == [
+            (1, False, True), (2, True, False), (3, False, False)]
+        assert mailbox.stat() == (2, mailbox.messages[0].size + mailbox.messages[2].size)
+        mailbox.reset()
+        assert mailbox.marked() == (0, 1) and len(mailbox.listing()) == 3
+
+
 def test_top_gives_header_blank_line_and_n_body_lines(people):
     people.deliver("alice@example.com", b"Subject: t\nX: y\n\none\ntwo\nthree\n", "")
     people.deliver("alice@example.com", b"Subject: t\n\nonly", "")
