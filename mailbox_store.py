@@ -180,6 +180,7 @@ class _Listing:
     in_cur: bytearray = field(default_factory=bytearray)          # 1: in cur/, 0: in new/
     sizes: array.array = field(default_factory=lambda: array.array("q"))        # POP3 octets
     file_sizes: array.array = field(default_factory=lambda: array.array("q"))   # file octets
+    measured: bytearray = field(default_factory=bytearray)        # 1: sizes not in the name
 
 
 _DELETED, _RETRIEVED = 1, 2            # bits of Mailbox._marks
@@ -895,17 +896,19 @@ def _scan(maildir, measure=None):
                 continue
             sizes = _name_fields(name)[2]
             file_size, size = sizes.get("S"), sizes.get("W")
-            if file_size is None or size is None:
+            measured = file_size is None or size is None
+            if measured:
                 try:
                     file_size, size = measure(os.path.join(folder, name), name)
                 except (FileNotFoundError, IsADirectoryError):
                     continue
-            found.append((_time_key(name), in_cur, size, file_size))
+            found.append((_time_key(name), in_cur, size, file_size, measured))
     found.sort()
-    return _Listing(names=[key[1] for key, _, _, _ in found],
-                    in_cur=bytearray(in_cur for _, in_cur, _, _ in found),
-                    sizes=array.array("q", [size for _, _, size, _ in found]),
-                    file_sizes=array.array("q", [file_size for _, _, _, file_size in found]))
+    return _Listing(names=[entry[0][1] for entry in found],
+                    in_cur=bytearray(entry[1] for entry in found),
+                    sizes=array.array("q", [entry[2] for entry in found]),
+                    file_sizes=array.array("q", [entry[3] for entry in found]),
+                    measured=bytearray(entry[4] for entry in found))
 
 
 # --- Speed: a POP3 login lists a settled Maildir from one index file, measured by bench/maildir_bench.py ---
@@ -917,13 +920,15 @@ def _scan(maildir, measure=None):
 # is read instead (three arrays and the names in one piece, checked by a CRC-32). A
 # folder changed within RECENT_CHANGE seconds of the listing is not trusted (two changes
 # in one timestamp tick look like one): such an index never matches. When a folder has
-# changed, _scan() runs again, but a file without ,W= that the index measured, of the same
-# file size (one stat), is not read again. The index is a cache: it is written without
+# changed, both are listed again; the index's entries still there keep their place and
+# sizes, and the new names are put in order (_updated_listing; _scan() again when most
+# changed). A file without ,W= that the index measured, of the same file size (one stat),
+# is not read again. The index is a cache: it is written without
 # fsync, and a missing, torn or foreign one is ignored. tests/test_mailbox_store.py checks
 # that both give the same listing while other writers change the Maildir.
 
 INDEX_FILE = "mailtoolkit.index"
-INDEX_MAGIC = b"mailtoolkit-maildir-index 1"
+INDEX_MAGIC = b"mailtoolkit-maildir-index 2"
 RECENT_CHANGE = 2.0                # seconds; a folder changed this recently is listed again
 
 
@@ -951,12 +956,13 @@ def _read_index(maildir):
         head, _, body = data.partition(b"\n")
         magic, count, names_length, crc, seen = head.rsplit(b" ", 4)
         count, names_length, crc = int(count), int(names_length), int(crc)
-        if magic != INDEX_MAGIC or zlib.crc32(body) != crc or len(body) != 17 * count + names_length:
+        if magic != INDEX_MAGIC or zlib.crc32(body) != crc or len(body) != 18 * count + names_length:
             return None
-        listing = _Listing(in_cur=bytearray(body[16 * count:17 * count]))
+        listing = _Listing(in_cur=bytearray(body[16 * count:17 * count]),
+                           measured=bytearray(body[17 * count:18 * count]))
         listing.sizes.frombytes(body[:8 * count])
         listing.file_sizes.frombytes(body[8 * count:16 * count])
-        names = body[17 * count:].decode("utf-8", "surrogateescape")
+        names = body[18 * count:].decode("utf-8", "surrogateescape")
         listing.names = names.split("\n") if count else []
         if len(listing.names) != count:
             return None
@@ -974,7 +980,8 @@ def _write_index(maildir, seen, listing):
     names = "\n".join(listing.names).encode("utf-8", "surrogateescape")
     if any("\n" in name for name in listing.names):
         return                         # a name the index cannot hold: list each time
-    body = listing.sizes.tobytes() + listing.file_sizes.tobytes() + bytes(listing.in_cur) + names
+    body = (listing.sizes.tobytes() + listing.file_sizes.tobytes() + bytes(listing.in_cur)
+            + bytes(listing.measured) + names)
     head = b"%s %d %d %d %s\n" % (INDEX_MAGIC, len(listing.names), len(names), zlib.crc32(body),
                                    (_seen_text(seen) if seen else "unsettled").encode("ascii"))
     path = os.path.join(maildir, INDEX_FILE)
@@ -1005,19 +1012,82 @@ def _indexed_listing(maildir):
         if measured is None:
             old = index[1] if index is not None else _Listing()
             measured = {_unique_part(name): (old.file_sizes[i], old.sizes[i])
-                        for i, name in enumerate(old.names) if not _has_sizes(name)}
+                        for i, name in enumerate(old.names) if old.measured[i]}
         known = measured.get(_unique_part(name))
         if known is not None and os.stat(path).st_size == known[0]:
             return known
         return _measure(path)
-    listing = _scan(maildir, measure)
+    listing = None
+    if index is not None:
+        listing = _updated_listing(maildir, index[1], measure)
+    if listing is None:
+        listing = _scan(maildir, measure)
     _write_index(maildir, seen if settled else None, listing)
     return listing
 
 
-def _has_sizes(name):
-    sizes = _name_fields(name)[2]
-    return "S" in sizes and "W" in sizes
+def _updated_listing(maildir, old, measure):
+    """What _scan() gives, made from old (a listing of the same Maildir, in _scan()'s order)
+    and one listing of the folders: old's entries still there keep their place and sizes,
+    new ones are put in order. None when most of it changed (_scan() is as quick then)."""
+    present = []
+    for sub in ("new", "cur"):
+        try:
+            present.append({n for n in os.listdir(os.path.join(maildir, sub))
+                            if not n.startswith(".")})
+        except FileNotFoundError:
+            present.append(set())
+    kept = [i for i, name in enumerate(old.names) if name in present[old.in_cur[i]]
+            and not (old.measured[i] and _resized(maildir, old, i))]
+    had = ({old.names[i] for i in kept if not old.in_cur[i]},
+           {old.names[i] for i in kept if old.in_cur[i]})
+    added = [(name, in_cur) for in_cur in (0, 1) for name in present[in_cur] - had[in_cur]]
+    if len(added) > max(100, len(old.names) // 10):
+        return None
+    entries = []                       # (key, in_cur, name, size, file_size) to put in
+    for name, in_cur in added:
+        sizes = _name_fields(name)[2]
+        file_size, size = sizes.get("S"), sizes.get("W")
+        if file_size is None or size is None:
+            try:
+                file_size, size = measure(os.path.join(maildir, ("new", "cur")[in_cur], name), name)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+        entries.append(((_time_key(name), in_cur), in_cur, name, size, file_size,
+                        int("S" not in sizes or "W" not in sizes)))
+    entries.sort()
+    order = []                         # old index, or -1 - entries index, in _scan()'s order
+    position = 0
+    for number, entry in enumerate(entries):
+        low, high = position, len(kept)
+        while low < high:              # binary search: the first kept entry after this one
+            middle = (low + high) // 2
+            i = kept[middle]
+            if (_time_key(old.names[i]), old.in_cur[i]) < entry[0]:
+                low = middle + 1
+            else:
+                high = middle
+        order.extend(kept[position:low])
+        order.append(-1 - number)
+        position = low
+    order.extend(kept[position:])
+    return _Listing(
+        names=[old.names[i] if i >= 0 else entries[-1 - i][2] for i in order],
+        in_cur=bytearray(old.in_cur[i] if i >= 0 else entries[-1 - i][1] for i in order),
+        sizes=array.array("q", [old.sizes[i] if i >= 0 else entries[-1 - i][3] for i in order]),
+        file_sizes=array.array("q", [old.file_sizes[i] if i >= 0 else entries[-1 - i][4]
+                                     for i in order]),
+        measured=bytearray(old.measured[i] if i >= 0 else entries[-1 - i][5] for i in order))
+
+
+def _resized(maildir, listing, i):
+    """True when entry i's file (measured, not sized by its name) is not of the size
+    measured: read it again. A vanished file counts as resized: it is looked for again."""
+    try:
+        path = os.path.join(maildir, ("new", "cur")[listing.in_cur[i]], listing.names[i])
+        return os.stat(path).st_size != listing.file_sizes[i]
+    except OSError:
+        return True
 
 
 # --- Mailbox: the POP3 side ---
