@@ -953,7 +953,10 @@ def _read_index(maildir):
     try:
         with open(os.path.join(maildir, INDEX_FILE), "rb") as f:
             data = f.read()
-        head, _, body = data.partition(b"\n")
+        end = data.find(b"\n", 0, 256)
+        if end < 0:
+            return None
+        head, body = data[:end], memoryview(data)[end + 1:]      # no copy of the body
         magic, count, names_length, crc, seen = head.rsplit(b" ", 4)
         count, names_length, crc = int(count), int(names_length), int(crc)
         if magic != INDEX_MAGIC or zlib.crc32(body) != crc or len(body) != 18 * count + names_length:
@@ -962,7 +965,7 @@ def _read_index(maildir):
                            measured=bytearray(body[17 * count:18 * count]))
         listing.sizes.frombytes(body[:8 * count])
         listing.file_sizes.frombytes(body[8 * count:16 * count])
-        names = body[18 * count:].decode("utf-8", "surrogateescape")
+        names = str(body[18 * count:], "utf-8", "surrogateescape")
         listing.names = names.split("\n") if count else []
         if len(listing.names) != count:
             return None
