@@ -640,7 +640,9 @@ def _read_state(fd, file_size, name):
         raise QueueFileError("message truncated: %d of %d octets"
                              % (file_size - offset, envelope.size))
     state = QueueState(envelope, offset)
-    parse_records(state, _read_all(fd, file_size - end, end))
+    # A small file is whole in head already: no second read for its records.
+    tail = head[end:file_size] if len(head) >= file_size else _read_all(fd, file_size - end, end)
+    parse_records(state, tail)
     return state, head
 
 
@@ -1566,20 +1568,28 @@ class Queue:
         """(folder, name, file size, QueueState or None if unreadable) of each queue file,
         one at a time as it is read (a large queue is never held whole), without locking."""
         for folder in QUEUE_FOLDERS:
-            for name in self.ids(folder):
-                try:
-                    fd = os.open(self.path(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError:
-                    continue
-                size = 0
-                try:
-                    size = os.fstat(fd).st_size
-                    state, _ = _read_state(fd, size, name)
-                except (OSError, QueueFileError):
-                    state = None
-                finally:
-                    os.close(fd)
-                yield folder, name, size, state
+            try:
+                folder_fd = os.open(self.path(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                continue
+            try:
+                for name in self.ids(folder):
+                    try:
+                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                     dir_fd=folder_fd)
+                    except OSError:
+                        continue
+                    size = 0
+                    try:
+                        size = os.fstat(fd).st_size
+                        state, _ = _read_state(fd, size, name)
+                    except (OSError, QueueFileError):
+                        state = None
+                    finally:
+                        os.close(fd)
+                    yield folder, name, size, state
+            finally:
+                os.close(folder_fd)
 
     def listing(self) -> list:
         """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
@@ -2148,13 +2158,13 @@ def print_queue(queue: Queue, as_json: bool) -> int:
         write('],\n "quarantined": %s}\n' % json.dumps(queue.quarantined()))
         return 0
     count = total = 0
-    for entry in queue_entries(queue):
+    for folder, name, size, state in queue.entries():
         if not count:
             write("%-20s %-9s %9s  %-19s  %s\n" % ("-Queue ID-", "-Folder-", "-Size-",
                                                   "-Arrival Time-", "-Sender/Recipients-"))
         count += 1
-        total += entry["size"]
-        write(_entry_text(entry))
+        total += size
+        write(_entry_text(folder, name, size, state))
     if not count:
         write("Mail queue is empty\n")
     else:
@@ -2167,22 +2177,25 @@ def print_queue(queue: Queue, as_json: bool) -> int:
     return 0
 
 
-def _entry_text(entry):
-    """The lines `mta.py queue` prints for one message."""
-    if "error" in entry:
-        return "%-20s %-9s %9d  (unreadable)\n" % (entry["queue_id"], entry["folder"], entry["size"])
-    lines = ["%-20s %-9s %9d  %-19s  <%s>" % (entry["queue_id"], entry["folder"], entry["size"],
-                                             _time_text(entry["arrival"]), entry["sender"])]
-    for r in entry["recipients"]:
-        line = "    <%s> %s %s" % (r["address"], r["kind"], r["status"])
-        if r["original"] != r["address"]:
-            line += " (for <%s>)" % r["original"]
-        if r.get("attempts"):
-            line += ", %d attempt%s" % (r["attempts"], "" if r["attempts"] == 1 else "s")
-        if r.get("next_attempt"):
-            line += ", next %s" % _time_text(r["next_attempt"])
-        if r.get("reply") and r["status"] != "delivered":
-            line += " (%s)" % r["reply"]
+def _entry_text(folder, name, size, state):
+    """The lines `mta.py queue` prints for one message (what queue_entries() gives)."""
+    if state is None:
+        return "%-20s %-9s %9d  (unreadable)\n" % (name, folder, size)
+    envelope = state.envelope
+    lines = ["%-20s %-9s %9d  %-19s  <%s>" % (name, folder, size, _time_text(envelope.arrival),
+                                             envelope.sender)]
+    for n in state.unrouted:
+        lines.append("    <%s> unrouted pending" % envelope.recipients[n])
+    for r in state.recipients:
+        line = "    <%s> %s %s" % (r.address, r.kind, r.status)
+        if r.original != r.address:
+            line += " (for <%s>)" % r.original
+        if r.attempts:
+            line += ", %d attempt%s" % (r.attempts, "" if r.attempts == 1 else "s")
+        if r.status == "deferred" and r.next_attempt:
+            line += ", next %s" % _time_text(r.next_attempt)
+        if r.reply and r.status != "delivered":
+            line += " (%s)" % r.reply
         lines.append(line)
     return "\n".join(lines) + "\n"
 
