@@ -150,8 +150,8 @@ def import_dkimpy():
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (root, HERE)]
     try:
         module = importlib.import_module("dkim")
-        if os.path.abspath(getattr(module, "__file__", "")).startswith(root + os.sep):
-            return None
+        if os.path.abspath(getattr(module, "__file__", "")) == os.path.join(root, "dkim.py"):
+            return None                # ours after all (a virtual environment may sit in root)
         return module
     except ImportError:
         return None

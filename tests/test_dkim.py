@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import dkim
 import dnsmx
-from conftest import ROOT, require_tool
+from support import ROOT, require_tool
 from dnsmasq_server import cname, start_dnsmasq, txt_record
 from dkim_support import (ED25519_VECTORS, MESSAGE, RFC8463_ED25519_B, RFC8463_ED25519_SEED,
                           RFC8463_RECORDS, RFC8463_TIME, DictResolver, body_of,
