@@ -1047,7 +1047,7 @@ def _updated_listing(maildir, old, measure):
     added = [(name, in_cur) for in_cur in (0, 1) for name in present[in_cur] - had[in_cur]]
     if len(added) > max(100, len(old.names) // 10):
         return None
-    entries = []                       # (key, in_cur, name, size, file_size) to put in
+    entries = []                       # (key, in_cur, name, size, file_size, measured) to add
     for name, in_cur in added:
         sizes = _name_fields(name)[2]
         file_size, size = sizes.get("S"), sizes.get("W")

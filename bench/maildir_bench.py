@@ -161,6 +161,7 @@ def bench(count, repeats, dovecot_wanted):
             with open(path, "wb") as f:
                 f.write(data)
             changed.append(login_stat(port, USER)[0])
+        time.sleep(0.5)                # the last session's thread has ended
         peak, after = rss(server.pid, "VmHWM"), rss(server.pid)
         print("%6d messages (%s; STAT %s)" % (count, note, stat))
         print("  pop3d  first login (scrypt hash, index written)  %8.2f ms" % first)
