@@ -249,6 +249,7 @@ class _Tables:
     user_domains: frozenset = frozenset()
     signature: tuple = ()
     users_read: tuple = (None, 0, 0, 0)              # (inode, octets, lines, CRC-32) read
+    users_data: bytes = b""                          # the users file as read
 
 
 # --- Addresses ---
@@ -586,9 +587,9 @@ def _users_lines(data):
 
 # --- Users and aliases files ---
 
-def _parse_users(lines, first=1):
+def _parse_users(lines, first=1, warn=True):
     """ADDRESS:HASH lines; "#" comments and blank lines skipped; bad lines logged (lines
-    are numbered from first)."""
+    are numbered from first) unless warn is False."""
     users = {}
     for number, line in enumerate(lines, first):
         text = line.strip()
@@ -598,10 +599,12 @@ def _parse_users(lines, first=1):
         try:
             address = canonical_address(address)
         except AddressError:
-            log.warning("users:%d: bad address, line ignored", number)
+            if warn:
+                log.warning("users:%d: bad address, line ignored", number)
             continue
         if not stored.startswith("$"):
-            log.warning("users:%d: <%s>: no password hash, line ignored", number, address)
+            if warn:
+                log.warning("users:%d: <%s>: no password hash, line ignored", number, address)
             continue
         users.setdefault(address, stored)
     return users
@@ -673,7 +676,10 @@ def _format_alias(name, targets):
 # the same inode and still starts with the octets read last time (same CRC-32 of them),
 # the users are those read then plus those of the new lines. Anything else - a rewrite by
 # passwd, del-user or an editor (a new inode, or other octets), a shorter file - is parsed
-# whole. tests/test_mailbox_store.py checks that both give the same tables.
+# whole, unless it differs from the octets read last time only in a few lines that change
+# or remove users named nowhere else (passwd, del-user: _users_rewritten). Those lines are
+# found by comparing the two (memcmp of the common start and end), and applied to the
+# tables read before. tests/test_mailbox_store.py checks that both give the same tables.
 
 def _users_read(inode, data):
     """What _users_grown() needs to know of the users file just read."""
@@ -700,6 +706,89 @@ def _users_grown(previous, inode, data):
         by_local[local] = by_local.get(local, []) + [address]    # the old list is shared
         domains.add(domain)
     return users, by_local, previous.user_domains | domains
+
+
+MAX_REWRITTEN_LINES = 50           # more changed lines than this: parse the file whole
+
+
+def _common_prefix(a, b, block=65536):
+    """How many octets a and b have in common at their start."""
+    length, same = min(len(a), len(b)), 0
+    while same + block <= length and a[same:same + block] == b[same:same + block]:
+        same += block
+    high = min(length, same + block)
+    while same < high:                 # binary search in the block that differs
+        middle = (same + high + 1) // 2
+        if a[same:middle] == b[same:middle]:
+            same = middle
+        else:
+            high = middle - 1
+    return same
+
+
+def _common_suffix(a, b, length, block=65536):
+    """How many octets (at most length) a and b have in common at their end."""
+    same = 0
+    while same + block <= length and a[len(a) - same - block:len(a) - same] == \
+            b[len(b) - same - block:len(b) - same]:
+        same += block
+    high = min(length, same + block)
+    while same < high:
+        middle = (same + high + 1) // 2
+        if a[len(a) - middle:len(a) - same] == b[len(b) - middle:len(b) - same]:
+            same = middle
+        else:
+            high = middle - 1
+    return same
+
+
+def _users_rewritten(previous, data):
+    """(users, by_local, user_domains) of previous with the lines data has instead of its
+    own applied, when data is previous's file with a few lines changed or removed (passwd,
+    del-user) and each user those lines name has no other line; else None."""
+    old = previous.users_data
+    if not old or not data or not previous.signature:
+        return None
+    start = _common_prefix(old, data)
+    start = old.rfind(b"\n", 0, start) + 1                    # back to a line's start
+    tail = _common_suffix(old, data, min(len(old), len(data)) - start)
+    old_end = len(old) - tail
+    if old_end > start and old[old_end - 1:old_end] != b"\n":
+        old_end = old.find(b"\n", old_end) + 1                # on to the next line's start
+    new_end = len(data) - (len(old) - old_end)
+    if old_end < start or new_end < start:
+        return None
+    old_lines = _users_lines(old[start:old_end])
+    new_lines = _users_lines(data[start:new_end])
+    if max(len(old_lines), len(new_lines)) > MAX_REWRITTEN_LINES:
+        return None
+    was = _parse_users(old_lines, warn=False)
+    now = _parse_users(new_lines, old.count(b"\n", 0, start) + 1)
+    if not set(now) <= set(was) or list(now) != [a for a in was if a in now]:
+        return None                    # a new user, or a new order: parse it whole
+    before, after = data[:start].lower(), data[new_end:].lower()
+    for address in was:
+        needle = address.encode("utf-8") + b":"
+        if (not address.isascii() or previous.users.get(address) != was[address]
+                or needle in before or needle in after):
+            return None                # the user may have another line: parse it whole
+    users = dict(previous.users)
+    by_local = previous.by_local
+    for address in was:
+        if address in now:
+            users[address] = now[address]                       # keeps its place
+            continue
+        del users[address]
+        local = address.split("@")[0]
+        if by_local is previous.by_local:
+            by_local = dict(by_local)
+        by_local[local] = [a for a in by_local[local] if a != address]
+        if not by_local[local]:
+            del by_local[local]
+    user_domains = previous.user_domains
+    if len(users) < len(previous.users):
+        user_domains = frozenset(a.split("@")[1] for a in users)
+    return users, by_local, user_domains
 
 
 # --- Maildir names, sizes and delivery ---
@@ -1304,6 +1393,8 @@ class Store:
             aliases = _parse_aliases(_read_lines(self.aliases_path))
         inode, data = _read_users(self.users_path)
         grown = _users_grown(previous, inode, data)
+        if grown is None:
+            grown = _users_rewritten(previous, data)
         if grown is not None:
             users, by_local, user_domains = grown
         else:
@@ -1314,7 +1405,7 @@ class Store:
             user_domains = frozenset(a.split("@")[1] for a in users)
         return _Tables(users=users, by_local=by_local, aliases=aliases,
                        user_domains=user_domains, signature=signature,
-                       users_read=_users_read(inode, data))
+                       users_read=_users_read(inode, data), users_data=data)
 
     def is_local_domain(self, domain: str) -> bool:
         """True for a configured domain or the domain of a user in the store."""

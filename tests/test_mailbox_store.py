@@ -253,6 +253,78 @@ def test_users_read_in_steps_agree_with_one_full_parse(store, fast_hash):
     assert by_local["alice"] == ["alice@example.com", "alice@example.org"]
 
 
+def test_passwd_and_del_user_are_read_from_the_lines_they_changed(store, fast_hash,
+                                                                  monkeypatch):
+    for i in range(30):
+        store.add_user("user%d@example.com" % i, "pw")
+    store.add_user("solo@example.org", "pw")
+    tables_of(store)
+    other = Store(store.spool_dir)
+    parsed = []
+    plain = mailbox_store._parse_users
+    counting = lambda lines, *a, **k: parsed.extend(lines) or plain(lines, *a, **k)  # noqa: E731
+    other.set_password("user7@example.com", "new")
+    monkeypatch.setattr(mailbox_store, "_parse_users", counting)
+    assert store.authenticate("user7", "new") == "user7@example.com"
+    assert [line.split(":")[0] for line in parsed] == ["user7@example.com"] * 2   # old, new
+    for address in ("user12@example.com", "solo@example.org"):
+        monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+        other.delete_user(address)
+        del parsed[:]
+        monkeypatch.setattr(mailbox_store, "_parse_users", counting)
+        assert address not in store.list_users()
+        assert [line.split(":")[0] for line in parsed] == [address]            # old only
+    assert not store.is_local_domain("example.org")
+    monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+@pytest.mark.parametrize("edit", [
+    ("alice@example.com:$a$\n", "alice@example.com:$A$\n"),               # passwd
+    ("alice@example.com:$a$\n", ""),                                        # del-user
+    ("bob@example.com:$b$\n", ""),                                          # bob's 1st line
+    ("carol@example.com:$c$\n", "carol@example.com:$c$\ndan@example.com:$d$\n"),   # insert
+    ("# note\n", "# another note\n"),                                      # a comment
+    ("alice@example.com:$a$\n", "Alice@Example.com:$a$\n"),               # case
+    ("carol@example.com:$c$\n", "carol@example.com:$c$\ncarol@EXAMPLE.com:$x$\n"),
+    ("alice@example.com:$a$\nbob@example.com:$b$\n",                       # swapped
+     "bob@example.com:$b$\nalice@example.com:$a$\n"),
+    ("eve@example.com:$e$\n", "eve@example.com:nohash\n"),                 # broken
+])
+def test_users_after_any_rewrite_agree_with_one_full_parse(store, edit):
+    os.makedirs(store.spool_dir)
+    text = ("# note\nalice@example.com:$a$\nbob@example.com:$b$\ncarol@example.com:$c$\n"
+            "bob@example.com:$b2$\neve@example.com:$e$\nzed@example.net:$z$\n")
+    with open(store.users_path, "w") as f:
+        f.write(text)
+    tables_of(store)
+    assert edit[0] in text
+    mailbox_store.write_atomically(store.users_path, text.replace(edit[0], edit[1], 1))
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+def test_users_after_random_rewrites_agree_with_one_full_parse(store):
+    import random
+    chooser = random.Random(7)
+    os.makedirs(store.spool_dir)
+    pool = ["u%d@example.com:$h%d$" % (n % 12, n) for n in range(40)] + [
+        "# c", "", "U3@Example.com:$x$", "bad line", "v@example.org:nohash"]
+    lines = [chooser.choice(pool) for _ in range(30)]
+    for _ in range(120):
+        mailbox_store.write_atomically(store.users_path, "".join(l + "\n" for l in lines))
+        assert tables_of(store) == tables_of(Store(store.spool_dir))
+        at = chooser.randrange(len(lines) + 1)
+        action = chooser.choice(["set", "delete", "insert", "append"])
+        if action == "set" and at < len(lines):
+            lines[at] = chooser.choice(pool)
+        elif action == "delete" and at < len(lines) and len(lines) > 1:
+            del lines[at]
+        elif action == "insert":
+            lines.insert(at, chooser.choice(pool))
+        else:
+            lines.append(chooser.choice(pool))
+
+
 def test_a_rewrite_or_an_edit_in_place_is_read_whole(store, fast_hash):
     store.add_user("alice@example.com", "old")
     store.add_user("bob@example.com", "pw")
