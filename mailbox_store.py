@@ -29,6 +29,7 @@ import array
 import base64
 import contextlib
 import fcntl
+import gc
 import getpass
 import hashlib
 import hmac
@@ -1019,6 +1020,7 @@ def _scan(maildir, measure=None):
 INDEX_FILE = "mailtoolkit.index"
 INDEX_MAGIC = b"mailtoolkit-maildir-index 2"
 RECENT_CHANGE = 2.0                # seconds; a folder changed this recently is listed again
+LARGE_LISTING = 10000              # messages; such a listing is followed by gc.collect()
 
 
 def _folders_seen(maildir):
@@ -1115,6 +1117,12 @@ def _indexed_listing(maildir):
     if listing is None:
         listing = _scan(maildir, measure)
     _write_index(maildir, seen if settled else None, listing)
+    if len(listing.names) >= LARGE_LISTING:
+        # The listing made and dropped a few short-lived objects per message; CPython keeps
+        # some of each kind on free lists, scattered over the allocator's arenas, which then
+        # cannot go back to the system even once the session ends (100,000 messages: 35
+        # MiB kept). A full collection empties those lists (about 10 ms here).
+        gc.collect()
     return listing
 
 
