@@ -1072,8 +1072,8 @@ def _seen_text(seen):
 def _write_index(maildir, seen, listing):
     """Keep listing in the index, for folders as seen (None: never to be matched)."""
     names = "\n".join(listing.names).encode("utf-8", "surrogateescape")
-    if any("\n" in name for name in listing.names):
-        return                         # a name the index cannot hold: list each time
+    if listing.names and names.count(b"\n") != len(listing.names) - 1:
+        return                         # a name with a LF, which the index cannot hold
     body = (listing.sizes.tobytes() + listing.file_sizes.tobytes() + bytes(listing.in_cur)
             + bytes(listing.measured) + names)
     head = b"%s %d %d %d %s\n" % (INDEX_MAGIC, len(listing.names), len(names), zlib.crc32(body),

@@ -955,6 +955,15 @@ def test_a_maildir_changed_twice_in_one_timestamp_tick_is_listed_again(people):
     assert len(opened(people)) == 2 and opened(people) == plain(maildir)
 
 
+def test_a_name_with_a_line_feed_is_listed_without_an_index(people):
+    maildir = people.maildir_path("alice@example.com")
+    people.deliver("alice@example.com", b"one\n", "")
+    foreign_file(maildir, "new", "100.odd\nname", b"two\n")
+    settle(maildir)
+    assert opened(people) == plain(maildir) and len(opened(people)) == 2
+    assert not os.path.exists(os.path.join(maildir, mailbox_store.INDEX_FILE))
+
+
 @pytest.mark.parametrize("damage", ["torn", "garbage", "empty", "other count"])
 def test_a_damaged_index_is_ignored(people, damage):
     maildir = people.maildir_path("alice@example.com")
