@@ -185,6 +185,7 @@ class _Listing:
 
 
 _DELETED, _RETRIEVED = 1, 2            # bits of Mailbox._marks
+_FLIP = bytes.maketrans(b"\x00\x01", b"\x01\x00")      # in_cur -> in new/
 
 
 @dataclass
@@ -1137,10 +1138,17 @@ def _updated_listing(maildir, old, measure):
                             if not n.startswith(".")})
         except FileNotFoundError:
             present.append(set())
-    kept = [i for i, name in enumerate(old.names) if name in present[old.in_cur[i]]
-            and not (old.measured[i] and _resized(maildir, old, i))]
-    had = ({old.names[i] for i in kept if not old.in_cur[i]},
-           {old.names[i] for i in kept if old.in_cur[i]})
+    had = (set(itertools.compress(old.names, old.in_cur.translate(_FLIP))),
+           set(itertools.compress(old.names, old.in_cur)))
+    if (had[0] <= present[0] and had[1] <= present[1]
+            and not any(_resized(maildir, old, i)
+                        for i in itertools.compress(range(len(old.names)), old.measured))):
+        kept = range(len(old.names))   # nothing went: the usual case, new mail came
+    else:
+        kept = [i for i, name in enumerate(old.names) if name in present[old.in_cur[i]]
+                and not (old.measured[i] and _resized(maildir, old, i))]
+        had = ({old.names[i] for i in kept if not old.in_cur[i]},
+               {old.names[i] for i in kept if old.in_cur[i]})
     added = [(name, in_cur) for in_cur in (0, 1) for name in present[in_cur] - had[in_cur]]
     if len(added) > max(100, len(old.names) // 10):
         return None
@@ -1156,6 +1164,15 @@ def _updated_listing(maildir, old, measure):
         entries.append(((_time_key(name), in_cur), in_cur, name, size, file_size,
                         int("S" not in sizes or "W" not in sizes)))
     entries.sort()
+    if (isinstance(kept, range) and entries and (not kept
+            or (_time_key(old.names[-1]), old.in_cur[-1]) < entries[0][0])):
+        # All of old, then the new messages after it (they are the newest): no merge.
+        return _Listing(
+            names=old.names + [entry[2] for entry in entries],
+            in_cur=old.in_cur + bytearray(entry[1] for entry in entries),
+            sizes=old.sizes + array.array("q", [entry[3] for entry in entries]),
+            file_sizes=old.file_sizes + array.array("q", [entry[4] for entry in entries]),
+            measured=old.measured + bytearray(entry[5] for entry in entries))
     order = []                         # old index, or -1 - entries index, in _scan()'s order
     position = 0
     for number, entry in enumerate(entries):
