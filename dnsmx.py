@@ -93,8 +93,8 @@ DEFAULT_CACHE_SIZE = 4096        # cache entries (answers, negative answers, MX 
 MAX_CACHE_TTL = 86400            # seconds; longer TTLs are cut to a day
 MAX_NEGATIVE_TTL = 10800         # RFC 2308 5: negative answers kept at most three hours
 
-EXIT_FOUND = 0                   # CLI exit status: an answer
-EXIT_NOT_FOUND = 1               # permanent: NXDOMAIN, NODATA, null MX, bad name
+EXIT_FOUND = 0                   # CLI exit status: an answer (a null MX is one)
+EXIT_NOT_FOUND = 1               # permanent: NXDOMAIN, NODATA, bad name
 EXIT_TEMPORARY = 2               # temporary: SERVFAIL, REFUSED, timeout, malformed reply
 EXIT_USAGE = 64                  # sysexits.h EX_USAGE: bad command line
 
@@ -1456,7 +1456,8 @@ def _argument_parser():
         formatter_class=lambda prog: argparse.HelpFormatter(prog, width=80),
         description="Look up where mail for a domain goes (MX, RFC 5321 5.1), or any A, "
                     "AAAA, TXT, PTR, CNAME, NS or SOA record, like a small dig.",
-        epilog="Exit status: 0 found, 1 no such name or record (NXDOMAIN, NODATA, null MX), "
+        epilog="Exit status: 0 found (a null MX too: the record is printed), 1 no such name "
+               "or record (NXDOMAIN, NODATA, no MX host with an address), "
                "2 temporary failure (SERVFAIL, REFUSED, timeout, malformed reply), "
                "64 bad command line.")
     parser.add_argument("name", metavar="NAME", help="domain name, or an IP address for PTR")
@@ -1483,9 +1484,14 @@ def _print_mx_plan(resolver, name, args, explain, out):
     try:
         plan = resolver.mx_hosts(name, explain=explain)
     except NullMXError:
+        # RFC 7505: a null MX is a record that was found; the domain accepts no mail, which
+        # is the answer, so the exit status is EXIT_FOUND. The record is printed as dig would.
+        answer = resolver.resolve(name, TYPE_MX)
+        for record in answer.cnames + answer.records:
+            out(format_rdata(record) if args.short else format_record(record))
         if not args.short:
             out("%s null MX: accepts no mail (RFC 7505)" % _dotted(normalize_name(name)))
-        raise
+        return
     if args.short:
         for host in plan:
             out("%d %s %s" % (host.preference, _dotted(host.name), " ".join(host.addresses)))

@@ -3,7 +3,8 @@
 The store every other role reads and writes through. Its files, all under the spool, or
 under the folder the roles' `store` setting names (one store several hosts share):
 
-    SPOOL/users                          one line per user: ADDRESS:HASH (mode 0600)
+    SPOOL/users                          one line per user: ADDRESS:HASH (mode 0600); a
+                                         line counts once its LF is written
     SPOOL/aliases                        /etc/aliases shape: "name: target, target"
     SPOOL/store.lock                     locked (lock_file) while users or aliases is rewritten
     SPOOL/mail/DOMAIN/LOCAL/Maildir/     the user's Maildir: tmp/, new/, cur/
@@ -26,15 +27,18 @@ Run: python3 mailbox_store.py --spool DIR add-user alice@example.com
 """
 
 import argparse
+import array
 import base64
 import contextlib
 import fcntl
+import gc
 import getpass
 import hashlib
 import hmac
 import itertools
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -42,6 +46,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +78,7 @@ MAX_ALIAS_RECIPIENTS = 1000        # final recipients of one address before Alia
                                    # (Postfix's virtual_alias_expansion_limit)
 MAX_PASSWORD = 1024                # characters; longer is refused before hashing
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
+UIDL_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}\Z" % MAX_UIDL)     # RFC 1939 7
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
 # Maildir spec (cr.yp.to/proto/maildir.html): a tmp/ file not accessed for 36 hours is a
 # dead delivery's, safe to delete (Dovecot does so too). A live one is written in seconds.
@@ -131,16 +137,59 @@ class MailboxBusy(Exception):
     """The maildrop is locked by another session (RFC 2449 8.1.1 [IN-USE])."""
 
 
-@dataclass
 class MessageInfo:
-    """One message of an open mailbox; number and uid are fixed for the session."""
-    number: int
-    uid: str                       # RFC 1939 7 unique-id: stable, 0x21-0x7E, <= 70 chars
-    size: int                      # octets POP3 sends: CRLF line ends, before byte-stuffing
-    path: str                      # where the file was when the mailbox was opened
-    file_size: int                 # octets in the file (may differ from size: LF ends)
-    deleted: bool = False
-    retrieved: bool = False
+    """One message of an open mailbox; number and uid are fixed for the session.
+
+    A view made when asked for: the mailbox keeps its messages in one list and a few
+    arrays (Mailbox._listing), about 150 octets a message, not in an object each.
+    """
+    __slots__ = ("mailbox", "number")
+
+    def __init__(self, mailbox, number: int):
+        self.mailbox = mailbox
+        self.number = number
+
+    @property
+    def uid(self) -> str:
+        """RFC 1939 7 unique-id: stable, 0x21-0x7E, <= 70 chars."""
+        return _uid_for(_unique_part(self.mailbox._listing.names[self.number - 1]))
+
+    @property
+    def size(self) -> int:
+        """Octets POP3 sends: CRLF line ends, before byte-stuffing."""
+        return self.mailbox._listing.sizes[self.number - 1]
+
+    @property
+    def file_size(self) -> int:
+        """Octets in the file (may differ from size: LF line ends)."""
+        return self.mailbox._listing.file_sizes[self.number - 1]
+
+    @property
+    def path(self) -> str:
+        """Where the file is, as far as this session knows."""
+        return self.mailbox._path(self.number - 1)
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.mailbox._marks[self.number - 1] & _DELETED)
+
+    @property
+    def retrieved(self) -> bool:
+        return bool(self.mailbox._marks[self.number - 1] & _RETRIEVED)
+
+
+@dataclass
+class _Listing:
+    """A Maildir's messages in number order, one entry each in every field."""
+    names: list = field(default_factory=list)                     # file names
+    in_cur: bytearray = field(default_factory=bytearray)          # 1: in cur/, 0: in new/
+    sizes: array.array = field(default_factory=lambda: array.array("q"))        # POP3 octets
+    file_sizes: array.array = field(default_factory=lambda: array.array("q"))   # file octets
+    measured: bytearray = field(default_factory=bytearray)        # 1: sizes not in the name
+
+
+_DELETED, _RETRIEVED = 1, 2            # bits of Mailbox._marks
+_FLIP = bytes.maketrans(b"\x00\x01", b"\x01\x00")      # in_cur -> in new/
 
 
 @dataclass
@@ -205,6 +254,8 @@ class _Tables:
     aliases: dict = field(default_factory=dict)      # name (local or address) -> [targets]
     user_domains: frozenset = frozenset()
     signature: tuple = ()
+    users_read: tuple = (None, 0, 0, 0)              # (inode, octets, lines, CRC-32) read
+    users_data: bytes = b""                          # the users file as read
 
 
 # --- Addresses ---
@@ -553,12 +604,36 @@ def _read_lines(path):
         return []
 
 
+def _read_users(path):
+    """(inode, the users file's octets up to and with its last LF); (None, b"") if missing.
+
+    add-user appends one line with one write(); a crash in the middle can leave a last
+    line without its LF. That line is not counted (nor the user in it): the next writer
+    removes it.
+    """
+    try:
+        with open(path, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            data = f.read()
+    except FileNotFoundError:
+        return None, b""
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("users: last line has no line end (an add-user cut short), ignored")
+    return inode, data[:end]
+
+
+def _users_lines(data):
+    return data.decode("utf-8", "replace").splitlines()
+
+
 # --- Users and aliases files ---
 
-def _parse_users(lines):
-    """ADDRESS:HASH lines; "#" comments and blank lines skipped; bad lines logged."""
+def _parse_users(lines, first=1, warn=True):
+    """ADDRESS:HASH lines; "#" comments and blank lines skipped; bad lines logged (lines
+    are numbered from first) unless warn is False."""
     users = {}
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -566,10 +641,12 @@ def _parse_users(lines):
         try:
             address = canonical_address(address)
         except AddressError:
-            log.warning("users:%d: bad address, line ignored", number)
+            if warn:
+                log.warning("users:%d: bad address, line ignored", number)
             continue
         if not stored.startswith("$"):
-            log.warning("users:%d: <%s>: no password hash, line ignored", number, address)
+            if warn:
+                log.warning("users:%d: <%s>: no password hash, line ignored", number, address)
             continue
         users.setdefault(address, stored)
     return users
@@ -633,6 +710,127 @@ def _parse_aliases(lines):
 
 def _format_alias(name, targets):
     return "%s: %s" % (name, ", ".join(targets))
+
+
+# --- Speed: a new user is seen without parsing the users file again, measured by bench/users_bench.py ---
+# The plain form is Store._load's: parse every line (about 2.5 us each: 25 ms at 10,000
+# users, on the request after each add-user). add-user only appends, so when the file is
+# the same inode and still starts with the octets read last time (same CRC-32 of them),
+# the users are those read then plus those of the new lines. Anything else - a rewrite by
+# passwd, del-user or an editor (a new inode, or other octets), a shorter file - is parsed
+# whole, unless it differs from the octets read last time only in a few lines that change
+# or remove users named nowhere else (passwd, del-user: _users_rewritten). Those lines are
+# found by comparing the two (memcmp of the common start and end), and applied to the
+# tables read before. tests/test_mailbox_store.py checks that both give the same tables.
+
+def _users_read(inode, data):
+    """What _users_grown() needs to know of the users file just read."""
+    return (inode, len(data), data.count(b"\n"), zlib.crc32(data))
+
+
+def _users_grown(previous, inode, data):
+    """(users, by_local, user_domains) of previous plus the lines data has after those
+    previous was made from; None when data does not continue them (parse it whole)."""
+    old_inode, old_size, old_lines, old_crc = previous.users_read
+    if inode is None or inode != old_inode or len(data) < old_size:
+        return None
+    if zlib.crc32(data[:old_size]) != old_crc:
+        return None
+    added = _parse_users(_users_lines(data[old_size:]), old_lines + 1)
+    users = dict(previous.users)
+    by_local = dict(previous.by_local)
+    domains = set()
+    for address, stored in added.items():
+        if address in users:
+            continue
+        users[address] = stored
+        local, domain = address.split("@")
+        by_local[local] = by_local.get(local, []) + [address]    # the old list is shared
+        domains.add(domain)
+    return users, by_local, previous.user_domains | domains
+
+
+MAX_REWRITTEN_LINES = 50           # more changed lines than this: parse the file whole
+
+
+def _common_prefix(a, b, block=65536):
+    """How many octets a and b have in common at their start."""
+    length, same = min(len(a), len(b)), 0
+    while same + block <= length and a[same:same + block] == b[same:same + block]:
+        same += block
+    high = min(length, same + block)
+    while same < high:                 # binary search in the block that differs
+        middle = (same + high + 1) // 2
+        if a[same:middle] == b[same:middle]:
+            same = middle
+        else:
+            high = middle - 1
+    return same
+
+
+def _common_suffix(a, b, length, block=65536):
+    """How many octets (at most length) a and b have in common at their end."""
+    same = 0
+    while same + block <= length and a[len(a) - same - block:len(a) - same] == \
+            b[len(b) - same - block:len(b) - same]:
+        same += block
+    high = min(length, same + block)
+    while same < high:
+        middle = (same + high + 1) // 2
+        if a[len(a) - middle:len(a) - same] == b[len(b) - middle:len(b) - same]:
+            same = middle
+        else:
+            high = middle - 1
+    return same
+
+
+def _users_rewritten(previous, data):
+    """(users, by_local, user_domains) of previous with the lines data has instead of its
+    own applied, when data is previous's file with a few lines changed or removed (passwd,
+    del-user) and each user those lines name has no other line; else None."""
+    old = previous.users_data
+    if not old or not data or not previous.signature:
+        return None
+    start = _common_prefix(old, data)
+    start = old.rfind(b"\n", 0, start) + 1                    # back to a line's start
+    tail = _common_suffix(old, data, min(len(old), len(data)) - start)
+    old_end = len(old) - tail
+    if old_end > start and old[old_end - 1:old_end] != b"\n":
+        old_end = old.find(b"\n", old_end) + 1                # on to the next line's start
+    new_end = len(data) - (len(old) - old_end)
+    if old_end < start or new_end < start:
+        return None
+    old_lines = _users_lines(old[start:old_end])
+    new_lines = _users_lines(data[start:new_end])
+    if max(len(old_lines), len(new_lines)) > MAX_REWRITTEN_LINES:
+        return None
+    was = _parse_users(old_lines, warn=False)
+    now = _parse_users(new_lines, old.count(b"\n", 0, start) + 1)
+    if not set(now) <= set(was) or list(now) != [a for a in was if a in now]:
+        return None                    # a new user, or a new order: parse it whole
+    before, after = data[:start].lower(), data[new_end:].lower()
+    for address in was:
+        needle = address.encode("utf-8") + b":"
+        if (not address.isascii() or previous.users.get(address) != was[address]
+                or needle in before or needle in after):
+            return None                # the user may have another line: parse it whole
+    users = dict(previous.users)
+    by_local = previous.by_local
+    for address in was:
+        if address in now:
+            users[address] = now[address]                       # keeps its place
+            continue
+        del users[address]
+        local = address.split("@")[0]
+        if by_local is previous.by_local:
+            by_local = dict(by_local)
+        by_local[local] = [a for a in by_local[local] if a != address]
+        if not by_local[local]:
+            del by_local[local]
+    user_domains = previous.user_domains
+    if len(users) < len(previous.users):
+        user_domains = frozenset(a.split("@")[1] for a in users)
+    return users, by_local, user_domains
 
 
 # --- Maildir names, sizes and delivery ---
@@ -721,10 +919,15 @@ def _name_fields(name):
     return unique, base, sizes
 
 
+def _unique_part(name):
+    """The part of a Maildir name before its sizes and flags: "base" of "base,S=1:2,S"."""
+    return name.split(":", 1)[0].split(",", 1)[0]
+
+
 def _uid_for(unique):
     """RFC 1939 7: the unique part of the name if it is printable ASCII and short enough,
     else a hash of it; both stable across sessions, renames for flags, and restarts."""
-    if 0 < len(unique) <= MAX_UIDL and all(0x21 <= ord(c) <= 0x7E for c in unique):
+    if UIDL_PATTERN.match(unique):
         return unique
     return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -797,6 +1000,253 @@ def _crlf_top(f, body_lines, block_size=READ_BLOCK):
         yield b"\r\n"
 
 
+def _measure(path):
+    """(file size, CRLF size) of a file whose name does not carry them: read it whole."""
+    size = 0
+    with open(path, "rb") as f:
+        for block in _crlf_blocks(f):
+            size += len(block)
+        file_size = f.tell()
+    return file_size, size
+
+
+def _scan(maildir, measure=None):
+    """The messages of new/ and cur/ as a _Listing, oldest first (by the seconds that
+    start the name, then the name). Sizes come from ,S= and ,W= in the name; a file
+    whose name lacks them is measured: measure(path, name), by default read whole."""
+    measure = measure or (lambda path, name: _measure(path))
+    found = []
+    for in_cur, sub in ((0, "new"), (1, "cur")):
+        folder = os.path.join(maildir, sub)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            sizes = _name_fields(name)[2]
+            file_size, size = sizes.get("S"), sizes.get("W")
+            measured = file_size is None or size is None
+            if measured:
+                try:
+                    file_size, size = measure(os.path.join(folder, name), name)
+                except (FileNotFoundError, IsADirectoryError):
+                    continue
+            found.append((_time_key(name), in_cur, size, file_size, measured))
+    found.sort()
+    return _Listing(names=[entry[0][1] for entry in found],
+                    in_cur=bytearray(entry[1] for entry in found),
+                    sizes=array.array("q", [entry[2] for entry in found]),
+                    file_sizes=array.array("q", [entry[3] for entry in found]),
+                    measured=bytearray(entry[4] for entry in found))
+
+
+# --- Speed: a POP3 login lists a settled Maildir from one index file, measured by bench/maildir_bench.py ---
+# The plain form is _scan(): list new/ and cur/, parse every name, read whole each file
+# whose name has no ,W= (400 MB a login for 100,000 such files), sort. The listing it
+# makes is kept in Maildir/INDEX_FILE with the (mtime_ns, inode) of new/ and cur/ taken
+# before the listing began. Any writer that adds, removes or renames a file in a folder
+# changes that folder's mtime; so while both are unchanged the index is the listing, and
+# is read instead (three arrays and the names in one piece, checked by a CRC-32). A
+# folder changed within RECENT_CHANGE seconds of the listing is not trusted (two changes
+# in one timestamp tick look like one): such an index never matches. When a folder has
+# changed, both are listed again; the index's entries still there keep their place and
+# sizes, and the new names are put in order (_updated_listing; _scan() again when most
+# changed). A file without ,W= that the index measured, of the same file size (one stat),
+# is not read again. The index is a cache: it is written without
+# fsync, and a missing, torn or foreign one is ignored. tests/test_mailbox_store.py checks
+# that both give the same listing while other writers change the Maildir.
+
+INDEX_FILE = "mailtoolkit.index"
+INDEX_MAGIC = b"mailtoolkit-maildir-index 2"
+RECENT_CHANGE = 2.0                # seconds; a folder changed this recently is listed again
+LARGE_LISTING = 10000              # messages; such a listing is followed by gc.collect()
+
+
+def _folders_seen(maildir):
+    """(mtime_ns, inode) of new/ and of cur/ (None for one missing), and whether both
+    changed long enough ago to be trusted."""
+    seen, settled = [], True
+    now = time.time_ns()
+    for sub in ("new", "cur"):
+        try:
+            st = os.stat(os.path.join(maildir, sub))
+        except FileNotFoundError:
+            seen.append(None)
+            continue
+        seen.append((st.st_mtime_ns, st.st_ino))
+        settled = settled and now - st.st_mtime_ns > RECENT_CHANGE * 1e9
+    return tuple(seen), settled
+
+
+def _read_index(maildir):
+    """(folders seen, _Listing) from the index; None when it is missing or not whole."""
+    try:
+        with open(os.path.join(maildir, INDEX_FILE), "rb") as f:
+            data = f.read()
+        end = data.find(b"\n", 0, 256)
+        if end < 0:
+            return None
+        head, body = data[:end], memoryview(data)[end + 1:]      # no copy of the body
+        magic, count, names_length, crc, seen = head.rsplit(b" ", 4)
+        count, names_length, crc = int(count), int(names_length), int(crc)
+        if magic != INDEX_MAGIC or zlib.crc32(body) != crc or len(body) != 18 * count + names_length:
+            return None
+        listing = _Listing(in_cur=bytearray(body[16 * count:17 * count]),
+                           measured=bytearray(body[17 * count:18 * count]))
+        listing.sizes.frombytes(body[:8 * count])
+        listing.file_sizes.frombytes(body[8 * count:16 * count])
+        names = str(body[18 * count:], "utf-8", "surrogateescape")
+        listing.names = names.split("\n") if count else []
+        if len(listing.names) != count:
+            return None
+        return seen.decode("ascii"), listing
+    except (OSError, ValueError):
+        return None
+
+
+def _seen_text(seen):
+    return ";".join("-" if s is None else "%d,%d" % s for s in seen)
+
+
+def _write_index(maildir, seen, listing):
+    """Keep listing in the index, for folders as seen (None: never to be matched)."""
+    names = "\n".join(listing.names).encode("utf-8", "surrogateescape")
+    if listing.names and names.count(b"\n") != len(listing.names) - 1:
+        return                         # a name with a LF, which the index cannot hold
+    body = (listing.sizes.tobytes() + listing.file_sizes.tobytes() + bytes(listing.in_cur)
+            + bytes(listing.measured) + names)
+    head = b"%s %d %d %d %s\n" % (INDEX_MAGIC, len(listing.names), len(names), zlib.crc32(body),
+                                   (_seen_text(seen) if seen else "unsettled").encode("ascii"))
+    path = os.path.join(maildir, INDEX_FILE)
+    temporary = "%s.tmp.%d.%s" % (path, os.getpid(), secrets.token_hex(4))
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            write_all(fd, head + body)
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc.strerror)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def _indexed_listing(maildir):
+    """_scan(maildir), from the index when new/ and cur/ are as it saw them."""
+    seen, settled = _folders_seen(maildir)
+    index = _read_index(maildir)
+    if index is not None and index[0] == _seen_text(seen):
+        return index[1]
+    measured = None                    # unique part -> (file size, size), made when needed
+
+    def measure(path, name):
+        nonlocal measured
+        if measured is None:
+            old = index[1] if index is not None else _Listing()
+            measured = {_unique_part(name): (old.file_sizes[i], old.sizes[i])
+                        for i, name in enumerate(old.names) if old.measured[i]}
+        known = measured.get(_unique_part(name))
+        if known is not None and os.stat(path).st_size == known[0]:
+            return known
+        return _measure(path)
+    listing = None
+    if index is not None:
+        listing = _updated_listing(maildir, index[1], measure)
+    if listing is None:
+        listing = _scan(maildir, measure)
+    _write_index(maildir, seen if settled else None, listing)
+    if len(listing.names) >= LARGE_LISTING:
+        # The listing made and dropped a few short-lived objects per message; CPython keeps
+        # some of each kind on free lists, scattered over the allocator's arenas, which then
+        # cannot go back to the system even once the session ends (100,000 messages: 35
+        # MiB kept). A full collection empties those lists (about 10 ms here).
+        gc.collect()
+    return listing
+
+
+def _updated_listing(maildir, old, measure):
+    """What _scan() gives, made from old (a listing of the same Maildir, in _scan()'s order)
+    and one listing of the folders: old's entries still there keep their place and sizes,
+    new ones are put in order. None when most of it changed (_scan() is as quick then)."""
+    present = []
+    for sub in ("new", "cur"):
+        try:
+            present.append({n for n in os.listdir(os.path.join(maildir, sub))
+                            if not n.startswith(".")})
+        except FileNotFoundError:
+            present.append(set())
+    had = (set(itertools.compress(old.names, old.in_cur.translate(_FLIP))),
+           set(itertools.compress(old.names, old.in_cur)))
+    if (had[0] <= present[0] and had[1] <= present[1]
+            and not any(_resized(maildir, old, i)
+                        for i in itertools.compress(range(len(old.names)), old.measured))):
+        kept = range(len(old.names))   # nothing went: the usual case, new mail came
+    else:
+        kept = [i for i, name in enumerate(old.names) if name in present[old.in_cur[i]]
+                and not (old.measured[i] and _resized(maildir, old, i))]
+        had = ({old.names[i] for i in kept if not old.in_cur[i]},
+               {old.names[i] for i in kept if old.in_cur[i]})
+    added = [(name, in_cur) for in_cur in (0, 1) for name in present[in_cur] - had[in_cur]]
+    if len(added) > max(100, len(old.names) // 10):
+        return None
+    entries = []                       # (key, in_cur, name, size, file_size, measured) to add
+    for name, in_cur in added:
+        sizes = _name_fields(name)[2]
+        file_size, size = sizes.get("S"), sizes.get("W")
+        if file_size is None or size is None:
+            try:
+                file_size, size = measure(os.path.join(maildir, ("new", "cur")[in_cur], name), name)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+        entries.append(((_time_key(name), in_cur), in_cur, name, size, file_size,
+                        int("S" not in sizes or "W" not in sizes)))
+    entries.sort()
+    if (isinstance(kept, range) and entries and (not kept
+            or (_time_key(old.names[-1]), old.in_cur[-1]) < entries[0][0])):
+        # All of old, then the new messages after it (they are the newest): no merge.
+        return _Listing(
+            names=old.names + [entry[2] for entry in entries],
+            in_cur=old.in_cur + bytearray(entry[1] for entry in entries),
+            sizes=old.sizes + array.array("q", [entry[3] for entry in entries]),
+            file_sizes=old.file_sizes + array.array("q", [entry[4] for entry in entries]),
+            measured=old.measured + bytearray(entry[5] for entry in entries))
+    order = []                         # old index, or -1 - entries index, in _scan()'s order
+    position = 0
+    for number, entry in enumerate(entries):
+        low, high = position, len(kept)
+        while low < high:              # binary search: the first kept entry after this one
+            middle = (low + high) // 2
+            i = kept[middle]
+            if (_time_key(old.names[i]), old.in_cur[i]) < entry[0]:
+                low = middle + 1
+            else:
+                high = middle
+        order.extend(kept[position:low])
+        order.append(-1 - number)
+        position = low
+    order.extend(kept[position:])
+    return _Listing(
+        names=[old.names[i] if i >= 0 else entries[-1 - i][2] for i in order],
+        in_cur=bytearray(old.in_cur[i] if i >= 0 else entries[-1 - i][1] for i in order),
+        sizes=array.array("q", [old.sizes[i] if i >= 0 else entries[-1 - i][3] for i in order]),
+        file_sizes=array.array("q", [old.file_sizes[i] if i >= 0 else entries[-1 - i][4]
+                                     for i in order]),
+        measured=bytearray(old.measured[i] if i >= 0 else entries[-1 - i][5] for i in order))
+
+
+def _resized(maildir, listing, i):
+    """True when entry i's file (measured, not sized by its name) is not of the size
+    measured: read it again. A vanished file counts as resized: it is looked for again."""
+    try:
+        path = os.path.join(maildir, ("new", "cur")[listing.in_cur[i]], listing.names[i])
+        return os.stat(path).st_size != listing.file_sizes[i]
+    except OSError:
+        return True
+
+
 # --- Mailbox: the POP3 side ---
 
 class Mailbox:
@@ -811,42 +1261,17 @@ class Mailbox:
         self.user = user
         self.maildir = maildir
         self._lock_fd = lock_fd
-        self.messages = self._scan()
+        self._listing = _indexed_listing(maildir)
+        self._marks = bytearray(len(self._listing.names))     # _DELETED | _RETRIEVED
 
-    def _scan(self):
-        found = []
-        for sub in ("new", "cur"):
-            folder = os.path.join(self.maildir, sub)
-            try:
-                names = os.listdir(folder)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith("."):
-                    continue
-                path = os.path.join(folder, name)
-                unique, _, sizes = _name_fields(name)
-                file_size, size = sizes.get("S"), sizes.get("W")
-                if file_size is None or size is None:
-                    try:
-                        file_size, size = self._measure(path)
-                    except (FileNotFoundError, IsADirectoryError):
-                        continue
-                found.append((_time_key(name), unique, size, path, file_size))
-        found.sort()
-        return [MessageInfo(number, _uid_for(unique), size, path, file_size)
-                for number, (_, unique, size, path, file_size) in enumerate(found, 1)]
+    def _path(self, index):
+        folder = "cur" if self._listing.in_cur[index] else "new"
+        return os.path.join(self.maildir, folder, self._listing.names[index])
 
-    @staticmethod
-    def _measure(path):
-        """(file size, CRLF size) of a file whose name does not carry them."""
-        size = 0
-        file_size = 0
-        with open(path, "rb") as f:
-            for block in _crlf_blocks(f):
-                size += len(block)
-            file_size = f.tell()
-        return file_size, size
+    @property
+    def messages(self) -> list:
+        """Every message, deleted or not, in number order."""
+        return [MessageInfo(self, number) for number in range(1, len(self) + 1)]
 
     def __enter__(self):
         return self
@@ -855,47 +1280,56 @@ class Mailbox:
         self.close()
 
     def __len__(self):
-        return len(self.messages)
+        return len(self._listing.names)
 
     def message(self, number: int) -> Optional[MessageInfo]:
         """The message with this number, or None when there is none or it is deleted."""
-        if not 1 <= number <= len(self.messages):
+        if not 1 <= number <= len(self) or self._marks[number - 1] & _DELETED:
             return None
-        info = self.messages[number - 1]
-        return None if info.deleted else info
+        return MessageInfo(self, number)
 
     def listing(self) -> list:
         """Messages not marked deleted, in number order."""
-        return [info for info in self.messages if not info.deleted]
+        marks = self._marks
+        return [MessageInfo(self, index + 1) for index in range(len(self))
+                if not marks[index] & _DELETED]
 
     def stat(self) -> tuple:
         """(count, octets) of the messages not marked deleted (RFC 1939 5 STAT)."""
-        live = self.listing()
-        return len(live), sum(info.size for info in live)
+        sizes = self._listing.sizes
+        if not self.marked()[0]:
+            return len(self), sum(sizes)
+        live = [index for index, marks in enumerate(self._marks) if not marks & _DELETED]
+        return len(live), sum(sizes[index] for index in live)
+
+    def marked(self) -> tuple:
+        """(messages marked deleted, messages retrieved) in this session."""
+        counts = [self._marks.count(value) for value in range(4)]
+        return counts[_DELETED] + counts[3], counts[_RETRIEVED] + counts[3]
 
     def delete(self, number: int) -> bool:
-        info = self.message(number)
-        if info is None:
+        if self.message(number) is None:
             return False
-        info.deleted = True
+        self._marks[number - 1] |= _DELETED
         return True
 
     def reset(self):
         """Unmark every deleted message (RFC 1939 5 RSET)."""
-        for info in self.messages:
-            info.deleted = False
+        for index in range(len(self)):
+            self._marks[index] &= ~_DELETED
 
-    def _open(self, info, buffering=-1):
-        """Open the file; another Maildir client may have moved it to cur/ meanwhile."""
+    def _open(self, index, buffering=-1):
+        """Open message index's file; another Maildir client may have moved it to cur/."""
         try:
-            return open(info.path, "rb", buffering)
+            return open(self._path(index), "rb", buffering)
         except FileNotFoundError:
-            unique = os.path.basename(info.path).split(":", 1)[0]
+            unique = self._listing.names[index].split(":", 1)[0]
             cur = os.path.join(self.maildir, "cur")
             for name in os.listdir(cur):
                 if name.split(":", 1)[0] == unique:
-                    info.path = os.path.join(cur, name)
-                    return open(info.path, "rb", buffering)
+                    self._listing.names[index] = name
+                    self._listing.in_cur[index] = 1
+                    return open(self._path(index), "rb", buffering)
             raise
 
     def read(self, number: int, body_lines: Optional[int] = None) -> Iterator[bytes]:
@@ -904,15 +1338,16 @@ class Mailbox:
         With body_lines, yield the header, the blank line and that many body lines (TOP).
         Raises FileNotFoundError when the file vanished; byte-stuffing is the caller's.
         """
-        info = self.messages[number - 1]
+        index = number - 1
         if body_lines is not None:
-            with self._open(info) as f:
+            with self._open(index) as f:
                 yield from _crlf_top(f, body_lines)
             return
-        info.retrieved = True
-        block_size = min(READ_BLOCK, info.file_size + 1)     # a small message in one read
-        with self._open(info, buffering=0) as f:
-            if info.size == info.file_size == os.fstat(f.fileno()).st_size:
+        self._marks[index] |= _RETRIEVED
+        size, file_size = self._listing.sizes[index], self._listing.file_sizes[index]
+        block_size = min(READ_BLOCK, file_size + 1)     # a small message in one read
+        with self._open(index, buffering=0) as f:
+            if size == file_size == os.fstat(f.fileno()).st_size:
                 # Delivered with CRLF and a final newline: the file is what is sent.
                 yield from iter(lambda: f.read(block_size), b"")
             else:
@@ -926,21 +1361,24 @@ class Mailbox:
         removed = 0
         failures = []
         touched = set()
-        for info in self.messages:
+        for index, marks in enumerate(self._marks):
+            if not marks:
+                continue
             try:
-                if info.deleted:
+                if marks & _DELETED:
                     try:
-                        os.unlink(info.path)
+                        os.unlink(self._path(index))
                     except FileNotFoundError:
-                        self._open(info).close()
-                        os.unlink(info.path)
+                        self._open(index).close()
+                        os.unlink(self._path(index))
                     removed += 1
-                    touched.add(os.path.dirname(info.path))
-                elif info.retrieved and os.path.basename(os.path.dirname(info.path)) == "new":
+                    touched.add(os.path.dirname(self._path(index)))
+                elif not self._listing.in_cur[index]:
                     # Maildir: a message seen by the user moves to cur/ with the S flag.
-                    name = os.path.basename(info.path).split(":", 1)[0] + ":2,S"
-                    os.rename(info.path, os.path.join(self.maildir, "cur", name))
-                    touched.update((os.path.dirname(info.path), os.path.join(self.maildir, "cur")))
+                    name = self._listing.names[index].split(":", 1)[0] + ":2,S"
+                    os.rename(self._path(index), os.path.join(self.maildir, "cur", name))
+                    touched.update((os.path.join(self.maildir, "new"),
+                                    os.path.join(self.maildir, "cur")))
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -963,7 +1401,8 @@ class Store:
     """Users, aliases and Maildirs under one spool directory. Thread-safe.
 
     The users and aliases files are re-read whenever their (mtime_ns, size, inode)
-    changes, so a daemon sees a new user or alias without a restart.
+    changes, so a daemon sees a new user or alias without a restart. add-user appends a
+    line to the users file; passwd and del-user rewrite it (a new inode).
     """
 
     def __init__(self, spool_dir: str, domains: Iterable[str] = (), hostname: Optional[str] = None):
@@ -1012,14 +1451,26 @@ class Store:
             return tables
 
     def _load(self, signature):
-        users = _parse_users(_read_lines(self.users_path))
-        by_local = {}
-        for address in users:
-            by_local.setdefault(address.split("@")[0], []).append(address)
-        return _Tables(users=users, by_local=by_local,
-                       aliases=_parse_aliases(_read_lines(self.aliases_path)),
-                       user_domains=frozenset(a.split("@")[1] for a in users),
-                       signature=signature)
+        previous = self._tables_cache
+        if previous.signature and signature[1] == previous.signature[1]:
+            aliases = previous.aliases
+        else:
+            aliases = _parse_aliases(_read_lines(self.aliases_path))
+        inode, data = _read_users(self.users_path)
+        grown = _users_grown(previous, inode, data)
+        if grown is None:
+            grown = _users_rewritten(previous, data)
+        if grown is not None:
+            users, by_local, user_domains = grown
+        else:
+            users = _parse_users(_users_lines(data))
+            by_local = {}
+            for address in users:
+                by_local.setdefault(address.split("@")[0], []).append(address)
+            user_domains = frozenset(a.split("@")[1] for a in users)
+        return _Tables(users=users, by_local=by_local, aliases=aliases,
+                       user_domains=user_domains, signature=signature,
+                       users_read=_users_read(inode, data), users_data=data)
 
     def is_local_domain(self, domain: str) -> bool:
         """True for a configured domain or the domain of a user in the store."""
@@ -1351,21 +1802,62 @@ class Store:
 
     # -- user and alias management (the CLI) --
 
-    def _locked_rewrite(self, path, mode, change):
-        """Under the store lock, read path's lines, let change() edit them, write atomically.
-
-        The lock serialises concurrent add-user runs, so no change is lost.
-        """
+    @contextlib.contextmanager
+    def _store_lock(self):
+        """Hold the store lock: one writer of the users and aliases files at a time."""
         os.makedirs(self.spool_dir, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             lock_file(fd, wait=True)
-            lines = _read_lines(path)
+            yield
+        finally:
+            os.close(fd)
+
+    def _locked_rewrite(self, path, mode, change):
+        """Under the store lock, read path's lines, let change() edit them, write atomically.
+
+        The lock serialises concurrent add-user runs, so no change is lost. A users line
+        without its LF (an add-user cut short) is dropped.
+        """
+        with self._store_lock():
+            if path == self.users_path:
+                lines = _users_lines(_read_users(path)[1])
+            else:
+                lines = _read_lines(path)
             result = change(lines)
             write_atomically(path, "".join(line + "\n" for line in lines), mode)
             return result
-        finally:
-            os.close(fd)
+
+    def _locked_append_user(self, address, stored):
+        """Under the store lock, append address's line to the users file with one write()
+        and fsync it, unless the user exists (ValueError). A last line without its LF, left
+        by a crash, is cut off first. The file is not rewritten: N add-user runs cost N
+        appends, and a reader that saw the file before reads only the new line."""
+        line = ("%s:%s\n" % (address, stored)).encode("utf-8")
+        with self._store_lock():
+            try:
+                fd = os.open(self.users_path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:
+                write_atomically(self.users_path, line.decode("utf-8"), 0o600)
+                return
+            try:
+                with open(fd, "rb", closefd=False) as f:
+                    data = f.read()
+                end = data.rfind(b"\n") + 1
+                # Only a line holding "address:" can name the user: parse when one may.
+                if (address + ":") in data[:end].decode("utf-8", "replace").lower():
+                    if address in _parse_users(_users_lines(data[:end])):
+                        raise ValueError("user %s already exists" % address)
+                if end < len(data):
+                    log.warning("users: last line had no line end (an add-user cut short), "
+                                "removed")
+                    os.ftruncate(fd, end)
+                if os.write(fd, line) != len(line):
+                    os.ftruncate(fd, end)
+                    raise OSError("users: short write")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def list_users(self) -> list:
         """User addresses in the order of the users file."""
@@ -1375,12 +1867,7 @@ class Store:
         address = canonical_address(address)
         _check_password(password)
         stored = hash_password(password)
-
-        def change(lines):
-            if address in _parse_users(lines):
-                raise ValueError("user %s already exists" % address)
-            lines.append("%s:%s" % (address, stored))
-        self._locked_rewrite(self.users_path, 0o600, change)
+        self._locked_append_user(address, stored)
         return address
 
     def set_password(self, address: str, password: str) -> str:

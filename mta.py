@@ -142,6 +142,7 @@ import email.utils
 import errno
 import fcntl
 import getpass
+import heapq
 import itertools
 import json
 import logging
@@ -160,7 +161,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from queue import SimpleQueue
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import dkim
 import mailbox_store
@@ -168,7 +169,8 @@ import plumbing
 
 __all__ = [
     "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING",
-    "OUTBOUND", "Claim", "Envelope", "MessageFile", "Queue", "QueueBusy", "QueueFileError",
+    "OUTBOUND", "Claim", "DeferredSchedule", "Envelope", "MessageFile", "Queue", "QueueBusy",
+    "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "check_prepend", "dkim_signature", "enqueue", "main",
     "parse_queue_file", "parse_retry_schedule", "prepare_submission", "relay_domain_set",
@@ -190,6 +192,8 @@ LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at mos
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
+RESCAN_INTERVAL = 600.0            # the router stats every deferred/ file this often anyway
+RECENT_CHANGE = 2.0                # a folder changed this recently is listed again next time
 DELETE_WAIT = 5.0                  # `delete` waits this long for a busy file
 
 DEFAULTS = {
@@ -496,7 +500,9 @@ def checked_status(text) -> str:
 
 def clean_text(text, limit: int) -> str:
     """One line of printable text: CR, LF and control characters become spaces."""
-    text = "".join(c if c.isprintable() else " " for c in str(text or ""))
+    text = str(text or "")
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
     return text[:limit]
 
 
@@ -682,7 +688,9 @@ def _read_state(fd, file_size, name):
         raise QueueFileError("message truncated: %d of %d octets"
                              % (file_size - offset, envelope.size))
     state = QueueState(envelope, offset)
-    parse_records(state, _read_all(fd, file_size - end, end))
+    # A small file is whole in head already: no second read for its records.
+    tail = head[end:file_size] if len(head) >= file_size else _read_all(fd, file_size - end, end)
+    parse_records(state, tail)
     return state, head
 
 
@@ -1654,28 +1662,146 @@ class Queue:
                 raise QueueBusy(queue_id)
             time.sleep(0.05)
 
+    def entries(self) -> Iterator[tuple]:
+        """(folder, name, file size, QueueState or None if unreadable) of each queue file,
+        one at a time as it is read (a large queue is never held whole), without locking."""
+        for folder in QUEUE_FOLDERS:
+            try:
+                folder_fd = os.open(self.path(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                continue
+            try:
+                for name in self.ids(folder):
+                    try:
+                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                     dir_fd=folder_fd)
+                    except OSError:
+                        continue
+                    size = 0
+                    try:
+                        size = os.fstat(fd).st_size
+                        state, _ = _read_state(fd, size, name)
+                    except (OSError, QueueFileError):
+                        state = None
+                    finally:
+                        os.close(fd)
+                    yield folder, name, size, state
+            finally:
+                os.close(folder_fd)
+
     def listing(self) -> list:
         """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
-        entries = []
-        for folder in QUEUE_FOLDERS:
-            for name in self.ids(folder):
-                try:
-                    fd = os.open(self.path(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError:
-                    continue
-                size = 0
-                try:
-                    size = os.fstat(fd).st_size
-                    state, _ = _read_state(fd, size, name)
-                except (OSError, QueueFileError):
-                    state = None
-                finally:
-                    os.close(fd)
-                entries.append((folder, name, size, state))
-        return entries
+        return list(self.entries())
 
     def quarantined(self) -> list:
         return self.ids(QUARANTINE)
+
+
+# --- Speed: the idle router does not stat every deferred file, measured by bench/queue_bench.py ---
+# The plain form is Queue.requeue_due(): every SCAN_INTERVAL, stat each file of deferred/
+# and move those due (50,000 deferred messages: 1.2 CPU-s a minute, idle). The schedule
+# remembers each file's next attempt (its mtime) from one stat, in a heap. A file in
+# deferred/ is not changed in place (it is moved in with its mtime set, and moved out);
+# so the folder is listed again only when its mtime changed (or changed within
+# RECENT_CHANGE seconds: a second change in the same timestamp tick shows no difference),
+# and only names not seen before are stat()ed. A file the router claims from incoming/ is
+# forgotten: when it comes back to deferred/, it is a new name to the schedule. A due entry
+# is stat()ed again before it moves, so an entry that is early costs one stat; every
+# RESCAN_INTERVAL seconds everything is stat()ed anyway (what the plain form does each
+# time), so nothing the schedule missed waits longer than that. tests/test_mta.py checks
+# that it moves what the plain form moves.
+
+class DeferredSchedule:
+    """When each file of queue/deferred/ is due, for Router.periodic(); thread-safe."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.lock = threading.Lock()
+        self.due = {}                  # name -> next attempt (the mtime seen); lock
+        self.heap = []                 # (next attempt, name), stale ones skipped; lock
+        self.folder_seen = None        # (mtime_ns, inode) of deferred/ when last listed
+        self.next_rescan = 0.0         # time.monotonic() of the next stat of every file
+
+    def forget(self, name: str):
+        with self.lock:
+            self.due.pop(name, None)
+
+    def _add(self, name, when):
+        with self.lock:
+            self.due[name] = when
+            heapq.heappush(self.heap, (when, name))
+
+    def _look(self, name, entry=None):
+        """stat one deferred file into the schedule; False when it is gone."""
+        if not valid_queue_id(name):
+            self.queue.quarantine(DEFERRED, name, "not a queue id")
+            return False
+        try:
+            st = (entry.stat(follow_symlinks=False) if entry is not None
+                  else os.stat(self.queue.path(DEFERRED, name), follow_symlinks=False))
+        except FileNotFoundError:
+            self.forget(name)
+            return False
+        self._add(name, st.st_mtime)
+        return True
+
+    def _refresh(self):
+        """List deferred/ when it changed: stat new names, drop names gone."""
+        folder = self.queue.path(DEFERRED)
+        rescan = time.monotonic() >= self.next_rescan
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return
+        seen = (st.st_mtime_ns, st.st_ino)
+        if not rescan and seen == self.folder_seen:
+            return
+        recent = time.time() - st.st_mtime < RECENT_CHANGE
+        self.folder_seen = None if recent else seen
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+        names = {entry.name for entry in entries}
+        with self.lock:
+            for name in [n for n in self.due if n not in names]:
+                del self.due[name]
+            if rescan:
+                self.due.clear()
+                self.heap = []
+            known = set(self.due)
+        for entry in entries:
+            if entry.name not in known:
+                self._look(entry.name, entry)
+        with self.lock:
+            if len(self.heap) > 2 * len(self.due) + 64:       # mostly stale entries
+                self.heap = [(when, name) for name, when in self.due.items()]
+                heapq.heapify(self.heap)
+        if rescan:
+            self.next_rescan = time.monotonic() + RESCAN_INTERVAL
+
+    def requeue_due(self) -> int:
+        """Move the deferred messages whose next attempt has come to incoming/."""
+        self._refresh()
+        now = self.queue.clock()
+        moved = 0
+        while True:
+            with self.lock:
+                if not self.heap or self.heap[0][0] > now:
+                    break
+                when, name = heapq.heappop(self.heap)
+                if self.due.get(name) != when:
+                    continue                   # stale: moved, forgotten or seen again
+                del self.due[name]
+            try:
+                st = os.stat(self.queue.path(DEFERRED, name), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime > now:
+                self._add(name, st.st_mtime)   # its time changed: wait for it
+            elif self.queue._move_locked(DEFERRED, name, INCOMING):
+                moved += 1
+            elif os.path.exists(self.queue.path(DEFERRED, name)):
+                self._add(name, now + SCAN_INTERVAL)     # busy: look again next time
+        return moved
 
 
 # --- The router ---
@@ -1691,19 +1817,22 @@ class Router:
         self.relay_domains = relay_domain_set(relay_domains)
         self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
         self.sweeper = None            # the thread of the last sweep_tmp()
+        self.schedule = DeferredSchedule(queue)
 
     def handle(self, queue_id: str):
         """Route one incoming message (the QueueRunner's handler)."""
         claim = self.queue.claim(INCOMING, queue_id)
         if claim is None:
             return
+        self.schedule.forget(queue_id)         # its next stay in deferred/ is a new one
         with claim, self.store.snapshot():     # one view of users and aliases per message
             self.route(claim)
 
     def periodic(self):
-        """The slow scan's extra work: due retries back to incoming/, and every
-        TMP_SWEEP_INTERVAL the tmp/ debris of the queue and of every Maildir."""
-        self.queue.requeue_due()
+        """The slow scan's extra work: due retries back to incoming/ (what
+        Queue.requeue_due() does, from the schedule), and every TMP_SWEEP_INTERVAL the
+        tmp/ debris of the queue and of every Maildir."""
+        self.schedule.requeue_due()
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + TMP_SWEEP_INTERVAL
             # On a thread of its own: listing every Maildir of a large spool takes a while
@@ -1869,6 +1998,8 @@ class QueueRunner:
         for thread in self.threads:
             thread.start()
         next_scan = 0.0
+        # New mail first: the first periodic scan (on_scan) may take a while on a large queue.
+        self._dispatch(time.monotonic())
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
@@ -2145,11 +2276,15 @@ def _time_text(timestamp):
 
 
 def queue_report(queue: Queue) -> list:
-    """The queue as plain data (the `queue --json` output)."""
-    report = []
-    for folder, name, size, state in queue.listing():
+    """The queue as plain data (the "messages" of the `queue --json` output)."""
+    return list(queue_entries(queue))
+
+
+def queue_entries(queue: Queue) -> Iterator[dict]:
+    """queue_report()'s entries one at a time, as the files are read."""
+    for folder, name, size, state in queue.entries():
         if state is None:
-            report.append({"queue_id": name, "folder": folder, "size": size, "error": "unreadable"})
+            yield {"queue_id": name, "folder": folder, "size": size, "error": "unreadable"}
             continue
         envelope = state.envelope
         recipients = [{"address": envelope.recipients[n], "original": envelope.recipients[n],
@@ -2160,51 +2295,66 @@ def queue_report(queue: Queue) -> list:
                 "attempts": r.attempts, "last_attempt": r.last_attempt or None,
                 "next_attempt": r.next_attempt if r.status == "deferred" else None,
                 "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
-        report.append({"queue_id": name, "folder": folder, "size": size,
-                       "arrival": envelope.arrival, "sender": envelope.sender,
-                       "client_address": envelope.client_address, "client_helo": envelope.client_helo,
-                       "auth_user": envelope.auth_user, "protocol": envelope.protocol,
-                       "recipients": recipients})
-    return report
+        yield {"queue_id": name, "folder": folder, "size": size,
+               "arrival": envelope.arrival, "sender": envelope.sender,
+               "client_address": envelope.client_address, "client_helo": envelope.client_helo,
+               "auth_user": envelope.auth_user, "protocol": envelope.protocol,
+               "recipients": recipients}
 
 
 def print_queue(queue: Queue, as_json: bool) -> int:
-    report = queue_report(queue)
-    quarantined = queue.quarantined()
+    """Print the queue, each message as soon as its file is read (`postqueue -p` does so)."""
+    write = sys.stdout.write
     if as_json:
-        json.dump({"messages": report, "quarantined": quarantined}, sys.stdout, indent=1)
-        print()
+        # One object, {"messages": [...], "quarantined": [...]}, one message a line.
+        write('{"messages": [')
+        separator = "\n"
+        for entry in queue_entries(queue):
+            write(separator + json.dumps(entry))
+            separator = ",\n"
+        write('],\n "quarantined": %s}\n' % json.dumps(queue.quarantined()))
         return 0
-    if not report:
-        print("Mail queue is empty")
+    count = total = 0
+    for folder, name, size, state in queue.entries():
+        if not count:
+            write("%-20s %-9s %9s  %-19s  %s\n" % ("-Queue ID-", "-Folder-", "-Size-",
+                                                  "-Arrival Time-", "-Sender/Recipients-"))
+        count += 1
+        total += size
+        write(_entry_text(folder, name, size, state))
+    if not count:
+        write("Mail queue is empty\n")
     else:
-        print("%-20s %-9s %9s  %-19s  %s" % ("-Queue ID-", "-Folder-", "-Size-", "-Arrival Time-",
-                                             "-Sender/Recipients-"))
-    for entry in report:
-        if "error" in entry:
-            print("%-20s %-9s %9d  (unreadable)" % (entry["queue_id"], entry["folder"], entry["size"]))
-            continue
-        print("%-20s %-9s %9d  %-19s  <%s>" % (entry["queue_id"], entry["folder"], entry["size"],
-                                               _time_text(entry["arrival"]), entry["sender"]))
-        for r in entry["recipients"]:
-            line = "    <%s> %s %s" % (r["address"], r["kind"], r["status"])
-            if r["original"] != r["address"]:
-                line += " (for <%s>)" % r["original"]
-            if r.get("attempts"):
-                line += ", %d attempt%s" % (r["attempts"], "" if r["attempts"] == 1 else "s")
-            if r.get("next_attempt"):
-                line += ", next %s" % _time_text(r["next_attempt"])
-            if r.get("reply") and r["status"] != "delivered":
-                line += " (%s)" % r["reply"]
-            print(line)
-    if report:
-        total = sum(entry["size"] for entry in report)
-        print("-- %d KiB in %d message%s" % ((total + 1023) // 1024, len(report),
-                                            "" if len(report) == 1 else "s"))
+        write("-- %d KiB in %d message%s\n" % ((total + 1023) // 1024, count,
+                                              "" if count == 1 else "s"))
+    quarantined = queue.quarantined()
     if quarantined:
-        print("-- %d file%s in %s" % (len(quarantined), "" if len(quarantined) == 1 else "s",
-                                      queue.path(QUARANTINE)))
+        write("-- %d file%s in %s\n" % (len(quarantined), "" if len(quarantined) == 1 else "s",
+                                        queue.path(QUARANTINE)))
     return 0
+
+
+def _entry_text(folder, name, size, state):
+    """The lines `mta.py queue` prints for one message (what queue_entries() gives)."""
+    if state is None:
+        return "%-20s %-9s %9d  (unreadable)\n" % (name, folder, size)
+    envelope = state.envelope
+    lines = ["%-20s %-9s %9d  %-19s  <%s>" % (name, folder, size, _time_text(envelope.arrival),
+                                             envelope.sender)]
+    for n in state.unrouted:
+        lines.append("    <%s> unrouted pending" % envelope.recipients[n])
+    for r in state.recipients:
+        line = "    <%s> %s %s" % (r.address, r.kind, r.status)
+        if r.original != r.address:
+            line += " (for <%s>)" % r.original
+        if r.attempts:
+            line += ", %d attempt%s" % (r.attempts, "" if r.attempts == 1 else "s")
+        if r.status == "deferred" and r.next_attempt:
+            line += ", next %s" % _time_text(r.next_attempt)
+        if r.reply and r.status != "delivered":
+            line += " (%s)" % r.reply
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def delete_command(queue: Queue, args) -> int:

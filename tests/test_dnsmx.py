@@ -1118,11 +1118,14 @@ def test_cli_says_implicit_mx(dns_local):
     assert "implicit MX" in result.stdout and "127.0.0.20, ::20" in result.stdout
 
 
-def test_cli_says_null_mx_accepts_no_mail(dns_local):
-    result = run_cli("--server", dns_local.address, "nullmx.test")
-    assert result.returncode == 1
-    assert "null MX: accepts no mail" in result.stdout
-    assert len(result.stderr.splitlines()) == 1
+@pytest.mark.parametrize("args", [["nullmx.test"], ["nullmx.test", "MX"]])
+def test_cli_prints_a_null_mx_record_and_exits_0(dns_local, args):
+    result = run_cli("--server", dns_local.address, *args)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.splitlines() == ["nullmx.test.\t300\tIN\tMX\t0 .",
+                                          "nullmx.test. null MX: accepts no mail (RFC 7505)"]
+    short = run_cli("--server", dns_local.address, "--short", *args)
+    assert short.returncode == 0 and short.stdout == "0 .\n"
 
 
 @pytest.mark.parametrize("args, status, reason", [

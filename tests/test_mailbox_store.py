@@ -212,6 +212,169 @@ def test_store_sees_users_and_aliases_changed_by_another_process(store, fast_has
     assert not store.recipient_exists("carol@example.com")
 
 
+def tables_of(store):
+    """What a store knows of users: users, by_local, user_domains."""
+    tables = store._tables()
+    return tables.users, tables.by_local, tables.user_domains
+
+
+def test_add_user_appends_and_a_running_store_reads_only_the_new_line(store, fast_hash,
+                                                                      monkeypatch):
+    for i in range(20):
+        store.add_user("user%d@example.com" % i, "pw")
+    tables_of(store)
+    other = Store(store.spool_dir)                       # another process writing
+    inode = os.stat(store.users_path).st_ino
+    other.add_user("late@example.org", "pw")
+    assert os.stat(store.users_path).st_ino == inode      # appended, not rewritten
+    parsed = []
+    plain = mailbox_store._parse_users
+    monkeypatch.setattr(mailbox_store, "_parse_users",
+                        lambda lines, first=1: parsed.extend(lines) or plain(lines, first))
+    assert store.recipient_exists("late@example.org") and store.is_local_domain("example.org")
+    assert store.authenticate("late", "pw") == "late@example.org"
+    assert len(parsed) == 1                                # the new line only
+    monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+    assert tables_of(store) == tables_of(Store(store.spool_dir))    # same as a full parse
+
+
+def test_users_read_in_steps_agree_with_one_full_parse(store, fast_hash):
+    """Appends, duplicates in other case, comments, bad lines, a shared local part."""
+    store.add_user("alice@example.com", "pw")
+    steps = ["# a comment\n", "ALICE@example.com:$x$\n", "alice@example.org:$y$\n",
+             "not an address:$z$\n", "bob@example.net:nohash\n", "\n", "bob@example.net:$b$\n"]
+    for step in steps:
+        tables_of(store)
+        with open(store.users_path, "a") as f:
+            f.write(step)
+        assert tables_of(store) == tables_of(Store(store.spool_dir))
+    users, by_local, _ = tables_of(store)
+    assert users["alice@example.com"].startswith("$scrypt$")          # the first line wins
+    assert by_local["alice"] == ["alice@example.com", "alice@example.org"]
+
+
+def test_passwd_and_del_user_are_read_from_the_lines_they_changed(store, fast_hash,
+                                                                  monkeypatch):
+    for i in range(30):
+        store.add_user("user%d@example.com" % i, "pw")
+    store.add_user("solo@example.org", "pw")
+    tables_of(store)
+    other = Store(store.spool_dir)
+    parsed = []
+    plain = mailbox_store._parse_users
+    counting = lambda lines, *a, **k: parsed.extend(lines) or plain(lines, *a, **k)  # noqa: E731
+    other.set_password("user7@example.com", "new")
+    monkeypatch.setattr(mailbox_store, "_parse_users", counting)
+    assert store.authenticate("user7", "new") == "user7@example.com"
+    assert [line.split(":")[0] for line in parsed] == ["user7@example.com"] * 2   # old, new
+    for address in ("user12@example.com", "solo@example.org"):
+        monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+        other.delete_user(address)
+        del parsed[:]
+        monkeypatch.setattr(mailbox_store, "_parse_users", counting)
+        assert address not in store.list_users()
+        assert [line.split(":")[0] for line in parsed] == [address]            # old only
+    assert not store.is_local_domain("example.org")
+    monkeypatch.setattr(mailbox_store, "_parse_users", plain)
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+@pytest.mark.parametrize("edit", [
+    ("alice@example.com:$a$\n", "alice@example.com:$A$\n"),               # passwd
+    ("alice@example.com:$a$\n", ""),                                        # del-user
+    ("bob@example.com:$b$\n", ""),                                          # bob's 1st line
+    ("carol@example.com:$c$\n", "carol@example.com:$c$\ndan@example.com:$d$\n"),   # insert
+    ("# note\n", "# another note\n"),                                      # a comment
+    ("alice@example.com:$a$\n", "Alice@Example.com:$a$\n"),               # case
+    ("carol@example.com:$c$\n", "carol@example.com:$c$\ncarol@EXAMPLE.com:$x$\n"),
+    ("alice@example.com:$a$\nbob@example.com:$b$\n",                       # swapped
+     "bob@example.com:$b$\nalice@example.com:$a$\n"),
+    ("eve@example.com:$e$\n", "eve@example.com:nohash\n"),                 # broken
+])
+def test_users_after_any_rewrite_agree_with_one_full_parse(store, edit):
+    os.makedirs(store.spool_dir)
+    text = ("# note\nalice@example.com:$a$\nbob@example.com:$b$\ncarol@example.com:$c$\n"
+            "bob@example.com:$b2$\neve@example.com:$e$\nzed@example.net:$z$\n")
+    with open(store.users_path, "w") as f:
+        f.write(text)
+    tables_of(store)
+    assert edit[0] in text
+    mailbox_store.write_atomically(store.users_path, text.replace(edit[0], edit[1], 1))
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+def test_users_after_random_rewrites_agree_with_one_full_parse(store):
+    import random
+    chooser = random.Random(7)
+    os.makedirs(store.spool_dir)
+    pool = ["u%d@example.com:$h%d$" % (n % 12, n) for n in range(40)] + [
+        "# c", "", "U3@Example.com:$x$", "bad line", "v@example.org:nohash"]
+    lines = [chooser.choice(pool) for _ in range(30)]
+    for _ in range(120):
+        mailbox_store.write_atomically(store.users_path, "".join(l + "\n" for l in lines))
+        assert tables_of(store) == tables_of(Store(store.spool_dir))
+        at = chooser.randrange(len(lines) + 1)
+        action = chooser.choice(["set", "delete", "insert", "append"])
+        if action == "set" and at < len(lines):
+            lines[at] = chooser.choice(pool)
+        elif action == "delete" and at < len(lines) and len(lines) > 1:
+            del lines[at]
+        elif action == "insert":
+            lines.insert(at, chooser.choice(pool))
+        else:
+            lines.append(chooser.choice(pool))
+
+
+def test_a_rewrite_or_an_edit_in_place_is_read_whole(store, fast_hash):
+    store.add_user("alice@example.com", "old")
+    store.add_user("bob@example.com", "pw")
+    assert store.authenticate("alice", "old")
+    other = Store(store.spool_dir)
+    other.set_password("alice@example.com", "new")                    # rename: new inode
+    assert store.authenticate("alice", "new") and not store.authenticate("alice", "old")
+    other.delete_user("bob@example.com")
+    assert not store.recipient_exists("bob@example.com")
+    # An editor writing in place: same inode, the file grows, but its start changed.
+    with open(store.users_path, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("alice@", "carol@") + "dave@example.com:$d$\n")
+    assert not store.recipient_exists("alice@example.com")
+    assert store.recipient_exists("carol@example.com") and store.recipient_exists("dave@example.com")
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+
+
+def test_a_torn_last_line_is_ignored_and_cut_off_by_the_next_writer(store, fast_hash, caplog):
+    store.add_user("alice@example.com", "pw")
+    assert store.recipient_exists("alice@example.com")
+    with open(store.users_path, "a") as f:                # a crash in the middle of a write
+        f.write("bob@example.com:$scrypt$n=16")
+    assert not store.recipient_exists("bob@example.com")
+    assert "no line end" in caplog.text
+    assert not Store(store.spool_dir).recipient_exists("bob@example.com")
+    store.add_user("carol@example.com", "pw")
+    with open(store.users_path) as f:
+        lines = f.read().split("\n")
+    assert [line.split(":")[0] for line in lines] == ["alice@example.com", "carol@example.com", ""]
+    assert store.recipient_exists("carol@example.com") and not store.recipient_exists("bob@example.com")
+    assert tables_of(store) == tables_of(Store(store.spool_dir))
+    with open(store.users_path, "a") as f:
+        f.write("bob@example.com:$scrypt$n=16")
+    store.set_password("alice@example.com", "new")        # a rewrite drops it too
+    assert "bob@" not in open(store.users_path).read()
+    store.add_user("bob@example.com", "pw")               # the name was never taken
+    assert store.authenticate("bob", "pw") == "bob@example.com"
+
+
+def test_add_user_refuses_an_existing_user_whatever_its_case_in_the_file(store, fast_hash):
+    os.makedirs(store.spool_dir)
+    with open(store.users_path, "w") as f:
+        f.write("  Alice@Example.COM:$x$\n")
+    with pytest.raises(ValueError, match="already exists"):
+        store.add_user("alice@example.com", "pw")
+    store.add_user("alice@example.co", "pw")              # a prefix of a line is not a user
+
+
 def test_store_is_local_for_configured_and_user_domains(store, fast_hash):
     assert store.is_local_domain("EXAMPLE.com")
     assert not store.is_local_domain("example.org")
@@ -698,6 +861,137 @@ def test_foreign_maildir_files_get_measured_sizes_and_stable_uids(people):
         assert 0 < len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
     with people.open_mailbox("alice@example.com") as mailbox:
         assert [i.uid for i in mailbox.listing()] == uids
+
+
+def settle(maildir):
+    """new/ and cur/ last changed a minute ago, as in a Maildir nobody wrote to lately."""
+    past = time.time() - 60
+    for sub in ("new", "cur"):
+        os.utime(os.path.join(maildir, sub), (past, past))
+
+
+def opened(store, user="alice@example.com"):
+    """(names with folder, sizes, file sizes, uids) an open mailbox lists."""
+    with store.open_mailbox(user) as mailbox:
+        return [(os.path.basename(os.path.dirname(i.path)), os.path.basename(i.path), i.size,
+                 i.file_size, i.uid) for i in mailbox.listing()]
+
+
+def plain(maildir):
+    listing = mailbox_store._scan(maildir)
+    return [("cur" if listing.in_cur[n] else "new", name, listing.sizes[n], listing.file_sizes[n],
+             mailbox_store._uid_for(mailbox_store._unique_part(name)))
+            for n, name in enumerate(listing.names)]
+
+
+def foreign_file(maildir, sub, name, data):
+    """A message another Maildir writer (procmail, Dovecot) leaves: no sizes in the name."""
+    with open(os.path.join(maildir, sub, name), "wb") as f:
+        f.write(data)
+
+
+def test_a_settled_maildir_is_listed_from_its_index_without_reading_a_file(people, monkeypatch):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(5):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    foreign_file(maildir, "new", "100.foreign", b"a\nb\n")
+    settle(maildir)
+    first = opened(people)                                  # lists, measures, writes the index
+    assert first == plain(maildir) and len(first) == 6
+    assert os.path.exists(os.path.join(maildir, mailbox_store.INDEX_FILE))
+    monkeypatch.setattr(mailbox_store, "_scan", lambda *a: pytest.fail("listed again"))
+    monkeypatch.setattr(mailbox_store, "_measure", lambda *a: pytest.fail("read a file"))
+    assert opened(people) == first
+
+
+def test_the_index_follows_every_change_another_maildir_writer_makes(people, monkeypatch):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(4):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    foreign_file(maildir, "new", "100.foreign", b"a\nb\n")
+    foreign_file(maildir, "cur", "101.foreign:2,S", b"c\n")
+    settle(maildir)
+    assert opened(people) == plain(maildir)
+    reads = []
+    real_measure = mailbox_store._measure
+    monkeypatch.setattr(mailbox_store, "_measure", lambda path: reads.append(path) or real_measure(path))
+    new = sorted(n for n in os.listdir(os.path.join(maildir, "new")) if ",W=" in n)
+    changes = [
+        lambda: people.deliver("alice@example.com", b"late\n", ""),                    # adds
+        lambda: foreign_file(maildir, "new", "102.foreign", b"new\r\n"),              # adds, no W=
+        lambda: os.rename(os.path.join(maildir, "new", new[0]),                         # reads
+                          os.path.join(maildir, "cur", new[0] + ":2,S")),
+        lambda: os.rename(os.path.join(maildir, "cur", "101.foreign:2,S"),              # flags
+                          os.path.join(maildir, "cur", "101.foreign:2,RS")),
+        lambda: os.unlink(os.path.join(maildir, "new", new[1])),                        # deletes
+        lambda: os.rename(os.path.join(maildir, "new", "100.foreign"),                  # no W=,
+                          os.path.join(maildir, "cur", "100.foreign:2,S")),             # moved
+    ]
+    ours = []
+    for change in changes:
+        change()
+        settle(maildir)
+        expected = plain(maildir)                           # reads every foreign file
+        del reads[:]
+        assert opened(people) == expected
+        assert opened(people) == expected                   # from the index this time
+        ours += reads
+    assert [os.path.basename(p) for p in ours] == ["102.foreign"]     # read once, when new
+    # Same name, other content (a writer that broke the Maildir rule): measured again.
+    foreign_file(maildir, "new", "102.foreign", b"longer\nthan before\n")
+    settle(maildir)
+    listed = opened(people)
+    assert listed == plain(maildir)
+    assert [i[2] for i in listed if i[1] == "102.foreign"] == [len(b"longer\r\nthan before\r\n")]
+
+
+def test_a_maildir_changed_twice_in_one_timestamp_tick_is_listed_again(people):
+    maildir = people.maildir_path("alice@example.com")
+    people.deliver("alice@example.com", b"one\n", "")
+    assert len(opened(people)) == 1                 # new/ changed just now: index not trusted
+    before = os.stat(os.path.join(maildir, "new"))
+    people.deliver("alice@example.com", b"two\n", "")
+    os.utime(os.path.join(maildir, "new"), ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert len(opened(people)) == 2 and opened(people) == plain(maildir)
+
+
+def test_a_name_with_a_line_feed_is_listed_without_an_index(people):
+    maildir = people.maildir_path("alice@example.com")
+    people.deliver("alice@example.com", b"one\n", "")
+    foreign_file(maildir, "new", "100.odd\nname", b"two\n")
+    settle(maildir)
+    assert opened(people) == plain(maildir) and len(opened(people)) == 2
+    assert not os.path.exists(os.path.join(maildir, mailbox_store.INDEX_FILE))
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbage", "empty", "other count"])
+def test_a_damaged_index_is_ignored(people, damage):
+    maildir = people.maildir_path("alice@example.com")
+    for number in range(3):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    settle(maildir)
+    expected = opened(people)
+    path = os.path.join(maildir, mailbox_store.INDEX_FILE)
+    data = open(path, "rb").read()
+    damaged = {"torn": data[:-5], "garbage": b"\x00" * len(data), "empty": b"",
+               "other count": data.replace(b" 3 ", b" 2 ", 1)}[damage]
+    with open(path, "wb") as f:
+        f.write(damaged)
+    assert opened(people) == expected
+
+
+def test_messages_take_a_view_each_and_the_marks_live_in_the_mailbox(people):
+    for number in range(3):
+        people.deliver("alice@example.com", b"m%d\n" % number, "")
+    with people.open_mailbox("alice@example.com") as mailbox:
+        assert mailbox.delete(2) and not mailbox.delete(2) and mailbox.message(2) is None
+        b"".join(mailbox.read(1))
+        assert mailbox.marked() == (1, 1)
+        assert [(i.number, i.deleted, i.retrieved) for i in mailbox.messages] == [
+            (1, False, True), (2, True, False), (3, False, False)]
+        assert mailbox.stat() == (2, mailbox.messages[0].size + mailbox.messages[2].size)
+        mailbox.reset()
+        assert mailbox.marked() == (0, 1) and len(mailbox.listing()) == 3
 
 
 def test_top_gives_header_blank_line_and_n_body_lines(people):

@@ -11,6 +11,7 @@ import json
 import logging
 import mailbox
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -564,18 +565,117 @@ def test_log_names_the_relay_and_the_dsn_the_remote_host(spool, queue, store, ca
     assert [b["Remote-MTA"] for b in blocks] == ["dns; mx.remote.test", "dns; mx2.remote.test"]
 
 
-def test_five_day_retry_schedule_with_a_fake_clock(spool, store):
+def deferred_file(queue, when, name=None):
+    """A queue file put into deferred/ by another process, due at when."""
+    name = name or mta.enqueue(queue.spool_dir, "alice@example.com", ["x@remote.test"], MESSAGE)
+    os.utime(queue.path(mta.INCOMING, name), (when, when))
+    os.rename(queue.path(mta.INCOMING, name), queue.path(mta.DEFERRED, name))
+    return name
+
+
+def settle(queue):
+    """deferred/ last changed long ago, as on an idle spool."""
+    os.utime(queue.path(mta.DEFERRED), (time.time() - 60, time.time() - 60))
+
+
+def test_the_schedule_moves_what_a_stat_of_every_file_moves(spool, store, tmp_path):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    schedule = mta.DeferredSchedule(queue)
+    offsets = [-50, -1, 0.5, 3, 3, 10, 20, 40, 1000]
+    for offset in offsets:
+        deferred_file(queue, clock.now + offset)
+    other = str(tmp_path / "copy")
+    shutil.copytree(spool, other, copy_function=shutil.copy2)
+    plain = mta.Queue(other, hostname=HOSTNAME, clock=clock)
+    start = clock.now
+    for step in [0, 1, 2, 5, 9, 30, 60]:
+        clock.now = start + step
+        assert schedule.requeue_due() == plain.requeue_due()
+        assert queue.ids(mta.DEFERRED) == plain.ids(mta.DEFERRED)
+        assert queue.ids(mta.INCOMING) == plain.ids(mta.INCOMING)
+        if step == 9:                                    # another writer's file, due at once
+            name = deferred_file(queue, clock.now - 1)
+            shutil.copy2(queue.path(mta.DEFERRED, name), plain.path(mta.DEFERRED, name))
+
+
+def test_the_idle_schedule_stats_the_folder_only(spool, store, monkeypatch):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    schedule = mta.DeferredSchedule(queue)
+    names = [deferred_file(queue, clock.now + 3600) for _ in range(5)]
+    settle(queue)
+    assert schedule.requeue_due() == 0
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(mta.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    monkeypatch.setattr(mta.os, "scandir", lambda *a: pytest.fail("listed an unchanged folder"))
+    for _ in range(3):
+        assert schedule.requeue_due() == 0
+    assert stats == [queue.path(mta.DEFERRED)] * 3
+    monkeypatch.undo()
+    clock.now += 3601
+    assert schedule.requeue_due() == 5 and sorted(queue.ids(mta.INCOMING)) == sorted(names)
+
+
+def test_a_file_another_process_defers_is_found_and_one_missed_waits_for_the_rescan(spool, store):
     clock = FakeClock()
     queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
     router = mta.Router(queue, store)
+    deferred_file(queue, clock.now + 3600)
+    settle(queue)
+    assert router.schedule.requeue_due() == 0
+    found = deferred_file(queue, clock.now - 1)         # smtp_out or flush, say
+    assert router.schedule.requeue_due() == 1 and queue.ids(mta.INCOMING) == [found]
+    router.handle(found)
+    # A change the folder's mtime does not show (two in one timestamp tick): the schedule
+    # misses it until the rescan, which stats every file.
+    settle(queue)
+    assert router.schedule.requeue_due() == 0
+    before = os.stat(queue.path(mta.DEFERRED))
+    missed = deferred_file(queue, clock.now - 1)
+    os.utime(queue.path(mta.DEFERRED), ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert router.schedule.requeue_due() == 0 and missed in queue.ids(mta.DEFERRED)
+    router.schedule.next_rescan = time.monotonic()          # RESCAN_INTERVAL later
+    assert router.schedule.requeue_due() == 1 and missed in queue.ids(mta.INCOMING)
+
+
+def test_a_file_back_in_deferred_with_an_earlier_time_is_retried_on_time(spool, store):
+    """The router forgets what it claims: the next stay in deferred/ is read afresh."""
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    router = mta.Router(queue, store)
+    name = deferred_file(queue, clock.now + 3600)
+    settle(queue)
+    router.schedule.requeue_due()
+    assert queue.flush() == 1                                # another process moves it
+    router.handle(name)                                      # on to outbound/
+    with queue.claim_outbound(name) as claim:                # smtp_out defers it: 5 minutes
+        claim.deferred(claim.groups["remote.test"][0], "451 4.4.1 no answer from host")
+    when = os.stat(queue.path(mta.DEFERRED, name)).st_mtime
+    assert when < clock.now + 3600
+    settle(queue)
+    clock.now = when + 0.001
+    assert router.schedule.requeue_due() == 1
+
+
+@pytest.mark.parametrize("mover", ["plain", "schedule"])
+def test_five_day_retry_schedule_with_a_fake_clock(spool, store, mover):
+    clock = FakeClock()
+    queue = mta.Queue(spool, hostname=HOSTNAME, clock=clock)
+    router = mta.Router(queue, store)
+    requeue_due = queue.requeue_due if mover == "plain" else router.schedule.requeue_due
     arrival = clock.now
     queue_id = queue.enqueue("alice@example.com", ["x@remote.test"], MESSAGE)
     router.handle(queue_id)
     attempts_at = []
     for _ in range(500):
         if queue.ids(mta.DEFERRED):
-            clock.now = os.stat(queue.path(mta.DEFERRED, queue_id)).st_mtime + 0.001
-            assert queue.requeue_due() == 1
+            when = os.stat(queue.path(mta.DEFERRED, queue_id)).st_mtime
+            clock.now = when - 1
+            assert requeue_due() == 0
+            clock.now = when + 0.001
+            assert requeue_due() == 1
         for name in queue.ids(mta.INCOMING):
             router.handle(name)        # the message itself, and the DSNs to alice
         if queue_id not in queue.ids(mta.OUTBOUND):
@@ -940,6 +1040,28 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
     assert r["next_attempt"] > time.time() + 200
     assert by_id[routed]["sender"] == "carol@example.com"
     assert report["quarantined"] == []
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_queue_listing_prints_each_message_before_reading_the_next(spool, queue, monkeypatch,
+                                                                  capsys, as_json):
+    ids = [queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE) for _ in range(3)]
+    real_entries = queue.entries
+    printed = []
+
+    def entries():
+        for entry in real_entries():
+            printed.append(capsys.readouterr().out)       # what was out before this file
+            yield entry
+    monkeypatch.setattr(queue, "entries", entries)
+    assert mta.print_queue(queue, as_json) == 0
+    rest = capsys.readouterr().out
+    assert ids[0] in printed[1] and ids[1] in printed[2]          # streamed, not gathered
+    whole = "".join(printed) + rest
+    if as_json:
+        assert json.loads(whole) == {"messages": mta.queue_report(queue), "quarantined": []}
+    else:
+        assert whole.endswith(" in 3 messages\n")
 
 
 def test_flush_makes_deferred_recipients_due_and_wakes_smtp_out(spool, queue, store):

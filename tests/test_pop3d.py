@@ -1,6 +1,7 @@
 """pop3d over real sockets on 127.0.0.1: poplib, curl, openssl s_client and raw lines."""
 
 import base64
+import gc
 import hashlib
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -283,6 +285,32 @@ def test_dropped_connection_deletes_nothing_and_frees_the_lock(start, store):
     assert again.stat()[0] == 3
     again.quit()
     assert all(os.path.exists(p) for p in paths)
+
+
+def test_a_session_lets_its_mailbox_go_when_it_ends(start, store, monkeypatch):
+    """Without waiting for a garbage collection: a large listing is memory given back."""
+    deliver_three(store)
+    opened = []
+    real_open = store.open_mailbox
+
+    def open_mailbox(user):
+        mailbox = real_open(user)
+        opened.append(weakref.ref(mailbox))
+        return mailbox
+    monkeypatch.setattr(store, "open_mailbox", open_mailbox)
+    server = start()
+    gc.disable()
+    try:
+        client = login(server)
+        assert client.stat()[0] == 3
+        client.quit()
+        for _ in range(100):
+            if opened[0]() is None:
+                break
+            time.sleep(0.02)
+        assert opened[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_second_login_to_a_mailbox_gets_in_use(start, store):
