@@ -50,9 +50,20 @@ def free_port(host="127.0.0.1"):
     """A port free on host now. Only for run_all, whose listeners are given before it starts
     (and may race another process for the port); a daemon started alone listens on port 0
     and its port is read back with listening_port()."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count, host="127.0.0.1"):
+    """count different ports free on host now (each socket held until all are chosen, so
+    that the kernel cannot hand out one port twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def listening_port(process, pattern, seconds=20.0):

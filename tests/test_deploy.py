@@ -21,7 +21,7 @@ import textwrap
 
 import pytest
 
-from support import ROOT, free_port, require_tool, wait_for
+from support import ROOT, free_port, free_ports, require_tool, wait_for
 
 USER = "nobody"
 DOMAIN = "example.com"
@@ -43,10 +43,10 @@ def tool(*argv, stdin=b"", env=None):
 class Deployment:
     """run_all.py started as root with --user nobody and a config file, in its own group."""
 
-    def __init__(self, base, config_text, *extra):
+    def __init__(self, base, config_text, *extra, ports=None):
         self.base = base
         self.spool = os.path.join(base, "spool")
-        self.smtp, self.submission, self.pop3 = free_port(), free_port(), free_port()
+        self.smtp, self.submission, self.pop3 = ports or free_ports(3)
         self.config = os.path.join(base, "mail.ini")
         with open(self.config, "w") as f:
             f.write(config_text)
@@ -152,7 +152,8 @@ def pop3_messages(port, user=ALICE, password=PASSWORD):
 
 
 def test_a_day_in_the_life_leaves_every_process_and_file_to_the_user(base):
-    closed = free_port()            # the remote relay: nothing listens there, mail defers
+    ports = free_ports(4)
+    closed = ports.pop()            # the remote relay: nothing listens there, mail defers
     deployment = Deployment(base, "\n".join([
         "[DEFAULT]",
         "domain = %s" % DOMAIN,
@@ -162,7 +163,7 @@ def test_a_day_in_the_life_leaves_every_process_and_file_to_the_user(base):
         "[smtp_out]",
         "relay_host = 127.0.0.1:%d" % closed,
         "relay_tls = none",
-        ""]))
+        ""]), ports=ports)
     nobody = pwd.getpwnam(USER).pw_uid
     deployment.start()
     try:
@@ -379,7 +380,7 @@ def readme_real_host_blocks():
 
 
 def test_the_readme_real_host_steps_work_as_written(base):
-    ports = {port: free_port() for port in (25, 587, 465, 110, 995)}
+    ports = dict(zip((25, 587, 465, 110, 995), free_ports(5)))
     tls = os.path.join(base, "letsencrypt")
     os.mkdir(tls, 0o700)
     cert, key = make_certificate(tls, "mail.example.com")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from support import ROOT, free_port, wait_for
+from support import ROOT, free_ports, wait_for
 
 
 def run_all(*argv, cwd=ROOT, timeout=60):
@@ -19,8 +19,9 @@ def run_all(*argv, cwd=ROOT, timeout=60):
 
 
 def ports_args():
-    return ["--smtp", "127.0.0.1:%d" % free_port(), "--submission", "127.0.0.1:%d" % free_port(),
-            "--pop3", "127.0.0.1:%d" % free_port()]
+    smtp, submission, pop3 = free_ports(3)
+    return ["--smtp", "127.0.0.1:%d" % smtp, "--submission", "127.0.0.1:%d" % submission,
+            "--pop3", "127.0.0.1:%d" % pop3]
 
 
 def test_check_passes_on_a_good_configuration(tmp_path):
@@ -268,9 +269,9 @@ def test_a_bad_value_in_a_role_section_is_one_line(tmp_path):
 
 
 def test_check_refuses_two_listeners_on_one_address(tmp_path):
-    port = free_port()
+    port, other = free_ports(2)
     result = run_all("--check", "--spool", str(tmp_path / "spool"), "--smtp", "127.0.0.1:%d" % port,
-                     "--submission", "127.0.0.1:%d" % free_port(), "--pop3", "127.0.0.1:%d" % port)
+                     "--submission", "127.0.0.1:%d" % other, "--pop3", "127.0.0.1:%d" % port)
     assert result.returncode == 1
     assert "SMTP and POP3 both listen on 127.0.0.1:%d" % port in result.stderr.decode()
     result = run_all("--check", "--spool", str(tmp_path / "spool"), "--smtp", "0.0.0.0:%d" % port,

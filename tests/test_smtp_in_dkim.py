@@ -22,7 +22,7 @@ import dnsmx
 import mailbox_store
 import mta
 import smtp_in
-from support import ROOT, free_port, require_tool, wait_for
+from support import ROOT, free_ports, require_tool, wait_for
 from dkim_support import import_dkimpy
 from dnsmasq_server import start_dnsmasq, txt_record
 from smtpin_support import (  # noqa: F401  (fixtures)
@@ -371,7 +371,7 @@ def test_run_all_signs_submitted_mail_that_pop3_returns_verifiable(tmp_path, key
     store.add_user(ALICE, USERS[ALICE])
     store.add_user("bob@example.com", USERS["bob@example.com"])
     shutil.copytree(str(keys[0]), str(spool / "dkim"))
-    smtp, submission, pop3 = free_port(), free_port(), free_port()
+    smtp, submission, pop3 = free_ports(3)
     log_path = tmp_path / "run_all.log"
     with open(str(log_path), "wb") as log:
         process = subprocess.Popen(
