@@ -78,6 +78,7 @@ ANVIL_MAX_RECORDS = 100000         # addresses and login names an anvil remember
 ANVIL_IPV6_PREFIX = 64             # an IPv6 client is counted by its /64 (one site, RFC 6177)
 MAX_LOGIN_KEY = 255                # characters of a login name an anvil keeps
 ANVIL_KEY_CACHE = 4096             # client addresses whose anvil key is remembered
+ANVIL_FREE_CHECKS = 10             # password checks at once an address with no failure may make
 
 CRLF, LF, CR = b"\r\n", b"\n", b"\r"
 
@@ -472,9 +473,13 @@ class Anvil:
             if turn - now > self.max_penalty > 0:
                 return self.max_penalty, False
             record.pending += 1
-            # The first check in flight is free; each further one counts as a failure
-            # until it is known, so a burst of connections queues like a run of failures.
-            record.next_turn = turn + self.penalty(record.failures + record.pending - 1)
+            # Checks in flight count as failures until they are known, so that a burst of
+            # connections queues like a run of failures; but an address that has not failed
+            # may have ANVIL_FREE_CHECKS at once (the clients of an office behind one NAT
+            # address polling together), one that has, a single one.
+            free = ANVIL_FREE_CHECKS if not record.failures else 1
+            charged = record.failures + max(record.pending - free, 0)
+            record.next_turn = turn + self.penalty(charged)
             return turn - now, True
 
     def login_done(self, ip, login, ok):

@@ -62,14 +62,28 @@ def test_failed_logins_space_the_checks_of_that_address_only():
     assert anvil.login_done("192.0.2.2", "bob", True) == 0.0
 
 
-def test_a_burst_of_checks_queues_as_failures_would_and_far_turns_are_refused():
+def test_after_a_failure_a_burst_of_checks_queues_as_failures_would_and_far_turns_are_refused():
     clock = Clock()
     anvil = plumbing.Anvil(penalty=0.5, max_penalty=4, clock=clock)
-    turns = [anvil.login_turn("192.0.2.1") for _ in range(6)]
-    assert turns[:5] == [(0.0, True), (0.0, True), (0.5, True), (1.5, True), (3.5, True)]
-    assert turns[5] == (4.0, False)                            # 7.5 s away: not checked
-    for _ in range(5):
+    anvil.login_turn("192.0.2.1")
+    anvil.login_done("192.0.2.1", "x", False)
+    clock.now += 0.5                                            # that failure's own turn
+    turns = [anvil.login_turn("192.0.2.1") for _ in range(5)]
+    assert turns[:4] == [(0.0, True), (0.5, True), (1.5, True), (3.5, True)]
+    assert turns[4] == (4.0, False)                            # 7.5 s away: not checked
+    for _ in range(4):
         anvil.login_done("192.0.2.1", "x", False)
+
+
+def test_an_address_that_never_failed_may_check_ten_passwords_at_once():
+    clock = Clock()
+    anvil = plumbing.Anvil(penalty=0.5, max_penalty=15, clock=clock)
+    turns = [anvil.login_turn("192.0.2.1") for _ in range(12)]
+    assert turns[:plumbing.ANVIL_FREE_CHECKS] == [(0.0, True)] * plumbing.ANVIL_FREE_CHECKS
+    assert turns[10:] == [(0.0, True), (0.5, True)]             # the 12th waits: a queue again
+    for _ in range(12):
+        anvil.login_done("192.0.2.1", "alice", True)
+    assert anvil.failures("192.0.2.1") == 0
 
 
 def test_one_login_at_a_time_never_waits():
