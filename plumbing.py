@@ -78,7 +78,7 @@ ANVIL_MAX_RECORDS = 100000         # addresses and login names an anvil remember
 ANVIL_IPV6_PREFIX = 64             # an IPv6 client is counted by its /64 (one site, RFC 6177)
 MAX_LOGIN_KEY = 255                # characters of a login name an anvil keeps
 ANVIL_KEY_CACHE = 4096             # client addresses whose anvil key is remembered
-ANVIL_FREE_CHECKS = 10             # password checks at once an address with no failure may make
+ANVIL_FREE_CHECKS = 4              # password checks at once an address with no failure may make
 
 CRLF, LF, CR = b"\r\n", b"\n", b"\r"
 

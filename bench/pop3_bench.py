@@ -76,7 +76,11 @@ def start_pop3d(spool, timeout, cpus="auto"):
     plan = run_all.cpu_plan(cpus)
     on_cpu = ["--cpus", str(plan["pop3d"])] if "pop3d" in plan else []
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
-                               "--listen", "127.0.0.1:0", "--hostname", "bench"] + on_cpu,
+                               "--listen", "127.0.0.1:0", "--hostname", "bench",
+                               # many clients from one address are the load here, not an
+                               # attack: the anvil's documented exemption, as Postfix's
+                               # trusted networks
+                               "--anvil-exempt", "127.0.0.0/8"] + on_cpu,
                               stderr=subprocess.PIPE, cwd=spool)
     until = time.monotonic() + timeout
     while time.monotonic() < until:
