@@ -23,13 +23,11 @@ Run: python3 bench/maildir_bench.py [--counts 1000,10000,100000] [--repeats 5] [
 import argparse
 import os
 import poplib
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 
@@ -39,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mailbox_store  # noqa: E402
 import peers  # noqa: E402
+import pop3_bench  # noqa: E402
 
 USER = "user@bench.test"
 PASSWORD = peers.POP3_PASSWORD
@@ -81,23 +80,6 @@ def login_stat(port, user):
     stat = client.stat()
     client.quit()
     return (time.perf_counter() - start) * 1000, stat
-
-
-def start_pop3d(spool):
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
-                               "--listen", "127.0.0.1:0", "--hostname", "bench"],
-                              stderr=subprocess.PIPE, cwd=spool)
-    until = time.monotonic() + TIMEOUT
-    while time.monotonic() < until:
-        line = server.stderr.readline()
-        found = re.search(rb"listening on 127.0.0.1 port (\d+)", line)
-        if found:
-            threading.Thread(target=lambda: server.stderr.read(), daemon=True).start()
-            return server, int(found.group(1))
-        if not line and server.poll() is not None:
-            break
-    server.kill()
-    raise SystemExit("pop3d did not start")
 
 
 def rss(pid, key="VmRSS"):
@@ -145,7 +127,7 @@ def bench(count, repeats, dovecot_wanted):
             except (peers.PeerMissing, OSError, subprocess.SubprocessError) as exc:
                 print("dovecot: skipped: %s" % exc)
                 dovecot = None
-        server, port = start_pop3d(spool)
+        server, port = pop3_bench.start_pop3d(spool, TIMEOUT, cpus="none")
         idle_rss = rss(server.pid)
         first, stat = login_stat(port, USER)
         ours, theirs, changed = [], [], []

@@ -6,15 +6,10 @@ A's submission port, A's spool and smtp_out, over SMTP to B's MX listener, into 
 and Maildir, and out again over POP3: the classic path of Internet mail.
 """
 
-import os
 import poplib
 import random
 import re
-import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,114 +18,10 @@ from email.parser import BytesParser
 
 import pytest
 
-from support import ROOT, free_port, require_tool, wait_for
+from hosts_support import DELIVERY_WAIT, PASSWORD, Host, run_tool
+from support import free_port, require_tool, wait_for
 from dnsmasq_server import host_record, mx_host, start_dnsmasq
 
-PASSWORD = "correct horse battery"
-DELIVERY_WAIT = 30.0       # seconds a message may take to cross both hosts
-
-
-def run_tool(*argv, stdin=None):
-    """Run one of the role files as a command; return its CompletedProcess."""
-    return subprocess.run([sys.executable] + list(argv), cwd=ROOT, input=stdin,
-                          capture_output=True, timeout=60)
-
-
-class Host:
-    """One mail host: a run_all.py process group with its own spool and addresses."""
-
-    def __init__(self, tmp_path, name, ip, domains, dns, mx_port, extra=()):
-        self.name = name
-        self.ip = ip
-        self.domains = domains
-        self.spool = str(tmp_path / name)
-        self.smtp_port = mx_port
-        self.submission_port = free_port(ip)
-        self.pop3_port = free_port(ip)
-        self.dns = dns
-        self.log_path = str(tmp_path / (name + ".log"))
-        self.extra = list(extra)           # more run_all.py options
-        self.process = None
-
-    def start(self):
-        argv = [sys.executable, os.path.join(ROOT, "run_all.py"), "--spool", self.spool,
-                "--hostname", "mail." + self.domains[0],
-                "--smtp", "%s:%d" % (self.ip, self.smtp_port),
-                "--submission", "%s:%d" % (self.ip, self.submission_port),
-                "--pop3", "%s:%d" % (self.ip, self.pop3_port),
-                "--dns", self.dns, "--remote-port", str(self.smtp_port)]
-        for domain in self.domains:
-            argv += ["--domain", domain]
-        argv += self.extra
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        for port in (self.smtp_port, self.submission_port, self.pop3_port):
-            wait_for_port(self.ip, port, self)
-
-    def stop(self):
-        """SIGTERM run_all and wait for it: the clean stop a user gets with Ctrl-C."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process = None
-
-    def kill(self):
-        """kill -9 of run_all and every role it started (they share its process group)."""
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(10)
-        self.process = None
-
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def add_user(self, address):
-        result = run_tool("mailbox_store.py", "--spool", self.spool, "add-user", address,
-                          stdin=(PASSWORD + "\n").encode())
-        assert result.returncode == 0, result.stderr.decode()
-
-    def mta(self, *argv):
-        return run_tool("mta.py", "--spool", self.spool, *argv)
-
-    def pop3_messages(self, user):
-        """Every message in user's mailbox, read over POP3 without deleting it."""
-        client = poplib.POP3(self.ip, self.pop3_port, timeout=10)
-        try:
-            client.user(user)
-            client.pass_(PASSWORD)
-            count, _ = client.stat()
-            return [b"\r\n".join(client.retr(n)[1]) for n in range(1, count + 1)]
-        finally:
-            client.quit()
-
-    def wait_for_messages(self, user, count, timeout=DELIVERY_WAIT):
-        until = time.monotonic() + timeout
-        while True:
-            messages = self.pop3_messages(user)
-            if len(messages) >= count or time.monotonic() > until:
-                return messages
-            time.sleep(0.2)
-
-
-def wait_for_port(ip, port, host, timeout=20.0):
-    until = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            if host.process.poll() is not None or time.monotonic() > until:
-                raise AssertionError("%s did not open %s:%d\n%s" % (host.name, ip, port, host.log()))
-            time.sleep(0.05)
 
 
 @pytest.fixture

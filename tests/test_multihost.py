@@ -13,9 +13,7 @@ import importlib.util
 import os
 import poplib
 import shutil
-import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from email.message import EmailMessage
 
 import pytest
 
+from hosts_support import PASSWORD, Host
 from support import ROOT, free_port, require_tool, wait_for
 from dnsmasq_server import host_record, mx_host, start_dnsmasq
 
@@ -33,7 +32,6 @@ import mta
 import pop3d
 import smtp_in
 
-PASSWORD = "correct horse battery"
 LOAD = 200                 # messages the sender sends to the shared store in the main run
 KILL_AFTER = 50            # delivered messages before host B is killed
 # A crash may cost one duplicate per transaction in flight at that moment (RFC 5321 6.1: a
@@ -49,107 +47,7 @@ scan_interval = 1
 [smtp_out]
 poll_interval = 1
 """
-
-
-def run_tool(*argv, stdin=None):
-    """Run one of the role files as a command; return its CompletedProcess."""
-    return subprocess.run([sys.executable] + list(argv), cwd=ROOT, input=stdin,
-                          capture_output=True, timeout=60)
-
-
-class Host:
-    """One mail host: a run_all.py process group with its own spool (and maybe a shared store)."""
-
-    def __init__(self, tmp_path, name, ip, hostname, domains, dns, mx_port, store=None, extra=()):
-        self.name = name
-        self.ip = ip
-        self.hostname = hostname
-        self.domains = domains
-        self.spool = str(tmp_path / name)
-        self.store = store or self.spool
-        self.smtp_port = mx_port
-        self.submission_port = free_port(ip)
-        self.pop3_port = free_port(ip)
-        self.dns = dns
-        self.log_path = str(tmp_path / (name + ".log"))
-        self.config_path = str(tmp_path / (name + ".ini"))
-        self.extra = list(extra)
-        self.process = None
-        with open(self.config_path, "w") as f:
-            f.write(SETTINGS)
-
-    def start(self):
-        argv = [sys.executable, os.path.join(ROOT, "run_all.py"), "--config", self.config_path,
-                "--spool", self.spool, "--store", self.store, "--hostname", self.hostname,
-                "--smtp", "%s:%d" % (self.ip, self.smtp_port),
-                "--submission", "%s:%d" % (self.ip, self.submission_port),
-                "--pop3", "%s:%d" % (self.ip, self.pop3_port),
-                "--dns", self.dns, "--remote-port", str(self.smtp_port),
-                "--retry-schedule", "2s"]
-        for domain in self.domains:
-            argv += ["--domain", domain]
-        argv += self.extra
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        for port in (self.smtp_port, self.submission_port, self.pop3_port):
-            wait_for_port(self.ip, port, self)
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process = None
-
-    def kill(self):
-        """kill -9 of run_all and every role it started (they share its process group)."""
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(10)
-        self.process = None
-
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def add_user(self, address):
-        result = run_tool("mailbox_store.py", "--store", self.store, "add-user", address,
-                          stdin=(PASSWORD + "\n").encode())
-        assert result.returncode == 0, result.stderr.decode()
-
-    def mta(self, *argv):
-        return run_tool("mta.py", "--spool", self.spool, *argv)
-
-    def pop3(self, user):
-        client = poplib.POP3(self.ip, self.pop3_port, timeout=10)
-        client.user(user)
-        client.pass_(PASSWORD)
-        return client
-
-    def uidls(self, user):
-        client = self.pop3(user)
-        try:
-            return [line.split()[1] for line in client.uidl()[1]]
-        finally:
-            client.quit()
-
-
-def wait_for_port(ip, port, host, timeout=20.0):
-    until = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            if host.process.poll() is not None or time.monotonic() > until:
-                raise AssertionError("%s did not open %s:%d\n%s" % (host.name, ip, port, host.log()))
-            time.sleep(0.05)
+FAST_RETRIES = ["--retry-schedule", "2s"]
 
 
 def log_count(host, recipient, status):
@@ -213,14 +111,16 @@ def cluster(tmp_path_factory):
     ]
     store = str(tmp_path / "store")
     with start_dnsmasq(records) as dns:
-        host_a = Host(tmp_path, "A", "127.0.0.2", "mx-a.shared.test", ["shared.test"],
-                      dns.address, mx_port, store)
-        host_b = Host(tmp_path, "B", "127.0.0.3", "mx-b.shared.test", ["shared.test"],
-                      dns.address, mx_port, store, extra=["--relay-domain", "backup.test"])
-        sender = Host(tmp_path, "S", "127.0.0.4", "mail.sender.test", ["sender.test"],
-                      dns.address, mx_port)
-        primary = Host(tmp_path, "P", "127.0.0.5", "primary.backup.test", ["backup.test"],
-                       dns.address, mx_port)
+        options = dict(settings=SETTINGS, extra=FAST_RETRIES)
+        host_a = Host(tmp_path, "A", "127.0.0.2", ["shared.test"], dns.address, mx_port,
+                      hostname="mx-a.shared.test", store=store, **options)
+        host_b = Host(tmp_path, "B", "127.0.0.3", ["shared.test"], dns.address, mx_port,
+                      hostname="mx-b.shared.test", store=store, settings=SETTINGS,
+                      extra=FAST_RETRIES + ["--relay-domain", "backup.test"])
+        sender = Host(tmp_path, "S", "127.0.0.4", ["sender.test"], dns.address, mx_port,
+                      **options)
+        primary = Host(tmp_path, "P", "127.0.0.5", ["backup.test"], dns.address, mx_port,
+                       hostname="primary.backup.test", **options)
         for address in ("crowd@shared.test", "reader@shared.test", "waiting@shared.test"):
             host_a.add_user(address)
         sender.add_user("sender@sender.test")
