@@ -635,7 +635,8 @@ def parse_records(state: QueueState, tail: bytes):
     state.torn_tail = len(lines[-1])       # b"" when tail ends with a newline
     for line in lines[:-1]:
         try:
-            record = json.loads(line)
+            # Decoded here: json.loads() of bytes would first guess their encoding.
+            record = json.loads(line.decode("utf-8"))
             state.apply(record)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             state.bad_records += 1

@@ -88,8 +88,11 @@ def cpu_seconds(pid):
 
 def run_timed(command):
     """(wall seconds, peak RSS in MiB) of command with its output to /dev/null."""
+    # As a user runs it: PYTHONUNBUFFERED (set in some shells and CI) would make every
+    # entry of the listing a write() of its own.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
