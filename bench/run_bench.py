@@ -148,7 +148,7 @@ def smtp_rows(data):
             peers.append("aiosmtpd " + figure(aiosmtpd["accepted_per_s"]))
         target_text, met = "", ""
         if conc in (10, 50):
-            target_text, met = ">= 1.2x Postfix", verdict(ratio, 1.2)
+            target_text, met = ">= 2.0x Postfix", verdict(ratio, 2.0)
         rows.append((label, figure(ours), "; ".join(peers) or "-", fmt(ratio), target_text, met))
         delivered = median(run["delivered_per_s"]) / median(ours) if median(ours) else float("nan")
         rows.append(("  delivered/s of the same runs", figure(run["delivered_per_s"]),
@@ -176,7 +176,8 @@ def smtp_rows(data):
                 peer_text += " (a poll session: %s)" % fmt(pick(sorted(peer["poll_s"]), 0.5) * 1000)
             rows.append((label, ours_text, peer_text, fmt(ratio), "", ""))
             continue
-        rows.append((label, ours_text, peer_text, fmt(ratio), "p50 <= Postfix", verdict(ratio, 1.0, False)))
+        rows.append((label, ours_text, peer_text, fmt(ratio), "p50 <= 0.5x Postfix",
+                     verdict(ratio, 0.5, False)))
         spread = pick(ms, 0.99) / pick(ms, 0.5) if ms else float("nan")
         rows.append(("  p99 / p50 of ours", fmt(spread), "", "", "<= 3", verdict(spread, 3.0, False)))
     rows.extend(rss_rows("peak RSS, smtp_in, 50 sessions x 100 KB", data.get("memory")))
@@ -202,7 +203,7 @@ def pop3_rows(data):
         unit = " msgs/s" if cls == "small" else " MB/s"
         label = "POP3 %s, %d client%s" % ("4 KB msgs/s" if cls == "small" else "1 MB MB/s", conc,
                                          "" if conc == 1 else "s")
-        goal = 0.5 if cls == "small" else 1.0
+        goal = 1.0 if cls == "small" else 1.5
         rows.append((label, figure(values, unit), "Dovecot " + figure(peer, unit) if peer else "-",
                      fmt(ratio), ">= %.1fx Dovecot" % goal, verdict(ratio, goal)))
     rows.extend(rss_rows("peak RSS, pop3d, 10 clients x 50 MB", data.get("memory")))
@@ -223,7 +224,7 @@ def dns_rows(data):
         ratio = data.get("ratio", float("nan"))
         rows.append(("DNS uncached MX + A, us", figure(ours["values"]),
                      "%s %s" % (peer_name, figure(peer["values"])) if peer else "-", fmt(ratio),
-                     "<= 0.5x dnspython", verdict(ratio, 0.5, False)))
+                     "<= 0.25x dnspython", verdict(ratio, 0.25, False)))
     mx_hosts = get("uncached mx_hosts, dnsmx")
     if mx_hosts:
         rows.append(("DNS mx_hosts uncached (1 query), us", figure(mx_hosts["values"]), "", "", "", ""))
