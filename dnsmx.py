@@ -1432,9 +1432,9 @@ def resolve_mx(name, server=None, port=DNS_PORT):
 
 def usage_parser(**options):
     """An argparse.ArgumentParser(**options) whose usage errors exit with EXIT_USAGE (64,
-    sysexits.h EX_USAGE) instead of argparse's 2; its subcommands' parsers do too. The
-    CLIs of dnsmx, spf and dkim use it. argparse is imported here, not at the top: only the
-    command line needs it."""
+    sysexits.h EX_USAGE) instead of argparse's 2; so do its subcommands' parsers, given
+    parser_class=type(parser). The CLIs of dnsmx, spf, dkim and mta use it. argparse is
+    imported here, not at the top: only the command line needs it."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
