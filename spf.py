@@ -184,7 +184,9 @@ def parse_record(text):
     """Parse the text of an SPF record into a Record (RFC 7208 4.6.1, 12).
 
     The whole record is checked before anything is evaluated (4.6): any syntax error, in
-    any term, raises SPFSyntaxError.
+    any term, raises SPFSyntaxError. Its length is not capped: RFC 7208 3.4's 450 octets
+    are advice to publishers, and the term, void and expansion limits bound what a long
+    record can make us do. Parsed records are kept by their text (an LRU of 1024).
     """
     return _parse_record(text)
 
