@@ -28,7 +28,8 @@ Aggregate and failure reports (rua=, ruf=) are out of scope: the tags are parsed
 nothing is sent.
 
 authentication_results_fragments() renders the dkim= and dmarc= parts of an
-Authentication-Results field (RFC 8601), to be joined with spf.py's spf= part.
+Authentication-Results field (RFC 8601), to be joined with spf.py's spf= part; their
+values are quoted by spf.authres_value(), one rule for the whole field.
 
 A library and an admin CLI, not a daemon. keygen writes SPOOL/dkim/DOMAIN/SELECTOR.key;
 the rest reads stdin and DNS only.
@@ -54,6 +55,7 @@ from typing import Optional
 
 import dnsmx
 import plumbing
+import spf
 
 __all__ = [
     # errors and data types
@@ -166,7 +168,6 @@ _TAG_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]*(?:[ \t\r\n]+[\x21-\x3a\x3c-\x7e]
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")   # RFC 1035 2.3.4: 63
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")                     # RFC 5322 2.2
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 _PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
 
 # --- Errors and data types ---
@@ -1737,14 +1738,6 @@ def _clip(text, limit=MAX_HEADER_VALUE):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _pvalue(value):
-    """An RFC 8601 pvalue: a dot-atom as is, anything else quoted."""
-    value = _clip(value)
-    if _DOT_ATOM.match(value):
-        return value
-    return '"%s"' % re.sub(r'(["\\])', r"\\\1", value)
-
-
 def _comment(text):
     return "(%s)" % re.sub(r"([()\\])", r"\\\1", _clip(text))
 
@@ -1759,11 +1752,12 @@ def authentication_results_fragments(dkim_results, dmarc_result=None):
         if result.reason and result.result != "pass":
             items.append(_comment(result.reason))
         if result.domain:
-            items.append("header.d=" + _pvalue(result.domain))
+            items.append("header.d=" + spf.authres_value(result.domain, address=True))
         if result.selector:
-            items.append("header.s=" + _pvalue(result.selector))
+            items.append("header.s=" + spf.authres_value(result.selector, address=True))
         if result.b_text:
-            items.append("header.b=" + _pvalue(result.b_text[:HEADER_B_LENGTH]))
+            items.append("header.b=" + spf.authres_value(result.b_text[:HEADER_B_LENGTH],
+                                                         address=True))
         parts.append(" ".join(items))
     if dmarc_result is not None:
         items = ["dmarc=" + dmarc_result.result]
@@ -1771,7 +1765,8 @@ def authentication_results_fragments(dkim_results, dmarc_result=None):
             items.append(_comment("pct sampled: %s applied" % dmarc_result.disposition))
         elif dmarc_result.reason and dmarc_result.result not in ("pass", "fail"):
             items.append(_comment(dmarc_result.reason))
-        items.append("header.from=" + _pvalue(dmarc_result.from_domain or "unknown"))
+        items.append("header.from=" + spf.authres_value(dmarc_result.from_domain or "unknown",
+                                                           address=True))
         if dmarc_result.record_domain:
             items.append("policy.dmarc=" + dmarc_result.policy)
         parts.append(" ".join(items))
@@ -1783,7 +1778,7 @@ def authentication_results_header(hostname, fragments):
     parts) with HOSTNAME as authserv-id; folded with CRLF + tab, no final CRLF."""
     if not fragments:
         fragments = ["none"]                  # RFC 8601 2.2: no authentication done
-    return "Authentication-Results: %s;\r\n\t%s" % (_clip(hostname),
+    return "Authentication-Results: %s;\r\n\t%s" % (spf.authres_value(hostname),
                                                     ";\r\n\t".join(fragments))
 
 

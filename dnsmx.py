@@ -1036,8 +1036,9 @@ class Resolver:
     def mx_hosts(self, domain, *, explain=None, lifetime=None):
         """The hosts to try for mail to DOMAIN, in order (RFC 5321 5.1): MX records by
         preference, equal preferences shuffled, each with its addresses (IPv4 first, then
-        IPv6); the implicit MX when the domain has no MX records. Hosts without any address
-        are left out.
+        IPv6, each in the DNS's order: IPv4 is what most mail paths reach, and receivers
+        check IPv6 senders more strictly); the implicit MX when the domain has no MX
+        records. Hosts without any address are left out.
 
         Raises NXDomainError (no such domain), NullMXError (RFC 7505: accepts no mail),
         NoAddressError (no host has an address) - all permanent - or DNSTemporaryError.
@@ -1432,9 +1433,9 @@ def resolve_mx(name, server=None, port=DNS_PORT):
 
 def usage_parser(**options):
     """An argparse.ArgumentParser(**options) whose usage errors exit with EXIT_USAGE (64,
-    sysexits.h EX_USAGE) instead of argparse's 2; its subcommands' parsers do too. The
-    CLIs of dnsmx, spf and dkim use it. argparse is imported here, not at the top: only the
-    command line needs it."""
+    sysexits.h EX_USAGE) instead of argparse's 2; so do its subcommands' parsers, given
+    parser_class=type(parser). The CLIs of dnsmx, spf, dkim and mta use it. argparse is
+    imported here, not at the top: only the command line needs it."""
     import argparse
 
     class Parser(argparse.ArgumentParser):

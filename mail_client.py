@@ -375,6 +375,10 @@ class POP3Client(plumbing.ClientConnection):
     Every failure raises POP3Error. tls is as in smtp_out (none, opportunistic, required),
     but an offered STLS that fails is an error, never a fall-back to plaintext: the
     password would follow. implicit_tls (default: port 995) starts TLS at once.
+
+    Not poplib: it raises on a line over 2048 octets and leaves the session out of step
+    (smtp_in takes message lines of 64 KiB, so one such message would stop every later
+    fetch), keeps a whole RETR as a list of lines with no size bound, and has no AUTH PLAIN.
     """
 
     def __init__(self, host, port=POP3_PORT, *, tls=TLS_OPPORTUNISTIC, tls_context=None,

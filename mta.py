@@ -135,7 +135,6 @@ Run: python3 mta.py --spool DIR --domain example.com [--hostname mail.example.co
      python3 mta.py --spool DIR --domain D sendmail [-t] [-f FROM] [-i] [RCPT ...] < message
 """
 
-import argparse
 import contextlib
 import email.generator  # noqa: F401 - as_bytes() would load it on first use (see plumbing.drop_privileges)
 import email.utils
@@ -164,6 +163,7 @@ from queue import SimpleQueue
 from typing import Callable, Iterable, Iterator, Optional
 
 import dkim
+import dnsmx
 import mailbox_store
 import plumbing
 
@@ -2400,16 +2400,14 @@ def serve(config) -> int:
     return plumbing.serve_until_signalled([runner])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mta.py", description="The spool's router daemon (no command), "
-                     "or an admin command on the queue.")
+def build_parser():
+    """The command line of the daemon and of the admin commands; a usage error exits with
+    EX_USAGE (dnsmx.usage_parser)."""
+    parser = dnsmx.usage_parser(prog="mta.py", description="The spool's router daemon (no "
+                                "command), or an admin command on the queue.")
     plumbing.add_options(parser, DEFAULTS, HELP)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     parser_class=type(parser))
 
     def command(name, text):
         # The shared options again, so that they may follow the command too.
@@ -2453,13 +2451,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+    except SystemExit as exc:          # --help (0) or a usage error (EX_USAGE)
+        return exc.code
+    try:
         config = plumbing.load_config("mta", DEFAULTS, args)
         parse_retry_schedule(config["retry_schedule"])
         plumbing.config_value("dkim_sign", config["dkim_sign"], False)
         plumbing.parse_cpus(config["cpus"])
-    except UsageError as exc:
-        print("mta: %s (see --help)" % exc, file=sys.stderr)
-        return EX_USAGE
     except ValueError as exc:
         print("mta: %s" % exc, file=sys.stderr)
         return EX_CONFIG

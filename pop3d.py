@@ -9,6 +9,17 @@ The process's anvil (plumbing.Anvil) counts failed logins and bad commands per c
 address across sessions: a penalised address waits its turn before its password is
 checked. A user name that is not valid UTF-8 is an ordinary failed login.
 
+Message numbers are fixed for the session. STAT and LIST give exactly the octets RETR sends
+before byte-stuffing: every line ends in CRLF (mail stored with LF is converted) and a
+message without a final newline gets one, counted. RETR and TOP stream the file block by
+block, converting line ends and stuffing dots as they go (a CR or a line start split
+between blocks is carried over), so a 50 MB message never sits in memory; a file gone
+before sending starts is -ERR [SYS/TEMP], one that fails half-way closes the connection
+rather than end a cut message with ".". UIDL ids are the Maildir file names' unique part
+(see mailbox_store), stable across sessions and flag renames. Messages sent move from new/
+to cur/ with the Seen flag at QUIT. APOP is left out: it needs the plaintext password on
+the server, and the store keeps only salted hashes.
+
 Run: python3 pop3d.py --spool /var/spool/mail --listen 0.0.0.0:110
 """
 

@@ -29,7 +29,8 @@ import dnsmx
 
 __all__ = [
     "DNSResolver", "Directive", "Record", "SPFIdentity", "SPFResult", "SPFSyntaxError",
-    "authentication_results_fragment", "authentication_results_header", "check_host", "check_sender", "describe",
+    "authentication_results_fragment", "authentication_results_header", "authres_value",
+    "check_host", "check_sender", "describe",
     "expand_macros", "main", "parse_record", "received_spf_header", "smtp_reply",
     "spf_identity",
 ]
@@ -77,8 +78,13 @@ _ESCAPES = {"%": "%", "_": " ", "-": "%20"}                         # RFC 7208 7
 _TOPLABEL = re.compile(r"[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9]")
 _NOT_RECORD_TEXT = re.compile(r"[^\x20-\x7e]")      # RFC 7208 3.1: 7-bit ASCII, no controls
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-                      r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+# RFC 8601 2.2: a value is a token or a quoted-string (RFC 2045 5.1: a token is US-ASCII but
+# space, controls and the tspecials ()<>@,;:\"/[]?=); a pvalue may also be an unquoted
+# [[local-part] "@"] domain-name, whose domain-name has two labels or more (RFC 6376 3.5).
+_MIME_TOKEN = re.compile(r"[!#$%&'*+.0-9A-Z^_`a-z{|}~-]+\Z")
+_PVALUE_ADDRESS = re.compile(
+    r"(?:(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)?@)?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+\Z")
 
 # --- Errors and data types ---
 
@@ -178,7 +184,9 @@ def parse_record(text):
     """Parse the text of an SPF record into a Record (RFC 7208 4.6.1, 12).
 
     The whole record is checked before anything is evaluated (4.6): any syntax error, in
-    any term, raises SPFSyntaxError.
+    any term, raises SPFSyntaxError. Its length is not capped: RFC 7208 3.4's 450 octets
+    are advice to publishers, and the term, void and expansion limits bound what a long
+    record can make us do. Parsed records are kept by their text (an LRU of 1024).
     """
     return _parse_record(text)
 
@@ -403,9 +411,9 @@ def authentication_results_fragment(result):
     """The spf= part of an Authentication-Results field (RFC 8601 2.7.2) for RESULT:
     spf=RESULT smtp.mailfrom=ADDRESS, or smtp.helo=NAME for the HELO identity."""
     if result.identity == "mailfrom":
-        prop = "smtp.mailfrom=" + _property_value(result.sender)
+        prop = "smtp.mailfrom=" + authres_value(result.sender, address=True)
     else:
-        prop = "smtp.helo=" + _property_value(result.helo or result.domain)
+        prop = "smtp.helo=" + authres_value(result.helo or result.domain, address=True)
     return "spf=%s %s" % (result.result, prop)
 
 
@@ -413,7 +421,7 @@ def authentication_results_header(hostname, result):
     """The Authentication-Results header field (RFC 8601 2.2, 2.7.2) for RESULT, with
     HOSTNAME as authserv-id and authentication_results_fragment() as its only part.
     Folded with CRLF + tab, without the final CRLF."""
-    return _fold("Authentication-Results: %s;" % _clip(hostname),
+    return _fold("Authentication-Results: %s;" % authres_value(hostname),
                  authentication_results_fragment(result).split(" ", 1))
 
 
@@ -456,16 +464,30 @@ def _comment(text):
 def _header_value(value):
     """A key-value pair's value (RFC 7208 9.1): dot-atom, else quoted-string."""
     value = _clip(value)
-    if _DOT_ATOM.match(value):
-        return value
-    return '"%s"' % re.sub(r'(["\\])', r"\\\1", value)
+    return value if _DOT_ATOM.match(value) else _quoted_string(value)
 
 
-def _property_value(value):
-    """An RFC 8601 pvalue: a plain address or domain as is, anything else quoted."""
-    value = _clip(value)
-    if _ADDRESS.match(value) or _DOT_ATOM.match(value):
+def authres_value(text, address=False):
+    """TEXT as a value of an Authentication-Results field (RFC 8601 2.2): as it is when it
+    is a MIME token, else a quoted-string. With address=True, as a pvalue (a property's
+    value, such as smtp.mailfrom= or header.d=): an address or domain name (`user@example.com`,
+    `@example.com`, `example.com`) stands unquoted too. So `header.b="ab/c+"` is quoted
+    ("/" is not a token character) while `smtp.mailfrom=user@example.com` is not. spf= and
+    dkim.py's dkim= and dmarc= parts share this rule.
+
+    The text comes from the client, the message or DNS: it is first made printable (no CR,
+    LF or other control) and cut to MAX_HEADER_VALUE characters, "..." marking the cut, so
+    that even with every character escaped the value stays far within a line (998 octets,
+    RFC 5322 2.1.1). Text that is not US-ASCII is always quoted (a quoted-string may hold
+    UTF-8, RFC 6532 3.2)."""
+    value = _clip(text)
+    if _MIME_TOKEN.match(value) or (address and _PVALUE_ADDRESS.match(value)):
         return value
+    return _quoted_string(value)
+
+
+def _quoted_string(value):
+    """VALUE in double quotes, its `"` and `\\` escaped (RFC 5322 3.2.4)."""
     return '"%s"' % re.sub(r'(["\\])', r"\\\1", value)
 
 

@@ -625,8 +625,9 @@ def test_authentication_results_fragments(ed_key):
     found = dkim.verify(signed(MESSAGE, ed_key, "sel"), DictResolver(records_for(sel=ed_key)))
     dmarc = dkim.DMARCResult("pass", "example.test", policy="reject", record_domain="example.test")
     parts = dkim.authentication_results_fragments(found, dmarc)
-    assert re.fullmatch(r"dkim=pass header\.d=example\.test header\.s=sel header\.b=\S{8}",
-                        parts[0]), parts[0]
+    # header.b: 8 characters of b=, quoted when "/" or "=" is among them (RFC 8601 2.2).
+    assert re.fullmatch(r'dkim=pass header\.d=example\.test header\.s=sel '
+                        r'header\.b=([A-Za-z0-9+]{8}|"[A-Za-z0-9+/=]{8}")', parts[0]), parts[0]
     assert parts[1] == "dmarc=pass header.from=example.test policy.dmarc=reject"
     failed = dkim.DKIMResult("fail", "body hash did not verify", "example.test", "s")
     assert dkim.authentication_results_fragments([failed]) == [
@@ -638,8 +639,13 @@ def test_authentication_results_fragments(ed_key):
 
 
 def test_header_b_with_slashes_is_quoted():
-    result = dkim.DKIMResult("pass", domain="example.test", selector="s", b_text="ab/c=d\"x")
-    assert 'header.b="ab/c=d\\"x"' in dkim.authentication_results_fragments([result])[0]
+    # RFC 8601 2.2: a pvalue is a MIME token (no "/" or "=", RFC 2045 5.1) or a quoted-string.
+    def header_b(b_text):
+        result = dkim.DKIMResult("pass", domain="example.test", selector="s", b_text=b_text)
+        return dkim.authentication_results_fragments([result])[0].rpartition(" ")[2]
+    assert header_b("ab/c+d=x") == 'header.b="ab/c+d=x"'
+    assert header_b("ab/c=d\"x") == 'header.b="ab/c=d\\"x"'
+    assert header_b("Ab+9xYzQ") == "header.b=Ab+9xYzQ"
 
 
 # --- DMARC ---

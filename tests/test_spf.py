@@ -3,6 +3,7 @@ helpers, and real DNS through dnsmx against a dnsmasq the test starts (library a
 
 import email.parser
 import email.policy
+import re
 import socket
 import struct
 import subprocess
@@ -443,6 +444,37 @@ def test_authentication_results_header_per_rfc_8601():
     odd = check("192.0.2.1", '"odd user"@example.net', records)
     assert 'smtp.mailfrom="\\"odd user\\"@example.net"' in \
         spf.authentication_results_header("mx.example.org", odd)
+
+
+def test_authentication_results_values_are_tokens_addresses_or_quoted_strings():
+    # RFC 8601 2.2: value = token / quoted-string (RFC 2045 5.1); a pvalue may also be a bare
+    # [[local-part] "@"] domain-name, whose domain-name has two labels or more (RFC 6376 3.5).
+    value = spf.authres_value
+    assert value("mx.example.org") == "mx.example.org"
+    assert value("Ab+9xYzQ", address=True) == "Ab+9xYzQ"
+    assert value("ab/c+Z==", address=True) == '"ab/c+Z=="'        # "/" and "=" are tspecials
+    assert value("a/b=c@example.com", address=True) == "a/b=c@example.com"
+    assert value("@example.com", address=True) == "@example.com"
+    assert value("user@example.com") == '"user@example.com"'       # "@" only in a pvalue
+    assert value("user@localhost", address=True) == '"user@localhost"'
+    assert value("[192.0.2.1]", address=True) == '"[192.0.2.1]"'
+    assert value("") == '""'
+    assert value('say "hi" \\ bye\r\n') == '"say \\"hi\\" \\\\ bye"'
+    assert value("d\u00f6rte@example.com", address=True) == '"d\u00f6rte@example.com"'
+    assert value("x/" * 300) == '"%s..."' % ("x/" * 300)[:spf.MAX_HEADER_VALUE]
+
+
+@given(text=st.text(max_size=300), address=st.booleans())
+def test_an_authentication_results_value_is_one_line_and_reads_back(text, address):
+    value = spf.authres_value(text, address=address)
+    assert not set(value) & set("\r\n\x00")
+    quoted = re.fullmatch(r'"((?:[^"\\]|\\.)*)"', value)
+    if quoted:
+        value = re.sub(r"\\(.)", r"\1", quoted.group(1))
+    else:
+        assert not set(value) & set(' ;()"\\')
+    printable = "".join(char for char in text if char.isprintable())
+    assert value == printable or value == printable[:spf.MAX_HEADER_VALUE] + "..."
 
 
 def test_smtp_reply_refuses_fail_and_defers_temperror_only():
