@@ -1088,8 +1088,8 @@ def test_cli_refuses_empty_password_and_bad_usage(tmp_path):
     spool = tmp_path / "spool"
     empty = cli(spool, "add-user", "e@example.com", stdin="\n")
     assert empty.returncode == 1 and b"empty" in empty.stderr
-    assert cli(spool, "frobnicate").returncode == 2
-    assert cli(spool, "add-user").returncode == 2
+    assert cli(spool, "frobnicate").returncode == 64      # EX_USAGE, as every CLI here
+    assert cli(spool, "add-user").returncode == 64
 
 
 def test_cli_prompts_twice_on_a_terminal(monkeypatch, tmp_path, capsys):
