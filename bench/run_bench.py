@@ -277,6 +277,10 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for the JSON and text of each section (default: a temp dir)")
     parser.add_argument("--section-timeout", type=float, default=1500.0, help="seconds per section")
     parser.add_argument("--summarize", metavar="DIR", help="only print the table of a previous run")
+    parser.add_argument("--cpus", default="auto", choices=("auto", "none"),
+                        help="placement of our daemons in the smtp and pop3 sections, as run_all's "
+                             "--cpus (default auto: one CPU each; none: run_all's default, the "
+                             "system places them)")
     args = parser.parse_args(argv)
     if args.summarize:
         summarize(args.summarize)
@@ -290,19 +294,22 @@ def main(argv=None):
     repeats = 2 if args.quick else args.repeats
     seconds = "2" if args.quick else "3"
     python = sys.executable
-    print("# run_bench %s, loadavg %s, %d cores, results in %s"
-          % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(), out_dir), flush=True)
+    print("# run_bench %s, loadavg %s, %d cores, our daemons --cpus %s, results in %s"
+          % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(), args.cpus, out_dir),
+          flush=True)
     failed = []
     for section in sections:
         json_path = os.path.join(out_dir, section + ".json")
         if section == "smtp":
             command = [python, os.path.join(HERE, "smtp_bench.py"), "--postfix", "--pop3", "--aiosmtpd-executor", "0", "--modes", "session,reuse",
                        "--repeats", str(repeats), "--seconds", seconds,
-                       "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path]
+                       "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path,
+                       "--cpus", args.cpus]
             ok = run_section(section, command, out_dir, args.section_timeout)
         elif section == "pop3":
             command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
-                       "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path]
+                       "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path,
+                       "--cpus", args.cpus]
             workdir = tempfile.mkdtemp(prefix="run-bench-dovecot-")
             try:
                 with peers.Dovecot(workdir, small=1000, large=100) as dovecot:
