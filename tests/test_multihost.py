@@ -12,6 +12,7 @@ import email
 import importlib.util
 import os
 import poplib
+import random
 import shutil
 import smtplib
 import subprocess
@@ -321,10 +322,32 @@ def load_peers():
     return module
 
 
+def start_dns_on_port_53(records):
+    """dnsmasq serving records on port 53 of a loopback address of its own (127.53.X.Y; a
+    resolv.conf names a server without a port), with its queries logged."""
+    failure = None
+    for _ in range(5):
+        address = "127.53.%d.%d" % (random.randint(1, 254), random.randint(1, 254))
+        try:
+            return start_dnsmasq(records, host=address, port=53, log_queries=True)
+        except RuntimeError as exc:            # the address is taken: another one
+            failure = exc
+    raise failure
+
+
 def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
-    """Postfix reads MX records only through the system resolver, which tests never touch:
-    here it gets both hosts as a relayhost list (Postfix 3.5+), in one order, then the other."""
+    """Postfix finds shared.test's two MX hosts of equal preference in DNS, as any sender
+    would, and spreads its mail over them (RFC 5321 5.1). It asks only the system resolver:
+    it runs in a mount namespace of its own whose /etc/resolv.conf names a dnsmasq on
+    127.53.X.Y:53, which nothing outside the namespace sees. relayhost shared.test:PORT
+    (no brackets) looks up MX records and connects to each MX host on PORT, the one port
+    both hosts listen on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: Postfix drops to its own users, and its mount namespace "
+                    "(unshare, mount --bind) needs root too (CI runs as root)")
     require_tool("postfix", "postfix")
+    require_tool("unshare", "util-linux")
+    require_tool("mount", "mount")
     host_a, host_b, _, _ = cluster
     peers = load_peers()
     if peers.missing("postfix"):
@@ -333,28 +356,42 @@ def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
     # Postfix's own users must reach its folders: pytest's tmp_path is closed to them.
     workdir = tempfile.mkdtemp(prefix="multihost-postfix-")
     os.chmod(workdir, 0o755)
-    postfix = peers.Postfix(workdir, relay_port=host_a.smtp_port)
-    order = ["[%s]:%d" % (host.ip, host.smtp_port) for host in (host_a, host_b)]
-    postfix.settings({"relayhost": ", ".join(order), "smtp_helo_name": "postfix.sender.test"})
     subjects = ["postfix %02d" % n for n in range(40)]
+    records = [mx_host("shared.test", "mx-a.shared.test", 10),
+               mx_host("shared.test", "mx-b.shared.test", 10),
+               host_record("mx-a.shared.test", host_a.ip),
+               host_record("mx-b.shared.test", host_b.ip)]
     try:
-        postfix.start()
-        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
-            for subject in subjects[:20]:
-                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
-        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 20, 40,
-                 "Postfix's first half")
-        postfix.settings({"relayhost": ", ".join(reversed(order))})
-        postfix.reload()
-        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
-            for subject in subjects[20:]:
-                client.send_message(new_message("someone@sender.test", "postfix@shared.test", subject))
-        wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 40, 40,
-                 "Postfix's second half")
+        with start_dns_on_port_53(records) as dns:
+            resolv_conf = os.path.join(workdir, "resolv.conf")
+            with open(resolv_conf, "w") as f:
+                f.write("nameserver %s\noptions timeout:2 attempts:2\n" % dns.host)
+            os.chmod(resolv_conf, 0o644)
+            postfix = peers.Postfix(workdir, resolv_conf=resolv_conf)
+            postfix.settings({"relayhost": "shared.test:%d" % host_a.smtp_port,
+                              "relay_transport": "smtp", "default_transport": "smtp",
+                              "smtp_helo_name": "postfix.sender.test",
+                              # A new connection, and a new random pick, for each message.
+                              "smtp_connection_cache_on_demand": "no"})
+            try:
+                postfix.start()
+                with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+                    for subject in subjects:
+                        client.send_message(new_message("someone@sender.test",
+                                                        "postfix@shared.test", subject))
+                wait_for(lambda: len(maildir_subjects(host_a.store, "postfix@shared.test")) >= 40,
+                         40, "Postfix's messages")
+            finally:
+                postfix.stop()
+            queries = dns.log()
+            with open(os.path.join(workdir, "postfix.log"), errors="replace") as f:
+                postfix_log = f.read()
     finally:
-        postfix.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     time.sleep(1)
+    assert "query[MX] shared.test" in queries
+    for host in (host_a, host_b):
+        assert "relay=%s[%s]:%d" % (host.hostname, host.ip, host.smtp_port) in postfix_log
     found = maildir_subjects(host_a.store, "postfix@shared.test")
     assert sorted(found) == subjects
     assert log_count(host_a, "postfix@shared.test", "delivered") > 0
