@@ -66,8 +66,12 @@ class Host:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        for port in (self.smtp_port, self.submission_port, self.pop3_port):
-            self.wait_for_port(port)
+        try:
+            for port in (self.smtp_port, self.submission_port, self.pop3_port):
+                self.wait_for_port(port)
+        except AssertionError:
+            self.kill()                # what did start would outlive the test
+            raise
 
     def wait_for_port(self, port, timeout=20.0):
         until = time.monotonic() + timeout
