@@ -12,8 +12,11 @@ under the folder the roles' `store` setting names (one store several hosts share
 
 Delivery writes tmp/NAME, fsyncs it, renames it into new/ and fsyncs new/ (the Maildir
 rule), so any Maildir reader (mutt, Dovecot) can open the mailbox. In new/ the name is
-"SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>":
-sizes come from the name, without a stat of each file; they are counted while the message
+"SECONDS.M<usec>P<pid>Q<counter>R<random>.<host>,S=<file size>,W=<size with CRLF>",
+or, for the router's deliveries, "SECONDS.M<usec>I<queue id>R<recipient digest>.<host>,..."
+with the time the message arrived: one name for every attempt, so that an attempt
+repeated after a crash finds the first one's file and delivers nothing (maildir_deliver).
+Sizes come from the name, without a stat of each file; they are counted while the message
 is copied in blocks, so a message is never held whole in memory to be delivered. A message keeps the bytes it came
 with (CRLF or LF line ends); W= is the size POP3 sends (RFC 1939 11: CRLF line ends).
 A delivery that dies half-way leaves its file in tmp/; remove_stale_tmp() (run hourly by
@@ -56,7 +59,7 @@ import dnsmx
 import plumbing
 
 __all__ = [
-    "AddressError", "AliasLoop", "AliasTooBig", "CRLFSize", "Mailbox", "MailboxBusy",
+    "AddressError", "AliasLoop", "AlreadyDelivered", "AliasTooBig", "CRLFSize", "Mailbox", "MailboxBusy",
     "MessageInfo", "Store",
     "UnknownUser", "canonical_address", "crlf_size", "fsync_dir", "hash_password",
     "lock_file", "maildir_deliver", "main", "make_dirs", "make_maildir", "verify_password",
@@ -79,6 +82,7 @@ MAX_ALIAS_RECIPIENTS = 1000        # final recipients of one address before Alia
                                    # (Postfix's virtual_alias_expansion_limit)
 MAX_PASSWORD = 1024                # characters; longer is refused before hashing
 MAX_UIDL = 70                      # RFC 1939 7: unique-id is 1 to 70 characters
+DELIVERY_ID_PATTERN = re.compile(r"[0-9A-Za-z]{1,64}\Z")    # a delivery id in a Maildir name
 UIDL_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}\Z" % MAX_UIDL)     # RFC 1939 7
 READ_BLOCK = 256 * 1024            # bytes read from a message file at a time
 # Maildir spec (cr.yp.to/proto/maildir.html): a tmp/ file not accessed for 36 hours is a
@@ -136,6 +140,15 @@ class _HashChanged(Exception):
 
 class MailboxBusy(Exception):
     """The maildrop is locked by another session (RFC 2449 8.1.1 [IN-USE])."""
+
+
+class AlreadyDelivered(Exception):
+    """A delivery with this delivery id is in the Maildir already (at .path): an earlier
+    attempt got it there, and its result was lost (a crash before it was recorded)."""
+
+    def __init__(self, path):
+        super().__init__("already delivered as %s" % path)
+        self.path = path
 
 
 class MessageInfo:
@@ -886,7 +899,9 @@ def make_maildir(path: str) -> None:
         make_dirs(os.path.join(path, sub))
 
 
-def maildir_deliver(maildir: str, message, hostname: Optional[str] = None) -> str:
+def maildir_deliver(maildir: str, message, hostname: Optional[str] = None,
+                    delivery_id: Optional[str] = None, arrival: Optional[float] = None,
+                    look_in_cur: bool = False) -> str:
     """Write message durably into the Maildir at maildir; return the path of the new file.
 
     message is bytes, or an iterable of bytes blocks copied one at a time (a message
@@ -895,17 +910,66 @@ def maildir_deliver(maildir: str, message, hostname: Optional[str] = None) -> st
     (the sizes POP3 needs, counted while copying), new/ fsync'd; a failure leaves nothing
     behind. The Maildir is created when missing. NAME is unique across processes and hosts
     (hostname, default this host's name, is part of it).
+
+    Without delivery_id NAME is new each time: "SECONDS.M<usec>P<pid>Q<counter>R<random>.
+    <host>". With one (letters and digits; the router gives the queue id and a digest of
+    the recipient) NAME is the same for every attempt of that delivery: "SECONDS.M<usec>
+    I<delivery id>.<host>", its time arrival (when the message came; time.time() form).
+    Before the rename the file is looked for in new/, and with look_in_cur in cur/ too
+    (where a reader may have moved it); when it is there, nothing is delivered and
+    AlreadyDelivered is raised. So an attempt repeated after a crash that came between the
+    rename and the record of it does not deliver the message twice. What this cannot
+    catch: a copy that a reader has deleted meanwhile (a POP3 DELE between the crash and
+    the next attempt), or one moved to cur/ when look_in_cur is off.
     """
+    host = _maildir_host(hostname or socket.gethostname())
     now = time.time_ns() // 1000
-    base = "%d.M%06dP%dQ%dR%s.%s" % (
-        now // 1_000_000, now % 1_000_000, os.getpid(), next(_delivery_counter),
-        secrets.token_hex(8), _maildir_host(hostname or socket.gethostname()))
+    unique = "P%dQ%dR%s" % (os.getpid(), next(_delivery_counter), secrets.token_hex(8))
+    if delivery_id is None:
+        base = "%d.M%06d%s.%s" % (now // 1_000_000, now % 1_000_000, unique, host)
+    else:
+        if not DELIVERY_ID_PATTERN.match(delivery_id) or arrival is None:
+            raise ValueError("a delivery id is letters and digits, with an arrival time")
+        micros = round(arrival * 1_000_000)
+        base = "%d.M%06dI%s.%s" % (micros // 1_000_000, micros % 1_000_000, delivery_id, host)
     new = os.path.join(maildir, "new")
+
+    def final(size, crlf):
+        path = os.path.join(new, "%s,S=%d,W=%d" % (base, size, crlf))
+        if delivery_id is not None:
+            found = _delivered_as(maildir, path, look_in_cur)
+            if found:
+                raise AlreadyDelivered(found)
+        return path
+    # The temporary name is new each time: an attempt cut short leaves its own debris.
+    temporary = os.path.join(maildir, "tmp", "%d.M%06d%s.%s" % (now // 1_000_000,
+                                                               now % 1_000_000, unique, host))
     # The mailbox's first message makes its folders. (Looking before each delivery would
     # cost three stat() calls every time.)
-    return _write_durably(os.path.join(maildir, "tmp", base),
-                          lambda size, crlf: os.path.join(new, "%s,S=%d,W=%d" % (base, size, crlf)),
-                          message, 0o600, make_folders=lambda: make_maildir(maildir))
+    return _write_durably(temporary, final, message, 0o600,
+                          make_folders=lambda: make_maildir(maildir))
+
+
+def _delivered_as(maildir, path, look_in_cur):
+    """The path under which the message that path names (in new/) is in the Maildir
+    already, or None. new/ costs one stat. cur/ is read from the Maildir index while cur/
+    is as the index saw it, else listed: a stale index hides nothing."""
+    if os.path.exists(path):
+        return path
+    if not look_in_cur:
+        return None
+    base = _unique_part(os.path.basename(path))
+    cur = os.path.join(maildir, "cur")
+    try:
+        st = os.stat(cur)
+    except FileNotFoundError:
+        return None
+    index = _read_index(maildir)
+    if index is not None and index[0].partition(";")[2] == "%d,%d" % (st.st_mtime_ns, st.st_ino):
+        names = itertools.compress(index[1].names, index[1].in_cur)
+    else:
+        names = os.listdir(cur)
+    return next((os.path.join(cur, name) for name in names if _unique_part(name) == base), None)
 
 
 def _name_fields(name):
@@ -1628,13 +1692,15 @@ class Store:
         return (local == "postmaster" and not tables.users
                 and (domain in self.domains or domain in tables.user_domains))
 
-    def deliver(self, user: str, message, return_path: str) -> str:
+    def deliver(self, user: str, message, return_path: str, delivery_id: Optional[str] = None,
+                arrival: Optional[float] = None, look_in_cur: bool = False) -> str:
         """Deliver durably into user's Maildir; return the path of the new file.
 
-        message is bytes or an iterable of bytes blocks (see maildir_deliver). Prepends
-        Return-Path and Delivered-To (RFC 5321 4.4) in the line ending of the message's
-        first line (LF when its first block holds no line end). Raises UnknownUser when
-        user has no mailbox, OSError on disk trouble.
+        message is bytes or an iterable of bytes blocks (see maildir_deliver, which also
+        says what delivery_id, arrival and look_in_cur do). Prepends Return-Path and
+        Delivered-To (RFC 5321 4.4) in the line ending of the message's first line (LF when
+        its first block holds no line end). Raises UnknownUser when user has no mailbox,
+        AlreadyDelivered when delivery_id is in the Maildir already, OSError on disk trouble.
         """
         user = canonical_address(user)
         tables = self._tables()
@@ -1651,7 +1717,8 @@ class Store:
                   + b"Delivered-To: " + user.encode("utf-8") + eol)
         # With the first block: a message of one block is written with one write().
         content = header + message if whole else itertools.chain((header + first,), blocks)
-        return maildir_deliver(self.maildir_path(user), content, self.hostname)
+        return maildir_deliver(self.maildir_path(user), content, self.hostname, delivery_id,
+                               arrival, look_in_cur)
 
     # -- authentication --
 

@@ -97,8 +97,11 @@ Durability and concurrency:
   file is still at its name (the holder before may have moved it), so several threads or
   router processes on one spool never handle one message at once. The kernel drops the
   lock of a killed process: nothing is left stuck.
-- After a crash a recipient is delivered twice only when the crash fell between its
-  delivery and the write() of its "delivered" record (or the removal of the file).
+- A crash between a local delivery and the write() of its "delivered" record (or the
+  removal of the file) does not deliver that recipient twice: the Maildir file's name is
+  the same at every attempt (Router.deliver), and the next attempt finds it and records
+  the recipient as delivered. A remote recipient is sent twice when the crash fell
+  between the remote 250 and its record (RFC 5321 6.1 allows the duplicate).
 - The router is also the queue manager: smtp_out needs it running for its retries.
 - Each daemon binds SPOOL/run/ROLE.PID.N.sock; wake(spool, role) sends a datagram to every
   socket of the role, removing those whose process is gone. A woken daemon lists its
@@ -141,6 +144,7 @@ import email.utils
 import errno
 import fcntl
 import getpass
+import hashlib
 import heapq
 import itertools
 import json
@@ -180,6 +184,7 @@ __all__ = [
 
 # Timing, in seconds.
 HOP_LIMIT = 50                     # Received: fields; RFC 5321 6.3 counts them (Postfix: 50)
+RECIPIENT_DIGEST = 8               # hex digits of the recipient's digest in a delivery id
 QUEUE_LIFETIME = 5 * 86400         # RFC 5321 4.5.4.1: give up after at least 4-5 days
 DELAY_WARNING = 4 * 3600           # first "delayed" DSN (RFC 3464 2.3.3)
 # Waits after the 1st, 2nd, ... failed attempt, the last one repeating (see retry_delay()).
@@ -251,6 +256,7 @@ MAX_PENDING_PIECES = 64            # a QueueWriter writes once this many pieces 
 # Replies recorded for recipients the router fails or defers; the enhanced status code
 # (RFC 3463) in each becomes the DSN's Status field.
 R250_DELIVERED = "250 2.0.0 Delivered to maildir"
+R250_ALREADY_DELIVERED = "250 2.0.0 Already in the maildir (an earlier attempt), not delivered again"
 R451_LOCAL_ERROR = "451 4.3.0 Local delivery failed: %s"
 R452_SYSTEM_FULL = "452 4.3.1 Insufficient system storage"
 R452_MAILBOX_FULL = "452 4.2.2 Mailbox full"
@@ -1815,6 +1821,7 @@ class Router:
         self.queue = queue
         self.store = store
         self.hop_limit = hop_limit
+        self.started = queue.clock()   # mail that came before may have been cut short
         self.relay_domains = relay_domain_set(relay_domains)
         self.next_sweep = 0.0          # time.monotonic() of the next sweep_tmp()
         self.sweeper = None            # the thread of the last sweep_tmp()
@@ -1931,10 +1938,24 @@ class Router:
         return address.rpartition("@")[2].lower().rstrip(".") in self.relay_domains
 
     def deliver(self, claim: Claim, recipient: Recipient):
-        """Maildir delivery through mailbox_store, then the recipient's state record."""
+        """Maildir delivery through mailbox_store, then the recipient's state record.
+
+        The Maildir file is named after this host, the queue id and the recipient (see
+        delivery_id()), the same name at every attempt: an attempt that finds it there
+        (the last one's record was lost with a crash) records the recipient as delivered
+        and delivers nothing. A reader may have moved it to cur/ meanwhile, so cur/ is
+        looked at too when an earlier attempt may have got that far: the message was tried
+        before, or came before this router started (a router that died may have had it).
+        """
+        envelope = claim.envelope
+        earlier = recipient.attempts > 0 or envelope.arrival <= self.started
         try:
             # Copied from the queue file in blocks: the message is never whole in memory.
-            self.store.deliver(recipient.address, claim.message.blocks(), claim.envelope.sender)
+            self.store.deliver(recipient.address, claim.message.blocks(), envelope.sender,
+                               delivery_id(claim.queue_id, recipient.address), envelope.arrival,
+                               look_in_cur=earlier)
+        except mailbox_store.AlreadyDelivered:
+            claim.delivered(recipient, R250_ALREADY_DELIVERED)
         except mailbox_store.UnknownUser:
             claim.failed(recipient, R550_USER_UNKNOWN)     # removed since it was routed
         except mailbox_store.AddressError:
@@ -1943,6 +1964,14 @@ class Router:
             claim.deferred(recipient, local_error_reply(exc))
         else:
             claim.delivered(recipient, R250_DELIVERED)
+
+
+def delivery_id(queue_id: str, address: str) -> str:
+    """The name of one local delivery in the Maildir (mailbox_store.maildir_deliver): the
+    queue id, unique on this host (the Maildir name adds the host's name), and a digest of
+    the recipient, short enough for a POP3 UIDL (RFC 1939 7: at most 70 characters)."""
+    digest = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()
+    return "%sR%s" % (queue_id, digest[:RECIPIENT_DIGEST])
 
 
 def relay_domain_set(domains: Iterable[str]) -> frozenset:

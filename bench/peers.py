@@ -5,7 +5,9 @@ and stopped from here, on 127.0.0.1 only.
   postfix    a separate Postfix instance (never the system's): its only listener is
              127.0.0.1:PORT, every recipient of bench.test goes by virtual(8) into one
              Maildir, fsync left on (the default); nothing can leave but, when asked, to a
-             relay on 127.0.0.1. Needs root (Postfix drops to its own users).
+             relay on 127.0.0.1, or to the MX hosts a DNS server on loopback names (in a
+             mount namespace of its own, see Postfix). Needs root (Postfix drops to its
+             own users).
   smtp-sink, smtp-source   Postfix's SMTP sink and load client (the postfix package).
   dovecot    Dovecot POP3 only, on 127.0.0.1:PORT, users bench0..15 (password benchpw)
              from a passwd-file, all reading one Maildir as uid nobody. Needs root.
@@ -27,6 +29,7 @@ Run:
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -164,9 +167,10 @@ def _nobody():
 
 # --- Postfix ---
 
-# main.cf of the benchmark instance. Loopback and IPv4 only, no DNS, no way out but the
-# relay; queue, data, mail and log under the instance's folder; the rest Postfix's defaults
-# (fsync of queue files and of each delivered file included).
+# main.cf of the benchmark instance. Loopback and IPv4 only, no DNS (unless the instance
+# has a resolv.conf of its own), no way out but the relay; queue, data, mail and log under
+# the instance's folder; the rest Postfix's defaults (fsync of queue files and of each
+# delivered file included).
 POSTFIX_MAIN = """\
 compatibility_level = 3.6
 config_directory = {run}/conf
@@ -187,7 +191,8 @@ myorigin = $myhostname
 mydestination = $myhostname
 smtpd_banner = $myhostname ESMTP
 smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
+smtp_dns_support_level = {dns}
+smtp_host_lookup = dns
 relayhost = {relayhost}
 default_transport = {transport}
 relay_transport = {transport}
@@ -237,12 +242,23 @@ POSTFIX_SERVICES = [
 class Postfix:
     """A throwaway Postfix instance in workdir: SMTP on 127.0.0.1:port, virtual delivery of
     every bench.test recipient into self.maildir; with relay_port, everything else goes by
-    smtp(8) to 127.0.0.1:relay_port, else nothing leaves."""
+    smtp(8) to 127.0.0.1:relay_port, else nothing leaves.
 
-    def __init__(self, workdir, port=None, relay_port=None):
+    With resolv_conf (a resolv.conf naming a DNS server on loopback, port 53), smtp(8) looks
+    MX and A records up, and the instance sees that file as /etc/resolv.conf: start() runs
+    it in a mount namespace of its own (unshare(1)) where the file is bound over
+    /etc/resolv.conf, which nothing outside the namespace sees. Postfix asks the system
+    resolver (libc) and no other; this way it asks the caller's server alone. The namespace
+    ends with the instance's last process (stop()). Needs unshare and mount (util-linux).
+    """
+
+    def __init__(self, workdir, port=None, relay_port=None, resolv_conf=None):
         problem = missing("postfix")
         if problem:
             raise PeerMissing(problem)
+        if resolv_conf and not (tool("unshare") and tool("mount")):
+            raise PeerMissing("unshare and mount not installed (apt-get install util-linux mount)")
+        self.resolv_conf = resolv_conf and os.path.abspath(resolv_conf)
         self.run = os.path.abspath(workdir)
         self.port = port or free_port()
         self.conf = os.path.join(self.run, "conf")
@@ -262,7 +278,8 @@ class Postfix:
         transport = "smtp" if relay_port else "error:nothing leaves the benchmark instance"
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.write(POSTFIX_MAIN.format(run=self.run, port=self.port, relayhost=relay,
-                                        transport=transport, uid=uid, gid=gid))
+                                        transport=transport, uid=uid, gid=gid,
+                                        dns="enabled" if resolv_conf else "disabled"))
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             for service in POSTFIX_SERVICES:
                 f.write("%-12s %-10s %-3s %-3s %-3s %-6s %-3s %s\n"
@@ -273,12 +290,19 @@ class Postfix:
     def start(self):
         """Start the master and wait until the listener greets; returns self."""
         # Without a tty, "postfix start" may fail without a word; script(1) gives it one.
-        command = "%s -c %s start" % (tool("postfix"), self.conf)
+        command = "%s -c %s start" % (shlex.quote(tool("postfix")), shlex.quote(self.conf))
+        if self.resolv_conf:
+            # The master (and every process it starts) stays in the new mount namespace.
+            command = "%s --mount --propagation private -- sh -c %s" % (
+                shlex.quote(tool("unshare")),
+                shlex.quote("%s --bind %s /etc/resolv.conf && exec %s" % (
+                    shlex.quote(tool("mount")), shlex.quote(self.resolv_conf), command)))
         if tool("script"):
             started = subprocess.run([tool("script"), "-qc", command, "/dev/null"],
                                      capture_output=True, text=True, timeout=60)
         else:
-            started = subprocess.run(command.split(), capture_output=True, text=True, timeout=60)
+            started = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                     timeout=60)
         if started.returncode != 0 or not wait_port(self.port):
             self.stop()
             raise PeerMissing("postfix did not start (see %s/postfix.log): %s"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from support import ROOT, free_port
+from support import ROOT, free_ports
 
 PASSWORD = "correct horse battery"     # every user the hosts' tests add
 DELIVERY_WAIT = 30.0                   # seconds a message may take to cross the hosts
@@ -37,8 +37,10 @@ class Host:
         self.spool = str(tmp_path / name)
         self.store = store or self.spool
         self.smtp_port = mx_port
-        self.submission_port = free_port(ip)
-        self.pop3_port = free_port(ip)
+        # Chosen together, and other than the MX port: two free_port() calls may get one
+        # port twice (run_all then refuses to start).
+        self.submission_port, self.pop3_port = [
+            port for port in free_ports(3, ip) if port != mx_port][:2]
         self.dns = dns
         self.log_path = str(tmp_path / (name + ".log"))
         self.config_path = None
@@ -64,8 +66,12 @@ class Host:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        for port in (self.smtp_port, self.submission_port, self.pop3_port):
-            self.wait_for_port(port)
+        try:
+            for port in (self.smtp_port, self.submission_port, self.pop3_port):
+                self.wait_for_port(port)
+        except AssertionError:
+            self.kill()                # what did start would outlive the test
+            raise
 
     def wait_for_port(self, port, timeout=20.0):
         until = time.monotonic() + timeout

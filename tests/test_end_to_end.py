@@ -46,9 +46,9 @@ def internet(tmp_path):
         host_a.add_user("alice@bendcable.com")
         host_b.add_user("gregoryway@blockallspam.com")
         host_b.add_user("gregoryway@backup.test")
-        host_a.start()
-        host_b.start()
         try:
+            host_a.start()
+            host_b.start()
             yield host_a, host_b
         finally:
             host_a.stop()

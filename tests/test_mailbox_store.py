@@ -679,9 +679,9 @@ def test_store_delivery_goes_through_maildir_deliver(people, monkeypatch):
     calls = []
     real = mailbox_store.maildir_deliver
 
-    def recording(maildir, message, hostname=None):
+    def recording(maildir, message, hostname=None, *once):
         calls.append((maildir, hostname))
-        return real(maildir, message, hostname)
+        return real(maildir, message, hostname, *once)
     monkeypatch.setattr(mailbox_store, "maildir_deliver", recording)
     people.deliver("alice@example.com", b"x\r\n", "")
     assert calls == [(people.maildir_path("alice@example.com"), "mx.example.com")]
@@ -882,6 +882,57 @@ def plain(maildir):
     return [("cur" if listing.in_cur[n] else "new", name, listing.sizes[n], listing.file_sizes[n],
              mailbox_store._uid_for(mailbox_store._unique_part(name)))
             for n, name in enumerate(listing.names)]
+
+
+# --- One delivery, one file: a delivery id names the file the same at every attempt ---
+
+ONCE = dict(delivery_id="018A5F3C2B1D04E7A2R1a2b3c4d", arrival=1700000000.25)
+
+
+def test_a_delivery_id_names_the_file_the_same_at_every_attempt(people):
+    maildir = people.maildir_path("alice@example.com")
+    path = people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "a@b.test", **ONCE)
+    assert os.path.basename(path).startswith(
+        "1700000000.M250000I018A5F3C2B1D04E7A2R1a2b3c4d.mx.example.com,S=")
+    # The attempt repeated after a crash that came before its result was recorded.
+    with pytest.raises(mailbox_store.AlreadyDelivered) as again:
+        people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "a@b.test", **ONCE)
+    assert again.value.path == path
+    assert os.listdir(os.path.join(maildir, "new")) == [os.path.basename(path)]
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    # Another recipient's (or another host's) delivery of the same message is its own.
+    other = people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "a@b.test",
+                           delivery_id="018A5F3C2B1D04E7A2R99999999", arrival=ONCE["arrival"])
+    assert other != path
+    uids = [uid for *_, uid in opened(people)]
+    assert uids == sorted(os.path.basename(p).split(",")[0] for p in (path, other))
+    assert all(mailbox_store.UIDL_PATTERN.match(uid) for uid in uids)
+    with pytest.raises(ValueError):
+        people.deliver("alice@example.com", b"x\r\n", "", delivery_id="no/slash", arrival=1.0)
+
+
+def test_a_delivery_a_reader_moved_to_cur_is_found_there_past_a_stale_index(people):
+    maildir = people.maildir_path("alice@example.com")
+    path = people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "", **ONCE)
+    settle(maildir)
+    assert len(opened(people)) == 1                    # writes an index that is trusted
+    # A reader files it as seen: cur/ changes after the index was written.
+    seen = os.path.join(maildir, "cur", os.path.basename(path) + ":2,S")
+    os.rename(path, seen)
+    with pytest.raises(mailbox_store.AlreadyDelivered) as again:
+        people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "",
+                       look_in_cur=True, **ONCE)
+    assert again.value.path == seen
+    # Found through an index that lists cur/ as it is now, too.
+    settle(maildir)
+    assert len(opened(people)) == 1
+    with pytest.raises(mailbox_store.AlreadyDelivered) as again:
+        people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "",
+                       look_in_cur=True, **ONCE)
+    assert again.value.path == seen
+    # Without look_in_cur only new/ is looked at (one stat): the documented limit.
+    people.deliver("alice@example.com", b"Subject: once\r\n\r\nbody\r\n", "", **ONCE)
+    assert len(opened(people)) == 2
 
 
 def foreign_file(maildir, sub, name, data):
