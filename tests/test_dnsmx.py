@@ -241,7 +241,10 @@ def test_non_ascii_name_is_idna_encoded():
     ("xn--.\u00fc" + "x" * 70 + ".test", "IDNA"),
 ])
 def test_bad_names_are_refused_before_sending(name, reason):
-    with ScriptedServer(lambda query: [("right", make_reply(query, rcode=dnsmx.NXDOMAIN))]) as server:
+    def nxdomain(query):
+        return [("right", make_reply(query, rcode=dnsmx.NXDOMAIN))]
+
+    with ScriptedServer(nxdomain) as server:
         resolver = dnsmx.Resolver([server.address], timeout=2, attempts=1)
         with pytest.raises(dnsmx.DNSNameError, match=reason) as caught:
             resolver.resolve(name, "A")
