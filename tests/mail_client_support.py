@@ -283,12 +283,13 @@ class ScriptedPOP3:
                 data = b"-ERR [SYS/TEMP] unavailable\r\n" if response is None else b"+OK\r\n" + response
                 for start in range(0, len(data), self.chunk):
                     connection.sendall(data[start:start + self.chunk])
-                    time.sleep(0.0005)
+                    time.sleep(0.0005)         # a trickle, the peer played: chunks apart
             elif verb == "CAPA" and self.stls_reply is not None:
                 connection.sendall(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n")
             elif verb == "STLS" and self.stls_reply is not None:
                 connection.sendall(self.stls_reply)
-                time.sleep(0.5)
+                while connection.recv(4096):           # open until the client leaves
+                    pass
                 return
             elif verb in ("USER", "PASS", "DELE", "NOOP"):
                 connection.sendall(b"+OK\r\n")

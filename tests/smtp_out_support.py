@@ -133,7 +133,7 @@ class SinkHandler(plumbing.ConnectionHandler):
                 if script.stall == "end":
                     return self.stall()
                 if script.end_delay:
-                    time.sleep(script.end_delay)
+                    time.sleep(script.end_delay)       # a slow server, the peer played
                 reply = script.end_reply
                 if reply.startswith("250"):
                     server.record(Received(mail_from, params, rcpt_to, data, self.helo,
@@ -188,8 +188,9 @@ class SinkHandler(plumbing.ConnectionHandler):
         return line.data.decode() if line is not None else "*"
 
     def stall(self):
+        """Say nothing more for stall_seconds, or until the sink stops."""
         self.flush()
-        time.sleep(self.server.script.stall_seconds)
+        self.server.stopping.wait(self.server.script.stall_seconds)
 
 
 class Sink(plumbing.ThreadedServer):

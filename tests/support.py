@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,6 +19,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Seconds a busy machine (two cores, other work beside the suite) may add to a wait timed by
+# the wall clock. A test that a timeout or a penalty ends in time bounds it by the configured
+# seconds plus SLACK, set up so that the wrong behaviour would take far longer. How fast
+# something is gets measured by bench/, never by a timed test.
+SLACK = 3.0
 
 
 def require_tool(name, package=None):
@@ -83,12 +90,27 @@ def listening_port(process, pattern, seconds=20.0):
 
 
 def openssl_starttls(openssl, port, protocol, lines):
-    """Run `openssl s_client -starttls PROTOCOL` and type lines once the handshake is done."""
+    """Run `openssl s_client -starttls PROTOCOL` and type lines once the handshake is done
+    (typing earlier races its STARTTLS dialogue): -brief says when, and is quiet otherwise."""
     client = subprocess.Popen(
         [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-starttls", protocol,
-         "-crlf", "-quiet", "-nocommands", "-verify_quiet"],
+         "-crlf", "-brief", "-ign_eof", "-nocommands", "-verify_quiet"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)    # s_client reads stdin at once; typing early races its STARTTLS dialogue
+    watchdog = threading.Timer(20, client.kill)       # a handshake that never ends
+    watchdog.start()
+    said = []
+    try:
+        for line in iter(client.stderr.readline, b""):
+            said.append(line)
+            if line.startswith(b"CONNECTION ESTABLISHED"):
+                break
+    finally:
+        watchdog.cancel()
+    if not said or not said[-1].startswith(b"CONNECTION ESTABLISHED"):
+        client.kill()
+        client.wait(20)
+        pytest.fail("openssl s_client made no TLS connection:\n%s"
+                    % b"".join(said).decode(errors="replace"))
     stdout, _ = client.communicate(lines, timeout=20)
     return stdout
 

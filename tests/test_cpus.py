@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import plumbing
 import run_all
-from support import ROOT
+from support import ROOT, wait_for
 from test_run_all import ports_args, run_all as run_all_command, start, stop, wait_for_text
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
@@ -79,9 +78,11 @@ def test_every_daemon_and_all_its_threads_keep_to_the_cpu_given(tmp_path, role):
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         wait_for_text(log_path, READY[role])
-        time.sleep(0.2)                # the worker threads start as the daemon comes up
-        threads = thread_cpus(process.pid)
-        assert len(threads) > 1
+
+        def with_workers():            # the worker threads start as the daemon comes up
+            threads = thread_cpus(process.pid)
+            return threads if len(threads) > 1 else None
+        threads = wait_for(with_workers, 10, "a thread beside the main one")
         assert set(threads.values()) == {cpu}
         assert "config: cpus=%s" % cpu in log_path.read_text()
     finally:

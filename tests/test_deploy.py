@@ -354,8 +354,8 @@ def test_a_user_that_cannot_reach_the_spool_is_refused_at_check():
 
 
 def test_a_daemon_that_cannot_become_its_user_says_so_in_one_line(base):
-    for role, extra in (("smtp_in.py", ["--listen", "127.0.0.1:%d" % free_port()]),
-                        ("pop3d.py", ["--listen", "127.0.0.1:%d" % free_port()]),
+    for role, extra in (("smtp_in.py", ["--listen", "127.0.0.1:0"]),
+                        ("pop3d.py", ["--listen", "127.0.0.1:0"]),
                         ("mta.py", []), ("smtp_out.py", [])):
         result = tool(role, "--spool", os.path.join(base, "spool"), "--user", "no-such-user-here",
                       *extra)

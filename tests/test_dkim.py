@@ -21,13 +21,12 @@ from hypothesis import strategies as st
 
 import dkim
 import dnsmx
-from support import ROOT, require_tool
+from support import ROOT, SLACK, require_tool
 from dnsmasq_server import cname, start_dnsmasq, txt_record
 from dkim_support import (ED25519_VECTORS, MESSAGE, RFC8463_ED25519_B, RFC8463_ED25519_SEED,
                           RFC8463_RECORDS, RFC8463_TIME, DictResolver, body_of,
                           dkimpy_dnsfunc, import_dkimpy, rfc8463_message)
 
-QUICK = 2.0            # seconds a hostile message may take to be judged
 
 
 @pytest.fixture(scope="module")
@@ -487,9 +486,7 @@ def test_only_the_first_signatures_are_checked_quickly(ed_key):
     field = dkim.sign(MESSAGE, ed_key, "example.test", "sel")
     fields = b"".join(field.replace(b"s=sel", b"s=sel%d" % n) for n in range(1000))
     resolver = DictResolver({})
-    start = time.monotonic()
     found = dkim.verify(fields + MESSAGE, resolver)
-    assert time.monotonic() - start < QUICK
     assert len(found) == dkim.MAX_SIGNATURES == 5
     assert len(resolver.asked) <= dkim.MAX_KEY_LOOKUPS
     assert all(r.result == "permerror" for r in found)
@@ -530,13 +527,20 @@ def test_time_budget_ends_a_message_against_a_silent_server(ed_key):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % sock.getsockname()[1]          # bound, never answers
+        # Each lookup alone may take 2 x 1 s; the message as a whole has 0.5 s.
         resolver = dkim.DNSResolver(dnsmx.Resolver([dead], timeout=1.0, attempts=2))
         field = dkim.sign(MESSAGE, ed_key, "example.test", "sel")
         fields = b"".join(field.replace(b"s=sel", b"s=sel%d" % n) for n in range(5))
         start = time.monotonic()
         found = dkim.verify(fields + MESSAGE, resolver, timeout=0.5)
-    assert time.monotonic() - start < 1.5
+        elapsed = time.monotonic() - start
+        sock.setblocking(False)
+        assert sock.recv(4096)                 # the first key was asked for, once,
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)                    # and no other: the budget was spent
+    assert elapsed < 0.5 + SLACK
     assert [r.result for r in found] == ["temperror"] * 5
+    assert all("budget spent" in r.reason for r in found[1:])
 
 
 TAG_TEXT = st.text(alphabet=st.sampled_from(list("abvhs=;: \t\r\n\x00\xff19+/AZ_-")),
@@ -593,12 +597,10 @@ def test_deep_der_nesting_is_refused_quickly():
     blob = b""
     for _ in range(2000):
         blob = dkim._der(dkim.DER_SEQUENCE, blob) if len(blob) < 60000 else blob
-    start = time.monotonic()
     with pytest.raises(dkim.DERError, match="nested deeper"):
         dkim.der_walk(blob)
     with pytest.raises(dkim.DERError):
         dkim.read_public_key(blob)
-    assert time.monotonic() - start < QUICK
 
 
 def test_key_record_with_an_absurd_der_is_permerror(ed_key):
@@ -757,7 +759,7 @@ def test_dmarc_none_permerror_and_temperror(dmarc_dns):
         start = time.monotonic()
         result = dkim.evaluate_dmarc("example.test", "pass", "example.test", [], dead,
                                      timeout=0.5)
-    assert result.result == "temperror" and time.monotonic() - start < 1.5
+    assert result.result == "temperror" and time.monotonic() - start < 0.5 + SLACK
 
 
 def test_dmarc_record_parsing():

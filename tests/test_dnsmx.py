@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import dnsmx
 from capture_dns_fixtures import BIG_TXT, ZONE
-from support import require_tool
+from support import SLACK, require_tool, wait_for
 from dnsmasq_server import start_dnsmasq, udp_and_tcp_sockets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -241,12 +241,19 @@ def test_non_ascii_name_is_idna_encoded():
     ("xn--.\u00fc" + "x" * 70 + ".test", "IDNA"),
 ])
 def test_bad_names_are_refused_before_sending(name, reason):
-    with ScriptedServer(lambda query: []) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.5, attempts=1)
+    def nxdomain(query):
+        return [("right", make_reply(query, rcode=dnsmx.NXDOMAIN))]
+
+    with ScriptedServer(nxdomain) as server:
+        resolver = dnsmx.Resolver([server.address], timeout=2, attempts=1)
         with pytest.raises(dnsmx.DNSNameError, match=reason) as caught:
             resolver.resolve(name, "A")
-        time.sleep(0.05)
-        assert server.queries == []
+        # A name that is sent, after: once it is answered, whatever was sent before it has
+        # been read too.
+        with pytest.raises(dnsmx.NXDomainError):
+            resolver.resolve("after.test", "A")
+        assert [question_of(query) for query in server.queries] == [wire_name("after.test")
+                                                                     + b"\x00\x01\x00\x01"]
     assert caught.value.permanent and isinstance(caught.value, ValueError)
 
 
@@ -749,7 +756,7 @@ def test_random_bytes_only_end_in_a_temporary_timeout():
         started = time.monotonic()
         with pytest.raises(dnsmx.DNSTimeoutError) as caught:
             resolver.resolve("example.test", "MX")
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 2 * 0.5 + SLACK
     assert not caught.value.permanent
 
 
@@ -784,13 +791,15 @@ def test_server_that_never_answers_fails_temporarily_within_the_bound():
         with pytest.raises(dnsmx.DNSTimeoutError) as caught:
             resolver.mx_hosts("example.test")
         elapsed = time.monotonic() - started
-    assert 0.35 < elapsed < 1.5
+        wait_for(lambda: len(server.queries) >= 2, 10, "the server to read both tries")
+        assert len(server.queries) == 2                  # attempts, and no more
+    assert 0.35 < elapsed < 2 * 0.2 + SLACK
     assert not caught.value.permanent and caught.value.status == "4.4.3"
 
 
 def test_each_call_may_cut_its_time_shorter_than_the_resolvers_lifetime():
     with ScriptedServer(lambda query: []) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=2.0, attempts=2)
+        resolver = dnsmx.Resolver([server.address], timeout=10.0, attempts=2)    # 20 s
         calls = [lambda: resolver.resolve("example.test", "A", lifetime=0.2),
                  lambda: resolver.query("example.test", "MX", lifetime=0.2),
                  lambda: resolver.txt("example.test", lifetime=0.2),
@@ -801,24 +810,24 @@ def test_each_call_may_cut_its_time_shorter_than_the_resolvers_lifetime():
             started = time.monotonic()
             with pytest.raises(dnsmx.DNSTimeoutError) as caught:
                 call()
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 0.2 + SLACK
             assert not caught.value.permanent
         dnsmx.set_default_resolver(resolver)
         try:
             started = time.monotonic()
             with pytest.raises(dnsmx.DNSTimeoutError):
                 dnsmx.txt("example.test", lifetime=0.2)
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 0.2 + SLACK
         finally:
             dnsmx.set_default_resolver(None)
 
 
 def test_closed_port_fails_fast_and_temporarily():
-    resolver = dnsmx.Resolver(["127.0.0.1:%d" % unused_udp_port()], timeout=2, attempts=1)
+    resolver = dnsmx.Resolver(["127.0.0.1:%d" % unused_udp_port()], timeout=30, attempts=1)
     started = time.monotonic()
     with pytest.raises(dnsmx.DNSTemporaryError):
         resolver.resolve("example.test", "MX")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < SLACK        # at the ICMP refusal, not the 30 s timeout
 
 
 def test_servfail_is_temporary_and_the_next_server_is_asked(dns_local):
@@ -896,7 +905,7 @@ def test_broken_tcp_fallback_is_temporary_and_bounded(behaviour):
         started = time.monotonic()
         with pytest.raises(dnsmx.DNSTemporaryError):
             resolver.resolve("big.test", "TXT")
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 0.3 + SLACK
 
 
 def test_server_without_edns_is_asked_again_without_it():
@@ -924,10 +933,7 @@ def test_each_query_uses_a_fresh_source_port_and_id():
         resolver = dnsmx.Resolver([server.address], timeout=0.05, attempts=4, lifetime=10)
         with pytest.raises(dnsmx.DNSTimeoutError):
             resolver.resolve("example.test", "MX")
-        for _ in range(100):                       # let the server read all four queries
-            if len(seen) == 4:
-                break
-            time.sleep(0.02)
+        wait_for(lambda: len(seen) >= 4, 10, "the server to read all four queries")
         ports = {client[1] for client in server.clients}
     assert len(seen) == 4 and len(set(seen)) >= 3 and len(ports) == 4
 

@@ -729,7 +729,7 @@ class FsyncLog:
 
     def __call__(self, path):
         begin = self.stamp()
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)       # a slow disk, the thing played
         end = self.stamp()
         self.fsyncs.append((begin, end))
         if self.fail:

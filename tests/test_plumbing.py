@@ -13,7 +13,7 @@ import time
 import pytest
 
 import plumbing
-from support import ROOT, openssl_starttls, require_tool, wait_for
+from support import ROOT, SLACK, openssl_starttls, require_tool, wait_for
 
 
 class EchoHandler(plumbing.ConnectionHandler):
@@ -106,7 +106,7 @@ def test_cr_split_across_packets_is_still_crlf(start_server):
     sock, f = connect(start_server())
     f.readline()
     sock.sendall(b"abc\r")
-    time.sleep(0.1)
+    time.sleep(0.1)            # two packets: what is tested (on a busy machine they may meet)
     sock.sendall(b"\nxyz\r\n")
     assert f.readline() == b"LINE CRLF abc\r\n"
     assert f.readline() == b"LINE CRLF xyz\r\n"
@@ -236,8 +236,8 @@ def test_session_deadline_ends_a_busy_client(start_server):
     f.readline()
     with pytest.raises(OSError):
         for _ in range(100):
-            sock.sendall(b"x" * 10)    # never a whole line, but never idle either
-            time.sleep(0.02)
+            sock.sendall(b"x" * 10)    # never a whole line, but never idle either:
+            time.sleep(0.02)           # the pace of a busy client is what is tested
     assert f.readline() == b"-ERR idle\r\n"
 
 
@@ -306,7 +306,8 @@ def test_a_reply_larger_than_the_socket_buffer_waits_for_a_slow_reader(start_ser
     f.readline()
     size = 16 * 1024 * 1024
     sock.sendall(b"BIG %d\r\nTHREAD\r\n" % size)
-    time.sleep(0.5)                    # the server's first send() fills the buffers; it waits
+    time.sleep(0.5)                    # a slow reader, what is tested: the server's first
+                                       # send() fills the buffers, and it must wait
     assert f.read(size + 2) == b"y" * size + b"\r\n"
     assert f.readline().startswith(b"+OK ")
     assert server.active_connections() == 1
@@ -420,10 +421,10 @@ def test_shutdown_tells_an_idle_session_and_closes_it(start_server):
     sock, f = connect(server)
     f.readline()
     started = time.monotonic()
-    server.stop(grace=3)
+    server.stop(grace=10)
     assert f.readline() == b"-ERR shutting down\r\n"
     assert f.read() == b""
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < SLACK          # at once, not at the end of the grace
     with pytest.raises(OSError):
         socket.create_connection(server.server_address, timeout=1)
 
@@ -434,13 +435,14 @@ def test_shutdown_lets_a_transaction_finish_within_the_grace(start_server):
     f.readline()
     sock.sendall(b"BEGIN\r\n")
     assert f.readline() == b"+OK in transaction\r\n"
-    stopper = threading.Thread(target=server.stop, kwargs={"grace": 3})
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
     stopper.start()
-    time.sleep(0.8)
+    wait_for(server.stopping.is_set, 10, "the server to begin stopping")
+    time.sleep(1.0)                    # the transaction goes on into the grace: what is tested
     sock.sendall(b"END\r\n")
     assert f.readline() == b"+OK done\r\n"
     assert f.readline() == b"-ERR shutting down\r\n"
-    stopper.join(5)
+    stopper.join(10)
     assert not stopper.is_alive()
 
 
@@ -452,7 +454,7 @@ def test_shutdown_cuts_sessions_left_after_the_grace(start_server):
     f.readline()
     started = time.monotonic()
     server.stop(grace=0.5)
-    assert time.monotonic() - started < 2
+    assert 0.5 <= time.monotonic() - started < 0.5 + SLACK
     assert f.read() == b""
 
 
@@ -594,7 +596,8 @@ def test_client_connection_bounds_each_step_and_fails_one_way(start_server, tls_
 
     client.open_socket("127.0.0.1", server.port, 5)
     client.send_bytes(b"STLS\r\nNOOP\r\n", 5, "sending STLS")
-    time.sleep(0.2)                                         # both replies arrive at once
+    wait_for(lambda: b"begin TLS" in client.sock.recv(256, socket.MSG_PEEK), 10,
+             "the greeting and the STLS reply, to be read in one go")
     assert client.read_line(64, 5, "greeting") == b"+OK ready"
     with pytest.raises(RuntimeError) as caught:
         client.handshake(context, "localhost", 5)           # "+OK begin TLS" is still unread

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mailbox_store
 import plumbing
 import pop3d
-from support import listening_port, require_tool
+from support import listening_port, require_tool, wait_for
 from support import openssl_starttls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,13 +275,14 @@ def test_dropped_connection_deletes_nothing_and_frees_the_lock(start, store):
     client.dele(2)
     client.file.close()
     client.sock.close()                                 # no QUIT: no UPDATE state
-    for _ in range(100):
+
+    def login_once_unlocked():
         try:
-            again = login(server)
-            break
+            return login(server)
         except poplib.error_proto as exc:
             assert b"IN-USE" in exc.args[0]
-            time.sleep(0.05)
+            return None
+    again = wait_for(login_once_unlocked, 10, "the dropped session to let the mailbox go")
     assert again.stat()[0] == 3
     again.quit()
     assert all(os.path.exists(p) for p in paths)
@@ -304,11 +305,7 @@ def test_a_session_lets_its_mailbox_go_when_it_ends(start, store, monkeypatch):
         client = login(server)
         assert client.stat()[0] == 3
         client.quit()
-        for _ in range(100):
-            if opened[0]() is None:
-                break
-            time.sleep(0.02)
-        assert opened[0]() is None
+        wait_for(lambda: opened[0]() is None, 10, "the mailbox to be let go")
     finally:
         gc.enable()
 
@@ -424,7 +421,8 @@ def test_an_old_n_2_14_hash_becomes_n_2_17_at_the_next_pop3_login(tmp_path, monk
 
 def test_each_failed_login_waits_longer(start):
     assert pop3d.POP3Server.__init__.__kwdefaults__["failure_delay"] is plumbing.auth_failure_delay
-    server = start(failure_delay=lambda failures: 0.15 * failures)
+    asked = []
+    server = start(failure_delay=lambda failures: asked.append(failures) or 0.15 * failures)
     raw = Raw(server)
     times = []
     for _ in range(2):
@@ -432,7 +430,8 @@ def test_each_failed_login_waits_longer(start):
         started = time.monotonic()
         raw.command("PASS wrong")
         times.append(time.monotonic() - started)
-    assert 0.14 <= times[0] < times[1] and times[1] >= 0.29
+    assert asked == [1, 2]                     # 0.15 s, then 0.3 s
+    assert times[0] >= 0.14 and times[1] >= 0.29, times
 
 
 def test_auth_plain_with_initial_response_continuation_and_cancel(start):

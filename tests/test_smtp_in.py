@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import mailbox_store
 import mta
 import smtp_in
-from support import listening_port, openssl_starttls, require_tool, wait_for
+from support import SLACK, listening_port, openssl_starttls, require_tool, wait_for
 from dnsmasq_server import host_record, ptr_record, start_dnsmasq
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, maildir_messages, message,
@@ -684,7 +684,7 @@ def test_crlf_dot_crlf_split_across_packets_ends_the_data(start_smtp, spool):
     client.command("DATA")
     for piece in (message() + b"..dotted\r", b"\n.", b"\r", b"\n"):
         client.send(piece)
-        time.sleep(0.05)
+        time.sleep(0.05)       # one packet each: what is tested (on a busy machine some meet)
     assert client.reply()[0] == 250
     assert spool_messages(spool)[0][2].endswith(b"Hello.\r\n.dotted\r\n")
 
@@ -1067,7 +1067,7 @@ def test_250_comes_only_after_the_queue_file_is_committed(start_smtp, spool, mon
     returned = []
 
     def slow_commit(self):
-        time.sleep(0.3)
+        time.sleep(0.3)        # a slow disk: a 250 sent before the commit would come first
         queue_id = real_commit(self)
         returned.append(time.monotonic())
         return queue_id
@@ -1201,7 +1201,7 @@ def test_slow_client_is_dropped_after_the_idle_timeout_while_others_work(start_s
         assert send_transaction(client, sender="fast%d@example.org" % n)[0] == 250
         client.command("QUIT")
     assert slow.reply() == (421, [smtp_in.R421_TIMEOUT])
-    assert 0.5 <= time.monotonic() - started < 3
+    assert 0.5 <= time.monotonic() - started < 0.6 + SLACK
     assert slow.at_eof()
     assert len(spool_messages(spool)) == 3
 
@@ -1220,10 +1220,10 @@ def test_session_time_limit(start_smtp):
     client = greeted(start_smtp(idle_timeout=5, session_timeout=0.8))
     started = time.monotonic()
     with pytest.raises(OSError):
-        for _ in range(200):
+        while time.monotonic() - started < 30:
             client.send("NOOP\r\n")
-            time.sleep(0.02)
-    assert time.monotonic() - started < 4
+            time.sleep(0.02)           # a busy client, never idle: what is tested
+    assert time.monotonic() - started < 0.8 + SLACK
 
 
 def test_fifty_concurrent_clients_ten_messages_each_arrive_once(start_smtp, spool):

@@ -19,7 +19,7 @@ import pytest
 import plumbing
 import run_all
 import smtp_in
-from support import listening_port, require_tool
+from support import SLACK, listening_port, require_tool
 from dnsmasq_server import host_record, start_dnsmasq, txt_record
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, USERS, RawClient, greeted, message, spool, spool_messages,
@@ -179,13 +179,13 @@ def test_temperror_in_tag_mode_only_adds_headers(start_smtp, dead_dns, caplog):
     server = start_smtp(spf="tag", dns=dead_dns.address, spf_timeout=SHORT_TIMEOUT)
     started = time.monotonic()
     data = send(server, "someone@allowed.test")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < SHORT_TIMEOUT + SLACK
     auth_results, received_spf, _ = trace_fields(data)
     assert "spf=temperror" in auth_results
     assert received_spf.startswith("Received-SPF: temperror (mx.example.com: error in "
                                    "processing during lookup of someone@allowed.test: TXT "
                                    "allowed.test: no answer from " + dead_dns.address)
-    assert dead_dns.questions() >= 1
+    assert dead_dns.questions() == 1           # one try: spf_timeout is shorter than a try
     logged = [r.getMessage() for r in caplog.records if r.name == "smtp_in"]
     assert any(line.startswith("spf: client=[127.0.0.1], helo='client.example.org', "
                                "from=<someone@allowed.test>, result=temperror (TXT ")
@@ -266,7 +266,8 @@ def test_temperror_in_reject_mode_is_451_4_7_24(start_smtp, dead_dns):
     client = greeted(server)
     started = time.monotonic()
     code, lines = client.command("MAIL FROM:<someone@allowed.test>")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < SHORT_TIMEOUT + SLACK
+    assert dead_dns.questions() == 1
     assert (code, lines) == (451, ["451 4.7.24 SPF check of the sender's domain failed for now,"
                                    " try again later"])
     assert client.command("RCPT TO:<bob@example.com>")[0] == 503     # no transaction began

@@ -17,11 +17,9 @@ from hypothesis import strategies as st
 
 import dnsmx
 import spf
-from support import ROOT, require_tool
+from support import ROOT, SLACK, require_tool
 from dnsmasq_server import host_record, mx_host, start_dnsmasq, txt_record
 from spf_support import ZoneResolver, ZoneServer, load_suite
-
-QUICK = 1.0            # seconds a hostile record may take to end, with an in-memory DNS
 
 
 def zone(records):
@@ -91,17 +89,17 @@ def test_suite_is_loaded_whole():
     assert len({case.id for case in SUITE}) == len(SUITE)
 
 
-# --- Hostile records: each ends quickly in permerror, never a hang or a traceback ---
+# --- Hostile records: each ends in permerror after a bounded number of lookups, never a
+# hang or a traceback ---
 
 
 def test_include_loop_is_permerror_quickly():
     resolver = zone({"a.example": [{"TXT": "v=spf1 include:b.example -all"}],
                      "b.example": [{"TXT": "v=spf1 include:c.example -all"}],
                      "c.example": [{"TXT": "v=spf1 include:a.example -all"}]})
-    result, elapsed = timed(check, "192.0.2.1", "x@a.example", resolver)
+    result = check("192.0.2.1", "x@a.example", resolver)
     assert result.result == "permerror"
     assert "loop" in result.problem
-    assert elapsed < QUICK
     assert len(resolver.queries) == 3
 
 
@@ -186,9 +184,8 @@ def test_five_thousand_character_record_is_permerror_quickly(record):
     records = {"long.example": [{"TXT": record}]}
     records.update({"host%d.example.test" % n: [{"A": "198.51.100.1"}] for n in range(400)})
     resolver = zone(records)
-    result, elapsed = timed(check, "192.0.2.200", "x@long.example", resolver)
+    result = check("192.0.2.200", "x@long.example", resolver)
     assert result.result == "permerror", result.trace[-3:]
-    assert elapsed < QUICK
     assert len(resolver.queries) <= 11
 
 
@@ -196,9 +193,8 @@ def test_macros_expanding_past_the_limit_are_permerror_without_a_query():
     sender = "x" * 60 + "@" + ".".join(["l" * 60] * 3) + ".example"
     record = "v=spf1 exists:" + "%{s}" * 30 + ".example -all"
     resolver = zone({sender.partition("@")[2]: [{"TXT": record}]})
-    result, elapsed = timed(check, "192.0.2.1", sender, resolver)
+    result = check("192.0.2.1", sender, resolver)
     assert result.result == "permerror" and "macro expansion" in result.problem
-    assert elapsed < QUICK
     assert len(resolver.queries) == 1
 
 
@@ -237,15 +233,17 @@ def test_huge_explanation_is_dropped_but_the_fail_stands():
 def test_slow_dns_ends_in_temperror_at_the_time_limit():
     class SlowResolver(ZoneResolver):
         def answer(self, name, rtype):
-            time.sleep(0.05)
+            time.sleep(0.05)        # a slow nameserver: at least 0.05 s per lookup
             return super().answer(name, rtype)
 
     records = {"i%d.example" % n: [{"TXT": "v=spf1 include:i%d.example" % (n + 1)}]
                for n in range(9)}
-    result, elapsed = timed(check, "192.0.2.1", "x@i0.example", SlowResolver(records),
-                            timeout=0.2)
+    resolver = SlowResolver(records)
+    result, elapsed = timed(check, "192.0.2.1", "x@i0.example", resolver, timeout=0.2)
     assert result.result == "temperror" and "within" in result.problem
-    assert elapsed < 1.0            # the limit, one slow lookup, and room for a busy machine
+    # Asked in the first 0.2 s, so at most 5 of the chain's 10: none after the limit.
+    assert len(resolver.queries) <= 5, resolver.queries
+    assert elapsed < 0.2 + SLACK
 
 
 def test_servfail_of_a_term_is_temperror_and_of_an_explanation_is_ignored():
@@ -585,10 +583,8 @@ def test_real_dns_null_sender_checks_helo(real_resolver):
 def test_real_dns_long_record_over_tcp_is_permerror(real_resolver):
     records = real_resolver.txt("long.test")
     assert len(records) == 1 and len(records[0]) >= 5000
-    result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@long.test", "h.example",
-                            real_resolver)
+    result = spf.check_sender("192.0.2.1", "a@long.test", "h.example", real_resolver)
     assert result.result == "permerror" and "more than 10" in result.problem
-    assert elapsed < 5
 
 
 def test_real_dns_unreachable_server_is_temperror_quickly():
@@ -599,19 +595,19 @@ def test_real_dns_unreachable_server_is_temperror_quickly():
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver)
     assert result.result == "temperror"
-    assert elapsed < 2
+    assert elapsed < 0.3 + SLACK
 
 
 def test_real_dns_check_ends_at_its_time_limit_however_long_each_lookup_may_take():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % sock.getsockname()[1]    # bound, never answers
-        # Each lookup alone may take 2 x 1.5 s; the check as a whole has 0.3 s.
-        resolver = spf.DNSResolver(dnsmx.Resolver([dead], timeout=1.5, attempts=2))
+        # Each lookup alone may take 2 x 10 s; the check as a whole has 0.3 s.
+        resolver = spf.DNSResolver(dnsmx.Resolver([dead], timeout=10, attempts=2))
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver, timeout=0.3)
     assert result.result == "temperror"
-    assert elapsed < 1.0
+    assert elapsed < 0.3 + SLACK
 
 
 class ServfailServer:
@@ -650,13 +646,13 @@ class ServfailServer:
 def test_real_dns_servfail_is_temperror():
     server = ServfailServer()
     try:
-        resolver = spf.DNSResolver(dnsmx.Resolver([server.address], timeout=0.5, attempts=1))
+        resolver = spf.DNSResolver(dnsmx.Resolver([server.address], timeout=30, attempts=1))
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver)
     finally:
         server.stop()
     assert result.result == "temperror" and "SERVFAIL" in result.problem
-    assert elapsed < 2
+    assert elapsed < SLACK                 # at the answer, not after the 30 s timeout
 
 
 # --- The command line, as a subprocess against dnsmasq ---
