@@ -117,6 +117,11 @@ class Host:
     def mta(self, *argv):
         return run_tool("mta.py", "--spool", self.spool, *argv)
 
+    def queue_is_empty(self):
+        """Nothing in this host's queue: no delivery, retry or bounce can come from it."""
+        return not any(os.listdir(os.path.join(self.spool, "queue", folder))
+                       for folder in ("incoming", "outbound", "deferred"))
+
     def pop3(self, user):
         """A POP3 session logged in as user; the caller quits it."""
         client = poplib.POP3(self.ip, self.pop3_port, timeout=10)

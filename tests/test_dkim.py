@@ -482,7 +482,7 @@ def test_l_longer_than_the_body_fails(ed_key):
 # --- Limits and hostile input ---
 
 
-def test_only_the_first_signatures_are_checked_quickly(ed_key):
+def test_only_the_first_signatures_are_checked(ed_key):
     field = dkim.sign(MESSAGE, ed_key, "example.test", "sel")
     fields = b"".join(field.replace(b"s=sel", b"s=sel%d" % n) for n in range(1000))
     resolver = DictResolver({})
@@ -593,7 +593,7 @@ def test_absurd_der_lengths_are_refused(blob, problem):
         dkim.der_walk(blob)
 
 
-def test_deep_der_nesting_is_refused_quickly():
+def test_deep_der_nesting_is_refused():
     blob = b""
     for _ in range(2000):
         blob = dkim._der(dkim.DER_SEQUENCE, blob) if len(blob) < 60000 else blob

@@ -167,11 +167,12 @@ def test_two_hosts_share_one_store_and_a_killed_host_loses_nothing(cluster):
     held = sum(len(os.listdir(os.path.join(host_b.spool, "queue", folder)))
                for folder in ("incoming", "deferred"))
     submit(sender, "sender@sender.test", "crowd@shared.test", second)
-    time.sleep(2)
+    time.sleep(2)              # B stays down a while: S's sessions to it fail meanwhile
     host_b.start()             # its queue holds what it acknowledged before it died
     wait_for(lambda: set(maildir_subjects(host_a.store, "crowd@shared.test")) >= set(subjects),
              DELIVERY_WAIT, "every message in the one Maildir")
-    time.sleep(3)              # retries that might still land twice
+    wait_for(lambda: all(host.queue_is_empty() for host in (sender, host_a, host_b)),
+             DELIVERY_WAIT, "every queue empty: no copy is still on its way")
     copies = maildir_copies(host_a.store, "crowd@shared.test")
     found = [subject for subject, _, _ in copies]
     # A message twice under one queue id: a host's router delivered it twice. Twice under
@@ -278,7 +279,7 @@ def test_mail_waits_in_the_local_queue_while_the_store_is_away(cluster):
     host_a.mta("flush")
     wait_for(lambda: len(maildir_subjects(host_a.store, "waiting@shared.test")) >= 5, 20,
              "the queued messages")
-    time.sleep(3)
+    wait_for(host_a.queue_is_empty, 20, "A's queue empty: nothing more on its way")
     found = maildir_subjects(host_a.store, "waiting@shared.test")
     assert sorted(found) == ["queued %d" % n for n in range(5)]
 
@@ -297,7 +298,8 @@ def test_backup_mx_keeps_the_mail_until_the_primary_returns(cluster):
     primary.start()
     wait_for(lambda: len(maildir_subjects(primary.store, "owner@backup.test")) >= 5, 30,
              "the held mail at the primary")
-    time.sleep(3)
+    wait_for(lambda: all(host.queue_is_empty() for host in (sender, host_b)), 30,
+             "the sender's and the backup's queues empty: nothing more on its way")
     assert sorted(maildir_subjects(primary.store, "owner@backup.test")) == subjects
     assert "loops back to myself" not in host_b.log()
 
@@ -414,7 +416,8 @@ def test_postfix_delivers_through_both_hosts_into_the_one_store(cluster):
                 postfix_log = f.read()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    time.sleep(1)
+    wait_for(lambda: host_a.queue_is_empty() and host_b.queue_is_empty(), 20,
+             "both hosts' queues empty: nothing more on its way")
     assert "query[MX] shared.test" in queries
     for host in (host_a, host_b):
         assert "relay=%s[%s]:%d" % (host.hostname, host.ip, host.smtp_port) in postfix_log
