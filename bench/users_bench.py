@@ -4,12 +4,12 @@
 For each user count (a users file of placeholder hashes, in a fresh spool) it prints:
 
 - add-user in-process: Store.add_user()'s own work - lock, read the file, check the name
-  is free, append one line, fsync - with the hash made beforehand (scrypt N=2^17 takes
-  about 0.4 s on its own and is printed apart, once). Beside it, the same step done the
+  is free, append one line, fsync - with the hash made beforehand (scrypt, N=2^14, r=8,
+  p=8, takes about 0.4 s on its own and is printed apart, once). Beside it, the same step done the
   plain way (parse, rewrite whole, fsync, rename, fsync the folder) for comparison;
 - add-user as a command: `python3 mailbox_store.py add-user` wall time, which includes the
   interpreter's start and the scrypt hash; "less start+hash" subtracts the time of a
-  fresh interpreter that imports mailbox_store and makes one hash (its 128 MiB are
+  fresh interpreter that imports mailbox_store and makes one hash (its 16 MiB are
   touched afresh in each process), measured in the same run;
 - pick-up: in a running Store (a role), the first lookup after another Store added a
   user (the new line alone is read), and after another Store changed a password (a
@@ -137,7 +137,7 @@ def main(argv=None):
     if not all(0 <= c <= 100000 for c in counts) or not 1 <= args.repeats <= 50:
         parser.error("user counts 0-100000, repeats 1-50")
     hashes = [timed(mailbox_store.hash_password, "bench") for _ in range(3)]
-    print("scrypt N=2^17 hash (excluded from in-process figures) %s ms" % summary(hashes))
+    print("scrypt hash (excluded from in-process figures) %s ms" % summary(hashes))
     colds = cold_hash(3)
     hash_ms = statistics.median(colds)
     print("python3 start + import + one hash, cold process  %s ms" % summary(colds))

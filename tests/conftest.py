@@ -20,19 +20,20 @@ def tls_files(tmp_path_factory):
     return cert, key
 
 
-TEST_SCRYPT_N = 2 ** 14                # the suite's password hashes: 40 ms each, not 400
+TEST_SCRYPT_N, TEST_SCRYPT_P = 2 ** 14, 1  # the suite's password hashes: 40 ms each, not 400
 
 
 @pytest.fixture(autouse=True, scope="session")
 def quick_password_hashes():
-    """Hashes made in this process use scrypt N=TEST_SCRYPT_N instead of the production
-    2^17 (mailbox_store.SCRYPT_N): the suite makes and checks many. The format is the same,
-    and roles started as processes keep the production value (upgrading on login)."""
+    """Hashes made in this process use scrypt N=TEST_SCRYPT_N, p=TEST_SCRYPT_P instead of
+    the production parameters (mailbox_store.SCRYPT_N, SCRYPT_P): the suite makes and checks
+    many. The format is the same, and roles started as processes keep the production values
+    (replacing the suite's hashes at login)."""
     import mailbox_store
-    production = mailbox_store.SCRYPT_N
-    mailbox_store.SCRYPT_N = TEST_SCRYPT_N
+    production = mailbox_store.SCRYPT_N, mailbox_store.SCRYPT_P
+    mailbox_store.SCRYPT_N, mailbox_store.SCRYPT_P = TEST_SCRYPT_N, TEST_SCRYPT_P
     yield
-    mailbox_store.SCRYPT_N = production
+    mailbox_store.SCRYPT_N, mailbox_store.SCRYPT_P = production
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -76,13 +76,14 @@ def test_users_file_holds_scrypt_hashes_with_their_parameters_and_mode_0600(stor
     assert "correct horse" not in text
     address, _, hashed = text.strip().rpartition(":")
     assert address == "alice@example.com"
-    assert hashed.startswith("$scrypt$n=%d,r=8,p=1$" % mailbox_store.SCRYPT_N)
+    assert hashed.startswith("$scrypt$n=%d,r=8,p=%d$" % (mailbox_store.SCRYPT_N,
+                                                        mailbox_store.SCRYPT_P))
 
 
-def test_new_hashes_use_scrypt_n_2_17_outside_the_test_suite(tmp_path):
+def test_new_hashes_use_scrypt_n_2_14_r_8_p_8_outside_the_test_suite(tmp_path):
     assert cli(tmp_path / "spool", "add-user", "alice@example.com", stdin="pw\n").returncode == 0
     hashed = open(os.path.join(str(tmp_path / "spool"), "users")).read().strip().split(":", 1)[1]
-    assert hashed.startswith("$scrypt$n=131072,r=8,p=1$")
+    assert hashed.startswith("$scrypt$n=16384,r=8,p=8$")
     assert mailbox_store.verify_password("pw", hashed)
 
 
@@ -102,7 +103,8 @@ def test_pbkdf2_hash_becomes_scrypt_at_the_next_login_and_a_wrong_password_chang
     assert users_line(store, "alice@example.com") == ["alice@example.com:" + old]
     assert store.authenticate("alice", "secret") == "alice@example.com"
     (line,) = users_line(store, "alice@example.com")
-    assert line.startswith("alice@example.com:$scrypt$n=%d,r=8,p=1$" % mailbox_store.SCRYPT_N)
+    assert line.startswith("alice@example.com:$scrypt$n=%d,r=8,p=%d$"
+                           % (mailbox_store.SCRYPT_N, mailbox_store.SCRYPT_P))
     assert store.authenticate("alice@example.com", "secret") == "alice@example.com"
     assert users_line(store, "bob@example.com") == ["bob@example.com:" + old]    # untouched
     assert open(os.path.join(store.spool_dir, "users")).read().startswith("# users\n")

@@ -215,7 +215,7 @@ def test_large_message_streams_exactly_with_bounded_server_memory(tmp_path, stor
         client = poplib.POP3("127.0.0.1", port, timeout=30)
         client.user(ALICE)
         client.pass_(PASSWORD)
-        # The login's scrypt (128 MiB at N=2^17, freed since) is not the streaming's:
+        # The login's scrypt (16 MiB, freed since) is not the streaming's:
         # reset the peak RSS before RETR (Linux proc(5), clear_refs "5").
         with open("/proc/%d/clear_refs" % server.pid, "w") as clear:
             clear.write("5")
@@ -391,14 +391,18 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(start, caplog):
                            "method=USER, failures=1 (bad credentials)")
 
 
-def test_an_old_n_2_14_hash_becomes_n_2_17_at_the_next_pop3_login(tmp_path, monkeypatch):
-    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 14)     # what users hold from before
+@pytest.mark.parametrize("n, p", [(2 ** 14, 1), (2 ** 17, 1)])    # what earlier versions made
+def test_an_older_hash_is_made_again_with_todays_parameters_at_the_next_pop3_login(
+        tmp_path, monkeypatch, n, p):
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", n)
+    monkeypatch.setattr(mailbox_store, "SCRYPT_P", p)
     old = mailbox_store.hash_password(PASSWORD)
     spool = tmp_path / "spool"
     spool.mkdir()
     users = spool / "users"
     users.write_text("%s:%s\n" % (ALICE, old))
-    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 17)     # the production default
+    monkeypatch.setattr(mailbox_store, "SCRYPT_N", 2 ** 14)     # the production parameters
+    monkeypatch.setattr(mailbox_store, "SCRYPT_P", 8)
     store = mailbox_store.Store(str(spool), ["example.com"], hostname="mx.example.com")
     server = pop3d.POP3Server(("127.0.0.1", 0), {"idle_timeout": 10}, store=store,
                               failure_delay=lambda failures: 0)
@@ -413,7 +417,7 @@ def test_an_old_n_2_14_hash_becomes_n_2_17_at_the_next_pop3_login(tmp_path, monk
     finally:
         server.stop(grace=0.2)
     address, _, fresh = users.read_text().strip().partition(":")
-    assert address == ALICE and fresh.startswith("$scrypt$n=131072,r=8,p=1$")
+    assert address == ALICE and fresh.startswith("$scrypt$n=16384,r=8,p=8$")
     assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
     assert mailbox_store.verify_password(PASSWORD, fresh)
     assert not mailbox_store.verify_password("wrong", fresh)
