@@ -507,6 +507,7 @@ def authentication_results_field(hostname, spf_result=None, dkim_results=None,
 # A header line that starts a Received: field, one that starts an Authentication-Results field.
 RECEIVED_FIELD_RE = re.compile(rb"(?i)received:")
 AUTH_RESULTS_NAME_RE = re.compile(rb"(?i)authentication-results[ \t]*:")
+SPAM_FLAG_NAME_RE = re.compile(rb"(?i)x-spam-flag[ \t]*:")
 # An Authentication-Results field in the header section, its value with continuation lines
 # (mail data holds only CRLF line ends: MessageCollector refuses the rest).
 AUTH_RESULTS_FIELD_RE = re.compile(rb"(?im)^authentication-results[ \t]*:"
@@ -710,9 +711,12 @@ def _line_too_long(text, max_line):
 class HeaderFilter:
     """The checks smtp_in makes on a message's header, made as the text streams by:
     counts the Received: fields (the hop limit, RFC 5321 6.3) and removes the
-    Authentication-Results fields that claim HOSTNAME (RFC 8601 5), passing all the rest
-    on to sink(bytes) at once. The header is the lines before the first empty one, as
-    count_hops() and remove_authentication_results() read it.
+    Authentication-Results fields that claim HOSTNAME (RFC 8601 5), and with
+    remove_spam_flag every X-Spam-Flag field (the MX sets that one itself under --dmarc
+    enforce, so a sender's own must not stand beside it or pass for it, as SpamAssassin
+    removes the X-Spam- fields it finds), passing all the rest on to sink(bytes) at once.
+    The header is the lines before the first empty one, as count_hops() and
+    remove_authentication_results() read it.
 
     Fed whole lines (MessageCollector's chunks, CRLF line ends). Memory is bounded: only
     an Authentication-Results field is held, until its last continuation line, and one
@@ -720,13 +724,15 @@ class HeaderFilter:
     MTA remove any); everything else, header or body, goes on as it comes.
     """
 
-    def __init__(self, hostname, sink):
+    def __init__(self, hostname, sink, remove_spam_flag=False):
         self.ours = hostname.lower().rstrip(".")
         self.sink = sink
+        self.remove_spam_flag = remove_spam_flag
         self.hops = 0                  # Received: fields seen
         self.in_body = False
         self.held = None               # the Authentication-Results field being read
-        self.dropping = False          # skipping the rest of an over-long held field
+        self.dropping = False          # skipping the rest of a field (removed, or held
+                                       # and over-long)
 
     def feed(self, text):
         if self.in_body:
@@ -753,6 +759,8 @@ class HeaderFilter:
                 self.hops += 1
             if AUTH_RESULTS_NAME_RE.match(text, start):
                 self.held = bytearray(text[start:end])
+            elif self.remove_spam_flag and SPAM_FLAG_NAME_RE.match(text, start):
+                self.dropping = True
             else:
                 out.append(text[start:end])
             start = end
@@ -785,10 +793,10 @@ class SpooledMessage:
     once the hop limit is reached; abort() removes the file unless it was committed.
     """
 
-    def __init__(self, queue_id, protocol, hostname):
+    def __init__(self, queue_id, protocol, hostname, remove_spam_flag=False):
         self.queue_id = queue_id
         self.protocol = protocol
-        self.header = HeaderFilter(hostname, self.write)
+        self.header = HeaderFilter(hostname, self.write, remove_spam_flag)
         self.writer = None             # the mta.QueueWriter, once opened
         self.error = None              # the OSError that stopped the writing
         self.verdict = ""              # DKIM and DMARC, or signing, for the log line
@@ -1286,7 +1294,11 @@ class SMTPHandler(plumbing.ConnectionHandler):
                                  self.server.hostname, protocol, queue_id, recipient)
         if envelope.spf_result is not None:
             prefix = spf_trace_fields(envelope.spf_result, self.server.hostname) + prefix
-        spooled = SpooledMessage(queue_id, protocol, self.server.hostname)
+        # The MX's own X-Spam-Flag (--dmarc enforce) is the only one its users see.
+        spooled = SpooledMessage(queue_id, protocol, self.server.hostname,
+                                 remove_spam_flag=(self.server.dmarc_policy == "enforce"
+                                                   and self.auth_user is None
+                                                   and not self.may_relay))
         try:
             spooled.open(mta.QueueWriter(
                 self.server.spool_dir, envelope.mail_from, list(envelope.rcpt_to),

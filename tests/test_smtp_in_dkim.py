@@ -312,6 +312,19 @@ def test_quarantine_under_enforce_is_marked(start_smtp, dns):
     assert b"X-Spam-Flag" not in data
 
 
+def test_a_senders_own_x_spam_flag_is_removed_under_enforce_only(start_smtp, dns):
+    forged = (b"X-Spam-Flag: NO\r\n"
+              b"x-spam-flag :\r\n  NO, folded\r\n") + mx_text(author="someone@plain.test")
+    server = mx(start_smtp, dns, dmarc="enforce")
+    data = deliver_mx(server, forged)
+    assert b"spam-flag" not in data.lower() and b"folded" not in data
+    assert b"Subject: inbound" in data                  # the fields after them stay
+    data = deliver_mx(server, forged.replace(b"someone@plain.test", b"someone@quar.test"))
+    assert [f for f in header_fields(data) if "spam-flag" in f.lower()] == ["X-Spam-Flag: YES"]
+    tagged = mx(start_smtp, dns, dmarc="tag")
+    assert b"X-Spam-Flag: NO" in deliver_mx(tagged, forged)     # not ours to judge there
+
+
 def test_spf_off_still_checks_dkim_and_dmarc_with_spf_none(start_smtp, dns):
     server = mx(start_smtp, dns, spf="off")
     data = deliver_mx(server, signed_by_sender(mx_text()))
