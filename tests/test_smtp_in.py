@@ -287,6 +287,24 @@ def test_header_filter_agrees_with_count_hops_and_remove_authentication_results(
             assert headers.hops == smtp_in.count_hops(sample)
 
 
+def test_header_filter_removes_every_x_spam_flag_field_of_the_header_when_asked():
+    sample = (b"X-Spam-Flag: NO\r\nSubject: x\r\nx-spam-flag :\r\n\tNO\r\n  folded\r\n"
+              b"Authentication-Results: mx.example.com; spf=pass\r\nX-Spam-Flag: YES\r\n"
+              b"To: y\r\n\r\nX-Spam-Flag: NO in the body stays\r\n")
+    expected = b"Subject: x\r\nTo: y\r\n\r\nX-Spam-Flag: NO in the body stays\r\n"
+    lines = sample.splitlines(keepends=True)
+    for cut in range(len(lines) + 1):
+        for remove, want in ((True, expected),
+                             (False, smtp_in.remove_authentication_results(sample, HOSTNAME))):
+            out = []
+            headers = smtp_in.HeaderFilter(HOSTNAME, out.append, remove_spam_flag=remove)
+            for chunk in (b"".join(lines[:cut]), b"".join(lines[cut:])):
+                if chunk:
+                    headers.feed(chunk)
+            headers.finish()
+            assert b"".join(out) == want
+
+
 def test_header_filter_holds_at_most_one_bounded_authentication_results_field():
     out = []
     headers = smtp_in.HeaderFilter(HOSTNAME, out.append)
