@@ -8,9 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-from support import ROOT, free_ports
+from support import ROOT, free_ports, wait_for
 
 PASSWORD = "correct horse battery"     # every user the hosts' tests add
 DELIVERY_WAIT = 30.0                   # seconds a message may take to cross the hosts
@@ -74,16 +73,16 @@ class Host:
             raise
 
     def wait_for_port(self, port, timeout=20.0):
-        until = time.monotonic() + timeout
-        while True:
+        """Until port takes a connection; fails at once when run_all ends first."""
+        def answers():
             try:
                 socket.create_connection((self.ip, port), timeout=1).close()
-                return
+                return "open"
             except OSError:
-                if self.process.poll() is not None or time.monotonic() > until:
-                    raise AssertionError("%s did not open %s:%d\n%s"
-                                         % (self.name, self.ip, port, self.log()))
-                time.sleep(0.05)
+                return "ended" if self.process.poll() is not None else None
+        if wait_for(answers, timeout, "%s on %s:%d" % (self.name, self.ip, port)) == "ended":
+            raise AssertionError("%s ended before it opened %s:%d\n%s"
+                                 % (self.name, self.ip, port, self.log()))
 
     def stop(self):
         """SIGTERM run_all and wait for it: the clean stop a user gets with Ctrl-C."""
@@ -146,9 +145,8 @@ class Host:
             client.quit()
 
     def wait_for_messages(self, user, count, timeout=DELIVERY_WAIT):
-        until = time.monotonic() + timeout
-        while True:
+        """user's messages over POP3, once there are count of them at least."""
+        def enough():
             messages = self.pop3_messages(user)
-            if len(messages) >= count or time.monotonic() > until:
-                return messages
-            time.sleep(0.2)
+            return messages if len(messages) >= count else None
+        return wait_for(enough, timeout, "%d messages for %s" % (count, user), interval=0.2)
