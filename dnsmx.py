@@ -1434,8 +1434,10 @@ def resolve_mx(name, server=None, port=DNS_PORT):
 def usage_parser(**options):
     """An argparse.ArgumentParser(**options) whose usage errors exit with EXIT_USAGE (64,
     sysexits.h EX_USAGE) instead of argparse's 2; so do its subcommands' parsers, given
-    parser_class=type(parser). The CLIs of dnsmx, spf, dkim and mta use it. argparse is
-    imported here, not at the top: only the command line needs it."""
+    parser_class=type(parser). The CLIs of dnsmx, spf, dkim, mta and mailbox_store use it.
+    It lives here rather than in plumbing, which every CLI could import too, because
+    plumbing loads ssl and socketserver, which `python3 dnsmx.py` must not pay for.
+    argparse is imported here, not at the top: only the command line needs it."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
