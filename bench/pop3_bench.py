@@ -13,7 +13,10 @@ client per process (each RETR read up to CRLF.CRLF):
 
 Other servers with the same mailboxes (Dovecot: python3 bench/peers.py start dovecot) are measured
 in the same run, interleaved, with --target NAME=HOST:PORT (users bench{i}, password benchpw); the ratio
-column compares each to pop3d. Loopback only; every run is bounded by --timeout.
+column compares each to pop3d. --processes N adds a row "pop3d xN": N pop3d processes on the
+same spool, each on its own port, the clients spread over them (what several processes per
+role would give, as Dovecot runs a process per session). Loopback only; every run is bounded
+by --timeout.
 
     python3 bench/pop3_bench.py --repeats 3 [--target dovecot=127.0.0.1:PORT] [--json FILE]
 """
@@ -163,8 +166,11 @@ def client_run(args):
     return started, started + elapsed, len(numbers) * passes, octets
 
 
-def measure(port, user_pattern, cls, conc, passes, big, timeout):
-    jobs = [(port, user_pattern.format(i=i), cls, passes, big, timeout) for i in range(conc)]
+def measure(ports, user_pattern, cls, conc, passes, big, timeout):
+    """(messages/s, MB/s) of conc clients at once, spread over ports (one port, or a list)."""
+    ports = ports if isinstance(ports, list) else [ports]
+    jobs = [(ports[i % len(ports)], user_pattern.format(i=i), cls, passes, big, timeout)
+            for i in range(conc)]
     with multiprocessing.Pool(conc) as pool:
         results = pool.map(client_run, jobs, chunksize=1)
     wall = max(r[1] for r in results) - min(r[0] for r in results)
@@ -205,8 +211,13 @@ def main(argv=None):
     parser.add_argument("--cpus", default="auto",
                         help="CPUs for pop3d, as run_all's --cpus (auto: the one run_all gives it; "
                              "none: no binding)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also measure N pop3d processes on the same spool, the clients "
+                             "spread over them (default 1: not measured)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
+    if not 1 <= args.processes <= 16:
+        parser.error("--processes: 1 to 16")
     concs = [int(c) for c in args.conc.split(",")]
     targets = []
     for spec in args.target:
@@ -217,11 +228,16 @@ def main(argv=None):
         targets.append((name, int(port), "bench{i}"))
     work = tempfile.mkdtemp(prefix="pop3bench-")
     server = None
+    extra = []                         # the other pop3d processes of --processes
     try:
         spool = os.path.join(work, "spool")
         build_spool(spool, max(concs), args.small, args.large, args.mem_clients, args.mem_size)
         server, port = start_pop3d(spool, 30, args.cpus)
         targets.insert(0, ("pop3d", port, "bench{i}@bench.test"))
+        if args.processes > 1:
+            extra = [start_pop3d(spool, 30, args.cpus) for _ in range(args.processes - 1)]
+            targets.insert(1, ("pop3d x%d" % args.processes, [port] + [p for _, p in extra],
+                               "bench{i}@bench.test"))
         for name, port_, user in targets:       # untimed warm-up: page cache, logins
             measure(port_, user, "small", 1, 1, 65536, args.timeout)
         rows = {}
@@ -238,6 +254,10 @@ def main(argv=None):
             print("%-6s %4d  %-10s %20s %s %6.2fx" % (cls, conc, name, summary(values),
                                                    "msgs/s" if cls == "small" else "MB/s  ", ratio))
         print("(ratio = pop3d / that server; pop3d's own row is 1.00x)")
+        for process, _ in extra:
+            process.terminate()
+            process.wait(10)
+        extra = []
         memory = None
         if args.mem_clients:
             server.terminate()
@@ -253,9 +273,10 @@ def main(argv=None):
                 json.dump({"rows": [{"class": c, "conc": n, "server": s, "values": v}
                                     for (c, n, s), v in rows.items()], "memory": memory}, f, indent=1)
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
+        for process in [server] + [p for p, _ in extra]:
+            if process is not None:
+                process.terminate()
+                process.wait(10)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
