@@ -167,8 +167,7 @@ def client_run(args):
 
 
 def measure(ports, user_pattern, cls, conc, passes, big, timeout):
-    """(messages/s, MB/s) of conc clients at once, spread over ports (one port, or a list)."""
-    ports = ports if isinstance(ports, list) else [ports]
+    """(messages/s, MB/s) of conc clients at once, spread over the list ports."""
     jobs = [(ports[i % len(ports)], user_pattern.format(i=i), cls, passes, big, timeout)
             for i in range(conc)]
     with multiprocessing.Pool(conc) as pool:
@@ -225,7 +224,7 @@ def main(argv=None):
         host, _, port = hostport.rpartition(":")
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("loopback targets only: %s" % spec)
-        targets.append((name, int(port), "bench{i}"))
+        targets.append((name, [int(port)], "bench{i}"))
     work = tempfile.mkdtemp(prefix="pop3bench-")
     server = None
     extra = []                         # the other pop3d processes of --processes
@@ -233,19 +232,19 @@ def main(argv=None):
         spool = os.path.join(work, "spool")
         build_spool(spool, max(concs), args.small, args.large, args.mem_clients, args.mem_size)
         server, port = start_pop3d(spool, 30, args.cpus)
-        targets.insert(0, ("pop3d", port, "bench{i}@bench.test"))
+        targets.insert(0, ("pop3d", [port], "bench{i}@bench.test"))
         if args.processes > 1:
             extra = [start_pop3d(spool, 30, args.cpus) for _ in range(args.processes - 1)]
             targets.insert(1, ("pop3d x%d" % args.processes, [port] + [p for _, p in extra],
                                "bench{i}@bench.test"))
-        for name, port_, user in targets:       # untimed warm-up: page cache, logins
-            measure(port_, user, "small", 1, 1, 65536, args.timeout)
+        for name, ports, user in targets:       # untimed warm-up: page cache, logins
+            measure(ports, user, "small", 1, 1, 65536, args.timeout)
         rows = {}
         for cls in ("small", "large"):
             for conc in concs:
                 for _ in range(args.repeats):
-                    for name, port_, user in targets:
-                        rate, mbps = measure(port_, user, cls, conc, args.passes, 65536, args.timeout)
+                    for name, ports, user in targets:
+                        rate, mbps = measure(ports, user, cls, conc, args.passes, 65536, args.timeout)
                         rows.setdefault((cls, conc, name), []).append(rate if cls == "small" else mbps)
         print("%-6s %4s  %-10s %26s %7s" % ("class", "conc", "server", "median (min-max)", "ratio"))
         for (cls, conc, name), values in rows.items():
