@@ -969,7 +969,8 @@ def _delivered_as(maildir, path, look_in_cur):
     except FileNotFoundError:
         return None
     index = _read_index(maildir)
-    if index is not None and index[0].partition(";")[2] == "%d,%d" % (st.st_mtime_ns, st.st_ino):
+    # The index's folders seen are "new;cur" (_seen_text()); cur/ must be as it saw it.
+    if index is not None and index[0].partition(";")[2] == _seen_text([(st.st_mtime_ns, st.st_ino)]):
         names = itertools.compress(index[1].names, index[1].in_cur)
     else:
         names = os.listdir(cur)
