@@ -970,7 +970,8 @@ def _delivered_as(maildir, path, look_in_cur):
         return None
     index = _read_index(maildir)
     # The index's folders seen are "new;cur" (_seen_text()); cur/ must be as it saw it.
-    if index is not None and index[0].partition(";")[2] == _seen_text([(st.st_mtime_ns, st.st_ino)]):
+    cur_seen = _seen_text([(st.st_mtime_ns, st.st_ino)])
+    if index is not None and index[0].partition(";")[2] == cur_seen:
         names = itertools.compress(index[1].names, index[1].in_cur)
     else:
         names = os.listdir(cur)
