@@ -28,6 +28,7 @@ import configparser
 import encodings.idna  # noqa: F401 - loaded now: see drop_privileges
 import functools
 import ipaddress
+import json
 import logging
 import logging.handlers
 import os
@@ -44,15 +45,15 @@ import time
 from dataclasses import dataclass
 
 __all__ = [
-    "ANVIL_DEFAULTS", "ANVIL_HELP", "Anvil", "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE",
-    "ClientConnection", "ConnectionHandler", "Line", "LineReader", "LoginThrottled",
+    "Anvil", "AnvilClient", "AnvilGone", "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE",
+    "SERVER_DEFAULTS", "SERVER_HELP", "ClientConnection", "ConnectionHandler", "Line", "LineReader", "LoginThrottled", "Master",
     "READ_BLOCK", "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL",
     "ThreadedServer", "add_options", "auth_failure_delay", "become_spool_owner", "config_text",
     "config_value", "daemon_settings", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
     "is_loopback", "is_spool", "load_config", "log_config", "log_internal_error",
     "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
     "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
-    "setup_logging",
+    "setup_logging", "worker_processes",
     "spool_path", "stderr_is_journal", "store_is_apart", "store_path", "wait_readable",
 ]
 
@@ -79,6 +80,13 @@ ANVIL_IPV6_PREFIX = 64             # an IPv6 client is counted by its /64 (one s
 MAX_LOGIN_KEY = 255                # characters of a login name an anvil keeps
 ANVIL_KEY_CACHE = 4096             # client addresses whose anvil key is remembered
 ANVIL_FREE_CHECKS = 4              # password checks at once an address with no failure may make
+ANVIL_DATAGRAM = 65536             # octets of a question to the master's anvil, or its answer
+ANVIL_TIMEOUT = 10.0               # seconds a worker waits for its master's anvil to answer
+ANVIL_DELAY_REFRESH = 1.0          # seconds a worker trusts an address's reply delay
+MAX_PROCESSES = 64                 # worker processes a role may have
+AUTO_PROCESSES = 8                 # at most this many for processes = auto (one per CPU)
+WORKER_RESTART_DELAY = 1.0         # seconds before a master replaces a worker that died
+WORKER_STOP_MARGIN = 3.0           # seconds past the grace before a master kills its workers
 
 CRLF, LF, CR = b"\r\n", b"\n", b"\r"
 
@@ -311,9 +319,10 @@ def is_loopback(ip: str) -> bool:
 
 # --- Anvil: penalties per client address and login name ---
 
-# The settings of Anvil.from_config (and of stress mode), with the help their flags show; a
-# role lists these keys, with its defaults, in its own DEFAULTS.
-ANVIL_DEFAULTS = {                 # the anvil and stress settings of every server role
+# The settings of Anvil.from_config, of stress mode and of the worker processes, with the
+# help their flags show; a server role lists these keys, with its defaults, in its DEFAULTS.
+SERVER_DEFAULTS = {                # the anvil, stress mode and processes of every server role
+    "processes": "auto",
     "anvil_penalty": 0.5,
     "anvil_max_penalty": 15.0,
     "anvil_soft_errors": 10,
@@ -323,7 +332,9 @@ ANVIL_DEFAULTS = {                 # the anvil and stress settings of every serv
     "stress_idle_timeout": 10.0,
     "stress_session_timeout": 120.0,
 }
-ANVIL_HELP = {
+SERVER_HELP = {
+    "processes": "worker processes serving the listeners, sharing one anvil (auto: one per "
+                 "CPU the role may use, at most 8; 1: one process, no master)",
     "anvil_penalty": "seconds of the first penalty for a client address that failed a login "
                      "(or passed anvil_soft_errors); it doubles with each further failure "
                      "(0: no penalties)",
@@ -376,6 +387,11 @@ class Anvil:
     A record is forgotten `forget` seconds after its last failure; at most ANVIL_MAX_RECORDS
     are kept, the oldest dropped first. Addresses in an `exempt` network are never counted.
     IPv6 clients are counted by their /64. clock is injectable for tests.
+
+    Connections (as Dovecot's anvil counts them): connect() and disconnect() keep the open
+    connections of each listener, in all and per client address, for ThreadedServer's caps.
+    A role that serves from several processes keeps one Anvil in its master process, and
+    the workers ask it through an AnvilClient, so every count and penalty spans them all.
     """
 
     def __init__(self, penalty=0.5, max_penalty=15.0, soft_errors=10, forget=600.0,
@@ -387,6 +403,9 @@ class Anvil:
         self.exempt_networks = [ipaddress.ip_network(text.strip(), strict=False)
                                 for text in exempt if text.strip()]
         self.clock = clock
+        self.slots_lock = threading.Lock()
+        self.in_use = {}               # listener -> connections open, guarded by slots_lock
+        self.per_address = {}          # (listener, client address) -> connections, same lock
         self.records_lock = threading.Lock()
         # ("ip", key) or ("login", name) -> _Record, least recently failed first
         self.records = collections.OrderedDict()
@@ -395,9 +414,9 @@ class Anvil:
 
     @classmethod
     def from_config(cls, config):
-        """An anvil from a role's settings (the anvil_* keys of ANVIL_HELP); ValueError if bad."""
+        """An anvil from a role's settings (the anvil_* keys of SERVER_HELP); ValueError if bad."""
         try:
-            settings = dict(ANVIL_DEFAULTS, **config)
+            settings = dict(SERVER_DEFAULTS, **config)
             return cls(penalty=float(settings["anvil_penalty"]),
                        max_penalty=float(settings["anvil_max_penalty"]),
                        soft_errors=int(settings["anvil_soft_errors"]),
@@ -539,6 +558,34 @@ class Anvil:
         with self.records_lock:
             record = self._record(key, self.clock())
             return getattr(record, field) if record is not None else 0
+
+    # -- connections --
+
+    def connect(self, listener, ip, max_connections, max_per_address):
+        """Take one of listener's slots for a connection from ip: the number of its slots
+        in use after that, or None when a cap refuses it (max_connections in all,
+        max_per_address from one address). Every slot taken is given back by disconnect()."""
+        key = (listener, ip)
+        with self.slots_lock:
+            in_use = self.in_use.get(listener, 0)
+            if in_use >= max_connections or self.per_address.get(key, 0) >= max_per_address:
+                return None
+            self.in_use[listener] = in_use + 1
+            self.per_address[key] = self.per_address.get(key, 0) + 1
+            return in_use + 1
+
+    def disconnect(self, listener, ip):
+        """Give back a slot connect() took; return the number of listener's slots in use."""
+        key = (listener, ip)
+        with self.slots_lock:
+            left = self.per_address.get(key, 0) - 1
+            if left > 0:
+                self.per_address[key] = left
+            else:
+                self.per_address.pop(key, None)
+            in_use = max(self.in_use.get(listener, 0) - 1, 0)
+            self.in_use[listener] = in_use
+            return in_use
 
 
 # --- Internal errors: one line each, and not too many ---
@@ -783,7 +830,9 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     session, new or already waiting, gets stress_idle_timeout per command and at most
     stress_session_timeout in all, so idle connections cannot hold the slots; it ends when
     fewer than STRESS_LEAVE_SHARE of that many are in use. Entering and leaving are logged.
-    anvil is the process's Anvil, shared between its listeners (a new one when None).
+    anvil counts the connections for the caps, and the penalties: the process's Anvil,
+    shared between its listeners (a new one when None), or in a worker process of a Master
+    an AnvilClient of the master's.
     """
 
     daemon_threads = True
@@ -813,12 +862,13 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         self.serving = False
         self.connections_lock = threading.Lock()
         self.connections = {}          # accepted socket -> _Slot, guarded by connections_lock
-        self.per_address = {}          # client address -> open connections, same lock
         self.work = queue.SimpleQueue()    # (request, client_address), or None: a worker ends
         self.workers_lock = threading.Lock()
         self.workers = 0               # worker threads alive, guarded by workers_lock
         self.idle_workers = 0          # of which waiting for work and not yet promised a job
         super().__init__(address, handler_class, bind_and_activate)
+        # The anvil counts connections per listener; every process serving it sees this name.
+        self.listener = "[%s]:%d" % self.server_address[:2]
 
     @property
     def port(self):
@@ -834,16 +884,15 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         ip = client_address[0]
-        with self.connections_lock:
-            refused = (len(self.connections) >= self.max_connections
-                       or self.per_address.get(ip, 0) >= self.max_per_address
-                       or self.stopping.is_set())
-            if not refused:
+        in_use = None
+        if not self.stopping.is_set():
+            in_use = self.anvil.connect(self.listener, ip, self.max_connections,
+                                        self.max_per_address)
+        if in_use is not None:
+            with self.connections_lock:
                 self.connections[request] = _Slot(ip, request)
-                self.per_address[ip] = self.per_address.get(ip, 0) + 1
-            stress_change = self._update_stress()
-        self._log_stress(stress_change)
-        if refused:
+            self._update_stress(in_use)
+        if in_use is None:
             log.warning("connection from [%s] refused: too many connections", ip)
             self.refuse(request)
             return
@@ -918,39 +967,28 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     def shutdown_request(self, request):
         with self.connections_lock:
             slot = self.connections.pop(request, None)
-            if slot is not None:
-                left = self.per_address[slot.ip] - 1
-                if left:
-                    self.per_address[slot.ip] = left
-                else:
-                    del self.per_address[slot.ip]
-            stress_change = self._update_stress()
-        self._log_stress(stress_change)
-        if slot is not None and slot.sock is not request:
-            slot.sock.close()
+        if slot is not None:
+            self._update_stress(self.anvil.disconnect(self.listener, slot.ip))
+            if slot.sock is not request:
+                slot.sock.close()
         super().shutdown_request(request)
 
-    def _update_stress(self):
-        """Enter or leave stress mode for the slots now in use (under connections_lock);
-        return the change to log: True entered, False left, None neither."""
-        in_use, threshold = len(self.connections), self.stress_threshold * self.max_connections
-        if not self.stressed and self.stress_threshold > 0 and in_use >= max(threshold, 1):
-            self.stressed = True
-            return True
-        if self.stressed and in_use < threshold * STRESS_LEAVE_SHARE:
-            self.stressed = False
-            return False
-        return None
-
-    def _log_stress(self, change):
-        if change is True:
+    def _update_stress(self, in_use):
+        """Enter or leave stress mode for in_use of the listener's slots, and log a change."""
+        threshold = self.stress_threshold * self.max_connections
+        with self.connections_lock:
+            entered = (not self.stressed and self.stress_threshold > 0
+                       and in_use >= max(threshold, 1))
+            left = self.stressed and in_use < threshold * STRESS_LEAVE_SHARE
+            if entered or left:
+                self.stressed = entered
+        if entered:
             log.warning("stress: entering stress mode, %d of %d connections in use; idle "
-                        "timeout %gs, session limit %gs", self.active_connections(),
-                        self.max_connections, self.stress_idle_timeout,
-                        self.stress_session_timeout)
-        elif change is False:
+                        "timeout %gs, session limit %gs", in_use, self.max_connections,
+                        self.stress_idle_timeout, self.stress_session_timeout)
+        elif left:
             log.warning("stress: leaving stress mode, %d of %d connections in use",
-                        self.active_connections(), self.max_connections)
+                        in_use, self.max_connections)
 
     def handle_error(self, request, client_address):
         log_internal_error(log, sys.exc_info()[1], "with [%s]" % client_address[0])
@@ -981,13 +1019,25 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
             self.work.put(None)
 
 
-def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=None):
+def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=None,
+                          processes=1, cpus=""):
     """Serve every server on its own thread until SIGTERM or SIGINT, then stop them all.
 
     SIGHUP calls on_reload() (from this thread, not the signal handler); without one it is
     logged and ignored, never fatal. Under run_all (SUPERVISOR_ENV set), the servers also
-    stop once run_all is gone, whatever killed it: the parent pid changes.
+    stop once run_all is gone, whatever killed it: the parent pid changes. With processes
+    above 1, a Master serves them from that many worker processes instead (spread over the
+    CPUs of the role's cpus setting, one each).
     """
+    if processes > 1:
+        return Master(servers, processes, on_stop, grace, on_reload, cpus).run()
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    parent = int(supervisor) if supervisor.isdigit() else None
+    return _serve(servers, on_stop, grace, on_reload, parent, "run_all")
+
+
+def _serve(servers, on_stop, grace, on_reload, parent, parent_name):
+    """serve_until_signalled in one process; it also stops once process parent is gone."""
     wake = threading.Event()
     asked = set()                  # "stop", "reload": what the signals asked for
 
@@ -997,7 +1047,6 @@ def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    supervisor = os.environ.get(SUPERVISOR_ENV, "")
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     while "stop" not in asked:
@@ -1006,8 +1055,8 @@ def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=
         if "reload" in asked and "stop" not in asked:
             asked.discard("reload")
             _reload(on_reload)
-        if supervisor.isdigit() and os.getppid() != int(supervisor):
-            log.warning("run_all (pid %s) is gone: stopping", supervisor)
+        if parent is not None and os.getppid() != parent:
+            log.warning("%s (pid %d) is gone: stopping", parent_name, parent)
             break
     if on_stop is not None:
         on_stop()
@@ -1037,6 +1086,333 @@ def reload_tls(servers, cert_file, key_file):
         if server.tls_context is not None:
             server.tls_context = context
     log.info("reload: TLS certificate %s loaded", cert_file)
+
+
+# --- Several processes per role: a master, its workers, and the anvil they share ---
+
+def worker_processes(config):
+    """The processes setting of a role's config as a number: "auto" is one per CPU this
+    process may run on (after --cpus), at most AUTO_PROCESSES; ValueError unless 1 to
+    MAX_PROCESSES."""
+    text = str(config.get("processes", SERVER_DEFAULTS["processes"])).strip()
+    if text == "auto":
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return max(1, min(len(usable) if usable else os.cpu_count() or 1, AUTO_PROCESSES))
+    processes = config_value("processes", text, 1)
+    if not 1 <= processes <= MAX_PROCESSES:
+        raise ValueError("processes: %d is not within 1 to %d" % (processes, MAX_PROCESSES))
+    return processes
+
+
+class AnvilGone(Exception):
+    """A worker's master no longer answers its anvil questions."""
+
+
+class AnvilClient:
+    """The anvil of a worker process: the methods of Anvil that servers and sessions use,
+    each a question to the master's Anvil (see Master).
+
+    A question is one JSON datagram [method, arguments...] on the worker's socket, answered
+    by one; a lock keeps one question at a time. reply_delay() is asked before every reply,
+    so an address's delay is remembered for ANVIL_DELAY_REFRESH seconds, and every error()
+    brings it up to date, so an address that errs on a session of this process is slowed
+    at once and one that errs elsewhere within a second. When the master stops answering,
+    each question raises AnvilGone (the session ends, nothing is let through unchecked)
+    and the worker stops.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(ANVIL_TIMEOUT)
+        self.lock = threading.Lock()
+        self.gone = False
+        self.delays = {}               # client address -> (reply delay, monotonic expiry)
+
+    def ask(self, method, *args):
+        question = json.dumps([method, *args]).encode("utf-8")
+        with self.lock:
+            if not self.gone:
+                try:
+                    self.sock.send(question)
+                    return json.loads(self.sock.recv(ANVIL_DATAGRAM))
+                except (OSError, ValueError) as exc:
+                    self.gone = True
+                    log.error("the master's anvil does not answer (%s): stopping", exc)
+                    os.kill(os.getpid(), signal.SIGTERM)
+        raise AnvilGone("the master's anvil does not answer")
+
+    def connect(self, listener, ip, max_connections, max_per_address):
+        return self.ask("connect", listener, ip, max_connections, max_per_address)
+
+    def disconnect(self, listener, ip):
+        return self.ask("disconnect", listener, ip)
+
+    def login_turn(self, ip):
+        wait, allowed = self.ask("login_turn", ip)
+        return wait, allowed
+
+    def login_done(self, ip, login, ok):
+        return self.ask("login_done", ip, login[:MAX_LOGIN_KEY * 2] if login else login, ok)
+
+    def failures(self, ip):
+        return self.ask("failures", ip)
+
+    def errors(self, ip):
+        return self.ask("errors", ip)
+
+    def error(self, ip):
+        self._remember(ip, self.ask("error", ip))
+
+    def reply_delay(self, ip):
+        delay, expiry = self.delays.get(ip, (0.0, 0.0))
+        if time.monotonic() < expiry:
+            return delay
+        return self._remember(ip, self.ask("reply_delay", ip))
+
+    def _remember(self, ip, delay):
+        if len(self.delays) >= ANVIL_KEY_CACHE:
+            self.delays.clear()
+        self.delays[ip] = (delay, time.monotonic() + ANVIL_DELAY_REFRESH)
+        return delay
+
+
+class _Worker:
+    """A worker process as its master knows it: its place, its socket, and what it holds in
+    the anvil (given back if it dies)."""
+
+    def __init__(self, number, pid, sock):
+        self.number = number           # 0 to processes - 1; a replacement takes the same
+        self.pid = pid
+        self.sock = sock
+        self.slots = collections.Counter()     # (listener, client address) -> connections
+        self.checks = collections.Counter()    # client address -> password checks in flight
+
+
+class Master:
+    """A role's listeners served by several worker processes that share one anvil, as the
+    masters of Postfix and Dovecot run a service's processes.
+
+    The listeners are bound, and privileges dropped, before: the master forks `processes`
+    workers, each of which serves every listener on its own threads, and the kernel hands
+    each new connection to whichever worker accepts it first. The master serves no session;
+    it answers the workers' anvil questions (AnvilClient) from the one Anvil of the
+    servers, so the connection caps and the penalties span all workers as they would one
+    process. It runs no thread of its own (forking a threaded process could copy a lock
+    while held): one select() waits for questions, signals and dead workers alike.
+
+    When cpus (the role's setting) names several CPUs, worker number i keeps to the i-th
+    of them, in turn: its threads then hand the interpreter's lock over on one CPU (see
+    run_on_cpus), and the workers do not crowd onto one.
+
+    SIGTERM or SIGINT stops every worker, each letting its sessions end within grace, then
+    the master; SIGHUP is passed on (on_reload runs in each worker). A worker that dies is
+    replaced after WORKER_RESTART_DELAY seconds, and what it held in the anvil (connection
+    slots, password checks in flight) is given back. A worker stops once its master is
+    gone; the master, once run_all is, as a single process would.
+    """
+
+    def __init__(self, servers, processes, on_stop=None, grace=DEFAULT_GRACE, on_reload=None,
+                 cpus=""):
+        self.servers = servers
+        self.processes = processes
+        self.cpus = sorted(parse_cpus(cpus))
+        self.on_stop = on_stop
+        self.grace = grace
+        self.on_reload = on_reload
+        self.anvil = servers[0].anvil
+        self.workers = {}              # the master's end of a worker's socket -> _Worker
+        self.asked = set()             # "stop", "reload": what the signals asked for
+        self.restarts = []             # (monotonic time, worker number) of replacements due
+
+    def run(self):
+        if threading.active_count() > 1:
+            raise RuntimeError("a master forks its workers before any thread starts")
+        for server in self.servers:
+            # The workers race for each connection: the losers must not block in accept().
+            server.socket.setblocking(False)
+        wake_in, wake_out = socket.socketpair()
+        wake_in.setblocking(False)
+        wake_out.setblocking(False)
+        signal.set_wakeup_fd(wake_out.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self.on_signal)
+        supervisor = os.environ.get(SUPERVISOR_ENV, "")
+        self.wake = (wake_in, wake_out)
+        for number in range(self.processes):
+            self.start_worker(number)
+        log.info("serving from %d worker processes", self.processes)
+        while "stop" not in self.asked:
+            self.wait_and_answer(PARENT_CHECK)
+            if "reload" in self.asked:
+                self.asked.discard("reload")
+                log.info("reload: passed on to %d workers", len(self.workers))
+                self.signal_workers(signal.SIGHUP)
+            now = time.monotonic()
+            while self.restarts and self.restarts[0][0] <= now and "stop" not in self.asked:
+                self.start_worker(self.restarts.pop(0)[1])
+            if supervisor.isdigit() and os.getppid() != int(supervisor):
+                log.warning("run_all (pid %s) is gone: stopping", supervisor)
+                break
+        self.stop_workers()
+        for server in self.servers:
+            server.server_close()
+        return 0
+
+    def on_signal(self, signum, frame):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.asked.add("stop")
+        elif signum == signal.SIGHUP:
+            self.asked.add("reload")
+
+    def start_worker(self, number):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                mine.close()
+                code = self.worker(number, theirs)
+            except BaseException as exc:           # never back into the master's loop
+                log_internal_error(log, exc, "in worker")
+            finally:
+                os._exit(code)
+        theirs.close()
+        mine.setblocking(False)
+        self.workers[mine] = _Worker(number, pid, mine)
+        log.info("worker %d started%s", pid, " on CPU %d" % self.cpu_of(number)
+                 if self.cpu_of(number) is not None else "")
+
+    def cpu_of(self, number):
+        """The CPU worker number keeps to, or None (cpus names fewer than two)."""
+        return self.cpus[number % len(self.cpus)] if len(self.cpus) > 1 else None
+
+    def worker(self, number, sock):
+        """The worker's life, in the child process: serve until told to stop."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for other in list(self.workers) + list(self.wake):
+            other.close()
+        if self.cpu_of(number) is not None:
+            os.sched_setaffinity(0, {self.cpu_of(number)})
+        client = AnvilClient(sock)
+        for server in self.servers:
+            server.anvil = client
+        return _serve(self.servers, self.on_stop, self.grace, self.on_reload,
+                      os.getppid(), "the master")
+
+    def wait_and_answer(self, timeout):
+        """Wait up to timeout for a question, a signal or a dead worker, and see to them."""
+        wake_in = self.wake[0]
+        try:
+            ready, _, _ = select.select([wake_in] + list(self.workers), [], [], timeout)
+        except InterruptedError:
+            ready = []
+        for sock in ready:
+            if sock is wake_in:
+                try:
+                    while wake_in.recv(512):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif sock in self.workers:
+                self.answer_all(self.workers[sock])
+        self.reap()
+
+    def answer_all(self, worker):
+        while True:
+            try:
+                question = worker.sock.recv(ANVIL_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                answer = self.answer(worker, *json.loads(question))
+            except Exception as exc:
+                log_internal_error(log, exc, "in the anvil, for worker %d" % worker.pid)
+                answer = None
+            try:
+                worker.sock.send(json.dumps(answer).encode("ascii"))
+            except OSError:
+                return
+
+    def answer(self, worker, method, *args):
+        """One anvil question of a worker: Anvil's answer, and what the worker now holds."""
+        anvil = self.anvil
+        if method == "connect":
+            in_use = anvil.connect(*args)
+            if in_use is not None:
+                worker.slots[tuple(args[:2])] += 1
+            return in_use
+        if method == "disconnect":
+            worker.slots[tuple(args)] -= 1
+            return anvil.disconnect(*args)
+        if method == "login_turn":
+            wait, allowed = anvil.login_turn(*args)
+            if allowed:
+                worker.checks[args[0]] += 1
+            return wait, allowed
+        if method == "login_done":
+            worker.checks[args[0]] -= 1
+            return anvil.login_done(*args)
+        if method == "error":
+            anvil.error(*args)
+            return anvil.reply_delay(*args)
+        if method in ("failures", "errors", "reply_delay"):
+            return getattr(anvil, method)(*args)
+        raise ValueError("unknown question %r" % method)
+
+    def reap(self):
+        """Collect dead workers, give back what they held, and plan their replacements."""
+        for sock, worker in list(self.workers.items()):
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid == 0:
+                continue
+            del self.workers[sock]
+            sock.close()
+            for (listener, ip), count in worker.slots.items():
+                for _ in range(count):
+                    self.anvil.disconnect(listener, ip)
+            for ip, count in worker.checks.items():
+                for _ in range(count):
+                    self.anvil.login_done(ip, None, True)
+            if "stop" in self.asked:
+                log.info("worker %d stopped", pid)
+                continue
+            log.warning("worker %d ended (%s): another in %gs", pid, _exit_text(status),
+                        WORKER_RESTART_DELAY)
+            self.restarts.append((time.monotonic() + WORKER_RESTART_DELAY, worker.number))
+
+    def signal_workers(self, signum):
+        for worker in self.workers.values():
+            try:
+                os.kill(worker.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop_workers(self):
+        """SIGTERM to every worker; answer their last questions (sessions closing give
+        their slots back) until all are gone, or SIGKILL after the grace and a margin."""
+        self.asked.add("stop")
+        self.signal_workers(signal.SIGTERM)
+        until = time.monotonic() + self.grace + WORKER_STOP_MARGIN
+        while self.workers and time.monotonic() < until:
+            self.wait_and_answer(0.05)
+        if self.workers:
+            log.warning("%d workers still running after %gs: killing them",
+                        len(self.workers), self.grace + WORKER_STOP_MARGIN)
+            self.signal_workers(signal.SIGKILL)
+            while self.workers:
+                self.wait_and_answer(0.05)
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.WEXITSTATUS(status)
 
 
 # --- TLS ---

@@ -76,7 +76,7 @@ DEFAULTS = {
     "max_size": smtp_in.DEFAULTS["max_size"],
     "spf": smtp_in.DEFAULTS["spf"],
     "dmarc": smtp_in.DEFAULTS["dmarc"],
-    **plumbing.ANVIL_DEFAULTS,        # the anvil and stress mode of smtp_in and pop3d
+    **plumbing.SERVER_DEFAULTS,        # processes, anvil and stress mode of smtp_in and pop3d
     "retry_schedule": mta.DEFAULTS["retry_schedule"],
     "cpus": "none",                  # leave placement to the system, as every peer does
     "user": "",
@@ -85,7 +85,7 @@ DEFAULTS = {
 }
 
 HELP = {
-    **plumbing.ANVIL_HELP,
+    **plumbing.SERVER_HELP,
     "smtp": "HOST:PORT of the MX listener (\"\" turns it off)",
     "submission": "HOST:PORT of the submission listener, AUTH required (\"\" turns it off)",
     "smtps": "HOST:PORT of an implicit-TLS submission listener, e.g. 0.0.0.0:465",
@@ -479,6 +479,7 @@ def check_config(config, held=()):
         problems.append(str(exc))
     try:
         plumbing.Anvil.from_config(config)
+        plumbing.worker_processes(config)
     except ValueError as exc:
         problems.append(str(exc))
     if config["spf"] not in smtp_in.SPF_POLICIES:

@@ -134,7 +134,7 @@ DEFAULTS = {
     "max_connections": 200,
     "max_per_address": 50,
     "greet_pause": 0.0,
-    **plumbing.ANVIL_DEFAULTS,     # failed logins and errors slowed, stress mode
+    **plumbing.SERVER_DEFAULTS,     # processes, failed logins and errors slowed, stress mode
     "dns": "",
     "reverse_dns": False,
     "spf": "tag",
@@ -150,7 +150,7 @@ DEFAULTS = {
 }
 
 HELP = {                       # the help of the keys plumbing.SHARED_HELP does not know
-    **plumbing.ANVIL_HELP,
+    **plumbing.SERVER_HELP,
     "greet_pause": "seconds to wait before the greeting; a client that talks first is "
                    "refused with 554 (0: no wait and no check)",
     "spf": "SPF check of MAIL FROM (RFC 7208): off; tag, adding Received-SPF and "
@@ -1615,7 +1615,8 @@ def main(argv=None):
         check_dmarc_policy(config["dmarc"])
         for key in ("dkim_verify", "dkim_sign"):
             plumbing.config_value(key, config[key], False)
-        anvil = plumbing.Anvil.from_config(config)     # one for every listener of the process
+        anvil = plumbing.Anvil.from_config(config)     # one for every listener and process
+        processes = plumbing.worker_processes(config)
     except ValueError as exc:
         print("smtp_in: %s" % exc, file=sys.stderr)
         return 1
@@ -1662,8 +1663,10 @@ def main(argv=None):
         log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
                  "smtps" if server.implicit_tls else
                  "submission" if server.submission else "mx")
-    return plumbing.serve_until_signalled(servers, on_reload=lambda: plumbing.reload_tls(
-        servers, config["tls_cert"], config["tls_key"]))
+    def reload():
+        plumbing.reload_tls(servers, config["tls_cert"], config["tls_key"])
+    return plumbing.serve_until_signalled(servers, on_reload=reload, processes=processes,
+                                          cpus=config["cpus"])
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def bench(count, repeats, dovecot_wanted):
             except (peers.PeerMissing, OSError, subprocess.SubprocessError) as exc:
                 print("dovecot: skipped: %s" % exc)
                 dovecot = None
-        server, port = pop3_bench.start_pop3d(spool, TIMEOUT, cpus="none")
+        # one process: the RSS figures are then those of the process serving the session
+        server, port = pop3_bench.start_pop3d(spool, TIMEOUT, cpus="none", processes="1")
         idle_rss = rss(server.pid)
         first, stat = login_stat(port, USER)
         ours, theirs, changed = [], [], []

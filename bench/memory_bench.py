@@ -124,7 +124,8 @@ def start_daemons(base, args):
             + ["--listen", "127.0.0.1:0", "--spf", "off", "--dkim-verify", "no", "--dmarc", "off",
                "--max-per-address", str(args.sessions + 10),
                "--max-connections", str(args.sessions + 10),
-               "--max-size", str(args.size_mib * 1024 * 1024 + 1024 * 1024)],
+               "--max-size", str(args.size_mib * 1024 * 1024 + 1024 * 1024),
+               "--processes", "1"],     # every session's memory in this one pid
             stdout=subprocess.DEVNULL, stderr=log)
     port = int(wait_for_log(logs["smtp_in"], r"listening on 127\.0\.0\.1:(\d+)", smtp_in, 30))
     wait_for_log(logs["mta"], r"(watching) ", router, 30)

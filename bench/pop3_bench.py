@@ -13,9 +13,9 @@ client per process (each RETR read up to CRLF.CRLF):
 
 Other servers with the same mailboxes (Dovecot: python3 bench/peers.py start dovecot) are measured
 in the same run, interleaved, with --target NAME=HOST:PORT (users bench{i}, password benchpw); the ratio
-column compares each to pop3d. --processes N adds a row "pop3d xN": N pop3d processes on the
-same spool, each on its own port, the clients spread over them (what several processes per
-role would give, as Dovecot runs a process per session). Loopback only; every run is bounded
+column compares each to pop3d. pop3d runs with --processes (default auto, as pop3d's own
+default: one worker process per CPU it may use); the memory run uses one process, so that
+the peak is that of the process serving every client. Loopback only; every run is bounded
 by --timeout.
 
     python3 bench/pop3_bench.py --repeats 3 [--target dovecot=127.0.0.1:PORT] [--json FILE]
@@ -74,10 +74,12 @@ def build_spool(spool, users, small, large, mem_clients, mem_size):
             os.link(big, os.path.join(target, os.path.basename(big)))
 
 
-def start_pop3d(spool, timeout, cpus="auto"):
-    """pop3d on a free port, on the CPU run_all would give it (cpus as run_all's --cpus)."""
+def start_pop3d(spool, timeout, cpus="auto", processes="auto"):
+    """pop3d on a free port, on the CPU run_all would give it (cpus as run_all's --cpus),
+    with that many worker processes."""
     plan = run_all.cpu_plan(cpus)
     on_cpu = ["--cpus", str(plan["pop3d"])] if "pop3d" in plan else []
+    on_cpu += ["--processes", str(processes)]
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
                                "--listen", "127.0.0.1:0", "--hostname", "bench",
                                # many clients from one address are the load here, not an
@@ -210,13 +212,10 @@ def main(argv=None):
     parser.add_argument("--cpus", default="auto",
                         help="CPUs for pop3d, as run_all's --cpus (auto: the one run_all gives it; "
                              "none: no binding)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="also measure N pop3d processes on the same spool, the clients "
-                             "spread over them (default 1: not measured)")
+    parser.add_argument("--processes", default="auto",
+                        help="pop3d's --processes for the throughput runs (default auto)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    if not 1 <= args.processes <= 16:
-        parser.error("--processes: 1 to 16")
     concs = [int(c) for c in args.conc.split(",")]
     targets = []
     for spec in args.target:
@@ -227,16 +226,11 @@ def main(argv=None):
         targets.append((name, [int(port)], "bench{i}"))
     work = tempfile.mkdtemp(prefix="pop3bench-")
     server = None
-    extra = []                         # the other pop3d processes of --processes
     try:
         spool = os.path.join(work, "spool")
         build_spool(spool, max(concs), args.small, args.large, args.mem_clients, args.mem_size)
-        server, port = start_pop3d(spool, 30, args.cpus)
+        server, port = start_pop3d(spool, 30, args.cpus, args.processes)
         targets.insert(0, ("pop3d", [port], "bench{i}@bench.test"))
-        if args.processes > 1:
-            extra = [start_pop3d(spool, 30, args.cpus) for _ in range(args.processes - 1)]
-            targets.insert(1, ("pop3d x%d" % args.processes, [port] + [p for _, p in extra],
-                               "bench{i}@bench.test"))
         for name, ports, user in targets:       # untimed warm-up: page cache, logins
             measure(ports, user, "small", 1, 1, 65536, args.timeout)
         rows = {}
@@ -253,15 +247,12 @@ def main(argv=None):
             print("%-6s %4d  %-10s %20s %s %6.2fx" % (cls, conc, name, summary(values),
                                                    "msgs/s" if cls == "small" else "MB/s  ", ratio))
         print("(ratio = pop3d / that server; pop3d's own row is 1.00x)")
-        for process, _ in extra:
-            process.terminate()
-            process.wait(10)
-        extra = []
         memory = None
         if args.mem_clients:
             server.terminate()
             server.wait(10)
-            server, port = start_pop3d(spool, 30, args.cpus)   # fresh: VmHWM counts from its start
+            # fresh, one process: VmHWM counts from its start, and every session is its own
+            server, port = start_pop3d(spool, 30, args.cpus, "1")
             idle, peak = memory_run(server, port, args.mem_clients, args.timeout)
             memory = {"clients": args.mem_clients, "message_bytes": args.mem_size,
                       "idle_rss_mib": round(idle, 1), "peak_rss_mib": round(peak, 1)}
@@ -272,10 +263,9 @@ def main(argv=None):
                 json.dump({"rows": [{"class": c, "conc": n, "server": s, "values": v}
                                     for (c, n, s), v in rows.items()], "memory": memory}, f, indent=1)
     finally:
-        for process in [server] + [p for p, _ in extra]:
-            if process is not None:
-                process.terminate()
-                process.wait(10)
+        if server is not None:
+            server.terminate()
+            server.wait(10)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -11,9 +11,8 @@ and whether it was met. Sections (--sections, default all, in this order):
             visible over POP3 (pop3d; Dovecot reading Postfix's Maildir); peak RSS of
             smtp_in under 50 sessions x 100 KB
   pop3      pop3_bench.py beside Dovecot (bench/peers.py, started here, stopped by its PID):
-            4 KB msgs/s and 1 MB MB/s at 1 and 8 clients, also with two pop3d processes
-            (no target: what several processes per role would give); peak RSS of pop3d,
-            10 x 50 MB
+            4 KB msgs/s and 1 MB MB/s at 1 and 8 clients (pop3d with its default
+            --processes auto); peak RSS of one pop3d process, 10 x 50 MB
   dns       dns_bench.py under a Python that has dnspython: mx_hosts cached and uncached,
             and the dnsmx.py CLI process against dig
   outbound  smtp_out_bench.py: messages/s to smtp-sink at 1 and 20 connections, beside
@@ -206,10 +205,6 @@ def pop3_rows(data):
         label = "POP3 %s, %d client%s" % ("4 KB msgs/s" if cls == "small" else "1 MB MB/s", conc,
                                          "" if conc == 1 else "s")
         goal = 1.0 if cls == "small" else 1.5
-        if server != "pop3d":          # "pop3d xN": N processes, no target of its own
-            rows.append(("  the same, %s processes" % server.partition(" x")[2],
-                         figure(values, unit), "", fmt(ratio), "", ""))
-            continue
         rows.append((label, figure(values, unit), "Dovecot " + figure(peer, unit) if peer else "-",
                      fmt(ratio), ">= %.1fx Dovecot" % goal, verdict(ratio, goal)))
     rows.extend(rss_rows("peak RSS, pop3d, 10 clients x 50 MB", data.get("memory")))
@@ -315,7 +310,6 @@ def main(argv=None):
         elif section == "pop3":
             command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
                        "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path,
-                       "--processes", "2",
                        "--cpus", args.cpus]
             workdir = tempfile.mkdtemp(prefix="run-bench-dovecot-")
             try:

@@ -397,7 +397,9 @@ def measure_memory(workdir, args):
     servers = Servers(os.path.join(workdir, "memory"))
     os.makedirs(servers.workdir)
     try:
-        servers.start_ours(args.smtp_in_arg, router=not args.no_router, cpus=args.cpus)
+        # One process: the sessions' memory is then all this pid's, not spread over workers.
+        servers.start_ours(args.smtp_in_arg + ["--processes", "1"], router=not args.no_router,
+                           cpus=args.cpus)
         servers.wait_ready()
         target, process = servers.targets[0], servers.processes[0]
         idle = vm_kib(process.pid, "VmRSS")

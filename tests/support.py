@@ -89,6 +89,22 @@ def listening_port(process, pattern, seconds=20.0):
     pytest.fail("no %r in the log:\n%s" % (pattern, "".join(lines)))
 
 
+def children_of(pid):
+    """The pids of the live processes whose parent is pid (a role's worker processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue                   # ended meanwhile
+        if int(parent) == pid and state != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
 def openssl_starttls(openssl, port, protocol, lines):
     """Run `openssl s_client -starttls PROTOCOL` and type lines once the handshake is done
     (typing earlier races its STARTTLS dialogue): -brief says when, and is quiet otherwise."""

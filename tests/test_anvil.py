@@ -169,7 +169,7 @@ def test_anvil_settings_come_from_a_role_config():
     with pytest.raises(ValueError):
         plumbing.Anvil.from_config({"anvil_exempt": ["not-a-network"]})
     for role in (smtp_in, pop3d):
-        for key in plumbing.ANVIL_HELP:
+        for key in plumbing.SERVER_HELP:
             assert key in role.DEFAULTS, (role.__name__, key)
 
 

@@ -1,6 +1,7 @@
 """--cpus: each daemon keeps to the CPUs it is given, and run_all gives each role one."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,3 +135,24 @@ def test_run_all_check_reports_a_cpu_the_machine_lacks(tmp_path):
                            "0-%d" % (LAST_CPU + 1), *ports_args())
     assert done.returncode == 1
     assert b"cpus: this machine has CPUs 0-%d, not %d" % (LAST_CPU, LAST_CPU + 1) in done.stderr
+
+
+@pytest.mark.skipif(LAST_CPU < 1, reason="needs two CPUs")
+@pytest.mark.parametrize("role", ["pop3d", "smtp_in"])
+def test_workers_keep_one_cpu_each_of_those_given_and_auto_counts_them(tmp_path, role):
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, role + ".py"), "--spool", str(tmp_path / "spool"),
+             "--cpus", "0-1", "--processes", "auto"] + DAEMONS[role],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        text = wait_for_text(log_path, "serving from 2 worker processes")
+        workers = [int(pid) for pid in re.findall(r"worker (\d+) started on CPU", text)]
+        assert len(workers) == 2
+        assert [os.sched_getaffinity(pid) for pid in workers] == [{0}, {1}]
+        for pid, cpu in zip(workers, ("0", "1")):
+            assert set(thread_cpus(pid).values()) == {cpu}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)

@@ -21,7 +21,8 @@ import textwrap
 
 import pytest
 
-from support import ROOT, free_port, free_ports, require_tool, wait_for
+import plumbing
+from support import ROOT, children_of, free_port, free_ports, require_tool, wait_for
 
 USER = "nobody"
 DOMAIN = "example.com"
@@ -172,6 +173,15 @@ def test_a_day_in_the_life_leaves_every_process_and_file_to_the_user(base):
         for name, pid in pids.items():
             # mta has no listener for run_all to wait for: it may still be dropping root.
             wait_for(lambda: process_uid(pid) == nobody, 10, "%s running as %s" % (name, USER))
+        per_role = plumbing.worker_processes({})      # auto: one per CPU; 1: no workers
+
+        def workers():
+            found = [pid for name in ("smtp_in", "submission", "pop3d")
+                     for pid in children_of(pids[name])]
+            return (found,) if len(found) == (3 * per_role if per_role > 1 else 0) else None
+        (found,) = wait_for(workers, 10, "the workers of smtp_in, submission and pop3d")
+        for pid in found:              # forked after the master dropped root
+            assert process_uid(pid) == nobody, "worker %d" % pid
         spool = deployment.spool
 
         # The admin tools, as root, as the README shows them.

@@ -207,7 +207,8 @@ def test_large_message_streams_exactly_with_bounded_server_memory(tmp_path, stor
     path = store.deliver(ALICE, b"Subject: big\n\n" + body, "s@x")      # ~20 MB, LF line ends
     expected = crlf_reference(open(path, "rb").read())
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", store.spool_dir,
-                               "--listen", "127.0.0.1:0", "--hostname", "mx.example.com"],
+                               "--listen", "127.0.0.1:0", "--hostname", "mx.example.com",
+                               "--processes", "1"],      # the session's memory is this pid's
                               stderr=subprocess.PIPE, cwd=str(tmp_path),
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:

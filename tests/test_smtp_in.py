@@ -1055,7 +1055,9 @@ def test_memory_stays_bounded_while_sessions_send_30_mb_messages(tmp_path, spool
     sessions, size = 4, 30 * 1024 * 1024
     line = b"z" * 78 + b"\r\n"
     payload = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
-    process, port = smtp_in_process(tmp_path, spool, "--max-size", str(40 * 1024 * 1024))
+    # One process, so that the sessions' memory is this pid's (not a worker's).
+    process, port = smtp_in_process(tmp_path, spool, "--max-size", str(40 * 1024 * 1024),
+                                    "--processes", "1")
     try:
         def send(_):
             client = RawClient(port, timeout=60)
