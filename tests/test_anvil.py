@@ -160,6 +160,20 @@ def test_the_anvil_remembers_a_bounded_number_of_records(monkeypatch):
     assert anvil.errors("10.0.0.199") == 1 and anvil.errors("10.0.0.1") == 0
 
 
+def test_connections_are_counted_per_listener_in_all_and_per_address():
+    anvil = plumbing.Anvil()
+    assert [anvil.connect("[::]:25", "10.0.0.1", 3, 2) for _ in range(3)] == [1, 2, None]
+    assert anvil.connect("[::]:25", "10.0.0.2", 3, 2) == 3
+    assert anvil.connect("[::]:25", "10.0.0.3", 3, 2) is None          # 3 in all
+    assert anvil.connect("[::]:110", "10.0.0.1", 3, 2) == 1            # another listener
+    assert anvil.disconnect("[::]:25", "10.0.0.1") == 2
+    assert anvil.connect("[::]:25", "10.0.0.3", 3, 2) == 3
+    for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        anvil.disconnect("[::]:25", ip)
+    assert anvil.in_use["[::]:25"] == 0 and not any(
+        key[0] == "[::]:25" for key in anvil.per_address)                # nothing left over
+
+
 def test_anvil_settings_come_from_a_role_config():
     anvil = plumbing.Anvil.from_config({"anvil_penalty": "2", "anvil_max_penalty": "9",
                                         "anvil_soft_errors": "4", "anvil_forget": "30",
