@@ -282,6 +282,9 @@ def main(argv=None):
                         help="placement of our daemons in the smtp and pop3 sections, as run_all's "
                              "--cpus (default auto: one CPU each; none: run_all's default, the "
                              "system places them)")
+    parser.add_argument("--processes", default="auto",
+                        help="smtp_in's and pop3d's --processes in the smtp and pop3 sections "
+                             "(default auto, their own default: one per CPU each may use)")
     args = parser.parse_args(argv)
     if args.summarize:
         summarize(args.summarize)
@@ -295,9 +298,9 @@ def main(argv=None):
     repeats = 2 if args.quick else args.repeats
     seconds = "2" if args.quick else "3"
     python = sys.executable
-    print("# run_bench %s, loadavg %s, %d cores, our daemons --cpus %s, results in %s"
-          % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(), args.cpus, out_dir),
-          flush=True)
+    print("# run_bench %s, loadavg %s, %d cores, our daemons --cpus %s --processes %s, "
+          "results in %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(),
+                             args.cpus, args.processes, out_dir), flush=True)
     failed = []
     for section in sections:
         json_path = os.path.join(out_dir, section + ".json")
@@ -305,12 +308,12 @@ def main(argv=None):
             command = [python, os.path.join(HERE, "smtp_bench.py"), "--postfix", "--pop3", "--aiosmtpd-executor", "0", "--modes", "session,reuse",
                        "--repeats", str(repeats), "--seconds", seconds,
                        "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path,
-                       "--cpus", args.cpus]
+                       "--cpus", args.cpus, "--smtp-in-arg=--processes=" + args.processes]
             ok = run_section(section, command, out_dir, args.section_timeout)
         elif section == "pop3":
             command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
                        "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path,
-                       "--cpus", args.cpus]
+                       "--cpus", args.cpus, "--processes", args.processes]
             workdir = tempfile.mkdtemp(prefix="run-bench-dovecot-")
             try:
                 with peers.Dovecot(workdir, small=1000, large=100) as dovecot:
