@@ -4,7 +4,8 @@
 Builds a throw-away spool with users bench0..bench7 (password "benchpw"), each holding the same
 1000 x 4 KB and 100 x 1 MB messages (LF line ends, delivered through mailbox_store and hard-linked
 between the users), starts `pop3d.py` on a free loopback port and measures with one raw-socket
-client per process (each RETR read up to CRLF.CRLF):
+client per process (each RETR read up to CRLF.CRLF), timed from the moment every client of
+the run has logged in:
 
   small  msgs/s   RETR of every 4 KB message, --passes times, at each --conc
   large  MB/s     RETR of every 1 MB message (1 MB = 1e6 octets of RETR response)
@@ -153,11 +154,13 @@ class Session:
 
 
 def client_run(args):
-    port, user, cls, passes, big, timeout = args
+    port, user, cls, passes, big, timeout, start_line = args
     session = Session(port, user, timeout)
     listing = session.multiline(b"LIST").split(b"\r\n")[:-2]
     numbers = [int(n) for n, size in (line.split() for line in listing)
                if (int(size) < big) == (cls == "small")]
+    if start_line is not None:
+        start_line.wait(timeout)       # every client logged in: the logins are not timed
     started = time.perf_counter()
     octets = 0
     for _ in range(passes):
@@ -169,10 +172,12 @@ def client_run(args):
 
 
 def measure(ports, user_pattern, cls, conc, passes, big, timeout):
-    """(messages/s, MB/s) of conc clients at once, spread over the list ports."""
-    jobs = [(ports[i % len(ports)], user_pattern.format(i=i), cls, passes, big, timeout)
-            for i in range(conc)]
-    with multiprocessing.Pool(conc) as pool:
+    """(messages/s, MB/s) of conc clients at once, spread over the list ports, from the
+    moment all of them are logged in (a login's password hash is not a download)."""
+    with multiprocessing.Manager() as manager, multiprocessing.Pool(conc) as pool:
+        start_line = manager.Barrier(conc)
+        jobs = [(ports[i % len(ports)], user_pattern.format(i=i), cls, passes, big, timeout,
+                 start_line) for i in range(conc)]
         results = pool.map(client_run, jobs, chunksize=1)
     wall = max(r[1] for r in results) - min(r[0] for r in results)
     messages = sum(r[2] for r in results)
@@ -186,7 +191,8 @@ def memory_run(server, port, clients, timeout):
         text = open("/proc/%d/status" % server.pid).read()
         return int(re.search(key + r":\s+(\d+) kB", text).group(1)) / 1024
     idle = status("VmRSS")
-    jobs = [(port, "mem%d@bench.test" % i, "large", 1, 65536, timeout) for i in range(clients)]
+    jobs = [(port, "mem%d@bench.test" % i, "large", 1, 65536, timeout, None)
+            for i in range(clients)]
     with multiprocessing.Pool(clients) as pool:
         results = pool.map(client_run, jobs, chunksize=1)
     assert all(r[2] == 1 for r in results)
