@@ -82,7 +82,7 @@ ANVIL_KEY_CACHE = 4096             # client addresses whose anvil key is remembe
 ANVIL_FREE_CHECKS = 4              # password checks at once an address with no failure may make
 ANVIL_DATAGRAM = 65536             # octets of a question to the master's anvil, or its answer
 ANVIL_TIMEOUT = 10.0               # seconds a worker waits for its master's anvil to answer
-ANVIL_DELAY_REFRESH = 1.0          # seconds a worker trusts an address's reply delay
+ANVIL_DELAY_REFRESH = 0.1          # seconds a worker trusts an address's reply delay
 MAX_PROCESSES = 64                 # worker processes a role may have
 AUTO_PROCESSES = 8                 # at most this many for processes = auto (one per CPU)
 WORKER_RESTART_DELAY = 1.0         # seconds before a master replaces a worker that died
@@ -1115,10 +1115,10 @@ class AnvilClient:
     A question is one JSON datagram [method, arguments...] on the worker's socket, answered
     by one; a lock keeps one question at a time. reply_delay() is asked before every reply,
     so an address's delay is remembered for ANVIL_DELAY_REFRESH seconds, and every error()
-    brings it up to date, so an address that errs on a session of this process is slowed
-    at once and one that errs elsewhere within a second. When the master stops answering,
-    each question raises AnvilGone (the session ends, nothing is let through unchecked)
-    and the worker stops.
+    brings it up to date: an address that errs on a session of this process is slowed at
+    once, one that errs on another worker's within ANVIL_DELAY_REFRESH. When the master
+    stops answering, each question raises AnvilGone (the session ends, nothing is let
+    through unchecked) and the worker stops.
     """
 
     def __init__(self, sock):
