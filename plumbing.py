@@ -45,16 +45,16 @@ import time
 from dataclasses import dataclass
 
 __all__ = [
-    "Anvil", "AnvilClient", "AnvilGone", "DEFAULT_GRACE", "LOCAL_SPOOL", "MAX_SASL_RESPONSE",
-    "SERVER_DEFAULTS", "SERVER_HELP", "ClientConnection", "ConnectionHandler", "Line", "LineReader", "LoginThrottled", "Master",
-    "READ_BLOCK", "ReadTimeout", "SASLError", "ServerStopping", "SPOOL_ENV", "SUPERVISOR_ENV", "SYSTEM_SPOOL",
-    "ThreadedServer", "add_options", "auth_failure_delay", "become_spool_owner", "config_text",
-    "config_value", "daemon_settings", "decode_base64", "decode_plain", "drop_privileges", "find_spool",
-    "is_loopback", "is_spool", "load_config", "log_config", "log_internal_error",
-    "new_queue_id", "parse_cpus", "parse_hostport", "read_ini", "reader_went_away",
-    "reload_tls", "run_on_cpus", "serve_until_signalled", "server_tls_context", "settings_of",
-    "setup_logging", "worker_processes",
-    "spool_path", "stderr_is_journal", "store_is_apart", "store_path", "wait_readable",
+    "Anvil", "AnvilClient", "AnvilGone", "ClientConnection", "ConnectionHandler", "DEFAULT_GRACE",
+    "LOCAL_SPOOL", "Line", "LineReader", "LoginThrottled", "MAX_SASL_RESPONSE", "Master",
+    "READ_BLOCK", "ReadTimeout", "SASLError", "SERVER_DEFAULTS", "SERVER_HELP", "SPOOL_ENV",
+    "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ServerStopping", "ThreadedServer", "add_options",
+    "auth_failure_delay", "become_spool_owner", "config_text", "config_value", "daemon_settings",
+    "decode_base64", "decode_plain", "drop_privileges", "find_spool", "is_loopback", "is_spool",
+    "load_config", "log_config", "log_internal_error", "new_queue_id", "parse_cpus",
+    "parse_hostport", "read_ini", "reader_went_away", "reload_tls", "run_on_cpus",
+    "serve_until_signalled", "server_tls_context", "settings_of", "setup_logging", "spool_path",
+    "stderr_is_journal", "store_is_apart", "store_path", "wait_readable", "worker_processes",
 ]
 
 READ_BLOCK = 65536                 # bytes asked of the kernel per recv
@@ -1249,7 +1249,13 @@ class Master:
                 self.signal_workers(signal.SIGHUP)
             now = time.monotonic()
             while self.restarts and self.restarts[0][0] <= now and "stop" not in self.asked:
-                self.start_worker(self.restarts.pop(0)[1])
+                number = self.restarts.pop(0)[1]
+                try:
+                    self.start_worker(number)
+                except OSError as exc:             # no memory or no process left to fork
+                    log.error("cannot start a worker: %s; trying again in %gs", exc,
+                              WORKER_RESTART_DELAY)
+                    self.restarts.append((now + WORKER_RESTART_DELAY, number))
             if supervisor.isdigit() and os.getppid() != int(supervisor):
                 log.warning("run_all (pid %s) is gone: stopping", supervisor)
                 break
@@ -1266,12 +1272,18 @@ class Master:
 
     def start_worker(self, number):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        pid = os.fork()
+        master = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = 1
             try:
                 mine.close()
-                code = self.worker(number, theirs)
+                code = self.worker(number, theirs, master)
             except BaseException as exc:           # never back into the master's loop
                 log_internal_error(log, exc, "in worker")
             finally:
@@ -1286,8 +1298,9 @@ class Master:
         """The CPU worker number keeps to, or None (cpus names fewer than two)."""
         return self.cpus[number % len(self.cpus)] if len(self.cpus) > 1 else None
 
-    def worker(self, number, sock):
-        """The worker's life, in the child process: serve until told to stop."""
+    def worker(self, number, sock, master):
+        """The worker's life, in the child process: serve until told to stop, or until
+        process master is gone."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for other in list(self.workers) + list(self.wake):
@@ -1297,8 +1310,8 @@ class Master:
         client = AnvilClient(sock)
         for server in self.servers:
             server.anvil = client
-        return _serve(self.servers, self.on_stop, self.grace, self.on_reload,
-                      os.getppid(), "the master")
+        return _serve(self.servers, self.on_stop, self.grace, self.on_reload, master,
+                      "the master")
 
     def wait_and_answer(self, timeout):
         """Wait up to timeout for a question, a signal or a dead worker, and see to them."""
@@ -1405,7 +1418,8 @@ class Master:
             log.warning("%d workers still running after %gs: killing them",
                         len(self.workers), self.grace + WORKER_STOP_MARGIN)
             self.signal_workers(signal.SIGKILL)
-            while self.workers:
+            until = time.monotonic() + WORKER_STOP_MARGIN
+            while self.workers and time.monotonic() < until:
                 self.wait_and_answer(0.05)
 
 

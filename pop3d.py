@@ -46,14 +46,14 @@ DEFAULTS = {
     "allow_plaintext_auth": False,
     "max_connections": 200,
     "max_per_address": 50,
-    **plumbing.SERVER_DEFAULTS,     # processes, failed logins and errors slowed, stress mode
+    **plumbing.SERVER_DEFAULTS,    # processes, failed logins and errors slowed, stress mode
     "cpus": "",
     "user": "",
     "syslog": False,
     "verbose": False,
 }
 
-HELP = dict(plumbing.SERVER_HELP, **{   # the help of the keys plumbing.SHARED_HELP does not know
+HELP = dict(plumbing.SERVER_HELP, **{  # the help of the keys plumbing.SHARED_HELP does not know
     "pop3s_listen": "HOST:PORT of an implicit-TLS POP3 listener (RFC 8314), e.g. 0.0.0.0:995",
     "allow_plaintext_auth": "allow USER/PASS and AUTH without TLS from any address "
                             "(default: only over TLS or from loopback)",
@@ -557,6 +557,7 @@ def main(argv=None):
     for server in servers:
         logger.info("listening on %s port %d%s", server.server_address[0], server.port,
                     " (implicit TLS)" if server.implicit_tls else "")
+
     def reload():
         plumbing.reload_tls(servers, config["tls_cert"], config["tls_key"])
     return plumbing.serve_until_signalled(servers, on_reload=reload, processes=processes,

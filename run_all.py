@@ -76,7 +76,7 @@ DEFAULTS = {
     "max_size": smtp_in.DEFAULTS["max_size"],
     "spf": smtp_in.DEFAULTS["spf"],
     "dmarc": smtp_in.DEFAULTS["dmarc"],
-    **plumbing.SERVER_DEFAULTS,        # processes, anvil and stress mode of smtp_in and pop3d
+    **plumbing.SERVER_DEFAULTS,       # processes, anvil and stress mode of smtp_in and pop3d
     "retry_schedule": mta.DEFAULTS["retry_schedule"],
     "cpus": "none",                  # leave placement to the system, as every peer does
     "user": "",

@@ -134,7 +134,7 @@ DEFAULTS = {
     "max_connections": 200,
     "max_per_address": 50,
     "greet_pause": 0.0,
-    **plumbing.SERVER_DEFAULTS,     # processes, failed logins and errors slowed, stress mode
+    **plumbing.SERVER_DEFAULTS,    # processes, failed logins and errors slowed, stress mode
     "dns": "",
     "reverse_dns": False,
     "spf": "tag",
@@ -1663,6 +1663,7 @@ def main(argv=None):
         log.info("listening on %s:%d (%s)", server.server_address[0], server.port,
                  "smtps" if server.implicit_tls else
                  "submission" if server.submission else "mx")
+
     def reload():
         plumbing.reload_tls(servers, config["tls_cert"], config["tls_key"])
     return plumbing.serve_until_signalled(servers, on_reload=reload, processes=processes,

@@ -34,7 +34,8 @@ class Daemon:
     def __init__(self, argv, cwd):
         self.process = subprocess.Popen([sys.executable] + argv, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, cwd=cwd)
-        self.port, lines = listening_port(self.process, r"listening on 127\.0\.0\.1[ :](?:port )?(\d+)")
+        self.port, lines = listening_port(self.process,
+                                          r"listening on 127\.0\.0\.1[ :](?:port )?(\d+)")
         self.lines = list(lines)
         threading.Thread(target=self._gather, daemon=True).start()
         wait_for(lambda: "serving from" in self.log(), 20, "the workers to start")
@@ -153,7 +154,6 @@ def test_a_failed_login_on_one_worker_spaces_the_checks_on_all(start, spool):
     for _ in range(4):
         assert pop3_login(daemon.port).startswith(b"+OK logged in")
     assert time.monotonic() - started >= 3.0
-    assert len(set(re.findall(r"pop3d\[(\d+)\]: login: ", daemon.log()))) >= 1
     assert pop3_login(daemon.port, source="127.0.0.2").startswith(b"+OK logged in")
 
 
@@ -171,8 +171,8 @@ def test_errors_on_any_worker_slow_every_reply_to_the_address(start, spool):
     for _ in range(4):
         _, sock = greeting(daemon.port)
         started = time.monotonic()
-        sock.sendall(b"NOOP\r\n")
-        sock.makefile("rb").readline()
+        sock.sendall(b"CAPA\r\n")      # no error of its own: the delay stays 0.5 s
+        assert sock.makefile("rb").readline().startswith(b"+OK")
         assert time.monotonic() - started >= 0.5
         sock.close()
 
