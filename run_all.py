@@ -102,7 +102,8 @@ HELP = {
              "Authentication-Results; or enforce, also refusing a fail under p=reject "
              "(550 5.7.1) and marking one under p=quarantine",
     "cpus": "CPUs to give the roles, one each in turn, e.g. 2-5 (auto: those run_all may "
-            "use; none: leave it to the system)",
+            "use; none: leave it to the system); a role with worker processes gets them all, "
+            "a worker on each",
 }
 
 # The children: name -> (file, INI section, the role's settings). The submission listener
@@ -134,6 +135,17 @@ log = logging.getLogger("run_all")
 
 # --- The children ---
 
+def listed_cpus(setting):
+    """The CPUs of the cpus setting, in order: those listed, those this process may use for
+    "auto", none for "none". Raises ValueError for a bad setting."""
+    setting = setting.strip().lower()
+    if setting in ("none", ""):
+        return []
+    if setting == "auto":
+        return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return sorted(plumbing.parse_cpus(setting))
+
+
 def cpu_plan(setting, names=CPU_ORDER):
     """{role name: CPU number} for the cpus setting: one CPU per role, in CPU_ORDER, taken
     in turn from the CPUs listed ("auto": those this process may use); {} for "none".
@@ -141,17 +153,21 @@ def cpu_plan(setting, names=CPU_ORDER):
     Each role keeps to one CPU (see plumbing.run_on_cpus); with two CPUs, smtp_in and mta
     run side by side. Raises ValueError for a bad setting.
     """
-    setting = setting.strip().lower()
-    if setting in ("none", ""):
-        return {}
-    if setting == "auto":
-        if not hasattr(os, "sched_getaffinity"):
-            return {}
-        cpus = sorted(os.sched_getaffinity(0))
-    else:
-        cpus = sorted(plumbing.parse_cpus(setting))
+    cpus = listed_cpus(setting)
     order = [name for name in CPU_ORDER if name in names]
-    return {name: cpus[number % len(cpus)] for number, name in enumerate(order)}
+    return {name: cpus[number % len(cpus)] for number, name in enumerate(order)} if cpus else {}
+
+
+def child_cpus(setting, name, processes=1, names=CPU_ORDER):
+    """The cpus setting run_all gives child name ("" when it leaves placement alone): its
+    CPU in cpu_plan, or, for a role that serves from worker processes (processes not 1),
+    every CPU listed, each worker keeping to one of them in turn (see plumbing.Master)."""
+    plan = cpu_plan(setting, names)
+    if name not in plan:
+        return ""
+    if str(processes).strip() != "1":
+        return ",".join(str(cpu) for cpu in listed_cpus(setting))
+    return str(plan[name])
 
 
 def child_names(config):
@@ -203,7 +219,6 @@ def child_settings(config, sections, given, tls_files=None):
     for a value that is not of its setting's type.
     """
     names = child_names(config)
-    cpus = cpu_plan(config["cpus"], names)
     listeners = {
         "smtp_in": {"listen": config["smtp"], "submission": False, "smtps_listen": ""},
         "submission": {"listen": config["submission"], "submission": True,
@@ -234,7 +249,7 @@ def child_settings(config, sections, given, tls_files=None):
                 raise ValueError("[%s] %s" % (name, exc)) from None
         settings.update((key, value) for key, value in listeners.get(name, {}).items()
                         if key in defaults)
-        settings["cpus"] = str(cpus[name]) if name in cpus else ""
+        settings["cpus"] = child_cpus(config["cpus"], name, settings.get("processes", 1), names)
         if name == "smtp_out" and config["smtp"] and config["smtp"] not in settings["my_listeners"]:
             # smtp_out must know our own MX listener: an MX that reaches it is a mail loop.
             settings["my_listeners"] = settings["my_listeners"] + [config["smtp"]]

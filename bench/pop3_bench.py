@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mailbox_store  # noqa: E402
-import run_all  # noqa: E402  (its cpu_plan places pop3d as run_all does)
+import run_all  # noqa: E402  (its child_cpus places pop3d as run_all does)
 
 PASSWORD = "benchpw"
 LINE = (b"abcdefghijklmnopqrstuvwxyz0123456789" * 3)[:76] + b"\n"
@@ -76,11 +76,10 @@ def build_spool(spool, users, small, large, mem_clients, mem_size):
 
 
 def start_pop3d(spool, timeout, cpus="auto", processes="auto"):
-    """pop3d on a free port, on the CPU run_all would give it (cpus as run_all's --cpus),
-    with that many worker processes."""
-    plan = run_all.cpu_plan(cpus)
-    on_cpu = ["--cpus", str(plan["pop3d"])] if "pop3d" in plan else []
-    on_cpu += ["--processes", str(processes)]
+    """pop3d on a free port with that many worker processes, on the CPUs run_all would give
+    it (cpus as run_all's --cpus)."""
+    placed = run_all.child_cpus(cpus, "pop3d", processes)
+    on_cpu = (["--cpus", placed] if placed else []) + ["--processes", str(processes)]
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "pop3d.py"), "--spool", spool,
                                "--listen", "127.0.0.1:0", "--hostname", "bench",
                                # many clients from one address are the load here, not an

@@ -280,8 +280,8 @@ def main(argv=None):
     parser.add_argument("--summarize", metavar="DIR", help="only print the table of a previous run")
     parser.add_argument("--cpus", default="auto", choices=("auto", "none"),
                         help="placement of our daemons in the smtp and pop3 sections, as run_all's "
-                             "--cpus (default auto: one CPU each; none: run_all's default, the "
-                             "system places them)")
+                             "--cpus (default auto: a CPU for each process; none: run_all's "
+                             "default, the system places them)")
     parser.add_argument("--processes", default="auto",
                         help="smtp_in's and pop3d's --processes in the smtp and pop3 sections "
                              "(default auto, their own default: one per CPU each may use)")

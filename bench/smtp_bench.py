@@ -49,7 +49,7 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import run_all  # noqa: E402  (its cpu_plan places our roles as run_all does)
+import run_all  # noqa: E402  (its child_cpus places our roles as run_all does)
 import peers  # noqa: E402  (bench/, the script's own folder)
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -398,7 +398,7 @@ def measure_memory(workdir, args):
     os.makedirs(servers.workdir)
     try:
         # One process: the sessions' memory is then all this pid's, not spread over workers.
-        servers.start_ours(args.smtp_in_arg + ["--processes", "1"], router=not args.no_router,
+        servers.start_ours(args.smtp_in_arg + ["--processes=1"], router=not args.no_router,
                            cpus=args.cpus)
         servers.wait_ready()
         target, process = servers.targets[0], servers.processes[0]
@@ -444,11 +444,14 @@ class Servers:
         # before its previous one has been counted out. Many messages per session need
         # more than the default 1000 commands a session (Postfix has no such limit). SPF
         # is off, as in the peers: its DNS lookups would leave the loopback. Each role gets
-        # the CPU run_all would give it (--cpus none: wherever the system puts it).
-        plan = run_all.cpu_plan(cpus)
+        # the CPUs run_all would give it (--cpus none: wherever the system puts it), which
+        # depend on its worker processes: smtp_in's are the last --processes=N of extra.
+        given = [flag.split("=", 1)[1] for flag in extra if flag.startswith("--processes=")]
+        processes = {"smtp_in": (given or ["auto"])[-1], "mta": 1, "pop3d": "auto"}
 
         def on_cpu(role):
-            return ["--cpus", str(plan[role])] if role in plan else []
+            placed = run_all.child_cpus(cpus, role, processes[role])
+            return ["--cpus", placed] if placed else []
 
         self.spawn("smtp_in", [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
                     "127.0.0.1:%d" % port, "--domain", DOMAIN, "--hostname", "mx.bench.test",
@@ -606,9 +609,8 @@ def main(argv=None):
                         help="peak RSS of a fresh smtp_in under 50 sessions x 100 KB")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
     parser.add_argument("--cpus", default="auto",
-                        help="CPUs for our roles, as run_all's --cpus (default auto: one each, "
-                             "as run_all --cpus auto gives them; none: no binding, run_all's "
-                             "default)")
+                        help="CPUs for our roles, as run_all's --cpus (default auto: as run_all "
+                             "--cpus auto places them; none: no binding, run_all's default)")
     parser.add_argument("--no-router", action="store_true",
                         help="do not run mta.py's router beside smtp_in (acceptance alone)")
     parser.add_argument("--json", help="write every raw run here")

@@ -10,7 +10,7 @@ import pytest
 
 import plumbing
 import run_all
-from support import ROOT, wait_for
+from support import ROOT, children_of, wait_for
 from test_run_all import ports_args, run_all as run_all_command, start, stop, wait_for_text
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
@@ -113,8 +113,18 @@ def test_run_all_places_each_role_as_its_plan_says(tmp_path):
         pids = child_pids(wait_for_text(tmp_path / "run_all.log", "Next steps:"))
         plan = run_all.cpu_plan("auto")
         assert set(pids) == set(plan)
-        for name, pid in pids.items():
-            assert os.sched_getaffinity(pid) == {plan[name]}, name
+        every = set(run_all.listed_cpus("auto"))
+        for name in ("mta", "smtp_out"):
+            assert os.sched_getaffinity(pids[name]) == {plan[name]}, name
+        for name in ("smtp_in", "submission", "pop3d"):     # processes = auto: a worker a CPU
+            if len(every) == 1:
+                assert os.sched_getaffinity(pids[name]) == every and not children_of(pids[name])
+                continue
+            assert os.sched_getaffinity(pids[name]) == every, name
+            workers = wait_for(lambda: children_of(pids[name])
+                               if len(children_of(pids[name])) == len(every) else None, 10)
+            assert sorted(tuple(os.sched_getaffinity(pid)) for pid in workers) == [
+                (cpu,) for cpu in sorted(every)], name
     finally:
         assert stop(process) == 0
 
