@@ -208,6 +208,7 @@ DEFAULTS = {
     "relay_domain": [],
     "hostname": "",
     "workers": 4,
+    "processes": "auto",
     "scan_interval": SCAN_INTERVAL,
     "hop_limit": HOP_LIMIT,
     "queue_lifetime": QUEUE_LIFETIME,
@@ -223,7 +224,9 @@ DEFAULTS = {
 }
 
 HELP = {                           # the help of the keys plumbing.SHARED_HELP does not know
-    "workers": "threads routing messages at once",
+    "workers": "threads routing messages at once, in each router process",
+    "processes": "router processes sharing the queue (auto: one per CPU the router may use, "
+                 "at most 8; 1: one process, no master)",
     "scan_interval": "seconds between scans of the queue when no doorbell rings",
     "hop_limit": "Received: fields before a message is bounced as a mail loop (5.4.6)",
     "queue_lifetime": "seconds a message may stay queued before it bounces (4.4.7)",
@@ -2426,7 +2429,10 @@ def serve(config) -> int:
         print("mta: cannot start on spool %s: %s" % (config["spool"], exc), file=sys.stderr)
         return 1
     plumbing.log_config(log, config)
-    return plumbing.serve_until_signalled([runner])
+    # Several router processes share incoming/ as threads do: each file is handled under a
+    # flock (see the module docstring), and smtp_in rings every router's doorbell.
+    return plumbing.serve_until_signalled([runner], processes=plumbing.worker_processes(config),
+                                          cpus=config["cpus"])
 
 
 def build_parser():
@@ -2487,6 +2493,7 @@ def main(argv=None) -> int:
         parse_retry_schedule(config["retry_schedule"])
         plumbing.config_value("dkim_sign", config["dkim_sign"], False)
         plumbing.parse_cpus(config["cpus"])
+        plumbing.worker_processes(config)
     except ValueError as exc:
         print("mta: %s" % exc, file=sys.stderr)
         return EX_CONFIG

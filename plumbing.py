@@ -333,8 +333,9 @@ SERVER_DEFAULTS = {                # the anvil, stress mode and processes of eve
     "stress_session_timeout": 120.0,
 }
 SERVER_HELP = {
-    "processes": "worker processes serving the listeners, sharing one anvil (auto: one per "
-                 "CPU the role may use, at most 8; 1: one process, no master)",
+    "processes": "worker processes of the role, sharing one anvil (the router's share the "
+                 "queue) (auto: one per CPU the role may use, at most 8; 1: one process, no "
+                 "master)",
     "anvil_penalty": "seconds of the first penalty for a client address that failed a login "
                      "(or passed anvil_soft_errors); it doubles with each further failure "
                      "(0: no penalties)",
@@ -1198,7 +1199,9 @@ class Master:
     it answers the workers' anvil questions (AnvilClient) from the one Anvil of the
     servers, so the connection caps and the penalties span all workers as they would one
     process. It runs no thread of its own (forking a threaded process could copy a lock
-    while held): one select() waits for questions, signals and dead workers alike.
+    while held): one select() waits for questions, signals and dead workers alike. The
+    "servers" may also be queue runners (the router's mta.QueueRunner): no listener and no
+    anvil; their workers share the queue through its locks.
 
     When cpus (the role's setting) names several CPUs, worker number i keeps to the i-th
     of them, in turn: its threads then hand the interpreter's lock over on one CPU (see
@@ -1219,7 +1222,7 @@ class Master:
         self.on_stop = on_stop
         self.grace = grace
         self.on_reload = on_reload
-        self.anvil = servers[0].anvil
+        self.anvil = getattr(servers[0], "anvil", None)     # a queue runner asks none
         self.workers = {}              # the master's end of a worker's socket -> _Worker
         self.asked = set()             # "stop", "reload": what the signals asked for
         self.restarts = []             # (monotonic time, worker number) of replacements due
@@ -1229,7 +1232,8 @@ class Master:
             raise RuntimeError("a master forks its workers before any thread starts")
         for server in self.servers:
             # The workers race for each connection: the losers must not block in accept().
-            server.socket.setblocking(False)
+            if hasattr(server, "socket"):
+                server.socket.setblocking(False)
         wake_in, wake_out = socket.socketpair()
         wake_in.setblocking(False)
         wake_out.setblocking(False)
@@ -1261,7 +1265,8 @@ class Master:
                 break
         self.stop_workers()
         for server in self.servers:
-            server.server_close()
+            if hasattr(server, "server_close"):
+                server.server_close()
         return 0
 
     def on_signal(self, signum, frame):
@@ -1307,9 +1312,10 @@ class Master:
             other.close()
         if self.cpu_of(number) is not None:
             os.sched_setaffinity(0, {self.cpu_of(number)})
-        client = AnvilClient(sock)
-        for server in self.servers:
-            server.anvil = client
+        if self.anvil is not None:
+            client = AnvilClient(sock)
+            for server in self.servers:
+                server.anvil = client
         return _serve(self.servers, self.on_stop, self.grace, self.on_reload, master,
                       "the master")
 

@@ -31,11 +31,10 @@ BUSY = b"-ERR [SYS/TEMP] too many connections"
 class Daemon:
     """A role started as a process with --processes; its log is gathered as it comes."""
 
-    def __init__(self, argv, cwd):
+    def __init__(self, argv, cwd, ready=r"listening on 127\.0\.0\.1[ :](?:port )?(\d+)"):
         self.process = subprocess.Popen([sys.executable] + argv, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, cwd=cwd)
-        self.port, lines = listening_port(self.process,
-                                          r"listening on 127\.0\.0\.1[ :](?:port )?(\d+)")
+        self.port, lines = listening_port(self.process, ready)
         self.lines = list(lines)
         threading.Thread(target=self._gather, daemon=True).start()
         wait_for(lambda: "serving from" in self.log(), 20, "the workers to start")
@@ -76,9 +75,12 @@ def start(tmp_path):
     daemons = []
 
     def start(role, *flags):
-        argv = [os.path.join(ROOT, role), "--listen", "127.0.0.1:0",
-                "--hostname", "mx.example.com", "--domain", "example.com"] + list(flags)
-        daemon = Daemon(argv, str(tmp_path))
+        argv = [os.path.join(ROOT, role), "--hostname", "mx.example.com",
+                "--domain", "example.com"] + list(flags)
+        if role == "mta.py":           # no listener: ready once it serves from N workers
+            daemon = Daemon(argv, str(tmp_path), r"serving from (\d+) worker processes")
+        else:
+            daemon = Daemon(argv + ["--listen", "127.0.0.1:0"], str(tmp_path))
         daemons.append(daemon)
         return daemon
 
@@ -254,3 +256,37 @@ def test_processes_out_of_range_is_refused_with_one_line(spool, tmp_path):
                                 capture_output=True, timeout=30, cwd=str(tmp_path))
         assert result.returncode == 1, result
         assert result.stderr.decode().startswith("pop3d: processes: "), result.stderr
+
+
+def test_router_workers_share_the_queue_and_one_killed_loses_and_repeats_nothing(start, spool):
+    router = start("mta.py", "--spool", spool, "--processes", "2")
+    smtp = start("smtp_in.py", "--spool", spool, "--processes", "2", "--greet-pause", "0",
+                 "--spf", "off", "--dns", "127.0.0.254")
+    victim = router.workers()[0]
+    sent = []
+
+    def send(count):
+        with smtplib.SMTP("127.0.0.1", smtp.port, timeout=30) as client:
+            for n in range(count):
+                number = len(sent)
+                client.sendmail("friend@example.org", [ALICE],
+                                b"Subject: token-%d\r\n\r\nhello\r\n" % number)
+                sent.append(number)
+    send(60)
+    os.kill(victim, signal.SIGKILL)    # wherever it was: between a delivery and its record
+    send(60)
+    new = os.path.join(spool, "mail", "example.com", "alice", "Maildir", "new")
+
+    def delivered():
+        names = os.listdir(new)
+        return names if len(names) >= len(sent) + 1 else None       # and the first message
+    names = wait_for(delivered, 30, "every message in the Maildir")
+    tokens = []
+    for name in names:
+        with open(os.path.join(new, name), "rb") as f:
+            found = re.search(rb"Subject: token-(\d+)", f.read())
+        if found:
+            tokens.append(int(found.group(1)))
+    assert sorted(tokens) == list(range(len(sent))), "lost or repeated"
+    assert not os.listdir(os.path.join(spool, "queue", "incoming"))
+    assert "worker %d ended (killed by signal 9)" % victim in router.log()
