@@ -447,7 +447,7 @@ class Servers:
         # the CPUs run_all would give it (--cpus none: wherever the system puts it), which
         # depend on its worker processes: smtp_in's are the last --processes=N of extra.
         given = [flag.split("=", 1)[1] for flag in extra if flag.startswith("--processes=")]
-        processes = {"smtp_in": (given or ["auto"])[-1], "mta": 1, "pop3d": "auto"}
+        processes = {"smtp_in": (given or ["auto"])[-1], "mta": "auto", "pop3d": "auto"}
 
         def on_cpu(role):
             placed = run_all.child_cpus(cpus, role, processes[role])
