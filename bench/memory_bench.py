@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """memory_bench.py - memory of smtp_in and the router while many large messages arrive.
 
-Starts smtp_in.py and mta.py's router, each its own process as run_all starts them, on a
+Starts smtp_in.py and mta.py's router, each its own process as run_all starts them but with
+--processes 1 (so that each daemon's sessions and deliveries are one pid's memory), on a
 fresh spool on 127.0.0.1 with one local user, then opens --sessions SMTP sessions at once
 from one client address, each sending one --size message (dot-stuffed once, sent from one
 shared buffer, so the client's own memory does not grow with the sessions). Once every
@@ -116,7 +117,8 @@ def start_daemons(base, args):
     logs = {name: os.path.join(base, name + ".log") for name in ("smtp_in", "mta")}
     common = ["--spool", spool, "--domain", DOMAIN, "--hostname", HOSTNAME]
     with open(logs["mta"], "wb") as log:
-        router = subprocess.Popen([sys.executable, os.path.join(ROOT, "mta.py")] + common,
+        router = subprocess.Popen([sys.executable, os.path.join(ROOT, "mta.py")] + common
+                                  + ["--processes", "1"],      # every delivery in this pid
                                   stdout=subprocess.DEVNULL, stderr=log)
     with open(logs["smtp_in"], "wb") as log:
         smtp_in = subprocess.Popen(
