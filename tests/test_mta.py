@@ -101,10 +101,12 @@ def run_cli(spool, *args, stdin=b"", timeout=30):
 
 
 def start_router_process(spool, log_path, *extra):
+    """One router process (--processes 1: a kill -9 of this pid stops all its routing;
+    tests/test_processes.py covers the router's worker processes)."""
     log_file = open(log_path, "ab")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "mta.py"), "--spool", spool, "--domain", DOMAIN,
-         "--hostname", HOSTNAME, "--scan-interval", "1"] + list(extra),
+         "--hostname", HOSTNAME, "--scan-interval", "1", "--processes", "1"] + list(extra),
         stdout=subprocess.DEVNULL, stderr=log_file)
     log_file.close()
     return process
