@@ -1032,9 +1032,13 @@ def serve_until_signalled(servers, on_stop=None, grace=DEFAULT_GRACE, on_reload=
     """
     if processes > 1:
         return Master(servers, processes, on_stop, grace, on_reload, cpus).run()
+    return _serve(servers, on_stop, grace, on_reload, _supervisor(), "run_all")
+
+
+def _supervisor():
+    """The pid of the run_all this process runs under (SUPERVISOR_ENV), or None."""
     supervisor = os.environ.get(SUPERVISOR_ENV, "")
-    parent = int(supervisor) if supervisor.isdigit() else None
-    return _serve(servers, on_stop, grace, on_reload, parent, "run_all")
+    return int(supervisor) if supervisor.isdigit() else None
 
 
 def _serve(servers, on_stop, grace, on_reload, parent, parent_name):
@@ -1155,12 +1159,6 @@ class AnvilClient:
     def login_done(self, ip, login, ok):
         return self.ask("login_done", ip, login[:MAX_LOGIN_KEY * 2] if login else login, ok)
 
-    def failures(self, ip):
-        return self.ask("failures", ip)
-
-    def errors(self, ip):
-        return self.ask("errors", ip)
-
     def error(self, ip):
         self._remember(ip, self.ask("error", ip))
 
@@ -1240,7 +1238,7 @@ class Master:
         signal.set_wakeup_fd(wake_out.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self.on_signal)
-        supervisor = os.environ.get(SUPERVISOR_ENV, "")
+        supervisor = _supervisor()
         self.wake = (wake_in, wake_out)
         for number in range(self.processes):
             self.start_worker(number)
@@ -1260,8 +1258,8 @@ class Master:
                     log.error("cannot start a worker: %s; trying again in %gs", exc,
                               WORKER_RESTART_DELAY)
                     self.restarts.append((now + WORKER_RESTART_DELAY, number))
-            if supervisor.isdigit() and os.getppid() != int(supervisor):
-                log.warning("run_all (pid %s) is gone: stopping", supervisor)
+            if supervisor is not None and os.getppid() != supervisor:
+                log.warning("run_all (pid %d) is gone: stopping", supervisor)
                 break
         self.stop_workers()
         for server in self.servers:
@@ -1296,8 +1294,8 @@ class Master:
         theirs.close()
         mine.setblocking(False)
         self.workers[mine] = _Worker(number, pid, mine)
-        log.info("worker %d started%s", pid, " on CPU %d" % self.cpu_of(number)
-                 if self.cpu_of(number) is not None else "")
+        cpu = self.cpu_of(number)
+        log.info("worker %d started%s", pid, "" if cpu is None else " on CPU %d" % cpu)
 
     def cpu_of(self, number):
         """The CPU worker number keeps to, or None (cpus names fewer than two)."""
@@ -1310,8 +1308,9 @@ class Master:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for other in list(self.workers) + list(self.wake):
             other.close()
-        if self.cpu_of(number) is not None:
-            os.sched_setaffinity(0, {self.cpu_of(number)})
+        cpu = self.cpu_of(number)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         if self.anvil is not None:
             client = AnvilClient(sock)
             for server in self.servers:
@@ -1341,9 +1340,7 @@ class Master:
         while True:
             try:
                 question = worker.sock.recv(ANVIL_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:            # BlockingIOError: every question is answered
                 return
             try:
                 answer = self.answer(worker, *json.loads(question))
@@ -1377,8 +1374,8 @@ class Master:
         if method == "error":
             anvil.error(*args)
             return anvil.reply_delay(*args)
-        if method in ("failures", "errors", "reply_delay"):
-            return getattr(anvil, method)(*args)
+        if method == "reply_delay":
+            return anvil.reply_delay(*args)
         raise ValueError("unknown question %r" % method)
 
     def reap(self):
