@@ -143,6 +143,7 @@ import email.generator  # noqa: F401 - as_bytes() would load it on first use (se
 import email.utils
 import errno
 import fcntl
+import functools
 import getpass
 import hashlib
 import heapq
@@ -151,9 +152,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -225,8 +228,8 @@ DEFAULTS = {
 
 HELP = {                           # the help of the keys plumbing.SHARED_HELP does not know
     "workers": "threads routing messages at once, in each router process",
-    "processes": "router processes sharing the queue (auto: one per CPU the router may use, "
-                 "at most 8; 1: one process, no master)",
+    "processes": "router processes sharing the queue, or processes reading it for `queue` "
+                 "(auto: one per CPU the router may use, at most 8; 1: one process, no master)",
     "scan_interval": "seconds between scans of the queue when no doorbell rings",
     "hop_limit": "Received: fields before a message is bounced as a mail loop (5.4.6)",
     "queue_lifetime": "seconds a message may stay queued before it bounces (4.4.7)",
@@ -252,6 +255,8 @@ MAX_DSN_HEADERS = 64 * 1024        # octets of the original header returned in a
 MAX_HEADER = 1024 * 1024           # octets of a message's header the router reads (hops, loops)
 SIZE_WIDTH = 20                    # Message-Size digits, space-padded (2**64 has 20)
 COPY_BLOCK = 64 * 1024             # octets of message read or written at a time
+LISTING_CHUNK = 500                # queue files `mta.py queue` reads in one go (a process's share)
+LENGTH_PREFIX = struct.Struct("!I")  # before each part a listing process sends
 MAX_PREPEND = 64 * 1024            # octets of header fields a "prepend" record may put on top
 MAX_PENDING_PIECES = 64            # a QueueWriter writes once this many pieces wait (IOV_MAX 1024)
 
@@ -1676,28 +1681,32 @@ class Queue:
         """(folder, name, file size, QueueState or None if unreadable) of each queue file,
         one at a time as it is read (a large queue is never held whole), without locking."""
         for folder in QUEUE_FOLDERS:
-            try:
-                folder_fd = os.open(self.path(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            except FileNotFoundError:
-                continue
-            try:
-                for name in self.ids(folder):
-                    try:
-                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
-                                     dir_fd=folder_fd)
-                    except OSError:
-                        continue
-                    size = 0
-                    try:
-                        size = os.fstat(fd).st_size
-                        state, _ = _read_state(fd, size, name)
-                    except (OSError, QueueFileError):
-                        state = None
-                    finally:
-                        os.close(fd)
-                    yield folder, name, size, state
-            finally:
-                os.close(folder_fd)
+            yield from self.read_entries(folder, self.ids(folder))
+
+    def read_entries(self, folder: str, names: list) -> Iterator[tuple]:
+        """entries() of the files NAMES in FOLDER; a name no longer there is left out."""
+        try:
+            folder_fd = os.open(self.path(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            return
+        try:
+            for name in names:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                 dir_fd=folder_fd)
+                except OSError:
+                    continue
+                size = 0
+                try:
+                    size = os.fstat(fd).st_size
+                    state, _ = _read_state(fd, size, name)
+                except (OSError, QueueFileError):
+                    state = None
+                finally:
+                    os.close(fd)
+                yield folder, name, size, state
+        finally:
+            os.close(folder_fd)
 
     def listing(self) -> list:
         """[(folder, name, file size, QueueState or None if unreadable)], without locking."""
@@ -2315,56 +2324,136 @@ def queue_report(queue: Queue) -> list:
 
 def queue_entries(queue: Queue) -> Iterator[dict]:
     """queue_report()'s entries one at a time, as the files are read."""
-    for folder, name, size, state in queue.entries():
-        if state is None:
-            yield {"queue_id": name, "folder": folder, "size": size, "error": "unreadable"}
-            continue
-        envelope = state.envelope
-        recipients = [{"address": envelope.recipients[n], "original": envelope.recipients[n],
-                       "kind": "unrouted", "status": "pending"} for n in state.unrouted]
-        for r in state.recipients:
-            recipients.append({
-                "address": r.address, "original": r.original, "kind": r.kind, "status": r.status,
-                "attempts": r.attempts, "last_attempt": r.last_attempt or None,
-                "next_attempt": r.next_attempt if r.status == "deferred" else None,
-                "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
-        yield {"queue_id": name, "folder": folder, "size": size,
-               "arrival": envelope.arrival, "sender": envelope.sender,
-               "client_address": envelope.client_address, "client_helo": envelope.client_helo,
-               "auth_user": envelope.auth_user, "protocol": envelope.protocol,
-               "recipients": recipients}
+    for entry in queue.entries():
+        yield _entry_data(*entry)
 
 
-def print_queue(queue: Queue, as_json: bool) -> int:
-    """Print the queue, each message as soon as its file is read (`postqueue -p` does so)."""
+def _entry_data(folder, name, size, state):
+    """One message of the `queue --json` output, from an entry of Queue.entries()."""
+    if state is None:
+        return {"queue_id": name, "folder": folder, "size": size, "error": "unreadable"}
+    envelope = state.envelope
+    recipients = [{"address": envelope.recipients[n], "original": envelope.recipients[n],
+                   "kind": "unrouted", "status": "pending"} for n in state.unrouted]
+    for r in state.recipients:
+        recipients.append({
+            "address": r.address, "original": r.original, "kind": r.kind, "status": r.status,
+            "attempts": r.attempts, "last_attempt": r.last_attempt or None,
+            "next_attempt": r.next_attempt if r.status == "deferred" else None,
+            "dsn": r.dsn, "reply": r.reply, "remote_mta": r.remote_mta, "relay": r.relay})
+    return {"queue_id": name, "folder": folder, "size": size,
+            "arrival": envelope.arrival, "sender": envelope.sender,
+            "client_address": envelope.client_address, "client_helo": envelope.client_helo,
+            "auth_user": envelope.auth_user, "protocol": envelope.protocol,
+            "recipients": recipients}
+
+
+def print_queue(queue: Queue, as_json: bool, processes: int = 1) -> int:
+    """Print the queue as its files are read, LISTING_CHUNK at a time (`postqueue -p`
+    streams too). With processes > 1, that many processes read the files (see
+    _in_processes); the output is the same as with one."""
     write = sys.stdout.write
+    chunks = [(folder, names[start:start + LISTING_CHUNK])
+              for folder in QUEUE_FOLDERS for names in (queue.ids(folder),)
+              for start in range(0, len(names), LISTING_CHUNK)]
     if as_json:
         # One object, {"messages": [...], "quarantined": [...]}, one message a line.
         write('{"messages": [')
-        separator = "\n"
-        for entry in queue_entries(queue):
-            write(separator + json.dumps(entry))
-            separator = ",\n"
-        write('],\n "quarantined": %s}\n' % json.dumps(queue.quarantined()))
-        return 0
     count = total = 0
-    for folder, name, size, state in queue.entries():
-        if not count:
+    for text, number, size in _in_processes(
+            functools.partial(_listing_part, queue, as_json), chunks, processes):
+        if not number:
+            continue
+        if as_json:
+            write(",\n" if count else "\n")
+        elif not count:
             write("%-20s %-9s %9s  %-19s  %s\n" % ("-Queue ID-", "-Folder-", "-Size-",
                                                   "-Arrival Time-", "-Sender/Recipients-"))
-        count += 1
+        write(text)
+        count += number
         total += size
-        write(_entry_text(folder, name, size, state))
+    quarantined = queue.quarantined()
+    if as_json:
+        write('],\n "quarantined": %s}\n' % json.dumps(quarantined))
+        return 0
     if not count:
         write("Mail queue is empty\n")
     else:
         write("-- %d KiB in %d message%s\n" % ((total + 1023) // 1024, count,
                                               "" if count == 1 else "s"))
-    quarantined = queue.quarantined()
     if quarantined:
         write("-- %d file%s in %s\n" % (len(quarantined), "" if len(quarantined) == 1 else "s",
                                         queue.path(QUARANTINE)))
     return 0
+
+
+def _listing_part(queue, as_json, chunk):
+    """(text, messages, octets) of one chunk (folder, names) of the listing."""
+    folder, names = chunk
+    texts = []
+    octets = 0
+    for entry in queue.read_entries(folder, names):
+        texts.append(json.dumps(_entry_data(*entry)) if as_json else _entry_text(*entry))
+        octets += entry[2]
+    return (",\n" if as_json else "").join(texts), len(texts), octets
+
+
+def _in_processes(function, items, processes):
+    """function(item) for each of ITEMS, in their order, computed by up to PROCESSES
+    processes: this one computes items 0, P, 2P... and forked children the others, each
+    child sending its results down a pipe (pickled, length first) while this one prints.
+    A child that stops early (it failed) raises OSError here; when the caller stops early
+    (`| head`), the children find their pipe closed and end."""
+    processes = max(1, min(processes, len(items)))
+    if processes == 1:
+        yield from map(function, items)
+        return
+    children = []
+    try:
+        for k in range(1, processes):
+            children.append(_forked(function, items[k::processes],
+                                    [pipe for _, pipe in children]))
+        for index, item in enumerate(items):
+            k = index % processes
+            yield function(item) if k == 0 else _received(children[k - 1][1])
+    finally:
+        for _, pipe in children:
+            pipe.close()
+        for pid, _ in children:
+            os.waitpid(pid, 0)
+
+
+def _forked(function, items, inherited):
+    """(pid, pipe to read) of a child that sends function(item) for each item; INHERITED
+    are the read ends of the children before it, closed in the child so that each child
+    sees the end of its own pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return pid, os.fdopen(read_end, "rb")
+    status = 1
+    try:
+        os.close(read_end)
+        for pipe in inherited:
+            pipe.close()
+        with os.fdopen(write_end, "wb") as pipe:
+            for item in items:
+                data = pickle.dumps(function(item), pickle.HIGHEST_PROTOCOL)
+                pipe.write(LENGTH_PREFIX.pack(len(data)) + data)
+        status = 0
+    except BaseException:          # the reader stopped, or a failure: the parent sees EOF
+        pass
+    finally:
+        os._exit(status)           # no exit handlers, no flush of the parent's buffers
+
+
+def _received(pipe):
+    length = pipe.read(LENGTH_PREFIX.size)
+    data = pipe.read(LENGTH_PREFIX.unpack(length)[0]) if len(length) == LENGTH_PREFIX.size else b""
+    if not data:
+        raise OSError(errno.EIO, "a process reading the queue ended early")
+    return pickle.loads(data)
 
 
 def _entry_text(folder, name, size, state):
@@ -2519,7 +2608,7 @@ def main(argv=None) -> int:
         if args.command == "sendmail":
             return sendmail(args, config, invoker)
         if args.command == "queue":
-            return print_queue(queue, args.json)
+            return print_queue(queue, args.json, plumbing.worker_processes(config))
         if args.command == "flush":
             flushed = queue.flush()
             print("%d deferred message%s flushed" % (flushed, "" if flushed == 1 else "s"))

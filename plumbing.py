@@ -334,8 +334,8 @@ SERVER_DEFAULTS = {                # the anvil, stress mode and processes of eve
 }
 SERVER_HELP = {
     "processes": "worker processes of the role, sharing one anvil (the router's share the "
-                 "queue) (auto: one per CPU the role may use, at most 8; 1: one process, no "
-                 "master)",
+                 "queue, and `mta.py queue` reads it with as many) (auto: one per CPU the role "
+                 "may use, at most 8; 1: one process, no master)",
     "anvil_penalty": "seconds of the first penalty for a client address that failed a login "
                      "(or passed anvil_soft_errors); it doubles with each further failure "
                      "(0: no penalties)",

@@ -22,6 +22,7 @@ import pytest
 
 import mailbox_store
 import mta
+import support
 from support import ROOT, wait_for
 
 DOMAIN = "example.com"
@@ -1069,17 +1070,17 @@ def test_queue_listing_shows_each_recipient_state_in_text_and_json(spool, queue,
 
 
 @pytest.mark.parametrize("as_json", [False, True])
-def test_queue_listing_prints_each_message_before_reading_the_next(spool, queue, monkeypatch,
-                                                                  capsys, as_json):
+def test_queue_listing_prints_each_chunk_before_reading_the_next(spool, queue, monkeypatch,
+                                                                capsys, as_json):
     ids = [queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE) for _ in range(3)]
-    real_entries = queue.entries
+    monkeypatch.setattr(mta, "LISTING_CHUNK", 1)
+    real_read_entries = queue.read_entries
     printed = []
 
-    def entries():
-        for entry in real_entries():
-            printed.append(capsys.readouterr().out)       # what was out before this file
-            yield entry
-    monkeypatch.setattr(queue, "entries", entries)
+    def read_entries(folder, names):
+        printed.append(capsys.readouterr().out)           # what was out before these files
+        yield from real_read_entries(folder, names)
+    monkeypatch.setattr(queue, "read_entries", read_entries)
     assert mta.print_queue(queue, as_json) == 0
     rest = capsys.readouterr().out
     assert ids[0] in printed[1] and ids[1] in printed[2]          # streamed, not gathered
@@ -1088,6 +1089,66 @@ def test_queue_listing_prints_each_message_before_reading_the_next(spool, queue,
         assert json.loads(whole) == {"messages": mta.queue_report(queue), "quarantined": []}
     else:
         assert whole.endswith(" in 3 messages\n")
+
+
+def write_deferred(spool, count):
+    """COUNT deferred queue files written directly (no fsync each: a test's big queue)."""
+    now = time.time()
+    for number in range(count):
+        queue_id = "%018X" % (0x661F000000000000 + number)
+        data = b"Subject: %d\r\n\r\nhi\r\n" % number
+        envelope = mta.Envelope(queue_id, "bench@example.com", ["x%d@remote.test" % number],
+                                now - 60, len(data), "127.0.0.1", "client.test", "", "ESMTP")
+        records = mta.record_bytes(
+            {"event": "route", "from": 0, "rcpt": 0, "at": now - 59,
+             "to": [{"kind": "remote", "address": "x%d@remote.test" % number}]},
+            {"event": "deferred", "rcpt": 0, "at": now - 58, "next": now + 3600 + number,
+             "dsn": "4.4.1", "mta": "", "relay": "", "reply": "451 4.4.1 try later"})
+        with open(os.path.join(spool, "queue", "deferred", queue_id), "wb") as f:
+            f.write(mta.envelope_bytes(envelope) + data + records)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_queue_listing_read_by_several_processes_is_the_listing_of_one(spool, queue, as_json):
+    queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)     # incoming/ too
+    write_deferred(spool, 2 * mta.LISTING_CHUNK + 7)           # three chunks, the last short
+    with open(os.path.join(spool, "queue", "deferred", "FFFFFFFFFFFFFFFFFF"), "wb") as f:
+        f.write(b"not a queue file")                           # listed as unreadable
+    option = ["--json"] if as_json else []
+    one = run_cli(spool, "--processes", "1", "queue", *option)
+    three = run_cli(spool, "--processes", "3", "queue", *option)
+    assert one.returncode == three.returncode == 0 and three.stderr == b""
+    assert three.stdout == one.stdout
+    if as_json:
+        messages = json.loads(three.stdout)["messages"]
+        assert len(messages) == 2 * mta.LISTING_CHUNK + 9
+        assert [m["queue_id"] for m in messages] == queue.ids(mta.INCOMING) + queue.ids(mta.DEFERRED)
+    else:
+        assert three.stdout.decode().endswith(" in %d messages\n" % (2 * mta.LISTING_CHUNK + 9))
+        assert b"FFFFFFFFFFFFFFFFFF   deferred         16  (unreadable)" in three.stdout
+
+
+def failing_on_item_one(item):
+    if item == 1:
+        raise RuntimeError("a reading process fails")
+    return item * 10
+
+
+def test_a_listing_process_that_fails_is_an_error_not_a_short_listing():
+    results = mta._in_processes(failing_on_item_one, [0, 1, 2, 3], 2)
+    assert next(results) == 0
+    with pytest.raises(OSError, match="ended early"):
+        next(results)                       # item 1 was the child's
+    assert support.children_of(os.getpid()) == []
+
+
+def test_a_listing_stopped_early_leaves_no_process_behind():
+    results = mta._in_processes(lambda item: "x" * 100000, list(range(200)), 3)
+    assert next(results) == "x" * 100000
+    started = time.monotonic()
+    results.close()                         # the reader had enough (`mta.py queue | head`)
+    assert time.monotonic() - started < 5
+    assert support.children_of(os.getpid()) == []
 
 
 def test_flush_makes_deferred_recipients_due_and_wakes_smtp_out(spool, queue, store):
