@@ -1008,14 +1008,35 @@ def _time_key(name):
     return (int(seconds) if seconds.isdigit() else 0, name)
 
 
-def _crlf_blocks(f, block_size=READ_BLOCK):
-    """Yield the file's bytes with every line ending made CRLF, ending in CRLF."""
+def _open_message(path, raw):
+    if raw:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return open(path, "rb")
+
+
+def _file_blocks(fd, block_size, expected):
+    """Yield the blocks of open file fd up to its end. A read shorter than asked for that
+    brings the total to EXPECTED octets (the size listed) was at the end already: a file
+    gives short reads only there, so the read() that would return b"" is not made (RETR of
+    a small message: one read(), not two)."""
+    total = 0
+    while True:
+        block = os.read(fd, block_size)
+        if not block:
+            return
+        yield block
+        total += len(block)
+        if len(block) < block_size and total >= expected:
+            return
+
+
+def _crlf_blocks(blocks):
+    """Yield the bytes of BLOCKS with every line ending made CRLF, ending in CRLF."""
     pending = b""
     last = b""
-    while True:
-        block = f.read(block_size)
+    for block in blocks:
         if not block:
-            break
+            continue
         data = pending + block if pending else block
         # A CR at the end of a block may be the first half of a CRLF: keep it back.
         if data.endswith(b"\r"):
@@ -1075,7 +1096,7 @@ def _measure(path):
     """(file size, CRLF size) of a file whose name does not carry them: read it whole."""
     size = 0
     with open(path, "rb") as f:
-        for block in _crlf_blocks(f):
+        for block in _crlf_blocks(iter(lambda: f.read(READ_BLOCK), b"")):
             size += len(block)
         file_size = f.tell()
     return file_size, size
@@ -1389,10 +1410,12 @@ class Mailbox:
         for index in range(len(self)):
             self._marks[index] &= ~_DELETED
 
-    def _open(self, index, buffering=-1):
-        """Open message index's file; another Maildir client may have moved it to cur/."""
+    def _open(self, index, raw=False):
+        """Open message index's file: a binary file object, or with raw=True a descriptor
+        (RETR: no file object to make, and no fstat() that making it costs). Another
+        Maildir client may have moved the file to cur/."""
         try:
-            return open(self._path(index), "rb", buffering)
+            return _open_message(self._path(index), raw)
         except FileNotFoundError:
             unique = self._listing.names[index].split(":", 1)[0]
             cur = os.path.join(self.maildir, "cur")
@@ -1400,7 +1423,7 @@ class Mailbox:
                 if name.split(":", 1)[0] == unique:
                     self._listing.names[index] = name
                     self._listing.in_cur[index] = 1
-                    return open(self._path(index), "rb", buffering)
+                    return _open_message(self._path(index), raw)
             raise
 
     def read(self, number: int, body_lines: Optional[int] = None) -> Iterator[bytes]:
@@ -1417,12 +1440,16 @@ class Mailbox:
         self._marks[index] |= _RETRIEVED
         size, file_size = self._listing.sizes[index], self._listing.file_sizes[index]
         block_size = min(READ_BLOCK, file_size + 1)     # a small message in one read
-        with self._open(index, buffering=0) as f:
-            if size == file_size == os.fstat(f.fileno()).st_size:
+        fd = self._open(index, raw=True)
+        try:
+            blocks = _file_blocks(fd, block_size, file_size)
+            if size == file_size == os.fstat(fd).st_size:
                 # Delivered with CRLF and a final newline: the file is what is sent.
-                yield from iter(lambda: f.read(block_size), b"")
+                yield from blocks
             else:
-                yield from _crlf_blocks(f, block_size)
+                yield from _crlf_blocks(blocks)
+        finally:
+            os.close(fd)
 
     def commit(self) -> int:
         """RFC 1939 6 UPDATE: remove deleted messages, file retrieved ones as seen in cur/.

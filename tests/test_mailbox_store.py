@@ -843,9 +843,38 @@ def test_mailbox_size_is_exactly_what_read_yields(people, message):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
 def test_crlf_conversion_is_exact_across_block_boundaries(data, block_size):
-    sent = b"".join(mailbox_store._crlf_blocks(io.BytesIO(data), block_size))
+    blocks = [data[start:start + block_size] for start in range(0, len(data), block_size)]
+    sent = b"".join(mailbox_store._crlf_blocks(blocks))
     assert sent == crlf_reference(data)
     assert len(sent) == mailbox_store.crlf_size(data)
+
+
+@pytest.mark.parametrize("block_size", [4, 100])
+def test_file_blocks_read_to_the_end_of_what_was_listed_and_past_it(tmp_path, block_size):
+    path = tmp_path / "message"
+    path.write_bytes(b"0123456789" * 3)
+    for listed in (30, 10, 50):          # as listed; smaller (the file grew), larger (shrank)
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            assert b"".join(mailbox_store._file_blocks(fd, block_size, listed)) == b"0123456789" * 3
+        finally:
+            os.close(fd)
+
+
+def test_file_blocks_go_on_after_a_short_read_before_the_listed_size():
+    read_end, write_end = os.pipe()      # a pipe gives short reads before its end
+    try:
+        os.write(write_end, b"first part ")
+        blocks = mailbox_store._file_blocks(read_end, 100, 22)
+        assert next(blocks) == b"first part "
+        os.write(write_end, b"second part")
+        os.close(write_end)
+        write_end = None
+        assert b"".join(blocks) == b"second part"
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
 
 
 def test_foreign_maildir_files_get_measured_sizes_and_stable_uids(people):
