@@ -1350,3 +1350,13 @@ def test_each_data_type_behaves_as_its_plain_dataclass(name):
             with pytest.raises(AttributeError):
                 setattr(value, fast.__slots__[0], None)
     assert pickle.loads(pickle.dumps(a)) == a
+
+
+def test_records_made_by_the_parser_are_plain_records():
+    values = DATA_TYPE_SAMPLES["Record"]
+    fast, plain = dnsmx._new_record(*values), dnsmx.Record(*values)
+    assert type(fast) is dnsmx.Record
+    assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)
+    assert pickle.loads(pickle.dumps(fast)) == plain
+    with pytest.raises(AttributeError):
+        fast.ttl = 0
