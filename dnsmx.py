@@ -109,6 +109,7 @@ OPT_RR = struct.Struct("!B2HIH")     # RFC 6891 6.1.2: root name, TYPE 41, paylo
 # Octets that stand for themselves in a name's text form; others are escaped like dig does.
 _PLAIN_NAME_OCTETS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                       b"-_*/+=!#%&'<>?^`{|}~:,[]")
+_PLAIN_NAME_TEXT = _PLAIN_NAME_OCTETS + b"."      # what a name without escapes is made of
 
 # --- Errors and data types ---
 
@@ -406,7 +407,7 @@ def normalize_name(name):
         return ""
     if not name.isascii():
         name = _idna_encode(name)
-    if name.encode("ascii").translate(None, _PLAIN_NAME_OCTETS + b"."):
+    if name.encode("ascii").translate(None, _PLAIN_NAME_TEXT):
         # Escapes, or characters dig would escape: go through the wire labels so that the
         # text matches what the parser makes of the same name.
         return _normalize_escaped(name)
@@ -478,7 +479,7 @@ def _labels_to_text(labels):
     if not labels:
         return ""
     joined = b".".join(labels)
-    if not joined.translate(None, _PLAIN_NAME_OCTETS + b".") and \
+    if not joined.translate(None, _PLAIN_NAME_TEXT) and \
             joined.count(b".") == len(labels) - 1:
         return joined.decode("ascii")
     return ".".join(_escape_label(label) for label in labels)
@@ -765,8 +766,8 @@ def parse_message(data):
     for _ in range(qdcount):
         qname = reader.read_name()
         questions.append((qname,) + reader.unpack(QUESTION_TAIL))
-    answers = tuple(_read_record(reader) for _ in range(ancount))
-    authority = tuple(_read_record(reader) for _ in range(nscount))
+    answers = tuple([_read_record(reader) for _ in range(ancount)])
+    authority = tuple([_read_record(reader) for _ in range(nscount)])
     additional = []
     opt = None
     rcode = flags & RCODE_MASK
