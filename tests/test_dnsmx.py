@@ -461,6 +461,85 @@ def test_names_longer_than_255_octets_are_rejected():
         dnsmx.parse_message(_answer_with_name(long_name))
 
 
+class _ForgetfulNames(dict):
+    """A read_name() memo that keeps nothing: every name is read by the plain walk."""
+
+    def __setitem__(self, offset, value):
+        pass
+
+
+def parse_both_ways(data, monkeypatch):
+    """parse_message(data) as it is and with the memo of names turned off: each as the
+    Message, or the text of the DNSFormatError it raised."""
+    outcomes = []
+    for forgetful in (False, True):
+        if forgetful:
+            class PlainReader(dnsmx.PacketReader):
+                __slots__ = ()
+
+                def __init__(self, data, offset=0):
+                    super().__init__(data, offset)
+                    self._names = _ForgetfulNames()
+            monkeypatch.setattr(dnsmx, "PacketReader", PlainReader)
+        try:
+            outcomes.append(dnsmx.parse_message(data))
+        except dnsmx.DNSFormatError as exc:
+            outcomes.append(str(exc))
+    monkeypatch.undo()
+    return outcomes
+
+
+def _owner_chain(label, count):
+    """A reply of COUNT answers, each owner LABEL + a pointer to the previous owner (the
+    first to the question's a.test): one label and one pointer more each time."""
+    question = wire_name("a.test") + struct.pack("!2H", 1, 1)
+    body = b""
+    previous = 12
+    for _ in range(count):
+        start = 12 + len(question) + len(body)
+        body += (bytes((len(label),)) + label + struct.pack("!H", 0xC000 | previous)
+                 + struct.pack("!HHIH", 1, 1, 60, 4) + b"\x7f\x00\x00\x01")
+        previous = start
+    return struct.pack("!6H", 7, 0x8180, 1, count, 0, 0) + question + body
+
+
+@pytest.mark.parametrize("label, count, reason", [
+    (b"x", 64, None),                      # 64 pointers in the last name: the limit
+    (b"x", 65, "too many compression pointers"),
+    (b"x" * 63, 3, None),                  # 8 + 3 * 64 = 200 octets
+    (b"x" * 63, 4, "longer than 255"),     # 264 octets
+    (b"x" * 50, 5, "longer than 255"),
+])
+def test_names_through_earlier_names_keep_both_bounds(label, count, reason, monkeypatch):
+    data = _owner_chain(label, count)
+    remembered, plain = parse_both_ways(data, monkeypatch)
+    assert remembered == plain
+    if reason is None:
+        assert remembered.answers[-1].name == ".".join(
+            [label.decode()] * count + ["a", "test"])
+    else:
+        assert reason in remembered
+
+
+@pytest.mark.parametrize("stem", sorted(MANIFEST))
+def test_names_read_through_earlier_names_equal_the_plain_walk(stem, monkeypatch):
+    remembered, plain = parse_both_ways(fixture_bytes(stem), monkeypatch)
+    assert remembered == plain and not isinstance(remembered, str)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(MANIFEST)), st.lists(
+    st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=6))
+def test_mutated_replies_parse_alike_with_and_without_the_memo(monkeypatch, stem, changes):
+    data = bytearray(fixture_bytes(stem))
+    for position, value in changes:
+        if position < len(data):
+            data[position] = value
+    remembered, plain = parse_both_ways(bytes(data), monkeypatch)
+    assert remembered == plain
+
+
 def test_rdata_must_fill_its_length_exactly():
     good = _answer_with_name(b"\x00")
     bad = good[:-6] + struct.pack("!H", 5) + b"\x7f\x00\x00\x01\x00"
@@ -1271,3 +1350,13 @@ def test_each_data_type_behaves_as_its_plain_dataclass(name):
             with pytest.raises(AttributeError):
                 setattr(value, fast.__slots__[0], None)
     assert pickle.loads(pickle.dumps(a)) == a
+
+
+def test_records_made_by_the_parser_are_plain_records():
+    values = DATA_TYPE_SAMPLES["Record"]
+    fast, plain = dnsmx._new_record(*values), dnsmx.Record(*values)
+    assert type(fast) is dnsmx.Record
+    assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)
+    assert pickle.loads(pickle.dumps(fast)) == plain
+    with pytest.raises(AttributeError):
+        fast.ttl = 0
