@@ -1412,3 +1412,145 @@ def test_an_old_queue_file_without_a_prepend_record_reads_as_before(spool, queue
     queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
     with queue.claim(mta.INCOMING, queue_id) as claim:
         assert claim.message.read() == MESSAGE and len(claim.message) == len(MESSAGE)
+
+
+# --- Queue files used again (free/) ---
+
+def free_files(spool):
+    return sorted(os.listdir(os.path.join(spool, "queue", mta.FREE)))
+
+
+def read_mail_bodies(spool, address):
+    bodies = []
+    for path in maildir_files(spool, address):
+        with open(path, "rb") as f:
+            bodies.append(f.read())
+    return bodies
+
+
+def test_a_finished_file_is_emptied_into_free_and_the_next_message_is_written_in_it(spool, queue, store):
+    first = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    inode = os.stat(queue.path(mta.INCOMING, first)).st_ino
+    mta.Router(queue, store).handle(first)
+    assert queue_empty(spool) and free_files(spool) == [first]
+    assert os.path.getsize(os.path.join(spool, "queue", mta.FREE, first)) == 0
+    assert os.listdir(queue.path(mta.TMP)) == []
+    second = queue.enqueue("carol@example.com", ["bob@example.com"], MESSAGE + b"more\r\n")
+    assert free_files(spool) == [] and os.listdir(queue.path(mta.TMP)) == []
+    path = queue.path(mta.INCOMING, second)
+    assert os.stat(path).st_ino == inode                  # the same file, used again
+    with open(path, "rb") as f:
+        state = mta.parse_queue_file(f.read(), second)
+    assert state.envelope.sender == "carol@example.com" and state.recipients == []
+    mta.Router(queue, store).handle(second)
+    assert any(body.endswith(MESSAGE + b"more\r\n") for body in read_mail_bodies(spool, "bob@example.com"))
+
+
+def test_a_file_is_emptied_before_a_writer_can_take_it(spool, queue, store, monkeypatch):
+    """Emptied once in free/, it could be emptied under a writer that took it meanwhile."""
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    real_ftruncate = os.ftruncate
+    seen = []
+
+    def ftruncate(fd, length):
+        seen.append(free_files(spool))                   # what writers could take now
+        return real_ftruncate(fd, length)
+    monkeypatch.setattr(mta.os, "ftruncate", ftruncate)
+    mta.Router(queue, store).handle(queue_id)
+    assert seen == [[]] and free_files(spool) == [queue_id]
+
+
+def test_free_holds_at_most_free_files_and_the_rest_are_unlinked(spool, queue, store, monkeypatch):
+    monkeypatch.setattr(mta, "FREE_FILES", 3)
+    monkeypatch.setattr(mta, "FREE_RECOUNT", 1)
+    ids = [queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE) for _ in range(6)]
+    router = mta.Router(queue, store)
+    for queue_id in ids:
+        router.handle(queue_id)
+    assert len(free_files(spool)) == 3 and queue_empty(spool)
+    assert os.listdir(queue.path(mta.TMP)) == []
+    assert len(maildir_files(spool, "bob@example.com")) == 6
+
+
+def test_a_spool_without_free_removes_finished_files_as_before(spool, queue, store):
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    os.rmdir(os.path.join(spool, "queue", mta.FREE))      # a spool made by an older version
+    mta.Router(queue, store).handle(queue_id)
+    assert queue_empty(spool) and not os.path.exists(os.path.join(spool, "queue", mta.FREE))
+    assert os.listdir(queue.path(mta.TMP)) == []
+    assert queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)   # made anew
+
+
+def test_what_free_holds_besides_emptied_files_is_passed_over(spool, queue):
+    free = os.path.join(spool, "queue", mta.FREE)
+    queue.create()
+    os.mkdir(os.path.join(free, "a-folder"))              # cannot be linked: not a file
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    with open(queue.path(mta.INCOMING, queue_id), "rb") as f:
+        assert mta.parse_queue_file(f.read(), queue_id).envelope.size == len(MESSAGE)
+    assert free_files(spool) == ["a-folder"]
+
+
+def test_a_writer_keeps_a_free_file_only_when_it_removed_its_free_name(spool, queue, monkeypatch):
+    """Two writers that linked the same free/ file: the one whose unlink() of the free/ name
+    failed (the other's came first) lets it go and writes a file of its own."""
+    queue.create()
+    free = os.path.join(spool, "queue", mta.FREE)
+    other = queue.path(mta.TMP, "0000000000000000F2")    # the other writer's link
+    open(os.path.join(free, "0000000000000000F1"), "wb").close()
+    real_unlink = os.unlink
+
+    def unlink_after_the_other_writer(path, *args, **kwargs):
+        if os.path.dirname(path) == free:
+            os.link(path, other)                          # the other writer linked it too,
+            real_unlink(path)                             # and its unlink() came first
+        return real_unlink(path, *args, **kwargs)
+    monkeypatch.setattr(mta.os, "unlink", unlink_after_the_other_writer)
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+    monkeypatch.undo()
+    path = queue.path(mta.INCOMING, queue_id)
+    assert os.stat(path).st_ino != os.stat(other).st_ino
+    assert os.path.getsize(other) == 0                    # nothing written into the other's
+    with open(path, "rb") as f:
+        assert mta.parse_queue_file(f.read(), queue_id).envelope.size == len(MESSAGE)
+    assert os.listdir(queue.path(mta.TMP)) == ["0000000000000000F2"]
+
+
+def test_writers_and_routers_at_once_lose_and_mix_up_nothing(spool, queue, store):
+    """Eight writers queue while two routers deliver and put the files back in free/: every
+    message reaches the Maildir whole, once, and nothing is quarantined."""
+    routers = [mta.Router(queue, store) for _ in range(2)]
+    sent = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def writer(number):
+        for k in range(40):
+            body = b"Subject: %d.%d\r\n\r\nbody %d.%d\r\n" % (number, k, number, k)
+            queue_id = mta.enqueue(spool, "alice@example.com", ["bob@example.com"], body)
+            with lock:
+                sent[queue_id] = body
+
+    def router(r):
+        while not done.is_set() or queue.ids(mta.INCOMING):
+            for queue_id in queue.ids(mta.INCOMING):
+                try:
+                    r.handle(queue_id)
+                except mta.QueueBusy:
+                    pass
+            time.sleep(0.001)
+    threads = [threading.Thread(target=router, args=(r,)) for r in routers]
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads + writers:
+        thread.start()
+    for thread in writers:
+        thread.join(120)
+    done.set()
+    for thread in threads:
+        thread.join(120)
+    assert len(sent) == 320 and queue_empty(spool)
+    assert os.listdir(queue.path(mta.QUARANTINE)) == []
+    bodies = read_mail_bodies(spool, "bob@example.com")
+    assert len(bodies) == 320
+    assert sorted(body.split(b"\r\n", 2)[2] for body in bodies) == sorted(sent.values())
+    assert free_files(spool) and os.listdir(queue.path(mta.TMP)) == []
