@@ -750,7 +750,7 @@ def make_spool(spool_dir: str):
     _spools_made.add(spool_dir)
 
 
-# --- Speed: queue files are used again, measured by bench/smtp_bench.py ---
+# --- Speed: queue files are used again, measured by bench/cpu_bench.py ---
 # The plain form: a new file for each message (open() with O_CREAT | O_EXCL in tmp/), and
 # an unlink() once it is done. Making a file costs more the more files were deleted in its
 # directory's block group in the last minutes: ext4 without a journal passes over each of
@@ -787,9 +787,9 @@ def _reused_file(spool_dir, path):
         source = os.path.join(free, name)
         try:
             os.link(source, path)
-        except (FileExistsError, FileNotFoundError) as exc:
-            if isinstance(exc, FileExistsError):
-                raise
+        except FileExistsError:
+            raise                      # tmp/ID is taken: the caller picks another id
+        except FileNotFoundError:
             continue                   # another writer took it
         except OSError:                # not a file, or not ours (protected_hardlinks)
             _unlink_quietly(source)
