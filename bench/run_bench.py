@@ -78,6 +78,24 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
+def file_creation_us(count=200):
+    """Median microseconds to make an empty file in a new folder under TMPDIR, where the
+    sections keep their spools. On ext4 without a journal it is 10-20 us on a quiet disk and
+    up to 50 times that for minutes after many files were deleted nearby; every server's
+    figures (ours and the peers') follow it."""
+    folder = tempfile.mkdtemp(prefix="run-bench-files-")
+    times = []
+    try:
+        for number in range(count):
+            path = os.path.join(folder, str(number))
+            started = time.perf_counter()
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            times.append((time.perf_counter() - started) * 1e6)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return statistics.median(times)
+
+
 def run_section(name, command, out_dir, timeout):
     """Run one script, its output shown and kept in OUT_DIR/NAME.txt; False on failure."""
     print("\n=== %s: %s" % (name, " ".join(command)), flush=True)
@@ -301,6 +319,9 @@ def main(argv=None):
     print("# run_bench %s, loadavg %s, %d cores, our daemons --cpus %s --processes %s, "
           "results in %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), loadavg(), os.cpu_count(),
                              args.cpus, args.processes, out_dir), flush=True)
+    print("# making a file in %s: %.0f us (median; high for minutes after mass deletions "
+          "there, see docs/performance.md)" % (tempfile.gettempdir(), file_creation_us()),
+          flush=True)
     failed = []
     for section in sections:
         json_path = os.path.join(out_dir, section + ".json")
