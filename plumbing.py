@@ -48,7 +48,7 @@ __all__ = [
     "Anvil", "AnvilClient", "AnvilGone", "ClientConnection", "ConnectionHandler", "DEFAULT_GRACE",
     "LOCAL_SPOOL", "Line", "LineReader", "LoginThrottled", "MAX_SASL_RESPONSE", "Master",
     "READ_BLOCK", "ReadTimeout", "SASLError", "SERVER_DEFAULTS", "SERVER_HELP", "SPOOL_ENV",
-    "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ServerStopping", "ThreadedServer", "add_options",
+    "SUPERVISOR_ENV", "SYSTEM_SPOOL", "ServerStopping", "SignalWake", "ThreadedServer", "add_options",
     "auth_failure_delay", "become_spool_owner", "config_text", "config_value", "daemon_settings",
     "decode_base64", "decode_plain", "drop_privileges", "find_spool", "is_loopback", "is_spool",
     "load_config", "log_config", "log_internal_error", "new_queue_id", "parse_cpus",
@@ -1041,22 +1041,62 @@ def _supervisor():
     return int(supervisor) if supervisor.isdigit() else None
 
 
+class SignalWake:
+    """A socket that turns readable when a signal arrives (signal.set_wakeup_fd, made in
+    the main thread), to wait on in select(); wait() returns the numbers of the signals
+    that came. The signal handlers then only note what was asked, or do nothing. A handler
+    must not set a threading.Event that the main thread waits on: it runs in the main
+    thread, which may be inside that Event's wait() holding its lock, and would wait for
+    itself for ever (a daemon that ignores SIGTERM)."""
+
+    def __init__(self):
+        self.sock, self.writer = socket.socketpair()
+        self.sock.setblocking(False)
+        self.writer.setblocking(False)
+        signal.set_wakeup_fd(self.writer.fileno())
+
+    def drain(self):
+        """The numbers of the signals that came since the last look (one octet each)."""
+        numbers = set()
+        try:
+            while True:
+                data = self.sock.recv(512)
+                if not data:
+                    break
+                numbers.update(data)
+        except BlockingIOError:
+            pass
+        return numbers
+
+    def wait(self, timeout=None):
+        """drain() once a signal arrives, or set() after timeout seconds (None: no limit)."""
+        try:
+            if select.select([self.sock], [], [], timeout)[0]:
+                return self.drain()
+        except InterruptedError:
+            pass
+        return set()
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        self.sock.close()
+        self.writer.close()
+
+
 def _serve(servers, on_stop, grace, on_reload, parent, parent_name):
     """serve_until_signalled in one process; it also stops once process parent is gone."""
-    wake = threading.Event()
     asked = set()                  # "stop", "reload": what the signals asked for
 
     def on_signal(signum, frame):
         asked.add("reload" if signum == signal.SIGHUP else "stop")
-        wake.set()
 
+    wake = SignalWake()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     while "stop" not in asked:
         wake.wait(PARENT_CHECK)
-        wake.clear()
         if "reload" in asked and "stop" not in asked:
             asked.discard("reload")
             _reload(on_reload)
@@ -1067,6 +1107,7 @@ def _serve(servers, on_stop, grace, on_reload, parent, parent_name):
         on_stop()
     for server in servers:
         server.stop(grace)
+    wake.close()
     return 0
 
 
@@ -1232,14 +1273,10 @@ class Master:
             # The workers race for each connection: the losers must not block in accept().
             if hasattr(server, "socket"):
                 server.socket.setblocking(False)
-        wake_in, wake_out = socket.socketpair()
-        wake_in.setblocking(False)
-        wake_out.setblocking(False)
-        signal.set_wakeup_fd(wake_out.fileno())
+        self.wake = SignalWake()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self.on_signal)
         supervisor = _supervisor()
-        self.wake = (wake_in, wake_out)
         for number in range(self.processes):
             self.start_worker(number)
         log.info("serving from %d worker processes", self.processes)
@@ -1304,9 +1341,9 @@ class Master:
     def worker(self, number, sock, master):
         """The worker's life, in the child process: serve until told to stop, or until
         process master is gone."""
-        signal.set_wakeup_fd(-1)
+        self.wake.close()              # the worker's own is made in _serve
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for other in list(self.workers) + list(self.wake):
+        for other in list(self.workers):
             other.close()
         cpu = self.cpu_of(number)
         if cpu is not None:
@@ -1320,18 +1357,13 @@ class Master:
 
     def wait_and_answer(self, timeout):
         """Wait up to timeout for a question, a signal or a dead worker, and see to them."""
-        wake_in = self.wake[0]
         try:
-            ready, _, _ = select.select([wake_in] + list(self.workers), [], [], timeout)
+            ready, _, _ = select.select([self.wake.sock] + list(self.workers), [], [], timeout)
         except InterruptedError:
             ready = []
         for sock in ready:
-            if sock is wake_in:
-                try:
-                    while wake_in.recv(512):
-                        pass
-                except BlockingIOError:
-                    pass
+            if sock is self.wake.sock:
+                self.wake.drain()
             elif sock in self.workers:
                 self.answer_all(self.workers[sock])
         self.reap()

@@ -724,9 +724,18 @@ def main(argv=None):
 
     stop = threading.Event()
     reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+    # The signals reach the events through a thread of their own (plumbing.SignalWake: a
+    # handler that set them could deadlock the main thread waiting on stop).
+    wake = plumbing.SignalWake()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: None)
+
+    def watch_signals():
+        while True:
+            for signum in wake.wait():
+                (reload_requested if signum == signal.SIGHUP else stop).set()
+
+    threading.Thread(target=watch_signals, daemon=True).start()
     supervisor = Supervisor(commands, reload)
 
     def announce():

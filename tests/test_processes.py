@@ -8,6 +8,7 @@ worker, some would land on a worker that had not counted the others.
 """
 
 import os
+import random
 import poplib
 import re
 import signal
@@ -293,3 +294,18 @@ def test_router_workers_share_the_queue_and_one_killed_loses_and_repeats_nothing
     incoming = os.path.join(spool, "queue", "incoming")
     wait_for(lambda: not os.listdir(incoming), 30, "an empty incoming/")
     assert "worker %d ended (killed by signal 9)" % victim in router.log()
+
+
+def test_a_storm_of_signals_never_leaves_a_daemon_deaf_to_sigterm(start, spool):
+    """A signal handler that set the threading.Event the main thread waits on deadlocked
+    when the signal came while that thread was inside wait() (it holds the Event's lock
+    there): the daemon then ignored SIGTERM for ever. Hundreds of SIGHUPs at random
+    moments, then SIGTERM: it stops."""
+    daemon = start("pop3d.py", "--spool", spool, "--processes", "2")
+    worker = daemon.workers()[0]       # it serves as a single process does (_serve)
+    for _ in range(3000):
+        os.kill(worker, signal.SIGHUP)
+        time.sleep(random.random() / 2000)
+    os.kill(worker, signal.SIGTERM)
+    wait_for(lambda: "worker %d ended" % worker in daemon.log(), plumbing.DEFAULT_GRACE + SLACK,
+             "worker %d to stop" % worker)
