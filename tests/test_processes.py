@@ -35,10 +35,15 @@ class Daemon:
     def __init__(self, argv, cwd, ready=r"listening on 127\.0\.0\.1[ :](?:port )?(\d+)"):
         self.process = subprocess.Popen([sys.executable] + argv, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, cwd=cwd)
-        self.port, lines = listening_port(self.process, ready)
-        self.lines = list(lines)
-        threading.Thread(target=self._gather, daemon=True).start()
-        wait_for(lambda: "serving from" in self.log(), 20, "the workers to start")
+        self.lines = []
+        try:
+            self.port, lines = listening_port(self.process, ready)
+            self.lines = list(lines)
+            threading.Thread(target=self._gather, daemon=True).start()
+            wait_for(lambda: "serving from" in self.log(), 20, "the workers to start")
+        except BaseException:
+            self.stop()                # a daemon that did not come up must not outlive the test
+            raise
 
     def _gather(self):
         for line in self.process.stderr:
