@@ -1010,7 +1010,7 @@ def _time_key(name):
 
 def _open_message(path, raw):
     if raw:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     return open(path, "rb")
 
 

@@ -755,8 +755,8 @@ def make_spool(spool_dir: str):
 # an unlink() once it is done. Making a file costs more the more files were deleted in its
 # directory's block group in the last minutes: ext4 without a journal passes over each of
 # them (ialloc.c, recently_deleted()), and a busy spool deletes one a message. With 10
-# smtp-source clients here that was 28% of smtp_in's CPU (perf), 1.2 ms of system time a
-# message; it is 0.5 ms with files used again, and the rate 20-30% higher. So the file of
+# smtp-source clients here that was 28% of smtp_in's CPU (perf), 1.1-1.3 ms of system time
+# a message; it is 0.6-0.7 ms with files used again, and the rate 15-20% higher. The file of
 # a finished message is emptied and moved to free/ (Queue.discard(), while about
 # FREE_FILES are there), and a writer takes one from there when it can: the queue makes and
 # frees no inodes. Taking is a link() to tmp/ID (FileExistsError when tmp/ID exists, as
