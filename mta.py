@@ -216,7 +216,7 @@ DEFAULTS = {
     "domain": [],
     "relay_domain": [],
     "hostname": "",
-    "workers": 4,
+    "workers": 2,                  # more threads a process wait longer for the interpreter
     "processes": "auto",
     "scan_interval": SCAN_INTERVAL,
     "hop_limit": HOP_LIMIT,
@@ -2117,7 +2117,7 @@ class QueueRunner:
     """
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
-                 workers: int = 4, scan_interval: float = SCAN_INTERVAL,
+                 workers: int = 2, scan_interval: float = SCAN_INTERVAL,
                  on_scan: Optional[Callable[[], None]] = None):
         self.queue = queue
         self.folder = folder

@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
 """cpu_bench.py - the CPU time smtp_in and the router spend on each message, user and system.
 
-Starts smtp_in.py and mta.py (one process each, --processes 1, so that each figure is one
-process's) on a fresh spool under TMPDIR, sends --count 1 KB messages with Postfix's
+Starts smtp_in.py and mta.py (one process each by default, --processes 1, so that each
+figure is one process's; a role's worker processes are counted with it when there are
+some) on a fresh spool under TMPDIR, sends --count 1 KB messages with Postfix's
 smtp-source from --clients sessions at once (one message a session), waits until every one
 is in the Maildir, and prints per message: each role's user and system CPU time (from
-/proc/PID/stat), the rate, and the files quarantined (there must be none). --repeats
-rounds, each on a spool of its own; medians with min-max.
+/proc/PID/stat), the accepted and delivered rates, and the files quarantined (there must be
+none). --repeats rounds, each on a spool of its own; medians with min-max.
+
+--router-args, given more than once, names variants of the router's extra arguments: each
+round then runs every variant in turn, so that they share the minutes of the machine, and
+each gets its own lines. --smtp-in-args goes to smtp_in in every round.
 
 It is how a change to what a message costs the system is measured: run it at two commits
-(in two checkouts) in the same minutes. The figures follow the disk: on ext4 without a
-journal, making a file near many recent deletions costs much more (docs/performance.md).
+(in two checkouts) in the same minutes, or as variants. The figures follow the disk: on ext4
+without a journal, making a file near many recent deletions costs much more
+(docs/performance.md), so the spools are deleted only at the end.
 
 Run: TMPDIR=/var/tmp python3 bench/cpu_bench.py [--count 2000] [--clients 10] [--repeats 3]
+       [--router-args "--workers 2" --router-args "--workers 4"] [--smtp-in-args "--processes auto"]
 Needs smtp-source (Debian: postfix). Loopback only; each round ends by --timeout.
 """
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -37,10 +45,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_times(pid):
-    """(user, system) CPU seconds of process pid."""
+    """(user, system) CPU seconds of process pid and of its children, alive now."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+    user, system = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        child_user, child_system = cpu_times(child)
+        user, system = user + child_user, system + child_system
+    return user, system
 
 
 def free_port():
@@ -57,21 +74,23 @@ def wait_for(condition, timeout, what):
         time.sleep(0.02)
 
 
-def one_round(count, clients, timeout, work):
+def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=()):
+    """([(user, system) µs a message of smtp_in, of the router], accepted/s, delivered/s,
+    files quarantined)."""
     spool = os.path.join(work, "spool")
     os.makedirs(spool)
     with open(os.path.join(spool, "users"), "w") as f:
         f.write("user@%s:%s\n" % (DOMAIN, smtp_bench.cheap_password_hash("x")))
     port = free_port()
     common = ["--spool", spool, "--domain", DOMAIN, "--hostname", "mx.bench.test",
-              "--processes", "1"]
+              "--processes", "1"]                  # the variants' arguments come after
     logs = open(os.path.join(work, "roles.log"), "wb")
     roles = [subprocess.Popen([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--listen",
                                "127.0.0.1:%d" % port, "--max-per-address", "200", "--spf", "off",
-                               "--dkim-verify", "no", "--dmarc", "off"] + common,
-                              stdout=logs, stderr=logs),
-             subprocess.Popen([sys.executable, os.path.join(ROOT, "mta.py")] + common,
-                              stdout=logs, stderr=logs)]
+                               "--dkim-verify", "no", "--dmarc", "off"] + common
+                              + list(smtp_in_args), stdout=logs, stderr=logs),
+             subprocess.Popen([sys.executable, os.path.join(ROOT, "mta.py")] + common
+                              + list(router_args), stdout=logs, stderr=logs)]
     new = os.path.join(spool, "mail", DOMAIN, "user", "Maildir", "new")
     try:
         if not smtp_bench.wait_port(port, timeout):
@@ -85,6 +104,7 @@ def one_round(count, clients, timeout, work):
         elapsed = time.perf_counter() - started
         wait_for(lambda: os.path.isdir(new) and len(os.listdir(new)) >= count, timeout,
                  "the Maildir")
+        delivered = time.perf_counter() - started
         time.sleep(0.5)                # the router's last log lines and state
         after = [cpu_times(role.pid) for role in roles]
         quarantined = len(os.listdir(os.path.join(spool, "queue", "quarantine")))
@@ -96,7 +116,7 @@ def one_round(count, clients, timeout, work):
         logs.close()
     per_message = [((a[0] - b[0]) / count * 1e6, (a[1] - b[1]) / count * 1e6)
                    for b, a in zip(before, after)]
-    return per_message, count / elapsed, quarantined
+    return per_message, count / elapsed, count / delivered, quarantined
 
 
 def summary(values, unit):
@@ -109,28 +129,44 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=10, help="sessions at once (max 100)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (max 10)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take")
+    parser.add_argument("--smtp-in-args", default="", help="more arguments for smtp_in")
+    parser.add_argument("--router-args", action="append",
+                        help="more arguments for the router; repeat it to compare variants")
     args = parser.parse_args(argv)
     if not (1 <= args.count <= 20000 and 1 <= args.clients <= 100 and 1 <= args.repeats <= 10):
         parser.error("--count 1-20000, --clients 1-100, --repeats 1-10")
+    variants = args.router_args or [""]
+    if len(variants) > 4:
+        parser.error("--router-args: at most 4 variants")
     if not os.path.exists(smtp_bench.SMTP_SOURCE):
         print("cpu_bench: smtp-source is not installed (Debian: postfix)", file=sys.stderr)
         return 1
-    # Each round's spool is deleted only at the end: deleting thousands of files makes the
-    # next files costlier to create for minutes on ext4 without a journal.
-    works = [tempfile.mkdtemp(prefix="cpu-bench-") for _ in range(args.repeats)]
+    results = {variant: [] for variant in variants}
+    works = []
     try:
-        rounds = [one_round(args.count, args.clients, args.timeout, work) for work in works]
+        for _ in range(args.repeats):
+            for variant in variants:
+                works.append(tempfile.mkdtemp(prefix="cpu-bench-"))
+                results[variant].append(one_round(
+                    args.count, args.clients, args.timeout, works[-1],
+                    shlex.split(args.smtp_in_args), shlex.split(variant)))
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
     print("cpu bench: %d x 1 KB messages, %d sessions at once, %d rounds, spool in %s"
           % (args.count, args.clients, args.repeats, tempfile.gettempdir()))
-    for index, role in enumerate(("smtp_in", "router")):
-        print("%-8s user %s  system %s  per message" % (
-            role, summary([r[0][index][0] for r in rounds], " us"),
-            summary([r[0][index][1] for r in rounds], " us")))
-    print("accepted %s messages/s; quarantined %d" % (
-        summary([r[1] for r in rounds], ""), sum(r[2] for r in rounds)))
+    if args.smtp_in_args:
+        print("smtp_in arguments: %s" % args.smtp_in_args)
+    for variant, rounds in results.items():
+        if len(variants) > 1 or variant:
+            print("router arguments: %s" % (variant or "(none)"))
+        for index, role in enumerate(("smtp_in", "router")):
+            print("%-8s user %s  system %s  per message" % (
+                role, summary([r[0][index][0] for r in rounds], " us"),
+                summary([r[0][index][1] for r in rounds], " us")))
+        print("accepted %s messages/s, delivered %s; quarantined %d" % (
+            summary([r[1] for r in rounds], ""), summary([r[2] for r in rounds], ""),
+            sum(r[3] for r in rounds)))
     return 0
 
 

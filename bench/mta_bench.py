@@ -165,7 +165,8 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=200, help="messages per latency run")
     parser.add_argument("--messages", type=int, default=500, help="messages per throughput run")
     parser.add_argument("--threads", type=int, default=8, help="enqueueing threads")
-    parser.add_argument("--workers", type=int, default=4, help="router worker threads")
+    parser.add_argument("--workers", type=int, default=mta.DEFAULTS["workers"],
+                        help="router worker threads (default: the router's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to make the spool (default: a temp dir)")
     parser.add_argument("--json", metavar="FILE", help="write every raw run here")
