@@ -4,10 +4,10 @@
 Starts smtp_in.py and mta.py (one process each by default, --processes 1, so that each
 figure is one process's; a role's worker processes are counted with it when there are
 some) on a fresh spool under TMPDIR, sends --count 1 KB messages with Postfix's
-smtp-source from --clients sessions at once (one message a session), waits until every one
-is in the Maildir, and prints per message: each role's user and system CPU time (from
-/proc/PID/stat), the accepted and delivered rates, and the files quarantined (there must be
-none). --repeats rounds, each on a spool of its own; medians with min-max.
+smtp-source from --clients sessions at once (one message a session; --reuse: many), waits
+until every one is in the Maildir, and prints per message: each role's user and system CPU
+time (from /proc/PID/stat), the accepted and delivered rates, and the files quarantined
+(there must be none). --repeats rounds, each on a spool of its own; medians with min-max.
 
 --router-args, given more than once, names variants of the router's extra arguments: each
 round then runs every variant in turn, so that they share the minutes of the machine, and
@@ -18,7 +18,7 @@ It is how a change to what a message costs the system is measured: run it at two
 without a journal, making a file near many recent deletions costs much more
 (docs/performance.md), so the spools are deleted only at the end.
 
-Run: TMPDIR=/var/tmp python3 bench/cpu_bench.py [--count 2000] [--clients 10] [--repeats 3]
+Run: TMPDIR=/var/tmp python3 bench/cpu_bench.py [--count 2000] [--clients 10] [--repeats 3] [--reuse]
        [--router-args "--workers 2" --router-args "--workers 4"] [--smtp-in-args "--processes auto"]
 Needs smtp-source (Debian: postfix). Loopback only; each round ends by --timeout.
 """
@@ -74,7 +74,7 @@ def wait_for(condition, timeout, what):
         time.sleep(0.02)
 
 
-def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=()):
+def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=(), reuse=False):
     """([(user, system) µs a message of smtp_in, of the router], accepted/s, delivered/s,
     files quarantined)."""
     spool = os.path.join(work, "spool")
@@ -87,8 +87,9 @@ def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=()):
     logs = open(os.path.join(work, "roles.log"), "wb")
     roles = [subprocess.Popen([sys.executable, os.path.join(ROOT, "smtp_in.py"), "--listen",
                                "127.0.0.1:%d" % port, "--max-per-address", "200", "--spf", "off",
-                               "--dkim-verify", "no", "--dmarc", "off"] + common
-                              + list(smtp_in_args), stdout=logs, stderr=logs),
+                               "--dkim-verify", "no", "--dmarc", "off", "--max-commands",
+                               "10000000"] + common + list(smtp_in_args),
+                              stdout=logs, stderr=logs),
              subprocess.Popen([sys.executable, os.path.join(ROOT, "mta.py")] + common
                               + list(router_args), stdout=logs, stderr=logs)]
     new = os.path.join(spool, "mail", DOMAIN, "user", "Maildir", "new")
@@ -97,9 +98,10 @@ def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=()):
             raise RuntimeError("smtp_in did not start")
         before = [cpu_times(role.pid) for role in roles]
         started = time.perf_counter()
-        subprocess.run([smtp_bench.SMTP_SOURCE, "-4", "-s", str(clients), "-m", str(count),
-                        "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
-                        "-M", "client.bench.test", "127.0.0.1:%d" % port],
+        subprocess.run([smtp_bench.SMTP_SOURCE, "-4"] + (["-d"] if reuse else [])
+                       + ["-s", str(clients), "-m", str(count),
+                          "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
+                          "-M", "client.bench.test", "127.0.0.1:%d" % port],
                        check=True, timeout=timeout, capture_output=True)
         elapsed = time.perf_counter() - started
         wait_for(lambda: os.path.isdir(new) and len(os.listdir(new)) >= count, timeout,
@@ -129,6 +131,8 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=10, help="sessions at once (max 100)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (max 10)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take")
+    parser.add_argument("--reuse", action="store_true",
+                        help="many messages a session (smtp-source -d), not one")
     parser.add_argument("--smtp-in-args", default="", help="more arguments for smtp_in")
     parser.add_argument("--router-args", action="append",
                         help="more arguments for the router; repeat it to compare variants")
@@ -149,12 +153,13 @@ def main(argv=None):
                 works.append(tempfile.mkdtemp(prefix="cpu-bench-"))
                 results[variant].append(one_round(
                     args.count, args.clients, args.timeout, works[-1],
-                    shlex.split(args.smtp_in_args), shlex.split(variant)))
+                    shlex.split(args.smtp_in_args), shlex.split(variant), args.reuse))
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
-    print("cpu bench: %d x 1 KB messages, %d sessions at once, %d rounds, spool in %s"
-          % (args.count, args.clients, args.repeats, tempfile.gettempdir()))
+    print("cpu bench: %d x 1 KB messages, %d sessions at once, %s, %d rounds, spool in %s"
+          % (args.count, args.clients, "many messages a session" if args.reuse else
+             "one message a session", args.repeats, tempfile.gettempdir()))
     if args.smtp_in_args:
         print("smtp_in arguments: %s" % args.smtp_in_args)
     for variant, rounds in results.items():
