@@ -163,6 +163,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import Message
@@ -200,6 +201,7 @@ NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
 LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
+STEAL_AFTER = 1.0                  # a name of another process's share waits this long for it
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 FREE_FILES = 1000                  # about as many emptied queue files kept in free/ for reuse
@@ -2114,6 +2116,13 @@ class QueueRunner:
     twice; when handle() raises QueueBusy (another process has it) the runner looks again
     after BUSY_RETRY, after any other exception (logged) after ERROR_RETRY. serve_forever()
     and stop(grace) fit plumbing.serve_until_signalled().
+
+    Several processes that run the folder share it: share, set by plumbing.Master in each
+    worker process, is (this one's number, how many). A process takes the names whose hash
+    falls to its number, and another's name only once that has waited STEAL_AFTER seconds
+    (its process is busy, or gone). Every process is rung for every message; without the
+    shares all of them would race to claim each file, and all but one would open it, fail
+    to lock it and hold it for BUSY_RETRY, for nothing.
     """
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
@@ -2133,6 +2142,8 @@ class QueueRunner:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.serving = False
+        self.share = None              # (number, count) of the processes running folder
+        self.others = {}               # name of another share -> monotonic time first listed
         self.threads = [threading.Thread(target=self._work, name="%s-worker-%d" % (role, n), daemon=True)
                         for n in range(max(1, workers))]
 
@@ -2175,9 +2186,10 @@ class QueueRunner:
             return len(self.pending) >= 2 * len(self.threads)
 
     def _dispatch(self, now):
-        """Queue every name not pending or held; return seconds until a hold runs out."""
+        """Queue every name of this process's not pending or held; return seconds until a
+        hold runs out or another share's name may be taken."""
         try:
-            names = self.queue.ids(self.folder)
+            names = self._ours(self.queue.ids(self.folder), now)
         except OSError as exc:
             log.error("cannot list %s/: %s", self.folder, exc)
             return self.scan_interval
@@ -2188,9 +2200,30 @@ class QueueRunner:
             fresh = [n for n in names if n not in self.pending and n not in self.held]
             self.pending.update(fresh)
             wait = min(self.held.values(), default=now + self.scan_interval) - now
+        if self.others:
+            wait = min(wait, min(self.others.values()) + STEAL_AFTER - now)
         for name in fresh:
             self.work.put(name)
         return max(wait, 0.001)
+
+    def _ours(self, names, now):
+        """The names this process takes: all of them, or with a share, those that hash to
+        its number and those of other shares listed STEAL_AFTER seconds ago or more."""
+        if self.share is None or self.share[1] < 2:
+            return names
+        number, count = self.share
+        ours, others = [], {}
+        for name in names:
+            if zlib.crc32(name.encode("utf-8", "surrogateescape")) % count == number:
+                ours.append(name)
+                continue
+            since = self.others.get(name, now)
+            if now - since >= STEAL_AFTER:
+                ours.append(name)
+            else:
+                others[name] = since
+        self.others = others           # names gone from the folder are forgotten
+        return ours
 
     def _work(self):
         while True:

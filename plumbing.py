@@ -1240,7 +1240,8 @@ class Master:
     process. It runs no thread of its own (forking a threaded process could copy a lock
     while held): one select() waits for questions, signals and dead workers alike. The
     "servers" may also be queue runners (the router's mta.QueueRunner): no listener and no
-    anvil; their workers share the queue through its locks.
+    anvil; their workers share the queue through its locks, each told its share of the
+    folder (its number and how many there are: the runner's share attribute).
 
     When cpus (the role's setting) names several CPUs, worker number i keeps to the i-th
     of them, in turn: its threads then hand the interpreter's lock over on one CPU (see
@@ -1352,6 +1353,9 @@ class Master:
             client = AnvilClient(sock)
             for server in self.servers:
                 server.anvil = client
+        for server in self.servers:
+            if hasattr(server, "share"):           # a queue runner: its share of the folder
+                server.share = (number, self.processes)
         return _serve(self.servers, self.on_stop, self.grace, self.on_reload, master,
                       "the master")
 

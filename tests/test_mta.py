@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -998,6 +999,55 @@ def test_a_backlogged_router_still_routes_every_message_promptly(spool, queue, s
         runner.stop(grace=5)
         thread.join(10)
     assert len(set(ids)) == 60
+
+
+def run_sharing(queue, shares, count):
+    """Run a QueueRunner of incoming/ for each share, (number, how many), with a handler that
+    takes a file out of the folder; queue count messages. {name: [share numbers that
+    handled it, in order]} and the names in the order handled."""
+    handled, order, lock = {}, [], threading.Lock()
+
+    def handler(number):
+        def handle(name):
+            with lock:
+                handled.setdefault(name, []).append(number)
+                order.append(name)
+            os.unlink(queue.path(mta.INCOMING, name))
+        return handle
+    runners = []
+    for share in shares:
+        runner = mta.QueueRunner(queue, mta.INCOMING, "mta", handler(share[0]), workers=1,
+                                 scan_interval=60.0)
+        runner.share = share
+        runners.append((runner, threading.Thread(target=runner.serve_forever, daemon=True)))
+    for runner, thread in runners:
+        thread.start()
+        wait_for(lambda: runner.doorbell is not None)
+    try:
+        for _ in range(count):
+            queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+        wait_for(lambda: not queue.ids(mta.INCOMING), timeout=30)
+    finally:
+        for runner, thread in runners:
+            runner.stop(grace=5)
+            thread.join(10)
+    return handled, order
+
+
+def test_runners_sharing_a_folder_each_take_the_names_that_hash_to_them(queue, monkeypatch):
+    monkeypatch.setattr(mta, "STEAL_AFTER", 60.0)      # however slow the machine, no steals
+    handled, _ = run_sharing(queue, [(0, 2), (1, 2)], 40)
+    assert len(handled) == 40
+    for name, numbers in handled.items():
+        assert numbers == [zlib.crc32(name.encode()) % 2], name
+
+
+def test_a_runner_takes_the_names_of_a_share_whose_process_is_gone_once_they_waited(queue):
+    handled, order = run_sharing(queue, [(0, 2)], 20)
+    others = [name for name in order if zlib.crc32(name.encode()) % 2 == 1]
+    assert others and len(others) < 20
+    assert all(numbers == [0] for numbers in handled.values()) and len(handled) == 20
+    assert order[-len(others):] == others    # its own first; the others' after STEAL_AFTER
 
 
 # --- A full disk ---

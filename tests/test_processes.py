@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -299,6 +300,26 @@ def test_router_workers_share_the_queue_and_one_killed_loses_and_repeats_nothing
     incoming = os.path.join(spool, "queue", "incoming")
     wait_for(lambda: not os.listdir(incoming), 30, "an empty incoming/")
     assert "worker %d ended (killed by signal 9)" % victim in router.log()
+
+
+def test_router_workers_each_route_the_share_of_the_queue_that_hashes_to_them(start, spool):
+    """Every router process is rung for every message; each takes the queue files whose
+    id hashes to its number (the order the master started them in), so that they do not
+    race to claim one file. The other's files it takes only after STEAL_AFTER."""
+    router = start("mta.py", "--spool", spool, "--processes", "2")
+    smtp = start("smtp_in.py", "--spool", spool, "--greet-pause", "0", "--spf", "off",
+                 "--dns", "127.0.0.254")
+    with smtplib.SMTP("127.0.0.1", smtp.port, timeout=30) as client:
+        for number in range(30):
+            client.sendmail("friend@example.org", [ALICE], b"Subject: %d\r\n\r\nhi\r\n" % number)
+    incoming = os.path.join(spool, "queue", "incoming")
+    wait_for(lambda: "removed" in router.log() and not os.listdir(incoming), 30,
+             "an empty incoming/")
+    started = [int(pid) for pid in re.findall(r"worker (\d+) started", router.log())]
+    routed = re.findall(r"mta\[(\d+)\]: ([0-9A-F]{18}): to=<[^>]*>, relay=local", router.log())
+    assert len(started) == 2 and len(routed) == 30
+    for pid, queue_id in routed:
+        assert int(pid) == started[zlib.crc32(queue_id.encode()) % 2], queue_id
 
 
 def test_a_storm_of_signals_never_leaves_a_daemon_deaf_to_sigterm(start, spool):
