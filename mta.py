@@ -18,9 +18,10 @@ mta.py owns the queue that every role writes to or reads from. The life of a mes
    next attempt; the router's periodic scan moves it back to incoming/ once due (`flush`:
    at once), and the router sends its remote recipients on to outbound/ again. After DELAY_WARNING in the queue the sender gets a delay notice; after
    QUEUE_LIFETIME the recipient fails with 4.4.7 and is bounced.
-5. When every recipient is delivered, or failed and reported, the file is removed: emptied
-   and moved to queue/free/, where a writer takes it for a new message (a file is made
-   only when free/ has none, and unlinked when it holds about FREE_FILES).
+5. When every recipient is delivered, or failed and reported, the file is removed: moved
+   to queue/free/ (emptied first when larger than FREE_KEEP), where a writer takes it for
+   a new message and writes over it (a file is made only when free/ has none, and
+   unlinked when it holds about FREE_FILES).
 
 Spool layout (mailbox_store owns SPOOL/users, SPOOL/aliases and SPOOL/mail/, which move to
 the folder --store names when the store is kept apart, shared by several hosts; the queue
@@ -33,7 +34,7 @@ and run/ are this host's own):
     SPOOL/queue/outbound/ID       smtp_out's work: remote recipients due now
     SPOOL/queue/deferred/ID       waiting; the file's mtime is its earliest next attempt
     SPOOL/queue/quarantine/NAME   files that are not valid queue files, moved aside
-    SPOOL/queue/free/NAME         emptied files of finished messages, for writers to use again
+    SPOOL/queue/free/NAME         files of finished messages, for writers to use again
     SPOOL/run/ROLE.PID.N.sock     each daemon's doorbell: a UNIX datagram socket
 
 A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
@@ -204,9 +205,10 @@ LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at mos
 STEAL_AFTER = 1.0                  # a name of another process's share waits this long for it
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
-FREE_FILES = 1000                  # about as many emptied queue files kept in free/ for reuse
+FREE_FILES = 1000                  # about as many finished queue files kept in free/ for reuse
 FREE_RECOUNT = 32                  # free/ is counted again after this many files put there
 FREE_TRIES = 8                     # names of free/ a writer tries before it makes a new file
+FREE_KEEP = 4096                   # a file put in free/ keeps its octets up to this size
 TMP_SWEEP_INTERVAL = 3600          # the router removes tmp/ debris (queue, Maildirs) this often
 RESCAN_INTERVAL = 600.0            # the router stats every deferred/ file this often anyway
 RECENT_CHANGE = 2.0                # a folder changed this recently is listed again next time
@@ -251,7 +253,7 @@ HELP = {                           # the help of the keys plumbing.SHARED_HELP d
 # Spool layout: SPOOL/queue/FOLDER/ID and SPOOL/run/ROLE.PID.N.sock
 QUEUE_DIR = "queue"
 TMP, INCOMING, OUTBOUND, DEFERRED, QUARANTINE = "tmp", "incoming", "outbound", "deferred", "quarantine"
-FREE = "free"                      # emptied queue files, for writers to use again
+FREE = "free"                      # finished queue files, for writers to use again
 QUEUE_FOLDERS = (INCOMING, OUTBOUND, DEFERRED)
 RUN_DIR = "run"
 FILE_MAGIC = "MTA-Queue-File: 1"
@@ -759,19 +761,23 @@ def make_spool(spool_dir: str):
 # them (ialloc.c, recently_deleted()), and a busy spool deletes one a message. With 10
 # smtp-source clients here that was 28% of smtp_in's CPU (perf), 1.1-1.3 ms of system time
 # a message; it is 0.6-0.7 ms with files used again, and the rate 15-20% higher. The file of
-# a finished message is emptied and moved to free/ (Queue.discard(), while about
-# FREE_FILES are there), and a writer takes one from there when it can: the queue makes and
-# frees no inodes. Taking is a link() to tmp/ID (FileExistsError when tmp/ID exists, as
-# with O_EXCL) and the unlink() of the free/ name: of writers that linked the same file,
-# only the one whose unlink() succeeds keeps it. A file is emptied before it is in free/,
-# and opened with O_TRUNC when taken. Each process keeps the names of one listing of free/.
+# a finished message is moved to free/ (Queue.discard(), while about FREE_FILES are there),
+# and a writer takes one from there when it can: the queue makes and frees no inodes.
+# Taking is a link() to tmp/ID (FileExistsError when tmp/ID exists, as with O_EXCL) and the
+# unlink() of the free/ name: of writers that linked the same file, only the one whose
+# unlink() succeeds keeps it. A file larger than FREE_KEEP is emptied before it is in free/;
+# a smaller one keeps its octets and its disk block, which the writer writes over and then
+# cuts to what it wrote (QueueWriter.commit()): emptying it would free the block and the
+# writer's fsync allocate one again, 100 us of system time or more a message (cProfile of
+# the router). Each process keeps the names of one listing of free/.
 
 _free_names = {}                   # free/ path -> names listed there, not yet tried
 
 
 def _reused_file(spool_dir, path):
-    """A descriptor of an emptied queue file from free/, linked at path (FileExistsError
-    if path exists); None when free/ has none to take (then the caller makes one)."""
+    """(descriptor, size) of a queue file from free/, linked at path (FileExistsError if
+    path exists), to be written from its start and cut to what was written; None when
+    free/ has none to take (then the caller makes one)."""
     free = os.path.join(spool_dir, QUEUE_DIR, FREE)
     for _ in range(FREE_TRIES):
         names = _free_names.get(free)
@@ -802,8 +808,14 @@ def _reused_file(spool_dir, path):
             _unlink_quietly(path)
             continue
         try:
-            return os.open(path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:                # not ours to write (left by another user): make one
+            _unlink_quietly(path)
+            return None
+        try:
+            return fd, os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
             _unlink_quietly(path)
             return None
     return None
@@ -890,6 +902,7 @@ class QueueWriter:
         self.size = 0                  # octets of message written so far
         self.fd = None                 # tmp/ID once created
         self.temporary = None
+        self.leftover = 0              # octets the file had when taken from free/
         self.pending = [envelope_bytes(self.envelope)]     # not written yet, envelope first
         self.pending_size = 0          # octets of message in pending
         self.message_offset = 0        # where the message starts in the file, once created
@@ -972,10 +985,12 @@ class QueueWriter:
         while True:
             temporary = os.path.join(self.spool_dir, QUEUE_DIR, TMP, self.queue_id)
             try:
-                self.fd = _reused_file(self.spool_dir, temporary)
-                if self.fd is None:
+                reused = _reused_file(self.spool_dir, temporary)
+                if reused is None:
                     self.fd = os.open(temporary,
                                       os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                else:
+                    self.fd, self.leftover = reused
             except FileExistsError:
                 if not self.own_id:
                     raise              # another writer's file: not ours to remove
@@ -1010,6 +1025,10 @@ class QueueWriter:
                 at = len(head) - 2 - SIZE_WIDTH        # Message-Size's value
                 if os.pwrite(self.fd, head[at:at + SIZE_WIDTH], at) != SIZE_WIDTH:
                     raise OSError(errno.EIO, "short write of Message-Size")
+            if self.leftover:          # a file from free/ may hold more than was written
+                end = os.lseek(self.fd, 0, os.SEEK_CUR)
+                if end < self.leftover:
+                    os.ftruncate(self.fd, end)
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
@@ -1615,9 +1634,9 @@ class Queue:
         return dsn_id
 
     def discard(self, claim: Claim):
-        """Remove the claimed file from the queue: into free/, emptied, for a writer to use
-        again (see _reused_file), or unlinked when free/ holds about FREE_FILES already or
-        the file has another name too."""
+        """Remove the claimed file from the queue: into free/, for a writer to use again
+        (emptied when larger than FREE_KEEP; see _reused_file), or unlinked when free/ holds
+        about FREE_FILES already or the file has another name too."""
         free = self.path(FREE)
         with self._free_lock:
             self._freed += 1
@@ -1628,7 +1647,14 @@ class Queue:
                     self._free_count = FREE_FILES
             room = self._free_count < FREE_FILES
             self._free_count += room
-        if room and os.fstat(claim.fd).st_nlink == 1:
+        st = os.fstat(claim.fd) if room else None
+        if room and st.st_nlink == 1 and st.st_size <= FREE_KEEP:
+            try:                       # as it is: a writer writes over it (_reused_file)
+                os.rename(claim.path, os.path.join(free, claim.queue_id))
+                return
+            except OSError:            # free/ is missing (a spool made by an older version)
+                pass
+        elif room and st.st_nlink == 1:
             # Emptied under a name of its own in tmp/, then put where writers take files:
             # emptied in free/, it could be a writer's file already. A crash in between
             # leaves a tmp/ file, which the router's sweep removes.

@@ -1478,27 +1478,46 @@ def read_mail_bodies(spool, address):
     return bodies
 
 
-def test_a_finished_file_is_emptied_into_free_and_the_next_message_is_written_in_it(spool, queue, store):
-    first = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
-    inode = os.stat(queue.path(mta.INCOMING, first)).st_ino
+def test_a_finished_small_file_goes_into_free_as_it_is_and_the_next_message_is_written_over_it(
+        spool, queue, store):
+    long_message = MESSAGE + b"x" * 2000 + b"\r\n"
+    first = queue.enqueue("alice@example.com", ["bob@example.com"], long_message)
+    path = queue.path(mta.INCOMING, first)
+    inode, size = os.stat(path).st_ino, os.stat(path).st_size
+    assert size <= mta.FREE_KEEP
     mta.Router(queue, store).handle(first)
     assert queue_empty(spool) and free_files(spool) == [first]
-    assert os.path.getsize(os.path.join(spool, "queue", mta.FREE, first)) == 0
+    assert os.path.getsize(os.path.join(spool, "queue", mta.FREE, first)) >= size   # kept
     assert os.listdir(queue.path(mta.TMP)) == []
-    second = queue.enqueue("carol@example.com", ["bob@example.com"], MESSAGE + b"more\r\n")
+    # A shorter message, written over it: nothing of the first may be left after its end.
+    second = queue.enqueue("carol@example.com", ["bob@example.com"], MESSAGE)
     assert free_files(spool) == [] and os.listdir(queue.path(mta.TMP)) == []
     path = queue.path(mta.INCOMING, second)
     assert os.stat(path).st_ino == inode                  # the same file, used again
     with open(path, "rb") as f:
-        state = mta.parse_queue_file(f.read(), second)
+        data = f.read()
+    assert b"x" * 100 not in data and len(data) < size
+    state = mta.parse_queue_file(data, second)
     assert state.envelope.sender == "carol@example.com" and state.recipients == []
+    assert state.envelope.size == len(MESSAGE)
     mta.Router(queue, store).handle(second)
-    assert any(body.endswith(MESSAGE + b"more\r\n") for body in read_mail_bodies(spool, "bob@example.com"))
+    bodies = read_mail_bodies(spool, "bob@example.com")
+    assert sum(body.endswith(long_message) for body in bodies) == 1
+    assert sum(body.endswith(MESSAGE) and not body.endswith(long_message) for body in bodies) == 1
+    # And a longer one over that: written whole.
+    third = queue.enqueue("dave@example.com", ["bob@example.com"], long_message + b"more\r\n")
+    assert os.stat(queue.path(mta.INCOMING, third)).st_ino == inode
+    mta.Router(queue, store).handle(third)
+    assert any(body.endswith(long_message + b"more\r\n")
+               for body in read_mail_bodies(spool, "bob@example.com"))
 
 
-def test_a_file_is_emptied_before_a_writer_can_take_it(spool, queue, store, monkeypatch):
-    """Emptied once in free/, it could be emptied under a writer that took it meanwhile."""
-    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"], MESSAGE)
+def test_a_finished_large_file_is_emptied_before_a_writer_can_take_it(spool, queue, store,
+                                                                       monkeypatch):
+    """A file over FREE_KEEP is emptied, so that free/ never holds much disk; emptied once in
+    free/, it could be emptied under a writer that took it meanwhile."""
+    queue_id = queue.enqueue("alice@example.com", ["bob@example.com"],
+                             MESSAGE + b"x" * mta.FREE_KEEP + b"\r\n")
     real_ftruncate = os.ftruncate
     seen = []
 
@@ -1508,6 +1527,8 @@ def test_a_file_is_emptied_before_a_writer_can_take_it(spool, queue, store, monk
     monkeypatch.setattr(mta.os, "ftruncate", ftruncate)
     mta.Router(queue, store).handle(queue_id)
     assert seen == [[]] and free_files(spool) == [queue_id]
+    assert os.path.getsize(os.path.join(spool, "queue", mta.FREE, queue_id)) == 0
+    assert os.listdir(queue.path(mta.TMP)) == []
 
 
 def test_free_holds_at_most_free_files_and_the_rest_are_unlinked(spool, queue, store, monkeypatch):
