@@ -107,9 +107,11 @@ Durability and concurrency:
   the recipient as delivered. A remote recipient is sent twice when the crash fell
   between the remote 250 and its record (RFC 5321 6.1 allows the duplicate).
 - The router is also the queue manager: smtp_out needs it running for its retries.
-- Each daemon binds SPOOL/run/ROLE.PID.N.sock; wake(spool, role) sends a datagram to every
-  socket of the role, removing those whose process is gone. A woken daemon lists its
-  folder; every SCAN_INTERVAL seconds it lists it anyway.
+- Each daemon binds SPOOL/run/ROLE.PID.N.sock (ROLE.PID.N.IofK.sock for worker process I of
+  K, which takes the queue ids that hash to I: share_of()); wake(spool, role, queue_id)
+  sends a datagram to every socket of the role, or of the processes sharing a folder only
+  to the one whose share the id is in, removing those whose process is gone. A woken
+  daemon lists its folder; every SCAN_INTERVAL seconds it lists it anyway.
 
 The API smtp_out uses (all in __all__):
 
@@ -186,7 +188,7 @@ __all__ = [
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
     "RETRY_SCHEDULE", "build_dsn", "check_prepend", "dkim_signature", "enqueue", "main",
     "parse_queue_file", "parse_retry_schedule", "prepare_submission", "relay_domain_set",
-    "retry_delay",
+    "retry_delay", "share_of",
     "wake",
 ]
 
@@ -1038,7 +1040,7 @@ class QueueWriter:
             self._fail(exc)
         self.committed = self.closed = True
         _unlink_quietly(self.temporary)
-        wake(self.spool_dir, "mta")
+        wake(self.spool_dir, "mta", self.queue_id)
         try:
             _fsync_dir(incoming)
         except BaseException as exc:
@@ -1063,15 +1065,24 @@ class QueueWriter:
             _unlink_quietly(self.temporary)
 
 
-def wake(spool_dir: str, role: str = "mta") -> None:
-    """Best effort: ring the doorbell of every running daemon of role (a datagram each)."""
+def share_of(name: str, count: int) -> int:
+    """Which of count processes sharing a queue folder takes the file name (0 to count-1)."""
+    return zlib.crc32(name.encode("utf-8", "surrogateescape")) % count
+
+
+def wake(spool_dir: str, role: str = "mta", queue_id: Optional[str] = None) -> None:
+    """Best effort: ring the doorbell of every running daemon of role (a datagram each);
+    of processes that share its folder, only the one queue_id's file falls to, if given."""
     run = os.path.join(os.fspath(spool_dir), RUN_DIR)
     try:
         bells = _doorbells(run, role)
     except OSError:
         return
     sock = _ringer()
-    for name, address in bells:
+    for name, address, share in bells:
+        if share is not None and queue_id is not None and \
+                share_of(queue_id, share[1]) != share[0]:
+            continue                   # the file falls to another process
         try:
             if address is None:        # a path too long for a socket address
                 with _unix_address(run, name) as address:
@@ -1095,8 +1106,9 @@ _ringers = []                      # the process's ringing socket, once made; _d
 
 
 def _doorbells(run, role):
-    """[(name, socket address, or None when the path is too long for one)] of the doorbells
-    of role in the run folder, from the last listing while the folder's mtime is unchanged."""
+    """[(name, socket address or None when the path is too long for one, share or None)] of
+    the doorbells of role in the run folder, from the last listing while the folder's mtime
+    is unchanged. share is (number, count) of a bell named ROLE.PID.N.NUMBERofCOUNT.sock."""
     st = os.stat(run)
     with _doorbells_lock:
         known = _doorbells_known.get((run, role))
@@ -1106,13 +1118,23 @@ def _doorbells(run, role):
     for name in os.listdir(run):
         if name.startswith(role + ".") and name.endswith(".sock"):
             path = os.path.join(run, name)
-            bells.append((name, path if len(os.fsencode(path)) <= MAX_UNIX_PATH else None))
+            bells.append((name, path if len(os.fsencode(path)) <= MAX_UNIX_PATH else None,
+                          _bell_share(name)))
     # mtimes are coarse (a clock tick): a socket bound in the tick of the listing would
     # not change it, so only a listing of a folder quiet for a while is kept.
     if time.time() - st.st_mtime > DOORBELLS_SETTLE:
         with _doorbells_lock:
             _doorbells_known[(run, role)] = (st.st_mtime_ns, bells)
     return bells
+
+
+def _bell_share(name):
+    """(number, count) from a doorbell name ending in .NUMBERofCOUNT.sock, else None."""
+    tag = name[:-len(".sock")].rsplit(".", 1)[-1]
+    number, of, count = tag.partition("of")
+    if of and number.isdigit() and count.isdigit() and int(number) < int(count):
+        return int(number), int(count)
+    return None
 
 
 def _ringer():
@@ -1128,12 +1150,15 @@ _socket_serial = itertools.count()
 
 
 class WakeSocket:
-    """A daemon's doorbell: a datagram socket at SPOOL/run/ROLE.PID.N.sock."""
+    """A daemon's doorbell: a datagram socket at SPOOL/run/ROLE.PID.N.sock, or with share
+    (number, count: a process among count that share a folder) ROLE.PID.N.NUMBERofCOUNT.sock,
+    rung only for the files that fall to it."""
 
-    def __init__(self, spool_dir: str, role: str):
+    def __init__(self, spool_dir: str, role: str, share: Optional[tuple] = None):
         self.folder = os.path.join(os.fspath(spool_dir), RUN_DIR)
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        self.name = "%s.%d.%d.sock" % (role, os.getpid(), next(_socket_serial))
+        self.name = "%s.%d.%d%s.sock" % (role, os.getpid(), next(_socket_serial),
+                                         ".%dof%d" % share if share else "")
         self.path = os.path.join(self.folder, self.name)
         _unlink_quietly(self.path)     # left by a dead process that had our pid
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -1697,9 +1722,9 @@ class Queue:
         os.rename(claim.path, self.path(target, claim.queue_id))
         claim.folder = target
         if target == OUTBOUND:
-            wake(self.spool_dir, "smtp_out")
+            wake(self.spool_dir, "smtp_out", claim.queue_id)
         elif target == INCOMING:
-            wake(self.spool_dir, "mta")
+            wake(self.spool_dir, "mta", claim.queue_id)
 
     # -- the deferred folder --
 
@@ -2146,9 +2171,10 @@ class QueueRunner:
     Several processes that run the folder share it: share, set by plumbing.Master in each
     worker process, is (this one's number, how many). A process takes the names whose hash
     falls to its number, and another's name only once that has waited STEAL_AFTER seconds
-    (its process is busy, or gone). Every process is rung for every message; without the
-    shares all of them would race to claim each file, and all but one would open it, fail
-    to lock it and hold it for BUSY_RETRY, for nothing.
+    (its process is busy, or gone). Without the shares all of them would race to claim each
+    new file, and all but one would open it, fail to lock it and hold it for BUSY_RETRY, for
+    nothing. The doorbell carries the share in its name, and wake() given a queue id rings
+    only the process the file falls to; the others see the file at their next listing.
     """
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
@@ -2176,7 +2202,9 @@ class QueueRunner:
     def serve_forever(self):
         self.serving = True
         self.queue.create()
-        self.doorbell = WakeSocket(self.queue.spool_dir, self.role)
+        shared = self.share is not None and self.share[1] > 1
+        self.doorbell = WakeSocket(self.queue.spool_dir, self.role,
+                                   self.share if shared else None)
         log.info("watching %s (doorbell %s)", self.queue.path(self.folder), self.doorbell.path)
         for thread in self.threads:
             thread.start()
@@ -2240,7 +2268,7 @@ class QueueRunner:
         number, count = self.share
         ours, others = [], {}
         for name in names:
-            if zlib.crc32(name.encode("utf-8", "surrogateescape")) % count == number:
+            if share_of(name, count) == number:
                 ours.append(name)
                 continue
             since = self.others.get(name, now)

@@ -23,6 +23,7 @@ import pytest
 
 import mailbox_store
 import mta
+import plumbing
 import support
 from support import ROOT, wait_for
 
@@ -916,7 +917,8 @@ def test_wake_removes_the_sockets_of_daemons_that_are_gone(spool):
 def test_enqueue_rings_the_router_before_syncing_incoming_and_returns_after(spool, monkeypatch):
     events = []
     real_sync = mta._fsync_dir
-    monkeypatch.setattr(mta, "wake", lambda spool_dir, role="mta": events.append("wake " + role))
+    monkeypatch.setattr(mta, "wake", lambda spool_dir, role="mta", queue_id=None:
+                        events.append("wake " + role))
     monkeypatch.setattr(mta, "_fsync_dir", lambda path: events.append("fsync " + os.path.basename(path))
                         or real_sync(path))
     mta.enqueue(spool, "alice@example.com", ["bob@example.com"], MESSAGE)
@@ -957,6 +959,25 @@ def test_wake_lists_the_run_folder_again_only_when_it_changed(spool, monkeypatch
             second.close()
     finally:
         first.close()
+
+
+def test_a_message_rings_only_the_router_process_whose_share_its_id_is_in(spool):
+    shared = [mta.WakeSocket(spool, "mta", (number, 2)) for number in range(2)]
+    plain = mta.WakeSocket(spool, "mta")               # a router of one process: every ring
+    try:
+        assert [os.path.basename(bell.path).rsplit(".", 2)[1] for bell in shared] == [
+            "0of2", "1of2"]
+        for _ in range(6):
+            queue_id = plumbing.new_queue_id()
+            mta.wake(spool, "mta", queue_id)
+            owner = mta.share_of(queue_id, 2)
+            assert shared[owner].wait(5) and plain.wait(5)
+            assert not shared[1 - owner].wait(0.05)
+        mta.wake(spool, "mta")                         # no id: every one
+        assert all(bell.wait(5) for bell in shared + [plain])
+    finally:
+        for bell in shared + [plain]:
+            bell.close()
 
 
 def test_a_doorbell_bound_in_the_tick_of_a_listing_is_still_rung(spool):
