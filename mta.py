@@ -204,7 +204,8 @@ NOTIFY_RETRY = 60                  # retry of a DSN that could not be queued
 SCAN_INTERVAL = 10.0               # backup scan when no doorbell rings
 BUSY_RETRY = 0.2                   # look again at a file another process holds
 LIST_PAUSE = 0.05                  # a backlogged runner lists its folder at most this often
-STEAL_AFTER = 1.0                  # a name of another process's share waits this long for it
+STEAL_AFTER = 1.0                  # a name of another process's share waits this long for it,
+STEAL_IDLE = 0.05                  # or this long when this process has a worker free
 ERROR_RETRY = 60.0                 # look again at a file whose handling raised
 TMP_DEBRIS_AGE = 3600              # a tmp/ file this old belongs to a dead writer
 FREE_FILES = 1000                  # about as many finished queue files kept in free/ for reuse
@@ -2171,7 +2172,8 @@ class QueueRunner:
     Several processes that run the folder share it: share, set by plumbing.Master in each
     worker process, is (this one's number, how many). A process takes the names whose hash
     falls to its number, and another's name only once that has waited STEAL_AFTER seconds
-    (its process is busy, or gone). Without the shares all of them would race to claim each
+    (its process is busy, or gone), or STEAL_IDLE seconds when a worker of this one is free
+    (as many as are free, oldest first). Without the shares all of them would race to claim each
     new file, and all but one would open it, fail to lock it and hold it for BUSY_RETRY, for
     nothing. The doorbell carries the share in its name, and wake() given a queue id rings
     only the process the file falls to; the others see the file at their next listing.
@@ -2243,7 +2245,7 @@ class QueueRunner:
         """Queue every name of this process's not pending or held; return seconds until a
         hold runs out or another share's name may be taken."""
         try:
-            names = self._ours(self.queue.ids(self.folder), now)
+            names, look_again = self._ours(self.queue.ids(self.folder), now)
         except OSError as exc:
             log.error("cannot list %s/: %s", self.folder, exc)
             return self.scan_interval
@@ -2254,30 +2256,41 @@ class QueueRunner:
             fresh = [n for n in names if n not in self.pending and n not in self.held]
             self.pending.update(fresh)
             wait = min(self.held.values(), default=now + self.scan_interval) - now
-        if self.others:
-            wait = min(wait, min(self.others.values()) + STEAL_AFTER - now)
+        wait = min(wait, look_again - now)
         for name in fresh:
             self.work.put(name)
         return max(wait, 0.001)
 
     def _ours(self, names, now):
-        """The names this process takes: all of them, or with a share, those that hash to
-        its number and those of other shares listed STEAL_AFTER seconds ago or more."""
+        """(the names this process takes, when to look again at the others'): all of them,
+        or with a share, those that hash to its number, those of other shares listed
+        STEAL_AFTER seconds ago or more, and, while workers are free, as many others listed
+        STEAL_IDLE seconds ago or more."""
         if self.share is None or self.share[1] < 2:
-            return names
+            return names, math.inf
         number, count = self.share
+        mine = [share_of(name, count) == number for name in names]
+        with self.pending_lock:        # workers free once this process's new names are queued
+            free = len(self.threads) - len(self.pending) - sum(
+                1 for name, own in zip(names, mine)
+                if own and name not in self.pending and name not in self.held)
         ours, others = [], {}
-        for name in names:
-            if share_of(name, count) == number:
+        for name, own in zip(names, mine):     # oldest first
+            if own:
                 ours.append(name)
                 continue
             since = self.others.get(name, now)
-            if now - since >= STEAL_AFTER:
+            waited = now - since
+            if waited >= STEAL_AFTER or (free > 0 and waited >= STEAL_IDLE):
                 ours.append(name)
+                free -= waited < STEAL_AFTER
             else:
                 others[name] = since
         self.others = others           # names gone from the folder are forgotten
-        return ours
+        if not others:
+            return ours, math.inf
+        return ours, min(others.values()) + (min(STEAL_IDLE, STEAL_AFTER) if free > 0
+                                             else STEAL_AFTER)
 
     def _work(self):
         while True:
@@ -2299,6 +2312,8 @@ class QueueRunner:
                     self.held[name] = time.monotonic() + hold
             if hold:
                 self.doorbell.ring()   # let the dispatcher set its timer for the hold
+            elif self.others and self.work.empty():
+                self.doorbell.ring()   # idle, and another share has names waiting: take some
 
     def stop(self, grace: float = plumbing.DEFAULT_GRACE):
         """Finish the messages being handled (within grace seconds), then return."""

@@ -1057,18 +1057,30 @@ def run_sharing(queue, shares, count):
 
 def test_runners_sharing_a_folder_each_take_the_names_that_hash_to_them(queue, monkeypatch):
     monkeypatch.setattr(mta, "STEAL_AFTER", 60.0)      # however slow the machine, no steals
+    monkeypatch.setattr(mta, "STEAL_IDLE", 60.0)
     handled, _ = run_sharing(queue, [(0, 2), (1, 2)], 40)
     assert len(handled) == 40
     for name, numbers in handled.items():
         assert numbers == [zlib.crc32(name.encode()) % 2], name
 
 
-def test_a_runner_takes_the_names_of_a_share_whose_process_is_gone_once_they_waited(queue):
+def test_a_runner_takes_the_names_of_a_share_whose_process_is_gone_once_they_waited(
+        queue, monkeypatch):
+    monkeypatch.setattr(mta, "STEAL_IDLE", 60.0)       # only STEAL_AFTER, for this one
     handled, order = run_sharing(queue, [(0, 2)], 20)
     others = [name for name in order if zlib.crc32(name.encode()) % 2 == 1]
     assert others and len(others) < 20
     assert all(numbers == [0] for numbers in handled.values()) and len(handled) == 20
     assert order[-len(others):] == others    # its own first; the others' after STEAL_AFTER
+
+
+def test_a_runner_with_a_worker_free_takes_another_shares_names_soon(queue, monkeypatch):
+    monkeypatch.setattr(mta, "STEAL_AFTER", 60.0)      # not this way, in this test
+    started = time.monotonic()
+    handled, order = run_sharing(queue, [(0, 2)], 20)
+    assert len(handled) == 20 and all(numbers == [0] for numbers in handled.values())
+    assert any(zlib.crc32(name.encode()) % 2 == 1 for name in order)
+    assert time.monotonic() - started < 30
 
 
 # --- A full disk ---
