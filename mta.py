@@ -2172,11 +2172,12 @@ class QueueRunner:
     Several processes that run the folder share it: share, set by plumbing.Master in each
     worker process, is (this one's number, how many). A process takes the names whose hash
     falls to its number, and another's name only once that has waited STEAL_AFTER seconds
-    (its process is busy, or gone), or STEAL_IDLE seconds when a worker of this one is free
-    (as many as are free, oldest first). Without the shares all of them would race to claim each
-    new file, and all but one would open it, fail to lock it and hold it for BUSY_RETRY, for
-    nothing. The doorbell carries the share in its name, and wake() given a queue id rings
-    only the process the file falls to; the others see the file at their next listing.
+    (its process is busy, or gone), or STEAL_IDLE seconds when a worker of this one is
+    free (as many as are free, oldest first). Without the shares all of them would race to
+    claim each new file, and all but one would open it, fail to lock it and hold it for
+    BUSY_RETRY, for nothing. The doorbell carries the share in its name, and wake() given a
+    queue id rings only the process the file falls to; the others see the file at their
+    next listing.
     """
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
