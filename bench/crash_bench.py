@@ -67,6 +67,16 @@ class System:
     def kill(self):
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
+        # The roles die a moment after run_all. Until the last is gone, a listener of the
+        # killed system could answer the next start()'s probe, and that round's clients
+        # would then find no server at all.
+        until = time.monotonic() + 10
+        while time.monotonic() < until:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.01)
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
