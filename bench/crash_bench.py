@@ -79,6 +79,8 @@ class System:
             time.sleep(0.01)
 
     def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return                     # not started, or killed and not started again
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(20)
@@ -135,37 +137,39 @@ def main(argv=None):
         system = System(spool)
         acknowledged, lock = set(), threading.Lock()
         rounds = []
-        for number in range(args.rounds):
-            if time.monotonic() > deadline:
-                break
+        try:
+            for number in range(args.rounds):
+                if time.monotonic() > deadline:
+                    break
+                system.start()
+                stop = threading.Event()
+                tokens = [uuid.uuid4().hex for _ in range(args.messages)]
+                before = len(acknowledged)
+                senders = [threading.Thread(target=send, args=(system.ports["smtp"],
+                                                               tokens[i::args.clients],
+                                                               acknowledged, lock, stop))
+                           for i in range(args.clients)]
+                for sender in senders:
+                    sender.start()
+                kill_after = rng.uniform(0.2, 2.0)
+                time.sleep(kill_after)
+                system.kill()
+                stop.set()
+                for sender in senders:
+                    sender.join(30)
+                rounds.append({"round": number + 1, "kill_after": round(kill_after, 3),
+                               "acknowledged": len(acknowledged) - before})
+                print("round %d: killed after %.2f s, %d acknowledged"
+                      % (number + 1, kill_after, len(acknowledged) - before), file=sys.stderr)
             system.start()
-            stop = threading.Event()
-            tokens = [uuid.uuid4().hex for _ in range(args.messages)]
-            before = len(acknowledged)
-            senders = [threading.Thread(target=send, args=(system.ports["smtp"],
-                                                           tokens[i::args.clients],
-                                                           acknowledged, lock, stop))
-                       for i in range(args.clients)]
-            for sender in senders:
-                sender.start()
-            kill_after = rng.uniform(0.2, 2.0)
-            time.sleep(kill_after)
-            system.kill()
-            stop.set()
-            for sender in senders:
-                sender.join(30)
-            rounds.append({"round": number + 1, "kill_after": round(kill_after, 3),
-                           "acknowledged": len(acknowledged) - before})
-            print("round %d: killed after %.2f s, %d acknowledged"
-                  % (number + 1, kill_after, len(acknowledged) - before), file=sys.stderr)
-        system.start()
-        until = time.monotonic() + DRAIN_SECONDS
-        while True:
-            counts = delivered_tokens(system.ports["pop3"])
-            if acknowledged <= set(counts) or time.monotonic() > until:
-                break
-            time.sleep(0.5)
-        system.stop()
+            until = time.monotonic() + DRAIN_SECONDS
+            while True:
+                counts = delivered_tokens(system.ports["pop3"])
+                if acknowledged <= set(counts) or time.monotonic() > until:
+                    break
+                time.sleep(0.5)
+        finally:                       # an error must not leave the system running
+            system.stop()
     missing = len(acknowledged - set(counts))
     duplicates = sum(n - 1 for n in counts.values())
     result = {"rounds": rounds, "acknowledged": len(acknowledged), "delivered": len(counts),
