@@ -1663,40 +1663,40 @@ class Queue:
         """Remove the claimed file from the queue: into free/, for a writer to use again
         (emptied when larger than FREE_KEEP; see _reused_file), or unlinked when free/ holds
         about FREE_FILES already or the file has another name too."""
-        free = self.path(FREE)
         with self._free_lock:
             self._freed += 1
             if self._free_count is None or self._freed % FREE_RECOUNT == 0:
                 try:
-                    self._free_count = len(os.listdir(free))
+                    self._free_count = len(os.listdir(self.path(FREE)))
                 except OSError:
                     self._free_count = FREE_FILES
             room = self._free_count < FREE_FILES
             self._free_count += room
         st = os.fstat(claim.fd) if room else None
-        if room and st.st_nlink == 1 and st.st_size <= FREE_KEEP:
+        if st is None or st.st_nlink != 1:
+            os.unlink(claim.path)
+            return
+        free = os.path.join(self.path(FREE), claim.queue_id)
+        if st.st_size <= FREE_KEEP:
             try:                       # as it is: a writer writes over it (_reused_file)
-                os.rename(claim.path, os.path.join(free, claim.queue_id))
-                return
+                os.rename(claim.path, free)
             except OSError:            # free/ is missing (a spool made by an older version)
-                pass
-        elif room and st.st_nlink == 1:
-            # Emptied under a name of its own in tmp/, then put where writers take files:
-            # emptied in free/, it could be a writer's file already. A crash in between
-            # leaves a tmp/ file, which the router's sweep removes.
-            private = self.path(TMP, claim.queue_id)
-            try:
-                os.rename(claim.path, private)
-            except OSError:
-                pass                   # unlink below
-            else:
-                try:
-                    os.ftruncate(claim.fd, 0)
-                    os.rename(private, os.path.join(free, claim.queue_id))
-                except OSError:        # free/ is missing (a spool made by an older version)
-                    _unlink_quietly(private)
-                return
-        os.unlink(claim.path)
+                os.unlink(claim.path)
+            return
+        # Emptied under a name of its own in tmp/, then put where writers take files:
+        # emptied in free/, it could be a writer's file already. A crash in between leaves
+        # a tmp/ file, which the router's sweep removes.
+        private = self.path(TMP, claim.queue_id)
+        try:
+            os.rename(claim.path, private)
+        except OSError:
+            os.unlink(claim.path)
+            return
+        try:
+            os.ftruncate(claim.fd, 0)
+            os.rename(private, free)
+        except OSError:                # free/ is missing (a spool made by an older version)
+            _unlink_quietly(private)
 
     def file_away(self, claim: Claim):
         """Remove a finished file, else move it to the folder whose work it holds now."""
