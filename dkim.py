@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import dnsmx
+import dnsstub
 import plumbing
 import spf
 
@@ -1266,9 +1266,9 @@ def _fold_base64(text, column):
 
 class DNSResolver:
     """Key and policy lookups through dnsmx: txt(name) gives each TXT record's strings
-    joined (RFC 6376 3.6.2.2), as bytes, CNAMEs followed. It raises a dnsmx.DNSError whose
+    joined (RFC 6376 3.6.2.2), as bytes, CNAMEs followed. It raises a dnsstub.DNSError whose
     `permanent` flag tells no such record (True) from a failure (False). `resolver` is a
-    dnsmx.Resolver, None for dnsmx's default one; until(deadline) cuts lookups off there.
+    dnsstub.Resolver, None for dnsstub's default one; until(deadline) cuts lookups off there.
     Any object with a txt(name) method can stand in."""
 
     def __init__(self, resolver=None, deadline=None):
@@ -1281,12 +1281,12 @@ class DNSResolver:
     def txt(self, name):
         left = None if self.deadline is None else self.deadline - time.monotonic()
         if left is not None and left <= 0:
-            raise dnsmx.DNSTimeoutError("no time left for %s" % name)
-        return (self.resolver or dnsmx.default_resolver()).txt(name, raw=True, lifetime=left)
+            raise dnsstub.DNSTimeoutError("no time left for %s" % name)
+        return (self.resolver or dnsstub.default_resolver()).txt(name, raw=True, lifetime=left)
 
 
 def _resolver_for(resolver, deadline):
-    if resolver is None or isinstance(resolver, dnsmx.Resolver):
+    if resolver is None or isinstance(resolver, dnsstub.Resolver):
         resolver = DNSResolver(resolver)
     bounded = getattr(resolver, "until", None)
     return bounded(deadline) if bounded is not None else resolver
@@ -1313,7 +1313,7 @@ class _Lookups:
             else:
                 try:
                     self.memo[key] = list(self.resolver.txt(name))
-                except dnsmx.DNSError as exc:
+                except dnsstub.DNSError as exc:
                     self.memo[key] = _Outcome("permerror" if exc.permanent else "temperror",
                                               "%s: %s" % (name, exc))
         answer = self.memo[key]
@@ -1340,8 +1340,8 @@ def verify(message, resolver=None, *, now=None, timeout=DEFAULT_TIMEOUT,
     MESSAGE is bytes with CRLF line ends, or an iterable of such blocks (a spooled file
     read in blocks, say); it is read once, and its body streamed only when some signature
     got as far as its key (a caller feeding blocks must not count on the body being read).
-    RESOLVER: a DNSResolver, a dnsmx.Resolver or anything with
-    txt(name); None asks dnsmx's default resolver. NOW is the time for x= (default the
+    RESOLVER: a DNSResolver, a dnsstub.Resolver or anything with
+    txt(name); None asks dnsstub's default resolver. NOW is the time for x= (default the
     clock); TIMEOUT the DNS time for the whole message. Nothing in the message or in DNS
     makes this raise, but a header section past MAX_HEADER_SECTION is a permerror."""
     now = time.time() if now is None else now
@@ -1786,7 +1786,7 @@ def authentication_results_header(hostname, fragments):
 
 
 def _argument_parser():
-    parser = dnsmx.usage_parser(prog="dkim.py",
+    parser = dnsstub.usage_parser(prog="dkim.py",
                     description="DKIM keys, signing and verifying (RFC 6376, 8463) and DMARC "
                                 "checks (RFC 7489).",
                     epilog="Exit status: 0 success (verify: every signature passed; dmarc: "
@@ -1919,7 +1919,7 @@ def _stdin_blocks():
 def _resolver(args):
     if not 0 < args.timeout <= 3600:
         raise ValueError("--timeout must be between 0 and 3600 seconds")
-    return DNSResolver(dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0),
+    return DNSResolver(dnsstub.Resolver(args.dns, timeout=min(args.timeout, 5.0),
                                       lifetime=args.timeout))
 
 

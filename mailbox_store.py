@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-import dnsmx
+import dnsstub
 import plumbing
 
 __all__ = [
@@ -2106,7 +2106,7 @@ def _command(args, store):
 
 
 def _parser():
-    parser = dnsmx.usage_parser(
+    parser = dnsstub.usage_parser(
         prog="mailbox_store.py", description="Manage the users, aliases and Maildirs of a mail spool.")
     spool_help = ("spool directory (default: $%s, else %s or %s when it is a spool)"
                   % (plumbing.SPOOL_ENV, plumbing.LOCAL_SPOOL, plumbing.SYSTEM_SPOOL))

@@ -177,7 +177,7 @@ from queue import SimpleQueue
 from typing import Callable, Iterable, Iterator, Optional
 
 import dkim
-import dnsmx
+import dnsstub
 import mailbox_store
 import plumbing
 
@@ -2733,8 +2733,8 @@ def serve(config) -> int:
 
 def build_parser():
     """The command line of the daemon and of the admin commands; a usage error exits with
-    EX_USAGE (dnsmx.usage_parser)."""
-    parser = dnsmx.usage_parser(prog="mta.py", description="The spool's router daemon (no "
+    EX_USAGE (dnsstub.usage_parser)."""
+    parser = dnsstub.usage_parser(prog="mta.py", description="The spool's router daemon (no "
                                 "command), or an admin command on the queue.")
     plumbing.add_options(parser, DEFAULTS, HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",

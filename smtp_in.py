@@ -47,7 +47,7 @@ to it is slowed. A command line holding a bare CR is one bad command up to its L
 whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
 
 Reads: users and aliases through mailbox_store (in --store, by default the spool); SPF
-records through spf, DKIM keys and DMARC records through dkim, both over dnsmx; signing keys
+records through spf, DKIM keys and DMARC records through dkim, both over dnsstub; signing keys
 in SPOOL/dkim/.
 Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
@@ -69,7 +69,7 @@ from email.utils import format_datetime
 from typing import Optional
 
 import dkim
-import dnsmx
+import dnsstub
 import mailbox_store
 import mta
 import plumbing
@@ -826,7 +826,7 @@ def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
     dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. The name is trusted only when
     one of its A/AAAA records is the client's address again, as Postfix does.
     """
-    resolver = dnsmx.Resolver([dns_server] if dns_server else None, timeout=timeout,
+    resolver = dnsstub.Resolver([dns_server] if dns_server else None, timeout=timeout,
                               attempts=1, lifetime=timeout * 2)
 
     def lookup(ip):
@@ -836,7 +836,7 @@ def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
                 answer = resolver.resolve(name, "AAAA" if wanted.version == 6 else "A")
                 if any(ipaddress.ip_address(r.data) == wanted for r in answer.records):
                     return name
-        except (dnsmx.DNSError, ValueError, OSError) as exc:
+        except (dnsstub.DNSError, ValueError, OSError) as exc:
             log.debug("reverse lookup of [%s] failed: %s", ip, exc)
         return None
 
@@ -857,7 +857,7 @@ def make_spf_resolver(policy, dns_server="", timeout=DEFAULTS["spf_timeout"]):
         raise ValueError("spf_timeout: %g is not between 0 and 3600 seconds" % timeout)
     if policy == "off":
         return None
-    resolver = dnsmx.Resolver([dns_server] if dns_server else None,
+    resolver = dnsstub.Resolver([dns_server] if dns_server else None,
                               timeout=min(SPF_DNS_TRY, timeout), attempts=2, lifetime=timeout)
     return spf.DNSResolver(resolver)
 
@@ -879,7 +879,7 @@ def make_dkim_resolver(dns_server="", timeout=DEFAULTS["dkim_timeout"]):
     """
     if not 0 < timeout <= 3600:
         raise ValueError("dkim_timeout: %g is not between 0 and 3600 seconds" % timeout)
-    resolver = dnsmx.Resolver([dns_server] if dns_server else None,
+    resolver = dnsstub.Resolver([dns_server] if dns_server else None,
                               timeout=min(DKIM_DNS_TRY, timeout), attempts=2, lifetime=timeout)
     return dkim.DNSResolver(resolver)
 

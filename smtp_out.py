@@ -1,7 +1,7 @@
 """smtp_out.py - outbound delivery: the SMTP client and the outbound queue daemon (RFC 5321).
 
 Takes the remote recipients mta.py put in the outbound queue (SPOOL/queue/outbound/, see
-mta.py), finds each domain's mail servers with dnsmx (RFC 5321 5.1: MX by preference,
+mta.py), finds each domain's mail servers with dnsstub (RFC 5321 5.1: MX by preference,
 implicit MX, RFC 7505 null MX), speaks SMTP to them (ESMTP extensions SIZE RFC 1870,
 8BITMIME RFC 6152, PIPELINING RFC 2920, STARTTLS RFC 3207, AUTH RFC 4954, SMTPUTF8
 RFC 6531; enhanced status codes RFC 3463) and records each recipient's result on mta's
@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import dnsmx
+import dnsstub
 import mta
 import plumbing
 
@@ -893,7 +893,7 @@ def listener_matches(listener, address, port):
 
 
 def plan_hops(mx_hosts, port, my_names=(), my_addresses=(), my_listeners=()):
-    """The addresses to try, in order, from dnsmx MXHosts (RFC 5321 5.1).
+    """The addresses to try, in order, from dnsstub MXHosts (RFC 5321 5.1).
 
     If this host is one of the MX hosts, it must not deliver to itself or to anything it
     prefers less: only better-preference hosts remain, and when it is the best there is,
@@ -920,7 +920,7 @@ def plan_hops(mx_hosts, port, my_names=(), my_addresses=(), my_listeners=()):
 
 
 def dns_error_reply(error):
-    """A local Reply for a dnsmx error: its status (4.4.3, 5.1.2, 5.1.10, 5.4.4)."""
+    """A local Reply for a dnsstub error: its status (4.4.3, 5.1.2, 5.1.10, 5.4.4)."""
     status = getattr(error, "status", "4.4.3")
     if getattr(error, "permanent", False) and not status.startswith("5"):
         status = "5.1.2"
@@ -972,7 +972,7 @@ class Deliverer:
             return [Hop(host, host, port)]
         try:
             mx_hosts = self.resolver.mx_hosts(destination)
-        except dnsmx.DNSError as exc:
+        except dnsstub.DNSError as exc:
             raise DeliveryError(dns_error_reply(exc)) from None
         hops = plan_hops(mx_hosts, int(self.config.get("remote_port") or SMTP_PORT),
                          self.my_names, self.my_addresses, self.my_listeners)
@@ -1383,7 +1383,7 @@ def main(argv=None):
         credentials = None
         if config["relay_auth_file"]:
             credentials = read_credentials(config["relay_auth_file"])
-        resolver = dnsmx.Resolver([config["dns"]] if config["dns"] else None)
+        resolver = dnsstub.Resolver([config["dns"]] if config["dns"] else None)
         # Root is needed no further: the relay password file is read. Everything this
         # process parses comes from other hosts (DNS answers, SMTP replies).
         plumbing.drop_privileges(config["user"])

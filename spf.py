@@ -4,7 +4,7 @@ check_host() (RFC 7208 4) evaluates the SPF record a domain publishes in a TXT r
 against the address of the connecting client: record selection (4.5), every mechanism and
 modifier (5, 6), macros (7), and the processing limits that make evaluating a stranger's
 record safe (4.6.4). Every DNS lookup goes through a small resolver interface: DNSResolver,
-on top of dnsmx, by default; tests pass their own. Pure helpers turn a result into the
+on top of dnsstub, by default; tests pass their own. Pure helpers turn a result into the
 Received-SPF (RFC 7208 9.1) and Authentication-Results (RFC 8601) header fields and into the
 SMTP refusal of RFC 7372, so that smtp_in only calls them:
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 from urllib.parse import quote
 
-import dnsmx
+import dnsstub
 
 __all__ = [
     "DNSResolver", "Directive", "Record", "SPFIdentity", "SPFResult", "SPFSyntaxError",
@@ -584,7 +584,7 @@ class _Check:
         }
         self.dns_terms = 0
         self.void_lookups = 0
-        self.memo = {}                 # (kind, name) -> list, or the dnsmx.DNSError raised
+        self.memo = {}                 # (kind, name) -> list, or the dnsstub.DNSError raised
         self.active = []               # domains being evaluated, outermost first
         self.trace = []
 
@@ -758,7 +758,7 @@ class _Check:
             self.note_answer(kind, name, answer, "")
         else:
             self.note_answer(kind, name, answer, " (asked before)")
-        if isinstance(answer, dnsmx.DNSError):
+        if isinstance(answer, dnsstub.DNSError):
             if not answer.permanent and not quiet:
                 raise _Stop("temperror", "%s %s: %s" % (kind.upper(), name, answer))
             answer = []
@@ -770,21 +770,21 @@ class _Check:
         return answer
 
     def ask(self, kind, name):
-        """One question to the resolver: its list, or the dnsmx.DNSError it raised."""
+        """One question to the resolver: its list, or the dnsstub.DNSError it raised."""
         if time.monotonic() > self.deadline:
             raise _Stop("temperror", "no result within %g s (RFC 7208 4.6.4)" % self.timeout)
         if kind != "ptr" and not _is_dns_name(name):
             # RFC 7208 4.3, 5: a name that cannot be asked is a name that does not exist.
-            answer = dnsmx.DNSNameError("not a valid domain name: %r" % name[:80])
+            answer = dnsstub.DNSNameError("not a valid domain name: %r" % name[:80])
         else:
             try:
                 answer = list(getattr(self.resolver, kind)(name))
-            except dnsmx.DNSError as exc:
+            except dnsstub.DNSError as exc:
                 answer = exc
         return answer
 
     def note_answer(self, kind, name, answer, suffix):
-        if isinstance(answer, dnsmx.DNSError):
+        if isinstance(answer, dnsstub.DNSError):
             shown = str(answer)
         else:
             shown = ", ".join('"%s"' % text.decode("latin-1") if isinstance(text, bytes)
@@ -863,16 +863,16 @@ class _Check:
         return text
 
 
-# --- Default resolver: dnsmx ---
+# --- Default resolver: dnsstub ---
 
 
 class DNSResolver:
-    """SPF's lookups through dnsmx; any object with these five methods can stand in.
+    """SPF's lookups through dnsstub; any object with these five methods can stand in.
 
-    Each method returns a list; it raises a dnsmx.DNSError whose `permanent` flag is True
+    Each method returns a list; it raises a dnsstub.DNSError whose `permanent` flag is True
     when the name or the data does not exist (NXDOMAIN, NODATA, a name that cannot be
     asked: a void lookup) and False for a temporary failure (SERVFAIL, timeout, ...).
-    `resolver` is a dnsmx.Resolver; None uses dnsmx's default one (/etc/resolv.conf).
+    `resolver` is a dnsstub.Resolver; None uses dnsstub's default one (/etc/resolv.conf).
     `deadline` (a time.monotonic() value) cuts every lookup off there; check_host() sets
     it through until().
     """
@@ -886,10 +886,10 @@ class DNSResolver:
         return DNSResolver(self.resolver, deadline)
 
     def dns(self):
-        return self.resolver or dnsmx.default_resolver()
+        return self.resolver or dnsstub.default_resolver()
 
     def left(self):
-        """Seconds left before the deadline, for dnsmx's lifetime=; None without one."""
+        """Seconds left before the deadline, for dnsstub's lifetime=; None without one."""
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def txt(self, name):
@@ -916,7 +916,7 @@ class DNSResolver:
 
 
 def _argument_parser():
-    parser = dnsmx.usage_parser(
+    parser = dnsstub.usage_parser(
         prog="spf.py",
         description="Check whether a client address may send mail for a sender's domain "
                     "(SPF, RFC 7208), as a receiving mail server would.",
@@ -957,7 +957,7 @@ def main(argv=None):
             raise ValueError("the null sender needs --helo")
         if not 0 < args.timeout <= 3600:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
-        dns = dnsmx.Resolver(args.dns, timeout=min(args.timeout, 5.0), lifetime=args.timeout)
+        dns = dnsstub.Resolver(args.dns, timeout=min(args.timeout, 5.0), lifetime=args.timeout)
     except ValueError as exc:
         sys.stderr.write("spf: %s\n" % exc)
         return EXIT_USAGE

@@ -1,11 +1,11 @@
-"""Bench spf.check_host(): evaluation cost alone, and through dnsmx against a local dnsmasq.
+"""Bench spf.check_host(): evaluation cost alone, and through dnsstub against a local dnsmasq.
 
 Cases (the same records in both settings): a pass through mx, a pass two includes deep, a
 fail at -all after 5 DNS-querying terms, and an exp= explanation. Rows:
 
 - memory: an in-memory resolver, so only parsing, macros and matching are measured;
-- dns-cached: a dnsmx.Resolver with its cache warm (what a busy smtp_in mostly sees);
-- dns-uncached: a dnsmx.Resolver without cache, every lookup a UDP query to dnsmasq.
+- dns-cached: a dnsstub.Resolver with its cache warm (what a busy smtp_in mostly sees);
+- dns-uncached: a dnsstub.Resolver without cache, every lookup a UDP query to dnsmasq.
 
 Each row runs `--repeats` times; printed: checks/s and µs per check, median (min-max).
 Run: python3 bench/bench_spf.py [--seconds 0.5] [--repeats 5] [--json FILE]
@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-import dnsmx  # noqa: E402
+import dnsstub  # noqa: E402
 import spf  # noqa: E402
 
 RECORDS = {      # name -> list of (type, value)
@@ -56,8 +56,8 @@ class MemoryResolver:
         if found:
             return list(found)
         if any(key[0] == name.lower() for key in self.records):
-            raise dnsmx.NoDataError("no data", name)
-        raise dnsmx.NXDomainError("no such name", name)
+            raise dnsstub.NoDataError("no data", name)
+        raise dnsstub.NXDomainError("no such name", name)
 
     def txt(self, name):
         return [text.encode() for text in self.answer(name, "TXT")]
@@ -72,7 +72,7 @@ class MemoryResolver:
         return self.answer(name, "MX")
 
     def ptr(self, ip):
-        return self.answer(dnsmx.reverse_name(ip), "PTR")
+        return self.answer(dnsstub.reverse_name(ip), "PTR")
 
 
 def dnsmasq_options(records):
@@ -122,10 +122,10 @@ def main(argv=None):
         if dnsmasq_path():
             server = start_dnsmasq(dnsmasq_options(RECORDS))
             address = server.address
-            cached = dnsmx.Resolver([address], timeout=2.0, attempts=1)
+            cached = dnsstub.Resolver([address], timeout=2.0, attempts=1)
             rows.append(("dns-cached", lambda: spf.DNSResolver(cached)))
             rows.append(("dns-uncached", lambda: spf.DNSResolver(
-                dnsmx.Resolver([address], timeout=2.0, attempts=1, cache_size=0))))
+                dnsstub.Resolver([address], timeout=2.0, attempts=1, cache_size=0))))
         else:
             print("dnsmasq not installed: memory rows only")
         report = []

@@ -5,7 +5,7 @@ Starts a dnsmasq on loopback publishing the signer's key record and a DMARC reco
 that dnsmasq: "off" (dkim_verify no, dmarc off), "dkim" (dkim_verify yes) and "dkim+dmarc"
 (dmarc tag too); SPF is off in all three. One client session per run sends COUNT signed
 messages of about 1 KB (MAIL, RCPT, DATA, each durable before its 250), one at a time; the
-runs alternate between the settings so that all see the same machine load. dnsmx's cache
+runs alternate between the settings so that all see the same machine load. dnsstub's cache
 is warm after the first message, which is what a busy MX mostly sees. Client and server
 share one process (and its GIL): compare the settings, not the absolute figures with
 bench/smtp_bench.py's.

@@ -4,7 +4,7 @@ Starts a dnsmasq on loopback publishing `v=spf1 mx -all` for the sender's domain
 dnsmasq_server.py), and one in-process smtp_in.SMTPServer per policy, all asking that
 dnsmasq. One client session per run sends COUNT pairs of MAIL FROM and RSET, one at a time,
 and waits for both replies each time; the runs alternate between the policies so that both
-see the same machine load. dnsmx's cache is warm after the first MAIL, which is what a busy
+see the same machine load. dnsstub's cache is warm after the first MAIL, which is what a busy
 MX mostly sees (a cold check adds its DNS round trips: see bench/bench_spf.py).
 
 Printed: microseconds per MAIL+RSET, median (min-max) over the repeats, and the difference.
@@ -82,7 +82,7 @@ def main(argv=None):
         for server in servers.values():
             server.stop(grace=0.5)
         shutil.rmtree(spool, ignore_errors=True)
-    print("# smtp_in_spf_bench, loadavg %s, %d runs of %d MAIL+RSET pairs, dnsmx cache warm"
+    print("# smtp_in_spf_bench, loadavg %s, %d runs of %d MAIL+RSET pairs, dnsstub cache warm"
           % (open("/proc/loadavg").read().split()[0], args.repeats, args.count))
     for policy in POLICIES:
         values = runs[policy]

@@ -42,10 +42,10 @@ def no_system_resolver(tmp_path_factory):
     (one that would read /etc/resolv.conf) reads a resolv.conf naming an address on loopback
     where nothing listens, so a lookup a test forgot to point at its own dnsmasq fails at
     once and never leaves the machine. Tests that start roles as processes pass --dns."""
-    import dnsmx
+    import dnsstub
     path = tmp_path_factory.mktemp("resolv") / "resolv.conf"
     path.write_text("nameserver 127.0.0.254\noptions timeout:1 attempts:1\n")
-    defaults = dnsmx.Resolver.__init__.__kwdefaults__
+    defaults = dnsstub.Resolver.__init__.__kwdefaults__
     original = defaults["resolv_conf"]
     defaults["resolv_conf"] = str(path)
     yield

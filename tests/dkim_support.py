@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-import dnsmx
+import dnsstub
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -133,7 +133,7 @@ class DictResolver:
         self.asked.append(name)
         value = self.records.get(name.lower().rstrip("."))
         if value is None:
-            raise dnsmx.NXDomainError("no such name: %s" % name)
+            raise dnsstub.NXDomainError("no such name: %s" % name)
         if isinstance(value, Exception):
             raise value
         if isinstance(value, (str, bytes)):

@@ -8,7 +8,7 @@ not given is NXDOMAIN (`--local=/#/`), so nothing is ever forwarded off the host
     with start_dnsmasq([mx_host("example.test", "mx.example.test", 10),
                         host_record("mx.example.test", "127.0.0.2", "::2"),
                         null_mx("nomail.test")]) as dns:
-        resolver = dnsmx.Resolver([dns.address])        # "127.0.0.1:PORT"
+        resolver = dnsstub.Resolver([dns.address])        # "127.0.0.1:PORT"
 
 As a pytest fixture:
 
@@ -46,7 +46,7 @@ START_TRIES = 5                  # fresh ports tried when the chosen one is take
 
 @dataclass
 class DnsServer:
-    """A running dnsmasq; `address` is the HOST:PORT form dnsmx and --dns options take."""
+    """A running dnsmasq; `address` is the HOST:PORT form dnsstub and --dns options take."""
 
     host: str
     port: int

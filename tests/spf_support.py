@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import yaml
 
-import dnsmx
+import dnsstub
 from dnsmasq_server import udp_and_tcp_sockets
 
 SUITE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -130,12 +130,12 @@ class ZoneResolver:
                 break
             key = _key(cname[0])
         else:
-            raise dnsmx.CNAMELoopError("CNAME chain from %s loops" % name, name)
+            raise dnsstub.CNAMELoopError("CNAME chain from %s loops" % name, name)
         if key in self.timeouts:
-            raise dnsmx.DNSTimeoutError("no answer for %s %s (TIMEOUT)" % (name, rtype), name)
+            raise dnsstub.DNSTimeoutError("no answer for %s %s (TIMEOUT)" % (name, rtype), name)
         if key in self.names:
-            raise dnsmx.NoDataError("%s has no %s record (NODATA)" % (name, rtype), name)
-        raise dnsmx.NXDomainError("%s does not exist (NXDOMAIN)" % name, name)
+            raise dnsstub.NoDataError("%s has no %s record (NODATA)" % (name, rtype), name)
+        raise dnsstub.NXDomainError("%s does not exist (NXDOMAIN)" % name, name)
 
     def txt(self, name):
         return self.answer(name, "TXT")
@@ -150,14 +150,14 @@ class ZoneResolver:
         return [host for _, host in sorted(self.answer(name, "MX"), key=lambda mx: mx[0])]
 
     def ptr(self, ip):
-        return self.answer(dnsmx.reverse_name(ip), "PTR")
+        return self.answer(dnsstub.reverse_name(ip), "PTR")
 
 
-# --- The same zones over the wire: a nameserver on loopback for the real dnsmx path ---
+# --- The same zones over the wire: a nameserver on loopback for the real dnsstub path ---
 
 TYPE_CODES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}
 TYPE_NAMES = {code: name for name, code in TYPE_CODES.items()}
-MAX_UDP = 1232                   # what dnsmx advertises in EDNS (RFC 6891)
+MAX_UDP = 1232                   # what dnsstub advertises in EDNS (RFC 6891)
 
 
 def _wire_name(name):
@@ -181,7 +181,7 @@ def _rdata(rtype, value):
 
 class ZoneServer:
     """A nameserver on 127.0.0.1 (UDP and TCP on one port) that answers from a
-    ZoneResolver, so a zone reaches spf through dnsmx and real packets. A CNAME chain is
+    ZoneResolver, so a zone reaches spf through dnsstub and real packets. A CNAME chain is
     answered as the records at its end, owned by the name asked; a CNAME loop is SERVFAIL;
     "TIMEOUT" names get no answer. Set `zone` to switch zones between tests."""
 
@@ -204,7 +204,7 @@ class ZoneServer:
 
     def reply(self, query, udp=True):
         """The reply packet to a query, or None for no answer (a timeout). Over UDP a reply
-        larger than dnsmx's EDNS payload is cut to its question with TC set (RFC 7766)."""
+        larger than dnsstub's EDNS payload is cut to its question with TC set (RFC 7766)."""
         end = 12
         labels = []
         while end < len(query) and query[end]:
@@ -216,13 +216,13 @@ class ZoneServer:
         try:
             rtype = TYPE_NAMES[qtype]
             answers = self.zone.answer(".".join(labels), rtype)
-        except dnsmx.DNSTimeoutError:
+        except dnsstub.DNSTimeoutError:
             return None
-        except dnsmx.CNAMELoopError:
+        except dnsstub.CNAMELoopError:
             flags |= 2                               # SERVFAIL
-        except dnsmx.NXDomainError:
+        except dnsstub.NXDomainError:
             flags |= 3
-        except (dnsmx.NoDataError, KeyError):
+        except (dnsstub.NoDataError, KeyError):
             pass
         records = []
         for value in answers:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dkim
-import dnsmx
+import dnsstub
 from support import ROOT, SLACK, require_tool
 from dnsmasq_server import cname, start_dnsmasq, txt_record
 from dkim_support import (ED25519_VECTORS, MESSAGE, RFC8463_ED25519_B, RFC8463_ED25519_SEED,
@@ -429,7 +429,7 @@ def test_each_result(ed_key, rsa_key, change, result, reason):
         "sha1only._domainkey.example.test": "v=DKIM1; k=ed25519; h=sha1; p=" + public,
         "otherservice._domainkey.example.test": "v=DKIM1; k=ed25519; s=tlsrpt; p=" + public,
         "strict._domainkey.example.test": "v=DKIM1; k=ed25519; t=s; p=" + public,
-        "broken._domainkey.example.test": dnsmx.DNSTemporaryError("SERVFAIL"),
+        "broken._domainkey.example.test": dnsstub.DNSTemporaryError("SERVFAIL"),
     })
     found = dkim.verify(change(field.replace(b"\r\n\t", b" ")) + MESSAGE, DictResolver(records))
     assert len(found) == 1
@@ -528,7 +528,7 @@ def test_time_budget_ends_a_message_against_a_silent_server(ed_key):
         sock.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % sock.getsockname()[1]          # bound, never answers
         # Each lookup alone may take 2 x 1 s; the message as a whole has 0.5 s.
-        resolver = dkim.DNSResolver(dnsmx.Resolver([dead], timeout=1.0, attempts=2))
+        resolver = dkim.DNSResolver(dnsstub.Resolver([dead], timeout=1.0, attempts=2))
         field = dkim.sign(MESSAGE, ed_key, "example.test", "sel")
         fields = b"".join(field.replace(b"s=sel", b"s=sel%d" % n) for n in range(5))
         start = time.monotonic()
@@ -694,7 +694,7 @@ DMARC_ZONE = [
 def dmarc_dns():
     require_tool("dnsmasq", "dnsmasq-base")
     with start_dnsmasq(DMARC_ZONE) as server:
-        yield dkim.DNSResolver(dnsmx.Resolver([server.address], timeout=2.0, attempts=1))
+        yield dkim.DNSResolver(dnsstub.Resolver([server.address], timeout=2.0, attempts=1))
 
 
 def dkim_pass(domain):
@@ -754,7 +754,7 @@ def test_dmarc_none_permerror_and_temperror(dmarc_dns):
     assert bad.result == "permerror" and "p=maybe" in bad.reason
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        dead = dkim.DNSResolver(dnsmx.Resolver(["127.0.0.1:%d" % sock.getsockname()[1]],
+        dead = dkim.DNSResolver(dnsstub.Resolver(["127.0.0.1:%d" % sock.getsockname()[1]],
                                                timeout=0.3, attempts=1))
         start = time.monotonic()
         result = dkim.evaluate_dmarc("example.test", "pass", "example.test", [], dead,
@@ -773,7 +773,7 @@ def test_dmarc_record_parsing():
             dkim.parse_dmarc_record(bad)
 
 
-# --- End to end: CLI, dnsmasq, dnsmx ---
+# --- End to end: CLI, dnsmasq, dnsstub ---
 
 
 def zone_strings(line):
@@ -844,7 +844,7 @@ def test_sign_then_verify_through_dnsmasq(published, selector):
 def test_library_verify_through_dnsmx_revoked_and_cname(published):
     spool, server = published
     key = dkim.read_private_key((spool / "dkim" / "example.test" / "rsa.key").read_bytes())
-    resolver = dkim.DNSResolver(dnsmx.Resolver([server.address], timeout=2.0, attempts=1))
+    resolver = dkim.DNSResolver(dnsstub.Resolver([server.address], timeout=2.0, attempts=1))
     message = signed(MESSAGE, key, "rsa")
     assert [r.result for r in dkim.verify(message, resolver)] == ["pass"]
     revoked = dkim.verify(signed(MESSAGE, key, "old"), resolver)

@@ -1,4 +1,4 @@
-"""Tests for dnsmx.py.
+"""Tests for dnsstub.py, the resolver, and dnsmx.py, its command line.
 
 Real answers come from dnsmasq started on 127.0.0.1 (tests/dnsmasq_server.py) or from its
 replies captured in tests/fixtures/dns (tests/capture_dns_fixtures.py); small scripted
@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dnsmx
+import dnsstub
 from capture_dns_fixtures import BIG_TXT, ZONE
 from support import SLACK, require_tool, wait_for
 from dnsmasq_server import start_dnsmasq, udp_and_tcp_sockets
@@ -63,12 +64,12 @@ def dns_auth():
 
 @pytest.fixture
 def resolver(dns_local):
-    return dnsmx.Resolver([dns_local.address], **FAST)
+    return dnsstub.Resolver([dns_local.address], **FAST)
 
 
 @pytest.fixture
 def auth_resolver(dns_auth):
-    return dnsmx.Resolver([dns_auth.address], **FAST)
+    return dnsstub.Resolver([dns_auth.address], **FAST)
 
 
 class ScriptedServer:
@@ -195,42 +196,42 @@ def unused_udp_port():
 
 
 def test_data_types_are_frozen_values_compared_by_their_fields():
-    mx = dnsmx.MX(10, "mx.test")
-    assert mx == dnsmx.MX(10, "mx.test") and hash(mx) == hash(dnsmx.MX(10, "mx.test"))
-    assert mx != dnsmx.MX(20, "mx.test") and mx != (10, "mx.test")
+    mx = dnsstub.MX(10, "mx.test")
+    assert mx == dnsstub.MX(10, "mx.test") and hash(mx) == hash(dnsstub.MX(10, "mx.test"))
+    assert mx != dnsstub.MX(20, "mx.test") and mx != (10, "mx.test")
     assert repr(mx) == "MX(preference=10, exchange='mx.test')"
     with pytest.raises(AttributeError):
         mx.preference = 20
     assert pickle.loads(pickle.dumps(mx)) == mx and copy.deepcopy(mx) == mx
-    answer = dnsmx.Answer("a.test", dnsmx.TYPE_A, "a.test", ())
+    answer = dnsstub.Answer("a.test", dnsstub.TYPE_A, "a.test", ())
     assert (answer.cnames, answer.additional, answer.ttl, answer.from_cache) == ((), (), 0, False)
-    assert dnsmx.MXHost("mx.test", 10, ()).implicit is False
+    assert dnsstub.MXHost("mx.test", 10, ()).implicit is False
 
 
 def test_nameservers_compare_by_host_and_port_and_resolv_conf_is_mutable():
-    server = dnsmx.parse_server("127.0.0.1:5353")
+    server = dnsstub.parse_server("127.0.0.1:5353")
     assert server.sockaddr == ("127.0.0.1", 5353)
-    assert server == dnsmx.Nameserver("127.0.0.1", 5353)          # family, sockaddr left out
-    assert hash(server) == hash(dnsmx.Nameserver("127.0.0.1", 5353))
+    assert server == dnsstub.Nameserver("127.0.0.1", 5353)          # family, sockaddr left out
+    assert hash(server) == hash(dnsstub.Nameserver("127.0.0.1", 5353))
     assert repr(server) == "Nameserver(host='127.0.0.1', port=5353)"
-    conf = dnsmx.ResolvConf([server])
+    conf = dnsstub.ResolvConf([server])
     conf.rotate = True
-    assert conf == dnsmx.ResolvConf([server], rotate=True)
+    assert conf == dnsstub.ResolvConf([server], rotate=True)
 
 
 # --- Names ---
 
 
 def test_normalize_name_drops_trailing_dot_and_case():
-    assert dnsmx.normalize_name("Example.TEST.") == "example.test"
-    assert dnsmx.normalize_name(".") == ""
-    assert dnsmx.normalize_name("_dmarc.Example.test") == "_dmarc.example.test"
+    assert dnsstub.normalize_name("Example.TEST.") == "example.test"
+    assert dnsstub.normalize_name(".") == ""
+    assert dnsstub.normalize_name("_dmarc.Example.test") == "_dmarc.example.test"
 
 
 def test_non_ascii_name_is_idna_encoded():
-    assert dnsmx.normalize_name("Bücher.test") == "xn--bcher-kva.test"
-    assert dnsmx.build_query("bücher.test", "MX", 1)[1] == \
-        dnsmx.build_query("xn--bcher-kva.test", "MX", 1)[1]
+    assert dnsstub.normalize_name("Bücher.test") == "xn--bcher-kva.test"
+    assert dnsstub.build_query("bücher.test", "MX", 1)[1] == \
+        dnsstub.build_query("xn--bcher-kva.test", "MX", 1)[1]
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -242,15 +243,15 @@ def test_non_ascii_name_is_idna_encoded():
 ])
 def test_bad_names_are_refused_before_sending(name, reason):
     def nxdomain(query):
-        return [("right", make_reply(query, rcode=dnsmx.NXDOMAIN))]
+        return [("right", make_reply(query, rcode=dnsstub.NXDOMAIN))]
 
     with ScriptedServer(nxdomain) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=2, attempts=1)
-        with pytest.raises(dnsmx.DNSNameError, match=reason) as caught:
+        resolver = dnsstub.Resolver([server.address], timeout=2, attempts=1)
+        with pytest.raises(dnsstub.DNSNameError, match=reason) as caught:
             resolver.resolve(name, "A")
         # A name that is sent, after: once it is answered, whatever was sent before it has
         # been read too.
-        with pytest.raises(dnsmx.NXDomainError):
+        with pytest.raises(dnsstub.NXDomainError):
             resolver.resolve("after.test", "A")
         assert [question_of(query) for query in server.queries] == [wire_name("after.test")
                                                                      + b"\x00\x01\x00\x01"]
@@ -259,45 +260,45 @@ def test_bad_names_are_refused_before_sending(name, reason):
 
 def test_name_of_exactly_255_octets_is_accepted():
     name = ".".join(["a" * 63] * 3 + ["b" * 61])          # 64*3 + 62 + 1 = 255 on the wire
-    assert len(dnsmx.build_query(name, "A", 1)[1]) == 12 + 255 + 4 + 11
+    assert len(dnsstub.build_query(name, "A", 1)[1]) == 12 + 255 + 4 + 11
 
 
 def test_escaped_names_round_trip():
-    assert dnsmx.normalize_name("a\\.b.test") == "a\\.b.test"
-    assert dnsmx.normalize_name("\\065bc.test") == "abc.test"
-    assert dnsmx.build_query("a\\.b.test", "A", 1)[1][12:22] == b"\x03a.b\x04test\x00"
+    assert dnsstub.normalize_name("a\\.b.test") == "a\\.b.test"
+    assert dnsstub.normalize_name("\\065bc.test") == "abc.test"
+    assert dnsstub.build_query("a\\.b.test", "A", 1)[1][12:22] == b"\x03a.b\x04test\x00"
     for name in ("a;b.test", "A\\059B.test", "x(y).test", "a\\.b.test"):
         # The key of a name must be what the parser makes of the same name on the wire.
-        parsed = dnsmx.parse_message(dnsmx.build_query(name, "A", 1)[1]).questions[0][0]
-        assert dnsmx.normalize_name(name) == parsed.lower()
+        parsed = dnsstub.parse_message(dnsstub.build_query(name, "A", 1)[1]).questions[0][0]
+        assert dnsstub.normalize_name(name) == parsed.lower()
 
 
 def test_spaces_and_control_octets_are_sent_as_those_octets():
     # RFC 2181 11: any octet may stand in a label; an SPF macro can put a space there.
-    assert dnsmx.normalize_name("Macro%Percent  Space.test") == "macro%percent\\032\\032space.test"
-    assert dnsmx.normalize_name("a\tb\x7f.test") == "a\\009b\\127.test"
+    assert dnsstub.normalize_name("Macro%Percent  Space.test") == "macro%percent\\032\\032space.test"
+    assert dnsstub.normalize_name("a\tb\x7f.test") == "a\\009b\\127.test"
     with ScriptedServer(lambda query: []) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.2, attempts=1)
-        with pytest.raises(dnsmx.DNSTimeoutError):
+        resolver = dnsstub.Resolver([server.address], timeout=0.2, attempts=1)
+        with pytest.raises(dnsstub.DNSTimeoutError):
             resolver.resolve("a b\x01c.test", "TXT")
         assert b"\x05a b\x01c\x04test\x00" in server.queries[0]
-    parsed = dnsmx.parse_message(dnsmx.build_query("A B.test", "A", 1)[1]).questions[0][0]
-    assert parsed.lower() == dnsmx.normalize_name("A B.test")
+    parsed = dnsstub.parse_message(dnsstub.build_query("A B.test", "A", 1)[1]).questions[0][0]
+    assert parsed.lower() == dnsstub.normalize_name("A B.test")
 
 
 def test_reverse_names_for_ipv4_and_ipv6():
-    assert dnsmx.reverse_name("192.0.2.1") == "1.2.0.192.in-addr.arpa"
-    assert dnsmx.reverse_name("2001:db8::1") == (
+    assert dnsstub.reverse_name("192.0.2.1") == "1.2.0.192.in-addr.arpa"
+    assert dnsstub.reverse_name("2001:db8::1") == (
         "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa")
-    with pytest.raises(dnsmx.DNSNameError):
-        dnsmx.reverse_name("example.test")
+    with pytest.raises(dnsstub.DNSNameError):
+        dnsstub.reverse_name("example.test")
 
 
 def test_record_types_by_name_and_number():
-    assert dnsmx.type_code("mx") == 15 and dnsmx.type_code("TYPE65280") == 65280
-    assert dnsmx.type_name(28) == "AAAA" and dnsmx.type_name(99) == "TYPE99"
+    assert dnsstub.type_code("mx") == 15 and dnsstub.type_code("TYPE65280") == 65280
+    assert dnsstub.type_name(28) == "AAAA" and dnsstub.type_name(99) == "TYPE99"
     with pytest.raises(ValueError):
-        dnsmx.type_code("BOGUS")
+        dnsstub.type_code("BOGUS")
 
 
 # --- Wire format: queries ---
@@ -306,21 +307,21 @@ def test_record_types_by_name_and_number():
 def test_query_has_random_id_rd_one_question_and_edns_1232():
     ids = set()
     for _ in range(32):
-        qid, packet = dnsmx.build_query("example.test", "MX")
+        qid, packet = dnsstub.build_query("example.test", "MX")
         ids.add(qid)
-    message = dnsmx.parse_message(packet)
+    message = dnsstub.parse_message(packet)
     assert len(ids) > 16
-    assert message.flags == dnsmx.FLAG_RD
+    assert message.flags == dnsstub.FLAG_RD
     assert message.questions == (("example.test", 15, 1),)
     assert message.opt.rclass == 1232 and message.opt.ttl == 0 and message.opt.name == ""
 
 
 def test_query_is_understood_by_dnsmasq(dns_local):
-    qid, packet = dnsmx.build_query("mx2.example.test", "A")
+    qid, packet = dnsstub.build_query("mx2.example.test", "A")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)
         sock.sendto(packet, (dns_local.host, dns_local.port))
-        reply = dnsmx.parse_message(sock.recv(4096))
+        reply = dnsstub.parse_message(sock.recv(4096))
     assert reply.id == qid and reply.answers[0].data == "127.0.0.12"
 
 
@@ -330,66 +331,66 @@ def test_query_is_understood_by_dnsmasq(dns_local):
 @pytest.mark.parametrize("stem", sorted(MANIFEST))
 def test_captured_reply_parses_with_its_question(stem):
     entry = MANIFEST[stem]
-    message = dnsmx.parse_message(fixture_bytes(stem))
+    message = dnsstub.parse_message(fixture_bytes(stem))
     assert message.id == entry["id"]
-    assert message.flags & dnsmx.FLAG_QR
+    assert message.flags & dnsstub.FLAG_QR
     assert message.questions == ((entry["name"], entry["type"], 1),)
-    assert (message.opt is not None) == entry["edns"] or message.rcode == dnsmx.REFUSED
+    assert (message.opt is not None) == entry["edns"] or message.rcode == dnsstub.REFUSED
 
 
 def test_parse_mx_with_additional_addresses():
-    message = dnsmx.parse_message(fixture_bytes("mx_example"))
+    message = dnsstub.parse_message(fixture_bytes("mx_example"))
     assert sorted((r.data.preference, r.data.exchange) for r in message.answers) == [
         (10, "mx1.example.test"), (10, "mx2.example.test"), (20, "mx3.example.test")]
-    assert all(r.ttl == 300 and r.rtype == dnsmx.TYPE_MX for r in message.answers)
+    assert all(r.ttl == 300 and r.rtype == dnsstub.TYPE_MX for r in message.answers)
     assert {(r.name, r.data) for r in message.additional} == {
         ("mx1.example.test", "127.0.0.11"), ("mx1.example.test", "::11"),
         ("mx2.example.test", "127.0.0.12")}
 
 
 def test_parse_null_mx():
-    record, = dnsmx.parse_message(fixture_bytes("mx_null")).answers
-    assert record.data == dnsmx.MX(0, "")
+    record, = dnsstub.parse_message(fixture_bytes("mx_null")).answers
+    assert record.data == dnsstub.MX(0, "")
     assert dnsmx.format_record(record) == "nullmx.test.\t300\tIN\tMX\t0 ."
 
 
 def test_parse_negative_answers_with_and_without_soa():
-    nxdomain = dnsmx.parse_message(fixture_bytes("auth_nxdomain_soa"))
-    assert nxdomain.rcode == dnsmx.NXDOMAIN and nxdomain.answers == ()
+    nxdomain = dnsstub.parse_message(fixture_bytes("auth_nxdomain_soa"))
+    assert nxdomain.rcode == dnsstub.NXDOMAIN and nxdomain.answers == ()
     soa = nxdomain.authority[0].data
-    assert soa == dnsmx.SOA("ns.test", "hostmaster.test", 1, 1200, 120, 604800, 300)
-    nodata = dnsmx.parse_message(fixture_bytes("auth_nodata_soa"))
-    assert nodata.rcode == dnsmx.NOERROR and nodata.answers == ()
-    assert nodata.authority[0].rtype == dnsmx.TYPE_SOA
-    assert dnsmx.parse_message(fixture_bytes("nxdomain")).authority == ()
+    assert soa == dnsstub.SOA("ns.test", "hostmaster.test", 1, 1200, 120, 604800, 300)
+    nodata = dnsstub.parse_message(fixture_bytes("auth_nodata_soa"))
+    assert nodata.rcode == dnsstub.NOERROR and nodata.answers == ()
+    assert nodata.authority[0].rtype == dnsstub.TYPE_SOA
+    assert dnsstub.parse_message(fixture_bytes("nxdomain")).authority == ()
 
 
 def test_parse_cname_chain_txt_ptr_aaaa_and_unknown_type():
-    chain = dnsmx.parse_message(fixture_bytes("a_cname_chain")).answers
+    chain = dnsstub.parse_message(fixture_bytes("a_cname_chain")).answers
     assert [(r.type_name, r.name, r.data) for r in chain] == [
         ("CNAME", "a2.test", "alias.test"), ("CNAME", "alias.test", "mx1.example.test"),
         ("A", "mx1.example.test", "127.0.0.11")]
-    txt = dnsmx.parse_message(fixture_bytes("txt_multi")).answers
+    txt = dnsstub.parse_message(fixture_bytes("txt_multi")).answers
     assert sorted(r.data for r in txt) == [(b"second record",),
                                            (b"v=spf1 ip4:127.0.0.0/8", b" -all")]
-    assert dnsmx.parse_message(fixture_bytes("txt_binary")).answers[0].data == (b'a"\\\xffb',)
-    assert dnsmx.parse_message(fixture_bytes("ptr")).answers[0].data == "mx1.example.test"
-    assert dnsmx.parse_message(fixture_bytes("aaaa")).answers[0].data == "::11"
-    raw, = dnsmx.parse_message(fixture_bytes("unknown_type")).answers
+    assert dnsstub.parse_message(fixture_bytes("txt_binary")).answers[0].data == (b'a"\\\xffb',)
+    assert dnsstub.parse_message(fixture_bytes("ptr")).answers[0].data == "mx1.example.test"
+    assert dnsstub.parse_message(fixture_bytes("aaaa")).answers[0].data == "::11"
+    raw, = dnsstub.parse_message(fixture_bytes("unknown_type")).answers
     assert (raw.rtype, raw.data) == (65280, b"\x01\x02\x03")
     assert dnsmx.format_record(raw) == "raw.test.\t300\tIN\tTYPE65280\t\\# 3 010203"
 
 
 def test_parse_truncated_udp_reply_and_whole_tcp_reply():
-    truncated = dnsmx.parse_message(fixture_bytes("txt_big_udp_truncated"))
+    truncated = dnsstub.parse_message(fixture_bytes("txt_big_udp_truncated"))
     assert truncated.truncated and truncated.answers == ()
-    whole = dnsmx.parse_message(fixture_bytes("txt_big_tcp"))
+    whole = dnsstub.parse_message(fixture_bytes("txt_big_tcp"))
     assert not whole.truncated
     assert whole.answers[0].data == tuple(s.encode() for s in BIG_TXT)
 
 
 def test_parse_soa_answer_with_ns_authority():
-    message = dnsmx.parse_message(fixture_bytes("auth_soa"))
+    message = dnsstub.parse_message(fixture_bytes("auth_soa"))
     assert message.answers[0].data.mname == "ns.test"
     assert [(r.type_name, r.name, r.data) for r in message.authority] == [
         ("NS", "test", "ns.test")]
@@ -398,25 +399,25 @@ def test_parse_soa_answer_with_ns_authority():
 def test_edns_extended_rcode_and_a_second_opt():
     opt = struct.pack("!BHHIH", 0, 41, 1232, 1 << 24, 0)      # extended RCODE 1 -> 16
     packet = struct.pack("!6H", 7, 0x8180, 0, 0, 0, 1) + opt
-    assert dnsmx.parse_message(packet).rcode == 16              # BADVERS, RFC 6891 9
+    assert dnsstub.parse_message(packet).rcode == 16              # BADVERS, RFC 6891 9
     high = packet[:-6] + struct.pack("!IH", 0xFF << 24, 0)      # top TTL bit: still RCODE
-    assert dnsmx.parse_message(high).rcode == 0xFF0
+    assert dnsstub.parse_message(high).rcode == 0xFF0
     twice = struct.pack("!6H", 7, 0x8180, 0, 0, 0, 2) + opt + opt
-    with pytest.raises(dnsmx.DNSFormatError, match="OPT record repeated"):
-        dnsmx.parse_message(twice)
+    with pytest.raises(dnsstub.DNSFormatError, match="OPT record repeated"):
+        dnsstub.parse_message(twice)
 
 
 def test_parse_reply_without_edns_and_refused():
-    assert dnsmx.parse_message(fixture_bytes("a_no_edns")).opt is None
-    assert dnsmx.parse_message(fixture_bytes("auth_refused")).rcode == dnsmx.REFUSED
+    assert dnsstub.parse_message(fixture_bytes("a_no_edns")).opt is None
+    assert dnsstub.parse_message(fixture_bytes("auth_refused")).rcode == dnsstub.REFUSED
 
 
 @pytest.mark.parametrize("stem", sorted(MANIFEST))
 def test_every_cut_of_a_captured_reply_raises_format_error(stem):
     data = fixture_bytes(stem)
     for length in range(len(data)):
-        with pytest.raises(dnsmx.DNSFormatError):
-            dnsmx.parse_message(data[:length])
+        with pytest.raises(dnsstub.DNSFormatError):
+            dnsstub.parse_message(data[:length])
 
 
 def _answer_with_name(name_bytes):
@@ -436,29 +437,29 @@ def _answer_with_name(name_bytes):
     (b"\x3fa", "runs past the end"),
 ])
 def test_hostile_names_are_rejected(name_bytes, reason):
-    with pytest.raises(dnsmx.DNSFormatError, match=reason):
-        dnsmx.parse_message(_answer_with_name(name_bytes))
+    with pytest.raises(dnsstub.DNSFormatError, match=reason):
+        dnsstub.parse_message(_answer_with_name(name_bytes))
 
 
 def test_pointer_chains_must_go_strictly_backwards():
     # The answer's owner at offset 24: "b" + pointer to the question's a.test at 12.
     legal = _answer_with_name(b"\x01b\xc0\x0c")
-    assert dnsmx.parse_message(legal).answers[0].name == "b.a.test"
-    with pytest.raises(dnsmx.DNSFormatError, match="cut short"):
-        dnsmx.parse_message(legal[:27])                # ends inside the pointer
+    assert dnsstub.parse_message(legal).answers[0].name == "b.a.test"
+    with pytest.raises(dnsstub.DNSFormatError, match="cut short"):
+        dnsstub.parse_message(legal[:27])                # ends inside the pointer
     # Two names pointing at each other can never both point backwards.
     question = wire_name("a.test") + struct.pack("!2H", 1, 1)
     body = (b"\x01x\xc0\x2a" + struct.pack("!HHIH", 1, 1, 60, 4) + b"\x7f\x00\x00\x01"
             + b"\x01y\xc0\x18" + struct.pack("!HHIH", 1, 1, 60, 4) + b"\x7f\x00\x00\x01")
     packet = struct.pack("!6H", 7, 0x8180, 1, 2, 0, 0) + question + body
-    with pytest.raises(dnsmx.DNSFormatError, match="backwards"):
-        dnsmx.parse_message(packet)
+    with pytest.raises(dnsstub.DNSFormatError, match="backwards"):
+        dnsstub.parse_message(packet)
 
 
 def test_names_longer_than_255_octets_are_rejected():
     long_name = b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\x00"   # 257 octets
-    with pytest.raises(dnsmx.DNSFormatError, match="longer than 255"):
-        dnsmx.parse_message(_answer_with_name(long_name))
+    with pytest.raises(dnsstub.DNSFormatError, match="longer than 255"):
+        dnsstub.parse_message(_answer_with_name(long_name))
 
 
 class _ForgetfulNames(dict):
@@ -474,16 +475,16 @@ def parse_both_ways(data, monkeypatch):
     outcomes = []
     for forgetful in (False, True):
         if forgetful:
-            class PlainReader(dnsmx.PacketReader):
+            class PlainReader(dnsstub.PacketReader):
                 __slots__ = ()
 
                 def __init__(self, data, offset=0):
                     super().__init__(data, offset)
                     self._names = _ForgetfulNames()
-            monkeypatch.setattr(dnsmx, "PacketReader", PlainReader)
+            monkeypatch.setattr(dnsstub, "PacketReader", PlainReader)
         try:
-            outcomes.append(dnsmx.parse_message(data))
-        except dnsmx.DNSFormatError as exc:
+            outcomes.append(dnsstub.parse_message(data))
+        except dnsstub.DNSFormatError as exc:
             outcomes.append(str(exc))
     monkeypatch.undo()
     return outcomes
@@ -543,30 +544,30 @@ def test_mutated_replies_parse_alike_with_and_without_the_memo(monkeypatch, stem
 def test_rdata_must_fill_its_length_exactly():
     good = _answer_with_name(b"\x00")
     bad = good[:-6] + struct.pack("!H", 5) + b"\x7f\x00\x00\x01\x00"
-    with pytest.raises(dnsmx.DNSFormatError, match="A record of 5 octets"):
-        dnsmx.parse_message(bad)
+    with pytest.raises(dnsstub.DNSFormatError, match="A record of 5 octets"):
+        dnsstub.parse_message(bad)
     mx = good[:-14] + struct.pack("!HHIH", 15, 1, 60, 6) + b"\x00\x0a\x01m\x00\x00"
-    with pytest.raises(dnsmx.DNSFormatError, match="does not fill"):
-        dnsmx.parse_message(mx)
+    with pytest.raises(dnsstub.DNSFormatError, match="does not fill"):
+        dnsstub.parse_message(mx)
 
 
 def test_ttl_with_top_bit_set_counts_as_zero():
     packet = _answer_with_name(b"\x00")
     packet = packet[:-10] + struct.pack("!I", 0x80000000) + packet[-6:]
-    assert dnsmx.parse_message(packet).answers[0].ttl == 0
+    assert dnsstub.parse_message(packet).answers[0].ttl == 0
 
 
 def test_parser_refuses_non_bytes():
-    with pytest.raises(dnsmx.DNSFormatError):
-        dnsmx.parse_message("not bytes")
+    with pytest.raises(dnsstub.DNSFormatError):
+        dnsstub.parse_message("not bytes")
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=700))
 def test_arbitrary_bytes_raise_only_format_error(data):
     try:
-        dnsmx.parse_message(data)
-    except dnsmx.DNSFormatError:
+        dnsstub.parse_message(data)
+    except dnsstub.DNSFormatError:
         pass
 
 
@@ -580,8 +581,8 @@ def test_mutated_captured_replies_raise_only_format_error(stem, changes, cut):
         if position < len(data):
             data[position] = value
     try:
-        message = dnsmx.parse_message(bytes(data[:max(cut, 12)]))
-    except dnsmx.DNSFormatError:
+        message = dnsstub.parse_message(bytes(data[:max(cut, 12)]))
+    except dnsstub.DNSFormatError:
         return
     for record in message.answers + message.authority + message.additional:
         dnsmx.format_record(record)          # whatever parsed can also be printed
@@ -624,7 +625,7 @@ def test_lower_preference_is_tried_first(resolver):
 def test_implicit_mx_when_the_domain_has_no_mx(resolver, auth_resolver):
     for each in (resolver, auth_resolver):
         assert each.mx_hosts("implicit.test") == [
-            dnsmx.MXHost("implicit.test", 0, ("127.0.0.20", "::20"), implicit=True)]
+            dnsstub.MXHost("implicit.test", 0, ("127.0.0.20", "::20"), implicit=True)]
     v6, = resolver.mx_hosts("v6only.test")
     assert v6.implicit and v6.addresses == ("::21",)
 
@@ -636,32 +637,32 @@ def test_implicit_mx_uses_the_canonical_name_at_the_end_of_a_cname_chain(resolve
 
 
 def test_null_mx_is_permanent_with_its_own_class(resolver):
-    with pytest.raises(dnsmx.NullMXError) as caught:
+    with pytest.raises(dnsstub.NullMXError) as caught:
         resolver.mx_hosts("nullmx.test")                # it has an A record: still no mail
     assert caught.value.permanent and caught.value.status == "5.1.10"
-    assert isinstance(caught.value, dnsmx.DNSPermanentError)
+    assert isinstance(caught.value, dnsstub.DNSPermanentError)
 
 
 def test_nxdomain_domain_is_permanent(resolver):
-    with pytest.raises(dnsmx.NXDomainError) as caught:
+    with pytest.raises(dnsstub.NXDomainError) as caught:
         resolver.mx_hosts("nope.test")
     assert caught.value.permanent and caught.value.status == "5.1.2"
-    assert caught.value.name == "nope.test" and caught.value.rcode == dnsmx.NXDOMAIN
+    assert caught.value.name == "nope.test" and caught.value.rcode == dnsstub.NXDOMAIN
 
 
 def test_domain_without_mx_or_address_is_permanent(resolver):
-    with pytest.raises(dnsmx.NoAddressError) as caught:
+    with pytest.raises(dnsstub.NoAddressError) as caught:
         resolver.mx_hosts("txt.test")
     assert caught.value.permanent and caught.value.status == "5.4.4"
-    with pytest.raises(dnsmx.NoAddressError):
+    with pytest.raises(dnsstub.NoAddressError):
         resolver.mx_hosts("dangling.test")               # its only MX host does not exist
 
 
 def test_mx_host_that_fails_for_now_makes_the_lookup_temporary(auth_resolver):
     # The authoritative dnsmasq refuses names outside its zone: a temporary failure.
-    with pytest.raises(dnsmx.DNSTemporaryError) as caught:
+    with pytest.raises(dnsstub.DNSTemporaryError) as caught:
         auth_resolver.mx_hosts("dangling.test")
-    assert not caught.value.permanent and caught.value.rcode == dnsmx.REFUSED
+    assert not caught.value.permanent and caught.value.rcode == dnsstub.REFUSED
     plan = auth_resolver.mx_hosts("partial.test")
     assert [host.name for host in plan] == ["mx1.example.test"]
     assert auth_resolver.cache.get(("partial.test", "mx_hosts")) is None   # not kept
@@ -674,9 +675,9 @@ def test_mx_pointing_to_a_cname_is_tolerated(resolver):
 
 
 def test_nodata_is_permanent_and_names_the_record_type(resolver):
-    with pytest.raises(dnsmx.NoDataError) as caught:
+    with pytest.raises(dnsstub.NoDataError) as caught:
         resolver.resolve("mx2.example.test", "AAAA")
-    assert caught.value.permanent and caught.value.rtype == dnsmx.TYPE_AAAA
+    assert caught.value.permanent and caught.value.rtype == dnsstub.TYPE_AAAA
     assert "NODATA" in str(caught.value)
 
 
@@ -695,7 +696,7 @@ def test_cname_chain_over_several_queries(auth_resolver):
 
 def test_cname_chain_longer_than_the_limit_is_refused(resolver, auth_resolver):
     for each in (resolver, auth_resolver):
-        with pytest.raises(dnsmx.CNAMELoopError) as caught:
+        with pytest.raises(dnsstub.CNAMELoopError) as caught:
             each.resolve("long0.test", "A")
         assert not caught.value.permanent
 
@@ -727,27 +728,27 @@ def test_aaaa_and_ptr_lookups(resolver):
 
 
 def test_tcp_only_resolver(dns_local):
-    tcp = dnsmx.Resolver([dns_local.address], tcp=True, **FAST)
+    tcp = dnsstub.Resolver([dns_local.address], tcp=True, **FAST)
     assert tcp.resolve("mx2.example.test", "A").data == ["127.0.0.12"]
 
 
 def test_resolve_mx_returns_target_names_by_preference(dns_local):
     port = dns_local.port
-    assert dnsmx.resolve_mx("example.test", "127.0.0.1", port) == [
+    assert dnsstub.resolve_mx("example.test", "127.0.0.1", port) == [
         "mx2.example.test", "mx1.example.test", "mx3.example.test"]
-    assert dnsmx.resolve_mx("nullmx.test", "127.0.0.1", port) == ["."]
-    assert dnsmx.resolve_mx("nope.test", "127.0.0.1", port) == []
-    assert dnsmx.resolve_mx("implicit.test", "127.0.0.1", port) == []
+    assert dnsstub.resolve_mx("nullmx.test", "127.0.0.1", port) == ["."]
+    assert dnsstub.resolve_mx("nope.test", "127.0.0.1", port) == []
+    assert dnsstub.resolve_mx("implicit.test", "127.0.0.1", port) == []
 
 
 def test_module_functions_use_the_default_resolver(dns_local, monkeypatch):
-    monkeypatch.setattr(dnsmx, "_default_resolver", None)
-    dnsmx.set_default_resolver(dnsmx.Resolver([dns_local.address], **FAST))
-    assert [h.name for h in dnsmx.mx_hosts("backup.test")][0] == "mx1.example.test"
-    assert dnsmx.resolve("mx2.example.test", "A").data == ["127.0.0.12"]
-    assert dnsmx.ptr("127.0.0.99") == ["mx1.example.test"]
-    assert "second record" in dnsmx.txt("txt.test")
-    assert dnsmx.default_resolver().servers[0].port == dns_local.port
+    monkeypatch.setattr(dnsstub, "_default_resolver", None)
+    dnsstub.set_default_resolver(dnsstub.Resolver([dns_local.address], **FAST))
+    assert [h.name for h in dnsstub.mx_hosts("backup.test")][0] == "mx1.example.test"
+    assert dnsstub.resolve("mx2.example.test", "A").data == ["127.0.0.12"]
+    assert dnsstub.ptr("127.0.0.99") == ["mx1.example.test"]
+    assert "second record" in dnsstub.txt("txt.test")
+    assert dnsstub.default_resolver().servers[0].port == dns_local.port
 
 
 # --- Agreement with dig on the same server ---
@@ -806,7 +807,7 @@ def test_unmatched_datagrams_are_ignored_and_the_real_answer_taken():
                 ("right", with_id(good, qid))]
 
     with ScriptedServer(reply) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=2, attempts=1)
+        resolver = dnsstub.Resolver([server.address], timeout=2, attempts=1)
         assert resolver.resolve("mx2.example.test", "A").data == ["127.0.0.12"]
 
 
@@ -819,7 +820,7 @@ def test_question_is_compared_without_regard_to_case():
         return [("right", shouted)]
 
     with ScriptedServer(reply) as server:
-        answer = dnsmx.Resolver([server.address], **FAST).resolve("mx2.example.test", "A")
+        answer = dnsstub.Resolver([server.address], **FAST).resolve("mx2.example.test", "A")
         assert answer.data == ["127.0.0.12"]
 
 
@@ -831,9 +832,9 @@ def test_random_bytes_only_end_in_a_temporary_timeout():
                 for _ in range(5)]
 
     with ScriptedServer(reply) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.5, attempts=2)
+        resolver = dnsstub.Resolver([server.address], timeout=0.5, attempts=2)
         started = time.monotonic()
-        with pytest.raises(dnsmx.DNSTimeoutError) as caught:
+        with pytest.raises(dnsstub.DNSTimeoutError) as caught:
             resolver.resolve("example.test", "MX")
         assert time.monotonic() - started < 2 * 0.5 + SLACK
     assert not caught.value.permanent
@@ -856,8 +857,8 @@ def test_malformed_reply_to_our_question_is_a_temporary_format_error(damage):
         return [("right", data)]
 
     with ScriptedServer(reply) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=1, attempts=2)
-        with pytest.raises(dnsmx.DNSFormatError) as caught:
+        resolver = dnsstub.Resolver([server.address], timeout=1, attempts=2)
+        with pytest.raises(dnsstub.DNSFormatError) as caught:
             resolver.mx_hosts("example.test")
         assert len(server.queries) == 2                   # each try got the same junk
     assert not caught.value.permanent
@@ -865,9 +866,9 @@ def test_malformed_reply_to_our_question_is_a_temporary_format_error(damage):
 
 def test_server_that_never_answers_fails_temporarily_within_the_bound():
     with ScriptedServer(lambda query: []) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.2, attempts=2)
+        resolver = dnsstub.Resolver([server.address], timeout=0.2, attempts=2)
         started = time.monotonic()
-        with pytest.raises(dnsmx.DNSTimeoutError) as caught:
+        with pytest.raises(dnsstub.DNSTimeoutError) as caught:
             resolver.mx_hosts("example.test")
         elapsed = time.monotonic() - started
         wait_for(lambda: len(server.queries) >= 2, 10, "the server to read both tries")
@@ -878,7 +879,7 @@ def test_server_that_never_answers_fails_temporarily_within_the_bound():
 
 def test_each_call_may_cut_its_time_shorter_than_the_resolvers_lifetime():
     with ScriptedServer(lambda query: []) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=10.0, attempts=2)    # 20 s
+        resolver = dnsstub.Resolver([server.address], timeout=10.0, attempts=2)    # 20 s
         calls = [lambda: resolver.resolve("example.test", "A", lifetime=0.2),
                  lambda: resolver.query("example.test", "MX", lifetime=0.2),
                  lambda: resolver.txt("example.test", lifetime=0.2),
@@ -887,43 +888,43 @@ def test_each_call_may_cut_its_time_shorter_than_the_resolvers_lifetime():
                  lambda: resolver.resolve("example.test", "A", lifetime=0)]
         for call in calls:
             started = time.monotonic()
-            with pytest.raises(dnsmx.DNSTimeoutError) as caught:
+            with pytest.raises(dnsstub.DNSTimeoutError) as caught:
                 call()
             assert time.monotonic() - started < 0.2 + SLACK
             assert not caught.value.permanent
-        dnsmx.set_default_resolver(resolver)
+        dnsstub.set_default_resolver(resolver)
         try:
             started = time.monotonic()
-            with pytest.raises(dnsmx.DNSTimeoutError):
-                dnsmx.txt("example.test", lifetime=0.2)
+            with pytest.raises(dnsstub.DNSTimeoutError):
+                dnsstub.txt("example.test", lifetime=0.2)
             assert time.monotonic() - started < 0.2 + SLACK
         finally:
-            dnsmx.set_default_resolver(None)
+            dnsstub.set_default_resolver(None)
 
 
 def test_closed_port_fails_fast_and_temporarily():
-    resolver = dnsmx.Resolver(["127.0.0.1:%d" % unused_udp_port()], timeout=30, attempts=1)
+    resolver = dnsstub.Resolver(["127.0.0.1:%d" % unused_udp_port()], timeout=30, attempts=1)
     started = time.monotonic()
-    with pytest.raises(dnsmx.DNSTemporaryError):
+    with pytest.raises(dnsstub.DNSTemporaryError):
         resolver.resolve("example.test", "MX")
     assert time.monotonic() - started < SLACK        # at the ICMP refusal, not the 30 s timeout
 
 
 def test_servfail_is_temporary_and_the_next_server_is_asked(dns_local):
     def servfail(query):
-        return [("right", make_reply(query, rcode=dnsmx.SERVFAIL))]
+        return [("right", make_reply(query, rcode=dnsstub.SERVFAIL))]
 
     with ScriptedServer(servfail) as server:
-        alone = dnsmx.Resolver([server.address], **FAST)
-        with pytest.raises(dnsmx.DNSTemporaryError, match="SERVFAIL") as caught:
+        alone = dnsstub.Resolver([server.address], **FAST)
+        with pytest.raises(dnsstub.DNSTemporaryError, match="SERVFAIL") as caught:
             alone.resolve("mx2.example.test", "A")
-        assert caught.value.rcode == dnsmx.SERVFAIL and not caught.value.permanent
-        both = dnsmx.Resolver([server.address, dns_local.address], **FAST)
+        assert caught.value.rcode == dnsstub.SERVFAIL and not caught.value.permanent
+        both = dnsstub.Resolver([server.address, dns_local.address], **FAST)
         assert both.resolve("mx2.example.test", "A").data == ["127.0.0.12"]
 
 
 def test_refused_is_temporary(auth_resolver):
-    with pytest.raises(dnsmx.DNSTemporaryError, match="REFUSED"):
+    with pytest.raises(dnsstub.DNSTemporaryError, match="REFUSED"):
         auth_resolver.resolve("outside.example", "A")
 
 
@@ -940,10 +941,10 @@ def test_cname_loop_is_refused():
 
     for script in (loop, loop_in_one_reply):
         with ScriptedServer(script) as server:
-            resolver = dnsmx.Resolver([server.address], **FAST)
-            with pytest.raises(dnsmx.CNAMELoopError) as caught:
+            resolver = dnsstub.Resolver([server.address], **FAST)
+            with pytest.raises(dnsstub.CNAMELoopError) as caught:
                 resolver.resolve("loop1.test", "A")
-            assert len(server.queries) <= dnsmx.MAX_CNAME_CHAIN + 1
+            assert len(server.queries) <= dnsstub.MAX_CNAME_CHAIN + 1
         assert not caught.value.permanent
 
 
@@ -958,7 +959,7 @@ def test_oversized_udp_answer_is_asked_again_over_tcp():
         return struct.pack("!H", len(data)) + data
 
     with ScriptedServer(udp, tcp) as server:
-        answer = dnsmx.Resolver([server.address], **FAST).resolve("big.test", "TXT")
+        answer = dnsstub.Resolver([server.address], **FAST).resolve("big.test", "TXT")
         assert len(server.tcp_queries) == 1
     assert b"".join(answer.records[0].data) == "".join(BIG_TXT).encode()
 
@@ -980,9 +981,9 @@ def test_broken_tcp_fallback_is_temporary_and_bounded(behaviour):
         return struct.pack("!H", len(data)) + data
 
     with ScriptedServer(udp, tcp) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.3, attempts=1)
+        resolver = dnsstub.Resolver([server.address], timeout=0.3, attempts=1)
         started = time.monotonic()
-        with pytest.raises(dnsmx.DNSTemporaryError):
+        with pytest.raises(dnsstub.DNSTemporaryError):
             resolver.resolve("big.test", "TXT")
         assert time.monotonic() - started < 0.3 + SLACK
 
@@ -992,11 +993,11 @@ def test_server_without_edns_is_asked_again_without_it():
 
     def reply(query):
         if struct.unpack("!H", query[10:12])[0]:                  # carries an OPT record
-            return [("right", make_reply(query, rcode=dnsmx.FORMERR))]
+            return [("right", make_reply(query, rcode=dnsstub.FORMERR))]
         return [("right", with_id(plain, query_id(query)))]
 
     with ScriptedServer(reply) as server:
-        answer = dnsmx.Resolver([server.address], **FAST).resolve("mx2.example.test", "A")
+        answer = dnsstub.Resolver([server.address], **FAST).resolve("mx2.example.test", "A")
         assert answer.data == ["127.0.0.12"] and len(server.queries) == 2
 
 
@@ -1009,8 +1010,8 @@ def test_each_query_uses_a_fresh_source_port_and_id():
 
     with ScriptedServer(reply) as server:
         # A generous lifetime, so that a slow machine still makes all four tries.
-        resolver = dnsmx.Resolver([server.address], timeout=0.05, attempts=4, lifetime=10)
-        with pytest.raises(dnsmx.DNSTimeoutError):
+        resolver = dnsstub.Resolver([server.address], timeout=0.05, attempts=4, lifetime=10)
+        with pytest.raises(dnsstub.DNSTimeoutError):
             resolver.resolve("example.test", "MX")
         wait_for(lambda: len(seen) >= 4, 10, "the server to read all four queries")
         ports = {client[1] for client in server.clients}
@@ -1026,7 +1027,7 @@ def test_each_query_uses_a_fresh_source_port_and_id():
     ("[2001:db8::1]:53", "2001:db8::1", 53),
 ])
 def test_server_addresses(text, host, port):
-    server = dnsmx.parse_server(text)
+    server = dnsstub.parse_server(text)
     assert (server.host, server.port) == (host, port)
     assert str(server) in (text, text + ":53", "[%s]:53" % text)
 
@@ -1035,7 +1036,7 @@ def test_server_addresses(text, host, port):
                                   "[::1", "[::1]x", "127.0.0.1:port", ""])
 def test_bad_server_addresses(text):
     with pytest.raises(ValueError):
-        dnsmx.parse_server(text)
+        dnsstub.parse_server(text)
 
 
 def test_resolv_conf_servers_and_options(tmp_path):
@@ -1044,15 +1045,15 @@ def test_resolv_conf_servers_and_options(tmp_path):
                     "nameserver ::1 ; trailing comment\nnameserver bogus\n"
                     "nameserver 127.0.0.3\nnameserver 127.0.0.4\n"
                     "options ndots:2 timeout:3 attempts:9 rotate\n")
-    conf = dnsmx.read_resolv_conf(str(path))
+    conf = dnsstub.read_resolv_conf(str(path))
     assert [str(s) for s in conf.servers] == ["127.0.0.2:53", "[::1]:53", "127.0.0.3:53"]
     assert (conf.timeout, conf.attempts, conf.rotate) == (3.0, 5, True)
-    resolver = dnsmx.Resolver(resolv_conf=str(path))
+    resolver = dnsstub.Resolver(resolv_conf=str(path))
     assert resolver.timeout == 3.0 and resolver.lifetime == 3.0 * 5 * 3
 
 
 def test_missing_resolv_conf_means_the_local_host(tmp_path):
-    conf = dnsmx.read_resolv_conf(str(tmp_path / "absent"))
+    conf = dnsstub.read_resolv_conf(str(tmp_path / "absent"))
     assert [str(s) for s in conf.servers] == ["127.0.0.1:53"]
     assert (conf.timeout, conf.attempts, conf.rotate) == (5.0, 2, False)
 
@@ -1067,7 +1068,7 @@ def test_rotate_spreads_queries_over_servers():
         for rotate, expected in ((False, (4, 0)), (True, (2, 2))):
             first.queries.clear()
             second.queries.clear()
-            resolver = dnsmx.Resolver([first.address, second.address], cache_size=0,
+            resolver = dnsstub.Resolver([first.address, second.address], cache_size=0,
                                       rotate=rotate, **FAST)
             for _ in range(4):
                 resolver.resolve("mx2.example.test", "A")
@@ -1080,7 +1081,7 @@ def test_rotate_spreads_queries_over_servers():
 def test_answers_come_from_the_cache_while_the_server_is_gone():
     require_tool("dnsmasq", "dnsmasq-base")
     with start_dnsmasq(ZONE) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.3, attempts=1)
+        resolver = dnsstub.Resolver([server.address], timeout=0.3, attempts=1)
         first = resolver.resolve("mx2.example.test", "A")
         plan = resolver.mx_hosts("backup.test")
     assert not first.from_cache
@@ -1092,26 +1093,26 @@ def test_answers_come_from_the_cache_while_the_server_is_gone():
 def test_negative_answers_are_cached_for_the_soa_minimum():
     require_tool("dnsmasq", "dnsmasq-base")
     with start_dnsmasq(ZONE, auth_zone="test", ttl=120) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.3, attempts=1)
-        with pytest.raises(dnsmx.NXDomainError) as first:
+        resolver = dnsstub.Resolver([server.address], timeout=0.3, attempts=1)
+        with pytest.raises(dnsstub.NXDomainError) as first:
             resolver.resolve("nope.test", "A")
-        with pytest.raises(dnsmx.NoDataError):
+        with pytest.raises(dnsstub.NoDataError):
             resolver.resolve("mx2.example.test", "AAAA")
     assert first.value.ttl == 120                      # min(SOA TTL, SOA MINIMUM)
-    with pytest.raises(dnsmx.NXDomainError) as cached:
+    with pytest.raises(dnsstub.NXDomainError) as cached:
         resolver.resolve("nope.test", "A")
     assert 0 < cached.value.ttl <= 120
-    with pytest.raises(dnsmx.NoDataError):
+    with pytest.raises(dnsstub.NoDataError):
         resolver.resolve("mx2.example.test", "AAAA")
 
 
 def test_negative_answers_without_soa_are_not_cached():
     require_tool("dnsmasq", "dnsmasq-base")
     with start_dnsmasq(ZONE) as server:
-        resolver = dnsmx.Resolver([server.address], timeout=0.3, attempts=1)
-        with pytest.raises(dnsmx.NXDomainError):
+        resolver = dnsstub.Resolver([server.address], timeout=0.3, attempts=1)
+        with pytest.raises(dnsstub.NXDomainError):
             resolver.resolve("nope.test", "A")
-    with pytest.raises(dnsmx.DNSTemporaryError):
+    with pytest.raises(dnsstub.DNSTemporaryError):
         resolver.resolve("nope.test", "A")
 
 
@@ -1128,28 +1129,28 @@ def test_cached_entries_expire_with_their_ttl(resolver):
 def test_zero_ttl_answers_are_not_cached():
     require_tool("dnsmasq", "dnsmasq-base")
     with start_dnsmasq(ZONE, ttl=0) as server:
-        resolver = dnsmx.Resolver([server.address], **FAST)
+        resolver = dnsstub.Resolver([server.address], **FAST)
         resolver.mx_hosts("example.test")
         resolver.resolve("mx2.example.test", "A")
         assert len(resolver.cache) == 0
 
 
 def test_cache_is_a_bounded_lru():
-    cache = dnsmx.TTLCache(maxsize=2)
+    cache = dnsstub.TTLCache(maxsize=2)
     cache.put("a", 1, 60)
     cache.put("b", 2, 60)
     assert cache.get("a")[0] == 1                      # a is now the most recent
     cache.put("c", 3, 60)
     assert cache.get("b") is None and cache.get("a")[0] == 1 and cache.get("c")[0] == 3
     cache.put("d", 4, 10 ** 9)
-    assert cache.get("d")[1] <= dnsmx.MAX_CACHE_TTL and len(cache) == 2
-    disabled = dnsmx.TTLCache(maxsize=0)
+    assert cache.get("d")[1] <= dnsstub.MAX_CACHE_TTL and len(cache) == 2
+    disabled = dnsstub.TTLCache(maxsize=0)
     disabled.put("a", 1, 60)
     assert disabled.get("a") is None
 
 
 def test_cache_is_safe_to_share_between_threads(resolver):
-    cache = dnsmx.TTLCache(maxsize=50)
+    cache = dnsstub.TTLCache(maxsize=50)
     errors = []
 
     def hammer(seed):
@@ -1269,6 +1270,40 @@ def test_cli_help():
         assert flag in result.stdout
 
 
+def test_options_are_read_as_argparse_reads_them():
+    args = dnsmx.parse_arguments(["--server=127.0.0.1:5353", "x.test", "--short",
+                                  "--server", "[::1]:53", "TXT", "--timeout", "0.5",
+                                  "--attempts=3", "--tcp", "--explain"])
+    assert (args.server, args.name, args.rtype) == (["127.0.0.1:5353", "[::1]:53"], "x.test",
+                                                    "TXT")
+    assert (args.timeout, args.attempts, args.tcp, args.short, args.explain) == (
+        0.5, 3, True, True, True)
+    plain = dnsmx.parse_arguments(["x.test"])
+    assert (plain.server, plain.rtype, plain.timeout, plain.attempts, plain.short) == (
+        None, "MX", None, None, False)
+    assert dnsmx.parse_arguments(["--", "-x.test", "A"]).name == "-x.test"
+    assert dnsmx.parse_arguments(["--timeout", "-1", "x.test"]).timeout == -1.0
+    assert dnsmx.parse_arguments(["x.test", "-h"]).help
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "the following arguments are required: NAME"),
+    (["--server"], "argument --server: expected one argument"),
+    (["--server", "--tcp", "x.test"], "argument --server: expected one argument"),
+    (["--timeout", "soon", "x.test"], "argument --timeout: invalid float value: 'soon'"),
+    (["--attempts=2.5", "x.test"], "argument --attempts: invalid int value: '2.5'"),
+    (["x.test", "A", "extra"], "unrecognized arguments: extra"),
+    (["--tcp=yes", "x.test"], "unrecognized arguments: --tcp=yes"),
+    (["--serv", "127.0.0.1", "x.test"], "unrecognized arguments: --serv"),
+])
+def test_a_bad_command_line_says_what_is_wrong_and_exits_64(args, message, capsys):
+    assert dnsmx.main(args) == dnsmx.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: dnsmx.py ")
+    assert captured.err.endswith("dnsmx.py: error: %s\n" % message)
+
+
 def test_main_returns_status_in_process(dns_local, capsys):
     assert dnsmx.main(["--server", dns_local.address, "--short", "mx2.example.test", "A"]) == 0
     assert capsys.readouterr().out == "127.0.0.12\n"
@@ -1278,10 +1313,12 @@ def test_main_returns_status_in_process(dns_local, capsys):
 # --- Start-up cost ---
 
 # What a CLI run must not import. dataclasses alone (inspect, ast, dis, tokenize) was 20 ms
-# of an 80 ms run; typing, random, argparse on a plain import, shutil (bz2, lzma) and the IDNA
-# codec that getaddrinfo() loads for a host given as text cost milliseconds each.
+# of an 80 ms run; typing, random, shutil (bz2, lzma) and the IDNA codec that getaddrinfo()
+# loads for a host given as text cost milliseconds each; argparse (re, gettext, locale) and
+# socket.py (enum, selectors) were together 9 of a 26 ms run, more than dig's whole lookup.
 HEAVY_MODULES = ("dataclasses", "inspect", "ast", "dis", "tokenize", "typing", "random",
-                 "argparse", "shutil", "encodings.idna")
+                 "argparse", "re", "gettext", "locale", "socket", "enum", "selectors",
+                 "threading", "shutil", "encodings.idna")
 
 
 def heavy_modules_imported(code):
@@ -1296,15 +1333,15 @@ def heavy_modules_imported(code):
     return result.stderr.rsplit("\n", 1)[-1].split()
 
 
-def test_importing_dnsmx_imports_no_heavy_module():
-    assert heavy_modules_imported("before = set(sys.modules)\nimport dnsmx") == []
+def test_importing_dnsstub_imports_no_heavy_module():
+    assert heavy_modules_imported("before = set(sys.modules)\nimport dnsstub") == []
 
 
-def test_a_cli_lookup_imports_nothing_heavy_beyond_argparse(dns_local):
-    # argparse and what it imports on its own are the CLI's to pay; shutil is not: argparse
-    # asks it for the terminal width at every add_argument() unless given a width.
-    code = ("import argparse\nbefore = set(sys.modules)\nimport dnsmx\n"
-            "assert dnsmx.main(['--server', %r, 'example.test', 'MX']) == 0" % dns_local.address)
+@pytest.mark.parametrize("args", [["example.test", "MX"], ["--short", "mx1.example.test", "A"],
+                                  ["--bogus-flag", "x.test"]])
+def test_a_cli_run_imports_no_heavy_module(dns_local, args):
+    code = ("before = set(sys.modules)\nimport dnsmx\n"
+            "dnsmx.main(['--server', %r] + %r)" % (dns_local.address, args))
     assert heavy_modules_imported(code) == []
 
 
@@ -1313,9 +1350,9 @@ def test_a_cli_lookup_imports_nothing_heavy_beyond_argparse(dns_local):
 DATA_TYPE_SAMPLES = {
     "MX": (10, "mx.example.com"),
     "SOA": ("ns.example.com", "admin.example.com", 1, 2, 3, 4, 5),
-    "Record": ("example.com", dnsmx.TYPE_A, dnsmx.CLASS_IN, 300, "192.0.2.1"),
+    "Record": ("example.com", dnsstub.TYPE_A, dnsstub.CLASS_IN, 300, "192.0.2.1"),
     "Message": (7, 0x8180, 0, (), (), (), (), None),
-    "Answer": ("example.com", dnsmx.TYPE_A, "example.com", (), (), (), 60, False),
+    "Answer": ("example.com", dnsstub.TYPE_A, "example.com", (), (), (), 60, False),
     "MXHost": ("mx.example.com", 10, ("192.0.2.1",), False),
     "Nameserver": ("127.0.0.1", 5353, socket.AF_INET, ("127.0.0.1", 5353)),
     "ResolvConf": (["127.0.0.1"], 5.0, 2, False),
@@ -1326,9 +1363,9 @@ DATA_TYPE_SAMPLES = {
 def test_each_data_type_behaves_as_its_plain_dataclass(name):
     import dataclasses
     import pickle
-    fast = getattr(dnsmx, name)
+    fast = getattr(dnsstub, name)
     compared = fast._compared or fast.__slots__
-    frozen = issubclass(fast, dnsmx._Frozen)
+    frozen = issubclass(fast, dnsstub._Frozen)
     plain = dataclasses.make_dataclass(
         name, [(field, object, dataclasses.field(compare=field in compared, repr=field in compared))
                for field in fast.__slots__], frozen=frozen, eq=True)
@@ -1354,8 +1391,8 @@ def test_each_data_type_behaves_as_its_plain_dataclass(name):
 
 def test_records_made_by_the_parser_are_plain_records():
     values = DATA_TYPE_SAMPLES["Record"]
-    fast, plain = dnsmx._new_record(*values), dnsmx.Record(*values)
-    assert type(fast) is dnsmx.Record
+    fast, plain = dnsstub._new_record(*values), dnsstub.Record(*values)
+    assert type(fast) is dnsstub.Record
     assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)
     assert pickle.loads(pickle.dumps(fast)) == plain
     with pytest.raises(AttributeError):

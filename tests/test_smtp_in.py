@@ -1414,7 +1414,7 @@ def test_help_lists_the_design_flags():
 def test_make_reverse_lookup_is_optional():
     lookup = smtp_in.make_reverse_lookup("127.0.0.1:9")
     try:
-        import dnsmx  # noqa: F401
+        import dnsstub  # noqa: F401
     except ImportError:
         assert lookup is None
     else:

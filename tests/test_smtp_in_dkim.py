@@ -18,7 +18,7 @@ import time
 import pytest
 
 import dkim
-import dnsmx
+import dnsstub
 import mailbox_store
 import mta
 import smtp_in
@@ -92,12 +92,12 @@ def signing_spool(spool, keys):
 
 def dnsfunc_for(dns):
     """dkimpy's dnsfunc, answered by the dnsmasq (each record's strings joined)."""
-    resolver = dnsmx.Resolver([dns.address], timeout=2, attempts=1)
+    resolver = dnsstub.Resolver([dns.address], timeout=2, attempts=1)
 
     def dnsfunc(name, timeout=5):
         try:
             records = resolver.txt(name.decode().rstrip("."), raw=True)
-        except dnsmx.DNSError:
+        except dnsstub.DNSError:
             return None
         return records[0] if records else None
     return dnsfunc
@@ -105,7 +105,7 @@ def dnsfunc_for(dns):
 
 def our_verdict(message, dns):
     return [r.result for r in dkim.verify(message, dkim.DNSResolver(
-        dnsmx.Resolver([dns.address], timeout=2, attempts=1)))]
+        dnsstub.Resolver([dns.address], timeout=2, attempts=1)))]
 
 
 def submit(server, text, sender=ALICE, rcpt="bob@example.com"):

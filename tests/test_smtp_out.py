@@ -438,7 +438,7 @@ def test_client_delivers_to_postfix_smtp_sink():
 
 # --- Destinations: MX routing with a real dnsmasq ---
 
-import dnsmx  # noqa: E402
+import dnsstub  # noqa: E402
 from dnsmasq_server import host_record, mx_host, null_mx, start_dnsmasq  # noqa: E402
 
 HOSTNAME = "out.test"                  # this host, for self-MX detection
@@ -479,7 +479,7 @@ def deliverer(dns, port, **config):
     settings.update({f.name + "_timeout": getattr(FAST, f.name) for f in
                      smtp_out.dataclasses.fields(Timeouts)})
     settings.update(config)
-    return smtp_out.Deliverer(settings, dnsmx.Resolver([dns.address], timeout=1, attempts=1))
+    return smtp_out.Deliverer(settings, dnsstub.Resolver([dns.address], timeout=1, attempts=1))
 
 
 def test_mail_goes_to_the_best_mx(dns, sinks):
@@ -533,7 +533,7 @@ def test_null_mx_and_nxdomain_bounce_at_once(dns):
 def test_dns_timeout_defers_with_4_4_3(sinks):
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
-    resolver = dnsmx.Resolver(["127.0.0.1:%d" % silent.getsockname()[1]], timeout=0.2, attempts=1)
+    resolver = dnsstub.Resolver(["127.0.0.1:%d" % silent.getsockname()[1]], timeout=0.2, attempts=1)
     d = smtp_out.Deliverer({"hostname": HOSTNAME}, resolver)
     (outcome,), _ = d.deliver("two.test", "a@b.test", ["u@two.test"], b"m\r\n")
     silent.close()
@@ -666,7 +666,7 @@ def test_connections_stay_within_the_total_and_per_destination_caps(dns, sinks):
               "max_per_destination": 3}
     config.update({f.name + "_timeout": getattr(FAST, f.name)
                    for f in smtp_out.dataclasses.fields(Timeouts)})
-    run_claims(config, claims, dnsmx.Resolver([dns.address], timeout=1, attempts=1))
+    run_claims(config, claims, dnsstub.Resolver([dns.address], timeout=1, attempts=1))
     assert len(mx1.wait_for(40)) == 40
     assert 1 <= mx1.max_active <= 3 and mx1.sessions <= 10
     assert all(c.statuses() == ["delivered"] for c in claims)
@@ -763,7 +763,7 @@ def mx_config(port, **extra):
 
 @pytest.fixture
 def resolver(dns):
-    return dnsmx.Resolver([dns.address], timeout=1, attempts=1)
+    return dnsstub.Resolver([dns.address], timeout=1, attempts=1)
 
 
 def test_spool_message_reaches_the_mx_and_leaves_the_queue(tmp_path, sinks, resolver):

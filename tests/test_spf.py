@@ -1,5 +1,5 @@
 """Tests for spf.py: the public RFC 7208 test suite, hostile records, the header and reply
-helpers, and real DNS through dnsmx against a dnsmasq the test starts (library and CLI)."""
+helpers, and real DNS through dnsstub against a dnsmasq the test starts (library and CLI)."""
 
 import email.parser
 import email.policy
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dnsmx
+import dnsstub
 import spf
 from support import ROOT, SLACK, require_tool
 from dnsmasq_server import host_record, mx_host, start_dnsmasq, txt_record
@@ -76,10 +76,10 @@ def zone_server():
 
 @pytest.mark.parametrize("case", SUITE, ids=[case.id for case in SUITE])
 def test_rfc7208_suite_through_dnsmx_and_real_packets(case, zone_server):
-    # The same suite, each lookup a real query through dnsmx to a nameserver on loopback:
+    # The same suite, each lookup a real query through dnsstub to a nameserver on loopback:
     # names a macro fills with spaces or "%" (macro-mania-in-domain) must be asked as such.
     zone_server.zone = ZoneResolver(case.zonedata)
-    check_suite_case(case, spf.DNSResolver(dnsmx.Resolver(
+    check_suite_case(case, spf.DNSResolver(dnsstub.Resolver(
         [zone_server.address], timeout=0.3, attempts=1, cache_size=0)))
 
 
@@ -522,7 +522,7 @@ def test_trace_shows_each_term_and_each_lookup():
         "result: pass"]
 
 
-# --- Real DNS: dnsmasq on loopback, through dnsmx's network path ---
+# --- Real DNS: dnsmasq on loopback, through dnsstub's network path ---
 
 ZONE = [
     txt_record("example.test", "v=spf1 mx include:_spf.partner.test -all"),
@@ -551,7 +551,7 @@ def dns():
 
 @pytest.fixture
 def real_resolver(dns):
-    return spf.DNSResolver(dnsmx.Resolver([dns.address], timeout=2.0, attempts=1))
+    return spf.DNSResolver(dnsstub.Resolver([dns.address], timeout=2.0, attempts=1))
 
 
 def test_real_dns_pass_through_mx(real_resolver):
@@ -591,7 +591,7 @@ def test_real_dns_unreachable_server_is_temperror_within_its_timeout():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % sock.getsockname()[1]    # bound, never answers
-        resolver = spf.DNSResolver(dnsmx.Resolver([dead], timeout=0.3, attempts=1))
+        resolver = spf.DNSResolver(dnsstub.Resolver([dead], timeout=0.3, attempts=1))
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver)
     assert result.result == "temperror"
@@ -603,7 +603,7 @@ def test_real_dns_check_ends_at_its_time_limit_however_long_each_lookup_may_take
         sock.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % sock.getsockname()[1]    # bound, never answers
         # Each lookup alone may take 2 x 10 s; the check as a whole has 0.3 s.
-        resolver = spf.DNSResolver(dnsmx.Resolver([dead], timeout=10, attempts=2))
+        resolver = spf.DNSResolver(dnsstub.Resolver([dead], timeout=10, attempts=2))
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver, timeout=0.3)
     assert result.result == "temperror"
@@ -646,7 +646,7 @@ class ServfailServer:
 def test_real_dns_servfail_is_temperror():
     server = ServfailServer()
     try:
-        resolver = spf.DNSResolver(dnsmx.Resolver([server.address], timeout=30, attempts=1))
+        resolver = spf.DNSResolver(dnsstub.Resolver([server.address], timeout=30, attempts=1))
         result, elapsed = timed(spf.check_sender, "192.0.2.1", "a@example.test", "h.example",
                                 resolver)
     finally:
