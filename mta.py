@@ -160,10 +160,12 @@ import math
 import os
 import pickle
 import re
+import select
 import socket
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -183,6 +185,7 @@ import plumbing
 
 __all__ = [
     "DEFAULTS", "DELAY_WARNING", "HELP", "QUEUE_LIFETIME", "RUN_DIR", "DEFERRED", "INCOMING",
+    "FLOW_FIFO", "FLOW_RECHECK", "FLOW_TOKENS", "FlowGate", "FlowTokens", "open_flow",
     "OUTBOUND", "Claim", "DeferredSchedule", "Envelope", "MessageFile", "Queue", "QueueBusy",
     "QueueFileError",
     "QueueRunner", "QueueWriter", "Recipient", "Router", "SpoolError", "WakeSocket",
@@ -1191,6 +1194,195 @@ class WakeSocket:
         _unlink_quietly(self.path)
 
 
+# --- Flow control: smtp_in keeps to the router's pace ---
+#
+# As Postfix's in_flow_delay: the FIFO SPOOL/run/flow holds tokens, one octet each. The
+# router puts one for every message it takes from incoming/ while there are fewer than
+# FLOW_TOKENS, and tops them up to FLOW_TOKENS when it has nothing to do; smtp_in takes
+# one before it accepts a MAIL, and when there is none waits for one, at most its
+# in_flow_delay. Mail that comes faster than the router routes it is then slowed to the
+# router's pace, FLOW_TOKENS messages ahead at most, instead of piling up in incoming/
+# where each message waits longer for its mailbox, and the sessions get a 250 a little
+# later rather than a 451 when the disk fills. A FIFO is a counter that needs no lock
+# and that any process of the spool's user can open; the kernel keeps its octets while
+# one process has it open.
+
+FLOW_FIFO = "flow"                 # in SPOOL/run/
+FLOW_TOKENS = 100                  # how far ahead of the router smtp_in may run (Postfix: 100)
+FLOW_POLL = 0.1                    # seconds; smtp_in's reader looks again this often
+FLOW_RECHECK = 5.0                 # seconds; the router checks this often that its FIFO is
+                                   # still the one at SPOOL/run/flow
+
+
+def _flow_path(spool_dir):
+    return os.path.join(os.fspath(spool_dir), RUN_DIR, FLOW_FIFO)
+
+
+def _is_flow(fd, spool_dir):
+    """True when fd is the FIFO now at SPOOL/run/flow (not one removed or replaced since)."""
+    try:
+        there, ours = os.stat(_flow_path(spool_dir)), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def open_flow(spool_dir: str) -> int:
+    """A non-blocking descriptor of SPOOL/run/flow, made if missing. Opened for reading
+    and writing, so that it never reads as closed and a write never fails for want of a
+    reader. Raises OSError (also when something other than a FIFO has the name)."""
+    path = _flow_path(spool_dir)
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EEXIST, "not a FIFO", path)
+    return fd
+
+
+class FlowTokens:
+    """The router's side: taken() after each message routed, idle() when it has none."""
+
+    def __init__(self, spool_dir: str):
+        self.spool_dir = spool_dir
+        self.fd = open_flow(spool_dir)
+        self.recheck = time.monotonic() + FLOW_RECHECK
+
+    def count(self) -> int:
+        """The tokens waiting in the FIFO."""
+        return struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    def taken(self):
+        if self.count() < FLOW_TOKENS:
+            self._put(1)
+
+    def idle(self):
+        if time.monotonic() >= self.recheck:
+            # Someone removed run/flow (an operator tidying up): make it anew, or smtp_in
+            # and this router would each hold a FIFO the other never sees.
+            self.recheck = time.monotonic() + FLOW_RECHECK
+            if not _is_flow(self.fd, self.spool_dir):
+                try:
+                    fd = open_flow(self.spool_dir)
+                except OSError as exc:
+                    log.warning("cannot make %s anew: %s", _flow_path(self.spool_dir), exc)
+                else:
+                    os.close(self.fd)
+                    self.fd = fd
+        self._put(FLOW_TOKENS - self.count())
+
+    def _put(self, count):
+        if count > 0:
+            try:
+                os.write(self.fd, b"." * count)
+            except OSError:
+                pass                   # full (64 KB): there are tokens enough
+
+
+class FlowGate:
+    """smtp_in's side: wait() takes a token, waiting up to delay seconds for one.
+
+    One thread of the process reads the FIFO for all the sessions waiting, so that a token
+    wakes one session, not every one that waits. No wait while no router runs (no router
+    doorbell in SPOOL/run/): nothing would put tokens, and the mail waits in incoming/ for
+    the router anyway. A FIFO that cannot be opened means no flow control, and a warning.
+    """
+
+    def __init__(self, spool_dir: str, delay: float):
+        self.spool_dir = os.fspath(spool_dir)
+        self.delay = delay
+        self.cond = threading.Condition()
+        self.fd = None                 # opened on first use, in the process that uses it
+        self.broken = False
+        self.granted = 0               # tokens read for sessions; cond
+        self.wanted = 0                # sessions waiting for a token; cond
+        self.reader = None
+
+    def wait(self) -> float:
+        """Take a token; return the seconds waited for it (0.0 when there was one)."""
+        if self.delay <= 0 or not self._router_running():
+            return 0.0
+        fd = self.fd if self.fd is not None else self._open()
+        if fd is None:
+            return 0.0
+        try:
+            if os.read(fd, 1):
+                return 0.0
+        except BlockingIOError:
+            pass
+        with self.cond:
+            if self.granted:           # read for a session that had stopped waiting
+                self.granted -= 1
+                return 0.0
+            started = time.monotonic()
+            deadline = started + self.delay
+            self.wanted += 1
+            if self.reader is None:
+                self.reader = threading.Thread(target=self._read, name="smtp-flow",
+                                               daemon=True)
+                self.reader.start()
+            self.cond.notify_all()
+            while not self.granted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            if self.granted:
+                self.granted -= 1
+            elif not _is_flow(self.fd, self.spool_dir):
+                self._reopen()         # run/flow was removed or replaced meanwhile
+            self.wanted -= 1
+        return time.monotonic() - started
+
+    def _router_running(self):
+        try:
+            return bool(_doorbells(os.path.join(self.spool_dir, RUN_DIR), "mta"))
+        except OSError:
+            return False
+
+    def _open(self):
+        with self.cond:
+            if self.fd is None and not self.broken:
+                try:
+                    self.fd = open_flow(self.spool_dir)
+                except OSError as exc:
+                    self.broken = True
+                    log.warning("flow control off: cannot open %s: %s",
+                                _flow_path(self.spool_dir), exc)
+            return self.fd
+
+    def _reopen(self):
+        """Open the FIFO now at the name (self.cond held). The old descriptor stays open:
+        the reader may be polling it, and closing it could give its number to another file
+        under the reader. One descriptor each time an operator removes the FIFO."""
+        try:
+            self.fd = open_flow(self.spool_dir)
+        except OSError as exc:
+            log.warning("flow control: cannot open %s anew: %s", _flow_path(self.spool_dir),
+                        exc)
+
+    def _read(self):
+        while True:
+            with self.cond:
+                while self.wanted <= self.granted:
+                    self.cond.wait()
+                short = self.wanted - self.granted
+                fd = self.fd
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll(FLOW_POLL * 1000)
+            try:
+                tokens = len(os.read(fd, short))
+            except BlockingIOError:
+                continue
+            with self.cond:
+                self.granted += tokens
+                self.cond.notify(tokens)
+
+
 # --- Bounces: delivery status notifications (RFC 3464, RFC 6522) ---
 
 def build_dsn(envelope: Envelope, original_headers: bytes, recipients: list, *, action: str,
@@ -2182,8 +2374,10 @@ class QueueRunner:
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
                  workers: int = 2, scan_interval: float = SCAN_INTERVAL,
-                 on_scan: Optional[Callable[[], None]] = None):
+                 on_scan: Optional[Callable[[], None]] = None,
+                 flow: Optional[FlowTokens] = None):
         self.queue = queue
+        self.flow = flow               # the router's: a token per file handled
         self.folder = folder
         self.handle = handle
         self.scan_interval = scan_interval
@@ -2225,6 +2419,8 @@ class QueueRunner:
                         except Exception:
                             log.exception("periodic scan failed")
                 wait = self._dispatch(now)
+                if self.flow is not None and self.idle():
+                    self.flow.idle()
                 self.doorbell.wait(min(next_scan - now, wait))
                 if self.backlogged():
                     # Each listing is a pass over the whole folder, and every worker has
@@ -2241,6 +2437,10 @@ class QueueRunner:
     def backlogged(self) -> bool:
         with self.pending_lock:
             return len(self.pending) >= 2 * len(self.threads)
+
+    def idle(self) -> bool:
+        with self.pending_lock:
+            return not self.pending
 
     def _dispatch(self, now):
         """Queue every name of this process's not pending or held; return seconds until a
@@ -2311,6 +2511,8 @@ class QueueRunner:
                 self.pending.discard(name)
                 if hold:
                     self.held[name] = time.monotonic() + hold
+            if self.flow is not None and not hold:
+                self.flow.taken()
             if hold:
                 self.doorbell.ring()   # let the dispatcher set its timer for the hold
             elif self.others and self.work.empty():
@@ -2725,6 +2927,10 @@ def serve(config) -> int:
         print("mta: cannot start on spool %s: %s" % (config["spool"], exc), file=sys.stderr)
         return 1
     plumbing.log_config(log, config)
+    try:
+        runner.flow = FlowTokens(queue.spool_dir)
+    except OSError as exc:
+        log.warning("flow control off: cannot open %s/%s: %s", RUN_DIR, FLOW_FIFO, exc)
     # Several router processes share incoming/ as threads do: each file is handled under a
     # flock (see the module docstring), and smtp_in rings every router's doorbell.
     return plumbing.serve_until_signalled([runner], processes=plumbing.worker_processes(config),

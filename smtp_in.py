@@ -134,6 +134,7 @@ DEFAULTS = {
     "max_connections": 200,
     "max_per_address": 50,
     "greet_pause": 0.0,
+    "in_flow_delay": 1.0,
     **plumbing.SERVER_DEFAULTS,    # processes, failed logins and errors slowed, stress mode
     "dns": "",
     "reverse_dns": False,
@@ -157,6 +158,8 @@ HELP = {                       # the help of the keys plumbing.SHARED_HELP does 
            "Authentication-Results; or reject, also refusing a fail (550 5.7.23) and "
            "deferring a DNS failure (451 4.7.24)",
     "spf_timeout": "seconds one SPF check may spend asking the DNS; past it, temperror",
+    "in_flow_delay": "seconds a MAIL may wait for the router when mail comes faster than it "
+                     "routes it (as Postfix's in_flow_delay; 0: never wait)",
     "dkim_verify": "yes or no: on the MX, check the DKIM signatures of each message (RFC 6376) "
                    "and report them in Authentication-Results",
     "dmarc": "DMARC check of the From domain on the MX (RFC 7489): off; tag, reporting it in "
@@ -843,6 +846,14 @@ def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
     return lookup
 
 
+def make_flow_gate(spool_dir, delay):
+    """The mta.FlowGate a MAIL waits at for the router, at most delay seconds (0: never)."""
+    delay = float(delay)
+    if not 0 <= delay <= 60:
+        raise ValueError("in_flow_delay: %g is not between 0 and 60 seconds" % delay)
+    return mta.FlowGate(spool_dir, delay)
+
+
 def make_spf_resolver(policy, dns_server="", timeout=DEFAULTS["spf_timeout"]):
     """The resolver SPF checks use under POLICY (one of SPF_POLICIES), None for "off".
 
@@ -1159,6 +1170,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
             refusal = spf.smtp_reply(envelope.spf_result)   # fail: 550, temperror: 451
             if refusal:
                 return refusal
+        self.server.flow.wait()        # mail faster than the router routes it: keep its pace
         self.envelope = envelope
         return R250_SENDER_OK
 
@@ -1541,14 +1553,15 @@ class SMTPServer(plumbing.ThreadedServer):
     function ip -> host name or None for the Received: header (see make_reverse_lookup);
     spf_resolver, shared between listeners, overrides the one made from spf and dns (see
     make_spf_resolver; any object with spf.DNSResolver's methods); dkim_resolver likewise
-    for DKIM and DMARC (make_dkim_resolver; anything with a txt(name) method).
+    for DKIM and DMARC (make_dkim_resolver; anything with a txt(name) method); flow, shared
+    between listeners too, overrides the mta.FlowGate made from in_flow_delay.
     """
 
     busy_reply = R421_BUSY
 
     def __init__(self, address, config=None, *, store=None, submission=None, tls_context=None,
                  implicit_tls=False, reverse_lookup=None, spf_resolver=None,
-                 dkim_resolver=None, anvil=None, bind_and_activate=True):
+                 dkim_resolver=None, anvil=None, flow=None, bind_and_activate=True):
         settings = plumbing.settings_of(DEFAULTS, config)
         self.spool_dir = plumbing.spool_path(str(settings["spool"]))
         self.hostname = settings["hostname"] or socket.getfqdn()
@@ -1565,6 +1578,8 @@ class SMTPServer(plumbing.ThreadedServer):
         self.max_errors = int(settings["max_errors"])
         self.max_commands = int(settings["max_commands"])
         self.greet_pause = float(settings["greet_pause"])
+        self.flow = flow if flow is not None else make_flow_gate(self.spool_dir,
+                                                                 settings["in_flow_delay"])
         self.reverse_lookup = reverse_lookup
         self.spf_policy = settings["spf"]
         self.spf_timeout = float(settings["spf_timeout"])
@@ -1616,6 +1631,7 @@ def main(argv=None):
         for key in ("dkim_verify", "dkim_sign"):
             plumbing.config_value(key, config[key], False)
         anvil = plumbing.Anvil.from_config(config)     # one for every listener and process
+        flow = make_flow_gate(plumbing.spool_path(str(config["spool"])), config["in_flow_delay"])
         processes = plumbing.worker_processes(config)
     except ValueError as exc:
         print("smtp_in: %s" % exc, file=sys.stderr)
@@ -1647,7 +1663,7 @@ def main(argv=None):
             servers.append(SMTPServer((host, port), config, submission=submission,
                                       implicit_tls=implicit_tls, reverse_lookup=reverse_lookup,
                                       spf_resolver=spf_resolver, dkim_resolver=dkim_resolver,
-                                      anvil=anvil))
+                                      anvil=anvil, flow=flow))
         except (OSError, ValueError) as exc:           # ssl.SSLError is an OSError
             print("smtp_in: cannot listen on %s: %s" % (where, exc), file=sys.stderr)
             for server in servers:

@@ -9,9 +9,10 @@ until every one is in the Maildir, and prints per message: each role's user and 
 time (from /proc/PID/stat), the accepted and delivered rates, and the files quarantined
 (there must be none). --repeats rounds, each on a spool of its own; medians with min-max.
 
---router-args, given more than once, names variants of the router's extra arguments: each
-round then runs every variant in turn, so that they share the minutes of the machine, and
-each gets its own lines. --smtp-in-args goes to smtp_in in every round.
+--router-args and --smtp-in-args, given more than once, name variants of the roles' extra
+arguments: each round then runs every variant in turn, so that they share the minutes of
+the machine, and each gets its own lines. Given both more than once, the Nth of each make
+the Nth variant; given once, an option goes with every variant.
 
 It is how a change to what a message costs the system is measured: run it at two commits
 (in two checkouts) in the same minutes, or as variants. The figures follow the disk: on ext4
@@ -133,15 +134,19 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take")
     parser.add_argument("--reuse", action="store_true",
                         help="many messages a session (smtp-source -d), not one")
-    parser.add_argument("--smtp-in-args", default="", help="more arguments for smtp_in")
+    parser.add_argument("--smtp-in-args", action="append",
+                        help="more arguments for smtp_in; repeat it to compare variants")
     parser.add_argument("--router-args", action="append",
                         help="more arguments for the router; repeat it to compare variants")
     args = parser.parse_args(argv)
     if not (1 <= args.count <= 20000 and 1 <= args.clients <= 100 and 1 <= args.repeats <= 10):
         parser.error("--count 1-20000, --clients 1-100, --repeats 1-10")
-    variants = args.router_args or [""]
-    if len(variants) > 4:
-        parser.error("--router-args: at most 4 variants")
+    smtp_in_variants, router_variants = args.smtp_in_args or [""], args.router_args or [""]
+    count = max(len(smtp_in_variants), len(router_variants))
+    if min(len(smtp_in_variants), len(router_variants)) not in (1, count) or count > 4:
+        parser.error("at most 4 variants, and as many of each option when both are repeated")
+    variants = [(smtp_in_variants[n % len(smtp_in_variants)],
+                 router_variants[n % len(router_variants)]) for n in range(count)]
     if not os.path.exists(smtp_bench.SMTP_SOURCE):
         print("cpu_bench: smtp-source is not installed (Debian: postfix)", file=sys.stderr)
         return 1
@@ -153,18 +158,17 @@ def main(argv=None):
                 works.append(tempfile.mkdtemp(prefix="cpu-bench-"))
                 results[variant].append(one_round(
                     args.count, args.clients, args.timeout, works[-1],
-                    shlex.split(args.smtp_in_args), shlex.split(variant), args.reuse))
+                    shlex.split(variant[0]), shlex.split(variant[1]), args.reuse))
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
     print("cpu bench: %d x 1 KB messages, %d sessions at once, %s, %d rounds, spool in %s"
           % (args.count, args.clients, "many messages a session" if args.reuse else
              "one message a session", args.repeats, tempfile.gettempdir()))
-    if args.smtp_in_args:
-        print("smtp_in arguments: %s" % args.smtp_in_args)
     for variant, rounds in results.items():
-        if len(variants) > 1 or variant:
-            print("router arguments: %s" % (variant or "(none)"))
+        for role, arguments in (("smtp_in", variant[0]), ("router", variant[1])):
+            if len(variants) > 1 or arguments:
+                print("%s arguments: %s" % (role, arguments or "(none)"))
         for index, role in enumerate(("smtp_in", "router")):
             print("%-8s user %s  system %s  per message" % (
                 role, summary([r[0][index][0] for r in rounds], " us"),
