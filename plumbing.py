@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import mmap
 import os
 import queue
 import secrets
@@ -38,6 +39,7 @@ import select
 import signal
 import socket
 import socketserver
+import struct
 import ssl
 import sys
 import threading
@@ -64,6 +66,8 @@ BUSY_SEND_TIMEOUT = 2.0            # seconds to hand a busy reply to a refused c
 DEFAULT_GRACE = 5.0                # seconds open sessions get on shutdown
 WORKER_IDLE_LIFETIME = 60.0        # seconds a pooled session thread waits for work, then ends
 PARENT_CHECK = 1.0                 # seconds between checks that run_all is still there
+ACCEPT_YIELD = 0.001               # seconds a worker with more sessions than another waits
+                                   # before it takes a new connection (see get_request)
 
 # Where the spool is when no --spool or config names it (see find_spool).
 SPOOL_ENV = "MAILTOOLKIT_SPOOL"
@@ -841,6 +845,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
     busy_reply = ""
     worker_pool = True             # False: a new thread per connection (ThreadingMixIn)
+    loads = None                   # a Master's worker: every worker's sessions (SessionLoads)
 
     def __init__(self, address, handler_class, *, max_connections=200, max_per_address=50,
                  idle_timeout=300.0, session_timeout=None, tls_context=None,
@@ -883,6 +888,17 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         self.serving = True
         super().serve_forever(poll_interval)
 
+    def get_request(self):
+        """Accept a connection. In a worker of a Master that serves more sessions than
+        another worker, first wait ACCEPT_YIELD: the kernel wakes every worker for each
+        connection and the first to accept() gets it, so without this one worker could
+        take most of a burst (8 POP3 clients split 7 to 1 as often as 4 to 4) and hand the
+        interpreter between its threads while the other's CPU idles. When a less busy
+        worker took the connection meanwhile, accept() fails and this one waits again."""
+        if self.loads is not None and self.loads.busier(self.active_connections()):
+            time.sleep(ACCEPT_YIELD)
+        return super().get_request()
+
     def process_request(self, request, client_address):
         ip = client_address[0]
         in_use = None
@@ -892,6 +908,8 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         if in_use is not None:
             with self.connections_lock:
                 self.connections[request] = _Slot(ip, request)
+                if self.loads is not None:
+                    self.loads.publish(len(self.connections))
             self._update_stress(in_use)
         if in_use is None:
             log.warning("connection from [%s] refused: too many connections", ip)
@@ -968,6 +986,8 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     def shutdown_request(self, request):
         with self.connections_lock:
             slot = self.connections.pop(request, None)
+            if self.loads is not None and slot is not None:
+                self.loads.publish(len(self.connections))
         if slot is not None:
             self._update_stress(self.anvil.disconnect(self.listener, slot.ip))
             if slot.sock is not request:
@@ -1228,6 +1248,34 @@ class _Worker:
         self.checks = collections.Counter()    # client address -> password checks in flight
 
 
+NO_WORKER = 2 ** 62                # the sessions a dead worker's slot shows until replaced
+
+
+class SessionLoads:
+    """How many sessions each worker process of a Master serves on one listener: one
+    integer per worker in memory the master maps before it forks, so all of them see it.
+    A worker writes only its own; a value read a moment stale only steers one accept."""
+
+    SLOT = struct.Struct("=q")
+
+    def __init__(self, workers):
+        self.memory = mmap.mmap(-1, self.SLOT.size * workers)
+        self.workers = workers
+        self.number = 0                # set in the worker process to its number
+
+    def publish(self, sessions):
+        self.SLOT.pack_into(self.memory, self.SLOT.size * self.number, sessions)
+
+    def forget(self, number):
+        """Worker NUMBER is gone: the others no longer let it go first."""
+        self.SLOT.pack_into(self.memory, self.SLOT.size * number, NO_WORKER)
+
+    def busier(self, sessions):
+        """True when some other worker serves fewer sessions than this one's SESSIONS."""
+        return any(self.SLOT.unpack_from(self.memory, self.SLOT.size * number)[0] < sessions
+                   for number in range(self.workers) if number != self.number)
+
+
 class Master:
     """A role's listeners served by several worker processes that share one anvil, as the
     masters of Postfix and Dovecot run a service's processes.
@@ -1271,9 +1319,11 @@ class Master:
         if threading.active_count() > 1:
             raise RuntimeError("a master forks its workers before any thread starts")
         for server in self.servers:
-            # The workers race for each connection: the losers must not block in accept().
+            # The workers race for each connection: the losers must not block in accept(),
+            # and the busier ones let the others go first (ThreadedServer.get_request).
             if hasattr(server, "socket"):
                 server.socket.setblocking(False)
+                server.loads = SessionLoads(self.processes)
         self.wake = SignalWake()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self.on_signal)
@@ -1356,6 +1406,9 @@ class Master:
         for server in self.servers:
             if hasattr(server, "share"):           # a queue runner: its share of the folder
                 server.share = (number, self.processes)
+            if getattr(server, "loads", None) is not None:
+                server.loads.number = number
+                server.loads.publish(0)            # its predecessor's, if it replaces one
         return _serve(self.servers, self.on_stop, self.grace, self.on_reload, master,
                       "the master")
 
@@ -1431,6 +1484,9 @@ class Master:
             for ip, count in worker.checks.items():
                 for _ in range(count):
                     self.anvil.login_done(ip, None, True)
+            for server in self.servers:
+                if getattr(server, "loads", None) is not None:
+                    server.loads.forget(worker.number)     # none wait for a dead one
             if "stop" in self.asked:
                 log.info("worker %d stopped", pid)
                 continue

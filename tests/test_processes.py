@@ -142,6 +142,50 @@ def test_a_role_serves_from_workers_of_one_master(start, spool):
     assert serving <= {str(pid) for pid in daemon.workers()}, "a session served by the master"
 
 
+def holder_of(connection, pids):
+    """The pid among PIDS whose process has the server's end of CONNECTION open, from
+    /proc/net/tcp (the socket's inode) and /proc/PID/fd."""
+    client_port = connection.getsockname()[1]
+    server_port = connection.getpeername()[1]
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if int(local.split(":")[1], 16) == server_port and \
+                    int(remote.split(":")[1], 16) == client_port:
+                break
+        else:
+            return None
+    for pid in pids:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "socket:[%s]" % inode:
+                    return pid
+            except OSError:
+                continue               # closed meanwhile
+    return None
+
+
+def test_a_burst_of_connections_is_shared_evenly_between_the_workers(start, spool):
+    # The kernel wakes every worker for a new connection and the first to accept() it gets
+    # it; a worker with more sessions than another lets that one go first. Without that,
+    # 8 connections in a row could land 7 to 1 (or 8 to 0) as often as 4 to 4.
+    daemon = start("pop3d.py", "--spool", spool, "--processes", "2")
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    workers = daemon.workers()
+    connections = []
+    try:
+        for _ in range(8):
+            line, sock = greeting(daemon.port)
+            assert sock is not None, line
+            connections.append(sock)
+        holders = [holder_of(sock, workers) for sock in connections]
+    finally:
+        for sock in connections:
+            sock.close()
+    assert sorted(holders.count(pid) for pid in workers) == [4, 4], holders
+
+
 def test_the_per_address_cap_counts_the_connections_of_every_worker(start, spool):
     daemon = start("pop3d.py", "--spool", spool, "--processes", "2", "--max-per-address", "2")
     held = [greeting(daemon.port)[1] for _ in range(2)]
