@@ -1920,7 +1920,7 @@ def _resolver(args):
     if not 0 < args.timeout <= 3600:
         raise ValueError("--timeout must be between 0 and 3600 seconds")
     return DNSResolver(dnsstub.Resolver(args.dns, timeout=min(args.timeout, 5.0),
-                                      lifetime=args.timeout))
+                                        lifetime=args.timeout))
 
 
 def _verify(args):

@@ -36,6 +36,8 @@ and run/ are this host's own):
     SPOOL/queue/quarantine/NAME   files that are not valid queue files, moved aside
     SPOOL/queue/free/NAME         files of finished messages, for writers to use again
     SPOOL/run/ROLE.PID.N.sock     each daemon's doorbell: a UNIX datagram socket
+    SPOOL/run/flow                FIFO of flow-control tokens: the router puts one for each
+                                  message it routes, smtp_in takes one per MAIL (FlowGate)
 
 A queue file is text a person can read: the envelope, a blank line, exactly Message-Size
 octets of message as received (CRLF line ends), then state records, one JSON object per
@@ -2941,7 +2943,7 @@ def build_parser():
     """The command line of the daemon and of the admin commands; a usage error exits with
     EX_USAGE (dnsstub.usage_parser)."""
     parser = dnsstub.usage_parser(prog="mta.py", description="The spool's router daemon (no "
-                                "command), or an admin command on the queue.")
+                                  "command), or an admin command on the queue.")
     plumbing.add_options(parser, DEFAULTS, HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      parser_class=type(parser))

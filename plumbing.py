@@ -39,8 +39,8 @@ import select
 import signal
 import socket
 import socketserver
-import struct
 import ssl
+import struct
 import sys
 import threading
 import time

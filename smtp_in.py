@@ -46,9 +46,13 @@ checked (454 4.7.0 when that turn is too far away), and past anvil_soft_errors e
 to it is slowed. A command line holding a bare CR is one bad command up to its LF, refused
 whole. With greet_pause, a client that talks before the greeting gets 554 5.5.0.
 
+Flow control (as Postfix's in_flow_delay): each MAIL takes a token the router put in
+SPOOL/run/flow for a message it routed, or waits for one at most in_flow_delay seconds
+(mta.FlowGate), so that mail coming faster than the router routes it takes its pace.
+
 Reads: users and aliases through mailbox_store (in --store, by default the spool); SPF
-records through spf, DKIM keys and DMARC records through dkim, both over dnsstub; signing keys
-in SPOOL/dkim/.
+records through spf, DKIM keys and DMARC records through dkim, both over dnsstub; signing
+keys in SPOOL/dkim/; flow tokens from SPOOL/run/flow.
 Writes: the spool, through mta.
 Run: python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:25 --domain example.com
      python3 smtp_in.py --spool /var/spool/mail --listen 0.0.0.0:587 --submission \\
@@ -830,7 +834,7 @@ def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
     one of its A/AAAA records is the client's address again, as Postfix does.
     """
     resolver = dnsstub.Resolver([dns_server] if dns_server else None, timeout=timeout,
-                              attempts=1, lifetime=timeout * 2)
+                                attempts=1, lifetime=timeout * 2)
 
     def lookup(ip):
         try:
@@ -869,7 +873,7 @@ def make_spf_resolver(policy, dns_server="", timeout=DEFAULTS["spf_timeout"]):
     if policy == "off":
         return None
     resolver = dnsstub.Resolver([dns_server] if dns_server else None,
-                              timeout=min(SPF_DNS_TRY, timeout), attempts=2, lifetime=timeout)
+                                timeout=min(SPF_DNS_TRY, timeout), attempts=2, lifetime=timeout)
     return spf.DNSResolver(resolver)
 
 
@@ -891,7 +895,7 @@ def make_dkim_resolver(dns_server="", timeout=DEFAULTS["dkim_timeout"]):
     if not 0 < timeout <= 3600:
         raise ValueError("dkim_timeout: %g is not between 0 and 3600 seconds" % timeout)
     resolver = dnsstub.Resolver([dns_server] if dns_server else None,
-                              timeout=min(DKIM_DNS_TRY, timeout), attempts=2, lifetime=timeout)
+                                timeout=min(DKIM_DNS_TRY, timeout), attempts=2, lifetime=timeout)
     return dkim.DNSResolver(resolver)
 
 

@@ -755,7 +755,7 @@ def test_dmarc_none_permerror_and_temperror(dmarc_dns):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         dead = dkim.DNSResolver(dnsstub.Resolver(["127.0.0.1:%d" % sock.getsockname()[1]],
-                                               timeout=0.3, attempts=1))
+                                                 timeout=0.3, attempts=1))
         start = time.monotonic()
         result = dkim.evaluate_dmarc("example.test", "pass", "example.test", [], dead,
                                      timeout=0.5)

@@ -1069,7 +1069,7 @@ def test_rotate_spreads_queries_over_servers():
             first.queries.clear()
             second.queries.clear()
             resolver = dnsstub.Resolver([first.address, second.address], cache_size=0,
-                                      rotate=rotate, **FAST)
+                                        rotate=rotate, **FAST)
             for _ in range(4):
                 resolver.resolve("mx2.example.test", "A")
             assert (len(first.queries), len(second.queries)) == expected
