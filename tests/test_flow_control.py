@@ -20,7 +20,7 @@ import pytest
 import mta
 from smtpin_support import (  # noqa: F401  (fixtures)
     DOMAIN, HOSTNAME, maildir_messages, message, spool, start_smtp, store_template)
-from support import ROOT, SLACK, wait_for
+from support import ROOT, SLACK, listening_port, wait_for
 
 QUICK = 0.25                       # seconds; a MAIL that took no token answers well within
 
@@ -97,6 +97,31 @@ def test_mail_waits_for_a_router_that_falls_behind_then_goes_on_when_it_routes(
     wait_for(lambda: tokens(spool) == mta.FLOW_TOKENS, 20, "the tokens topped up")
     time.sleep(0.5)
     assert len(maildir_messages(spool, "bob@example.com")) == sent
+
+
+def test_the_worker_processes_of_smtp_in_share_the_tokens(spool, router):
+    # smtp_in as an operator starts it, with two worker processes: each opens the FIFO
+    # and reads the tokens for its own sessions, and together they take FLOW_TOKENS.
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "smtp_in.py"), "--spool", spool, "--listen",
+         "127.0.0.1:0", "--domain", DOMAIN, "--hostname", HOSTNAME, "--processes", "2",
+         "--in-flow-delay", "0.5", "--spf", "off", "--dkim-verify", "no", "--dmarc", "off",
+         "--anvil-exempt", "127.0.0.1"], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        port, _ = listening_port(process, r"listening on 127\.0\.0\.1:(\d+)")
+        threading.Thread(target=process.stderr.read, daemon=True).start()   # drain the log
+        os.kill(router.pid, signal.SIGSTOP)
+        quick = 0
+        for _ in range(mta.FLOW_TOKENS // 10):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:   # either worker
+                quick += sum(timed_mail(client) < QUICK for _ in range(10))
+        assert quick == mta.FLOW_TOKENS and tokens(spool) == 0
+        for _ in range(2):             # whichever worker serves it, no token is left
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                assert 0.45 <= timed_mail(client) < 0.5 + SLACK
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_a_router_that_keeps_up_costs_no_wait(spool, start_smtp, router):
