@@ -1229,15 +1229,17 @@ def _is_flow(fd, spool_dir):
     return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
 
 
-def open_flow(spool_dir: str) -> int:
-    """A non-blocking descriptor of SPOOL/run/flow, made if missing. Opened for reading
-    and writing, so that it never reads as closed and a write never fails for want of a
-    reader. Raises OSError (also when something other than a FIFO has the name)."""
+def open_flow(spool_dir: str, create: bool = True) -> int:
+    """A non-blocking descriptor of SPOOL/run/flow, made if missing when create. Opened for
+    reading and writing, so that it never reads as closed and a write never fails for want
+    of a reader. Raises OSError (FileNotFoundError when missing and not create; also when
+    something other than a FIFO has the name)."""
     path = _flow_path(spool_dir)
-    try:
-        os.mkfifo(path, 0o600)
-    except FileExistsError:
-        pass
+    if create:
+        try:
+            os.mkfifo(path, 0o600)
+        except FileExistsError:
+            pass
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.close(fd)
@@ -1290,7 +1292,10 @@ class FlowGate:
     One thread of the process reads the FIFO for all the sessions waiting, so that a token
     wakes one session, not every one that waits. No wait while no router runs (no router
     doorbell in SPOOL/run/): nothing would put tokens, and the mail waits in incoming/ for
-    the router anyway. A FIFO that cannot be opened means no flow control, and a warning.
+    the router anyway. The router makes the FIFO before it binds its doorbell; smtp_in
+    never makes it, so a router without flow control (an older version) is never waited
+    for, and smtp_in looks for the FIFO again every FLOW_RECHECK seconds. A FIFO that
+    cannot be opened otherwise means no flow control, and a warning.
     """
 
     def __init__(self, spool_dir: str, delay: float):
@@ -1299,6 +1304,7 @@ class FlowGate:
         self.cond = threading.Condition()
         self.fd = None                 # opened on first use, in the process that uses it
         self.broken = False
+        self.look_again = 0.0          # time.monotonic() to look for a missing FIFO again
         self.granted = 0               # tokens read for sessions; cond
         self.wanted = 0                # sessions waiting for a token; cond
         self.reader = None
@@ -1347,9 +1353,11 @@ class FlowGate:
 
     def _open(self):
         with self.cond:
-            if self.fd is None and not self.broken:
+            if self.fd is None and not self.broken and time.monotonic() >= self.look_again:
                 try:
-                    self.fd = open_flow(self.spool_dir)
+                    self.fd = open_flow(self.spool_dir, create=False)
+                except FileNotFoundError:
+                    self.look_again = time.monotonic() + FLOW_RECHECK
                 except OSError as exc:
                     self.broken = True
                     log.warning("flow control off: cannot open %s: %s",
@@ -1357,11 +1365,14 @@ class FlowGate:
             return self.fd
 
     def _reopen(self):
-        """Open the FIFO now at the name (self.cond held). The old descriptor stays open:
-        the reader may be polling it, and closing it could give its number to another file
-        under the reader. One descriptor each time an operator removes the FIFO."""
+        """Open the FIFO now at the name, if there is one (self.cond held). The old
+        descriptor stays open: the reader may be polling it, and closing it could give its
+        number to another file under the reader. One descriptor each time an operator
+        removes the FIFO."""
         try:
-            self.fd = open_flow(self.spool_dir)
+            self.fd = open_flow(self.spool_dir, create=False)
+        except FileNotFoundError:
+            pass                       # the router has not made it anew yet
         except OSError as exc:
             log.warning("flow control: cannot open %s anew: %s", _flow_path(self.spool_dir),
                         exc)

@@ -146,6 +146,18 @@ def test_no_wait_without_a_router_or_with_in_flow_delay_0(spool, start_smtp, req
             assert timed_mail(client) < QUICK
 
 
+def test_a_router_without_the_fifo_is_never_waited_for(spool, start_smtp, router):
+    # A router of an older version binds its doorbell but puts no tokens: without the FIFO
+    # smtp_in must not wait, nor make the FIFO and then wait on it.
+    os.kill(router.pid, signal.SIGSTOP)
+    os.unlink(os.path.join(spool, mta.RUN_DIR, mta.FLOW_FIFO))
+    server = start_smtp(in_flow_delay=30)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        for _ in range(mta.FLOW_TOKENS + 10):
+            assert timed_mail(client) < QUICK
+    assert tokens(spool) is None
+
+
 def test_a_removed_fifo_is_made_anew_and_both_sides_find_it(spool, start_smtp, router):
     server = start_smtp(in_flow_delay=0.3)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
