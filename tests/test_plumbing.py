@@ -690,3 +690,23 @@ def test_the_worker_pool_serves_sessions_as_a_thread_per_connection_does(server_
             wait_for(lambda: server.active_connections() == 0, 5, "the sessions to end")
     finally:
         server.stop(grace=0.2)
+
+
+def test_a_worker_lets_a_less_busy_one_accept_first_but_never_a_dead_one():
+    # Each worker writes its own slot (tests/test_processes.py checks, through /proc, that
+    # forked workers see each other's and share a burst of connections evenly).
+    loads = plumbing.SessionLoads(3)
+    for number, sessions in ((0, 3), (1, 4), (2, 5)):
+        loads.number = number
+        loads.publish(sessions)
+    loads.number = 1
+    assert loads.busier(4)             # worker 0 serves 3
+    loads.number = 0
+    assert loads.busier(5) and not loads.busier(3)
+    loads.forget(1)                    # worker 1 died, 2 too: never let them go first
+    loads.forget(2)
+    assert not loads.busier(1000)
+    loads.number = 1                   # its replacement starts from none
+    loads.publish(0)
+    loads.number = 0
+    assert loads.busier(1)
