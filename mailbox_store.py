@@ -1908,7 +1908,7 @@ class Store:
     @contextlib.contextmanager
     def _store_lock(self):
         """Hold the store lock: one writer of the users and aliases files at a time."""
-        os.makedirs(self.spool_dir, exist_ok=True)
+        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             lock_file(fd, wait=True)

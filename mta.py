@@ -756,9 +756,12 @@ def make_spool(spool_dir: str):
     """Create the queue and run folders if missing (once per process and spool)."""
     if spool_dir in _spools_made:
         return
-    for folder in (TMP, INCOMING, OUTBOUND, DEFERRED, QUARANTINE, FREE):
-        os.makedirs(os.path.join(spool_dir, QUEUE_DIR, folder), mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(spool_dir, RUN_DIR), mode=0o700, exist_ok=True)
+    queue = os.path.join(spool_dir, QUEUE_DIR)
+    folders = [spool_dir, queue, os.path.join(spool_dir, RUN_DIR)]
+    folders += [os.path.join(queue, name)
+                for name in (TMP, INCOMING, OUTBOUND, DEFERRED, QUARANTINE, FREE)]
+    for folder in folders:     # makedirs() gives its mode to the last folder only
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     _spools_made.add(spool_dir)
 
 

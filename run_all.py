@@ -269,9 +269,11 @@ def settings_text(name, settings):
 
 
 def write_child_config(path, text, owner=None):
-    """Write one child's settings file atomically; owned by the spool's user when given."""
+    """Write one child's settings file atomically, mode 0600; owned by the spool's user
+    when given."""
     temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     if owner is not None:
         os.chown(temporary, *owner)
@@ -521,7 +523,7 @@ def check_config(config, held=()):
                 problems.append("spool: user %s cannot reach %s: %s is closed to it (chmod o+x, "
                                 "or put the spool elsewhere)" % (config["user"], spool, blocked))
     try:
-        os.makedirs(spool, exist_ok=True)
+        os.makedirs(spool, mode=0o700, exist_ok=True)
         probe_path = os.path.join(spool, ".write-test-%d" % os.getpid())
         with open(probe_path, "w") as f:
             f.write("ok")
@@ -680,7 +682,7 @@ def main(argv=None):
             log.warning("user %s: not started as root; every role runs as uid %d",
                         config["user"], os.getuid())
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
         tls_files = None
         if owner and config["tls_cert"]:
             tls_files = copy_tls_files(config, os.path.join(run_dir, TLS_COPY_DIR), owner)

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -119,6 +120,28 @@ def test_defaults_create_the_spool_and_print_the_next_steps(tmp_path):
         assert (tmp_path / "mailspool").is_dir()
         assert "add-user alice@localhost" in log
         assert "listening: SMTP %s" % ports[1] in log
+    finally:
+        assert stop(process) == 0
+
+
+def test_the_spool_is_closed_to_other_users(tmp_path):
+    # docs/spool.md: folders 0700, files 0600. Settings name the TLS key and the networks
+    # allowed to relay; the doorbells and the flow FIFO are the daemons' own.
+    process = start(tmp_path, *ports_args())
+    spool = tmp_path / "mailspool"
+    try:
+        wait_for_text(tmp_path / "run_all.log", "Next steps:")
+        wait_for(lambda: (spool / "run" / "flow").exists(), 20, "the router's FIFO")
+        wrong = []
+        for folder, dirs, files in os.walk(str(spool)):
+            for path in [folder] + [os.path.join(folder, name) for name in dirs + files]:
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077 or \
+                        (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)) and \
+                        st.st_mode & 0o077:
+                    wrong.append("%s %o" % (path, st.st_mode & 0o777))
+        assert not wrong
+        assert any(name.endswith(".ini") for name in os.listdir(str(spool / "run")))
     finally:
         assert stop(process) == 0
 
