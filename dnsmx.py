@@ -83,8 +83,8 @@ class Arguments:
 def parse_arguments(argv):
     """Read ARGV (without the program name) into an Arguments; raise UsageError.
 
-    The grammar is argparse's for the options in HELP: `--opt VALUE` or `--opt=VALUE`,
-    switches anywhere, `--` ends the options, NAME then an optional TYPE.
+    The grammar is argparse's for the options in HELP, each written in full: `--opt VALUE`
+    or `--opt=VALUE`, switches anywhere, `--` ends the options, NAME then an optional TYPE.
     """
     args = Arguments()
     positional = []

@@ -1250,6 +1250,20 @@ def open_flow(spool_dir: str, create: bool = True) -> int:
     return fd
 
 
+def _reopen_flow(fd, spool_dir, create):
+    """Point fd at the FIFO now at SPOOL/run/flow when it holds another (one removed or
+    replaced since), keeping its number: dup2() swaps the file in one step, so threads
+    that read, write or poll fd meanwhile see the old FIFO or the new one, never a closed
+    or reused descriptor. Raises OSError as open_flow() does."""
+    if _is_flow(fd, spool_dir):
+        return
+    new = open_flow(spool_dir, create)
+    try:
+        os.dup2(new, fd, inheritable=False)
+    finally:
+        os.close(new)
+
+
 class FlowTokens:
     """The router's side: taken() after each message routed, idle() when it has none."""
 
@@ -1271,14 +1285,10 @@ class FlowTokens:
             # Someone removed run/flow (an operator tidying up): make it anew, or smtp_in
             # and this router would each hold a FIFO the other never sees.
             self.recheck = time.monotonic() + FLOW_RECHECK
-            if not _is_flow(self.fd, self.spool_dir):
-                try:
-                    fd = open_flow(self.spool_dir)
-                except OSError as exc:
-                    log.warning("cannot make %s anew: %s", _flow_path(self.spool_dir), exc)
-                else:
-                    os.close(self.fd)
-                    self.fd = fd
+            try:
+                _reopen_flow(self.fd, self.spool_dir, create=True)
+            except OSError as exc:
+                log.warning("cannot make %s anew: %s", _flow_path(self.spool_dir), exc)
         self._put(FLOW_TOKENS - self.count())
 
     def _put(self, count):
@@ -1304,12 +1314,14 @@ class FlowGate:
     def __init__(self, spool_dir: str, delay: float):
         self.spool_dir = os.fspath(spool_dir)
         self.delay = delay
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.given = threading.Condition(self.lock)    # sessions wait on it for a token,
+        self.asked = threading.Condition(self.lock)    # the reader for a session to wait
         self.fd = None                 # opened on first use, in the process that uses it
         self.broken = False
         self.look_again = 0.0          # time.monotonic() to look for a missing FIFO again
-        self.granted = 0               # tokens read for sessions; cond
-        self.wanted = 0                # sessions waiting for a token; cond
+        self.granted = 0               # tokens read for sessions; lock
+        self.wanted = 0                # sessions waiting for a token; lock
         self.reader = None
 
     def wait(self) -> float:
@@ -1324,7 +1336,7 @@ class FlowGate:
                 return 0.0
         except BlockingIOError:
             pass
-        with self.cond:
+        with self.lock:
             if self.granted:           # read for a session that had stopped waiting
                 self.granted -= 1
                 return 0.0
@@ -1335,16 +1347,16 @@ class FlowGate:
                 self.reader = threading.Thread(target=self._read, name="smtp-flow",
                                                daemon=True)
                 self.reader.start()
-            self.cond.notify_all()
+            self.asked.notify()
             while not self.granted:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.cond.wait(left)
+                self.given.wait(left)
             if self.granted:
                 self.granted -= 1
-            elif not _is_flow(self.fd, self.spool_dir):
-                self._reopen()         # run/flow was removed or replaced meanwhile
+            else:
+                self._reopen()         # in case run/flow was removed or replaced meanwhile
             self.wanted -= 1
         return time.monotonic() - started
 
@@ -1355,7 +1367,7 @@ class FlowGate:
             return False
 
     def _open(self):
-        with self.cond:
+        with self.lock:
             if self.fd is None and not self.broken and time.monotonic() >= self.look_again:
                 try:
                     self.fd = open_flow(self.spool_dir, create=False)
@@ -1368,12 +1380,8 @@ class FlowGate:
             return self.fd
 
     def _reopen(self):
-        """Open the FIFO now at the name, if there is one (self.cond held). The old
-        descriptor stays open: the reader may be polling it, and closing it could give its
-        number to another file under the reader. One descriptor each time an operator
-        removes the FIFO."""
         try:
-            self.fd = open_flow(self.spool_dir, create=False)
+            _reopen_flow(self.fd, self.spool_dir, create=False)
         except FileNotFoundError:
             pass                       # the router has not made it anew yet
         except OSError as exc:
@@ -1381,22 +1389,21 @@ class FlowGate:
                         exc)
 
     def _read(self):
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)    # the same number if the FIFO is replaced
         while True:
-            with self.cond:
+            with self.lock:
                 while self.wanted <= self.granted:
-                    self.cond.wait()
+                    self.asked.wait()
                 short = self.wanted - self.granted
-                fd = self.fd
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
             poller.poll(FLOW_POLL * 1000)
             try:
-                tokens = len(os.read(fd, short))
+                tokens = len(os.read(self.fd, short))
             except BlockingIOError:
                 continue
-            with self.cond:
+            with self.lock:
                 self.granted += tokens
-                self.cond.notify(tokens)
+                self.given.notify(tokens)
 
 
 # --- Bounces: delivery status notifications (RFC 3464, RFC 6522) ---
@@ -2390,10 +2397,9 @@ class QueueRunner:
 
     def __init__(self, queue: Queue, folder: str, role: str, handle: Callable[[str], None], *,
                  workers: int = 2, scan_interval: float = SCAN_INTERVAL,
-                 on_scan: Optional[Callable[[], None]] = None,
-                 flow: Optional[FlowTokens] = None):
+                 on_scan: Optional[Callable[[], None]] = None):
         self.queue = queue
-        self.flow = flow               # the router's: a token per file handled
+        self.flow = None               # the router's FlowTokens (serve()): a token a file
         self.folder = folder
         self.handle = handle
         self.scan_interval = scan_interval
@@ -2948,7 +2954,7 @@ def serve(config) -> int:
     except OSError as exc:
         log.warning("flow control off: cannot open %s/%s: %s", RUN_DIR, FLOW_FIFO, exc)
     # Several router processes share incoming/ as threads do: each file is handled under a
-    # flock (see the module docstring), and smtp_in rings every router's doorbell.
+    # flock (see the module docstring), and smtp_in rings the one a new file falls to.
     return plumbing.serve_until_signalled([runner], processes=plumbing.worker_processes(config),
                                           cpus=config["cpus"])
 

@@ -1282,7 +1282,8 @@ class Master:
 
     The listeners are bound, and privileges dropped, before: the master forks `processes`
     workers, each of which serves every listener on its own threads, and the kernel hands
-    each new connection to whichever worker accepts it first. The master serves no session;
+    each new connection to whichever worker accepts it first; a worker serving more
+    sessions than another lets that one go first (SessionLoads). The master serves no session;
     it answers the workers' anvil questions (AnvilClient) from the one Anvil of the
     servers, so the connection caps and the penalties span all workers as they would one
     process. It runs no thread of its own (forking a threaded process could copy a lock
