@@ -845,7 +845,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
     busy_reply = ""
     worker_pool = True             # False: a new thread per connection (ThreadingMixIn)
-    loads = None                   # a Master's worker: every worker's sessions (SessionLoads)
+    slots = None                   # a Master's worker: every worker's connections (WorkerSlots)
 
     def __init__(self, address, handler_class, *, max_connections=200, max_per_address=50,
                  idle_timeout=300.0, session_timeout=None, tls_context=None,
@@ -895,7 +895,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         take most of a burst (8 POP3 clients split 7 to 1 as often as 4 to 4) and hand the
         interpreter between its threads while the other's CPU idles. When a less busy
         worker took the connection meanwhile, accept() fails and this one waits again."""
-        if self.loads is not None and self.loads.busier(self.active_connections()):
+        if self.slots is not None and self.slots.busier(self.active_connections()):
             time.sleep(ACCEPT_YIELD)
         return super().get_request()
 
@@ -903,13 +903,11 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         ip = client_address[0]
         in_use = None
         if not self.stopping.is_set():
-            in_use = self.anvil.connect(self.listener, ip, self.max_connections,
-                                        self.max_per_address)
+            in_use = (self.slots or self.anvil).connect(self.listener, ip, self.max_connections,
+                                                        self.max_per_address)
         if in_use is not None:
             with self.connections_lock:
                 self.connections[request] = _Slot(ip, request)
-                if self.loads is not None:
-                    self.loads.publish(len(self.connections))
             self._update_stress(in_use)
         if in_use is None:
             log.warning("connection from [%s] refused: too many connections", ip)
@@ -986,10 +984,8 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     def shutdown_request(self, request):
         with self.connections_lock:
             slot = self.connections.pop(request, None)
-            if self.loads is not None and slot is not None:
-                self.loads.publish(len(self.connections))
         if slot is not None:
-            self._update_stress(self.anvil.disconnect(self.listener, slot.ip))
+            self._update_stress((self.slots or self.anvil).disconnect(self.listener, slot.ip))
             if slot.sock is not request:
                 slot.sock.close()
         super().shutdown_request(request)
@@ -1175,8 +1171,9 @@ class AnvilGone(Exception):
 
 
 class AnvilClient:
-    """The anvil of a worker process: the methods of Anvil that servers and sessions use,
-    each a question to the master's Anvil (see Master).
+    """The anvil of a worker process: the methods of Anvil that sessions use, each a
+    question to the master's Anvil (see Master). The connection caps are kept apart, in
+    memory all workers share (WorkerSlots).
 
     A question is one JSON datagram [method, arguments...] on the worker's socket, answered
     by one; a lock keeps one question at a time. reply_delay() is asked before every reply,
@@ -1207,12 +1204,6 @@ class AnvilClient:
                     os.kill(os.getpid(), signal.SIGTERM)
         raise AnvilGone("the master's anvil does not answer")
 
-    def connect(self, listener, ip, max_connections, max_per_address):
-        return self.ask("connect", listener, ip, max_connections, max_per_address)
-
-    def disconnect(self, listener, ip):
-        return self.ask("disconnect", listener, ip)
-
     def login_turn(self, ip):
         wait, allowed = self.ask("login_turn", ip)
         return wait, allowed
@@ -1237,42 +1228,160 @@ class AnvilClient:
 
 
 class _Worker:
-    """A worker process as its master knows it: its place, its socket, and what it holds in
-    the anvil (given back if it dies)."""
+    """A worker process as its master knows it: its place, its socket, and the password
+    checks it has in flight in the anvil (given back if it dies, with its connections)."""
 
     def __init__(self, number, pid, sock):
         self.number = number           # 0 to processes - 1; a replacement takes the same
         self.pid = pid
         self.sock = sock
-        self.slots = collections.Counter()     # (listener, client address) -> connections
         self.checks = collections.Counter()    # client address -> password checks in flight
 
 
 NO_WORKER = 2 ** 62                # the sessions a dead worker's slot shows until replaced
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # an IPv4 address in IPv6's form, RFC 4291 2.5.5.2
+_NO_ADDRESS = bytes(16)            # a WorkerSlots entry no address has taken
 
 
-class SessionLoads:
-    """How many sessions each worker process of a Master serves on one listener: one
-    integer per worker in memory the master maps before it forks, so all of them see it.
-    A worker writes only its own; a value read a moment stale only steers one accept."""
+class WorkerSlots:
+    """The connections every worker process of a Master holds on one listener, in memory
+    the master maps before it forks, so that each worker checks the caps without asking
+    the master: max_connections against the sum of the workers' sessions, max_per_address
+    against the sum of their counts for the address.
 
-    SLOT = struct.Struct("=q")
+    Each worker has a region of its own: its sessions, then a table of (address, count)
+    entries found by hash(address), which the workers share with the master that forked
+    them (and its hash seed, random at each start), probing on to the next entry. A worker
+    writes only its own region, under its own lock; the others only read it. An address
+    whose count falls to 0 keeps its entry until the table is three quarters full of
+    addresses, when the worker writes it again with the live ones only.
 
-    def __init__(self, workers):
-        self.memory = mmap.mmap(-1, self.SLOT.size * workers)
+    What it gives up against one process asking one anvil: two workers that accept at the
+    same instant may each let in the last connection a cap allows (a cap may be passed by
+    one connection a worker), and a worker that reads another's table while that one
+    writes it again may miss an address there. What it saves: a question to the master
+    and its answer at each connection and each disconnection, a sixth of smtp_in's CPU in
+    a one-message session (bench/cpu_bench.py, 10 sessions, two workers).
+
+    The same counts steer accept(): a worker that serves more sessions than another lets
+    that one go first (busier()).
+    """
+
+    ENTRY = 24                     # an address (16 octets, IPv4 as ::ffff:a.b.c.d), a count
+
+    def __init__(self, workers, max_connections):
         self.workers = workers
+        self.entries = 256
+        while self.entries < 2 * max_connections:
+            self.entries *= 2
+        self.region = 8 + self.ENTRY * self.entries
+        self.memory = mmap.mmap(-1, self.region * workers)
+        self.counts = memoryview(self.memory).cast("q")
         self.number = 0                # set in the worker process to its number
+        self.used = 0                  # entries of this worker's table that hold an address
+        self.lock = threading.Lock()   # the worker's threads take turns at its region
 
-    def publish(self, sessions):
-        self.SLOT.pack_into(self.memory, self.SLOT.size * self.number, sessions)
+    @staticmethod
+    def _key(ip):
+        ip = ip.split("%", 1)[0]       # fe80::1%eth0: the interface is not the client
+        if ":" in ip:
+            return socket.inet_pton(socket.AF_INET6, ip)
+        return _V4_MAPPED + socket.inet_aton(ip)
+
+    def _find(self, number, key, start):
+        """The offset of key's entry in worker number's table, and whether it holds key
+        (False: the empty entry where it would go; None: a full table)."""
+        memory, mask = self.memory, self.entries - 1
+        table = self.region * number + 8
+        index = start
+        for _ in range(self.entries):
+            offset = table + self.ENTRY * index
+            held = memory[offset:offset + 16]
+            if held == key:
+                return offset, True
+            if held == _NO_ADDRESS:
+                return offset, False
+            index = (index + 1) & mask
+        return None, None
+
+    def _in_use(self, key, start):
+        """(sessions, key's connections) summed over the live workers."""
+        counts, sessions, connections = self.counts, 0, 0
+        for number in range(self.workers):
+            held = counts[self.region * number // 8]
+            if held == NO_WORKER:
+                continue
+            sessions += held
+            if key is not None:
+                offset, found = self._find(number, key, start)
+                if found:
+                    connections += counts[(offset + 16) // 8]
+        return sessions, connections
+
+    def connect(self, listener, ip, max_connections, max_per_address):
+        """As Anvil.connect: the sessions in use after this one, or None when a cap
+        refuses it. listener is this object's own."""
+        key = self._key(ip)
+        start = hash(key) & (self.entries - 1)
+        with self.lock:
+            sessions, connections = self._in_use(key, start)
+            if sessions >= max_connections or connections >= max_per_address:
+                return None
+            offset, found = self._find(self.number, key, start)
+            if not found:
+                if found is None or self.used >= self.entries * 3 // 4:
+                    self._rewrite()
+                    offset, found = self._find(self.number, key, start)
+                self.counts[(offset + 16) // 8] = 0
+                self.memory[offset:offset + 16] = key
+                self.used += 1
+            self.counts[(offset + 16) // 8] += 1
+            self.counts[self.region * self.number // 8] += 1
+        return sessions + 1
+
+    def disconnect(self, listener, ip):
+        """Give back what connect() took: the sessions still in use."""
+        key = self._key(ip)
+        with self.lock:
+            offset, found = self._find(self.number, key, hash(key) & (self.entries - 1))
+            if found:
+                self.counts[(offset + 16) // 8] -= 1
+            self.counts[self.region * self.number // 8] -= 1
+            return self._in_use(None, 0)[0]
+
+    def _rewrite(self):
+        """Write this worker's table again with the addresses that hold connections."""
+        live = []
+        table = self.region * self.number + 8
+        for offset in range(table, table + self.ENTRY * self.entries, self.ENTRY):
+            count = self.counts[(offset + 16) // 8]
+            if count > 0:
+                live.append((bytes(self.memory[offset:offset + 16]), count))
+        self.memory[table:table + self.ENTRY * self.entries] = bytes(self.ENTRY * self.entries)
+        for key, count in live:
+            offset, _ = self._find(self.number, key, hash(key) & (self.entries - 1))
+            self.counts[(offset + 16) // 8] = count
+            self.memory[offset:offset + 16] = key
+        self.used = len(live)
+
+    def start(self, number):
+        """In a new worker process: this is worker number, holding nothing yet."""
+        self.number = number
+        self.used = 0
+        base = self.region * number
+        self.memory[base:base + self.region] = bytes(self.region)     # a predecessor's
 
     def forget(self, number):
-        """Worker NUMBER is gone: the others no longer let it go first."""
-        self.SLOT.pack_into(self.memory, self.SLOT.size * number, NO_WORKER)
+        """Worker number is gone (in the master): what it held is given back, and the
+        others no longer let it go first."""
+        base = self.region * number
+        self.memory[base + 8:base + self.region] = bytes(self.region - 8)
+        self.counts[base // 8] = NO_WORKER
 
     def busier(self, sessions):
         """True when some other worker serves fewer sessions than this one's SESSIONS."""
-        return any(self.SLOT.unpack_from(self.memory, self.SLOT.size * number)[0] < sessions
+        counts = self.counts
+        return any(counts[self.region * number // 8] < sessions
                    for number in range(self.workers) if number != self.number)
 
 
@@ -1283,10 +1392,11 @@ class Master:
     The listeners are bound, and privileges dropped, before: the master forks `processes`
     workers, each of which serves every listener on its own threads, and the kernel hands
     each new connection to whichever worker accepts it first; a worker serving more
-    sessions than another lets that one go first (SessionLoads). The master serves no session;
-    it answers the workers' anvil questions (AnvilClient) from the one Anvil of the
-    servers, so the connection caps and the penalties span all workers as they would one
-    process. It runs no thread of its own (forking a threaded process could copy a lock
+    sessions than another lets that one go first. The connection caps span all workers
+    through counters they share (WorkerSlots), given back by the master when a worker
+    dies. The master serves no session; it answers the workers' anvil questions
+    (AnvilClient) from the one Anvil of the servers, so the login penalties and the reply
+    delays span all workers as they would one process. It runs no thread of its own (forking a threaded process could copy a lock
     while held): one select() waits for questions, signals and dead workers alike. The
     "servers" may also be queue runners (the router's mta.QueueRunner): no listener and no
     anvil; their workers share the queue through its locks, each told its share of the
@@ -1324,7 +1434,7 @@ class Master:
             # and the busier ones let the others go first (ThreadedServer.get_request).
             if hasattr(server, "socket"):
                 server.socket.setblocking(False)
-                server.loads = SessionLoads(self.processes)
+                server.slots = WorkerSlots(self.processes, server.max_connections)
         self.wake = SignalWake()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self.on_signal)
@@ -1407,9 +1517,8 @@ class Master:
         for server in self.servers:
             if hasattr(server, "share"):           # a queue runner: its share of the folder
                 server.share = (number, self.processes)
-            if getattr(server, "loads", None) is not None:
-                server.loads.number = number
-                server.loads.publish(0)            # its predecessor's, if it replaces one
+            if getattr(server, "slots", None) is not None:
+                server.slots.start(number)
         return _serve(self.servers, self.on_stop, self.grace, self.on_reload, master,
                       "the master")
 
@@ -1445,14 +1554,6 @@ class Master:
     def answer(self, worker, method, *args):
         """One anvil question of a worker: Anvil's answer, and what the worker now holds."""
         anvil = self.anvil
-        if method == "connect":
-            in_use = anvil.connect(*args)
-            if in_use is not None:
-                worker.slots[tuple(args[:2])] += 1
-            return in_use
-        if method == "disconnect":
-            worker.slots[tuple(args)] -= 1
-            return anvil.disconnect(*args)
         if method == "login_turn":
             wait, allowed = anvil.login_turn(*args)
             if allowed:
@@ -1479,15 +1580,12 @@ class Master:
                 continue
             del self.workers[sock]
             sock.close()
-            for (listener, ip), count in worker.slots.items():
-                for _ in range(count):
-                    self.anvil.disconnect(listener, ip)
             for ip, count in worker.checks.items():
                 for _ in range(count):
                     self.anvil.login_done(ip, None, True)
             for server in self.servers:
-                if getattr(server, "loads", None) is not None:
-                    server.loads.forget(worker.number)     # none wait for a dead one
+                if getattr(server, "slots", None) is not None:
+                    server.slots.forget(worker.number)     # its connections given back
             if "stop" in self.asked:
                 log.info("worker %d stopped", pid)
                 continue

@@ -692,21 +692,67 @@ def test_the_worker_pool_serves_sessions_as_a_thread_per_connection_does(server_
         server.stop(grace=0.2)
 
 
+def as_worker(slots, number):
+    slots.number = number
+    return slots
+
+
 def test_a_worker_lets_a_less_busy_one_accept_first_but_never_a_dead_one():
-    # Each worker writes its own slot (tests/test_processes.py checks, through /proc, that
-    # forked workers see each other's and share a burst of connections evenly).
-    loads = plumbing.SessionLoads(3)
+    # Each worker writes its own counters (tests/test_processes.py checks, through /proc,
+    # that forked workers see each other's and share a burst of connections evenly).
+    slots = plumbing.WorkerSlots(3, 200)
     for number, sessions in ((0, 3), (1, 4), (2, 5)):
-        loads.number = number
-        loads.publish(sessions)
-    loads.number = 1
-    assert loads.busier(4)             # worker 0 serves 3
-    loads.number = 0
-    assert loads.busier(5) and not loads.busier(3)
-    loads.forget(1)                    # worker 1 died, 2 too: never let them go first
-    loads.forget(2)
-    assert not loads.busier(1000)
-    loads.number = 1                   # its replacement starts from none
-    loads.publish(0)
-    loads.number = 0
-    assert loads.busier(1)
+        for n in range(sessions):
+            assert as_worker(slots, number).connect("l", "10.0.0.%d" % n, 100, 100)
+    as_worker(slots, 1)
+    assert slots.busier(4)             # worker 0 serves 3
+    as_worker(slots, 0)
+    assert slots.busier(5) and not slots.busier(3)
+    slots.forget(1)                    # worker 1 died, 2 too: never let them go first
+    slots.forget(2)
+    assert not slots.busier(1000)
+    slots.start(1)                     # its replacement starts from none
+    as_worker(slots, 0)
+    assert slots.busier(1)
+
+
+def test_the_caps_count_the_connections_of_every_worker_and_not_a_dead_ones():
+    slots = plumbing.WorkerSlots(2, 200)
+    slots.start(0)
+    slots.start(1)
+    assert as_worker(slots, 0).connect("l", "192.0.2.1", 5, 2) == 1
+    assert as_worker(slots, 1).connect("l", "192.0.2.1", 5, 2) == 2
+    assert as_worker(slots, 0).connect("l", "192.0.2.1", 5, 2) is None     # per address
+    assert as_worker(slots, 1).connect("l", "192.0.2.1", 5, 2) is None
+    assert as_worker(slots, 1).connect("l", "2001:db8::1", 5, 2) == 3       # another address
+    assert as_worker(slots, 0).connect("l", "192.0.2.2", 5, 2) == 4
+    assert as_worker(slots, 0).connect("l", "192.0.2.3", 5, 2) == 5
+    assert as_worker(slots, 1).connect("l", "192.0.2.4", 5, 2) is None      # in all
+    assert as_worker(slots, 0).disconnect("l", "192.0.2.1") == 4
+    assert as_worker(slots, 1).connect("l", "192.0.2.1", 5, 2) == 5         # given back
+    slots.forget(1)                    # worker 1 held 192.0.2.1 twice and 2001:db8::1
+    assert as_worker(slots, 0).connect("l", "192.0.2.1", 5, 2) == 3
+    assert as_worker(slots, 0).connect("l", "2001:db8::1", 5, 2) == 4
+    slots.start(1)                     # the replacement holds nothing
+    assert as_worker(slots, 1).connect("l", "192.0.2.1", 5, 2) == 5
+    assert as_worker(slots, 1).disconnect("l", "192.0.2.2") == 4            # worker 0's
+    assert as_worker(slots, 1).connect("l", "192.0.2.1", 5, 2) is None
+
+
+def test_a_workers_table_is_written_again_when_addresses_come_and_go():
+    # 256 entries (max_connections 100): three quarters of them hold an address after 192
+    # addresses, and each new one then writes the table again with the live ones only.
+    slots = as_worker(plumbing.WorkerSlots(2, 100), 0)
+    slots.start(0)
+    for n in range(5):                 # five addresses stay connected throughout
+        assert slots.connect("l", "192.0.2.%d" % n, 100, 2) == n + 1
+    for n in range(2000):              # 2,000 more come and go, one at a time
+        address = "2001:db8::%x" % n if n % 2 else "198.51.%d.%d" % divmod(n, 256)
+        assert slots.connect("l", address, 100, 2) == 6
+        assert slots.disconnect("l", address) == 5
+        assert slots.used <= 192
+    for n in range(5):
+        assert slots.connect("l", "192.0.2.%d" % n, 100, 2) == 6 + n
+        assert slots.connect("l", "192.0.2.%d" % n, 100, 2) is None
+    assert slots.connect("l", "fe80::1%eth0", 100, 1) == 11
+    assert slots.connect("l", "fe80::1%eth1", 100, 1) is None      # one address
