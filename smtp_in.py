@@ -454,7 +454,22 @@ def protocol_name(esmtp, tls, authenticated, smtputf8=False):
 
 def _comment_text(text):
     """Text safe inside an RFC 5322 comment: no parentheses or backslashes left unescaped."""
+    if "(" not in text and ")" not in text and "\\" not in text:
+        return text
     return re.sub(r"([()\\])", r"\\\1", text)
+
+
+_dates = [(None, "")]              # (a second of time.time(), its date as Received: has it)
+
+
+def _date_now():
+    """Now as an RFC 5322 date in local time, made once a second (Received: shows seconds)."""
+    second = int(time.time())
+    made, date = _dates[-1]
+    if made != second:
+        date = format_datetime(datetime.datetime.fromtimestamp(second).astimezone())
+        _dates[-1] = (second, date)
+    return date
 
 
 def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
@@ -473,7 +488,7 @@ def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
         tcp_info += " helo=" + (helo or "none")
     lines = ["Received: from %s (%s)" % (from_part, _comment_text(tcp_info)),
              "\tby %s with %s id %s" % (hostname, protocol, queue_id)]
-    date = format_datetime(when or datetime.datetime.now(datetime.timezone.utc).astimezone())
+    date = format_datetime(when) if when else _date_now()
     if recipient:
         lines.append("\tfor <%s>; %s" % (recipient, date))
     else:
@@ -943,6 +958,7 @@ class SMTPHandler(plumbing.ConnectionHandler):
         self.envelope = None           # the mail transaction in progress
         self.auth_user = None
         self.auth_failures = 0
+        self.relay_network = None      # whether client_ip is in relay_networks, once asked
         self.client_name = None        # forward-confirmed reverse DNS name, once looked up
         self.looked_up = False
         self.errors = 0                # 5xx replies since the last accepted message
@@ -1092,7 +1108,11 @@ class SMTPHandler(plumbing.ConnectionHandler):
 
     @property
     def may_relay(self):
-        return self.auth_user is not None or _in_networks(self.client_ip, self.server.relay_networks)
+        if self.auth_user is not None:
+            return True
+        if self.relay_network is None:
+            self.relay_network = _in_networks(self.client_ip, self.server.relay_networks)
+        return self.relay_network
 
     @property
     def auth_offered(self):
