@@ -17,7 +17,10 @@ the Nth variant; given once, an option goes with every variant.
 It is how a change to what a message costs the system is measured: run it at two commits
 (in two checkouts) in the same minutes, or as variants. The figures follow the disk: on ext4
 without a journal, making a file near many recent deletions costs much more
-(docs/performance.md), so the spools are deleted only at the end.
+(docs/performance.md), so each round's spool is a folder of its own in a block group of its
+own (chattr +T), the spools are deleted only at the end, and the cost of making a file
+under TMPDIR is printed: after a run that deleted thousands of files there, wait a few
+minutes or use another folder.
 
 Run: TMPDIR=/var/tmp python3 bench/cpu_bench.py [--count 2000] [--clients 10] [--repeats 3] [--reuse]
        [--router-args "--workers 2" --router-args "--workers 4"] [--smtp-in-args "--processes auto"]
@@ -39,7 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-import smtp_bench  # noqa: E402  (bench/: its password hash and smtp-source path)
+import run_bench  # noqa: E402  (bench/: the cost of making a file under TMPDIR)
+import smtp_bench  # noqa: E402  (bench/: its password hash, smtp-source path, folder spread)
 
 DOMAIN = "bench.test"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -151,20 +155,21 @@ def main(argv=None):
         print("cpu_bench: smtp-source is not installed (Debian: postfix)", file=sys.stderr)
         return 1
     results = {variant: [] for variant in variants}
-    works = []
+    creation = run_bench.file_creation_us()
+    workdir = tempfile.mkdtemp(prefix="cpu-bench-")
+    smtp_bench.spread_folders(workdir)     # each round's spool in a block group of its own
     try:
         for _ in range(args.repeats):
             for variant in variants:
-                works.append(tempfile.mkdtemp(prefix="cpu-bench-"))
                 results[variant].append(one_round(
-                    args.count, args.clients, args.timeout, works[-1],
+                    args.count, args.clients, args.timeout, tempfile.mkdtemp(dir=workdir),
                     shlex.split(variant[0]), shlex.split(variant[1]), args.reuse))
     finally:
-        for work in works:
-            shutil.rmtree(work, ignore_errors=True)
-    print("cpu bench: %d x 1 KB messages, %d sessions at once, %s, %d rounds, spool in %s"
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("cpu bench: %d x 1 KB messages, %d sessions at once, %s, %d rounds, spool in %s "
+          "(making a file there: %.0f us before the first round)"
           % (args.count, args.clients, "many messages a session" if args.reuse else
-             "one message a session", args.repeats, tempfile.gettempdir()))
+             "one message a session", args.repeats, tempfile.gettempdir(), creation))
     for variant, rounds in results.items():
         for role, arguments in (("smtp_in", variant[0]), ("router", variant[1])):
             if len(variants) > 1 or arguments:
