@@ -337,9 +337,9 @@ SERVER_DEFAULTS = {                # the anvil, stress mode and processes of eve
     "stress_session_timeout": 120.0,
 }
 SERVER_HELP = {
-    "processes": "worker processes of the role, sharing one anvil (the router's share the "
-                 "queue, and `mta.py queue` reads it with as many) (auto: one per CPU the role "
-                 "may use, at most 8; 1: one process, no master)",
+    "processes": "worker processes of the role, sharing its connection caps and one anvil "
+                 "(the router's share the queue, and `mta.py queue` reads it with as many) "
+                 "(auto: one per CPU the role may use, at most 8; 1: one process, no master)",
     "anvil_penalty": "seconds of the first penalty for a client address that failed a login "
                      "(or passed anvil_soft_errors); it doubles with each further failure "
                      "(0: no penalties)",

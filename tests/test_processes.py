@@ -198,6 +198,33 @@ def test_the_per_address_cap_counts_the_connections_of_every_worker(start, spool
     wait_for(lambda: greeting(daemon.port)[1], 10, "a slot given back to be taken again")
 
 
+def test_a_burst_from_one_address_passes_its_cap_by_at_most_one_a_worker(start, spool):
+    # The workers check the caps on counters they share, without a lock between them:
+    # two may let in the last allowed connection at the same instant (docs/plumbing.md).
+    daemon = start("pop3d.py", "--spool", spool, "--processes", "2", "--max-per-address", "5")
+    results = []
+    barrier = threading.Barrier(40)
+
+    def connect():
+        barrier.wait(10)
+        results.append(greeting(daemon.port))
+
+    threads = [threading.Thread(target=connect) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    held = [sock for _, sock in results if sock is not None]
+    try:
+        assert len(results) == 40
+        assert 5 <= len(held) <= 5 + 1, [line for line, _ in results]
+        assert all(line.rstrip() == BUSY for line, sock in results if sock is None)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: greeting(daemon.port)[1], 10, "the slots given back")
+
+
 def test_a_failed_login_on_one_worker_spaces_the_checks_on_all(start, spool):
     daemon = start("pop3d.py", "--spool", spool, "--processes", "2", "--anvil-penalty", "1")
     assert pop3_login(daemon.port, "nobody@example.com").startswith(b"-ERR [AUTH]")
