@@ -40,7 +40,6 @@ import signal
 import socket
 import socketserver
 import ssl
-import struct
 import sys
 import threading
 import time
@@ -1396,11 +1395,12 @@ class Master:
     through counters they share (WorkerSlots), given back by the master when a worker
     dies. The master serves no session; it answers the workers' anvil questions
     (AnvilClient) from the one Anvil of the servers, so the login penalties and the reply
-    delays span all workers as they would one process. It runs no thread of its own (forking a threaded process could copy a lock
-    while held): one select() waits for questions, signals and dead workers alike. The
-    "servers" may also be queue runners (the router's mta.QueueRunner): no listener and no
-    anvil; their workers share the queue through its locks, each told its share of the
-    folder (its number and how many there are: the runner's share attribute).
+    delays span all workers as they would one process. It runs no thread of its own
+    (forking a threaded process could copy a lock while held): one select() waits for
+    questions, signals and dead workers alike. The "servers" may also be queue runners
+    (the router's mta.QueueRunner): no listener and no anvil; their workers share the
+    queue through its locks, each told its share of the folder (its number and how many
+    there are: the runner's share attribute).
 
     When cpus (the role's setting) names several CPUs, worker number i keeps to the i-th
     of them, in turn: its threads then hand the interpreter's lock over on one CPU (see
