@@ -459,17 +459,17 @@ def _comment_text(text):
     return re.sub(r"([()\\])", r"\\\1", text)
 
 
-_dates = [(None, "")]              # (a second of time.time(), its date as Received: has it)
+_date_made = (None, "")            # (a second of time.time(), Received:'s date for it)
 
 
 def _date_now():
     """Now as an RFC 5322 date in local time, made once a second (Received: shows seconds)."""
+    global _date_made
     second = int(time.time())
-    made, date = _dates[-1]
-    if made != second:
-        date = format_datetime(datetime.datetime.fromtimestamp(second).astimezone())
-        _dates[-1] = (second, date)
-    return date
+    if _date_made[0] != second:
+        local = datetime.datetime.fromtimestamp(second).astimezone()
+        _date_made = (second, format_datetime(local))
+    return _date_made[1]
 
 
 def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
