@@ -3,7 +3,7 @@
 DKIM: sign() computes the DKIM-Signature header field of a message with an RSA-SHA256
 (RFC 8017 PKCS#1 v1.5) or Ed25519-SHA256 (RFC 8463, RFC 8032) key; verify() checks every
 DKIM-Signature of a message (the first MAX_SIGNATURES), fetching each key record over DNS
-at SELECTOR._domainkey.DOMAIN through dnsmx. Both read the message once, as bytes or as an
+at SELECTOR._domainkey.DOMAIN through dnsstub. Both read the message once, as bytes or as an
 iterable of blocks: the header section is kept (bounded), the body is canonicalised and
 hashed as it streams by (BodyHasher), never copied whole. The cryptography is written here
 by hand on Python integers and hashlib: a bounded ASN.1 DER reader for PEM/DER keys
@@ -1265,7 +1265,7 @@ def _fold_base64(text, column):
 
 
 class DNSResolver:
-    """Key and policy lookups through dnsmx: txt(name) gives each TXT record's strings
+    """Key and policy lookups through dnsstub: txt(name) gives each TXT record's strings
     joined (RFC 6376 3.6.2.2), as bytes, CNAMEs followed. It raises a dnsstub.DNSError whose
     `permanent` flag tells no such record (True) from a failure (False). `resolver` is a
     dnsstub.Resolver, None for dnsstub's default one; until(deadline) cuts lookups off there.

@@ -1280,16 +1280,31 @@ class WorkerSlots:
         self.used = 0                  # entries of this worker's table that hold an address
         self.lock = threading.Lock()   # the worker's threads take turns at its region
 
-    @staticmethod
-    def _key(ip):
+    def _key(self, ip):
+        """(16-octet key, the entry to look at first) of client address ip."""
         ip = ip.split("%", 1)[0]       # fe80::1%eth0: the interface is not the client
         if ":" in ip:
-            return socket.inet_pton(socket.AF_INET6, ip)
-        return _V4_MAPPED + socket.inet_aton(ip)
+            key = socket.inet_pton(socket.AF_INET6, ip)
+        else:
+            key = _V4_MAPPED + socket.inet_aton(ip)
+        return key, self._first(key)
+
+    def _first(self, key):
+        """The entry of a table to look at first for key (then the next ones, in turn)."""
+        return hash(key) & (self.entries - 1)
+
+    def _sessions_index(self, number):
+        """Where in counts worker number's sessions are (the first word of its region)."""
+        return self.region * number // 8
+
+    @staticmethod
+    def _count_index(offset):
+        """Where in counts the count of the entry at octet offset is (after its address)."""
+        return offset // 8 + 2
 
     def _find(self, number, key, start):
-        """The offset of key's entry in worker number's table, and whether it holds key
-        (False: the empty entry where it would go; None: a full table)."""
+        """The octet offset of key's entry in worker number's table, and whether it holds
+        key (False: the empty entry where it would go; None: a full table)."""
         memory, mask = self.memory, self.entries - 1
         table = self.region * number + 8
         index = start
@@ -1303,64 +1318,70 @@ class WorkerSlots:
             index = (index + 1) & mask
         return None, None
 
-    def _in_use(self, key, start):
-        """(sessions, key's connections) summed over the live workers."""
-        counts, sessions, connections = self.counts, 0, 0
-        for number in range(self.workers):
-            held = counts[self.region * number // 8]
-            if held == NO_WORKER:
-                continue
-            sessions += held
-            if key is not None:
-                offset, found = self._find(number, key, start)
-                if found:
-                    connections += counts[(offset + 16) // 8]
-        return sessions, connections
+    def _live(self):
+        """The numbers of the workers alive (not forgotten)."""
+        return [number for number in range(self.workers)
+                if self.counts[self._sessions_index(number)] != NO_WORKER]
+
+    def _sessions(self):
+        return sum(self.counts[self._sessions_index(number)] for number in self._live())
+
+    def _connections(self, key, start):
+        total = 0
+        for number in self._live():
+            offset, found = self._find(number, key, start)
+            if found:
+                total += self.counts[self._count_index(offset)]
+        return total
+
+    def _put(self, offset, key, count):
+        """Give the entry at offset its address and count (the count first: a worker that
+        reads the entry meanwhile sees no address, or the address with a count)."""
+        self.counts[self._count_index(offset)] = count
+        self.memory[offset:offset + 16] = key
 
     def connect(self, listener, ip, max_connections, max_per_address):
         """As Anvil.connect: the sessions in use after this one, or None when a cap
         refuses it. listener is this object's own."""
-        key = self._key(ip)
-        start = hash(key) & (self.entries - 1)
+        key, start = self._key(ip)
         with self.lock:
-            sessions, connections = self._in_use(key, start)
-            if sessions >= max_connections or connections >= max_per_address:
+            sessions = self._sessions()
+            if sessions >= max_connections or self._connections(key, start) >= max_per_address:
                 return None
             offset, found = self._find(self.number, key, start)
             if not found:
                 if found is None or self.used >= self.entries * 3 // 4:
                     self._rewrite()
-                    offset, found = self._find(self.number, key, start)
-                self.counts[(offset + 16) // 8] = 0
-                self.memory[offset:offset + 16] = key
+                    offset, _ = self._find(self.number, key, start)
+                self._put(offset, key, 0)
                 self.used += 1
-            self.counts[(offset + 16) // 8] += 1
-            self.counts[self.region * self.number // 8] += 1
+            self.counts[self._count_index(offset)] += 1
+            self.counts[self._sessions_index(self.number)] += 1
         return sessions + 1
 
     def disconnect(self, listener, ip):
         """Give back what connect() took: the sessions still in use."""
-        key = self._key(ip)
+        key, start = self._key(ip)
         with self.lock:
-            offset, found = self._find(self.number, key, hash(key) & (self.entries - 1))
+            offset, found = self._find(self.number, key, start)
             if found:
-                self.counts[(offset + 16) // 8] -= 1
-            self.counts[self.region * self.number // 8] -= 1
-            return self._in_use(None, 0)[0]
+                self.counts[self._count_index(offset)] -= 1
+            self.counts[self._sessions_index(self.number)] -= 1
+            return self._sessions()
 
     def _rewrite(self):
         """Write this worker's table again with the addresses that hold connections."""
-        live = []
         table = self.region * self.number + 8
-        for offset in range(table, table + self.ENTRY * self.entries, self.ENTRY):
-            count = self.counts[(offset + 16) // 8]
+        size = self.ENTRY * self.entries
+        live = []
+        for offset in range(table, table + size, self.ENTRY):
+            count = self.counts[self._count_index(offset)]
             if count > 0:
                 live.append((bytes(self.memory[offset:offset + 16]), count))
-        self.memory[table:table + self.ENTRY * self.entries] = bytes(self.ENTRY * self.entries)
+        self.memory[table:table + size] = bytes(size)
         for key, count in live:
-            offset, _ = self._find(self.number, key, hash(key) & (self.entries - 1))
-            self.counts[(offset + 16) // 8] = count
-            self.memory[offset:offset + 16] = key
+            offset, _ = self._find(self.number, key, self._first(key))
+            self._put(offset, key, count)
         self.used = len(live)
 
     def start(self, number):
@@ -1375,12 +1396,11 @@ class WorkerSlots:
         others no longer let it go first."""
         base = self.region * number
         self.memory[base + 8:base + self.region] = bytes(self.region - 8)
-        self.counts[base // 8] = NO_WORKER
+        self.counts[self._sessions_index(number)] = NO_WORKER
 
     def busier(self, sessions):
         """True when some other worker serves fewer sessions than this one's SESSIONS."""
-        counts = self.counts
-        return any(counts[self.region * number // 8] < sessions
+        return any(self.counts[self._sessions_index(number)] < sessions
                    for number in range(self.workers) if number != self.number)
 
 

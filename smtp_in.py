@@ -843,7 +843,7 @@ class SpooledMessage:
 # --- DNS: the optional reverse lookup, and SPF's resolver ---
 
 def make_reverse_lookup(dns_server="", timeout=REVERSE_DNS_TIMEOUT):
-    """Return ip -> forward-confirmed host name or None, through dnsmx.
+    """Return ip -> forward-confirmed host name or None, through dnsstub.
 
     dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. The name is trusted only when
     one of its A/AAAA records is the client's address again, as Postfix does.
@@ -900,7 +900,7 @@ def check_dmarc_policy(policy):
 
 
 def make_dkim_resolver(dns_server="", timeout=DEFAULTS["dkim_timeout"]):
-    """The resolver DKIM key and DMARC policy lookups use: a dkim.DNSResolver over dnsmx.
+    """The resolver DKIM key and DMARC policy lookups use: a dkim.DNSResolver over dnsstub.
 
     dns_server is "HOST[:PORT]", or "" for /etc/resolv.conf. Each lookup waits DKIM_DNS_TRY
     seconds per try, two tries, and never more than TIMEOUT (dkim.verify() and
