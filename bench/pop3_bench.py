@@ -12,6 +12,10 @@ the run has logged in:
   memory          --mem-clients clients each RETR a --mem-size message at once (users mem0..);
                   the server's peak RSS (VmHWM) and its growth over the idle server
 
+--floor also measures bench/floor.py's POP3 yardstick on bench0's Maildir: the least a
+threaded Python server can do per RETR (open, read, close, CRLF and dots, one send), so
+that the ratios show what is left to take.
+
 Other servers with the same mailboxes (Dovecot: python3 bench/peers.py start dovecot) are measured
 in the same run, interleaved, with --target NAME=HOST:PORT (users bench{i}, password benchpw); the ratio
 column compares each to pop3d. pop3d runs with --processes (default auto, as pop3d's own
@@ -39,6 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import floor  # noqa: E402  (bench/, the script's own folder)
 import mailbox_store  # noqa: E402
 import run_all  # noqa: E402  (its child_cpus places pop3d as run_all does)
 
@@ -219,6 +224,8 @@ def main(argv=None):
                              "none: no binding)")
     parser.add_argument("--processes", default="auto",
                         help="pop3d's --processes for the throughput runs (default auto)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure bench/floor.py's POP3 yardstick (as target floor)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
@@ -230,12 +237,16 @@ def main(argv=None):
             raise SystemExit("loopback targets only: %s" % spec)
         targets.append((name, [int(port)], "bench{i}"))
     work = tempfile.mkdtemp(prefix="pop3bench-")
-    server = None
+    server = yardstick = None
     try:
         spool = os.path.join(work, "spool")
         build_spool(spool, max(concs), args.small, args.large, args.mem_clients, args.mem_size)
         server, port = start_pop3d(spool, 30, args.cpus, args.processes)
         targets.insert(0, ("pop3d", [port], "bench{i}@bench.test"))
+        if args.floor:
+            maildir = mailbox_store.Store(spool, ["bench.test"]).maildir_path("bench0@bench.test")
+            yardstick = floor.Floor("pop3", maildir).start()
+            targets.append(("floor", [yardstick.port], "bench{i}"))
         for name, ports, user in targets:       # untimed warm-up: page cache, logins
             measure(ports, user, "small", 1, 1, 65536, args.timeout)
         rows = {}
@@ -268,6 +279,8 @@ def main(argv=None):
                 json.dump({"rows": [{"class": c, "conc": n, "server": s, "values": v}
                                     for (c, n, s), v in rows.items()], "memory": memory}, f, indent=1)
     finally:
+        if yardstick is not None:
+            yardstick.stop()
         if server is not None:
             server.terminate()
             server.wait(10)

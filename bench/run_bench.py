@@ -14,9 +14,15 @@ and whether it was met. Sections (--sections, default all, in this order):
             4 KB msgs/s and 1 MB MB/s at 1 and 8 clients (pop3d with its default
             --processes auto); peak RSS of one pop3d process, 10 x 50 MB
   dns       dns_bench.py under a Python that has dnspython: mx_hosts cached and uncached,
-            and the dnsmx.py CLI process against dig
+            the same queries from a bare socket loop (the floor), and the dnsmx.py CLI
+            process against dig
   outbound  smtp_out_bench.py: messages/s to smtp-sink at 1 and 20 connections, beside
             Postfix's smtp(8) client
+
+--floor adds bench/floor.py's yardsticks to the smtp and pop3 sections: the least a
+threaded Python server of our shape can do (no protocol work, nothing but the durable
+files and the bytes on the wire), each with its ratio against the same peer. A target
+beyond the floor's ratio asks more than any Python server of this shape gets here.
 
 Everything listens on 127.0.0.1; each section is bounded by --section-timeout (its
 scripts bound every run inside); every process is ended by its PID (the scripts end
@@ -173,6 +179,12 @@ def smtp_rows(data):
         rows.append(("  delivered/s of the same runs", figure(run["delivered_per_s"]),
                      "Postfix " + figure(postfix["delivered_per_s"]) if postfix else "-",
                      "%s of accepted" % fmt(delivered), ">= 0.95 of accepted", verdict(delivered, 0.95)))
+        for name in ("floor", "floor+spool"):
+            yardstick = runs.get((name, mode, size, conc))
+            if yardstick:
+                rows.append(floor_row("  %s of the same runs (bench/floor.py)" % name,
+                                      yardstick["accepted_per_s"], "Postfix",
+                                      postfix and postfix["accepted_per_s"]))
     e2e = {(row["target"], row["to"]): row for row in data.get("e2e", [])}
     for where, label in (("new/", "250 -> Maildir new/, ms"), ("pop3", "250 -> visible over POP3, ms")):
         ours, peer = e2e.get(("smtp_in", where)), e2e.get(("postfix", where))
@@ -203,6 +215,15 @@ def smtp_rows(data):
     return rows
 
 
+def floor_row(label, values, peer_name, peer_values, unit=""):
+    """The row of a bench/floor.py yardstick: its figure, the peer's, and their ratio: how
+    far against that peer the least a Python server of our shape can do gets."""
+    ratio = median(values) / median(peer_values) if peer_values else float("nan")
+    return (label, figure(values, unit),
+            "%s %s" % (peer_name, figure(peer_values, unit)) if peer_values else "-",
+            fmt(ratio), "", "")
+
+
 def rss_rows(label, memory):
     """The row of a peak-RSS measurement (target: under 100 MB), or none if it did not run."""
     if not memory:
@@ -225,6 +246,10 @@ def pop3_rows(data):
         goal = 1.0 if cls == "small" else 1.5
         rows.append((label, figure(values, unit), "Dovecot " + figure(peer, unit) if peer else "-",
                      fmt(ratio), ">= %.1fx Dovecot" % goal, verdict(ratio, goal)))
+        yardstick = series.get((cls, conc, "floor"))
+        if yardstick:
+            rows.append(floor_row("  floor of the same runs (bench/floor.py)", yardstick,
+                                  "Dovecot", peer, unit))
     rows.extend(rss_rows("peak RSS, pop3d, 10 clients x 50 MB", data.get("memory")))
     return rows
 
@@ -244,6 +269,10 @@ def dns_rows(data):
         rows.append(("DNS uncached MX + A, us", figure(ours["values"]),
                      "%s %s" % (peer_name, figure(peer["values"])) if peer else "-", fmt(ratio),
                      "<= 0.25x dnspython", verdict(ratio, 0.25, False)))
+    floor = get("uncached MX+A, floor")
+    if floor:
+        rows.append(floor_row("  floor of the same runs (a bare socket loop)", floor["values"],
+                              peer_name, peer.get("values")))
     mx_hosts = get("uncached mx_hosts, dnsmx")
     if mx_hosts:
         rows.append(("DNS mx_hosts uncached (1 query), us", figure(mx_hosts["values"]), "", "", "", ""))
@@ -300,6 +329,9 @@ def main(argv=None):
                         help="placement of our daemons in the smtp and pop3 sections, as run_all's "
                              "--cpus (default auto: a CPU for each process; none: run_all's "
                              "default, the system places them)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run bench/floor.py's yardsticks in the smtp and pop3 sections: "
+                             "the least a threaded Python server can do, beside the peers")
     parser.add_argument("--processes", default="auto",
                         help="smtp_in's and pop3d's --processes in the smtp and pop3 sections "
                              "(default auto, their own default: one per CPU each may use)")
@@ -330,11 +362,13 @@ def main(argv=None):
                        "--repeats", str(repeats), "--seconds", seconds,
                        "--e2e-count", "50" if args.quick else "200", "--memory", "--json", json_path,
                        "--cpus", args.cpus, "--smtp-in-arg=--processes=" + args.processes]
+            command += ["--floor"] if args.floor else []
             ok = run_section(section, command, out_dir, args.section_timeout)
         elif section == "pop3":
             command = [python, os.path.join(HERE, "pop3_bench.py"), "--repeats", str(repeats),
                        "--passes", "1" if args.quick else "2", "--conc", "1,8", "--json", json_path,
                        "--cpus", args.cpus, "--processes", args.processes]
+            command += ["--floor"] if args.floor else []
             workdir = tempfile.mkdtemp(prefix="run-bench-dovecot-")
             try:
                 with peers.Dovecot(workdir, small=1000, large=100) as dovecot:

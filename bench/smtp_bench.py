@@ -19,6 +19,12 @@ the file in new/ (0 when it was there before the 250); and, with --pop3, the tim
 pop3d on smtp_in's spool; for Postfix, a Dovecot reading Postfix's Maildir). Every POP3
 poll is a whole session (connect, USER/PASS, STAT, QUIT), so its own cost is printed too.
 
+--floor also runs bench/floor.py's two yardsticks, the least a threaded Python server of
+our shape can do: "floor" makes each message one durable Maildir file before its 250,
+"floor+spool" makes it durable in a spool file before the 250 and in the Maildir after it
+(two, as a mail system with a queue does). Each cell then prints what the floors reach
+against Postfix: how far any Python server of this shape gets on this machine.
+
 --memory runs a fresh smtp_in (and router) alone under 50 concurrent smtp-source sessions
 sending 100 KB messages and prints its peak RSS (VmHWM).
 
@@ -50,7 +56,8 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_all  # noqa: E402  (its child_cpus places our roles as run_all does)
-import peers  # noqa: E402  (bench/, the script's own folder)
+import floor  # noqa: E402  (bench/, the script's own folder)
+import peers  # noqa: E402
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 DOMAIN = "bench.test"
@@ -523,6 +530,18 @@ class Servers:
                 self.targets[-1]["pop3"] = {"port": dovecot.port, "user": POP3_USER,
                                             "password": POP3_PASSWORD}
 
+    def start_floors(self):
+        """bench/floor.py's SMTP yardsticks: one durable file a message, and two."""
+        for name, spool in (("floor", False), ("floor+spool", True)):
+            folder = os.path.join(self.workdir, name)
+            os.makedirs(folder)
+            server = floor.Floor("smtp", os.path.join(folder, "Maildir"),
+                                 spool=os.path.join(folder, "spool") if spool else None,
+                                 log_path=os.path.join(self.workdir, name + ".log"))
+            self.peers.append(server)
+            server.start()
+            self.add(name, server.port, server.maildir)
+
     def add(self, name, port, maildir):
         self.targets.append({"name": name, "port": port, "maildir": maildir})
 
@@ -597,6 +616,9 @@ def measure(targets, sizes, concs, modes, args, results):
                                         else " %12s" % "-" for p in peers)
                     if errors[name]:
                         line += "  ERROR: " + errors[name]
+                    if name.startswith("floor") and median(accepted.get("postfix", [])):
+                        line += "  (%s of Postfix)" % fmt(median(accepted[name])
+                                                         / median(accepted["postfix"]))
                     print(line, flush=True)
                     results.append({"target": name, "mode": mode, "size": size, "conc": conc,
                                     "n": counts[name], "accepted_per_s": accepted[name],
@@ -624,6 +646,8 @@ def main(argv=None):
                         help="messages for the end-to-end latency, one at a time (0: skip)")
     parser.add_argument("--e2e-size", type=int, default=1024)
     parser.add_argument("--no-load", action="store_true", help="skip the accepted/s runs")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run bench/floor.py's SMTP yardsticks (floor, floor+spool)")
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of a fresh smtp_in under 50 sessions x 100 KB")
     parser.add_argument("--smtp-in-arg", action="append", default=[], help="extra smtp_in.py flag")
@@ -654,6 +678,8 @@ def main(argv=None):
                 servers.start_aiosmtpd(args.aiosmtpd_executor)
         if args.postfix:
             servers.start_postfix(pop3=args.pop3)
+        if args.floor:
+            servers.start_floors()
         servers.wait_ready()
         print("# smtp_bench %s, loadavg %s, client %s, %d repeats, durable (fsync before 250)"
               % (started, open("/proc/loadavg").read().split()[0],
