@@ -14,6 +14,10 @@ arguments: each round then runs every variant in turn, so that they share the mi
 the machine, and each gets its own lines. Given both more than once, the Nth of each make
 the Nth variant; given once, an option goes with every variant.
 
+--floor adds a round of bench/floor.py's floor+spool server to each repeat: the CPU time a
+message costs a threaded Python server that does nothing but its two durable files and
+the bytes on the wire, beside what it costs smtp_in and the router together.
+
 It is how a change to what a message costs the system is measured: run it at two commits
 (in two checkouts) in the same minutes, or as variants. The figures follow the disk: on ext4
 without a journal, making a file near many recent deletions costs much more
@@ -42,6 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
+import floor  # noqa: E402  (bench/: the least a threaded Python server can do)
 import run_bench  # noqa: E402  (bench/: the cost of making a file under TMPDIR)
 import smtp_bench  # noqa: E402  (bench/: its password hash, smtp-source path, folder spread)
 
@@ -126,6 +131,23 @@ def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=(), re
     return per_message, count / elapsed, count / delivered, quarantined
 
 
+def floor_round(count, clients, timeout, work, reuse=False):
+    """((user, system) µs a message of bench/floor.py's floor+spool server, accepted/s)."""
+    server = floor.Floor("smtp", os.path.join(work, "Maildir"), spool=os.path.join(work, "spool"))
+    with server:
+        before = cpu_times(server.process.pid)
+        started = time.perf_counter()
+        subprocess.run([smtp_bench.SMTP_SOURCE, "-4"] + (["-d"] if reuse else [])
+                       + ["-s", str(clients), "-m", str(count),
+                          "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
+                          "-M", "client.bench.test", "127.0.0.1:%d" % server.port],
+                       check=True, timeout=timeout, capture_output=True)
+        elapsed = time.perf_counter() - started
+        after = cpu_times(server.process.pid)
+    return (((after[0] - before[0]) / count * 1e6, (after[1] - before[1]) / count * 1e6),
+            count / elapsed)
+
+
 def summary(values, unit):
     return "%6.0f%s (%.0f-%.0f)" % (statistics.median(values), unit, min(values), max(values))
 
@@ -142,6 +164,8 @@ def main(argv=None):
                         help="more arguments for smtp_in; repeat it to compare variants")
     parser.add_argument("--router-args", action="append",
                         help="more arguments for the router; repeat it to compare variants")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a round of bench/floor.py's floor+spool server each repeat")
     args = parser.parse_args(argv)
     if not (1 <= args.count <= 20000 and 1 <= args.clients <= 100 and 1 <= args.repeats <= 10):
         parser.error("--count 1-20000, --clients 1-100, --repeats 1-10")
@@ -155,6 +179,7 @@ def main(argv=None):
         print("cpu_bench: smtp-source is not installed (Debian: postfix)", file=sys.stderr)
         return 1
     results = {variant: [] for variant in variants}
+    floor_rounds = []
     creation = run_bench.file_creation_us()
     workdir = tempfile.mkdtemp(prefix="cpu-bench-")
     smtp_bench.spread_folders(workdir)     # each round's spool in a block group of its own
@@ -164,6 +189,9 @@ def main(argv=None):
                 results[variant].append(one_round(
                     args.count, args.clients, args.timeout, tempfile.mkdtemp(dir=workdir),
                     shlex.split(variant[0]), shlex.split(variant[1]), args.reuse))
+            if args.floor:
+                floor_rounds.append(floor_round(args.count, args.clients, args.timeout,
+                                                tempfile.mkdtemp(dir=workdir), args.reuse))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print("cpu bench: %d x 1 KB messages, %d sessions at once, %s, %d rounds, spool in %s "
@@ -181,6 +209,12 @@ def main(argv=None):
         print("accepted %s messages/s, delivered %s; quarantined %d" % (
             summary([r[1] for r in rounds], ""), summary([r[2] for r in rounds], ""),
             sum(r[3] for r in rounds)))
+    if floor_rounds:
+        print("floor+spool (bench/floor.py), all its processes:")
+        print("%-8s user %s  system %s  per message" % (
+            "floor", summary([r[0][0] for r in floor_rounds], " us"),
+            summary([r[0][1] for r in floor_rounds], " us")))
+        print("accepted %s messages/s" % summary([r[1] for r in floor_rounds], ""))
     return 0
 
 

@@ -46,7 +46,8 @@ class FloorServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def handle_error(self, request, client_address):
-        pass                              # a client gone mid-session is not news here
+        if not isinstance(sys.exc_info()[1], ConnectionError):    # a client gone is not news
+            super().handle_error(request, client_address)
 
 
 def lines(sock):
