@@ -75,13 +75,14 @@ def lines(sock):
             yield message[2:]
 
 
-def write_durably(path, data, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
-    fd = os.open(path, flags, 0o600)
+def write_durably(path, data, over=False):
+    """Write data into a new file at path, or over the file there (over=True), and fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if over else os.O_EXCL), 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        if flags & os.O_TRUNC == 0:
+        if over:
             os.ftruncate(fd, len(data))
         os.fsync(fd)
     finally:
@@ -118,7 +119,7 @@ class SmtpFloor(socketserver.BaseRequestHandler):
                                        next(self.counter))
         if self.spool:
             queue_file = os.path.join(self.spool, "%d.%d" % (os.getpid(), threading.get_ident()))
-            write_durably(queue_file, message, os.O_WRONLY | os.O_CREAT)
+            write_durably(queue_file, message, over=True)
             sock.sendall(b"250 2.0.0 queued\r\n")
         temporary = os.path.join(self.maildir, "tmp", name)
         write_durably(temporary, message)
