@@ -35,7 +35,9 @@ import sys
 import threading
 import time
 
-HOST = "127.0.0.1"
+import peers
+
+HOST = peers.HOST
 READ_BLOCK = 65536
 MAX_MESSAGE = 1 << 24                     # octets a RETR reads of one file
 
@@ -51,28 +53,33 @@ class FloorServer(socketserver.ThreadingTCPServer):
 
 
 def lines(sock):
-    """Yield the command lines the client sends (without CRLF) and, through send(), the
-    bytes it sends after a DATA: the reader keeps one buffer for both."""
+    """Yield the command lines the client sends (without CRLF); after send(True), yield
+    the message that follows a DATA instead, unstuffed, up to the lone dot."""
     buffer = b""
     while True:
-        while b"\r\n" not in buffer:
-            block = sock.recv(READ_BLOCK)
-            if not block:
-                return
-            buffer += block
+        buffer = received_until(sock, buffer, b"\r\n")
+        if buffer is None:
+            return
         line, _, buffer = buffer.partition(b"\r\n")
-        wanted = yield line
-        if wanted:                        # the message, up to the lone dot
-            while b"\r\n.\r\n" not in buffer:
-                block = sock.recv(READ_BLOCK)
-                if not block:
-                    return
-                buffer += block
+        if (yield line):
+            buffer = received_until(sock, buffer, b"\r\n.\r\n")
+            if buffer is None:
+                return
             message, _, buffer = buffer.partition(b"\r\n.\r\n")
             message = b"\r\n" + message + b"\r\n"
             if b"\r\n." in message:
                 message = message.replace(b"\r\n..", b"\r\n.")
             yield message[2:]
+
+
+def received_until(sock, buffer, marker):
+    """buffer with what the client sends until it holds marker; None if the client leaves."""
+    while marker not in buffer:
+        block = sock.recv(READ_BLOCK)
+        if not block:
+            return None
+        buffer += block
+    return buffer
 
 
 def write_durably(path, data, over=False):
@@ -197,7 +204,7 @@ def serve(kind, maildir, port, processes, spool=None):
     server.serve_forever()
 
 
-class Floor:
+class Floor(peers.OwnProcess):
     """A floor server started as a process of its own (its workers are its children), on
     a free port; stop() ends the process we started, which ends its workers."""
 
@@ -230,22 +237,6 @@ class Floor:
             raise RuntimeError("floor %s did not start" % self.kind)
         self.port = int(line.rsplit(None, 1)[1])
         return self
-
-    def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.stop()
 
 
 def main(argv=None):

@@ -41,8 +41,8 @@ import time
 from pidfile import stop_by_pid_file
 
 __all__ = [
-    "APT_PACKAGES", "Aiosmtpd", "Dovecot", "PeerMissing", "Postfix", "VENV", "free_port",
-    "main", "make_maildir", "missing", "tool", "venv_python", "wait_port",
+    "APT_PACKAGES", "Aiosmtpd", "Dovecot", "OwnProcess", "PeerMissing", "Postfix", "VENV",
+    "free_port", "main", "make_maildir", "missing", "tool", "venv_python", "wait_port",
 ]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -424,7 +424,30 @@ class Dovecot:
 
 # --- aiosmtpd ---
 
-class Aiosmtpd:
+class OwnProcess:
+    """A server run as a process this script starts (self.process): stopped by SIGTERM to
+    that process, then SIGKILL if it lingers."""
+
+    process = None
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class Aiosmtpd(OwnProcess):
     """aiosmtpd from bench/run/venv on 127.0.0.1:port storing into workdir/Maildir, fsync
     before the 250: in the event loop, or with executor > 0 in a pool of that many threads."""
 
@@ -447,22 +470,6 @@ class Aiosmtpd:
             self.stop()
             raise PeerMissing("aiosmtpd did not start (see %s)" % self.log_path)
         return self
-
-    def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.stop()
 
 
 def serve_aiosmtpd(port, maildir, executor):

@@ -616,7 +616,7 @@ def measure(targets, sizes, concs, modes, args, results):
                                         else " %12s" % "-" for p in peers)
                     if errors[name]:
                         line += "  ERROR: " + errors[name]
-                    if name.startswith("floor") and median(accepted.get("postfix", [])):
+                    if name.startswith("floor") and median(accepted.get("postfix", [0])) > 0:
                         line += "  (%s of Postfix)" % fmt(median(accepted[name])
                                                          / median(accepted["postfix"]))
                     print(line, flush=True)
