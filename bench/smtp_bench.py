@@ -670,31 +670,31 @@ def main(argv=None):
     results, e2e, memory = [], [], None
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3,
-                           cpus=args.cpus)
-        if not args.no_aiosmtpd:
-            servers.start_aiosmtpd(0)
-            if args.aiosmtpd_executor:
-                servers.start_aiosmtpd(args.aiosmtpd_executor)
-        if args.postfix:
-            servers.start_postfix(pop3=args.pop3)
-        if args.floor:
-            servers.start_floors()
-        servers.wait_ready()
-        print("# smtp_bench %s, loadavg %s, client %s, %d repeats, durable (fsync before 250)"
-              % (started, open("/proc/loadavg").read().split()[0],
-                 "smtp-source" if os.path.exists(SMTP_SOURCE) else "python smtplib threads",
-                 args.repeats), flush=True)
-        if not args.no_load:
-            measure(servers.targets, sizes, concs, modes, args, results)
-        if args.e2e_count > 0:
-            measure_e2e(servers.targets, args, e2e)
-    finally:
-        servers.stop()
-    try:
+        try:
+            servers.start_ours(args.smtp_in_arg, router=not args.no_router, pop3=args.pop3,
+                               cpus=args.cpus)
+            if not args.no_aiosmtpd:
+                servers.start_aiosmtpd(0)
+                if args.aiosmtpd_executor:
+                    servers.start_aiosmtpd(args.aiosmtpd_executor)
+            if args.postfix:
+                servers.start_postfix(pop3=args.pop3)
+            if args.floor:
+                servers.start_floors()
+            servers.wait_ready()
+            print("# smtp_bench %s, loadavg %s, client %s, %d repeats, durable (fsync before 250)"
+                  % (started, open("/proc/loadavg").read().split()[0],
+                     "smtp-source" if os.path.exists(SMTP_SOURCE) else "python smtplib threads",
+                     args.repeats), flush=True)
+            if not args.no_load:
+                measure(servers.targets, sizes, concs, modes, args, results)
+            if args.e2e_count > 0:
+                measure_e2e(servers.targets, args, e2e)
+        finally:
+            servers.stop()
         if args.memory:
             memory = measure_memory(workdir, args)
-    finally:
+    finally:                           # the folder goes whatever failed above
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
