@@ -161,7 +161,10 @@ def test_workers_keep_one_cpu_each_of_those_given_and_auto_counts_them(tmp_path,
         text = wait_for_text(log_path, "serving from 2 worker processes")
         workers = [int(pid) for pid in re.findall(r"worker (\d+) started on CPU", text)]
         assert len(workers) == 2
-        assert [os.sched_getaffinity(pid) for pid in workers] == [{0}, {1}]
+        # The master logs a worker as soon as it has forked it; the worker keeps to its
+        # CPU a moment later, before it starts any thread.
+        wait_for(lambda: [os.sched_getaffinity(pid) for pid in workers] == [{0}, {1}],
+                 10, "each worker on its own CPU")
         for pid, cpu in zip(workers, ("0", "1")):
             assert set(thread_cpus(pid).values()) == {cpu}
     finally:
