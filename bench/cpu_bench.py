@@ -84,6 +84,16 @@ def wait_for(condition, timeout, what):
         time.sleep(0.02)
 
 
+def send(port, count, clients, timeout, reuse):
+    """count 1 KB messages to 127.0.0.1:port with smtp-source, from clients sessions at once,
+    one message a session (reuse: many)."""
+    subprocess.run([smtp_bench.SMTP_SOURCE, "-4"] + (["-d"] if reuse else [])
+                   + ["-s", str(clients), "-m", str(count),
+                      "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
+                      "-M", "client.bench.test", "127.0.0.1:%d" % port],
+                   check=True, timeout=timeout, capture_output=True)
+
+
 def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=(), reuse=False):
     """([(user, system) µs a message of smtp_in, of the router], accepted/s, delivered/s,
     files quarantined)."""
@@ -108,11 +118,7 @@ def one_round(count, clients, timeout, work, smtp_in_args=(), router_args=(), re
             raise RuntimeError("smtp_in did not start")
         before = [cpu_times(role.pid) for role in roles]
         started = time.perf_counter()
-        subprocess.run([smtp_bench.SMTP_SOURCE, "-4"] + (["-d"] if reuse else [])
-                       + ["-s", str(clients), "-m", str(count),
-                          "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
-                          "-M", "client.bench.test", "127.0.0.1:%d" % port],
-                       check=True, timeout=timeout, capture_output=True)
+        send(port, count, clients, timeout, reuse)
         elapsed = time.perf_counter() - started
         wait_for(lambda: os.path.isdir(new) and len(os.listdir(new)) >= count, timeout,
                  "the Maildir")
@@ -137,11 +143,7 @@ def floor_round(count, clients, timeout, work, reuse=False):
     with server:
         before = cpu_times(server.process.pid)
         started = time.perf_counter()
-        subprocess.run([smtp_bench.SMTP_SOURCE, "-4"] + (["-d"] if reuse else [])
-                       + ["-s", str(clients), "-m", str(count),
-                          "-l", "1024", "-f", "sender@" + DOMAIN, "-t", "user@" + DOMAIN,
-                          "-M", "client.bench.test", "127.0.0.1:%d" % server.port],
-                       check=True, timeout=timeout, capture_output=True)
+        send(server.port, count, clients, timeout, reuse)
         elapsed = time.perf_counter() - started
         after = cpu_times(server.process.pid)
     return (((after[0] - before[0]) / count * 1e6, (after[1] - before[1]) / count * 1e6),
